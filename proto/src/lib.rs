@@ -1,0 +1,84 @@
+//! # mesh-proto: wire formats and sans-IO protocol cores
+//!
+//! This crate is to `mesh` what `quinn-proto` is to `quinn`: it holds every
+//! byte layout that crosses the network and the protocol state machines that
+//! interpret them, and it contains no networking code, no runtime and no
+//! clock. Time comes in as an argument; the daemon (`src/` of the `mesh`
+//! package) owns sockets, the TAP device, netlink and tasks.
+//!
+//! Modules, from the outside in:
+//!
+//! - [`name`]: peer names (derived from a peer's static public key).
+//! - [`hello`]: the plaintext preamble of the control channel (TCP 6783) that
+//!   negotiates the protocol version.
+//! - [`frame`]: length-prefixed records on the control channel (handshake,
+//!   transport, refusal).
+//! - [`handshake`]: the Noise (`XX` / `XXpsk3`) handshake and the encrypted
+//!   transport that follows it; the password-derived PSK.
+//! - [`control`]: the messages carried inside the encrypted control channel.
+//! - [`sleeve`]: the UDP 6783 datagram format: header, frame records,
+//!   fragments of super-frames, and packing of frames into datagrams.
+//! - [`seal`]: ChaCha20-Poly1305 sealing of sleeve datagrams with counter
+//!   nonces and a replay window.
+//! - [`reassembly`]: reassembly of super-frames carried as fragments.
+//!
+//! Every decoder returns an error for every malformed input and never panics;
+//! every length read from the wire is checked before anything is allocated.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod control;
+pub mod frame;
+pub mod handshake;
+pub mod hello;
+pub mod name;
+pub mod reassembly;
+pub mod seal;
+pub mod sleeve;
+
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// The oldest protocol version this build still speaks.
+pub const PROTOCOL_MIN_VERSION: u8 = 1;
+
+/// Why bytes from the network were rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Fewer bytes than the structure needs.
+    #[error("truncated {what}: need {need} bytes, have {have}")]
+    Truncated {
+        /// The structure being parsed.
+        what: &'static str,
+        /// Bytes needed.
+        need: usize,
+        /// Bytes present.
+        have: usize,
+    },
+    /// A magic number or marker did not match.
+    #[error("bad magic in {0}")]
+    BadMagic(&'static str),
+    /// A type or kind byte this version does not know.
+    #[error("unknown {what} {value}")]
+    Unknown {
+        /// The field.
+        what: &'static str,
+        /// Its value.
+        value: u8,
+    },
+    /// A length field is larger than allowed.
+    #[error("{what} length {len} exceeds the limit of {max}")]
+    TooLong {
+        /// The field.
+        what: &'static str,
+        /// Its value.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Bytes left over after a complete structure.
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+    /// A field holds a value that cannot be valid.
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+}
