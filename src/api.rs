@@ -1,0 +1,183 @@
+//! The CLI ↔ daemon API over the unix control socket (`mesh.sock`, mode
+//! 0600, root only). One JSON request per connection, one JSON response,
+//! each a single line. These types are also the stable shape of `mesh
+//! report`.
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// The largest request or response line accepted.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// What the CLI asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// The daemon's state.
+    Status,
+    /// Attach a container.
+    Attach {
+        /// ADDR strings, already validated by the CLI.
+        addrs: Vec<String>,
+        /// Optional container name.
+        name: Option<String>,
+        /// PID or netns path.
+        target: String,
+    },
+    /// Detach a container (all addresses when `addrs` is empty).
+    Detach {
+        /// ADDR strings.
+        addrs: Vec<String>,
+        /// PID, netns path, or container id/name.
+        target: String,
+    },
+    /// Attached containers.
+    Ps,
+    /// Stop the daemon (state kept).
+    Stop,
+}
+
+/// What the daemon answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Response {
+    /// Success with nothing to say.
+    Ok,
+    /// Daemon state.
+    Status(Status),
+    /// CIDRs assigned by an attach.
+    Attached {
+        /// One per address, `198.19.1.5/24`.
+        cidrs: Vec<String>,
+    },
+    /// Attached containers.
+    Ps {
+        /// One entry per container.
+        containers: Vec<PsEntry>,
+    },
+    /// Failure, with a message for the user.
+    Error {
+        /// One line.
+        message: String,
+    },
+}
+
+/// `mesh status` / `mesh report`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// Binary version.
+    pub version: String,
+    /// Protocol versions spoken.
+    pub protocol: String,
+    /// Our peer name.
+    pub name: String,
+    /// Our nickname.
+    pub nickname: String,
+    /// Whether a password is set (control and sleeve encrypted with it).
+    pub encryption: bool,
+    /// TCP/UDP port.
+    pub port: u16,
+    /// The overlay MTU given to containers.
+    pub mtu: u32,
+    /// Connections and connection targets.
+    pub connections: Vec<ConnStatus>,
+    /// Sleeve counters.
+    pub sleeve: SleeveStats,
+}
+
+/// One connection or connection attempt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnStatus {
+    /// `outbound` or `inbound`.
+    pub direction: String,
+    /// Remote address.
+    pub address: String,
+    /// `connecting`, `handshaking`, `established`, `failed`, `retrying`.
+    pub state: String,
+    /// The peer, once known.
+    pub peer: Option<String>,
+    /// The peer's nickname, once known.
+    pub nickname: Option<String>,
+    /// Whether the sleeve to this peer is encrypted.
+    pub encrypted: bool,
+    /// Why it failed, for failed/retrying.
+    pub info: Option<String>,
+}
+
+/// Counters of the sleeve.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SleeveStats {
+    /// Frames read from the TAP.
+    pub frames_in: u64,
+    /// Datagrams sent.
+    pub datagrams_out: u64,
+    /// Datagrams received and accepted.
+    pub datagrams_in: u64,
+    /// Datagrams dropped (malformed, forged, replayed, unknown sender).
+    pub dropped: u64,
+    /// Datagrams sent sealed.
+    pub sealed_out: u64,
+}
+
+/// One line of `mesh ps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PsEntry {
+    /// Container id (its name when given).
+    pub id: String,
+    /// MAC of its `ethmesh`.
+    pub mac: String,
+    /// Its CIDRs.
+    pub cidrs: Vec<String>,
+}
+
+/// Why the CLI could not reach the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket.
+    #[error("mesh is not running (no daemon answers on {0}); start it with `mesh launch`")]
+    NotRunning(String),
+    /// Not allowed to use the socket.
+    #[error("permission denied on {0}: run mesh as root")]
+    Permission(String),
+    /// Anything else.
+    #[error("talking to the daemon on {path}: {source}")]
+    Io {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Send one request and wait for its response.
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, anyhow::Error> {
+    let p = socket.display().to_string();
+    let mut s = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning(p.clone())
+        }
+        std::io::ErrorKind::PermissionDenied => ClientError::Permission(p.clone()),
+        _ => ClientError::Io {
+            path: p.clone(),
+            source: e,
+        },
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)
+        .with_context(|| format!("sending request to {p}"))?;
+    let mut r = BufReader::new(s).take(MAX_LINE as u64);
+    let mut resp = String::new();
+    r.read_line(&mut resp)
+        .with_context(|| format!("waiting for the daemon on {p}"))?;
+    if resp.is_empty() {
+        anyhow::bail!("the daemon closed the connection without answering");
+    }
+    serde_json::from_str(&resp).context("the daemon's answer is malformed")
+}

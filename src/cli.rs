@@ -1,0 +1,299 @@
+//! The command line (clap). Each subcommand either talks to the daemon over
+//! the control socket ([`crate::api`]) or, for `launch`, starts it. Errors
+//! come back as `anyhow` values and are printed by `main` as one line.
+
+use crate::api::{self, Request, Response};
+use crate::{addr, daemon, paths};
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long a CLI call waits for the daemon.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// mesh: a container network for Linux hosts, in the tradition of Weave Net.
+#[derive(Parser, Debug)]
+#[command(name = "mesh", version, disable_version_flag = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start the daemon in this network namespace and join the given peers.
+    Launch(LaunchArgs),
+    /// Stop the daemon (state, bridge and attached containers are kept).
+    Stop,
+    /// Show this peer's state.
+    Status,
+    /// Attach a container: `mesh attach [ADDR...] [--name NAME] TARGET`.
+    Attach {
+        /// Container name (shown by `mesh ps`).
+        #[arg(long)]
+        name: Option<String>,
+        /// ADDRs (`ip:CIDR`, `CIDR`, `net:CIDR`, `net:default`, `none`), then
+        /// TARGET (a PID or a network-namespace path).
+        #[arg(required = true, num_args = 1.., value_name = "ADDR... TARGET")]
+        args: Vec<String>,
+    },
+    /// Detach a container: `mesh detach [ADDR...] TARGET`.
+    Detach {
+        /// ADDRs to release (all when none), then TARGET.
+        #[arg(required = true, num_args = 1.., value_name = "ADDR... TARGET")]
+        args: Vec<String>,
+    },
+    /// List attached containers: `ID MAC CIDR...`.
+    Ps,
+    /// Show versions of the binary and the protocol.
+    Version,
+}
+
+/// Options of `mesh launch`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LaunchArgs {
+    /// Peers to connect to, `HOST` or `HOST:PORT`.
+    #[arg(value_name = "PEER[:PORT]")]
+    pub peers: Vec<String>,
+    /// Run in the foreground (for systemd) instead of in the background.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Password for the mesh (also MESH_PASSWORD or WEAVE_PASSWORD): control
+    /// and data are encrypted with keys bound to it.
+    #[arg(long)]
+    pub password: Option<String>,
+    /// A human-friendly name for this peer (default: the host name).
+    #[arg(long)]
+    pub nickname: Option<String>,
+    /// TCP and UDP port of the control channel and sleeve.
+    #[arg(long, default_value_t = 6783)]
+    pub port: u16,
+    /// Overlay MTU (default: the underlay's MTU minus encapsulation overhead).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(576..=65000))]
+    pub mtu: Option<u32>,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+}
+
+/// Parse the command line and run it.
+pub fn run() -> anyhow::Result<ExitCode> {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
+                e.print()?;
+                return Ok(if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                });
+            }
+            // One line: clap's first line without its "error: " prefix.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.trim_start_matches("error: ");
+            eprintln!("mesh: {first} (see `mesh --help`)");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    match cli.cmd {
+        Cmd::Launch(args) => launch(args),
+        Cmd::Stop => {
+            need_root("stop")?;
+            expect_ok(call(&Request::Stop)?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status => {
+            need_root("status")?;
+            match call(&Request::Status)? {
+                Response::Status(s) => print!("{}", format_status(&s)),
+                other => unexpected(other)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Attach { name, args } => attach(name, args),
+        Cmd::Detach { args } => {
+            need_root("detach")?;
+            let (addrs, target) = split_addrs(&args)?;
+            expect_ok(call(&Request::Detach { addrs, target })?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ps => {
+            need_root("ps")?;
+            match call(&Request::Ps)? {
+                Response::Ps { containers } => {
+                    for c in containers {
+                        println!("{} {} {}", c.id, c.mac, c.cidrs.join(" "));
+                    }
+                }
+                other => unexpected(other)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Version => {
+            println!("mesh {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "protocol {}..={}",
+                mesh_proto::PROTOCOL_MIN_VERSION,
+                mesh_proto::PROTOCOL_VERSION
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn need_root(what: &str) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("`mesh {what}` must be run as root (it manages network devices and the root-only control socket); try sudo");
+    }
+    Ok(())
+}
+
+fn call(req: &Request) -> anyhow::Result<Response> {
+    api::call(&paths::socket(), req, CALL_TIMEOUT)
+}
+
+fn unexpected(r: Response) -> anyhow::Result<()> {
+    match r {
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+fn expect_ok(r: Response) -> anyhow::Result<()> {
+    match r {
+        Response::Ok => Ok(()),
+        other => unexpected(other),
+    }
+}
+
+/// Split `ADDR... TARGET`, validating every ADDR.
+fn split_addrs(args: &[String]) -> anyhow::Result<(Vec<String>, String)> {
+    let Some((target, addrs)) = args.split_last() else {
+        bail!("missing TARGET (a PID or a network namespace path)");
+    };
+    if addr::parse(target).is_ok() && !target.chars().all(|c| c.is_ascii_digit()) {
+        bail!("missing TARGET after the addresses: give a PID or a network namespace path last");
+    }
+    for a in addrs {
+        addr::parse(a).map_err(anyhow::Error::msg)?;
+    }
+    Ok((addrs.to_vec(), target.clone()))
+}
+
+fn attach(name: Option<String>, args: Vec<String>) -> anyhow::Result<ExitCode> {
+    let (mut addrs, target) = split_addrs(&args)?;
+    need_root("attach")?;
+    if addrs.is_empty() {
+        // From the target's environment, as Weave does with WEAVE_CIDR.
+        if target.chars().all(|c| c.is_ascii_digit()) {
+            let env = std::fs::read(format!("/proc/{target}/environ"))
+                .with_context(|| format!("no such process: {target}"))?;
+            if let Some(list) = addr::from_environ(&env) {
+                for a in addr::parse_list(&list).map_err(anyhow::Error::msg)? {
+                    addrs.push(a.to_string());
+                }
+            }
+        }
+        if addrs.is_empty() {
+            addrs.push("net:default".into());
+        }
+    }
+    if addrs.iter().all(|a| a == "none") {
+        return Ok(ExitCode::SUCCESS);
+    }
+    match call(&Request::Attach {
+        addrs,
+        name,
+        target,
+    })? {
+        Response::Attached { cidrs } => {
+            for c in cidrs {
+                println!("{c}");
+            }
+        }
+        other => unexpected(other)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn launch(mut args: LaunchArgs) -> anyhow::Result<ExitCode> {
+    need_root("launch")?;
+    if args.password.is_none() {
+        args.password = ["MESH_PASSWORD", "WEAVE_PASSWORD"]
+            .iter()
+            .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
+    }
+    for p in &args.peers {
+        daemon::parse_peer(p, args.port).map_err(anyhow::Error::msg)?;
+    }
+    if let Ok(Response::Status(s)) = api::call(&paths::socket(), &Request::Status, Duration::from_secs(5)) {
+        bail!(
+            "mesh is already running here as peer {} (stop it with `mesh stop`)",
+            s.name
+        );
+    }
+    if args.foreground {
+        daemon::run_foreground(args)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let name = daemon::spawn_background(&args)?;
+    println!("{name}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The human form of `mesh status`.
+pub fn format_status(s: &api::Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let established = s.connections.iter().filter(|c| c.state == "established").count();
+    let failed = s.connections.iter().filter(|c| c.state == "failed" || c.state == "retrying").count();
+    let _ = writeln!(o, "        Version: {} (protocol {})", s.version, s.protocol);
+    let _ = writeln!(o);
+    let _ = writeln!(o, "           Name: {}({})", s.name, s.nickname);
+    let _ = writeln!(o, "     Encryption: {}", if s.encryption { "enabled" } else { "disabled" });
+    let _ = writeln!(o, "           Port: {}", s.port);
+    let _ = writeln!(o, "            MTU: {}", s.mtu);
+    let _ = writeln!(
+        o,
+        "    Connections: {} ({} established, {} failed)",
+        s.connections.len(),
+        established,
+        failed
+    );
+    let st = &s.sleeve;
+    let _ = writeln!(
+        o,
+        "         Sleeve: {} frames in, {} datagrams out ({} sealed), {} in, {} dropped",
+        st.frames_in, st.datagrams_out, st.sealed_out, st.datagrams_in, st.dropped
+    );
+    if !s.connections.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "CONNECTIONS");
+        for c in &s.connections {
+            let arrow = if c.direction == "inbound" { "<-" } else { "->" };
+            let peer = match (&c.peer, &c.nickname) {
+                (Some(p), Some(n)) => format!("{p}({n})"),
+                (Some(p), None) => p.clone(),
+                _ => String::new(),
+            };
+            let mut line = format!("  {arrow} {:<21} {:<12}", c.address, c.state);
+            if c.state == "established" {
+                line.push_str(if c.encrypted { " encrypted sleeve " } else { " sleeve " });
+                line.push_str(&peer);
+            } else {
+                line.push(' ');
+                line.push_str(&peer);
+            }
+            if let Some(i) = &c.info {
+                line.push_str("  ");
+                line.push_str(i);
+            }
+            let _ = writeln!(o, "{}", line.trim_end());
+        }
+    }
+    o
+}

@@ -1,0 +1,364 @@
+//! Starting and running the daemon.
+//!
+//! `mesh launch` re-executes the binary as `mesh launch --foreground` in the
+//! background (its own process group, output to `$MESH_RUN_DIR/mesh.log`,
+//! the password passed through the environment rather than argv) and
+//! returns once the control socket answers. The foreground daemon sets up
+//! the bridge, the sleeve's TAP and sockets, then runs one task per job:
+//! the router, the sleeve data path, the attachment manager, the control
+//! connections, and the API server; it stops on `mesh stop`, SIGTERM or
+//! SIGINT, leaving the bridge and attached containers in place.
+
+use crate::api::{self, Request, Response};
+use crate::cli::LaunchArgs;
+use crate::{attach, control, host, identity, paths, router, sleeve};
+use anyhow::{bail, Context};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+/// The bridge containers are attached to.
+pub const BRIDGE: &str = "mesh";
+/// The sleeve's TAP on the bridge.
+pub const TAP: &str = "meshtap";
+/// How long `mesh launch` waits for the daemon to answer.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Parse `HOST` or `HOST:PORT` into a socket address.
+pub fn parse_peer(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port));
+    }
+    let with_port = if s.contains(':') {
+        s.to_string()
+    } else {
+        format!("{s}:{default_port}")
+    };
+    with_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.find(|a| a.is_ipv4()))
+        .ok_or_else(|| format!("invalid peer {s:?}: expected an IP address or host name, optionally with :PORT"))
+}
+
+/// Start the daemon in the background and return its peer name.
+pub fn spawn_background(args: &LaunchArgs) -> anyhow::Result<String> {
+    let run_dir = paths::run_dir();
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    let log_path = paths::log_file();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening log {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the mesh binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("launch").arg("--foreground");
+    cmd.arg("--port").arg(args.port.to_string());
+    cmd.arg("--log-level").arg(&args.log_level);
+    if let Some(n) = &args.nickname {
+        cmd.arg("--nickname").arg(n);
+    }
+    if let Some(m) = args.mtu {
+        cmd.arg("--mtu").arg(m.to_string());
+    }
+    cmd.env_remove("MESH_PASSWORD").env_remove("WEAVE_PASSWORD");
+    if let Some(p) = &args.password {
+        cmd.env("MESH_PASSWORD", p);
+    }
+    cmd.args(&args.peers);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    let mut child = cmd.spawn().context("starting the daemon")?;
+    let deadline = Instant::now() + LAUNCH_TIMEOUT;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last = tail
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .to_string();
+            bail!(
+                "the daemon exited during start-up ({status}): {} (log: {})",
+                last.trim(),
+                log_path.display()
+            );
+        }
+        if let Ok(Response::Status(s)) =
+            api::call(&paths::socket(), &Request::Status, Duration::from_secs(5))
+        {
+            return Ok(s.name);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the daemon did not answer within {}s; see {}",
+                LAUNCH_TIMEOUT.as_secs(),
+                log_path.display()
+            );
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Run the daemon in this process until stopped.
+pub fn run_foreground(args: LaunchArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let r = rt.block_on(run(args));
+    if let Err(e) = &r {
+        tracing::error!("daemon failed: {e:#}");
+    }
+    rt.shutdown_timeout(Duration::from_secs(2));
+    r
+}
+
+/// Shared, read-only facts about this peer handed to the tasks.
+pub struct Me {
+    /// Identity key.
+    pub key: mesh_proto::handshake::StaticKey,
+    /// Peer name.
+    pub name: mesh_proto::name::PeerName,
+    /// Nickname.
+    pub nickname: String,
+    /// Pre-shared key from the password.
+    pub psk: Option<[u8; 32]>,
+    /// TCP/UDP port.
+    pub port: u16,
+    /// Overlay MTU.
+    pub mtu: u32,
+}
+
+async fn run(args: LaunchArgs) -> anyhow::Result<()> {
+    let run_dir = paths::run_dir();
+    let data_dir = paths::data_dir();
+    for d in [&run_dir, &data_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let pid_path = paths::pid_file();
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .with_context(|| format!("writing {}", pid_path.display()))?;
+    let result = serve(args).await;
+    let _ = std::fs::remove_file(paths::socket());
+    let _ = std::fs::remove_file(&pid_path);
+    result
+}
+
+async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
+    let key = identity::load_or_create(&paths::data_dir())?;
+    let name = key.name();
+    let psk = match args.password.clone() {
+        Some(p) => Some(
+            tokio::task::spawn_blocking(move || mesh_proto::handshake::psk_from_password(p.as_bytes()))
+                .await
+                .context("password key derivation")??,
+        ),
+        None => None,
+    };
+    let nickname = args.nickname.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "mesh".into())
+    });
+
+    let nl = host::Netlink::current().await.context("opening netlink")?;
+    let underlay = nl.underlay_mtu().await.context("reading the underlay MTU")?;
+    let overhead = (mesh_proto::sleeve::OVERHEAD_V4 + 14) as u32;
+    let mtu = match args.mtu {
+        Some(m) => m,
+        None => underlay.saturating_sub(overhead).max(576),
+    };
+    nl.ensure_bridge(BRIDGE, mtu)
+        .await
+        .with_context(|| format!("creating bridge {BRIDGE}"))?;
+    let tap = host::open_tap(&nl, TAP, BRIDGE, mtu)
+        .await
+        .with_context(|| format!("creating TAP {TAP}"))?;
+
+    let tcp = tokio::net::TcpListener::bind(("0.0.0.0", args.port))
+        .await
+        .with_context(|| format!("listening on TCP port {}", args.port))?;
+    let udp = bind_udp(args.port).with_context(|| format!("binding UDP port {}", args.port))?;
+
+    let sock_path = paths::socket();
+    let _ = std::fs::remove_file(&sock_path);
+    let api_listener = tokio::net::UnixListener::bind(&sock_path)
+        .with_context(|| format!("binding control socket {}", sock_path.display()))?;
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
+
+    let me = Arc::new(Me {
+        key,
+        name,
+        nickname,
+        psk,
+        port: args.port,
+        mtu,
+    });
+    info!(peer = %name, nickname = %me.nickname, mtu, underlay_mtu = underlay, encryption = psk.is_some(), "mesh started");
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (sleeve_tx, sleeve_rx) = mpsc::channel(256);
+    let budget = (underlay as usize).saturating_sub(28 + mesh_proto::sleeve::HEADER_LEN + mesh_proto::seal::TAG_LEN);
+    let sleeve_cfg = sleeve::Config {
+        me: name,
+        encrypted: psk.is_some(),
+        body_budget: budget,
+    };
+    tokio::spawn(sleeve::run(sleeve_cfg, tap, udp, sleeve_rx));
+
+    let (router_tx, router_rx) = mpsc::channel(256);
+    tokio::spawn(router::run(me.clone(), router_rx, sleeve_tx));
+
+    let (attach_tx, attach_rx) = mpsc::channel(64);
+    let manager = attach::Manager::load(nl, paths::data_dir(), mtu).await?;
+    tokio::spawn(manager.run(attach_rx));
+
+    tokio::spawn(control::accept_loop(me.clone(), tcp, router_tx.clone(), shutdown_rx.clone()));
+    for (i, p) in args.peers.iter().enumerate() {
+        match parse_peer(p, args.port) {
+            Ok(addr) => {
+                tokio::spawn(control::dial_loop(
+                    me.clone(),
+                    i as u64 + 1,
+                    addr,
+                    router_tx.clone(),
+                    shutdown_rx.clone(),
+                ));
+            }
+            Err(e) => warn!("{e}"),
+        }
+    }
+
+    let (stop_tx, mut stop_rx) = mpsc::channel::<()>(1);
+    tokio::spawn(api_loop(api_listener, router_tx, attach_tx, stop_tx));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = stop_rx.recv() => { info!("stopping: mesh stop"); break; }
+            _ = term.recv() => { info!("stopping: SIGTERM"); break; }
+            _ = tokio::signal::ctrl_c() => { info!("stopping: SIGINT"); break; }
+            _ = hup.recv() => { info!("SIGHUP ignored"); }
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    Ok(())
+}
+
+fn bind_udp(port: u16) -> anyhow::Result<tokio::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    // Generous buffers: bursts of fragments of 64 KB super-frames.
+    let _ = s.set_recv_buffer_size(8 << 20);
+    let _ = s.set_send_buffer_size(8 << 20);
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    Ok(tokio::net::UdpSocket::from_std(s.into())?)
+}
+
+async fn api_loop(
+    listener: tokio::net::UnixListener,
+    router: mpsc::Sender<router::Cmd>,
+    attach: mpsc::Sender<attach::Cmd>,
+    stop: mpsc::Sender<()>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!("control socket accept: {e}");
+                continue;
+            }
+        };
+        let (router, attach, stop) = (router.clone(), attach.clone(), stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = api_conn(stream, router, attach, stop).await {
+                tracing::debug!("control socket client: {e:#}");
+            }
+        });
+    }
+}
+
+async fn api_conn(
+    stream: tokio::net::UnixStream,
+    router: mpsc::Sender<router::Cmd>,
+    attach: mpsc::Sender<attach::Cmd>,
+    stop: mpsc::Sender<()>,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::BufReader::new(r).take(api::MAX_LINE as u64).read_line(&mut line),
+    )
+    .await
+    .context("request timed out")??;
+    let resp = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Response::Error {
+            message: format!("malformed request: {e}"),
+        },
+        Ok(req) => handle(req, &router, &attach, &stop).await,
+    };
+    let mut out = serde_json::to_vec(&resp)?;
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    Ok(())
+}
+
+async fn handle(
+    req: Request,
+    router: &mpsc::Sender<router::Cmd>,
+    attach: &mpsc::Sender<attach::Cmd>,
+    stop: &mpsc::Sender<()>,
+) -> Response {
+    let gone = || Response::Error {
+        message: "the daemon is shutting down".into(),
+    };
+    match req {
+        Request::Status => {
+            let (tx, rx) = oneshot::channel();
+            if router.send(router::Cmd::Status(tx)).await.is_err() {
+                return gone();
+            }
+            rx.await.map(Response::Status).unwrap_or_else(|_| gone())
+        }
+        Request::Stop => {
+            let _ = stop.try_send(());
+            Response::Ok
+        }
+        Request::Attach { .. } | Request::Detach { .. } | Request::Ps => {
+            let (tx, rx) = oneshot::channel();
+            if attach.send(attach::Cmd { req, reply: tx }).await.is_err() {
+                return gone();
+            }
+            rx.await.unwrap_or_else(|_| gone())
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Network namespace handles: resolving a TARGET (PID or nsfs path) to an
+//! open namespace file, identifying namespaces, and running code inside one.
+//!
+//! Invariant: only threads spawned here ever call `setns()`; they live for
+//! one closure and exit, so no thread of the daemon's runtime changes
+//! namespace.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+
+use nix::sched::CloneFlags;
+use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
+use serde::{Deserialize, Serialize};
+
+use super::HostError;
+
+/// Identity of a network namespace: `st_dev` and `st_ino` of its nsfs file.
+/// Two files refer to the same namespace iff their ids are equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NetnsId {
+    /// Device of the nsfs file.
+    pub dev: u64,
+    /// Inode of the nsfs file.
+    pub ino: u64,
+}
+
+/// Resolve a TARGET string to an open network namespace and its identity.
+///
+/// All digits means a PID (`/proc/PID/ns/net`); anything else is a path to
+/// a namespace file (`/run/netns/NAME`, `/proc/PID/ns/net`, ...). The file
+/// is checked to really be a network namespace.
+pub fn open_netns(target: &str) -> Result<(File, NetnsId), HostError> {
+    let (path, pid) = if !target.is_empty() && target.bytes().all(|b| b.is_ascii_digit()) {
+        let pid: u32 = target
+            .parse()
+            .map_err(|_| HostError::NoSuchProcess(u32::MAX))?;
+        (format!("/proc/{pid}/ns/net"), Some(pid))
+    } else {
+        (target.to_string(), None)
+    };
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(match pid {
+                Some(pid) => HostError::NoSuchProcess(pid),
+                None => HostError::NoSuchNetns(path),
+            });
+        }
+        Err(e) => return Err(HostError::io(format!("open {path}"), e)),
+    };
+    check_is_netns(&file, &path)?;
+    let id = netns_id(&file).map_err(|e| HostError::io(format!("stat {path}"), e))?;
+    Ok((file, id))
+}
+
+/// Identity of an open namespace file.
+pub fn netns_id(file: &File) -> std::io::Result<NetnsId> {
+    let md = file.metadata()?;
+    Ok(NetnsId {
+        dev: md.dev(),
+        ino: md.ino(),
+    })
+}
+
+/// The network namespace of the calling thread, opened.
+pub fn current_netns() -> Result<(File, NetnsId), HostError> {
+    // thread-self, not self: a thread may have been setns()'d on purpose
+    // (tests run their "host" on such a thread).
+    let path = "/proc/thread-self/ns/net";
+    let f = File::open(path).map_err(|e| HostError::io(format!("open {path}"), e))?;
+    let id = netns_id(&f).map_err(|e| HostError::io(format!("stat {path}"), e))?;
+    Ok((f, id))
+}
+
+/// Check that an already open file is a network namespace (as
+/// [`open_netns`] does), naming it by its `/proc/self/fd` link in errors.
+pub fn check_netns_file(file: &File) -> Result<(), HostError> {
+    let label = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| format!("fd {}", file.as_raw_fd()));
+    check_is_netns(file, &label)
+}
+
+fn check_is_netns(file: &File, path: &str) -> Result<(), HostError> {
+    let st = fstatfs(file).map_err(|e| HostError::io(format!("statfs {path}"), e.into()))?;
+    if st.filesystem_type() != NSFS_MAGIC {
+        return Err(HostError::NotNetns(path.to_string()));
+    }
+    // SAFETY: NS_GET_NSTYPE takes no argument and only returns an int; the
+    // fd is valid for the duration of the call because `file` is borrowed.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), libc::NS_GET_NSTYPE) };
+    if kind < 0 {
+        return Err(HostError::io(
+            format!("ioctl NS_GET_NSTYPE {path}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if kind != libc::CLONE_NEWNET {
+        return Err(HostError::NotNetns(path.to_string()));
+    }
+    Ok(())
+}
+
+/// Run `f` on a fresh thread that has joined the network namespace `ns`,
+/// and return its result. Blocks the caller until `f` returns: from async
+/// code, keep `f` short (creating a socket, a device) or use
+/// `tokio::task::spawn_blocking` around this call.
+///
+/// Sockets and devices created by `f` stay in `ns` after the thread exits.
+pub fn run_in_netns<T: Send + 'static>(
+    ns: &File,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, HostError> {
+    let ns = ns
+        .try_clone()
+        .map_err(|e| HostError::io("dup netns fd", e))?;
+    let handle = std::thread::Builder::new()
+        .name("mesh-netns".into())
+        .spawn(move || -> Result<T, HostError> {
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| HostError::io("setns(CLONE_NEWNET)", e.into()))?;
+            Ok(f())
+        })
+        .map_err(|e| HostError::Thread(e.to_string()))?;
+    handle
+        .join()
+        .map_err(|_| HostError::Thread("panicked".into()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::testutil::{require_root, TestNet};
+
+    #[test]
+    fn open_netns_errors() {
+        if !require_root() {
+            return;
+        }
+        // A PID that cannot exist (above pid_max's hard limit of 2^22).
+        match open_netns("99999999") {
+            Err(HostError::NoSuchProcess(99999999)) => {}
+            other => panic!("expected NoSuchProcess, got {other:?}"),
+        }
+        match open_netns("/run/netns/mesh-test-does-not-exist") {
+            Err(HostError::NoSuchNetns(p)) => assert_eq!(p, "/run/netns/mesh-test-does-not-exist"),
+            other => panic!("expected NoSuchNetns, got {other:?}"),
+        }
+        let path = std::env::temp_dir().join(format!("mesh-notns-{}", std::process::id()));
+        std::fs::write(&path, b"x").unwrap();
+        let r = open_netns(path.to_str().unwrap());
+        std::fs::remove_file(&path).unwrap();
+        match r {
+            Err(HostError::NotNetns(_)) => {}
+            other => panic!("expected NotNetns, got {other:?}"),
+        }
+        // A namespace file of another type is not a network namespace.
+        match open_netns("/proc/self/ns/uts") {
+            Err(HostError::NotNetns(_)) => {}
+            other => panic!("expected NotNetns, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn open_netns_by_pid_and_path_agree() {
+        if !require_root() {
+            return;
+        }
+        let (_, by_pid) = open_netns(&std::process::id().to_string()).unwrap();
+        let (_, by_path) = open_netns("/proc/self/ns/net").unwrap();
+        assert_eq!(by_pid, by_path);
+
+        let net = TestNet::new();
+        let ns = net.add_ns("a");
+        let (f, id) = open_netns(&net.ns_path(&ns)).unwrap();
+        assert_ne!(id, by_pid);
+        // Code run inside it sees its namespace, and the caller is unmoved.
+        let inner = run_in_netns(&f, || current_netns().map(|(_, id)| id))
+            .unwrap()
+            .unwrap();
+        assert_eq!(inner, id);
+        assert_eq!(current_netns().unwrap().1, by_pid);
+    }
+}

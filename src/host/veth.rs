@@ -1,0 +1,285 @@
+//! Attaching containers: a veth pair with its host end on the bridge and its
+//! other end (`ethmesh`) inside the container's network namespace, carrying
+//! the container's addresses.
+//!
+//! Invariants: the pair is created in one RTM_NEWLINK, with the container
+//! end born directly inside the container's namespace under its final name
+//! (no temporary name, no move, so no window where a half-made interface is
+//! visible in the daemon's namespace). Anything that fails after creation
+//! deletes the host end, which removes the whole pair. IPv6 link-local
+//! addresses, which the kernel adds by itself, are never reported nor
+//! counted as "remaining".
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
+
+use super::netlink::link_mac_of;
+use super::{check_ifname, netlink_errno, HostError, Netlink};
+
+/// The container-facing result of an attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerIf {
+    /// Name of the veth end on the host's bridge.
+    pub host_ifname: String,
+    /// MAC of the container-side interface.
+    pub mac: [u8; 6],
+}
+
+/// Attach a container: a veth pair whose host end `host_ifname` (MTU `mtu`,
+/// up) is a port of `bridge`, and whose other end is created inside `ns` as
+/// `ifname` with MTU `mtu`, the addresses `addrs` (the kernel adds each
+/// subnet's route), and up, together with `lo`.
+///
+/// If `ifname` already exists in `ns` (the same container attached again),
+/// only the missing addresses are added. A stale host end of the same name
+/// (left by a crash, whose container end is gone) is replaced. On failure
+/// part-way, the pair is removed.
+pub async fn attach_veth(
+    host: &Netlink,
+    ns: &File,
+    bridge: &str,
+    host_ifname: &str,
+    ifname: &str,
+    addrs: &[IpNet],
+    mtu: u32,
+) -> Result<ContainerIf, HostError> {
+    check_ifname(host_ifname)?;
+    check_ifname(ifname)?;
+    let cnl = Netlink::in_netns(ns).await?;
+    if let Some(link) = cnl.link(ifname).await? {
+        let index = link.header.index;
+        add_missing_addrs(&cnl, index, ifname, addrs).await?;
+        cnl.set_up(index).await?;
+        let mac = link_mac_of(&link)
+            .ok_or_else(|| HostError::NoSuchLink(format!("{ifname} (no MAC address)")))?;
+        tracing::debug!(
+            host_ifname,
+            ifname,
+            "container already attached; added missing addresses"
+        );
+        return Ok(ContainerIf {
+            host_ifname: host_ifname.to_string(),
+            mac,
+        });
+    }
+    let bridge_index = host
+        .link_index(bridge)
+        .await?
+        .ok_or_else(|| HostError::NoSuchLink(bridge.to_string()))?;
+    if host.link_index(host_ifname).await?.is_some() {
+        tracing::warn!(host_ifname, "replacing stale host end of a veth");
+        host.delete_link(host_ifname).await?;
+    }
+
+    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(ifname.to_string())
+        .mtu(mtu)
+        .setns_by_fd(ns.as_raw_fd())
+        .build();
+    let msg = LinkMessageBuilder::<LinkVeth>::new(host_ifname, ifname)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .mtu(mtu)
+        .controller(bridge_index)
+        .up()
+        .build();
+    host.handle()
+        .link()
+        .add(msg)
+        .execute()
+        .await
+        .map_err(|e| HostError::netlink(format!("create veth {host_ifname}/{ifname}"), e))?;
+
+    match configure_container_end(&cnl, ifname, addrs).await {
+        Ok(mac) => {
+            tracing::info!(host_ifname, ifname, bridge, "attached container veth");
+            Ok(ContainerIf {
+                host_ifname: host_ifname.to_string(),
+                mac,
+            })
+        }
+        Err(e) => {
+            if let Err(e2) = host.delete_link(host_ifname).await {
+                tracing::warn!(host_ifname, error = %e2, "cleanup after failed attach");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn configure_container_end(
+    cnl: &Netlink,
+    ifname: &str,
+    addrs: &[IpNet],
+) -> Result<[u8; 6], HostError> {
+    let link = cnl
+        .link(ifname)
+        .await?
+        .ok_or_else(|| HostError::NoSuchLink(ifname.to_string()))?;
+    let index = link.header.index;
+    add_missing_addrs(cnl, index, ifname, addrs).await?;
+    let lo = cnl
+        .link_index("lo")
+        .await?
+        .ok_or_else(|| HostError::NoSuchLink("lo".into()))?;
+    cnl.set_up(lo).await?;
+    cnl.set_up(index).await?;
+    link_mac_of(&link).ok_or_else(|| HostError::NoSuchLink(format!("{ifname} (no MAC address)")))
+}
+
+async fn add_missing_addrs(
+    cnl: &Netlink,
+    index: u32,
+    ifname: &str,
+    addrs: &[IpNet],
+) -> Result<(), HostError> {
+    let present: Vec<IpNet> = link_addrs(cnl, index)
+        .await?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for a in addrs {
+        if present.contains(a) {
+            continue;
+        }
+        match cnl
+            .handle()
+            .address()
+            .add(index, a.addr(), a.prefix_len())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => {}
+            Err(e) => {
+                return Err(HostError::netlink(
+                    format!("add address {a} to {ifname}"),
+                    e,
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Addresses of link `index` (without IPv6 link-local ones), each with the
+/// kernel's message for deleting it.
+async fn link_addrs(cnl: &Netlink, index: u32) -> Result<Vec<(IpNet, AddressMessage)>, HostError> {
+    let msgs: Vec<AddressMessage> = cnl
+        .handle()
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| HostError::netlink(format!("dump addresses of link {index}"), e))?;
+    let mut out = Vec::new();
+    for m in msgs {
+        let mut local = None;
+        let mut address = None;
+        for a in &m.attributes {
+            match a {
+                AddressAttribute::Local(ip) => local = Some(*ip),
+                AddressAttribute::Address(ip) => address = Some(*ip),
+                _ => {}
+            }
+        }
+        // IPv4 carries the interface's own address in IFA_LOCAL (IFA_ADDRESS
+        // is the peer on point-to-point links); IPv6 only has IFA_ADDRESS.
+        let Some(ip) = local.or(address) else {
+            continue;
+        };
+        if let IpAddr::V6(v6) = ip {
+            if v6.is_unicast_link_local() {
+                continue;
+            }
+        }
+        if let Ok(net) = IpNet::new(ip, m.header.prefix_len) {
+            out.push((net, m));
+        }
+    }
+    Ok(out)
+}
+
+/// Remove `addrs` from the container interface `ifname`; when `all`, or
+/// when no address remains, delete the veth pair (through its host end).
+/// `ns` is None when the container's namespace is already gone. Ok if
+/// everything is already gone.
+pub async fn detach_veth(
+    host: &Netlink,
+    ns: Option<&File>,
+    host_ifname: &str,
+    ifname: &str,
+    addrs: &[IpNet],
+    all: bool,
+) -> Result<(), HostError> {
+    check_ifname(host_ifname)?;
+    check_ifname(ifname)?;
+    let cnl = match ns {
+        Some(ns) => Some(Netlink::in_netns(ns).await?),
+        None => None,
+    };
+    if let (false, Some(cnl)) = (all, &cnl) {
+        if let Some(index) = cnl.link_index(ifname).await? {
+            let mut remaining = 0;
+            for (net, msg) in link_addrs(cnl, index).await? {
+                if !addrs.contains(&net) {
+                    remaining += 1;
+                    continue;
+                }
+                match cnl.handle().address().del(msg).execute().await {
+                    Ok(()) => {}
+                    Err(e) if netlink_errno(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                    Err(e) => {
+                        return Err(HostError::netlink(
+                            format!("delete address {net} from {ifname}"),
+                            e,
+                        ))
+                    }
+                }
+            }
+            if remaining > 0 {
+                tracing::debug!(ifname, remaining, "removed addresses, interface kept");
+                return Ok(());
+            }
+        }
+    }
+    host.delete_link(host_ifname).await?;
+    if let Some(cnl) = &cnl {
+        // Normally gone with its peer; covers a host end that was elsewhere.
+        cnl.delete_link(ifname).await?;
+    }
+    tracing::info!(host_ifname, ifname, "detached container veth");
+    Ok(())
+}
+
+/// Addresses currently on `ifname` inside `ns` (IPv6 link-local excluded),
+/// and its MAC; None if there is no such link.
+pub async fn container_if(
+    ns: &File,
+    ifname: &str,
+) -> Result<Option<(Vec<IpNet>, [u8; 6])>, HostError> {
+    let cnl = Netlink::in_netns(ns).await?;
+    let Some(link) = cnl.link(ifname).await? else {
+        return Ok(None);
+    };
+    let mac = link_mac_of(&link)
+        .ok_or_else(|| HostError::NoSuchLink(format!("{ifname} (no MAC address)")))?;
+    let addrs = link_addrs(&cnl, link.header.index)
+        .await?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    Ok(Some((addrs, mac)))
+}
+
+#[cfg(test)]
+#[path = "veth_tests.rs"]
+mod tests;

@@ -1,0 +1,23 @@
+//! The `mesh` daemon and CLI as a library: the binary (`main.rs`) only calls
+//! [`cli::run`]. Modules, one job each:
+//!
+//! - [`cli`]: the command line; [`api`]: the CLI ↔ daemon socket protocol.
+//! - [`daemon`]: launching and running the daemon.
+//! - [`control`]: control connections (TCP 6783); [`router`]: the table of
+//!   connections; [`sleeve`]: the data path (TAP ↔ UDP 6783).
+//! - [`attach`]: attached containers; [`addr`]: ADDR forms.
+//! - [`host`]: netlink plumbing (bridge, veth, netns, TAP).
+//! - [`identity`], [`persist`], [`paths`]: the files a peer keeps.
+
+pub mod addr;
+pub mod api;
+pub mod attach;
+pub mod cli;
+pub mod control;
+pub mod daemon;
+pub mod host;
+pub mod identity;
+pub mod paths;
+pub mod persist;
+pub mod router;
+pub mod sleeve;

@@ -1,0 +1,37 @@
+//! Where a peer keeps its files: `$MESH_RUN_DIR` (default `/run/mesh`) for
+//! the control socket, pid file and log; `$MESH_DATA_DIR` (default
+//! `/var/lib/mesh`) for the identity key and persisted state. Every path a
+//! peer uses comes from here, so several peers can share one machine.
+
+use std::path::PathBuf;
+
+/// The runtime directory.
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("MESH_RUN_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/mesh"))
+}
+
+/// The data directory.
+pub fn data_dir() -> PathBuf {
+    std::env::var_os("MESH_DATA_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/mesh"))
+}
+
+/// The control socket.
+pub fn socket() -> PathBuf {
+    run_dir().join("mesh.sock")
+}
+
+/// The daemon's pid file.
+pub fn pid_file() -> PathBuf {
+    run_dir().join("mesh.pid")
+}
+
+/// The daemon's log when running in the background.
+pub fn log_file() -> PathBuf {
+    run_dir().join("mesh.log")
+}

@@ -1,0 +1,282 @@
+//! The sleeve data path: frames between the TAP on the bridge and UDP 6783.
+//!
+//! One task owns the TAP, the UDP socket and the forwarding state (peers,
+//! their keys, learned MACs), so nothing is shared or locked. Frames read
+//! from the TAP (10-byte virtio-net header + Ethernet frame, up to a 64 KB
+//! super-frame) go to the peer that owns the destination MAC, or to every
+//! peer for broadcast, multicast and unknown destinations. After each
+//! blocking read the TAP is drained without blocking, so bursts are packed
+//! several frames to a datagram ([`Packer`]). Datagrams from the overlay are
+//! checked (known sender, addressed to us, sealed when a password is set),
+//! teach "this MAC is behind that peer", and are written to the TAP.
+
+use crate::api::SleeveStats;
+use crate::host::Tap;
+use mesh_proto::name::PeerName;
+use mesh_proto::reassembly::Reassembler;
+use mesh_proto::seal::{Opener, Sealer};
+use mesh_proto::sleeve::{self, Header, Packer, Record, VNET_HDR_LEN};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, trace, warn};
+
+/// Frames drained from the TAP per wake-up before flushing.
+const BATCH: usize = 64;
+/// Buffer for one TAP read or UDP datagram.
+const BUF: usize = sleeve::MAX_FRAME + 64;
+
+/// Commands to the sleeve task.
+pub enum Cmd {
+    /// A peer is connected: send to it at `addr`.
+    PeerUp {
+        /// The peer.
+        name: PeerName,
+        /// Its UDP address.
+        addr: SocketAddr,
+        /// Sealer for our datagrams to it (with a password).
+        sealer: Option<Sealer>,
+        /// Opener for its datagrams (with a password).
+        opener: Option<Opener>,
+    },
+    /// A peer is gone.
+    PeerDown {
+        /// The peer.
+        name: PeerName,
+    },
+    /// Counters.
+    Stats(oneshot::Sender<SleeveStats>),
+}
+
+/// Fixed settings.
+pub struct Config {
+    /// Our name.
+    pub me: PeerName,
+    /// Whether datagrams must be sealed.
+    pub encrypted: bool,
+    /// Largest datagram body (payload minus header and tag).
+    pub body_budget: usize,
+}
+
+struct Peer {
+    addr: SocketAddr,
+    sealer: Option<Sealer>,
+    opener: Option<Opener>,
+    seq: u64,
+}
+
+struct Sleeve {
+    cfg: Config,
+    tap: Tap,
+    udp: UdpSocket,
+    peers: HashMap<PeerName, Peer>,
+    macs: HashMap<[u8; 6], PeerName>,
+    /// Per (next hop, destination) packers of the current batch.
+    packers: HashMap<(PeerName, PeerName), Packer>,
+    reasm: Reassembler,
+    stats: SleeveStats,
+    out: Vec<u8>,
+    last_warn: Option<Instant>,
+}
+
+/// Run the data path until the command channel closes.
+pub async fn run(cfg: Config, tap: Tap, udp: UdpSocket, mut rx: mpsc::Receiver<Cmd>) {
+    let mut s = Sleeve {
+        cfg,
+        tap,
+        udp,
+        peers: HashMap::new(),
+        macs: HashMap::new(),
+        packers: HashMap::new(),
+        reasm: Reassembler::new(256, Duration::from_secs(2)),
+        stats: SleeveStats::default(),
+        out: Vec::with_capacity(BUF),
+        last_warn: None,
+    };
+    let mut tap_buf = vec![0u8; BUF];
+    let mut udp_buf = vec![0u8; BUF];
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                None => return,
+                Some(c) => s.command(c),
+            },
+            r = s.tap.dev.recv(&mut tap_buf) => match r {
+                Ok(n) => {
+                    s.from_tap(&tap_buf[..n]);
+                    for _ in 1..BATCH {
+                        match s.tap.dev.try_recv(&mut tap_buf) {
+                            Ok(n) => s.from_tap(&tap_buf[..n]),
+                            Err(_) => break,
+                        }
+                    }
+                    s.flush().await;
+                }
+                Err(e) => {
+                    warn!("TAP read failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            r = s.udp.recv_from(&mut udp_buf) => match r {
+                Ok((n, from)) => s.from_udp(&mut udp_buf[..n], from).await,
+                Err(e) => debug!("UDP receive: {e}"),
+            },
+        }
+    }
+}
+
+impl Sleeve {
+    fn command(&mut self, c: Cmd) {
+        match c {
+            Cmd::PeerUp { name, addr, sealer, opener } => {
+                self.peers.insert(name, Peer { addr, sealer, opener, seq: 0 });
+            }
+            Cmd::PeerDown { name } => {
+                self.peers.remove(&name);
+                self.macs.retain(|_, p| *p != name);
+                self.packers.retain(|(hop, _), _| *hop != name);
+            }
+            Cmd::Stats(reply) => {
+                let _ = reply.send(self.stats.clone());
+            }
+        }
+    }
+
+    fn warn_limited(&mut self, msg: std::fmt::Arguments<'_>) {
+        let now = Instant::now();
+        if self.last_warn.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+            self.last_warn = Some(now);
+            warn!("{msg}");
+        }
+    }
+
+    /// One frame read from the TAP: queue it for its peer(s).
+    fn from_tap(&mut self, frame: &[u8]) {
+        self.stats.frames_in += 1;
+        let owned;
+        let frame = if self.tap.vnet_hdr {
+            frame
+        } else {
+            let mut f = vec![0u8; VNET_HDR_LEN];
+            f.extend_from_slice(frame);
+            owned = f;
+            &owned
+        };
+        let Some((dst_mac, _)) = sleeve::frame_macs(frame) else { return };
+        let unicast = dst_mac[0] & 1 == 0;
+        let budget = self.cfg.body_budget;
+        match self.macs.get(&dst_mac).copied().filter(|p| unicast && self.peers.contains_key(p)) {
+            Some(peer) => {
+                let _ = self.packers.entry((peer, peer)).or_insert_with(|| Packer::new(budget)).push(frame);
+            }
+            None => {
+                for &peer in self.peers.keys() {
+                    let _ = self
+                        .packers
+                        .entry((peer, PeerName::BROADCAST))
+                        .or_insert_with(|| Packer::new(budget))
+                        .push(frame);
+                }
+            }
+        }
+    }
+
+    /// Send everything the packers hold.
+    async fn flush(&mut self) {
+        let me = self.cfg.me;
+        for ((hop, dst), packer) in self.packers.iter_mut() {
+            if packer.is_empty() {
+                continue;
+            }
+            let Some(peer) = self.peers.get_mut(hop) else {
+                packer.drain();
+                continue;
+            };
+            for body in packer.drain() {
+                peer.seq += 1;
+                let sealed = peer.sealer.is_some();
+                if let Err(e) = sleeve::emit_datagram(me, *dst, &body, peer.sealer.as_mut(), peer.seq, &mut self.out) {
+                    warn!(peer = %hop, "cannot seal: {e}");
+                    continue;
+                }
+                match self.udp.send_to(&self.out, peer.addr).await {
+                    Ok(_) => {
+                        self.stats.datagrams_out += 1;
+                        if sealed {
+                            self.stats.sealed_out += 1;
+                        }
+                    }
+                    Err(e) => trace!(peer = %hop, "send: {e}"),
+                }
+            }
+        }
+    }
+
+    /// One datagram from the overlay.
+    async fn from_udp(&mut self, buf: &mut [u8], from: SocketAddr) {
+        let header = match Header::parse(buf) {
+            Ok(h) => h,
+            Err(e) => {
+                self.stats.dropped += 1;
+                self.warn_limited(format_args!("dropped datagram from {from}: {e}"));
+                return;
+            }
+        };
+        if header.dst != self.cfg.me && !header.dst.is_broadcast() {
+            self.stats.dropped += 1;
+            return;
+        }
+        let encrypted = self.cfg.encrypted;
+        let Some(peer) = self.peers.get_mut(&header.src) else {
+            self.stats.dropped += 1;
+            self.warn_limited(format_args!("dropped datagram from {from}: sender {} is not connected", header.src));
+            return;
+        };
+        let opener = if encrypted { peer.opener.as_mut() } else { None };
+        if encrypted && opener.is_none() {
+            self.stats.dropped += 1;
+            return;
+        }
+        let range = match sleeve::open_datagram(buf, opener) {
+            Ok((_, r)) => r,
+            Err(e) => {
+                self.stats.dropped += 1;
+                self.warn_limited(format_args!("dropped datagram from {from} ({}): {e}", header.src));
+                return;
+            }
+        };
+        self.stats.datagrams_in += 1;
+        let now = Instant::now();
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        for rec in sleeve::records(&buf[range]) {
+            match rec {
+                Ok(Record::Frame(f)) => frames.push(f.to_vec()),
+                Ok(Record::Fragment { id, total, offset, data }) => {
+                    match self.reasm.push(now, header.src, id, total, offset, data) {
+                        Ok(Some(f)) => frames.push(f),
+                        Ok(None) => {}
+                        Err(e) => trace!("fragment dropped: {e}"),
+                    }
+                }
+                Err(e) => {
+                    self.stats.dropped += 1;
+                    self.warn_limited(format_args!("malformed records from {}: {e}", header.src));
+                    break;
+                }
+            }
+        }
+        for f in frames {
+            if let Some((_, src_mac)) = sleeve::frame_macs(&f) {
+                if src_mac[0] & 1 == 0 {
+                    self.macs.insert(src_mac, header.src);
+                }
+            }
+            let data = if self.tap.vnet_hdr { &f[..] } else { &f[VNET_HDR_LEN..] };
+            if let Err(e) = self.tap.dev.send(data).await {
+                trace!("TAP write: {e}");
+            }
+        }
+    }
+}
