@@ -32,7 +32,9 @@ impl fmt::Display for Addr {
 
 fn cidr(s: &str, whole: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>().map_err(|_| {
-        format!("invalid address {whole:?}: expected a CIDR like 198.19.1.5/24 (address/prefix-length)")
+        format!(
+            "invalid address {whole:?}: expected a CIDR like 198.19.1.5/24 (address/prefix-length)"
+        )
     })
 }
 
@@ -57,11 +59,18 @@ pub fn parse(s: &str) -> Result<Addr, String> {
     }
     let rest = s.strip_prefix("ip:").unwrap_or(s);
     let n = cidr(rest, s)?;
-    if n.prefix_len() < n.max_prefix_len() && (n.addr() == n.network() || n.addr() == n.broadcast()) && n.addr().is_ipv4() {
+    if n.prefix_len() < n.max_prefix_len()
+        && (n.addr() == n.network() || n.addr() == n.broadcast())
+        && n.addr().is_ipv4()
+    {
         return Err(format!(
             "invalid address {s:?}: {} is the {} address of {}",
             n.addr(),
-            if n.addr() == n.network() { "network" } else { "broadcast" },
+            if n.addr() == n.network() {
+                "network"
+            } else {
+                "broadcast"
+            },
             n.trunc()
         ));
     }
@@ -95,25 +104,52 @@ mod tests {
 
     #[test]
     fn forms() {
-        assert_eq!(parse("ip:198.19.1.5/24"), Ok(Addr::Ip("198.19.1.5/24".parse().unwrap())));
-        assert_eq!(parse("198.19.1.5/24"), Ok(Addr::Ip("198.19.1.5/24".parse().unwrap())));
-        assert_eq!(parse("net:198.19.2.0/24"), Ok(Addr::Net("198.19.2.0/24".parse().unwrap())));
+        assert_eq!(
+            parse("ip:198.19.1.5/24"),
+            Ok(Addr::Ip("198.19.1.5/24".parse().unwrap()))
+        );
+        assert_eq!(
+            parse("198.19.1.5/24"),
+            Ok(Addr::Ip("198.19.1.5/24".parse().unwrap()))
+        );
+        assert_eq!(
+            parse("net:198.19.2.0/24"),
+            Ok(Addr::Net("198.19.2.0/24".parse().unwrap()))
+        );
         assert_eq!(parse("net:default"), Ok(Addr::NetDefault));
         assert_eq!(parse("none"), Ok(Addr::None));
-        assert_eq!(parse("ip:10.32.0.1/12"), Ok(Addr::Ip("10.32.0.1/12".parse().unwrap())));
+        assert_eq!(
+            parse("ip:10.32.0.1/12"),
+            Ok(Addr::Ip("10.32.0.1/12".parse().unwrap()))
+        );
     }
 
     #[test]
     fn errors() {
-        for bad in ["ip:300.1.2.3/24", "ip:198.19.1.1/99", "ip:198.19.1.1", "net:198.19.2.5/24", "bogus", "ip:198.19.1.0/24", "ip:198.19.1.255/24", ""] {
+        for bad in [
+            "ip:300.1.2.3/24",
+            "ip:198.19.1.1/99",
+            "ip:198.19.1.1",
+            "net:198.19.2.5/24",
+            "bogus",
+            "ip:198.19.1.0/24",
+            "ip:198.19.1.255/24",
+            "",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn environ() {
-        assert_eq!(from_environ(b"A=1\0WEAVE_CIDR=net:198.19.2.0/24\0"), Some("net:198.19.2.0/24".into()));
-        assert_eq!(from_environ(b"MESH_CIDR=none\0WEAVE_CIDR=x\0"), Some("none".into()));
+        assert_eq!(
+            from_environ(b"A=1\0WEAVE_CIDR=net:198.19.2.0/24\0"),
+            Some("net:198.19.2.0/24".into())
+        );
+        assert_eq!(
+            from_environ(b"MESH_CIDR=none\0WEAVE_CIDR=x\0"),
+            Some("none".into())
+        );
         assert_eq!(from_environ(b"A=1\0"), None);
     }
 }

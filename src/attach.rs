@@ -49,7 +49,12 @@ pub struct Manager {
 
 fn fnv(netns: NetnsId) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
-    for b in netns.dev.to_le_bytes().iter().chain(netns.ino.to_le_bytes().iter()) {
+    for b in netns
+        .dev
+        .to_le_bytes()
+        .iter()
+        .chain(netns.ino.to_le_bytes().iter())
+    {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x100000001b3);
     }
@@ -57,7 +62,10 @@ fn fnv(netns: NetnsId) -> u64 {
 }
 
 fn mac_string(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl Manager {
@@ -75,7 +83,12 @@ impl Manager {
                 info!(container = %a.id, "container gone while we were stopped; released");
             }
         }
-        let m = Manager { nl, path, mtu, list };
+        let m = Manager {
+            nl,
+            path,
+            mtu,
+            list,
+        };
         if m.list.len() != before {
             m.save()?;
         }
@@ -90,7 +103,11 @@ impl Manager {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         while let Some(Cmd { req, reply }) = rx.recv().await {
             let resp = match req {
-                Request::Attach { addrs, name, target } => match self.attach(&addrs, name, &target).await {
+                Request::Attach {
+                    addrs,
+                    name,
+                    target,
+                } => match self.attach(&addrs, name, &target).await {
                     Ok(cidrs) => Response::Attached { cidrs },
                     Err(message) => Response::Error { message },
                 },
@@ -109,7 +126,9 @@ impl Manager {
                         })
                         .collect(),
                 },
-                _ => Response::Error { message: "not an attachment request".into() },
+                _ => Response::Error {
+                    message: "not an attachment request".into(),
+                },
             };
             let _ = reply.send(resp);
         }
@@ -131,7 +150,12 @@ impl Manager {
         Ok(out)
     }
 
-    async fn attach(&mut self, addrs: &[String], name: Option<String>, target: &str) -> Result<Vec<String>, String> {
+    async fn attach(
+        &mut self,
+        addrs: &[String],
+        name: Option<String>,
+        target: &str,
+    ) -> Result<Vec<String>, String> {
         let wanted = Self::fixed_addrs(addrs)?;
         if wanted.is_empty() {
             return Ok(Vec::new());
@@ -139,22 +163,43 @@ impl Manager {
         let (ns, id) = host::open_netns(target).map_err(|e| e.to_string())?;
         let existing = self.list.iter().position(|a| a.netns == id);
         for w in &wanted {
-            if let Some(other) = self.list.iter().find(|a| a.netns != id && a.cidrs.iter().any(|c| c.addr() == w.addr())) {
-                return Err(format!("address {} is already attached to container {}", w.addr(), other.id));
+            if let Some(other) = self
+                .list
+                .iter()
+                .find(|a| a.netns != id && a.cidrs.iter().any(|c| c.addr() == w.addr()))
+            {
+                return Err(format!(
+                    "address {} is already attached to container {}",
+                    w.addr(),
+                    other.id
+                ));
             }
         }
         let hash = fnv(id);
-        let cid = name.clone().unwrap_or_else(|| format!("{:012x}", hash & 0xffff_ffff_ffff));
+        let cid = name
+            .clone()
+            .unwrap_or_else(|| format!("{:012x}", hash & 0xffff_ffff_ffff));
         if let Some(other) = self.list.iter().find(|a| a.netns != id && a.id == cid) {
-            return Err(format!("container name {cid} is already used by another attached container ({})", other.target));
+            return Err(format!(
+                "container name {cid} is already used by another attached container ({})",
+                other.target
+            ));
         }
         let host_ifname = match existing {
             Some(i) => self.list[i].host_ifname.clone(),
             None => format!("vmesh{:08x}", hash as u32),
         };
-        let cif = host::attach_veth(&self.nl, &ns, BRIDGE, &host_ifname, IFNAME, &wanted, self.mtu)
-            .await
-            .map_err(|e| format!("attaching {target}: {e}"))?;
+        let cif = host::attach_veth(
+            &self.nl,
+            &ns,
+            BRIDGE,
+            &host_ifname,
+            IFNAME,
+            &wanted,
+            self.mtu,
+        )
+        .await
+        .map_err(|e| format!("attaching {target}: {e}"))?;
         let mac = mac_string(cif.mac);
         match existing {
             Some(i) => {
@@ -192,7 +237,11 @@ impl Manager {
             .list
             .iter()
             .position(|a| opened.as_ref().is_some_and(|(_, id)| a.netns == *id))
-            .or_else(|| self.list.iter().position(|a| a.id == target || a.target == target))
+            .or_else(|| {
+                self.list
+                    .iter()
+                    .position(|a| a.id == target || a.target == target)
+            })
             .ok_or_else(|| format!("no attached container matches {target}"))?;
         let all = release.is_empty();
         let a = self.list[idx].clone();
@@ -206,7 +255,15 @@ impl Manager {
         )
         .await
         .map_err(|e| format!("detaching {target}: {e}"))?;
-        let remaining: Vec<IpNet> = if all { Vec::new() } else { a.cidrs.iter().filter(|c| !release.contains(c)).copied().collect() };
+        let remaining: Vec<IpNet> = if all {
+            Vec::new()
+        } else {
+            a.cidrs
+                .iter()
+                .filter(|c| !release.contains(c))
+                .copied()
+                .collect()
+        };
         if remaining.is_empty() {
             self.list.remove(idx);
         } else {

@@ -83,7 +83,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind::*;
-            if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 e.print()?;
                 return Ok(if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand {
                     ExitCode::from(2)
@@ -103,7 +106,13 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Cmd::Launch(args) => launch(args),
         Cmd::Stop => {
             need_root("stop")?;
+            let pid = std::fs::read_to_string(paths::pid_file())
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
             expect_ok(call(&Request::Stop)?)?;
+            if let Some(pid) = pid {
+                wait_gone(pid)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => {
@@ -143,6 +152,20 @@ pub fn run() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Wait (bounded) until process `pid` has exited.
+fn wait_gone(pid: i32) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut pause = Duration::from_millis(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if std::time::Instant::now() > deadline {
+            bail!("the daemon (pid {pid}) did not exit within 15s");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 fn need_root(what: &str) -> anyhow::Result<()> {
@@ -230,7 +253,9 @@ fn launch(mut args: LaunchArgs) -> anyhow::Result<ExitCode> {
     for p in &args.peers {
         daemon::parse_peer(p, args.port).map_err(anyhow::Error::msg)?;
     }
-    if let Ok(Response::Status(s)) = api::call(&paths::socket(), &Request::Status, Duration::from_secs(5)) {
+    if let Ok(Response::Status(s)) =
+        api::call(&paths::socket(), &Request::Status, Duration::from_secs(5))
+    {
         bail!(
             "mesh is already running here as peer {} (stop it with `mesh stop`)",
             s.name
@@ -249,12 +274,28 @@ fn launch(mut args: LaunchArgs) -> anyhow::Result<ExitCode> {
 pub fn format_status(s: &api::Status) -> String {
     use std::fmt::Write;
     let mut o = String::new();
-    let established = s.connections.iter().filter(|c| c.state == "established").count();
-    let failed = s.connections.iter().filter(|c| c.state == "failed" || c.state == "retrying").count();
-    let _ = writeln!(o, "        Version: {} (protocol {})", s.version, s.protocol);
+    let established = s
+        .connections
+        .iter()
+        .filter(|c| c.state == "established")
+        .count();
+    let failed = s
+        .connections
+        .iter()
+        .filter(|c| c.state == "failed" || c.state == "retrying")
+        .count();
+    let _ = writeln!(
+        o,
+        "        Version: {} (protocol {})",
+        s.version, s.protocol
+    );
     let _ = writeln!(o);
     let _ = writeln!(o, "           Name: {}({})", s.name, s.nickname);
-    let _ = writeln!(o, "     Encryption: {}", if s.encryption { "enabled" } else { "disabled" });
+    let _ = writeln!(
+        o,
+        "     Encryption: {}",
+        if s.encryption { "enabled" } else { "disabled" }
+    );
     let _ = writeln!(o, "           Port: {}", s.port);
     let _ = writeln!(o, "            MTU: {}", s.mtu);
     let _ = writeln!(
@@ -282,7 +323,11 @@ pub fn format_status(s: &api::Status) -> String {
             };
             let mut line = format!("  {arrow} {:<21} {:<12}", c.address, c.state);
             if c.state == "established" {
-                line.push_str(if c.encrypted { " encrypted sleeve " } else { " sleeve " });
+                line.push_str(if c.encrypted {
+                    " encrypted sleeve "
+                } else {
+                    " sleeve "
+                });
                 line.push_str(&peer);
             } else {
                 line.push(' ');

@@ -70,7 +70,14 @@ impl WarnLimit {
     }
 }
 
-fn row(dir: &str, addr: SocketAddr, state: &str, peer: Option<(PeerName, &str)>, encrypted: bool, info: Option<String>) -> ConnStatus {
+fn row(
+    dir: &str,
+    addr: SocketAddr,
+    state: &str,
+    peer: Option<(PeerName, &str)>,
+    encrypted: bool,
+    info: Option<String>,
+) -> ConnStatus {
     ConnStatus {
         direction: dir.into(),
         address: addr.to_string(),
@@ -127,7 +134,10 @@ pub async fn dial_loop(
         let router = router.clone();
         async move {
             let _ = router
-                .send(router::Cmd::Update { id, row: row("outbound", target, state, None, false, info) })
+                .send(router::Cmd::Update {
+                    id,
+                    row: row("outbound", target, state, None, false, info),
+                })
                 .await;
         }
     };
@@ -150,7 +160,14 @@ pub async fn dial_loop(
                 let _ = router
                     .send(router::Cmd::Update {
                         id,
-                        row: row("outbound", target, "established", None, false, Some(format!("via the connection {peer} made to us"))),
+                        row: row(
+                            "outbound",
+                            target,
+                            "established",
+                            None,
+                            false,
+                            Some(format!("via the connection {peer} made to us")),
+                        ),
                     })
                     .await;
                 // Wait until that connection is gone, then dial again.
@@ -160,7 +177,13 @@ pub async fn dial_loop(
                         _ = shutdown.changed() => return,
                     }
                     let (tx, rx) = oneshot::channel();
-                    let _ = router.send(router::Cmd::Connected { peer: Some(peer), ip: None, reply: tx }).await;
+                    let _ = router
+                        .send(router::Cmd::Connected {
+                            peer: Some(peer),
+                            ip: None,
+                            reply: tx,
+                        })
+                        .await;
                     if !rx.await.unwrap_or(false) {
                         break;
                     }
@@ -178,7 +201,8 @@ pub async fn dial_loop(
         if started.elapsed() > Duration::from_secs(60) {
             backoff = BACKOFF_MIN;
         }
-        let jitter = Duration::from_millis(u64::from(random_u16()) % (backoff.as_millis() as u64 / 2 + 1));
+        let jitter =
+            Duration::from_millis(u64::from(random_u16()) % (backoff.as_millis() as u64 / 2 + 1));
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
             _ = shutdown.changed() => return,
@@ -202,14 +226,21 @@ async fn read_record(r: &mut OwnedReadHalf) -> anyhow::Result<(RecordKind, Vec<u
     Ok((kind, payload))
 }
 
-async fn write_record(w: &mut OwnedWriteHalf, kind: RecordKind, payload: &[u8]) -> anyhow::Result<()> {
+async fn write_record(
+    w: &mut OwnedWriteHalf,
+    kind: RecordKind,
+    payload: &[u8],
+) -> anyhow::Result<()> {
     let mut out = Vec::with_capacity(payload.len() + RECORD_HEADER_LEN);
     frame::emit(kind, payload, &mut out)?;
     w.write_all(&out).await?;
     Ok(())
 }
 
-async fn deadline<T>(what: &str, f: impl std::future::Future<Output = anyhow::Result<T>>) -> Result<T, String> {
+async fn deadline<T>(
+    what: &str,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> Result<T, String> {
     match tokio::time::timeout(SETUP_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(format!("{what}: {e:#}")),
@@ -220,7 +251,11 @@ async fn deadline<T>(what: &str, f: impl std::future::Future<Output = anyhow::Re
 async fn refuse(w: &mut OwnedWriteHalf, reason: &str) {
     let mut r = reason.as_bytes().to_vec();
     r.truncate(frame::MAX_REFUSAL);
-    let _ = tokio::time::timeout(Duration::from_secs(1), write_record(w, RecordKind::Refusal, &r)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        write_record(w, RecordKind::Refusal, &r),
+    )
+    .await;
 }
 
 fn password_reason(ours: bool, theirs: bool) -> String {
@@ -241,9 +276,16 @@ async fn run_conn(
     router: &mpsc::Sender<router::Cmd>,
 ) -> End {
     let _ = stream.set_nodelay(true);
-    let dir = if role == Role::Initiator { "outbound" } else { "inbound" };
+    let dir = if role == Role::Initiator {
+        "outbound"
+    } else {
+        "inbound"
+    };
     let (mut r, mut w) = stream.into_split();
-    let update = |state: &str, info: Option<String>| router::Cmd::Update { id, row: row(dir, addr, state, None, false, info) };
+    let update = |state: &str, info: Option<String>| router::Cmd::Update {
+        id,
+        row: row(dir, addr, state, None, false, info),
+    };
     let _ = router.send(update("handshaking", None)).await;
 
     // 1. Hellos.
@@ -253,7 +295,11 @@ async fn run_conn(
         return End::Retry(format!("sending hello: {e}"));
     }
     let mut theirs_bytes = [0u8; HELLO_LEN];
-    if let Err(e) = deadline("reading hello", async { Ok(r.read_exact(&mut theirs_bytes).await?) }).await {
+    if let Err(e) = deadline("reading hello", async {
+        Ok(r.read_exact(&mut theirs_bytes).await?)
+    })
+    .await
+    {
         return End::Retry(e);
     }
     let theirs = match Hello::parse(&theirs_bytes) {
@@ -310,8 +356,15 @@ async fn run_conn(
             };
             match kind {
                 RecordKind::Handshake => {}
-                RecordKind::Refusal => return End::Retry(format!("refused by peer: {}", String::from_utf8_lossy(&payload))),
-                RecordKind::Transport => return End::Retry("protocol error: transport record during handshake".into()),
+                RecordKind::Refusal => {
+                    return End::Retry(format!(
+                        "refused by peer: {}",
+                        String::from_utf8_lossy(&payload)
+                    ))
+                }
+                RecordKind::Transport => {
+                    return End::Retry("protocol error: transport record during handshake".into())
+                }
             }
             match hs.read(&payload) {
                 Ok(()) => {}
@@ -360,13 +413,20 @@ async fn run_conn(
     if let Err(e) = send_msg(&mut w, &mut transport, &intro).await {
         return End::Retry(format!("sending intro: {e:#}"));
     }
-    let their_intro = match deadline("waiting for the peer's intro", recv_msg(&mut r, &mut transport)).await {
+    let their_intro = match deadline(
+        "waiting for the peer's intro",
+        recv_msg(&mut r, &mut transport),
+    )
+    .await
+    {
         Ok(ControlMsg::Intro(i)) => i,
         Ok(other) => return End::Retry(format!("protocol error: expected intro, got {other:?}")),
         Err(e) => return End::Retry(e),
     };
     let (sealer, opener) = match (sleeve_key, their_intro.sleeve_key) {
-        (Some((kid, k)), Some((tid, t))) => (Some(Sealer::new(kid, &k)), Some(Opener::new(tid, &t))),
+        (Some((kid, k)), Some((tid, t))) => {
+            (Some(Sealer::new(kid, &k)), Some(Opener::new(tid, &t)))
+        }
         (None, None) => (None, None),
         _ => return End::Retry("protocol error: sleeve key missing".into()),
     };
@@ -376,7 +436,11 @@ async fn run_conn(
     // 4. Register with the router.
     let (close_tx, mut close_rx) = oneshot::channel();
     let (reply_tx, reply_rx) = oneshot::channel();
-    let initiator = if role == Role::Initiator { me.name } else { peer };
+    let initiator = if role == Role::Initiator {
+        me.name
+    } else {
+        peer
+    };
     let _ = router
         .send(router::Cmd::Established(Box::new(Established {
             id,
@@ -390,12 +454,29 @@ async fn run_conn(
         })))
         .await;
     if !reply_rx.await.unwrap_or(false) {
-        let _ = send_msg(&mut w, &mut transport, &ControlMsg::Close { reason: "duplicate connection".into() }).await;
+        let _ = send_msg(
+            &mut w,
+            &mut transport,
+            &ControlMsg::Close {
+                reason: "duplicate connection".into(),
+            },
+        )
+        .await;
         return End::Duplicate(peer);
     }
     let encrypted = me.psk.is_some();
     let _ = router
-        .send(router::Cmd::Update { id, row: row(dir, addr, "established", Some((peer, &nickname)), encrypted, None) })
+        .send(router::Cmd::Update {
+            id,
+            row: row(
+                dir,
+                addr,
+                "established",
+                Some((peer, &nickname)),
+                encrypted,
+                None,
+            ),
+        })
         .await;
 
     // 5. Heartbeats until the end. Reads run in their own task so that a
@@ -455,18 +536,30 @@ async fn run_conn(
     end
 }
 
-async fn send_msg(w: &mut OwnedWriteHalf, t: &mut Transport, msg: &ControlMsg) -> anyhow::Result<()> {
+async fn send_msg(
+    w: &mut OwnedWriteHalf,
+    t: &mut Transport,
+    msg: &ControlMsg,
+) -> anyhow::Result<()> {
     let sealed = t.seal(&msg.encode()?)?;
-    tokio::time::timeout(SETUP_TIMEOUT, write_record(w, RecordKind::Transport, &sealed))
-        .await
-        .map_err(|_| anyhow!("write timed out"))?
+    tokio::time::timeout(
+        SETUP_TIMEOUT,
+        write_record(w, RecordKind::Transport, &sealed),
+    )
+    .await
+    .map_err(|_| anyhow!("write timed out"))?
 }
 
 async fn recv_msg(r: &mut OwnedReadHalf, t: &mut Transport) -> anyhow::Result<ControlMsg> {
     let (kind, payload) = read_record(r).await?;
     match kind {
         RecordKind::Transport => Ok(ControlMsg::decode(&t.open(&payload)?)?),
-        RecordKind::Refusal => Err(anyhow!("refused by peer: {}", String::from_utf8_lossy(&payload))),
-        RecordKind::Handshake => Err(anyhow!("protocol error: handshake record after the handshake")),
+        RecordKind::Refusal => Err(anyhow!(
+            "refused by peer: {}",
+            String::from_utf8_lossy(&payload)
+        )),
+        RecordKind::Handshake => Err(anyhow!(
+            "protocol error: handshake record after the handshake"
+        )),
     }
 }

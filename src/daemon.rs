@@ -45,7 +45,11 @@ pub fn parse_peer(s: &str, default_port: u16) -> Result<SocketAddr, String> {
         .to_socket_addrs()
         .ok()
         .and_then(|mut a| a.find(|a| a.is_ipv4()))
-        .ok_or_else(|| format!("invalid peer {s:?}: expected an IP address or host name, optionally with :PORT"))
+        .ok_or_else(|| {
+            format!(
+                "invalid peer {s:?}: expected an IP address or host name, optionally with :PORT"
+            )
+        })
 }
 
 /// Start the daemon in the background and return its peer name.
@@ -173,9 +177,11 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     let name = key.name();
     let psk = match args.password.clone() {
         Some(p) => Some(
-            tokio::task::spawn_blocking(move || mesh_proto::handshake::psk_from_password(p.as_bytes()))
-                .await
-                .context("password key derivation")??,
+            tokio::task::spawn_blocking(move || {
+                mesh_proto::handshake::psk_from_password(p.as_bytes())
+            })
+            .await
+            .context("password key derivation")??,
         ),
         None => None,
     };
@@ -187,7 +193,10 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     });
 
     let nl = host::Netlink::current().await.context("opening netlink")?;
-    let underlay = nl.underlay_mtu().await.context("reading the underlay MTU")?;
+    let underlay = nl
+        .underlay_mtu()
+        .await
+        .context("reading the underlay MTU")?;
     let overhead = (mesh_proto::sleeve::OVERHEAD_V4 + 14) as u32;
     let mtu = match args.mtu {
         Some(m) => m,
@@ -223,7 +232,8 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (sleeve_tx, sleeve_rx) = mpsc::channel(256);
-    let budget = (underlay as usize).saturating_sub(28 + mesh_proto::sleeve::HEADER_LEN + mesh_proto::seal::TAG_LEN);
+    let budget = (underlay as usize)
+        .saturating_sub(28 + mesh_proto::sleeve::HEADER_LEN + mesh_proto::seal::TAG_LEN);
     let sleeve_cfg = sleeve::Config {
         me: name,
         encrypted: psk.is_some(),
@@ -238,7 +248,12 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     let manager = attach::Manager::load(nl, paths::data_dir(), mtu).await?;
     tokio::spawn(manager.run(attach_rx));
 
-    tokio::spawn(control::accept_loop(me.clone(), tcp, router_tx.clone(), shutdown_rx.clone()));
+    tokio::spawn(control::accept_loop(
+        me.clone(),
+        tcp,
+        router_tx.clone(),
+        shutdown_rx.clone(),
+    ));
     for (i, p) in args.peers.iter().enumerate() {
         match parse_peer(p, args.port) {
             Ok(addr) => {
@@ -316,7 +331,9 @@ async fn api_conn(
     let mut line = String::new();
     tokio::time::timeout(
         Duration::from_secs(10),
-        tokio::io::BufReader::new(r).take(api::MAX_LINE as u64).read_line(&mut line),
+        tokio::io::BufReader::new(r)
+            .take(api::MAX_LINE as u64)
+            .read_line(&mut line),
     )
     .await
     .context("request timed out")??;

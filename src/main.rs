@@ -4,7 +4,6 @@
 //! Every error reaching `main` is printed as one line on stderr with a
 //! non-zero exit; nothing here panics on user input.
 
-
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

@@ -106,12 +106,12 @@ pub async fn run(me: Arc<Me>, mut rx: mpsc::Receiver<Cmd>, sleeve: mpsc::Sender<
                 }
                 info!(peer = %e.peer, udp = %e.udp, "connection established");
                 let _ = sleeve
-                    .send(sleeve::Cmd::PeerUp {
+                    .send(sleeve::Cmd::PeerUp(Box::new(sleeve::PeerUp {
                         name: e.peer,
                         addr: e.udp,
                         sealer: e.sealer,
                         opener: e.opener,
-                    })
+                    })))
                     .await;
                 active.insert(
                     e.peer,

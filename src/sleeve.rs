@@ -31,16 +31,7 @@ const BUF: usize = sleeve::MAX_FRAME + 64;
 /// Commands to the sleeve task.
 pub enum Cmd {
     /// A peer is connected: send to it at `addr`.
-    PeerUp {
-        /// The peer.
-        name: PeerName,
-        /// Its UDP address.
-        addr: SocketAddr,
-        /// Sealer for our datagrams to it (with a password).
-        sealer: Option<Sealer>,
-        /// Opener for its datagrams (with a password).
-        opener: Option<Opener>,
-    },
+    PeerUp(Box<PeerUp>),
     /// A peer is gone.
     PeerDown {
         /// The peer.
@@ -48,6 +39,18 @@ pub enum Cmd {
     },
     /// Counters.
     Stats(oneshot::Sender<SleeveStats>),
+}
+
+/// A connected peer, as the sleeve needs it.
+pub struct PeerUp {
+    /// The peer.
+    pub name: PeerName,
+    /// Its UDP address.
+    pub addr: SocketAddr,
+    /// Sealer for our datagrams to it (with a password).
+    pub sealer: Option<Sealer>,
+    /// Opener for its datagrams (with a password).
+    pub opener: Option<Opener>,
 }
 
 /// Fixed settings.
@@ -105,10 +108,10 @@ pub async fn run(cfg: Config, tap: Tap, udp: UdpSocket, mut rx: mpsc::Receiver<C
             },
             r = s.tap.dev.recv(&mut tap_buf) => match r {
                 Ok(n) => {
-                    s.from_tap(&tap_buf[..n]);
+                    s.on_tap_frame(&tap_buf[..n]);
                     for _ in 1..BATCH {
                         match s.tap.dev.try_recv(&mut tap_buf) {
-                            Ok(n) => s.from_tap(&tap_buf[..n]),
+                            Ok(n) => s.on_tap_frame(&tap_buf[..n]),
                             Err(_) => break,
                         }
                     }
@@ -120,7 +123,7 @@ pub async fn run(cfg: Config, tap: Tap, udp: UdpSocket, mut rx: mpsc::Receiver<C
                 }
             },
             r = s.udp.recv_from(&mut udp_buf) => match r {
-                Ok((n, from)) => s.from_udp(&mut udp_buf[..n], from).await,
+                Ok((n, from)) => s.on_datagram(&mut udp_buf[..n], from).await,
                 Err(e) => debug!("UDP receive: {e}"),
             },
         }
@@ -130,8 +133,22 @@ pub async fn run(cfg: Config, tap: Tap, udp: UdpSocket, mut rx: mpsc::Receiver<C
 impl Sleeve {
     fn command(&mut self, c: Cmd) {
         match c {
-            Cmd::PeerUp { name, addr, sealer, opener } => {
-                self.peers.insert(name, Peer { addr, sealer, opener, seq: 0 });
+            Cmd::PeerUp(up) => {
+                let PeerUp {
+                    name,
+                    addr,
+                    sealer,
+                    opener,
+                } = *up;
+                self.peers.insert(
+                    name,
+                    Peer {
+                        addr,
+                        sealer,
+                        opener,
+                        seq: 0,
+                    },
+                );
             }
             Cmd::PeerDown { name } => {
                 self.peers.remove(&name);
@@ -146,14 +163,17 @@ impl Sleeve {
 
     fn warn_limited(&mut self, msg: std::fmt::Arguments<'_>) {
         let now = Instant::now();
-        if self.last_warn.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+        if self
+            .last_warn
+            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(5))
+        {
             self.last_warn = Some(now);
             warn!("{msg}");
         }
     }
 
     /// One frame read from the TAP: queue it for its peer(s).
-    fn from_tap(&mut self, frame: &[u8]) {
+    fn on_tap_frame(&mut self, frame: &[u8]) {
         self.stats.frames_in += 1;
         let owned;
         let frame = if self.tap.vnet_hdr {
@@ -164,12 +184,23 @@ impl Sleeve {
             owned = f;
             &owned
         };
-        let Some((dst_mac, _)) = sleeve::frame_macs(frame) else { return };
+        let Some((dst_mac, _)) = sleeve::frame_macs(frame) else {
+            return;
+        };
         let unicast = dst_mac[0] & 1 == 0;
         let budget = self.cfg.body_budget;
-        match self.macs.get(&dst_mac).copied().filter(|p| unicast && self.peers.contains_key(p)) {
+        match self
+            .macs
+            .get(&dst_mac)
+            .copied()
+            .filter(|p| unicast && self.peers.contains_key(p))
+        {
             Some(peer) => {
-                let _ = self.packers.entry((peer, peer)).or_insert_with(|| Packer::new(budget)).push(frame);
+                let _ = self
+                    .packers
+                    .entry((peer, peer))
+                    .or_insert_with(|| Packer::new(budget))
+                    .push(frame);
             }
             None => {
                 for &peer in self.peers.keys() {
@@ -197,7 +228,14 @@ impl Sleeve {
             for body in packer.drain() {
                 peer.seq += 1;
                 let sealed = peer.sealer.is_some();
-                if let Err(e) = sleeve::emit_datagram(me, *dst, &body, peer.sealer.as_mut(), peer.seq, &mut self.out) {
+                if let Err(e) = sleeve::emit_datagram(
+                    me,
+                    *dst,
+                    &body,
+                    peer.sealer.as_mut(),
+                    peer.seq,
+                    &mut self.out,
+                ) {
                     warn!(peer = %hop, "cannot seal: {e}");
                     continue;
                 }
@@ -215,7 +253,7 @@ impl Sleeve {
     }
 
     /// One datagram from the overlay.
-    async fn from_udp(&mut self, buf: &mut [u8], from: SocketAddr) {
+    async fn on_datagram(&mut self, buf: &mut [u8], from: SocketAddr) {
         let header = match Header::parse(buf) {
             Ok(h) => h,
             Err(e) => {
@@ -231,10 +269,17 @@ impl Sleeve {
         let encrypted = self.cfg.encrypted;
         let Some(peer) = self.peers.get_mut(&header.src) else {
             self.stats.dropped += 1;
-            self.warn_limited(format_args!("dropped datagram from {from}: sender {} is not connected", header.src));
+            self.warn_limited(format_args!(
+                "dropped datagram from {from}: sender {} is not connected",
+                header.src
+            ));
             return;
         };
-        let opener = if encrypted { peer.opener.as_mut() } else { None };
+        let opener = if encrypted {
+            peer.opener.as_mut()
+        } else {
+            None
+        };
         if encrypted && opener.is_none() {
             self.stats.dropped += 1;
             return;
@@ -243,7 +288,10 @@ impl Sleeve {
             Ok((_, r)) => r,
             Err(e) => {
                 self.stats.dropped += 1;
-                self.warn_limited(format_args!("dropped datagram from {from} ({}): {e}", header.src));
+                self.warn_limited(format_args!(
+                    "dropped datagram from {from} ({}): {e}",
+                    header.src
+                ));
                 return;
             }
         };
@@ -253,13 +301,16 @@ impl Sleeve {
         for rec in sleeve::records(&buf[range]) {
             match rec {
                 Ok(Record::Frame(f)) => frames.push(f.to_vec()),
-                Ok(Record::Fragment { id, total, offset, data }) => {
-                    match self.reasm.push(now, header.src, id, total, offset, data) {
-                        Ok(Some(f)) => frames.push(f),
-                        Ok(None) => {}
-                        Err(e) => trace!("fragment dropped: {e}"),
-                    }
-                }
+                Ok(Record::Fragment {
+                    id,
+                    total,
+                    offset,
+                    data,
+                }) => match self.reasm.push(now, header.src, id, total, offset, data) {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => {}
+                    Err(e) => trace!("fragment dropped: {e}"),
+                },
                 Err(e) => {
                     self.stats.dropped += 1;
                     self.warn_limited(format_args!("malformed records from {}: {e}", header.src));
@@ -273,7 +324,11 @@ impl Sleeve {
                     self.macs.insert(src_mac, header.src);
                 }
             }
-            let data = if self.tap.vnet_hdr { &f[..] } else { &f[VNET_HDR_LEN..] };
+            let data = if self.tap.vnet_hdr {
+                &f[..]
+            } else {
+                &f[VNET_HDR_LEN..]
+            };
             if let Err(e) = self.tap.dev.send(data).await {
                 trace!("TAP write: {e}");
             }
