@@ -38,6 +38,9 @@ const DEAD_AFTER: Duration = Duration::from_secs(8);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// The most inbound connections open at once.
+const MAX_INBOUND: usize = 512;
+
 /// Ids for inbound connections start high, clear of dial targets' ids.
 static NEXT_INBOUND: AtomicU64 = AtomicU64::new(1 << 32);
 
@@ -96,6 +99,7 @@ pub async fn accept_loop(
     router: mpsc::Sender<router::Cmd>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND));
     loop {
         let (stream, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -104,9 +108,17 @@ pub async fn accept_loop(
             },
             _ = shutdown.changed() => return,
         };
+        // Bounded: a flood of connections cannot exhaust the daemon.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            if WarnLimit::allow() {
+                warn!(%addr, "too many inbound connections; refused");
+            }
+            continue;
+        };
         let id = NEXT_INBOUND.fetch_add(1, Ordering::Relaxed);
         let (me, router) = (me.clone(), router.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let end = run_conn(&me, id, stream, addr, Role::Responder, &router).await;
             let _ = router.send(router::Cmd::Closed { id, forget: true }).await;
             match end {
