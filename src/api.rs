@@ -39,6 +39,16 @@ pub enum Request {
     Ps,
     /// Stop the daemon (state kept).
     Stop,
+    /// Add connection targets.
+    Connect {
+        /// `HOST[:PORT]`.
+        peers: Vec<String>,
+    },
+    /// Remove connection targets.
+    Forget {
+        /// `HOST[:PORT]`.
+        peers: Vec<String>,
+    },
 }
 
 /// What the daemon answers.
@@ -83,8 +93,12 @@ pub struct Status {
     pub port: u16,
     /// The overlay MTU given to containers.
     pub mtu: u32,
-    /// Connections and connection targets.
+    /// Connections and connection attempts.
     pub connections: Vec<ConnStatus>,
+    /// Every peer known by gossip (this one included).
+    pub peers: Vec<PeerStatus>,
+    /// Connection targets (`mesh connect`, `mesh launch PEER`).
+    pub targets: Vec<String>,
     /// Sleeve counters.
     pub sleeve: SleeveStats,
 }
@@ -108,6 +122,32 @@ pub struct ConnStatus {
     pub info: Option<String>,
 }
 
+/// A peer as gossip knows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Peer name.
+    pub name: String,
+    /// Nickname.
+    pub nickname: String,
+    /// Whether we have a route to it.
+    pub reachable: bool,
+    /// The neighbour we send through to reach it.
+    pub next_hop: Option<String>,
+    /// Its connections, as it reports them.
+    pub connections: Vec<PeerConn>,
+}
+
+/// One connection a peer reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerConn {
+    /// The other end.
+    pub peer: String,
+    /// Its address, if known.
+    pub address: Option<String>,
+    /// Whether established.
+    pub established: bool,
+}
+
 /// Counters of the sleeve.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SleeveStats {
@@ -121,6 +161,8 @@ pub struct SleeveStats {
     pub dropped: u64,
     /// Datagrams sent sealed.
     pub sealed_out: u64,
+    /// Datagrams relayed on towards other peers.
+    pub relayed: u64,
 }
 
 /// One line of `mesh ps`.

@@ -26,8 +26,26 @@ enum Cmd {
     Launch(LaunchArgs),
     /// Stop the daemon (state, bridge and attached containers are kept).
     Stop,
-    /// Show this peer's state.
-    Status,
+    /// Show this peer's state, or one part of it.
+    Status {
+        /// `peers`, `connections` or `targets`.
+        #[arg(value_enum)]
+        what: Option<StatusPart>,
+    },
+    /// The whole state as JSON (field names are stable; see README).
+    Report,
+    /// Add connection targets (persisted) and connect to them.
+    Connect {
+        /// `HOST` or `HOST:PORT`.
+        #[arg(required = true, value_name = "PEER[:PORT]")]
+        peers: Vec<String>,
+    },
+    /// Remove connection targets (existing connections stay until they drop).
+    Forget {
+        /// As given to `mesh connect` or `mesh launch`.
+        #[arg(required = true, value_name = "PEER[:PORT]")]
+        peers: Vec<String>,
+    },
     /// Attach a container: `mesh attach [ADDR...] [--name NAME] TARGET`.
     Attach {
         /// Container name (shown by `mesh ps`).
@@ -48,6 +66,17 @@ enum Cmd {
     Ps,
     /// Show versions of the binary and the protocol.
     Version,
+}
+
+/// Parts of `mesh status`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum StatusPart {
+    /// Every peer known by gossip, with its route.
+    Peers,
+    /// Our connections and connection attempts.
+    Connections,
+    /// Our connection targets.
+    Targets,
 }
 
 /// Options of `mesh launch`.
@@ -72,6 +101,10 @@ pub struct LaunchArgs {
     /// Overlay MTU (default: the underlay's MTU minus encapsulation overhead).
     #[arg(long, value_parser = clap::value_parser!(u32).range(576..=65000))]
     pub mtu: Option<u32>,
+    /// The most peers to connect to directly; beyond that frames and gossip
+    /// are relayed.
+    #[arg(long, default_value_t = 100)]
+    pub conn_limit: usize,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -115,12 +148,38 @@ pub fn run() -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status => {
+        Cmd::Status { what } => {
             need_root("status")?;
-            match call(&Request::Status)? {
-                Response::Status(s) => print!("{}", format_status(&s)),
-                other => unexpected(other)?,
+            let s = status()?;
+            match what {
+                None => print!("{}", format_status(&s)),
+                Some(StatusPart::Connections) => print!("{}", format_connections(&s)),
+                Some(StatusPart::Peers) => print!("{}", format_peers(&s)),
+                Some(StatusPart::Targets) => {
+                    for t in &s.targets {
+                        println!("{t}");
+                    }
+                }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Report => {
+            need_root("report")?;
+            let s = status()?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Connect { peers } => {
+            need_root("connect")?;
+            for p in &peers {
+                daemon::parse_peer(p, 6783).map_err(anyhow::Error::msg)?;
+            }
+            expect_ok(call(&Request::Connect { peers })?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Forget { peers } => {
+            need_root("forget")?;
+            expect_ok(call(&Request::Forget { peers })?)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Attach { name, args } => attach(name, args),
@@ -138,7 +197,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
                         println!("{} {} {}", c.id, c.mac, c.cidrs.join(" "));
                     }
                 }
-                other => unexpected(other)?,
+                other => return Err(unexpected(other)),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -179,17 +238,24 @@ fn call(req: &Request) -> anyhow::Result<Response> {
     api::call(&paths::socket(), req, CALL_TIMEOUT)
 }
 
-fn unexpected(r: Response) -> anyhow::Result<()> {
+fn status() -> anyhow::Result<api::Status> {
+    match call(&Request::Status)? {
+        Response::Status(s) => Ok(s),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(r: Response) -> anyhow::Error {
     match r {
-        Response::Error { message } => bail!("{message}"),
-        other => bail!("unexpected answer from the daemon: {other:?}"),
+        Response::Error { message } => anyhow::anyhow!("{message}"),
+        other => anyhow::anyhow!("unexpected answer from the daemon: {other:?}"),
     }
 }
 
 fn expect_ok(r: Response) -> anyhow::Result<()> {
     match r {
         Response::Ok => Ok(()),
-        other => unexpected(other),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -238,7 +304,7 @@ fn attach(name: Option<String>, args: Vec<String>) -> anyhow::Result<ExitCode> {
                 println!("{c}");
             }
         }
-        other => unexpected(other)?,
+        other => return Err(unexpected(other)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -308,12 +374,61 @@ pub fn format_status(s: &api::Status) -> String {
     let st = &s.sleeve;
     let _ = writeln!(
         o,
-        "         Sleeve: {} frames in, {} datagrams out ({} sealed), {} in, {} dropped",
-        st.frames_in, st.datagrams_out, st.sealed_out, st.datagrams_in, st.dropped
+        "         Sleeve: {} frames in, {} datagrams out ({} sealed), {} in, {} relayed, {} dropped",
+        st.frames_in, st.datagrams_out, st.sealed_out, st.datagrams_in, st.relayed, st.dropped
     );
+    let _ = writeln!(
+        o,
+        "          Peers: {} ({} reachable)",
+        s.peers.len(),
+        s.peers.iter().filter(|p| p.reachable).count()
+    );
+    let _ = writeln!(o, "        Targets: {}", s.targets.len());
     if !s.connections.is_empty() {
         let _ = writeln!(o);
         let _ = writeln!(o, "CONNECTIONS");
+        o.push_str(&format_connections(s));
+    }
+    o
+}
+
+/// `mesh status peers`: each peer, its route and its connections.
+pub fn format_peers(s: &api::Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    for p in &s.peers {
+        let route = if p.name == s.name {
+            "(this peer)".to_string()
+        } else {
+            match (&p.next_hop, p.reachable) {
+                (Some(h), true) if *h == p.name => "direct".to_string(),
+                (Some(h), true) => format!("via {h}"),
+                _ => "unreachable".to_string(),
+            }
+        };
+        let _ = writeln!(o, "{}({})  {}", p.name, p.nickname, route);
+        for c in &p.connections {
+            let _ = writeln!(
+                o,
+                "   -> {} {} {}",
+                c.peer,
+                c.address.as_deref().unwrap_or("-"),
+                if c.established {
+                    "established"
+                } else {
+                    "pending"
+                }
+            );
+        }
+    }
+    o
+}
+
+/// `mesh status connections`: one line per connection or attempt.
+pub fn format_connections(s: &api::Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    {
         for c in &s.connections {
             let arrow = if c.direction == "inbound" { "<-" } else { "->" };
             let peer = match (&c.peer, &c.nickname) {

@@ -38,6 +38,9 @@ const DEAD_AFTER: Duration = Duration::from_secs(8);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// The reason given when closing the redundant one of two connections.
+pub const DUPLICATE: &str = "duplicate connection";
+
 /// The most inbound connections open at once.
 const MAX_INBOUND: usize = 512;
 
@@ -51,7 +54,7 @@ enum End {
     /// Do not try this target again.
     Fatal(String),
     /// The peer is already connected through another connection.
-    Duplicate(PeerName),
+    Duplicate,
 }
 
 /// Rate limiter for warnings about misbehaving peers: at most `BURST` lines
@@ -127,34 +130,99 @@ pub async fn accept_loop(
                         info!(%addr, "inbound connection ended: {reason}");
                     }
                 }
-                End::Duplicate(_) => {}
+                End::Duplicate => {}
             }
         });
     }
 }
 
-/// Keep a connection to `target` up until shutdown.
+/// What a dialer dials.
+#[derive(Debug, Clone)]
+pub struct DialSpec {
+    /// Addresses to try, in turn.
+    pub addrs: Vec<SocketAddr>,
+    /// The peer expected there, when learned by gossip: the dialer ends
+    /// once that peer is connected by any connection.
+    pub peer: Option<PeerName>,
+}
+
+async fn is_connected(
+    router: &mpsc::Sender<router::Cmd>,
+    peer: Option<PeerName>,
+    ip: Option<std::net::IpAddr>,
+) -> bool {
+    let (tx, rx) = oneshot::channel();
+    let _ = router
+        .send(router::Cmd::Connected {
+            peer,
+            ip,
+            reply: tx,
+        })
+        .await;
+    rx.await.unwrap_or(false)
+}
+
+/// Keep a connection to a target or a gossip-learned peer up until `stop`.
 pub async fn dial_loop(
     me: Arc<Me>,
     id: ConnId,
-    target: SocketAddr,
+    spec: DialSpec,
     router: mpsc::Sender<router::Cmd>,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
-    let update = |state: &'static str, info: Option<String>| {
+    let mut attempt = 0usize;
+    let send_row = |target: SocketAddr, state: &'static str, info: Option<String>| {
         let router = router.clone();
+        let peer = spec.peer;
         async move {
-            let _ = router
-                .send(router::Cmd::Update {
-                    id,
-                    row: row("outbound", target, state, None, false, info),
-                })
-                .await;
+            let mut r = row("outbound", target, state, None, false, info);
+            r.peer = peer.map(|p| p.to_string());
+            let _ = router.send(router::Cmd::Update { id, row: r }).await;
         }
     };
+    let forget = |router: mpsc::Sender<router::Cmd>| async move {
+        let _ = router.send(router::Cmd::Closed { id, forget: true }).await;
+    };
+    if spec.addrs.is_empty() {
+        return;
+    }
     loop {
-        update("connecting", None).await;
+        if *stop.borrow() {
+            forget(router.clone()).await;
+            return;
+        }
+        let target = spec.addrs[attempt % spec.addrs.len()];
+        attempt += 1;
+        // Already connected (e.g. the peer dialed us): nothing to do.
+        if is_connected(
+            &router,
+            spec.peer,
+            if spec.peer.is_some() {
+                None
+            } else {
+                Some(target.ip())
+            },
+        )
+        .await
+        {
+            if spec.peer.is_some() {
+                forget(router.clone()).await;
+                return;
+            }
+            send_row(
+                target,
+                "established",
+                Some("via the connection the peer made to us".into()),
+            )
+            .await;
+            tokio::select! {
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        send_row(target, "connecting", None).await;
         let started = Instant::now();
         let end = match tokio::time::timeout(SETUP_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(stream)) => run_conn(&me, id, stream, target, Role::Initiator, &router).await,
@@ -165,41 +233,10 @@ pub async fn dial_loop(
         match end {
             End::Fatal(reason) => {
                 warn!(%target, "giving up on target: {reason}");
-                update("failed", Some(reason)).await;
+                send_row(target, "failed", Some(reason)).await;
                 return;
             }
-            End::Duplicate(peer) => {
-                let _ = router
-                    .send(router::Cmd::Update {
-                        id,
-                        row: row(
-                            "outbound",
-                            target,
-                            "established",
-                            None,
-                            false,
-                            Some(format!("via the connection {peer} made to us")),
-                        ),
-                    })
-                    .await;
-                // Wait until that connection is gone, then dial again.
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(HEARTBEAT) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                    let (tx, rx) = oneshot::channel();
-                    let _ = router
-                        .send(router::Cmd::Connected {
-                            peer: Some(peer),
-                            ip: None,
-                            reply: tx,
-                        })
-                        .await;
-                    if !rx.await.unwrap_or(false) {
-                        break;
-                    }
-                }
+            End::Duplicate => {
                 backoff = BACKOFF_MIN;
                 continue;
             }
@@ -207,7 +244,7 @@ pub async fn dial_loop(
                 if WarnLimit::allow() {
                     info!(%target, "connection failed: {reason}");
                 }
-                update("retrying", Some(reason)).await;
+                send_row(target, "retrying", Some(reason)).await;
             }
         }
         if started.elapsed() > Duration::from_secs(60) {
@@ -217,7 +254,7 @@ pub async fn dial_loop(
             Duration::from_millis(u64::from(random_u16()) % (backoff.as_millis() as u64 / 2 + 1));
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
-            _ = shutdown.changed() => return,
+            _ = stop.changed() => {}
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -447,6 +484,7 @@ async fn run_conn(
 
     // 4. Register with the router.
     let (close_tx, mut close_rx) = oneshot::channel();
+    let (gossip_tx, mut gossip_rx) = mpsc::channel::<Vec<u8>>(256);
     let (reply_tx, reply_rx) = oneshot::channel();
     let initiator = if role == Role::Initiator {
         me.name
@@ -462,6 +500,7 @@ async fn run_conn(
             sealer,
             opener,
             close: close_tx,
+            gossip: gossip_tx,
             reply: reply_tx,
         })))
         .await;
@@ -470,11 +509,11 @@ async fn run_conn(
             &mut w,
             &mut transport,
             &ControlMsg::Close {
-                reason: "duplicate connection".into(),
+                reason: DUPLICATE.into(),
             },
         )
         .await;
-        return End::Duplicate(peer);
+        return End::Duplicate;
     }
     let encrypted = me.psk.is_some();
     let _ = router
@@ -505,6 +544,7 @@ async fn run_conn(
     });
     let mut tick = tokio::time::interval(HEARTBEAT);
     let mut last_heard = Instant::now();
+    let mut gossip_open = true;
     let end = loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -515,10 +555,22 @@ async fn run_conn(
                     break End::Retry(format!("connection lost: {e:#}"));
                 }
             }
+            out = gossip_rx.recv(), if gossip_open => {
+                let Some(bytes) = out else {
+                    gossip_open = false;
+                    continue;
+                };
+                if let Err(e) = send_msg(&mut w, &mut transport, &ControlMsg::Gossip(bytes)).await {
+                    break End::Retry(format!("connection lost: {e:#}"));
+                }
+            }
             reason = &mut close_rx => {
                 let reason = reason.unwrap_or_else(|_| "shutting down".into());
-                let _ = send_msg(&mut w, &mut transport, &ControlMsg::Close { reason }).await;
-                break End::Duplicate(peer);
+                let _ = send_msg(&mut w, &mut transport, &ControlMsg::Close { reason: reason.clone() }).await;
+                if reason == DUPLICATE {
+                    break End::Duplicate;
+                }
+                break End::Retry(reason);
             }
             rec = rec_rx.recv() => {
                 let (kind, payload) = match rec {
@@ -532,8 +584,12 @@ async fn run_conn(
                 let msg = transport.open(&payload).map_err(|e| anyhow!(e)).and_then(|b| Ok(ControlMsg::decode(&b)?));
                 match msg {
                     Ok(ControlMsg::Heartbeat) | Ok(ControlMsg::Intro(_)) | Ok(ControlMsg::SleeveKey { .. }) => last_heard = Instant::now(),
+                    Ok(ControlMsg::Gossip(bytes)) => {
+                        last_heard = Instant::now();
+                        let _ = router.send(router::Cmd::GossipIn { id, from: peer, bytes }).await;
+                    }
                     Ok(ControlMsg::Close { reason }) => {
-                        if reason == "duplicate connection" { break End::Duplicate(peer); }
+                        if reason == DUPLICATE { break End::Duplicate; }
                         break End::Retry(format!("closed by peer: {reason}"));
                     }
                     Err(e) => {

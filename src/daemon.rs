@@ -11,7 +11,7 @@
 
 use crate::api::{self, Request, Response};
 use crate::cli::LaunchArgs;
-use crate::{attach, control, host, identity, paths, router, sleeve};
+use crate::{attach, connmaker, control, host, identity, paths, router, sleeve};
 use anyhow::{bail, Context};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::PermissionsExt;
@@ -68,6 +68,7 @@ pub fn spawn_background(args: &LaunchArgs) -> anyhow::Result<String> {
     cmd.arg("launch").arg("--foreground");
     cmd.arg("--port").arg(args.port.to_string());
     cmd.arg("--log-level").arg(&args.log_level);
+    cmd.arg("--conn-limit").arg(args.conn_limit.to_string());
     if let Some(n) = &args.nickname {
         cmd.arg("--nickname").arg(n);
     }
@@ -241,8 +242,14 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     };
     tokio::spawn(sleeve::run(sleeve_cfg, tap, udp, sleeve_rx));
 
-    let (router_tx, router_rx) = mpsc::channel(256);
-    tokio::spawn(router::run(me.clone(), router_rx, sleeve_tx));
+    let (router_tx, router_rx) = mpsc::channel(1024);
+    let (conn_tx, conn_rx) = mpsc::channel(256);
+    tokio::spawn(router::run(
+        me.clone(),
+        router_rx,
+        sleeve_tx,
+        conn_tx.clone(),
+    ));
 
     let (attach_tx, attach_rx) = mpsc::channel(64);
     let manager = attach::Manager::load(nl, paths::data_dir(), mtu).await?;
@@ -254,23 +261,25 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         router_tx.clone(),
         shutdown_rx.clone(),
     ));
-    for (i, p) in args.peers.iter().enumerate() {
-        match parse_peer(p, args.port) {
-            Ok(addr) => {
-                tokio::spawn(control::dial_loop(
-                    me.clone(),
-                    i as u64 + 1,
-                    addr,
-                    router_tx.clone(),
-                    shutdown_rx.clone(),
-                ));
-            }
-            Err(e) => warn!("{e}"),
-        }
-    }
+    let maker = connmaker::ConnMaker::load(
+        me.clone(),
+        paths::data_dir(),
+        &args.peers,
+        router_tx.clone(),
+        args.conn_limit,
+    )?;
+    tokio::spawn(maker.run(conn_rx, shutdown_rx.clone()));
 
     let (stop_tx, mut stop_rx) = mpsc::channel::<()>(1);
-    tokio::spawn(api_loop(api_listener, router_tx, attach_tx, stop_tx));
+    tokio::spawn(api_loop(
+        api_listener,
+        Services {
+            router: router_tx,
+            attach: attach_tx,
+            connmaker: conn_tx,
+            stop: stop_tx,
+        },
+    ));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -297,35 +306,35 @@ fn bind_udp(port: u16) -> anyhow::Result<tokio::net::UdpSocket> {
     Ok(tokio::net::UdpSocket::from_std(s.into())?)
 }
 
-async fn api_loop(
-    listener: tokio::net::UnixListener,
+/// The tasks the API server talks to.
+#[derive(Clone)]
+struct Services {
     router: mpsc::Sender<router::Cmd>,
     attach: mpsc::Sender<attach::Cmd>,
+    connmaker: mpsc::Sender<connmaker::Cmd>,
     stop: mpsc::Sender<()>,
-) {
+}
+
+async fn api_loop(listener: tokio::net::UnixListener, services: Services) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
                 warn!("control socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let (router, attach, stop) = (router.clone(), attach.clone(), stop.clone());
+        let services = services.clone();
         tokio::spawn(async move {
-            if let Err(e) = api_conn(stream, router, attach, stop).await {
+            if let Err(e) = api_conn(stream, services).await {
                 tracing::debug!("control socket client: {e:#}");
             }
         });
     }
 }
 
-async fn api_conn(
-    stream: tokio::net::UnixStream,
-    router: mpsc::Sender<router::Cmd>,
-    attach: mpsc::Sender<attach::Cmd>,
-    stop: mpsc::Sender<()>,
-) -> anyhow::Result<()> {
+async fn api_conn(stream: tokio::net::UnixStream, services: Services) -> anyhow::Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
@@ -341,7 +350,7 @@ async fn api_conn(
         Err(e) => Response::Error {
             message: format!("malformed request: {e}"),
         },
-        Ok(req) => handle(req, &router, &attach, &stop).await,
+        Ok(req) => handle(req, &services).await,
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
@@ -349,33 +358,53 @@ async fn api_conn(
     Ok(())
 }
 
-async fn handle(
-    req: Request,
-    router: &mpsc::Sender<router::Cmd>,
-    attach: &mpsc::Sender<attach::Cmd>,
-    stop: &mpsc::Sender<()>,
-) -> Response {
+async fn ask<C, T>(tx: &mpsc::Sender<C>, make: impl FnOnce(oneshot::Sender<T>) -> C) -> Option<T> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(make(reply)).await.ok()?;
+    rx.await.ok()
+}
+
+async fn handle(req: Request, s: &Services) -> Response {
     let gone = || Response::Error {
         message: "the daemon is shutting down".into(),
     };
+    let done = |r: Option<Result<(), String>>| match r {
+        Some(Ok(())) => Response::Ok,
+        Some(Err(message)) => Response::Error { message },
+        None => gone(),
+    };
     match req {
         Request::Status => {
-            let (tx, rx) = oneshot::channel();
-            if router.send(router::Cmd::Status(tx)).await.is_err() {
+            let Some(mut status) = ask(&s.router, router::Cmd::Status).await else {
                 return gone();
-            }
-            rx.await.map(Response::Status).unwrap_or_else(|_| gone())
+            };
+            status.targets = ask(&s.connmaker, connmaker::Cmd::Targets)
+                .await
+                .unwrap_or_default();
+            Response::Status(status)
         }
         Request::Stop => {
-            let _ = stop.try_send(());
+            let _ = s.stop.try_send(());
             Response::Ok
         }
+        Request::Connect { peers } => done(
+            ask(&s.connmaker, |reply| connmaker::Cmd::Connect {
+                peers,
+                reply,
+            })
+            .await,
+        ),
+        Request::Forget { peers } => done(
+            ask(&s.connmaker, |reply| connmaker::Cmd::Forget {
+                peers,
+                reply,
+            })
+            .await,
+        ),
         Request::Attach { .. } | Request::Detach { .. } | Request::Ps => {
-            let (tx, rx) = oneshot::channel();
-            if attach.send(attach::Cmd { req, reply: tx }).await.is_err() {
-                return gone();
-            }
-            rx.await.unwrap_or_else(|_| gone())
+            ask(&s.attach, |reply| attach::Cmd { req, reply })
+                .await
+                .unwrap_or_else(gone)
         }
     }
 }

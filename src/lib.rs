@@ -3,8 +3,9 @@
 //!
 //! - [`cli`]: the command line; [`api`]: the CLI ↔ daemon socket protocol.
 //! - [`daemon`]: launching and running the daemon.
-//! - [`control`]: control connections (TCP 6783); [`router`]: the table of
-//!   connections; [`sleeve`]: the data path (TAP ↔ UDP 6783).
+//! - [`control`]: control connections (TCP 6783); [`connmaker`]: which
+//!   peers to dial; [`router`]: connections and the gossip core; [`sleeve`]:
+//!   the data path (TAP ↔ UDP 6783), relaying included.
 //! - [`attach`]: attached containers; [`addr`]: ADDR forms.
 //! - [`host`]: netlink plumbing (bridge, veth, netns, TAP).
 //! - [`identity`], [`persist`], [`paths`]: the files a peer keeps.
@@ -13,6 +14,7 @@ pub mod addr;
 pub mod api;
 pub mod attach;
 pub mod cli;
+pub mod connmaker;
 pub mod control;
 pub mod daemon;
 pub mod host;

@@ -1,14 +1,18 @@
-//! The router: the one task that knows every connection.
+//! The router: the one task that knows every connection and owns the
+//! gossip core.
 //!
 //! Connection tasks report their progress here; the router keeps the table
 //! that `mesh status` shows, decides which of two connections to the same
 //! peer survives (the one initiated by the lower peer name, so both ends
-//! agree without talking), and tells the sleeve which peers are up and with
-//! which keys.
+//! agree without talking), feeds connection changes and gossip messages to
+//! the sans-IO [`Gossip`] core, sends what it emits to the neighbours, pushes
+//! the routes it computes to the sleeve, and the peers it learns to the
+//! connection maker.
 
-use crate::api::{ConnStatus, SleeveStats, Status};
+use crate::api::{ConnStatus, PeerConn, PeerStatus, SleeveStats, Status};
+use crate::control::DUPLICATE;
 use crate::daemon::Me;
-use crate::sleeve;
+use crate::{connmaker, sleeve};
 use mesh_proto::name::PeerName;
 use mesh_proto::seal::{Opener, Sealer};
 use std::collections::BTreeMap;
@@ -17,7 +21,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
-/// Identifies a connection (or a dial target's attempts) in the table.
+/// Identifies a connection (or a dialer's attempts) in the table.
 pub type ConnId = u64;
 
 /// Messages to the router.
@@ -31,12 +35,21 @@ pub enum Cmd {
     },
     /// A connection finished its handshake and introductions.
     Established(Box<Established>),
-    /// A connection ended (its row stays if it is a dial target).
+    /// A connection ended.
     Closed {
         /// Which.
         id: ConnId,
-        /// Drop its row too (inbound connections).
+        /// Drop its row too.
         forget: bool,
+    },
+    /// A gossip message from a neighbour.
+    GossipIn {
+        /// The connection it came on.
+        id: ConnId,
+        /// The neighbour.
+        from: PeerName,
+        /// The message.
+        bytes: Vec<u8>,
     },
     /// Is this peer connected, or anyone at this IP?
     Connected {
@@ -47,7 +60,7 @@ pub enum Cmd {
         /// The answer.
         reply: oneshot::Sender<bool>,
     },
-    /// A snapshot for `mesh status`.
+    /// A snapshot for `mesh status` (targets are filled in by the caller).
     Status(oneshot::Sender<Status>),
 }
 
@@ -59,14 +72,16 @@ pub struct Established {
     pub peer: PeerName,
     /// Who dialed.
     pub initiator: PeerName,
-    /// The peer's sleeve address.
+    /// The peer's sleeve address (also where it can be dialed).
     pub udp: SocketAddr,
     /// Our sealer for datagrams to it, when encrypted.
     pub sealer: Option<Sealer>,
     /// Our opener for its datagrams, when encrypted.
     pub opener: Option<Opener>,
-    /// Closes the connection when the router drops it as a duplicate.
+    /// Closes the connection, with a reason.
     pub close: oneshot::Sender<String>,
+    /// Gossip to send on this connection.
+    pub gossip: mpsc::Sender<Vec<u8>>,
     /// Whether it was accepted (false: a duplicate, closed).
     pub reply: oneshot::Sender<bool>,
 }
@@ -78,96 +93,181 @@ struct Active {
     close: Option<oneshot::Sender<String>>,
 }
 
+struct Router {
+    me: Arc<Me>,
+    rows: BTreeMap<ConnId, ConnStatus>,
+    active: BTreeMap<PeerName, Active>,
+    sleeve: mpsc::Sender<sleeve::Cmd>,
+    connmaker: mpsc::Sender<connmaker::Cmd>,
+    candidates_dirty: bool,
+}
+
 /// Run the router until every sender is gone.
-pub async fn run(me: Arc<Me>, mut rx: mpsc::Receiver<Cmd>, sleeve: mpsc::Sender<sleeve::Cmd>) {
-    let mut rows: BTreeMap<ConnId, ConnStatus> = BTreeMap::new();
-    let mut active: BTreeMap<PeerName, Active> = BTreeMap::new();
-    while let Some(cmd) = rx.recv().await {
+pub async fn run(
+    me: Arc<Me>,
+    mut rx: mpsc::Receiver<Cmd>,
+    sleeve: mpsc::Sender<sleeve::Cmd>,
+    connmaker: mpsc::Sender<connmaker::Cmd>,
+) {
+    let mut r = Router {
+        me,
+        rows: BTreeMap::new(),
+        active: BTreeMap::new(),
+        sleeve,
+        connmaker,
+        candidates_dirty: true,
+    };
+    while let Some(c) = rx.recv().await {
+        r.command(c).await;
+        r.pump().await;
+    }
+}
+
+impl Router {
+    async fn command(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Update { id, row } => {
-                rows.insert(id, row);
+                self.rows.insert(id, row);
             }
-            Cmd::Established(e) => {
-                let e = *e;
-                let keep_new = match active.get(&e.peer) {
-                    None => true,
-                    // Both ends keep the connection dialed by the lower name.
-                    Some(old) => e.initiator < old.initiator,
-                };
-                if !keep_new {
-                    let _ = e.reply.send(false);
-                    continue;
-                }
-                if let Some(mut old) = active.remove(&e.peer) {
-                    if let Some(c) = old.close.take() {
-                        let _ = c.send("duplicate connection".into());
-                    }
-                    rows.remove(&old.id);
-                }
-                info!(peer = %e.peer, udp = %e.udp, "connection established");
-                let _ = sleeve
-                    .send(sleeve::Cmd::PeerUp(Box::new(sleeve::PeerUp {
-                        name: e.peer,
-                        addr: e.udp,
-                        sealer: e.sealer,
-                        opener: e.opener,
-                    })))
-                    .await;
-                active.insert(
-                    e.peer,
-                    Active {
-                        id: e.id,
-                        initiator: e.initiator,
-                        udp: e.udp,
-                        close: Some(e.close),
-                    },
-                );
-                let _ = e.reply.send(true);
-            }
+            Cmd::Established(e) => self.established(*e).await,
             Cmd::Closed { id, forget } => {
                 if forget {
-                    rows.remove(&id);
+                    self.rows.remove(&id);
                 }
-                let gone: Vec<PeerName> = active
+                let gone: Vec<PeerName> = self
+                    .active
                     .iter()
                     .filter(|(_, a)| a.id == id)
                     .map(|(p, _)| *p)
                     .collect();
                 for p in gone {
-                    active.remove(&p);
+                    self.active.remove(&p);
                     info!(peer = %p, "connection lost");
-                    let _ = sleeve.send(sleeve::Cmd::PeerDown { name: p }).await;
+                    let _ = self.sleeve.send(sleeve::Cmd::PeerDown { name: p }).await;
+                    self.candidates_dirty = true;
                 }
             }
+            Cmd::GossipIn { id, from, bytes } => {
+                // No gossip channels are served yet: ignore, but only from
+                // the current connection of that peer.
+                let _ = (id, from, bytes);
+            }
             Cmd::Connected { peer, ip, reply } => {
-                let yes = active
+                let yes = self
+                    .active
                     .iter()
                     .any(|(p, a)| Some(*p) == peer || Some(a.udp.ip()) == ip);
                 let _ = reply.send(yes);
             }
             Cmd::Status(reply) => {
-                let (tx, srx) = oneshot::channel();
-                let stats = if sleeve.send(sleeve::Cmd::Stats(tx)).await.is_ok() {
-                    srx.await.unwrap_or_default()
-                } else {
-                    SleeveStats::default()
-                };
-                let _ = reply.send(Status {
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    protocol: format!(
-                        "{}..={}",
-                        mesh_proto::PROTOCOL_MIN_VERSION,
-                        mesh_proto::PROTOCOL_VERSION
-                    ),
-                    name: me.name.to_string(),
-                    nickname: me.nickname.clone(),
-                    encryption: me.psk.is_some(),
-                    port: me.port,
-                    mtu: me.mtu,
-                    connections: rows.values().cloned().collect(),
-                    sleeve: stats,
-                });
+                let status = self.status().await;
+                let _ = reply.send(status);
             }
+        }
+    }
+
+    async fn established(&mut self, e: Established) {
+        let keep_new = match self.active.get(&e.peer) {
+            None => true,
+            // Both ends keep the connection dialed by the lower name.
+            Some(old) => e.initiator < old.initiator,
+        };
+        if !keep_new {
+            let _ = e.reply.send(false);
+            return;
+        }
+        if let Some(mut old) = self.active.remove(&e.peer) {
+            if let Some(c) = old.close.take() {
+                let _ = c.send(DUPLICATE.into());
+            }
+            self.rows.remove(&old.id);
+        }
+        info!(peer = %e.peer, udp = %e.udp, "connection established");
+        let _ = self
+            .sleeve
+            .send(sleeve::Cmd::PeerUp(Box::new(sleeve::PeerUp {
+                name: e.peer,
+                addr: e.udp,
+                sealer: e.sealer,
+                opener: e.opener,
+            })))
+            .await;
+        self.active.insert(
+            e.peer,
+            Active {
+                id: e.id,
+                initiator: e.initiator,
+                udp: e.udp,
+                close: Some(e.close),
+            },
+        );
+        self.candidates_dirty = true;
+        let _ = e.reply.send(true);
+    }
+
+    /// Tell the connection maker what changed.
+    async fn pump(&mut self) {
+        if self.candidates_dirty {
+            self.candidates_dirty = false;
+            let _ = self
+                .connmaker
+                .try_send(connmaker::Cmd::Candidates(Vec::new()));
+        }
+    }
+
+    async fn status(&mut self) -> Status {
+        let (tx, srx) = oneshot::channel();
+        let stats = if self.sleeve.send(sleeve::Cmd::Stats(tx)).await.is_ok() {
+            srx.await.unwrap_or_default()
+        } else {
+            SleeveStats::default()
+        };
+        // Without gossip, the peers we know are us and our neighbours.
+        let mut peers = vec![PeerStatus {
+            name: self.me.name.to_string(),
+            nickname: self.me.nickname.clone(),
+            reachable: true,
+            next_hop: None,
+            connections: self
+                .active
+                .iter()
+                .map(|(p, a)| PeerConn {
+                    peer: p.to_string(),
+                    address: Some(a.udp.to_string()),
+                    established: true,
+                })
+                .collect(),
+        }];
+        for (p, row) in self.active.keys().filter_map(|p| {
+            self.rows
+                .values()
+                .find(|r| r.peer.as_deref() == Some(&p.to_string()) && r.state == "established")
+                .map(|r| (p, r))
+        }) {
+            peers.push(PeerStatus {
+                name: p.to_string(),
+                nickname: row.nickname.clone().unwrap_or_default(),
+                reachable: true,
+                next_hop: Some(p.to_string()),
+                connections: Vec::new(),
+            });
+        }
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol: format!(
+                "{}..={}",
+                mesh_proto::PROTOCOL_MIN_VERSION,
+                mesh_proto::PROTOCOL_VERSION
+            ),
+            name: self.me.name.to_string(),
+            nickname: self.me.nickname.clone(),
+            encryption: self.me.psk.is_some(),
+            port: self.me.port,
+            mtu: self.me.mtu,
+            connections: self.rows.values().cloned().collect(),
+            peers,
+            targets: Vec::new(),
+            sleeve: stats,
         }
     }
 }

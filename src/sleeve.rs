@@ -15,7 +15,7 @@ use crate::host::Tap;
 use mesh_proto::name::PeerName;
 use mesh_proto::reassembly::Reassembler;
 use mesh_proto::seal::{Opener, Sealer};
-use mesh_proto::sleeve::{self, Header, Packer, Record, VNET_HDR_LEN};
+use mesh_proto::sleeve::{self, Packer, Record, VNET_HDR_LEN};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -30,13 +30,15 @@ const BUF: usize = sleeve::MAX_FRAME + 64;
 
 /// Commands to the sleeve task.
 pub enum Cmd {
-    /// A peer is connected: send to it at `addr`.
+    /// A peer is directly connected: send to it at `addr`.
     PeerUp(Box<PeerUp>),
-    /// A peer is gone.
+    /// A direct connection is gone.
     PeerDown {
         /// The peer.
         name: PeerName,
     },
+    /// New routes (replaces the old ones).
+    Routes(Routes),
     /// Counters.
     Stats(oneshot::Sender<SleeveStats>),
 }
@@ -51,6 +53,15 @@ pub struct PeerUp {
     pub sealer: Option<Sealer>,
     /// Opener for its datagrams (with a password).
     pub opener: Option<Opener>,
+}
+
+/// Where to send frames for peers we are not directly connected to.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    /// Destination peer → the neighbour to send through.
+    pub unicast: HashMap<PeerName, PeerName>,
+    /// Source peer → the neighbours its broadcasts go on to from here.
+    pub broadcast: HashMap<PeerName, Vec<PeerName>>,
 }
 
 /// Fixed settings.
@@ -74,7 +85,11 @@ struct Sleeve {
     cfg: Config,
     tap: Tap,
     udp: UdpSocket,
+    /// Direct neighbours.
     peers: HashMap<PeerName, Peer>,
+    by_addr: HashMap<SocketAddr, PeerName>,
+    routes: Routes,
+    /// MAC → the peer it lives behind (the frame's origin, not the hop).
     macs: HashMap<[u8; 6], PeerName>,
     /// Per (next hop, destination) packers of the current batch.
     packers: HashMap<(PeerName, PeerName), Packer>,
@@ -91,6 +106,8 @@ pub async fn run(cfg: Config, tap: Tap, udp: UdpSocket, mut rx: mpsc::Receiver<C
         tap,
         udp,
         peers: HashMap::new(),
+        by_addr: HashMap::new(),
+        routes: Routes::default(),
         macs: HashMap::new(),
         packers: HashMap::new(),
         reasm: Reassembler::new(256, Duration::from_secs(2)),
@@ -140,6 +157,10 @@ impl Sleeve {
                     sealer,
                     opener,
                 } = *up;
+                if let Some(old) = self.peers.get(&name) {
+                    self.by_addr.remove(&old.addr);
+                }
+                self.by_addr.insert(addr, name);
                 self.peers.insert(
                     name,
                     Peer {
@@ -151,13 +172,48 @@ impl Sleeve {
                 );
             }
             Cmd::PeerDown { name } => {
-                self.peers.remove(&name);
-                self.macs.retain(|_, p| *p != name);
+                if let Some(old) = self.peers.remove(&name) {
+                    self.by_addr.remove(&old.addr);
+                }
                 self.packers.retain(|(hop, _), _| *hop != name);
+            }
+            Cmd::Routes(r) => {
+                self.routes = r;
+                // Forget MACs behind peers we can no longer reach.
+                let (peers, routes) = (&self.peers, &self.routes);
+                self.macs
+                    .retain(|_, p| peers.contains_key(p) || routes.unicast.contains_key(p));
             }
             Cmd::Stats(reply) => {
                 let _ = reply.send(self.stats.clone());
             }
+        }
+    }
+
+    /// The neighbour to send through towards `dst`.
+    fn next_hop(&self, dst: PeerName) -> Option<PeerName> {
+        if self.peers.contains_key(&dst) {
+            return Some(dst);
+        }
+        self.routes
+            .unicast
+            .get(&dst)
+            .copied()
+            .filter(|h| self.peers.contains_key(h))
+    }
+
+    /// The neighbours a broadcast from `src` goes on to from here.
+    fn broadcast_hops(&self, src: PeerName) -> Vec<PeerName> {
+        match self.routes.broadcast.get(&src) {
+            Some(hops) => hops
+                .iter()
+                .copied()
+                .filter(|h| self.peers.contains_key(h))
+                .collect(),
+            // Before any routes are known: our own broadcasts go to every
+            // neighbour; others' are not forwarded.
+            None if src == self.cfg.me => self.peers.keys().copied().collect(),
+            None => Vec::new(),
         }
     }
 
@@ -189,24 +245,25 @@ impl Sleeve {
         };
         let unicast = dst_mac[0] & 1 == 0;
         let budget = self.cfg.body_budget;
-        match self
+        let target = self
             .macs
             .get(&dst_mac)
             .copied()
-            .filter(|p| unicast && self.peers.contains_key(p))
-        {
-            Some(peer) => {
+            .filter(|_| unicast)
+            .and_then(|p| self.next_hop(p).map(|hop| (hop, p)));
+        match target {
+            Some((hop, dst)) => {
                 let _ = self
                     .packers
-                    .entry((peer, peer))
+                    .entry((hop, dst))
                     .or_insert_with(|| Packer::new(budget))
                     .push(frame);
             }
             None => {
-                for &peer in self.peers.keys() {
+                for hop in self.broadcast_hops(self.cfg.me) {
                     let _ = self
                         .packers
-                        .entry((peer, PeerName::BROADCAST))
+                        .entry((hop, PeerName::BROADCAST))
                         .or_insert_with(|| Packer::new(budget))
                         .push(frame);
                 }
@@ -214,91 +271,119 @@ impl Sleeve {
         }
     }
 
-    /// Send everything the packers hold.
-    async fn flush(&mut self) {
-        let me = self.cfg.me;
-        for ((hop, dst), packer) in self.packers.iter_mut() {
-            if packer.is_empty() {
-                continue;
-            }
-            let Some(peer) = self.peers.get_mut(hop) else {
-                packer.drain();
-                continue;
-            };
-            for body in packer.drain() {
-                peer.seq += 1;
-                let sealed = peer.sealer.is_some();
-                if let Err(e) = sleeve::emit_datagram(
-                    me,
-                    *dst,
-                    &body,
-                    peer.sealer.as_mut(),
-                    peer.seq,
-                    &mut self.out,
-                ) {
-                    warn!(peer = %hop, "cannot seal: {e}");
-                    continue;
-                }
-                match self.udp.send_to(&self.out, peer.addr).await {
-                    Ok(_) => {
-                        self.stats.datagrams_out += 1;
-                        if sealed {
-                            self.stats.sealed_out += 1;
-                        }
-                    }
-                    Err(e) => trace!(peer = %hop, "send: {e}"),
+    /// Send one body to neighbour `hop`, as a datagram from `src` to `dst`.
+    async fn send_body(&mut self, hop: PeerName, src: PeerName, dst: PeerName, body: &[u8]) {
+        let Some(peer) = self.peers.get_mut(&hop) else {
+            return;
+        };
+        peer.seq += 1;
+        let sealed = peer.sealer.is_some();
+        if let Err(e) = sleeve::emit_datagram(
+            src,
+            dst,
+            body,
+            peer.sealer.as_mut(),
+            peer.seq,
+            &mut self.out,
+        ) {
+            warn!(peer = %hop, "cannot seal: {e}");
+            return;
+        }
+        let addr = peer.addr;
+        match self.udp.send_to(&self.out, addr).await {
+            Ok(_) => {
+                self.stats.datagrams_out += 1;
+                if sealed {
+                    self.stats.sealed_out += 1;
                 }
             }
+            Err(e) => trace!(peer = %hop, "send: {e}"),
         }
     }
 
-    /// One datagram from the overlay.
-    async fn on_datagram(&mut self, buf: &mut [u8], from: SocketAddr) {
-        let header = match Header::parse(buf) {
-            Ok(h) => h,
-            Err(e) => {
-                self.stats.dropped += 1;
-                self.warn_limited(format_args!("dropped datagram from {from}: {e}"));
-                return;
+    /// Send everything the packers hold.
+    async fn flush(&mut self) {
+        let me = self.cfg.me;
+        let mut batch = Vec::new();
+        for ((hop, dst), packer) in self.packers.iter_mut() {
+            for body in packer.drain() {
+                batch.push((*hop, *dst, body));
             }
-        };
-        if header.dst != self.cfg.me && !header.dst.is_broadcast() {
-            self.stats.dropped += 1;
-            return;
         }
-        let encrypted = self.cfg.encrypted;
-        let Some(peer) = self.peers.get_mut(&header.src) else {
+        for (hop, dst, body) in batch {
+            self.send_body(hop, me, dst, &body).await;
+        }
+    }
+
+    /// One datagram from the overlay: deliver it, relay it, or both.
+    async fn on_datagram(&mut self, buf: &mut [u8], from: SocketAddr) {
+        let Some(&neighbour) = self.by_addr.get(&from) else {
             self.stats.dropped += 1;
             self.warn_limited(format_args!(
-                "dropped datagram from {from}: sender {} is not connected",
-                header.src
+                "dropped datagram from {from}: not a connected peer"
             ));
             return;
         };
+        let encrypted = self.cfg.encrypted;
+        let Some(peer) = self.peers.get_mut(&neighbour) else {
+            return;
+        };
         let opener = if encrypted {
-            peer.opener.as_mut()
+            match peer.opener.as_mut() {
+                Some(o) => Some(o),
+                None => {
+                    self.stats.dropped += 1;
+                    return;
+                }
+            }
         } else {
             None
         };
-        if encrypted && opener.is_none() {
-            self.stats.dropped += 1;
-            return;
-        }
-        let range = match sleeve::open_datagram(buf, opener) {
-            Ok((_, r)) => r,
+        let (header, range) = match sleeve::open_datagram(buf, opener) {
+            Ok(x) => x,
             Err(e) => {
                 self.stats.dropped += 1;
                 self.warn_limited(format_args!(
-                    "dropped datagram from {from} ({}): {e}",
-                    header.src
+                    "dropped datagram from {from} ({neighbour}): {e}"
                 ));
                 return;
             }
         };
+        if header.src == self.cfg.me {
+            self.stats.dropped += 1;
+            return;
+        }
         self.stats.datagrams_in += 1;
+        let body = &buf[range];
+        let me = self.cfg.me;
+        if header.dst.is_broadcast() {
+            let hops: Vec<PeerName> = self
+                .broadcast_hops(header.src)
+                .into_iter()
+                .filter(|h| *h != neighbour && *h != header.src)
+                .collect();
+            for hop in hops {
+                self.stats.relayed += 1;
+                self.send_body(hop, header.src, header.dst, body).await;
+            }
+        } else if header.dst != me {
+            match self.next_hop(header.dst).filter(|h| *h != neighbour) {
+                Some(hop) => {
+                    self.stats.relayed += 1;
+                    self.send_body(hop, header.src, header.dst, body).await;
+                }
+                None => self.stats.dropped += 1,
+            }
+            return;
+        }
+        self.deliver(header.src, body).await;
+    }
+
+    /// Write the frames of a body addressed to us (or broadcast) to the TAP.
+    async fn deliver(&mut self, src: PeerName, body: &[u8]) {
         let now = Instant::now();
         let mut frames: Vec<Vec<u8>> = Vec::new();
-        for rec in sleeve::records(&buf[range]) {
+        for rec in sleeve::records(body) {
             match rec {
                 Ok(Record::Frame(f)) => frames.push(f.to_vec()),
                 Ok(Record::Fragment {
@@ -306,14 +391,14 @@ impl Sleeve {
                     total,
                     offset,
                     data,
-                }) => match self.reasm.push(now, header.src, id, total, offset, data) {
+                }) => match self.reasm.push(now, src, id, total, offset, data) {
                     Ok(Some(f)) => frames.push(f),
                     Ok(None) => {}
                     Err(e) => trace!("fragment dropped: {e}"),
                 },
                 Err(e) => {
                     self.stats.dropped += 1;
-                    self.warn_limited(format_args!("malformed records from {}: {e}", header.src));
+                    self.warn_limited(format_args!("malformed records from {src}: {e}"));
                     break;
                 }
             }
@@ -321,7 +406,7 @@ impl Sleeve {
         for f in frames {
             if let Some((_, src_mac)) = sleeve::frame_macs(&f) {
                 if src_mac[0] & 1 == 0 {
-                    self.macs.insert(src_mac, header.src);
+                    self.macs.insert(src_mac, src);
                 }
             }
             let data = if self.tap.vnet_hdr {

@@ -28,6 +28,8 @@ pub enum ControlMsg {
         /// A human-readable reason.
         reason: String,
     },
+    /// A gossip message (the topology and other channels), opaque at this layer.
+    Gossip(Vec<u8>),
 }
 
 /// What a peer tells about itself once the handshake is done.
@@ -132,6 +134,7 @@ mod tests {
                 ControlMsg::Heartbeat,
                 ControlMsg::SleeveKey { key_id: port as u8, key: [port as u8; 32] },
                 ControlMsg::Close { reason: reason.clone() },
+                ControlMsg::Gossip(reason.clone().into_bytes()),
             ] {
                 prop_assert_eq!(ControlMsg::decode(&m.encode().unwrap()).unwrap(), m);
             }
