@@ -240,9 +240,17 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         encrypted: psk.is_some(),
         body_budget: budget,
     };
-    tokio::spawn(sleeve::run(sleeve_cfg, tap, udp, sleeve_rx));
-
     let (router_tx, router_rx) = mpsc::channel(1024);
+    let (sleeve_ev_tx, mut sleeve_ev_rx) = mpsc::channel(64);
+    tokio::spawn(sleeve::run(sleeve_cfg, tap, udp, sleeve_rx, sleeve_ev_tx));
+    let to_router = router_tx.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = sleeve_ev_rx.recv().await {
+            if to_router.send(router::Cmd::Sleeve(ev)).await.is_err() {
+                return;
+            }
+        }
+    });
     let (conn_tx, conn_rx) = mpsc::channel(256);
     tokio::spawn(router::run(
         me.clone(),

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
-use tracing::info;
+use tracing::{info, warn};
 
 /// Identifies a connection (or a dialer's attempts) in the table.
 pub type ConnId = u64;
@@ -60,6 +60,8 @@ pub enum Cmd {
         /// The answer.
         reply: oneshot::Sender<bool>,
     },
+    /// The sleeve reports a neighbour silent.
+    Sleeve(sleeve::Event),
     /// A snapshot for `mesh status` (targets are filled in by the caller).
     Status(oneshot::Sender<Status>),
 }
@@ -158,6 +160,17 @@ impl Router {
                     .iter()
                     .any(|(p, a)| Some(*p) == peer || Some(a.udp.ip()) == ip);
                 let _ = reply.send(yes);
+            }
+            Cmd::Sleeve(sleeve::Event::Silent { peer }) => {
+                let reason = format!(
+                    "no sleeve traffic from {peer} for {}s (is UDP {} blocked?)",
+                    sleeve::DEAD_AFTER.as_secs(),
+                    self.me.port
+                );
+                warn!(%peer, "{reason}");
+                if let Some(c) = self.active.get_mut(&peer).and_then(|a| a.close.take()) {
+                    let _ = c.send(reason);
+                }
             }
             Cmd::Status(reply) => {
                 let status = self.status().await;

@@ -28,6 +28,23 @@ const BATCH: usize = 64;
 /// Buffer for one TAP read or UDP datagram.
 const BUF: usize = sleeve::MAX_FRAME + 64;
 
+/// How often an empty datagram is sent to each neighbour.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Silence on the sleeve after which a neighbour's connection is dropped.
+pub const DEAD_AFTER: Duration = Duration::from_secs(6);
+
+/// What the sleeve tells the router.
+#[derive(Debug)]
+pub enum Event {
+    /// Nothing has arrived from this neighbour over UDP for [`DEAD_AFTER`],
+    /// although its control connection is up (UDP blocked, or a wrong
+    /// address): its connection must not carry routes.
+    Silent {
+        /// The neighbour.
+        peer: PeerName,
+    },
+}
+
 /// Commands to the sleeve task.
 pub enum Cmd {
     /// A peer is directly connected: send to it at `addr`.
@@ -79,6 +96,8 @@ struct Peer {
     sealer: Option<Sealer>,
     opener: Option<Opener>,
     seq: u64,
+    last_rx: Instant,
+    silent: bool,
 }
 
 struct Sleeve {
@@ -100,7 +119,13 @@ struct Sleeve {
 }
 
 /// Run the data path until the command channel closes.
-pub async fn run(cfg: Config, tap: Tap, udp: UdpSocket, mut rx: mpsc::Receiver<Cmd>) {
+pub async fn run(
+    cfg: Config,
+    tap: Tap,
+    udp: UdpSocket,
+    mut rx: mpsc::Receiver<Cmd>,
+    events: mpsc::Sender<Event>,
+) {
     let mut s = Sleeve {
         cfg,
         tap,
@@ -117,8 +142,11 @@ pub async fn run(cfg: Config, tap: Tap, udp: UdpSocket, mut rx: mpsc::Receiver<C
     };
     let mut tap_buf = vec![0u8; BUF];
     let mut udp_buf = vec![0u8; BUF];
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = tick.tick() => s.heartbeat(&events).await,
             cmd = rx.recv() => match cmd {
                 None => return,
                 Some(c) => s.command(c),
@@ -168,6 +196,8 @@ impl Sleeve {
                         sealer,
                         opener,
                         seq: 0,
+                        last_rx: Instant::now(),
+                        silent: false,
                     },
                 );
             }
@@ -186,6 +216,22 @@ impl Sleeve {
             }
             Cmd::Stats(reply) => {
                 let _ = reply.send(self.stats.clone());
+            }
+        }
+    }
+
+    /// Send an empty datagram to every neighbour, and report the ones that
+    /// have been silent too long.
+    async fn heartbeat(&mut self, events: &mpsc::Sender<Event>) {
+        let now = Instant::now();
+        let neighbours: Vec<PeerName> = self.peers.keys().copied().collect();
+        for p in neighbours {
+            self.send_body(p, self.cfg.me, p, &[]).await;
+            if let Some(peer) = self.peers.get_mut(&p) {
+                if !peer.silent && now.duration_since(peer.last_rx) > DEAD_AFTER {
+                    peer.silent = true;
+                    let _ = events.try_send(Event::Silent { peer: p });
+                }
             }
         }
     }
@@ -349,6 +395,10 @@ impl Sleeve {
                 return;
             }
         };
+        if let Some(p) = self.peers.get_mut(&neighbour) {
+            p.last_rx = Instant::now();
+            p.silent = false;
+        }
         if header.src == self.cfg.me {
             self.stats.dropped += 1;
             return;
