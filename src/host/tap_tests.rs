@@ -181,8 +181,16 @@ fn tap_sees_arp_and_can_answer() {
             "ping got no reply through the TAP"
         );
 
-        // Dropping the device removes the TAP.
+        // Dropping the device removes the TAP (the kernel does so once the
+        // last reference to the file is gone, which may take a moment).
         drop(tap);
-        assert_eq!(nl.link_index("meshtap").await.unwrap(), None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while nl.link_index("meshtap").await.unwrap().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the TAP outlived its device by 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     });
 }
