@@ -131,10 +131,10 @@ ping_within_20s() {
 round() {
     local n i j
     setup
-    say "launching the daemons: h1 first, then h2 naming h1, then h3 naming h1 and h2"
+    say "launching the daemons: h1 first, then h2 naming h1, then h3 naming only h2 (it learns h1 by gossip)"
     launch 1 "$@"
     launch 2 "$@" 198.18.0.1
-    launch 3 "$@" 198.18.0.1 198.18.0.2
+    launch 3 "$@" 198.18.0.2
     for ((n = 1; n <= NHOSTS; n++)); do
         say "attaching container c$n to h$n with address 198.19.1.$n/24"
         echo "    h$n\$ mesh attach ip:198.19.1.$n/24 --name c$n /run/netns/$(cont_ns "$n")"
@@ -155,6 +155,8 @@ round() {
     done
     say "what h1 sees: mesh status"
     in_host 1 timeout 30 "$MESH" status </dev/null | sed 's/^/    /' || true
+    say "the peers h1 knows, and how it reaches them: mesh status peers"
+    in_host 1 timeout 30 "$MESH" status peers </dev/null | sed 's/^/    /' || true
     say "containers attached on h1: mesh ps"
     in_host 1 timeout 30 "$MESH" ps </dev/null | sed 's/^/    /' || true
     say "tearing this mesh down"

@@ -58,7 +58,7 @@ pub enum Response {
     /// Success with nothing to say.
     Ok,
     /// Daemon state.
-    Status(Status),
+    Status(Box<Status>),
     /// CIDRs assigned by an attach.
     Attached {
         /// One per address, `198.19.1.5/24`.
@@ -101,6 +101,8 @@ pub struct Status {
     pub targets: Vec<String>,
     /// Sleeve counters.
     pub sleeve: SleeveStats,
+    /// Problems the user should know of (e.g. another peer with our name).
+    pub problems: Vec<String>,
 }
 
 /// One connection or connection attempt.

@@ -240,7 +240,7 @@ fn call(req: &Request) -> anyhow::Result<Response> {
 
 fn status() -> anyhow::Result<api::Status> {
     match call(&Request::Status)? {
-        Response::Status(s) => Ok(s),
+        Response::Status(s) => Ok(*s),
         other => Err(unexpected(other)),
     }
 }
@@ -384,6 +384,9 @@ pub fn format_status(s: &api::Status) -> String {
         s.peers.iter().filter(|p| p.reachable).count()
     );
     let _ = writeln!(o, "        Targets: {}", s.targets.len());
+    for p in &s.problems {
+        let _ = writeln!(o, "        Problem: {p}");
+    }
     if !s.connections.is_empty() {
         let _ = writeln!(o);
         let _ = writeln!(o, "CONNECTIONS");

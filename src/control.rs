@@ -58,13 +58,14 @@ enum End {
 }
 
 /// Rate limiter for warnings about misbehaving peers: at most `BURST` lines
-/// per window.
-struct WarnLimit;
+/// per 10-second window, shared by the whole daemon.
+pub struct WarnLimit;
 static WARN_WINDOW: AtomicU64 = AtomicU64::new(0);
 static WARN_COUNT: AtomicU64 = AtomicU64::new(0);
 impl WarnLimit {
     const BURST: u64 = 10;
-    fn allow() -> bool {
+    /// Whether one more warning may be logged now.
+    pub fn allow() -> bool {
         let window = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() / 10)

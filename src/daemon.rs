@@ -105,7 +105,7 @@ pub fn spawn_background(args: &LaunchArgs) -> anyhow::Result<String> {
         if let Ok(Response::Status(s)) =
             api::call(&paths::socket(), &Request::Status, Duration::from_secs(5))
         {
-            return Ok(s.name);
+            return Ok(s.name.clone());
         }
         if Instant::now() > deadline {
             bail!(
@@ -252,11 +252,21 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         }
     });
     let (conn_tx, conn_rx) = mpsc::channel(256);
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1);
+    let gossip_config = mesh_proto::gossip::Config {
+        conn_limit: args.conn_limit,
+        ..Default::default()
+    };
     tokio::spawn(router::run(
         me.clone(),
         router_rx,
         sleeve_tx,
         conn_tx.clone(),
+        gossip_config,
+        incarnation,
     ));
 
     let (attach_tx, attach_rx) = mpsc::channel(64);
@@ -389,7 +399,7 @@ async fn handle(req: Request, s: &Services) -> Response {
             status.targets = ask(&s.connmaker, connmaker::Cmd::Targets)
                 .await
                 .unwrap_or_default();
-            Response::Status(status)
+            Response::Status(Box::new(status))
         }
         Request::Stop => {
             let _ = s.stop.try_send(());

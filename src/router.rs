@@ -10,14 +10,16 @@
 //! connection maker.
 
 use crate::api::{ConnStatus, PeerConn, PeerStatus, SleeveStats, Status};
-use crate::control::DUPLICATE;
+use crate::control::{WarnLimit, DUPLICATE};
 use crate::daemon::Me;
 use crate::{connmaker, sleeve};
+use mesh_proto::gossip::{self, Event, Gossip};
 use mesh_proto::name::PeerName;
 use mesh_proto::seal::{Opener, Sealer};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -93,15 +95,19 @@ struct Active {
     initiator: PeerName,
     udp: SocketAddr,
     close: Option<oneshot::Sender<String>>,
+    gossip: mpsc::Sender<Vec<u8>>,
 }
 
 struct Router {
     me: Arc<Me>,
     rows: BTreeMap<ConnId, ConnStatus>,
     active: BTreeMap<PeerName, Active>,
+    gossip: Gossip,
     sleeve: mpsc::Sender<sleeve::Cmd>,
     connmaker: mpsc::Sender<connmaker::Cmd>,
+    routes_dirty: bool,
     candidates_dirty: bool,
+    problems: Vec<String>,
 }
 
 /// Run the router until every sender is gone.
@@ -110,17 +116,44 @@ pub async fn run(
     mut rx: mpsc::Receiver<Cmd>,
     sleeve: mpsc::Sender<sleeve::Cmd>,
     connmaker: mpsc::Sender<connmaker::Cmd>,
+    config: gossip::Config,
+    incarnation: u64,
 ) {
+    let mut seed = [0u8; 8];
+    let _ = getrandom::fill(&mut seed);
+    let gossip = Gossip::new(
+        me.name,
+        me.nickname.clone(),
+        incarnation,
+        config,
+        u64::from_le_bytes(seed),
+    );
     let mut r = Router {
         me,
         rows: BTreeMap::new(),
         active: BTreeMap::new(),
+        gossip,
         sleeve,
         connmaker,
+        routes_dirty: true,
         candidates_dirty: true,
+        problems: Vec::new(),
     };
-    while let Some(c) = rx.recv().await {
-        r.command(c).await;
+    loop {
+        let wake = r.gossip.poll_timeout();
+        let timer = async {
+            match wake {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                None => return,
+                Some(c) => r.command(c).await,
+            },
+            _ = timer => r.gossip.handle_timeout(Instant::now()),
+        }
         r.pump().await;
     }
 }
@@ -145,14 +178,24 @@ impl Router {
                 for p in gone {
                     self.active.remove(&p);
                     info!(peer = %p, "connection lost");
+                    self.gossip.handle_connection_down(Instant::now(), p);
                     let _ = self.sleeve.send(sleeve::Cmd::PeerDown { name: p }).await;
                     self.candidates_dirty = true;
                 }
             }
             Cmd::GossipIn { id, from, bytes } => {
-                // No gossip channels are served yet: ignore, but only from
-                // the current connection of that peer.
-                let _ = (id, from, bytes);
+                // Only from the connection currently serving that peer.
+                if self.active.get(&from).is_none_or(|a| a.id != id) {
+                    return;
+                }
+                if let Err(e) = self.gossip.handle_message(Instant::now(), from, &bytes) {
+                    if WarnLimit::allow() {
+                        warn!(peer = %from, "bad gossip, disconnecting: {e}");
+                    }
+                    if let Some(c) = self.active.get_mut(&from).and_then(|a| a.close.take()) {
+                        let _ = c.send(format!("bad gossip: {e}"));
+                    }
+                }
             }
             Cmd::Connected { peer, ip, reply } => {
                 let yes = self
@@ -212,19 +255,76 @@ impl Router {
                 initiator: e.initiator,
                 udp: e.udp,
                 close: Some(e.close),
+                gossip: e.gossip,
             },
         );
+        self.gossip
+            .handle_connection_up(Instant::now(), e.peer, e.udp);
         self.candidates_dirty = true;
         let _ = e.reply.send(true);
     }
 
-    /// Tell the connection maker what changed.
+    /// Move what the gossip core produced to where it goes.
     async fn pump(&mut self) {
+        while let Some(t) = self.gossip.poll_transmit() {
+            if let Some(a) = self.active.get(&t.to) {
+                // Never block the router on one slow connection: anti-entropy
+                // repairs whatever is dropped here.
+                let _ = a.gossip.try_send(t.bytes);
+            }
+        }
+        while let Some(ev) = self.gossip.poll_event() {
+            match ev {
+                Event::RoutesChanged => self.routes_dirty = true,
+                Event::PeerAdded { name } => {
+                    info!(peer = %name, "peer learned");
+                    self.candidates_dirty = true;
+                }
+                Event::PeerRemoved { name } => {
+                    info!(peer = %name, "peer forgotten");
+                    self.candidates_dirty = true;
+                }
+                Event::NameCollision {
+                    name,
+                    nickname,
+                    incarnation,
+                } => {
+                    let p = format!(
+                        "another peer claims our name {name} (nickname {nickname}, incarnation {incarnation}): do two hosts share one identity key? Remove identity.key on the clone and relaunch it"
+                    );
+                    if WarnLimit::allow() {
+                        warn!("{p}");
+                    }
+                    if !self.problems.contains(&p) {
+                        self.problems.truncate(9);
+                        self.problems.insert(0, p);
+                    }
+                }
+                Event::ChannelUpdated { .. } => {}
+            }
+        }
+        if self.routes_dirty {
+            self.routes_dirty = false;
+            let mut routes = sleeve::Routes::default();
+            let peers = self.gossip.peers();
+            for p in &peers {
+                if let Some(hop) = p.next_hop {
+                    routes.unicast.insert(p.name, hop);
+                }
+                if p.reachable {
+                    routes
+                        .broadcast
+                        .insert(p.name, self.gossip.broadcast_next_hops(p.name));
+                }
+            }
+            let _ = self.sleeve.send(sleeve::Cmd::Routes(routes)).await;
+            self.candidates_dirty = true;
+        }
         if self.candidates_dirty {
             self.candidates_dirty = false;
             let _ = self
                 .connmaker
-                .try_send(connmaker::Cmd::Candidates(Vec::new()));
+                .try_send(connmaker::Cmd::Candidates(self.gossip.dial_candidates()));
         }
     }
 
@@ -235,36 +335,26 @@ impl Router {
         } else {
             SleeveStats::default()
         };
-        // Without gossip, the peers we know are us and our neighbours.
-        let mut peers = vec![PeerStatus {
-            name: self.me.name.to_string(),
-            nickname: self.me.nickname.clone(),
-            reachable: true,
-            next_hop: None,
-            connections: self
-                .active
-                .iter()
-                .map(|(p, a)| PeerConn {
-                    peer: p.to_string(),
-                    address: Some(a.udp.to_string()),
-                    established: true,
-                })
-                .collect(),
-        }];
-        for (p, row) in self.active.keys().filter_map(|p| {
-            self.rows
-                .values()
-                .find(|r| r.peer.as_deref() == Some(&p.to_string()) && r.state == "established")
-                .map(|r| (p, r))
-        }) {
-            peers.push(PeerStatus {
-                name: p.to_string(),
-                nickname: row.nickname.clone().unwrap_or_default(),
-                reachable: true,
-                next_hop: Some(p.to_string()),
-                connections: Vec::new(),
-            });
-        }
+        let peers = self
+            .gossip
+            .peers()
+            .into_iter()
+            .map(|p| PeerStatus {
+                name: p.name.to_string(),
+                nickname: p.nickname,
+                reachable: p.reachable,
+                next_hop: p.next_hop.map(|h| h.to_string()),
+                connections: p
+                    .connections
+                    .iter()
+                    .map(|c| PeerConn {
+                        peer: c.peer.to_string(),
+                        address: c.addr.map(|a| a.to_string()),
+                        established: c.established,
+                    })
+                    .collect(),
+            })
+            .collect();
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             protocol: format!(
@@ -281,6 +371,7 @@ impl Router {
             peers,
             targets: Vec::new(),
             sleeve: stats,
+            problems: self.problems.clone(),
         }
     }
 }

@@ -21,6 +21,10 @@
 //! - [`seal`]: ChaCha20-Poly1305 sealing of sleeve datagrams with counter
 //!   nonces and a replay window.
 //! - [`reassembly`]: reassembly of super-frames carried as fragments.
+//! - [`gossip`]: the gossip and topology core: peers, connections, routes,
+//!   broadcast trees, named channels for IPAM and DNS.
+//! - [`sim`]: a deterministic simulator of many gossip cores on a virtual
+//!   clock (latency, loss, partitions, crashes).
 //!
 //! Every decoder returns an error for every malformed input and never panics;
 //! every length read from the wire is checked before anything is allocated.
@@ -29,11 +33,13 @@
 
 pub mod control;
 pub mod frame;
+pub mod gossip;
 pub mod handshake;
 pub mod hello;
 pub mod name;
 pub mod reassembly;
 pub mod seal;
+pub mod sim;
 pub mod sleeve;
 
 /// The newest protocol version this build speaks.

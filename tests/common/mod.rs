@@ -779,10 +779,14 @@ impl Drop for World {
             for h in &self.hosts {
                 let status = match h.daemon_pid() {
                     Some(pid) if pid_alive(pid) => {
-                        match try_run(&mut h.command(MESH, &["status"]), Duration::from_secs(5)) {
-                            Ok(out) => show(&out),
-                            Err(e) => e,
+                        let mut text = String::new();
+                        for args in [&["status"][..], &["status", "peers"][..]] {
+                            match try_run(&mut h.command(MESH, args), Duration::from_secs(5)) {
+                                Ok(out) => text.push_str(&show(&out)),
+                                Err(e) => text.push_str(&e),
+                            }
                         }
+                        text
                     }
                     _ => "(daemon not running)".to_string(),
                 };

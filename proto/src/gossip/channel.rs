@@ -1,0 +1,58 @@
+//! Named gossip channels: how IPAM and DNS share the mesh's gossip.
+//!
+//! In the spirit of weaveworks/mesh's `GossipData`: a channel's state is a
+//! CRDT that knows how to encode itself and to merge an encoded state or
+//! delta, returning only what was new to it. That return value is what stops
+//! propagation: a peer relays a delta to its other neighbours only when it
+//! learned something, so every update floods the mesh once per link and
+//! dies out. A neighbour gets the whole state on a new connection, and again
+//! when the periodic anti-entropy [`crate::gossip::wire::Summary`] shows the
+//! two digests differ.
+//!
+//! The topology itself does not go through this trait: at a thousand peers
+//! its state is too large to flood, so it has its own deltas and bucketed
+//! digests (see [`super::topology`], [`super::digest`]).
+
+/// The state of one named channel.
+pub trait GossipData: Send {
+    /// The whole state, encoded (its own versioned format).
+    fn encode(&self) -> Vec<u8>;
+    /// Merge an encoded state or delta from a neighbour. Returns the encoded
+    /// part that was new to us (relayed to the other neighbours), or `None`
+    /// when we knew it all. Malformed input is an error, never a panic.
+    fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String>;
+    /// A digest of the whole state: equal digests mean equal states.
+    fn digest(&self) -> u64;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// A grow-only set of bytes: the simplest CRDT, for tests.
+    #[derive(Default)]
+    pub struct GSet(pub BTreeSet<u8>);
+
+    impl GossipData for GSet {
+        fn encode(&self) -> Vec<u8> {
+            self.0.iter().copied().collect()
+        }
+        fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+            if payload.len() > 256 {
+                return Err("too long".into());
+            }
+            let new: Vec<u8> = payload
+                .iter()
+                .copied()
+                .filter(|b| self.0.insert(*b))
+                .collect();
+            Ok((!new.is_empty()).then_some(new))
+        }
+        fn digest(&self) -> u64 {
+            self.0
+                .iter()
+                .fold(0u64, |h, &b| super::super::digest::mix(h ^ b as u64))
+        }
+    }
+}

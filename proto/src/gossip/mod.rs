@@ -1,0 +1,1323 @@
+//! Gossip and topology: how peers learn each other and route over the mesh.
+//!
+//! [`Gossip`] is a sans-IO core, one per peer, in the shape of quinn-proto:
+//! `handle_*` methods take inputs (a connection came up or went down, a
+//! message arrived, time passed) with an explicit `now`; `poll_*` methods
+//! return outputs ([`Transmit`]s to direct neighbours, the next timeout,
+//! [`Event`]s). Queries ([`Gossip::next_hop`], [`Gossip::broadcast_next_hops`],
+//! [`Gossip::dial_candidates`], [`Gossip::peers`]) read the current state.
+//!
+//! How the topology spreads, and what it costs:
+//!
+//! - **Entries and deltas.** Each peer owns one entry (its nickname,
+//!   incarnation, version, dialable addresses and connections) and bumps its
+//!   version on every change. Changes are batched for
+//!   [`Config::flush_interval`] and sent as deltas ("from version b to v:
+//!   these connections added, those removed"): our own to every neighbour,
+//!   what we relay for others to [`Config::relay_fanout`] random neighbours.
+//!   A peer that misses a delta notices the gap on the next one and asks the
+//!   sender for exactly the changes it lacks ([`wire::Body::Want`]).
+//! - **New connections.** Both sides send a [`wire::Hello`] (peer count and
+//!   a hash of all they know). When the neighbour was not reachable before
+//!   (a joining peer, a healed partition), the two run a digest sync, which
+//!   for a peer that knows nothing amounts to the full state; when it was
+//!   reachable, deltas are already flowing and nothing more is sent.
+//! - **Anti-entropy.** Every [`Config::gossip_interval`] a peer sends one
+//!   random neighbour a [`wire::Summary`] (a 64-bit hash of its state, ~15
+//!   bytes). Only if the hashes differ do they exchange bucket hashes, then
+//!   versions for the differing buckets, then the missing changes: the cost
+//!   at rest does not grow with N, and the cost of a repair grows with what
+//!   differs.
+//!
+//! Steady state, per peer: heartbeats (the daemon's) plus one summary per
+//! interval. Routes are recomputed at most once per [`Config::route_delay`]
+//! after a change (see [`routes`]); unreachable, unreferenced peers are
+//! forgotten after [`Config::gc_grace`] ([`Event::PeerRemoved`]).
+//!
+//! Other subsystems (IPAM, DNS) plug in as named [`GossipData`] channels.
+
+mod channel;
+pub mod digest;
+pub mod rng;
+pub mod routes;
+pub mod topology;
+pub mod wire;
+
+pub use channel::GossipData;
+
+use crate::name::PeerName;
+use crate::WireError;
+use digest::{fine_bucket, Digest};
+use rng::Rng;
+use routes::Routes;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use topology::{Applied, Idx, LocalRecord, Topology};
+use wire::{Body, ChannelMsg, Hello, Record, Summary, Update, VersionRec, Versions};
+
+/// Knobs; `Default` gives the daemon's defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Most connections a peer keeps (`--conn-limit`); the daemon's
+    /// connection maker enforces it. At most [`wire::MAX_CONNS`].
+    pub conn_limit: usize,
+    /// Anti-entropy period: one summary to one random neighbour.
+    pub gossip_interval: Duration,
+    /// The daemon's control-channel heartbeat period.
+    pub heartbeat: Duration,
+    /// The daemon declares a connection dead after this long without
+    /// hearing from it, and then calls [`Gossip::handle_connection_down`].
+    pub dead_after: Duration,
+    /// Changes are batched this long before deltas are sent.
+    pub flush_interval: Duration,
+    /// Relayed deltas go to this many random neighbours (our own go to all).
+    pub relay_fanout: usize,
+    /// Routes are recomputed this long after the first change.
+    pub route_delay: Duration,
+    /// Unreachable, unreferenced peers are forgotten after this long.
+    pub gc_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            conn_limit: 100,
+            gossip_interval: Duration::from_secs(1),
+            heartbeat: Duration::from_secs(2),
+            dead_after: Duration::from_secs(8),
+            flush_interval: Duration::from_millis(50),
+            relay_fanout: 3,
+            route_delay: Duration::from_millis(100),
+            gc_grace: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A message for a direct neighbour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Always a directly connected peer.
+    pub to: PeerName,
+    /// At most [`wire::MAX_MESSAGE`] bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Something the daemon may act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A peer became known.
+    PeerAdded {
+        /// Its name.
+        name: PeerName,
+    },
+    /// A peer was forgotten (unreachable and unreferenced for
+    /// [`Config::gc_grace`]): other channels may drop its state.
+    PeerRemoved {
+        /// Its name.
+        name: PeerName,
+    },
+    /// The topology changed: next hops, reachability or broadcast trees
+    /// may differ (coalesced: at most one per [`Config::route_delay`]).
+    RoutesChanged,
+    /// Someone else claims our name: a newer entry for it arrived, or a
+    /// connection to ourselves came up. We supersede it, but two live peers
+    /// with one name (a cloned key) will keep fighting: report it.
+    NameCollision {
+        /// Our name.
+        name: PeerName,
+        /// The nickname the other claim carries.
+        nickname: String,
+        /// Its incarnation.
+        incarnation: u64,
+    },
+    /// A named channel learned something from a neighbour.
+    ChannelUpdated {
+        /// The channel.
+        channel: String,
+    },
+}
+
+/// Bad input from a neighbour. The daemon logs it (rate-limited) and
+/// disconnects; the core's state is unchanged by the bad part.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GossipError {
+    /// The bytes do not parse.
+    #[error("malformed gossip: {0}")]
+    Wire(#[from] WireError),
+    /// Well-formed but impossible content.
+    #[error("gossip breaks the protocol: {0}")]
+    Protocol(&'static str),
+    /// A channel rejected its payload.
+    #[error("gossip channel {channel}: {reason}")]
+    Channel {
+        /// The channel.
+        channel: String,
+        /// Its error.
+        reason: String,
+    },
+}
+
+/// One connection of a peer, for status output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionSummary {
+    /// The other end.
+    pub peer: PeerName,
+    /// Its address (known for our own connections only).
+    pub addr: Option<SocketAddr>,
+    /// Both ends report it (so routes use it).
+    pub established: bool,
+}
+
+/// One known peer, for `mesh status peers` and `mesh report`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSummary {
+    /// Its name.
+    pub name: PeerName,
+    /// Its nickname.
+    pub nickname: String,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// Its entry's version.
+    pub version: u32,
+    /// Where it can be dialed, as its neighbours see it.
+    pub addrs: Vec<SocketAddr>,
+    /// Its connections.
+    pub connections: Vec<ConnectionSummary>,
+    /// We have a route to it (always true for ourselves).
+    pub reachable: bool,
+    /// The next hop towards it (None for ourselves or when unreachable).
+    pub next_hop: Option<PeerName>,
+}
+
+#[derive(Clone, Copy)]
+struct Pending {
+    incarnation: u64,
+    version: u32,
+    source: Option<PeerName>,
+}
+
+struct Neighbour {
+    addr: SocketAddr,
+    /// We sent a hello asking for a sync (it was unreachable before).
+    want_sync: bool,
+}
+
+/// Leave room for the enum tags around records in one message.
+const MESSAGE_BUDGET: usize = wire::MAX_MESSAGE - 1_000;
+
+/// The gossip and topology core of one peer.
+pub struct Gossip {
+    me: PeerName,
+    config: Config,
+    rng: Rng,
+    topo: Topology,
+    neighbours: BTreeMap<PeerName, Neighbour>,
+    /// Entries changed since the last flush, with the version the neighbours
+    /// probably had before (incarnation, version; (0, 0): whole entry).
+    /// Who told us (not told again; None for our own changes).
+    pending: HashMap<Idx, Pending>,
+    /// Peers whose news we asked for after a gap in pushed deltas: their
+    /// records are relayed on arrival like pushed ones.
+    gaps: HashSet<Idx>,
+    routes: Routes,
+    routes_due: Option<Instant>,
+    flush_due: Option<Instant>,
+    next_sync: Option<Instant>,
+    next_gc: Option<Instant>,
+    unreachable_since: HashMap<Idx, Instant>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    channels: BTreeMap<String, Box<dyn GossipData>>,
+    bytes_sent: u64,
+    sent_by_kind: [u64; wire::KINDS],
+}
+
+impl Gossip {
+    /// A core for peer `me`. `incarnation` must grow with every restart of
+    /// the daemon (e.g. a persisted counter, or seconds since the epoch at
+    /// start-up); `seed` seeds its random choices.
+    pub fn new(
+        me: PeerName,
+        nickname: String,
+        incarnation: u64,
+        config: Config,
+        seed: u64,
+    ) -> Self {
+        let mut nickname = nickname;
+        truncate_utf8(&mut nickname, wire::MAX_NICKNAME);
+        Gossip {
+            me,
+            config,
+            rng: Rng::new(seed),
+            topo: Topology::new(me, nickname, incarnation),
+            neighbours: BTreeMap::new(),
+            pending: HashMap::new(),
+            gaps: HashSet::new(),
+            routes: Routes::default(),
+            routes_due: None,
+            flush_due: None,
+            next_sync: None,
+            next_gc: None,
+            unreachable_since: HashMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            channels: BTreeMap::new(),
+            bytes_sent: 0,
+            sent_by_kind: [0; wire::KINDS],
+        }
+    }
+
+    /// Our name.
+    pub fn name(&self) -> PeerName {
+        self.me
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Register a named channel (IPAM, DNS). Neighbours that do not know the
+    /// channel ignore its messages.
+    pub fn add_channel(&mut self, name: &str, data: Box<dyn GossipData>) {
+        self.channels.insert(name.to_string(), data);
+    }
+
+    /// A registered channel's state.
+    pub fn channel(&self, name: &str) -> Option<&dyn GossipData> {
+        self.channels.get(name).map(|c| c.as_ref())
+    }
+
+    /// A registered channel's state, to change it; follow a change with
+    /// [`Gossip::channel_broadcast`].
+    pub fn channel_mut(&mut self, name: &str) -> Option<&mut (dyn GossipData + 'static)> {
+        self.channels.get_mut(name).map(|c| c.as_mut())
+    }
+
+    /// Send a delta of a channel to every neighbour (after a local change).
+    pub fn channel_broadcast(&mut self, channel: &str, delta: Vec<u8>) {
+        let peers: Vec<PeerName> = self.neighbours.keys().copied().collect();
+        for to in peers {
+            self.send_channel(to, channel, delta.clone());
+        }
+    }
+
+    /// A direct connection to `peer` is established; `addr` is where `peer`
+    /// can be dialed (its IP as we see it and its listen port).
+    pub fn handle_connection_up(&mut self, now: Instant, peer: PeerName, addr: SocketAddr) {
+        self.start(now);
+        if peer == self.me {
+            self.events.push_back(Event::NameCollision {
+                name: peer,
+                nickname: String::new(),
+                incarnation: 0,
+            });
+            return;
+        }
+        if self.neighbours.contains_key(&peer) {
+            return;
+        }
+        // A digest sync is wanted when the neighbour is not in our part of
+        // the mesh: unknown, or known and unreachable as of the last route
+        // computation (entries learned since are from this part, their
+        // routes merely not computed yet).
+        let idx = self.topo.intern(peer);
+        let known = self.topo.get(idx).is_some();
+        let reachable_before = known && !self.routes.known_unreachable(idx);
+        self.neighbours.insert(
+            peer,
+            Neighbour {
+                addr,
+                want_sync: !reachable_before,
+            },
+        );
+        self.change_own(now, |t| {
+            t.set_own_conn(idx, true);
+        });
+        let hello = Body::Hello(Hello {
+            count: self.topo.count() as u32,
+            root: self.topo.digest().root(),
+            want_sync: !reachable_before,
+            your_addr: Some(addr),
+        });
+        self.send(peer, &hello);
+        let states: Vec<(String, Vec<u8>)> = self
+            .channels
+            .iter()
+            .map(|(n, c)| (n.clone(), c.encode()))
+            .collect();
+        for (name, state) in states {
+            self.send_channel(peer, &name, state);
+        }
+    }
+
+    /// The direct connection to `peer` is gone.
+    pub fn handle_connection_down(&mut self, now: Instant, peer: PeerName) {
+        self.start(now);
+        if self.neighbours.remove(&peer).is_none() {
+            return;
+        }
+        if let Some(idx) = self.topo.lookup(peer) {
+            self.change_own(now, |t| {
+                t.set_own_conn(idx, false);
+            });
+        }
+    }
+
+    /// A gossip message from direct neighbour `from`. Malformed, oversized or
+    /// impossible input is an error (the daemon disconnects and logs it);
+    /// never a panic. Messages from a peer that is not (or no longer) a
+    /// neighbour are ignored.
+    pub fn handle_message(
+        &mut self,
+        now: Instant,
+        from: PeerName,
+        msg: &[u8],
+    ) -> Result<(), GossipError> {
+        self.start(now);
+        let body = Body::decode(msg)?;
+        if !self.neighbours.contains_key(&from) {
+            return Ok(());
+        }
+        match body {
+            Body::Hello(h) => self.on_hello(now, from, h),
+            Body::Summary(s) => self.on_summary(from, s),
+            Body::Buckets(b) => self.on_buckets(from, &b),
+            Body::Versions(v) => self.on_versions(from, v),
+            Body::Update(u) => self.on_update(now, from, u),
+            Body::Want(w) => {
+                let recs = self.records_for(&w);
+                self.send_records(from, recs);
+                Ok(())
+            }
+            Body::Channel(c) => self.on_channel(from, c),
+        }
+    }
+
+    /// Time passed: flush batched deltas, recompute routes, run
+    /// anti-entropy and garbage collection when due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.start(now);
+        if self.flush_due.is_some_and(|t| t <= now) {
+            self.flush_due = None;
+            self.flush();
+        }
+        if self.routes_due.is_some_and(|t| t <= now) {
+            self.routes_due = None;
+            self.recompute_routes();
+        }
+        if self.next_sync.is_some_and(|t| t <= now) {
+            let iv = self.config.gossip_interval;
+            self.next_sync = Some(now + self.jitter(iv));
+            self.anti_entropy();
+        }
+        if self.next_gc.is_some_and(|t| t <= now) {
+            self.next_gc = Some(now + self.config.gossip_interval * 5);
+            self.collect_garbage(now);
+        }
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// When [`Gossip::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.flush_due,
+            self.routes_due,
+            self.next_sync,
+            self.next_gc,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Unicast next hop towards `dst` (None if unreachable or `dst` is us).
+    pub fn next_hop(&self, dst: PeerName) -> Option<PeerName> {
+        if dst == self.me {
+            return None;
+        }
+        if self.neighbours.contains_key(&dst) {
+            return Some(dst);
+        }
+        let i = self.topo.lookup(dst)?;
+        self.routes.hop(i).map(|h| self.topo.name(h))
+    }
+
+    /// Neighbours to forward a broadcast from `src` to, on `src`'s broadcast
+    /// tree (never back towards `src`; for `src` = us, the initial fan-out).
+    /// Loop-free. Costs a breadth-first search (O(connections)): the daemon
+    /// should cache the answer per source until [`Event::RoutesChanged`].
+    pub fn broadcast_next_hops(&self, src: PeerName) -> Vec<PeerName> {
+        let Some(s) = self.topo.lookup(src) else {
+            return vec![];
+        };
+        routes::broadcast_children(&self.topo, s, 0)
+            .into_iter()
+            .map(|i| self.topo.name(i))
+            .filter(|n| self.neighbours.contains_key(n))
+            .collect()
+    }
+
+    /// Peers we know of and may dial: not us, not directly connected, with
+    /// the addresses they can be dialed at (as their neighbours see them).
+    pub fn dial_candidates(&self) -> Vec<(PeerName, Vec<SocketAddr>)> {
+        self.topo
+            .known()
+            .filter(|&i| i != 0)
+            .filter_map(|i| {
+                let name = self.topo.name(i);
+                let e = self.topo.get(i)?;
+                (!self.neighbours.contains_key(&name) && !e.addrs.is_empty())
+                    .then(|| (name, e.addrs.clone()))
+            })
+            .collect()
+    }
+
+    /// Every known peer (ourselves first).
+    pub fn peers(&self) -> Vec<PeerSummary> {
+        self.topo
+            .known()
+            .filter_map(|i| {
+                let e = self.topo.get(i)?;
+                let name = self.topo.name(i);
+                let connections = e
+                    .conns
+                    .iter()
+                    .map(|&c| {
+                        let peer = self.topo.name(c);
+                        ConnectionSummary {
+                            peer,
+                            addr: (i == 0)
+                                .then(|| self.neighbours.get(&peer).map(|n| n.addr))
+                                .flatten(),
+                            established: routes::symmetric(&self.topo, i, c),
+                        }
+                    })
+                    .collect();
+                Some(PeerSummary {
+                    name,
+                    nickname: e.nickname.clone(),
+                    incarnation: e.incarnation,
+                    version: e.version,
+                    addrs: e.addrs.clone(),
+                    connections,
+                    reachable: i == 0 || self.routes.hop(i).is_some(),
+                    next_hop: if i == 0 { None } else { self.next_hop(name) },
+                })
+            })
+            .collect()
+    }
+
+    /// Number of known peers, ourselves included.
+    pub fn known_count(&self) -> usize {
+        self.topo.count()
+    }
+
+    /// Number of peers we have a route to (as of the last recomputation).
+    pub fn reachable_count(&self) -> usize {
+        self.routes.reachable
+    }
+
+    /// Directly connected peers.
+    pub fn neighbours(&self) -> impl Iterator<Item = PeerName> + '_ {
+        self.neighbours.keys().copied()
+    }
+
+    /// Whether our routes may use the connection `a`–`b` (as of the last
+    /// recomputation): one of our own, or reported by both ends.
+    pub fn link_in_use(&self, a: PeerName, b: PeerName) -> bool {
+        if a == self.me || b == self.me {
+            let other = if a == self.me { b } else { a };
+            return self.neighbours.contains_key(&other);
+        }
+        match (self.topo.lookup(a), self.topo.lookup(b)) {
+            (Some(x), Some(y)) => {
+                routes::symmetric(&self.topo, x, y)
+                    && (self.routes.hop(x).is_some() || self.routes.hop(y).is_some())
+            }
+            _ => false,
+        }
+    }
+
+    /// Total bytes handed out through [`Gossip::poll_transmit`] so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    /// Bytes sent so far per message kind, in the order of
+    /// [`wire::KIND_NAMES`].
+    pub fn bytes_by_kind(&self) -> [u64; wire::KINDS] {
+        self.sent_by_kind
+    }
+
+    // ---- internals ----
+
+    fn start(&mut self, now: Instant) {
+        if self.next_sync.is_none() {
+            let iv = self.config.gossip_interval;
+            self.next_sync = Some(now + self.jitter(iv));
+            self.next_gc = Some(now + iv * 5);
+        }
+    }
+
+    fn jitter(&mut self, d: Duration) -> Duration {
+        d.mul_f64(0.75 + 0.5 * self.rng.unit())
+    }
+
+    fn routes_dirty(&mut self, now: Instant) {
+        if self.routes_due.is_none() {
+            self.routes_due = Some(now + self.config.route_delay);
+        }
+    }
+
+    fn mark_pending(&mut self, now: Instant, idx: Idx, before: (u64, u32), source: Option<PeerName>) {
+        let p = self.pending.entry(idx).or_insert(Pending {
+            incarnation: before.0,
+            version: before.1,
+            source,
+        });
+        if p.source != source {
+            p.source = None;
+        }
+        if self.flush_due.is_none() {
+            self.flush_due = Some(now + self.config.flush_interval);
+        }
+    }
+
+    fn change_own(&mut self, now: Instant, f: impl FnOnce(&mut Topology)) {
+        let before = self
+            .topo
+            .get(0)
+            .map_or((0, 0), |e| (e.incarnation, e.version));
+        f(&mut self.topo);
+        self.mark_pending(now, 0, before, None);
+        self.routes_dirty(now);
+    }
+
+    fn send(&mut self, to: PeerName, body: &Body) {
+        let bytes = body.encode();
+        self.bytes_sent += bytes.len() as u64;
+        self.sent_by_kind[body.kind_index()] += bytes.len() as u64;
+        self.transmits.push_back(Transmit { to, bytes });
+    }
+
+    fn send_channel(&mut self, to: PeerName, channel: &str, payload: Vec<u8>) {
+        let body = Body::Channel(ChannelMsg {
+            channel: channel.to_string(),
+            payload,
+        });
+        let bytes = body.encode();
+        if bytes.len() <= wire::MAX_MESSAGE {
+            self.bytes_sent += bytes.len() as u64;
+            self.transmits.push_back(Transmit { to, bytes });
+        }
+    }
+
+    /// Encode records into as few messages as fit, each with its own name
+    /// dictionary.
+    fn encode_records(&self, recs: &[LocalRecord], push: bool) -> Vec<Body> {
+        let mut out = Vec::new();
+        let mut dict: HashMap<Idx, u32> = HashMap::new();
+        let mut upd = Update {
+            push,
+            names: vec![],
+            recs: vec![],
+        };
+        let mut size = 0usize;
+        for r in recs {
+            let new_names = std::iter::once(&r.peer)
+                .chain(&r.add)
+                .chain(&r.del)
+                .filter(|i| !dict.contains_key(i))
+                .count();
+            let cost = new_names * 6 + 40 + 5 * (r.add.len() + r.del.len()) + 120;
+            if size + cost > MESSAGE_BUDGET && !upd.recs.is_empty() {
+                out.push(Body::Update(std::mem::replace(
+                    &mut upd,
+                    Update {
+                        push,
+                        names: vec![],
+                        recs: vec![],
+                    },
+                )));
+                dict.clear();
+                size = 0;
+            }
+            size += cost;
+            let mut map = |i: Idx| -> u32 {
+                *dict.entry(i).or_insert_with(|| {
+                    upd.names.push(self.topo.name(i));
+                    (upd.names.len() - 1) as u32
+                })
+            };
+            let peer = map(r.peer);
+            let add = r.add.iter().map(|&i| map(i)).collect();
+            let del = r.del.iter().map(|&i| map(i)).collect();
+            upd.recs.push(Record {
+                peer,
+                incarnation: r.incarnation,
+                base: r.base,
+                version: r.version,
+                nickname: r.nickname.clone(),
+                addrs: r.addrs.clone(),
+                add,
+                del,
+            });
+        }
+        if !upd.recs.is_empty() {
+            out.push(Body::Update(upd));
+        }
+        out
+    }
+
+    fn send_records(&mut self, to: PeerName, recs: Vec<LocalRecord>) {
+        for body in self.encode_records(&recs, false) {
+            self.send(to, &body);
+        }
+    }
+
+    fn records_for(&self, want: &[VersionRec]) -> Vec<LocalRecord> {
+        want.iter()
+            .filter_map(|w| {
+                let i = self.topo.lookup(w.name)?;
+                self.topo.record_for(i, w.incarnation, w.version)
+            })
+            .collect()
+    }
+
+    fn flush(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        let mut own = None;
+        let mut relay: Vec<(LocalRecord, Option<PeerName>)> = Vec::new();
+        let mut sorted: Vec<(Idx, Pending)> = pending.into_iter().collect();
+        sorted.sort_unstable_by_key(|(i, _)| *i);
+        for (idx, p) in sorted {
+            if let Some(r) = self.topo.record_for(idx, p.incarnation, p.version) {
+                if idx == 0 {
+                    own = Some(r);
+                } else {
+                    relay.push((r, p.source));
+                }
+            }
+        }
+        if own.is_none() && relay.is_empty() {
+            return;
+        }
+        let mut peers: Vec<PeerName> = self.neighbours.keys().copied().collect();
+        self.rng.shuffle(&mut peers);
+        let fanout = self.config.relay_fanout.min(peers.len());
+        // Everything to a few random neighbours (not back to whoever told us);
+        // our own changes also to the neighbours they are about (a new
+        // connection's other end needs our side of it at once).
+        let mut sent_own: HashSet<PeerName> = HashSet::new();
+        for &to in &peers[..fanout] {
+            let recs: Vec<LocalRecord> = own
+                .iter()
+                .cloned()
+                .chain(
+                    relay
+                        .iter()
+                        .filter(|(_, src)| *src != Some(to))
+                        .map(|(r, _)| r.clone()),
+                )
+                .collect();
+            if recs.is_empty() {
+                continue;
+            }
+            sent_own.insert(to);
+            for m in self.encode_records(&recs, true) {
+                self.send(to, &m);
+            }
+        }
+        if let Some(r) = own {
+            let subjects: Vec<PeerName> = r
+                .add
+                .iter()
+                .map(|&i| self.topo.name(i))
+                .filter(|n| self.neighbours.contains_key(n) && !sent_own.contains(n))
+                .collect();
+            if !subjects.is_empty() {
+                let msgs = self.encode_records(std::slice::from_ref(&r), true);
+                for to in subjects {
+                    for m in &msgs {
+                        self.send(to, m);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_hello(&mut self, now: Instant, from: PeerName, h: Hello) -> Result<(), GossipError> {
+        if let Some(a) = h.your_addr {
+            let mine = self
+                .topo
+                .get(0)
+                .map(|e| e.addrs.clone())
+                .unwrap_or_default();
+            if mine.first() != Some(&a) {
+                let mut addrs = vec![a];
+                addrs.extend(mine.into_iter().filter(|x| *x != a));
+                addrs.truncate(wire::MAX_ADDRS);
+                self.change_own(now, |t| t.set_own_addrs(addrs));
+            }
+        }
+        let my_want = self.neighbours.get(&from).is_some_and(|n| n.want_sync);
+        if my_want && h.want_sync && h.root != self.topo.digest().root() {
+            let mine = self.topo.count() as u32;
+            let initiator = if mine != h.count {
+                mine > h.count
+            } else {
+                self.me < from
+            };
+            if initiator {
+                self.send_buckets(from, h.count as usize);
+            }
+        }
+        Ok(())
+    }
+
+    fn send_buckets(&mut self, to: PeerName, their_count: usize) {
+        let b = Digest::buckets_for(self.topo.count().max(their_count));
+        let hashes = self.topo.digest().coarse(b);
+        self.send(to, &Body::Buckets(hashes));
+    }
+
+    fn on_summary(&mut self, from: PeerName, s: Summary) -> Result<(), GossipError> {
+        if s.root != self.topo.digest().root() {
+            self.send_buckets(from, s.count as usize);
+        }
+        for (name, digest) in s.channels {
+            let state = match self.channels.get(&name) {
+                Some(c) if c.digest() != digest => c.encode(),
+                _ => continue,
+            };
+            self.send_channel(from, &name, state);
+        }
+        Ok(())
+    }
+
+    fn entries_in(&self, buckets: usize, differing: &HashSet<u16>) -> Vec<Idx> {
+        self.topo
+            .known()
+            .filter(|&i| differing.contains(&((fine_bucket(self.topo.name(i)) % buckets) as u16)))
+            .collect()
+    }
+
+    fn on_buckets(&mut self, from: PeerName, theirs: &[u32]) -> Result<(), GossipError> {
+        let mine = self.topo.digest().coarse(theirs.len());
+        let differing: Vec<u16> = (0..theirs.len())
+            .filter(|&i| mine[i] != theirs[i])
+            .map(|i| i as u16)
+            .collect();
+        if differing.is_empty() {
+            return Ok(());
+        }
+        let set: HashSet<u16> = differing.iter().copied().collect();
+        let recs = self
+            .entries_in(theirs.len(), &set)
+            .into_iter()
+            .filter_map(|i| {
+                let e = self.topo.get(i)?;
+                Some(VersionRec {
+                    name: self.topo.name(i),
+                    incarnation: e.incarnation,
+                    version: e.version,
+                })
+            })
+            .collect();
+        self.send(
+            from,
+            &Body::Versions(Versions {
+                buckets: theirs.len() as u16,
+                differing,
+                recs,
+            }),
+        );
+        Ok(())
+    }
+
+    fn on_versions(&mut self, from: PeerName, v: Versions) -> Result<(), GossipError> {
+        let b = v.buckets as usize;
+        let set: HashSet<u16> = v.differing.iter().copied().collect();
+        let theirs: HashMap<PeerName, (u64, u32)> = v
+            .recs
+            .iter()
+            .map(|r| (r.name, (r.incarnation, r.version)))
+            .collect();
+        let mut send = Vec::new();
+        for i in self.entries_in(b, &set) {
+            let (inc, ver) = theirs.get(&self.topo.name(i)).copied().unwrap_or((0, 0));
+            if let Some(r) = self.topo.record_for(i, inc, ver) {
+                send.push(r);
+            }
+        }
+        let mut want = Vec::new();
+        for r in &v.recs {
+            let mine = self
+                .topo
+                .lookup(r.name)
+                .and_then(|i| self.topo.get(i))
+                .map_or((0, 0), |e| (e.incarnation, e.version));
+            if (r.incarnation, r.version) > mine {
+                want.push(VersionRec {
+                    name: r.name,
+                    incarnation: mine.0,
+                    version: mine.1,
+                });
+            }
+        }
+        self.send_records(from, send);
+        if !want.is_empty() {
+            self.send(from, &Body::Want(want));
+        }
+        Ok(())
+    }
+
+    fn on_update(&mut self, now: Instant, from: PeerName, u: Update) -> Result<(), GossipError> {
+        // Resolve names lazily: a name is interned only when a record uses it.
+        let mut local: Vec<Option<Idx>> = vec![None; u.names.len()];
+        let mut want = Vec::new();
+        let mut changed = false;
+        for r in u.recs {
+            let name = u.names[r.peer as usize];
+            if r.add.iter().chain(&r.del).any(|&i| i == r.peer) {
+                return Err(GossipError::Protocol("a peer connected to itself"));
+            }
+            if name == self.me {
+                self.on_own_entry(now, &r);
+                continue;
+            }
+            let mut res = |i: u32, topo: &mut Topology| -> Idx {
+                *local[i as usize].get_or_insert_with(|| topo.intern(u.names[i as usize]))
+            };
+            let peer = res(r.peer, &mut self.topo);
+            let add = r.add.iter().map(|&i| res(i, &mut self.topo)).collect();
+            let del = r.del.iter().map(|&i| res(i, &mut self.topo)).collect();
+            let before = self
+                .topo
+                .get(peer)
+                .map_or((0, 0), |e| (e.incarnation, e.version));
+            let applied = self.topo.apply(LocalRecord {
+                peer,
+                incarnation: r.incarnation,
+                base: r.base,
+                version: r.version,
+                nickname: r.nickname,
+                addrs: r.addrs,
+                add,
+                del,
+            });
+            match applied {
+                Applied::Stale => {}
+                Applied::Changed { prev, new_peer } => {
+                    if new_peer {
+                        self.events.push_back(Event::PeerAdded { name });
+                    }
+                    let base = if prev == 0 { (0, 0) } else { before };
+                    if self.gaps.remove(&peer) || u.push {
+                        self.mark_pending(now, peer, base, Some(from));
+                    }
+                    changed = true;
+                }
+                Applied::Want {
+                    incarnation,
+                    version,
+                } => {
+                    if u.push && self.gaps.len() < 4 * wire::MAX_CONNS {
+                        self.gaps.insert(peer);
+                    }
+                    want.push(VersionRec {
+                        name,
+                        incarnation,
+                        version,
+                    })
+                }
+            }
+        }
+        if changed {
+            self.routes_dirty(now);
+        }
+        if !want.is_empty() {
+            self.send(from, &Body::Want(want));
+        }
+        Ok(())
+    }
+
+    /// A record about ourselves: if it is newer than what we hold (our own
+    /// earlier life, or someone else with our name), supersede it.
+    fn on_own_entry(&mut self, now: Instant, r: &Record) {
+        let Some(mine) = self.topo.get(0) else { return };
+        let (inc, ver) = (mine.incarnation, mine.version);
+        if (r.incarnation, r.version) <= (inc, ver) {
+            return;
+        }
+        if r.incarnation > inc || r.nickname.as_ref().is_some_and(|n| *n != mine.nickname) {
+            self.events.push_back(Event::NameCollision {
+                name: self.me,
+                nickname: r.nickname.clone().unwrap_or_default(),
+                incarnation: r.incarnation,
+            });
+        }
+        self.topo.supersede_own(r.incarnation, r.version);
+        self.pending.insert(
+            0,
+            Pending {
+                incarnation: 0,
+                version: 0,
+                source: None,
+            },
+        );
+        if self.flush_due.is_none() {
+            self.flush_due = Some(now + self.config.flush_interval);
+        }
+    }
+
+    fn on_channel(&mut self, from: PeerName, c: ChannelMsg) -> Result<(), GossipError> {
+        let Some(ch) = self.channels.get_mut(&c.channel) else {
+            return Ok(());
+        };
+        let delta = ch
+            .merge(&c.payload)
+            .map_err(|reason| GossipError::Channel {
+                channel: c.channel.clone(),
+                reason,
+            })?;
+        if let Some(delta) = delta {
+            self.events.push_back(Event::ChannelUpdated {
+                channel: c.channel.clone(),
+            });
+            let others: Vec<PeerName> = self
+                .neighbours
+                .keys()
+                .copied()
+                .filter(|&n| n != from)
+                .collect();
+            for to in others {
+                self.send_channel(to, &c.channel, delta.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn anti_entropy(&mut self) {
+        if self.neighbours.is_empty() {
+            return;
+        }
+        let k = self.rng.below(self.neighbours.len());
+        let Some(&to) = self.neighbours.keys().nth(k) else {
+            return;
+        };
+        let channels = self
+            .channels
+            .iter()
+            .map(|(n, c)| (n.clone(), c.digest()))
+            .collect();
+        let s = Body::Summary(Summary {
+            count: self.topo.count() as u32,
+            root: self.topo.digest().root(),
+            channels,
+        });
+        self.send(to, &s);
+    }
+
+    fn recompute_routes(&mut self) {
+        let new = routes::unicast(&self.topo);
+        // Broadcast trees depend on every symmetric link, not only on our
+        // next hops: any topology change (the only reason we are here) may
+        // have changed them, so the daemon must refresh its cached trees.
+        self.events.push_back(Event::RoutesChanged);
+        self.routes = new;
+    }
+
+    fn collect_garbage(&mut self, now: Instant) {
+        self.topo.compact();
+        if self.routes_due.is_some() {
+            self.routes_due = None;
+            self.recompute_routes();
+        }
+        let known: Vec<Idx> = self.topo.known().filter(|&i| i != 0).collect();
+        let mut removed = false;
+        for i in known {
+            let alive = self.routes.hop(i).is_some()
+                || self
+                    .routes
+                    .referenced
+                    .get(i as usize)
+                    .copied()
+                    .unwrap_or(false);
+            if alive {
+                self.unreachable_since.remove(&i);
+                continue;
+            }
+            let since = *self.unreachable_since.entry(i).or_insert(now);
+            if now.duration_since(since) >= self.config.gc_grace {
+                self.unreachable_since.remove(&i);
+                self.topo.remove(i);
+                self.pending.remove(&i);
+                self.events.push_back(Event::PeerRemoved {
+                    name: self.topo.name(i),
+                });
+                removed = true;
+            }
+        }
+        if removed {
+            self.recompute_routes();
+        }
+    }
+}
+
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    fn nm(i: u8) -> PeerName {
+        PeerName([2, 0, 0, 0, 9, i])
+    }
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([198, 18, 0, i], 6783))
+    }
+
+    /// Cores linked in-process: messages are delivered in order until
+    /// nothing more is sent (timers fire only when asked).
+    struct Net {
+        cores: Vec<Gossip>,
+        now: Instant,
+    }
+
+    impl Net {
+        fn new(n: u8) -> Net {
+            Net {
+                cores: (0..n)
+                    .map(|i| Gossip::new(nm(i), format!("h{i}"), 1, Config::default(), i as u64))
+                    .collect(),
+                now: Instant::now(),
+            }
+        }
+
+        fn connect(&mut self, a: usize, b: usize) {
+            let now = self.now;
+            let (na, nb) = (nm(a as u8), nm(b as u8));
+            self.cores[a].handle_connection_up(now, nb, addr(b as u8));
+            self.cores[b].handle_connection_up(now, na, addr(a as u8));
+        }
+
+        fn disconnect(&mut self, a: usize, b: usize) {
+            let now = self.now;
+            let (na, nb) = (nm(a as u8), nm(b as u8));
+            self.cores[a].handle_connection_down(now, nb);
+            self.cores[b].handle_connection_down(now, na);
+        }
+
+        /// Deliver until quiet; returns messages delivered.
+        fn drain(&mut self) -> usize {
+            let mut q: VecDeque<(usize, Transmit)> = VecDeque::new();
+            let mut n = 0;
+            loop {
+                for (i, c) in self.cores.iter_mut().enumerate() {
+                    while let Some(t) = c.poll_transmit() {
+                        assert!(t.bytes.len() <= wire::MAX_MESSAGE);
+                        q.push_back((i, t));
+                    }
+                }
+                let Some((from, t)) = q.pop_front() else {
+                    return n;
+                };
+                n += 1;
+                assert!(n < 100_000, "gossip does not quiesce");
+                let to = t.to.0[5] as usize;
+                let now = self.now;
+                self.cores[to]
+                    .handle_message(now, nm(from as u8), &t.bytes)
+                    .unwrap();
+            }
+        }
+
+        /// Advance time by `d` in small steps, firing timers and draining.
+        fn advance(&mut self, d: Duration) {
+            let end = self.now + d;
+            while self.now < end {
+                self.now += Duration::from_millis(10);
+                let now = self.now;
+                for c in &mut self.cores {
+                    if c.poll_timeout().is_some_and(|t| t <= now) {
+                        c.handle_timeout(now);
+                    }
+                }
+                self.drain();
+            }
+        }
+    }
+
+    #[test]
+    fn two_peers_learn_each_other() {
+        let mut net = Net::new(2);
+        net.connect(0, 1);
+        net.drain();
+        net.advance(Duration::from_millis(200));
+        for c in &net.cores {
+            assert_eq!(c.known_count(), 2);
+            assert_eq!(c.reachable_count(), 1);
+        }
+        assert_eq!(net.cores[0].next_hop(nm(1)), Some(nm(1)));
+        assert_eq!(net.cores[0].next_hop(nm(0)), None);
+        // Each learned its dialable address from the other's hello.
+        let p = net.cores[1].peers();
+        let zero = p.iter().find(|s| s.name == nm(0)).unwrap();
+        assert_eq!(zero.addrs, vec![addr(0)]);
+    }
+
+    #[test]
+    fn joiner_gets_full_state_and_relays() {
+        // A line 0-1-2-3, then 4 joins via 3 and learns everyone.
+        let mut net = Net::new(5);
+        for i in 0..3 {
+            net.connect(i, i + 1);
+            net.advance(Duration::from_millis(300));
+        }
+        net.advance(Duration::from_secs(2));
+        assert_eq!(net.cores[0].known_count(), 4);
+        assert_eq!(net.cores[0].reachable_count(), 3);
+        assert_eq!(net.cores[0].next_hop(nm(3)), Some(nm(1)));
+        net.connect(4, 3);
+        net.advance(Duration::from_millis(300));
+        assert_eq!(net.cores[4].known_count(), 5);
+        assert_eq!(net.cores[4].next_hop(nm(0)), Some(nm(3)));
+        net.advance(Duration::from_secs(3));
+        assert_eq!(net.cores[0].known_count(), 5);
+        assert_eq!(net.cores[0].next_hop(nm(4)), Some(nm(1)));
+        let cands: Vec<PeerName> = net.cores[0].dial_candidates().into_iter().map(|c| c.0).collect();
+        assert_eq!(cands, vec![nm(2), nm(3), nm(4)]);
+        // Broadcast from 0 goes to 1 only; 1 forwards to 2.
+        assert_eq!(net.cores[0].broadcast_next_hops(nm(0)), vec![nm(1)]);
+        assert_eq!(net.cores[1].broadcast_next_hops(nm(0)), vec![nm(2)]);
+        assert_eq!(net.cores[1].broadcast_next_hops(nm(2)), vec![nm(0)]);
+    }
+
+    #[test]
+    fn dead_link_is_withdrawn_and_garbage_collected() {
+        let mut net = Net::new(3);
+        net.connect(0, 1);
+        net.connect(1, 2);
+        net.advance(Duration::from_secs(3));
+        assert_eq!(net.cores[0].next_hop(nm(2)), Some(nm(1)));
+        net.disconnect(1, 2);
+        net.advance(Duration::from_millis(500));
+        assert_eq!(net.cores[0].next_hop(nm(2)), None);
+        assert!(!net.cores[0].link_in_use(nm(1), nm(2)));
+        while net.cores[0].poll_event().is_some() {}
+        net.advance(Config::default().gc_grace + Duration::from_secs(15));
+        let mut removed = vec![];
+        while let Some(e) = net.cores[0].poll_event() {
+            if let Event::PeerRemoved { name } = e {
+                removed.push(name);
+            }
+        }
+        assert_eq!(removed, vec![nm(2)]);
+        assert_eq!(net.cores[0].known_count(), 2);
+    }
+
+    #[test]
+    fn stale_own_entry_is_superseded() {
+        let mut net = Net::new(2);
+        net.connect(0, 1);
+        net.advance(Duration::from_secs(1));
+        // 0 restarts with the same incarnation (a daemon bug): 1 still holds
+        // a newer version of 0's entry, which 0 must supersede.
+        net.disconnect(0, 1);
+        net.cores[0] = Gossip::new(nm(0), "h0".into(), 1, Config::default(), 9);
+        net.connect(0, 1);
+        net.advance(Duration::from_secs(3));
+        let v0 = net.cores[0].peers()[0].version;
+        let seen = net.cores[1].peers().into_iter().find(|p| p.name == nm(0)).unwrap();
+        assert_eq!(seen.version, v0);
+        assert!(v0 > 2);
+    }
+
+    #[test]
+    fn malformed_input_is_an_error() {
+        let mut net = Net::new(2);
+        net.connect(0, 1);
+        net.drain();
+        let now = net.now;
+        let c = &mut net.cores[0];
+        assert!(c.handle_message(now, nm(1), &[]).is_err());
+        assert!(c.handle_message(now, nm(1), &[1, 200]).is_err());
+        // A record claiming a peer connected to itself.
+        let liar = Body::Update(Update {
+            push: true,
+            names: vec![nm(7)],
+            recs: vec![Record {
+                peer: 0,
+                incarnation: 1,
+                base: 0,
+                version: 1,
+                nickname: Some("x".into()),
+                addrs: None,
+                add: vec![0],
+                del: vec![],
+            }],
+        });
+        assert_eq!(
+            c.handle_message(now, nm(1), &liar.encode()),
+            Err(GossipError::Protocol("a peer connected to itself"))
+        );
+    }
+
+    #[test]
+    fn channels_flood_and_anti_entropy() {
+        use channel::tests::GSet;
+        let mut net = Net::new(3);
+        for c in &mut net.cores {
+            c.add_channel("test", Box::new(GSet::default()));
+        }
+        net.connect(0, 1);
+        net.connect(1, 2);
+        net.drain();
+        let delta = vec![5u8];
+        net.cores[0].channel_mut("test").unwrap().merge(&delta).unwrap();
+        net.cores[0].channel_broadcast("test", delta);
+        net.drain();
+        for c in &net.cores {
+            assert_eq!(c.channel("test").unwrap().encode(), vec![5]);
+        }
+        // A change that was never broadcast is repaired by anti-entropy.
+        net.cores[2].channel_mut("test").unwrap().merge(&[9]).unwrap();
+        net.advance(Duration::from_secs(5));
+        assert_eq!(net.cores[0].channel("test").unwrap().encode(), vec![5, 9]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_garbage(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let mut net = Net::new(2);
+            net.connect(0, 1);
+            let now = net.now;
+            let mut b = bytes.clone();
+            let _ = net.cores[0].handle_message(now, nm(1), &b);
+            b.insert(0, wire::FORMAT);
+            let _ = net.cores[0].handle_message(now, nm(1), &b);
+        }
+    }
+}

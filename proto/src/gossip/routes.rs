@@ -1,0 +1,304 @@
+//! Routes over the topology: unicast next hops and broadcast trees.
+//!
+//! A connection between two other peers is used only when both ends report
+//! it (symmetric); our own connections are used as soon as they are up. The
+//! unicast table is a breadth-first search from us (shortest paths in hops),
+//! so under one shared view every hop strictly nears the destination: no
+//! loops.
+//!
+//! A broadcast from `src` follows `src`'s shortest-path tree, built by every
+//! peer alike: breadth-first from `src` over symmetric connections, each
+//! level in name order, a node's parent the first (smallest-named) node of the
+//! previous level that reaches it. A peer forwards to its children in that
+//! tree, so under one shared view every reachable peer receives the broadcast
+//! exactly once.
+
+use super::topology::{Idx, Topology};
+
+/// No route.
+pub const NONE: Idx = Idx::MAX;
+/// No route, and no entry known when the routes were computed.
+pub const UNKNOWN: Idx = Idx::MAX - 1;
+
+/// The unicast routing table of one recomputation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes {
+    /// First hop towards each slot ([`NONE`]: unreachable, or ourselves;
+    /// [`UNKNOWN`]: unreachable and its entry unknown).
+    pub first_hop: Vec<Idx>,
+    /// Number of reachable peers (not counting ourselves).
+    pub reachable: usize,
+    /// Slots that some reachable peer (or we) report a connection to.
+    pub referenced: Vec<bool>,
+}
+
+impl Routes {
+    /// The first hop towards slot `i`.
+    pub fn hop(&self, i: Idx) -> Option<Idx> {
+        self.first_hop
+            .get(i as usize)
+            .copied()
+            .filter(|&h| h != NONE && h != UNKNOWN)
+    }
+
+    /// Whether slot `i` was known and unreachable when these routes were
+    /// computed.
+    pub fn known_unreachable(&self, i: Idx) -> bool {
+        self.first_hop.get(i as usize) == Some(&NONE) && i != 0
+    }
+}
+
+/// Whether the connection u–v counts for routing: both ends report it.
+pub fn symmetric(t: &Topology, u: Idx, v: Idx) -> bool {
+    match (t.get(u), t.get(v)) {
+        (Some(a), Some(b)) => a.has_conn(v) && b.has_conn(u),
+        _ => false,
+    }
+}
+
+/// Shortest-path first hops from us (index 0).
+pub fn unicast(t: &Topology) -> Routes {
+    let n = t.slots();
+    let mut first_hop = vec![NONE; n];
+    let mut seen = vec![false; n];
+    let mut referenced = vec![false; n];
+    let mut queue: Vec<Idx> = Vec::with_capacity(n);
+    seen[0] = true;
+    if let Some(me) = t.get(0) {
+        for &v in &me.conns {
+            referenced[v as usize] = true;
+            if !seen[v as usize] {
+                seen[v as usize] = true;
+                first_hop[v as usize] = v;
+                queue.push(v);
+            }
+        }
+    }
+    let mut head = 0;
+    while head < queue.len() {
+        let u = queue[head];
+        head += 1;
+        let Some(e) = t.get(u) else { continue };
+        let hop = first_hop[u as usize];
+        for &v in &e.conns {
+            referenced[v as usize] = true;
+            if seen[v as usize] {
+                continue;
+            }
+            if t.get(v).is_some_and(|b| b.has_conn(u)) {
+                seen[v as usize] = true;
+                first_hop[v as usize] = hop;
+                queue.push(v);
+            }
+        }
+    }
+    for (i, h) in first_hop.iter_mut().enumerate() {
+        if *h == NONE && t.get(i as Idx).is_none() {
+            *h = UNKNOWN;
+        }
+    }
+    Routes {
+        first_hop,
+        reachable: queue.len(),
+        referenced,
+    }
+}
+
+/// Our children in `src`'s broadcast tree (for `src` = us: the initial
+/// fan-out). Empty when we are not on the tree.
+pub fn broadcast_children(t: &Topology, src: Idx, me: Idx) -> Vec<Idx> {
+    if t.get(src).is_none() {
+        return vec![];
+    }
+    let n = t.slots();
+    let mut parent = vec![NONE; n];
+    let mut seen = vec![false; n];
+    seen[src as usize] = true;
+    let mut level = vec![src];
+    while !level.is_empty() {
+        level.sort_unstable_by_key(|&i| t.name(i));
+        let mut next = Vec::new();
+        let mut me_here = false;
+        for &u in &level {
+            me_here |= u == me;
+            let Some(e) = t.get(u) else { continue };
+            for &v in &e.conns {
+                if !seen[v as usize] && symmetric(t, u, v) {
+                    seen[v as usize] = true;
+                    parent[v as usize] = u;
+                    next.push(v);
+                }
+            }
+        }
+        if me_here {
+            let mut kids: Vec<Idx> = next
+                .into_iter()
+                .filter(|&v| parent[v as usize] == me)
+                .collect();
+            kids.sort_unstable_by_key(|&i| t.name(i));
+            return kids;
+        }
+        level = next;
+    }
+    vec![]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::topology::LocalRecord;
+    use super::*;
+    use crate::name::PeerName;
+    use proptest::prelude::*;
+    use std::collections::{BTreeSet, HashMap};
+
+    fn nm(i: usize) -> PeerName {
+        PeerName([2, 0, 0, 0, (i >> 8) as u8, i as u8])
+    }
+
+    /// Topology of peer `me` with a given undirected edge list, some edges
+    /// reported by one end only.
+    fn view(
+        n: usize,
+        me: usize,
+        edges: &[(usize, usize)],
+        one_sided: &[(usize, usize)],
+    ) -> Topology {
+        let mut t = Topology::new(nm(me), "x".into(), 1);
+        let mut adj: HashMap<usize, BTreeSet<usize>> = HashMap::new();
+        for &(a, b) in edges {
+            adj.entry(a).or_default().insert(b);
+            adj.entry(b).or_default().insert(a);
+        }
+        for &(a, b) in one_sided {
+            adj.entry(a).or_default().insert(b);
+        }
+        for p in 0..n {
+            let conns: Vec<usize> = adj
+                .get(&p)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            if p == me {
+                for c in conns {
+                    let i = t.intern(nm(c));
+                    t.set_own_conn(i, true);
+                }
+                continue;
+            }
+            let peer = t.intern(nm(p));
+            let add = conns.iter().map(|&c| t.intern(nm(c))).collect();
+            t.apply(LocalRecord {
+                peer,
+                incarnation: 1,
+                base: 0,
+                version: 1,
+                nickname: Some(String::new()),
+                addrs: None,
+                add,
+                del: vec![],
+            });
+        }
+        t
+    }
+
+    /// Peer count, symmetric links, one-sided links.
+    type Graph = (usize, Vec<(usize, usize)>, Vec<(usize, usize)>);
+
+    fn arb_graph() -> impl Strategy<Value = Graph> {
+        (2usize..25).prop_flat_map(|n| {
+            (
+                Just(n),
+                proptest::collection::vec((0..n, 0..n), 0..60),
+                proptest::collection::vec((0..n, 0..n), 0..5),
+            )
+        })
+    }
+
+    fn clean(e: &[(usize, usize)]) -> Vec<(usize, usize)> {
+        e.iter().copied().filter(|(a, b)| a != b).collect()
+    }
+
+    proptest! {
+        /// Following next hops from any peer reaches the destination without
+        /// loops, and every peer reachable over symmetric links has a route.
+        #[test]
+        fn unicast_loop_free((n, edges, one) in arb_graph()) {
+            let (edges, one) = (clean(&edges), clean(&one));
+            let views: Vec<Topology> = (0..n).map(|me| view(n, me, &edges, &one)).collect();
+            for (src, v) in views.iter().enumerate() {
+                let r = unicast(v);
+                for dst in 0..n {
+                    if dst == src { continue; }
+                    let Some(i) = v.lookup(nm(dst)) else { continue };
+                    let Some(_) = r.hop(i) else { continue };
+                    let mut at = src;
+                    let mut hops = 0;
+                    while at != dst {
+                        let va = &views[at];
+                        let ra = unicast(va);
+                        let h = ra.hop(va.lookup(nm(dst)).unwrap());
+                        prop_assert!(h.is_some(), "route breaks at {at}");
+                        let next = va.name(h.unwrap());
+                        at = (0..n).find(|&k| nm(k) == next).unwrap();
+                        hops += 1;
+                        prop_assert!(hops <= n, "loop");
+                    }
+                }
+            }
+        }
+
+        /// Each source's broadcast reaches every peer connected to it over
+        /// symmetric links exactly once, never back to the source.
+        #[test]
+        fn broadcast_exactly_once((n, edges, one) in arb_graph()) {
+            let (edges, one) = (clean(&edges), clean(&one));
+            let views: Vec<Topology> = (0..n).map(|me| view(n, me, &edges, &one)).collect();
+            for src in 0..n {
+                let mut got = vec![0usize; n];
+                got[src] = 1;
+                let mut queue = vec![src];
+                while let Some(at) = queue.pop() {
+                    let v = &views[at];
+                    let s = v.lookup(nm(src)).unwrap_or(0);
+                    let s = if at == src { 0 } else { s };
+                    for c in broadcast_children(v, s, 0) {
+                        let k = (0..n).find(|&k| nm(k) == v.name(c)).unwrap();
+                        prop_assert_ne!(k, src);
+                        got[k] += 1;
+                        prop_assert!(got[k] == 1, "{k} twice");
+                        queue.push(k);
+                    }
+                }
+                // Every peer reachable from src over symmetric links is covered.
+                let mut adj = vec![BTreeSet::new(); n];
+                for &(a, b) in edges.iter().chain(&edges.iter().map(|&(a, b)| (b, a)).collect::<Vec<_>>()).chain(&one) {
+                    adj[a].insert(b);
+                }
+                let mut reach = vec![false; n];
+                reach[src] = true;
+                let mut stack = vec![src];
+                while let Some(a) = stack.pop() {
+                    for &b in &adj[a] {
+                        if !reach[b] && adj[b].contains(&a) {
+                            reach[b] = true;
+                            stack.push(b);
+                        }
+                    }
+                }
+                for (k, &g) in got.iter().enumerate() {
+                    prop_assert_eq!(reach[k], g == 1, "peer {}", k);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_sided_links_are_not_used() {
+        // 0-1 symmetric, 1-2 reported by 1 only.
+        let t = view(3, 0, &[(0, 1)], &[(1, 2)]);
+        let r = unicast(&t);
+        assert_eq!(r.hop(t.lookup(nm(1)).unwrap()), t.lookup(nm(1)));
+        assert_eq!(r.hop(t.lookup(nm(2)).unwrap()), None);
+        assert_eq!(r.reachable, 1);
+        assert!(r.referenced[t.lookup(nm(2)).unwrap() as usize]);
+    }
+}

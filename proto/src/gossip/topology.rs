@@ -1,0 +1,647 @@
+//! The topology store: every known peer's entry, the CRDT merge, and deltas.
+//!
+//! An entry (nickname, incarnation, version, addresses, connections) is
+//! written only by its owner, who bumps its version on every change; a new
+//! incarnation (a restart) supersedes every version of the old one. Merging
+//! keeps, per peer, the entry with the highest `(incarnation, version)`: a
+//! join-semilattice, so merges commute, associate and are idempotent.
+//!
+//! Peers are interned to dense indices ([`Idx`]) so connections cost four
+//! bytes in memory and one or two on the wire. Indices are never reused.
+//!
+//! Deltas: each entry remembers its recent changes ([`Op`]s, oldest first,
+//! complete above `floor`), so anyone holding version `v` can be sent just the
+//! changes from any `base ≥ floor`; replaying "connection X present/absent"
+//! operations from any `base ≤ v` yields exactly the newer entry (the last
+//! operation on each connection wins). Older bases get the whole entry.
+
+use super::digest::{entry_hash, Digest};
+use super::wire::MAX_ADDRS;
+use crate::name::PeerName;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+/// A dense local index of a peer name.
+pub type Idx = u32;
+
+/// How many recent operations an entry remembers for deltas.
+pub const MAX_RECENT: usize = 32;
+
+/// One change to a peer's connections, packed in eight bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Op {
+    /// The version it produced (an upper bound, when learned from a delta).
+    pub version: u32,
+    /// The connection's other end (low 31 bits) and whether it was added
+    /// (top bit).
+    peer_add: u32,
+}
+
+impl Op {
+    fn new(version: u32, peer: Idx, add: bool) -> Op {
+        Op {
+            version,
+            peer_add: (peer & 0x7fff_ffff) | (u32::from(add) << 31),
+        }
+    }
+
+    /// The connection's other end.
+    pub fn peer(&self) -> Idx {
+        self.peer_add & 0x7fff_ffff
+    }
+
+    /// Added (true) or removed.
+    pub fn add(&self) -> bool {
+        self.peer_add >> 31 == 1
+    }
+}
+
+/// One peer's entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Human-friendly name.
+    pub nickname: String,
+    /// Restart counter of the peer.
+    pub incarnation: u64,
+    /// Version within the incarnation (≥ 1).
+    pub version: u32,
+    /// Addresses it can be dialed at, as its neighbours see it.
+    pub addrs: Vec<SocketAddr>,
+    /// The version that last changed `addrs`.
+    pub addrs_version: u32,
+    /// Its established connections, sorted.
+    pub conns: Vec<Idx>,
+    /// Recent changes, oldest first; complete for versions above `floor`.
+    pub recent: Vec<Op>,
+    /// Deltas can be made from any base ≥ floor.
+    pub floor: u32,
+    /// The version seen at the last compaction (for pruning `recent`).
+    settled: u32,
+}
+
+impl Entry {
+    /// Whether `peer` is among the connections.
+    pub fn has_conn(&self, peer: Idx) -> bool {
+        self.conns.binary_search(&peer).is_ok()
+    }
+}
+
+/// A record with names resolved to local indices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRecord {
+    /// The peer.
+    pub peer: Idx,
+    /// Incarnation.
+    pub incarnation: u64,
+    /// 0 for a whole entry, else the version the changes start from.
+    pub base: u32,
+    /// The version the changes lead to.
+    pub version: u32,
+    /// Whole entries only.
+    pub nickname: Option<String>,
+    /// When changed.
+    pub addrs: Option<Vec<SocketAddr>>,
+    /// Connections added (all, for a whole entry).
+    pub add: Vec<Idx>,
+    /// Connections removed.
+    pub del: Vec<Idx>,
+}
+
+/// What merging a record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Nothing new.
+    Stale,
+    /// The entry changed; `prev` is the version we had before within the same
+    /// incarnation (0: none, or a different incarnation).
+    Changed {
+        /// Previous version in this incarnation (0 if none).
+        prev: u32,
+        /// The peer was not known before.
+        new_peer: bool,
+    },
+    /// A delta we cannot apply: we need the changes from this version
+    /// (incarnation 0: we know nothing of the peer).
+    Want {
+        /// Our incarnation.
+        incarnation: u64,
+        /// Our version.
+        version: u32,
+    },
+}
+
+/// Every known entry.
+pub struct Topology {
+    names: Vec<PeerName>,
+    index: HashMap<PeerName, Idx>,
+    entries: Vec<Option<Entry>>,
+    hashes: Vec<u64>,
+    digest: Digest,
+    count: usize,
+}
+
+impl Topology {
+    /// A topology holding only our own entry, at index 0.
+    pub fn new(me: PeerName, nickname: String, incarnation: u64) -> Self {
+        let mut t = Topology {
+            names: Vec::new(),
+            index: HashMap::new(),
+            entries: Vec::new(),
+            hashes: Vec::new(),
+            digest: Digest::default(),
+            count: 0,
+        };
+        let i = t.intern(me);
+        t.set(
+            i,
+            Some(Entry {
+                nickname,
+                incarnation: incarnation.max(1),
+                version: 1,
+                addrs: vec![],
+                addrs_version: 1,
+                conns: vec![],
+                recent: vec![],
+                floor: 1,
+                settled: 0,
+            }),
+        );
+        t
+    }
+
+    /// The local index of a name, allocating one.
+    pub fn intern(&mut self, n: PeerName) -> Idx {
+        if let Some(&i) = self.index.get(&n) {
+            return i;
+        }
+        let i = self.names.len() as Idx;
+        self.names.push(n);
+        self.index.insert(n, i);
+        self.entries.push(None);
+        self.hashes.push(0);
+        i
+    }
+
+    /// The index of a known name.
+    pub fn lookup(&self, n: PeerName) -> Option<Idx> {
+        self.index.get(&n).copied()
+    }
+
+    /// The name at an index.
+    pub fn name(&self, i: Idx) -> PeerName {
+        self.names[i as usize]
+    }
+
+    /// The entry at an index, if known.
+    pub fn get(&self, i: Idx) -> Option<&Entry> {
+        self.entries.get(i as usize).and_then(|e| e.as_ref())
+    }
+
+    /// Number of slots (known and merely referenced names).
+    pub fn slots(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Number of known entries (ourselves included).
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The digest.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Indices of all known entries.
+    pub fn known(&self) -> impl Iterator<Item = Idx> + '_ {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.is_some())
+            .map(|(i, _)| i as Idx)
+    }
+
+    fn set(&mut self, i: Idx, e: Option<Entry>) {
+        let name = self.names[i as usize];
+        let new = e
+            .as_ref()
+            .map_or(0, |e| entry_hash(name, e.incarnation, e.version));
+        let old = self.hashes[i as usize];
+        self.digest.replace(name, old, new);
+        self.hashes[i as usize] = new;
+        let slot = &mut self.entries[i as usize];
+        match (slot.is_some(), e.is_some()) {
+            (false, true) => self.count += 1,
+            (true, false) => self.count -= 1,
+            _ => {}
+        }
+        *slot = e;
+    }
+
+    fn rehash(&mut self, i: Idx) {
+        let name = self.names[i as usize];
+        let new = self.entries[i as usize]
+            .as_ref()
+            .map_or(0, |e| entry_hash(name, e.incarnation, e.version));
+        let old = std::mem::replace(&mut self.hashes[i as usize], new);
+        self.digest.replace(name, old, new);
+    }
+
+    /// Forget an entry (garbage collection).
+    pub fn remove(&mut self, i: Idx) {
+        self.set(i, None);
+    }
+
+    /// Merge one record. The caller handles records about ourselves.
+    pub fn apply(&mut self, r: LocalRecord) -> Applied {
+        let i = r.peer;
+        let cur = self.get(i).map(|e| (e.incarnation, e.version));
+        let whole = r.base == 0;
+        match cur {
+            None if !whole => Applied::Want {
+                incarnation: 0,
+                version: 0,
+            },
+            None => {
+                self.replace_whole(r);
+                Applied::Changed {
+                    prev: 0,
+                    new_peer: true,
+                }
+            }
+            Some((inc, _)) if r.incarnation < inc => Applied::Stale,
+            Some((inc, ver)) if r.incarnation > inc => {
+                if whole {
+                    self.replace_whole(r);
+                    Applied::Changed {
+                        prev: 0,
+                        new_peer: false,
+                    }
+                } else {
+                    Applied::Want {
+                        incarnation: inc,
+                        version: ver,
+                    }
+                }
+            }
+            Some((_, ver)) if r.version <= ver => Applied::Stale,
+            Some((inc, ver)) => {
+                if whole {
+                    self.replace_whole(r);
+                } else if r.base <= ver {
+                    self.apply_delta(r);
+                } else {
+                    return Applied::Want {
+                        incarnation: inc,
+                        version: ver,
+                    };
+                }
+                Applied::Changed {
+                    prev: ver,
+                    new_peer: false,
+                }
+            }
+        }
+    }
+
+    fn replace_whole(&mut self, r: LocalRecord) {
+        let mut conns = r.add;
+        conns.sort_unstable();
+        conns.dedup();
+        let mut addrs = r.addrs.unwrap_or_default();
+        addrs.truncate(MAX_ADDRS);
+        let e = Entry {
+            nickname: r.nickname.unwrap_or_default(),
+            incarnation: r.incarnation,
+            version: r.version,
+            addrs,
+            addrs_version: r.version,
+            conns,
+            recent: vec![],
+            floor: r.version,
+            settled: 0,
+        };
+        self.set(r.peer, Some(e));
+    }
+
+    fn apply_delta(&mut self, r: LocalRecord) {
+        let Some(e) = self.entries[r.peer as usize].as_mut() else {
+            return;
+        };
+        for &d in &r.del {
+            if let Ok(p) = e.conns.binary_search(&d) {
+                e.conns.remove(p);
+            }
+            push_op(e, r.version, d, false);
+        }
+        for &a in &r.add {
+            if let Err(p) = e.conns.binary_search(&a) {
+                e.conns.insert(p, a);
+            }
+            push_op(e, r.version, a, true);
+        }
+        if let Some(mut addrs) = r.addrs {
+            addrs.truncate(MAX_ADDRS);
+            e.addrs = addrs;
+            e.addrs_version = r.version;
+        }
+        e.version = r.version;
+        self.rehash(r.peer);
+    }
+
+    /// What to send a neighbour holding `(incarnation, version)` of peer `i`
+    /// (incarnation 0: nothing) so that it has our entry: a delta when our
+    /// history reaches back far enough, else the whole entry; `None` if it
+    /// is not behind.
+    pub fn record_for(&self, i: Idx, incarnation: u64, version: u32) -> Option<LocalRecord> {
+        let e = self.get(i)?;
+        if incarnation > e.incarnation || (incarnation == e.incarnation && version >= e.version) {
+            return None;
+        }
+        if incarnation != e.incarnation || version < e.floor || version == 0 {
+            return Some(LocalRecord {
+                peer: i,
+                incarnation: e.incarnation,
+                base: 0,
+                version: e.version,
+                nickname: Some(e.nickname.clone()),
+                addrs: Some(e.addrs.clone()),
+                add: e.conns.clone(),
+                del: vec![],
+            });
+        }
+        // Latest operation per connection, above `version`.
+        let mut last: Vec<(Idx, bool)> = Vec::new();
+        for op in e.recent.iter().rev().take_while(|op| op.version > version) {
+            if !last.iter().any(|(p, _)| *p == op.peer()) {
+                last.push((op.peer(), op.add()));
+            }
+        }
+        Some(LocalRecord {
+            peer: i,
+            incarnation: e.incarnation,
+            base: version,
+            version: e.version,
+            nickname: None,
+            addrs: (e.addrs_version > version).then(|| e.addrs.clone()),
+            add: last.iter().filter(|(_, a)| *a).map(|(p, _)| *p).collect(),
+            del: last.iter().filter(|(_, a)| !*a).map(|(p, _)| *p).collect(),
+        })
+    }
+
+    /// Change our own entry (index 0): add or remove a connection.
+    pub fn set_own_conn(&mut self, peer: Idx, up: bool) -> bool {
+        let Some(e) = self.entries[0].as_mut() else {
+            return false;
+        };
+        let pos = e.conns.binary_search(&peer);
+        match (pos, up) {
+            (Err(p), true) => e.conns.insert(p, peer),
+            (Ok(p), false) => {
+                e.conns.remove(p);
+            }
+            _ => return false,
+        }
+        e.version += 1;
+        let v = e.version;
+        push_op(e, v, peer, up);
+        self.rehash(0);
+        true
+    }
+
+    /// Change our own addresses.
+    pub fn set_own_addrs(&mut self, addrs: Vec<SocketAddr>) {
+        let Some(e) = self.entries[0].as_mut() else {
+            return;
+        };
+        e.version += 1;
+        e.addrs = addrs;
+        e.addrs_version = e.version;
+        self.rehash(0);
+    }
+
+    /// Supersede a newer claim to our own name: move to `(incarnation,
+    /// version + 1)`, forgetting history (neighbours get the whole entry).
+    pub fn supersede_own(&mut self, incarnation: u64, version: u32) {
+        let Some(e) = self.entries[0].as_mut() else {
+            return;
+        };
+        e.incarnation = incarnation.max(e.incarnation);
+        e.version = version.saturating_add(1).max(e.version + 1);
+        e.recent.clear();
+        e.floor = e.version;
+        e.addrs_version = e.version;
+        self.rehash(0);
+    }
+
+    /// Drop the history of entries that did not change since the previous
+    /// call, so memory goes back to the entries alone at rest.
+    pub fn compact(&mut self) {
+        for e in self.entries.iter_mut().flatten() {
+            if e.settled == e.version && !e.recent.is_empty() {
+                e.recent = Vec::new();
+                e.floor = e.version;
+            }
+            e.settled = e.version;
+        }
+    }
+}
+
+fn push_op(e: &mut Entry, version: u32, peer: Idx, add: bool) {
+    e.recent.push(Op::new(version, peer, add));
+    if e.recent.len() > MAX_RECENT {
+        // Drop the oldest version's operations whole, so that the history
+        // stays complete above the floor.
+        let v = e.recent[0].version;
+        let n = e.recent.iter().take_while(|op| op.version <= v).count();
+        e.recent.drain(..n);
+        e.floor = e.floor.max(v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn nm(b: u8) -> PeerName {
+        PeerName([2, 0, 0, 0, 1, b])
+    }
+
+    /// A whole record as its (honest) owner would write it: the content of
+    /// a version is a function of (name, incarnation, version).
+    fn honest(t: &mut Topology, owner: u8, inc: u64, ver: u32) -> LocalRecord {
+        let peer = t.intern(nm(owner));
+        let add = (0..8u8)
+            .filter(|k| (owner as u64 * 31 + inc * 7 + ver as u64 * 13 + *k as u64) % 3 == 0)
+            .map(|k| t.intern(nm(100 + k)))
+            .collect();
+        LocalRecord {
+            peer,
+            incarnation: inc,
+            base: 0,
+            version: ver,
+            nickname: Some(format!("n{owner}")),
+            addrs: Some(vec![SocketAddr::from(([198, 18, 0, owner], 6783))]),
+            add,
+            del: vec![],
+        }
+    }
+
+    type Recs = Vec<(u8, u64, u32)>;
+
+    /// A state's content by name, independent of local indices.
+    fn content(t: &Topology) -> Vec<(PeerName, u64, u32, Vec<PeerName>)> {
+        let mut v: Vec<_> = t
+            .known()
+            .map(|i| {
+                let e = t.get(i).unwrap();
+                let mut c: Vec<PeerName> = e.conns.iter().map(|&j| t.name(j)).collect();
+                c.sort();
+                (t.name(i), e.incarnation, e.version, c)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn build(recs: &Recs) -> Topology {
+        let mut t = Topology::new(nm(0), "me".into(), 1);
+        for &(o, i, v) in recs {
+            let r = honest(&mut t, o, i, v);
+            t.apply(r);
+        }
+        t
+    }
+
+    /// Merge b into a by sending every entry of b whole.
+    fn merge(a: &mut Topology, b: &Topology) {
+        for i in b.known().filter(|&i| i != 0) {
+            let r = b.record_for(i, 0, 0).unwrap();
+            let peer = a.intern(b.name(r.peer));
+            let add = r.add.iter().map(|&j| a.intern(b.name(j))).collect();
+            a.apply(LocalRecord { peer, add, ..r });
+        }
+    }
+
+    fn arb_recs() -> impl Strategy<Value = Recs> {
+        proptest::collection::vec((1u8..6, 1u64..3, 1u32..5), 0..12)
+    }
+
+    proptest! {
+        #[test]
+        fn merge_commutes(a in arb_recs(), b in arb_recs()) {
+            let (mut ab, tb) = (build(&a), build(&b));
+            merge(&mut ab, &tb);
+            let (mut ba, ta) = (build(&b), build(&a));
+            merge(&mut ba, &ta);
+            prop_assert_eq!(content(&ab), content(&ba));
+            prop_assert_eq!(ab.digest().root(), ba.digest().root());
+        }
+
+        #[test]
+        fn merge_associates(a in arb_recs(), b in arb_recs(), c in arb_recs()) {
+            let (ta, tb, tc) = (build(&a), build(&b), build(&c));
+            let mut left = build(&a);
+            merge(&mut left, &tb);
+            merge(&mut left, &tc);
+            let mut bc = build(&b);
+            merge(&mut bc, &tc);
+            let mut right = Topology::new(nm(0), "me".into(), 1);
+            merge(&mut right, &ta);
+            merge(&mut right, &bc);
+            prop_assert_eq!(content(&left), content(&right));
+        }
+
+        #[test]
+        fn merge_idempotent(a in arb_recs()) {
+            let mut t = build(&a);
+            let before = content(&t);
+            let copy = build(&a);
+            merge(&mut t, &copy);
+            prop_assert_eq!(content(&t), before);
+        }
+
+        /// A delta from any version the receiver may hold yields exactly the
+        /// sender's entry.
+        #[test]
+        fn deltas_equal_whole(ops in proptest::collection::vec((1u8..30, any::<bool>()), 1..150),
+                              cut in 0usize..150) {
+            let mut owner = Topology::new(nm(1), "o".into(), 1);
+            let mut snapshots = vec![owner.record_for(0, 0, 0).unwrap()];
+            for (p, up) in ops {
+                let i = owner.intern(nm(p));
+                if owner.set_own_conn(i, up) {
+                    snapshots.push(owner.record_for(0, 0, 0).unwrap());
+                }
+            }
+            let old = &snapshots[cut.min(snapshots.len() - 1)];
+            let mut rx = Topology::new(nm(0), "rx".into(), 1);
+            let tr = |rx: &mut Topology, r: &LocalRecord| LocalRecord {
+                peer: rx.intern(owner.name(r.peer)),
+                add: r.add.iter().map(|&j| rx.intern(owner.name(j))).collect(),
+                del: r.del.iter().map(|&j| rx.intern(owner.name(j))).collect(),
+                ..r.clone()
+            };
+            let r = tr(&mut rx, old);
+            rx.apply(r);
+            let me = rx.lookup(nm(1)).unwrap();
+            let have = rx.get(me).unwrap().version;
+            if let Some(d) = owner.record_for(0, 1, have) {
+                let d = tr(&mut rx, &d);
+                let applied = matches!(rx.apply(d), Applied::Changed { .. });
+                prop_assert!(applied);
+            }
+            let want: Vec<PeerName> = owner.get(0).unwrap().conns.iter().map(|&j| owner.name(j)).collect();
+            let mut got: Vec<PeerName> = rx.get(me).unwrap().conns.iter().map(|&j| rx.name(j)).collect();
+            let mut want = want;
+            want.sort();
+            got.sort();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(rx.get(me).unwrap().version, owner.get(0).unwrap().version);
+        }
+    }
+
+    #[test]
+    fn delta_gap_asks_for_changes() {
+        let mut t = Topology::new(nm(0), "me".into(), 1);
+        let p = t.intern(nm(5));
+        let r = LocalRecord {
+            peer: p,
+            incarnation: 1,
+            base: 3,
+            version: 4,
+            nickname: None,
+            addrs: None,
+            add: vec![],
+            del: vec![],
+        };
+        assert_eq!(
+            t.apply(r.clone()),
+            Applied::Want {
+                incarnation: 0,
+                version: 0
+            }
+        );
+        let mut whole = honest(&mut t, 5, 1, 2);
+        whole.peer = p;
+        assert!(matches!(
+            t.apply(whole),
+            Applied::Changed { new_peer: true, .. }
+        ));
+        assert_eq!(
+            t.apply(r),
+            Applied::Want {
+                incarnation: 1,
+                version: 2
+            }
+        );
+        // A new incarnation supersedes any version of the old one.
+        let mut next = honest(&mut t, 5, 2, 1);
+        next.peer = p;
+        assert!(matches!(t.apply(next), Applied::Changed { .. }));
+        let mut stale = honest(&mut t, 5, 1, 9);
+        stale.peer = p;
+        assert_eq!(t.apply(stale), Applied::Stale);
+    }
+}
