@@ -20,7 +20,10 @@ fn secs(s: u64) -> Duration {
 fn converged_sim(peers: usize, seed: u64) -> Sim {
     let mut sim = Sim::new(SimConfig::new(peers, seed));
     let t = sim.run_until_converged(secs(30));
-    assert!(t.is_some(), "seed {seed}: {peers} peers did not converge in 30 s");
+    assert!(
+        t.is_some(),
+        "seed {seed}: {peers} peers did not converge in 30 s"
+    );
     sim
 }
 
@@ -49,14 +52,24 @@ fn two_hundred_peers_converge() {
     }
     // Every peer respects the connection limit (plus joiners admitted over it).
     for i in 0..200 {
-        assert!(sim.core(i).unwrap().neighbours().count() <= 110, "seed {seed}");
+        assert!(
+            sim.core(i).unwrap().neighbours().count() <= 110,
+            "seed {seed}"
+        );
     }
 }
 
 #[test]
 fn broadcast_reaches_everyone_once() {
     let seed = 11;
-    let sim = converged_sim(120, seed);
+    let mut sim = converged_sim(120, seed);
+    // Trees agree once the views do: wait until every peer holds the same
+    // topology (anti-entropy gets there).
+    let same = sim.run_until_with(sim.now() + secs(30), |s| {
+        let h = s.core(0).unwrap().state_hash();
+        (1..120).all(|i| s.core(i).unwrap().state_hash() == h)
+    });
+    assert!(same.is_some(), "seed {seed}: views never agreed");
     for src in [0usize, 57, 119] {
         let mut got = vec![0u32; 120];
         got[src] = 1;
@@ -69,7 +82,10 @@ fn broadcast_reaches_everyone_once() {
                 stack.push(k);
             }
         }
-        assert!(got.iter().all(|&g| g == 1), "seed {seed}: broadcast from {src} missed peers");
+        assert!(
+            got.iter().all(|&g| g == 1),
+            "seed {seed}: broadcast from {src} missed peers"
+        );
     }
 }
 
@@ -84,13 +100,24 @@ fn partition_of_fifty_heals() {
     sim.run_until(t + secs(8) + GOSSIP_BOUND);
     // Split: no route across.
     let (a, b) = (side[0], 0);
-    assert_eq!(sim.core(a).unwrap().next_hop(sim.name(b)), None, "seed {seed}");
-    assert_eq!(sim.core(b).unwrap().next_hop(sim.name(a)), None, "seed {seed}");
+    assert_eq!(
+        sim.core(a).unwrap().next_hop(sim.name(b)),
+        None,
+        "seed {seed}"
+    );
+    assert_eq!(
+        sim.core(b).unwrap().next_hop(sim.name(a)),
+        None,
+        "seed {seed}"
+    );
     sim.run_until(t + secs(30));
     sim.heal();
     let healed = sim.now();
     let conv = sim.run_until_converged(healed + secs(60));
-    assert!(conv.is_some(), "seed {seed}: no convergence within 60 s after healing");
+    assert!(
+        conv.is_some(),
+        "seed {seed}: no convergence within 60 s after healing"
+    );
 }
 
 #[test]
@@ -133,8 +160,14 @@ fn crashed_and_restarted_peer_is_relearned() {
                     .any(|p| p.name == name && p.incarnation == old + 1)
         })
     });
-    assert!(relearned.is_some(), "seed {seed}: restarted peer not re-learned");
-    assert!(sim.run_until_converged(sim.now() + secs(30)).is_some(), "seed {seed}");
+    assert!(
+        relearned.is_some(),
+        "seed {seed}: restarted peer not re-learned"
+    );
+    assert!(
+        sim.run_until_converged(sim.now() + secs(30)).is_some(),
+        "seed {seed}"
+    );
 }
 
 #[test]
@@ -143,7 +176,12 @@ fn dead_links_are_withdrawn_within_the_bound() {
     let n = 150;
     let mut sim = converged_sim(n, seed);
     let links = sim.links();
-    let cut: Vec<(usize, usize)> = links.iter().copied().step_by(links.len() / 20).take(20).collect();
+    let cut: Vec<(usize, usize)> = links
+        .iter()
+        .copied()
+        .step_by(links.len() / 20)
+        .take(20)
+        .collect();
     for &(a, b) in &cut {
         sim.cut_link(a, b);
     }

@@ -231,6 +231,8 @@ pub struct Gossip {
     channels: BTreeMap<String, Box<dyn GossipData>>,
     bytes_sent: u64,
     sent_by_kind: [u64; wire::KINDS],
+    /// Records and connection operations sent in pushes (statistics).
+    pub push_stats: (u64, u64, u64),
 }
 
 impl Gossip {
@@ -265,6 +267,7 @@ impl Gossip {
             channels: BTreeMap::new(),
             bytes_sent: 0,
             sent_by_kind: [0; wire::KINDS],
+            push_stats: (0, 0, 0),
         }
     }
 
@@ -410,7 +413,7 @@ impl Gossip {
         if self.next_sync.is_some_and(|t| t <= now) {
             let iv = self.config.gossip_interval;
             self.next_sync = Some(now + self.jitter(iv));
-            self.anti_entropy();
+            self.anti_entropy(now);
         }
         if self.next_gc.is_some_and(|t| t <= now) {
             self.next_gc = Some(now + self.config.gossip_interval * 5);
@@ -518,6 +521,12 @@ impl Gossip {
             .collect()
     }
 
+    /// A hash of everything we know of the topology: equal on two peers
+    /// when their views are equal.
+    pub fn state_hash(&self) -> u64 {
+        self.topo.digest().root()
+    }
+
     /// Number of known peers, ourselves included.
     pub fn known_count(&self) -> usize {
         self.topo.count()
@@ -580,7 +589,13 @@ impl Gossip {
         }
     }
 
-    fn mark_pending(&mut self, now: Instant, idx: Idx, before: (u64, u32), source: Option<PeerName>) {
+    fn mark_pending(
+        &mut self,
+        now: Instant,
+        idx: Idx,
+        before: (u64, u32),
+        source: Option<PeerName>,
+    ) {
         let p = self.pending.entry(idx).or_insert(Pending {
             incarnation: before.0,
             version: before.1,
@@ -608,6 +623,17 @@ impl Gossip {
         let bytes = body.encode();
         self.bytes_sent += bytes.len() as u64;
         self.sent_by_kind[body.kind_index()] += bytes.len() as u64;
+        if let Body::Update(u) = body {
+            if u.push {
+                self.push_stats.0 += u.recs.len() as u64;
+                self.push_stats.1 += u
+                    .recs
+                    .iter()
+                    .map(|r| (r.add.len() + r.del.len()) as u64)
+                    .sum::<u64>();
+                self.push_stats.2 += u.names.len() as u64;
+            }
+        }
         self.transmits.push_back(Transmit { to, bytes });
     }
 
@@ -727,7 +753,7 @@ impl Gossip {
                 .chain(
                     relay
                         .iter()
-                        .filter(|(_, src)| *src != Some(to))
+                        .filter(|(r, src)| *src != Some(to) && self.topo.name(r.peer) != to)
                         .map(|(r, _)| r.clone()),
                 )
                 .collect();
@@ -1009,7 +1035,8 @@ impl Gossip {
         Ok(())
     }
 
-    fn anti_entropy(&mut self) {
+    fn anti_entropy(&mut self, now: Instant) {
+        let _ = now;
         if self.neighbours.is_empty() {
             return;
         }
@@ -1207,7 +1234,11 @@ mod tests {
         net.advance(Duration::from_secs(3));
         assert_eq!(net.cores[0].known_count(), 5);
         assert_eq!(net.cores[0].next_hop(nm(4)), Some(nm(1)));
-        let cands: Vec<PeerName> = net.cores[0].dial_candidates().into_iter().map(|c| c.0).collect();
+        let cands: Vec<PeerName> = net.cores[0]
+            .dial_candidates()
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
         assert_eq!(cands, vec![nm(2), nm(3), nm(4)]);
         // Broadcast from 0 goes to 1 only; 1 forwards to 2.
         assert_eq!(net.cores[0].broadcast_next_hops(nm(0)), vec![nm(1)]);
@@ -1250,7 +1281,11 @@ mod tests {
         net.connect(0, 1);
         net.advance(Duration::from_secs(3));
         let v0 = net.cores[0].peers()[0].version;
-        let seen = net.cores[1].peers().into_iter().find(|p| p.name == nm(0)).unwrap();
+        let seen = net.cores[1]
+            .peers()
+            .into_iter()
+            .find(|p| p.name == nm(0))
+            .unwrap();
         assert_eq!(seen.version, v0);
         assert!(v0 > 2);
     }
@@ -1296,14 +1331,22 @@ mod tests {
         net.connect(1, 2);
         net.drain();
         let delta = vec![5u8];
-        net.cores[0].channel_mut("test").unwrap().merge(&delta).unwrap();
+        net.cores[0]
+            .channel_mut("test")
+            .unwrap()
+            .merge(&delta)
+            .unwrap();
         net.cores[0].channel_broadcast("test", delta);
         net.drain();
         for c in &net.cores {
             assert_eq!(c.channel("test").unwrap().encode(), vec![5]);
         }
         // A change that was never broadcast is repaired by anti-entropy.
-        net.cores[2].channel_mut("test").unwrap().merge(&[9]).unwrap();
+        net.cores[2]
+            .channel_mut("test")
+            .unwrap()
+            .merge(&[9])
+            .unwrap();
         net.advance(Duration::from_secs(5));
         assert_eq!(net.cores[0].channel("test").unwrap().encode(), vec![5, 9]);
     }

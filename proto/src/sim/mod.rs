@@ -47,8 +47,8 @@ pub const HANDSHAKE_DIALER_BYTES: u64 = 200;
 pub const HANDSHAKE_ACCEPTOR_BYTES: u64 = 150;
 /// The connection maker runs this long after news (coalescing news)...
 pub const MAKER_DELAY: Duration = Duration::from_millis(100);
-/// ...and news re-runs it at most this often (failures and drops at once).
-pub const MAKER_INTERVAL: Duration = Duration::from_millis(500);
+/// ...and runs at most this often.
+pub const MAKER_INTERVAL: Duration = Duration::from_millis(300);
 /// How long a dial to an unreachable peer takes to fail.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -158,7 +158,7 @@ struct Peer {
     maker: Maker,
     timer_at: Option<Duration>,
     maker_at: Option<Duration>,
-    maker_last: Duration,
+    maker_last: Option<Duration>,
     bytes: u64,
 }
 
@@ -239,7 +239,7 @@ impl Sim {
                 maker: Maker::new(seed),
                 timer_at: None,
                 maker_at: None,
-                maker_last: Duration::ZERO,
+                maker_last: None,
                 bytes: 0,
             });
             sim.schedule(at, Ev::Start(i as u32));
@@ -520,7 +520,7 @@ impl Sim {
             Ev::Maker(i) => {
                 if self.peers[i as usize].maker_at == Some(self.now) {
                     self.peers[i as usize].maker_at = None;
-                    self.peers[i as usize].maker_last = self.now;
+                    self.peers[i as usize].maker_last = Some(self.now);
                     self.run_maker(i);
                 }
             }
@@ -624,10 +624,7 @@ impl Sim {
             }
         }
         if maker {
-            // News re-runs the maker at most every MAKER_INTERVAL.
-            let next = (self.now + MAKER_DELAY).max(self.peers[i as usize].maker_last + MAKER_INTERVAL);
-            let d = next - self.now;
-            self.trigger_maker(i, d);
+            self.trigger_maker(i, MAKER_DELAY);
         }
     }
 
@@ -653,8 +650,10 @@ impl Sim {
         self.after(to);
     }
 
+    /// Run the maker after `delay`, but at most every MAKER_INTERVAL.
     fn trigger_maker(&mut self, i: u32, delay: Duration) {
-        let t = self.now + delay;
+        let p = &self.peers[i as usize];
+        let t = (self.now + delay).max(p.maker_last.map_or(Duration::ZERO, |l| l + MAKER_INTERVAL));
         let p = &mut self.peers[i as usize];
         if p.maker_at.is_none_or(|cur| t < cur) {
             p.maker_at = Some(t);
