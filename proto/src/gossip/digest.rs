@@ -77,7 +77,7 @@ impl Digest {
 
     /// The coarse bucket count to use for a state of `count` peers.
     pub fn buckets_for(count: usize) -> usize {
-        (count / 4).next_power_of_two().clamp(16, FINE)
+        (count / 16).next_power_of_two().clamp(16, FINE)
     }
 }
 

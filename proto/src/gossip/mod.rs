@@ -13,10 +13,17 @@
 //!   incarnation, version, dialable addresses and connections) and bumps its
 //!   version on every change. Changes are batched for
 //!   [`Config::flush_interval`] and sent as deltas ("from version b to v:
-//!   these connections added, those removed"): our own to every neighbour,
-//!   what we relay for others to [`Config::relay_fanout`] random neighbours.
-//!   A peer that misses a delta notices the gap on the next one and asks the
-//!   sender for exactly the changes it lacks ([`wire::Body::Want`]).
+//!   these connections added, those removed") to [`Config::relay_fanout`]
+//!   random neighbours; our own changes also go to the neighbours they are
+//!   about (a new connection counts for routing only once both ends report
+//!   it). A receiver that learned something relays it the same way, so news
+//!   spreads as an epidemic, each peer receiving it about `relay_fanout`
+//!   times. Large news (a whole entry, a delta of more than a few
+//!   connections) is announced ([`wire::Body::Have`]: name and version, ~12
+//!   bytes) instead of pushed, and fetched only by the neighbours that lack
+//!   it ([`wire::Body::Want`]), so it crosses each peer's links about once.
+//!   A peer that misses a delta notices the gap on the next one and asks for
+//!   exactly the changes it lacks.
 //! - **New connections.** Both sides send a [`wire::Hello`] (peer count and
 //!   a hash of all they know). When the neighbour was not reachable before
 //!   (a joining peer, a healed partition), the two run a digest sync, which
@@ -30,7 +37,7 @@
 //!   differs.
 //!
 //! Steady state, per peer: heartbeats (the daemon's) plus one summary per
-//! interval. Routes are recomputed at most once per [`Config::route_delay`]
+//! interval (~15 bytes/s). Routes are recomputed at most once per [`Config::route_delay`]
 //! after a change (see [`routes`]); unreachable, unreferenced peers are
 //! forgotten after [`Config::gc_grace`] ([`Event::PeerRemoved`]).
 //!
@@ -86,8 +93,8 @@ impl Default for Config {
             gossip_interval: Duration::from_secs(1),
             heartbeat: Duration::from_secs(2),
             dead_after: Duration::from_secs(8),
-            flush_interval: Duration::from_millis(50),
-            relay_fanout: 3,
+            flush_interval: Duration::from_millis(200),
+            relay_fanout: 2,
             route_delay: Duration::from_millis(100),
             gc_grace: Duration::from_secs(120),
         }
@@ -220,6 +227,9 @@ pub struct Gossip {
     /// Peers whose news we asked for after a gap in pushed deltas: their
     /// records are relayed on arrival like pushed ones.
     gaps: HashSet<Idx>,
+    /// Versions we asked for and when: a second announcement of the same
+    /// news within a flush round does not ask again.
+    wanted: HashMap<Idx, (u64, u32, Instant)>,
     routes: Routes,
     routes_due: Option<Instant>,
     flush_due: Option<Instant>,
@@ -231,8 +241,6 @@ pub struct Gossip {
     channels: BTreeMap<String, Box<dyn GossipData>>,
     bytes_sent: u64,
     sent_by_kind: [u64; wire::KINDS],
-    /// Records and connection operations sent in pushes (statistics).
-    pub push_stats: (u64, u64, u64),
 }
 
 impl Gossip {
@@ -256,6 +264,7 @@ impl Gossip {
             neighbours: BTreeMap::new(),
             pending: HashMap::new(),
             gaps: HashSet::new(),
+            wanted: HashMap::new(),
             routes: Routes::default(),
             routes_due: None,
             flush_due: None,
@@ -267,7 +276,6 @@ impl Gossip {
             channels: BTreeMap::new(),
             bytes_sent: 0,
             sent_by_kind: [0; wire::KINDS],
-            push_stats: (0, 0, 0),
         }
     }
 
@@ -395,6 +403,10 @@ impl Gossip {
                 Ok(())
             }
             Body::Channel(c) => self.on_channel(from, c),
+            Body::Have(h) => {
+                self.on_have(now, from, &h);
+                Ok(())
+            }
         }
     }
 
@@ -623,17 +635,6 @@ impl Gossip {
         let bytes = body.encode();
         self.bytes_sent += bytes.len() as u64;
         self.sent_by_kind[body.kind_index()] += bytes.len() as u64;
-        if let Body::Update(u) = body {
-            if u.push {
-                self.push_stats.0 += u.recs.len() as u64;
-                self.push_stats.1 += u
-                    .recs
-                    .iter()
-                    .map(|r| (r.add.len() + r.del.len()) as u64)
-                    .sum::<u64>();
-                self.push_stats.2 += u.names.len() as u64;
-            }
-        }
         self.transmits.push_back(Transmit { to, bytes });
     }
 
@@ -747,22 +748,38 @@ impl Gossip {
         // connection's other end needs our side of it at once).
         let mut sent_own: HashSet<PeerName> = HashSet::new();
         for &to in &peers[..fanout] {
+            let fresh = |(r, src): &&(LocalRecord, Option<PeerName>)| {
+                *src != Some(to) && self.topo.name(r.peer) != to
+            };
             let recs: Vec<LocalRecord> = own
                 .iter()
                 .cloned()
                 .chain(
                     relay
                         .iter()
-                        .filter(|(r, src)| *src != Some(to) && self.topo.name(r.peer) != to)
+                        .filter(fresh)
+                        .filter(|(r, _)| !lazy(r))
                         .map(|(r, _)| r.clone()),
                 )
                 .collect();
-            if recs.is_empty() {
-                continue;
+            let have: Vec<VersionRec> = relay
+                .iter()
+                .filter(fresh)
+                .filter(|(r, _)| lazy(r))
+                .map(|(r, _)| VersionRec {
+                    name: self.topo.name(r.peer),
+                    incarnation: r.incarnation,
+                    version: r.version,
+                })
+                .collect();
+            if !recs.is_empty() {
+                sent_own.insert(to);
+                for m in self.encode_records(&recs, true) {
+                    self.send(to, &m);
+                }
             }
-            sent_own.insert(to);
-            for m in self.encode_records(&recs, true) {
-                self.send(to, &m);
+            for chunk in have.chunks(MESSAGE_BUDGET / 24) {
+                self.send(to, &Body::Have(chunk.to_vec()));
             }
         }
         if let Some(r) = own {
@@ -780,6 +797,40 @@ impl Gossip {
                     }
                 }
             }
+        }
+    }
+
+    fn on_have(&mut self, now: Instant, from: PeerName, have: &[VersionRec]) {
+        let mut want = Vec::new();
+        for h in have {
+            if h.name == self.me {
+                continue;
+            }
+            let idx = self.topo.lookup(h.name);
+            let mine = idx
+                .and_then(|i| self.topo.get(i))
+                .map_or((0, 0), |e| (e.incarnation, e.version));
+            if (h.incarnation, h.version) > mine && want.len() < MESSAGE_BUDGET / 24 {
+                let i = idx.unwrap_or_else(|| self.topo.intern(h.name));
+                let patience = self.config.flush_interval * 2;
+                if self.wanted.get(&i).is_some_and(|&(inc, ver, at)| {
+                    (inc, ver) >= (h.incarnation, h.version) && now < at + patience
+                }) {
+                    continue;
+                }
+                self.wanted.insert(i, (h.incarnation, h.version, now));
+                if self.gaps.len() < 4 * wire::MAX_CONNS {
+                    self.gaps.insert(i);
+                }
+                want.push(VersionRec {
+                    name: h.name,
+                    incarnation: mine.0,
+                    version: mine.1,
+                });
+            }
+        }
+        if !want.is_empty() {
+            self.send(from, &Body::Want(want));
         }
     }
 
@@ -1068,6 +1119,8 @@ impl Gossip {
 
     fn collect_garbage(&mut self, now: Instant) {
         self.topo.compact();
+        let patience = self.config.flush_interval * 2;
+        self.wanted.retain(|_, w| now < w.2 + patience);
         if self.routes_due.is_some() {
             self.routes_due = None;
             self.recompute_routes();
@@ -1101,6 +1154,15 @@ impl Gossip {
             self.recompute_routes();
         }
     }
+}
+
+/// Relayed records with more connection changes than this are announced
+/// ([`wire::Body::Have`]) rather than pushed: most receivers already have
+/// them, and the few that lack them ask.
+const LAZY_OPS: usize = 8;
+
+fn lazy(r: &LocalRecord) -> bool {
+    r.base == 0 || r.add.len() + r.del.len() > LAZY_OPS
 }
 
 fn truncate_utf8(s: &mut String, max: usize) {

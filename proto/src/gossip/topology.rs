@@ -21,11 +21,39 @@ use crate::name::PeerName;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+/// Hashing for maps keyed by peer names. Names are derived from keys by a
+/// cryptographic hash and a peer can only send names it received, so a
+/// fast non-keyed mix is enough (no HashDoS beyond what a mesh member could
+/// do anyway by flooding).
+#[derive(Clone, Copy, Default)]
+pub struct NameHash;
+
+impl std::hash::BuildHasher for NameHash {
+    type Hasher = NameHasher;
+    fn build_hasher(&self) -> NameHasher {
+        NameHasher(0)
+    }
+}
+
+/// The hasher of [`NameHash`].
+pub struct NameHasher(u64);
+
+impl std::hash::Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        super::digest::mix(self.0)
+    }
+}
+
 /// A dense local index of a peer name.
 pub type Idx = u32;
 
 /// How many recent operations an entry remembers for deltas.
-pub const MAX_RECENT: usize = 32;
+pub const MAX_RECENT: usize = 128;
 
 /// One change to a peer's connections, packed in eight bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +161,7 @@ pub enum Applied {
 /// Every known entry.
 pub struct Topology {
     names: Vec<PeerName>,
-    index: HashMap<PeerName, Idx>,
+    index: HashMap<PeerName, Idx, NameHash>,
     entries: Vec<Option<Entry>>,
     hashes: Vec<u64>,
     digest: Digest,
@@ -145,7 +173,7 @@ impl Topology {
     pub fn new(me: PeerName, nickname: String, incarnation: u64) -> Self {
         let mut t = Topology {
             names: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             entries: Vec::new(),
             hashes: Vec::new(),
             digest: Digest::default(),

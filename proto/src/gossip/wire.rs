@@ -58,6 +58,9 @@ pub enum Body {
     Want(Vec<VersionRec>),
     /// A named channel's payload: its full state or a delta.
     Channel(ChannelMsg),
+    /// The sender has these versions (news too large to push to everyone:
+    /// a receiver that lacks them asks with [`Body::Want`]).
+    Have(Vec<VersionRec>),
 }
 
 /// First message on a new connection.
@@ -161,10 +164,10 @@ impl Record {
 }
 
 /// Number of message kinds.
-pub const KINDS: usize = 8;
+pub const KINDS: usize = 9;
 /// Names of the message kinds, by [`Body::kind_index`].
 pub const KIND_NAMES: [&str; KINDS] = [
-    "hello", "summary", "buckets", "versions", "push", "want", "channel", "pull",
+    "hello", "summary", "buckets", "versions", "push", "want", "channel", "pull", "have",
 ];
 
 impl Body {
@@ -177,6 +180,7 @@ impl Body {
             Body::Versions(_) => 3,
             Body::Update(u) if u.push => 4,
             Body::Update(_) => 7,
+            Body::Have(_) => 8,
             Body::Want(_) => 5,
             Body::Channel(_) => 6,
         }
@@ -248,7 +252,7 @@ impl Body {
                 Ok(())
             }
             Body::Update(u) => u.validate(),
-            Body::Want(_) => Ok(()),
+            Body::Want(_) | Body::Have(_) => Ok(()),
             Body::Channel(c) => cap("channel name", c.channel.len(), MAX_CHANNEL_NAME),
         }
     }

@@ -11,9 +11,12 @@
 //! - **Connection maker** ([`maker`]): dials the seed peer it was started
 //!   with and every [`Gossip::dial_candidates`] entry, while its connections
 //!   plus dials in flight stay under `conn_limit`; accepts incoming
-//!   connections under the same limit; refuses duplicates; backs off with
-//!   jitter (1 s doubling to 30 s) after a failed or refused dial, and
-//!   retries at once after an established connection drops. A connection
+//!   connections under the same limit, and above it only a dialer for which
+//!   it is the command-line target and which has no route to it (a joining
+//!   or cut-off peer: else a full mesh strands it); refuses duplicates;
+//!   backs off with jitter (1 s doubling to 30 s) after a failed or refused
+//!   dial, and retries at once after an established connection drops. It
+//!   runs 100 ms after news from the core, at most every 300 ms. A connection
 //!   costs one round trip to set up (and ~350 handshake bytes); a dial to a
 //!   dead or partitioned peer fails after 3 s.
 //! - **Failure detection**: a connection whose path breaks (partition, crash,
