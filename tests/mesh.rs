@@ -25,18 +25,13 @@ fn six_hosts_through_one_seed_and_the_seed_stops() {
     let Some(mut w) = World::new("six_hosts_through_one_seed") else {
         return;
     };
-    let hosts: Vec<Host> = (0..6).map(|_| w.add_host()).collect();
-    let containers: Vec<Container> = (1..=6).map(|i| w.add_container(&format!("c{i}"))).collect();
+    let (hosts, containers) = w.add_hosts_with_containers(6);
     w.launch(&hosts[0], &[]);
     for h in &hosts[1..] {
         w.launch(h, &["198.18.0.1"]);
     }
-    let mut pairs = Vec::new();
-    for (i, (h, c)) in hosts.iter().zip(&containers).enumerate() {
-        let ip = format!("198.19.1.{}", i + 1);
-        w.attach(h, c, &format!("{ip}/24"));
-        pairs.push((c, ip));
-    }
+    let ips = w.attach_each(&hosts, &containers);
+    let pairs: Vec<(&Container, String)> = containers.iter().zip(ips).collect();
     // Every peer learns all six and connects to the other five directly.
     for h in &hosts {
         wait_until(
@@ -65,8 +60,7 @@ fn relays_for_a_host_that_reaches_only_one_peer() {
     let Some(mut w) = World::new("relays_for_a_host") else {
         return;
     };
-    let hosts: Vec<Host> = (0..4).map(|_| w.add_host()).collect();
-    let containers: Vec<Container> = (1..=4).map(|i| w.add_container(&format!("c{i}"))).collect();
+    let (hosts, containers) = w.add_hosts_with_containers(4);
     // h4's underlay reaches only h3: drop everything to and from h1 and h2.
     let rules = "table inet meshtest {
         chain in { type filter hook input priority 0; ip saddr { 198.18.0.1, 198.18.0.2 } drop; }
@@ -84,12 +78,8 @@ fn relays_for_a_host_that_reaches_only_one_peer() {
         .map(|i| w.launch(&hosts[i], if i == 0 { &[] } else { &["198.18.0.1"] }))
         .collect();
     w.launch(&hosts[3], &["198.18.0.3"]);
-    let mut pairs = Vec::new();
-    for (i, (h, c)) in hosts.iter().zip(&containers).enumerate() {
-        let ip = format!("198.19.1.{}", i + 1);
-        w.attach(h, c, &format!("{ip}/24"));
-        pairs.push((c, ip));
-    }
+    let ips = w.attach_each(&hosts, &containers);
+    let pairs: Vec<(&Container, String)> = containers.iter().zip(ips).collect();
     all_pairs_ping(&pairs);
     // h4 reaches h1 and h2 through h3, and h3 did relay.
     let peers = hosts[3].mesh_ok(&["status", "peers"]);

@@ -19,14 +19,11 @@ fn connect_forget_and_persisted_targets() {
     let Some(mut w) = World::new("connect_forget_and_persisted_targets") else {
         return;
     };
-    let h1 = w.add_host();
-    let h2 = w.add_host();
-    let c1 = w.add_container("c1");
-    let c2 = w.add_container("c2");
-    w.launch(&h1, &[]);
-    w.launch(&h2, &[]);
-    w.attach(&h1, &c1, "198.19.1.1/24");
-    w.attach(&h2, &c2, "198.19.1.2/24");
+    let (hosts, cs) = w.add_hosts_with_containers(2);
+    let (h1, h2, c2) = (&hosts[0], &hosts[1], &cs[1]);
+    w.launch(h1, &[]);
+    w.launch(h2, &[]);
+    w.attach_each(&hosts, &cs);
     assert!(h2.mesh_ok(&["status", "targets"]).trim().is_empty());
 
     // A bad target is one clear error and changes nothing.
@@ -37,20 +34,20 @@ fn connect_forget_and_persisted_targets() {
     h2.mesh_ok(&["connect", "198.18.0.1"]);
     assert_eq!(h2.mesh_ok(&["status", "targets"]).trim(), "198.18.0.1");
     wait_until(DEADLINE, "h2 connects to h1 after mesh connect", || {
-        established_to(&h2, "198.18.0.1:6783")
+        established_to(h2, "198.18.0.1:6783")
     });
-    wait_ping(&c2, "198.19.1.1", DEADLINE);
+    wait_ping(c2, "198.19.1.1", DEADLINE);
 
     // The target survives a restart: h2 relaunched with no PEER reconnects.
     let pid = h2.daemon_pid().expect("h2 pid");
     h2.mesh_ok(&["stop"]);
     wait_until(DEADLINE, "h2 exits", || !pid_alive(pid));
-    w.launch(&h2, &[]);
+    w.launch(h2, &[]);
     assert_eq!(h2.mesh_ok(&["status", "targets"]).trim(), "198.18.0.1");
     wait_until(DEADLINE, "h2 reconnects to its persisted target", || {
-        established_to(&h2, "198.18.0.1:6783")
+        established_to(h2, "198.18.0.1:6783")
     });
-    wait_ping(&c2, "198.19.1.1", DEADLINE);
+    wait_ping(c2, "198.19.1.1", DEADLINE);
 
     // The report is JSON with the documented fields.
     let report: serde_json::Value =
@@ -84,7 +81,7 @@ fn connect_forget_and_persisted_targets() {
     let pid = h2.daemon_pid().expect("h2 pid");
     h2.mesh_ok(&["stop"]);
     wait_until(DEADLINE, "h2 exits", || !pid_alive(pid));
-    w.launch(&h2, &[]);
+    w.launch(h2, &[]);
     assert!(
         h2.mesh_ok(&["status", "targets"]).trim().is_empty(),
         "a forgotten target came back after restart"

@@ -715,6 +715,32 @@ impl World {
         );
     }
 
+    /// `n` hosts `h1..hn`, each with one container `c1..cn` (neither
+    /// launched nor attached).
+    pub fn add_hosts_with_containers(&mut self, n: usize) -> (Vec<Host>, Vec<Container>) {
+        let hosts = (0..n).map(|_| self.add_host()).collect();
+        let containers = (1..=n)
+            .map(|i| self.add_container(&format!("c{i}")))
+            .collect();
+        (hosts, containers)
+    }
+
+    /// Attaches container `i` to host `i` at `198.19.1.<i+1>/24`; returns
+    /// the container addresses (without prefix), in order.
+    #[track_caller]
+    pub fn attach_each(&self, hosts: &[Host], containers: &[Container]) -> Vec<String> {
+        hosts
+            .iter()
+            .zip(containers)
+            .enumerate()
+            .map(|(i, (h, c))| {
+                let ip = format!("198.19.1.{}", i + 1);
+                self.attach(h, c, &format!("{ip}/24"));
+                ip
+            })
+            .collect()
+    }
+
     /// Starts capturing everything on `host`'s underlay interface.
     #[track_caller]
     pub fn capture(&self, host: &Host) -> Capture {
