@@ -435,27 +435,12 @@ impl Sim {
             .collect();
         broken.sort_unstable();
         for ((a, b), epoch, up) in broken {
-            if up[0] {
-                let t = self.now + self.detection_delay();
-                self.schedule(
-                    t,
-                    Ev::ConnDown {
-                        at: a,
-                        other: b,
-                        epoch,
-                    },
-                );
-            }
-            if up[1] {
-                let t = self.now + self.detection_delay();
-                self.schedule(
-                    t,
-                    Ev::ConnDown {
-                        at: b,
-                        other: a,
-                        epoch,
-                    },
-                );
+            // Each end that had the link up notices on its own schedule.
+            for (end_up, at, other) in [(up[0], a, b), (up[1], b, a)] {
+                if end_up {
+                    let t = self.now + self.detection_delay();
+                    self.schedule(t, Ev::ConnDown { at, other, epoch });
+                }
             }
         }
     }
