@@ -49,6 +49,16 @@ pub enum Request {
         /// `HOST[:PORT]`.
         peers: Vec<String>,
     },
+    /// Hand our space to a live peer, detach everything, stop and remove
+    /// all state.
+    Reset,
+    /// Take over a dead peer's address space.
+    RmPeer {
+        /// Peer name or nickname.
+        peer: String,
+    },
+    /// Create the address ring now.
+    Prime,
 }
 
 /// What the daemon answers.
@@ -68,6 +78,11 @@ pub enum Response {
     Ps {
         /// One entry per container.
         containers: Vec<PsEntry>,
+    },
+    /// Success, with a line for the user.
+    Message {
+        /// One line.
+        message: String,
     },
     /// Failure, with a message for the user.
     Error {
@@ -103,6 +118,41 @@ pub struct Status {
     pub sleeve: SleeveStats,
     /// Problems the user should know of (e.g. another peer with our name).
     pub problems: Vec<String>,
+    /// The address allocator (absent from daemons before it existed).
+    #[serde(default)]
+    pub ipam: Option<IpamStatus>,
+}
+
+/// `mesh status ipam`: the allocator's ring as this peer sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IpamStatus {
+    /// `--ipalloc-range`.
+    pub range: String,
+    /// `--ipalloc-default-subnet`.
+    pub default_subnet: String,
+    /// `ready`, or what the ring waits for.
+    pub state: String,
+    /// Space per peer of the ring.
+    pub peers: Vec<IpamPeer>,
+    /// Requests waiting (consensus, space asked of another peer, reclaims).
+    pub pending: Vec<String>,
+    /// Problems, e.g. a container holding an address in reclaimed space.
+    pub problems: Vec<String>,
+}
+
+/// One peer's share of the range.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IpamPeer {
+    /// Peer name.
+    pub peer: String,
+    /// Its nickname, when known.
+    pub nickname: String,
+    /// Addresses it owns.
+    pub owned: u64,
+    /// Of which free (as it last advertised).
+    pub free: u64,
+    /// Whether it is reachable from here.
+    pub reachable: bool,
 }
 
 /// One connection or connection attempt.

@@ -3,19 +3,32 @@
 //! atomically), so that `mesh ps` survives a restart of the daemon. The
 //! interfaces themselves live in the kernel and outlive the daemon.
 //!
-//! Invariant: no address is held by two attached containers of this peer.
-//! (Mesh-wide uniqueness is the allocator's job, with its own issue.)
+//! Addresses inside `--ipalloc-range` come from the allocator ([`crate::ipam`],
+//! through the router task): `net:` and `net:default` allocate, `ip:` claims.
+//! The allocation is made (and persisted by the allocator) before the
+//! interface is created, and released after it is removed, so after a crash
+//! the allocator may hold a claim for a container that is not attached, never
+//! the reverse; the reconciliation at start-up releases such claims.
+//! Addresses outside the range are the user's own business, checked only
+//! against this peer's other containers.
+//!
+//! Invariant: no address is held by two attached containers.
 
 use crate::addr::{self, Addr};
 use crate::api::{PsEntry, Request, Response};
 use crate::daemon::BRIDGE;
 use crate::host::{self, Netlink, NetnsId};
-use crate::persist;
-use ipnet::IpNet;
+use crate::{ipam, persist, router};
+use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tracing::info;
+use tracing::{info, warn};
+
+/// How often attached containers are checked for having gone away (their
+/// namespace destroyed takes the veth pair with it).
+const GONE_CHECK: Duration = Duration::from_secs(5);
 
 /// The container-side interface name.
 pub const IFNAME: &str = "ethmesh";
@@ -45,6 +58,43 @@ pub struct Manager {
     path: PathBuf,
     mtu: u32,
     list: Vec<Attachment>,
+    router: mpsc::Sender<router::Cmd>,
+    range: Ipv4Net,
+}
+
+impl Attachment {
+    /// The allocator's id for this container: stable for its namespace,
+    /// whatever name it is given later.
+    fn alloc_id(&self) -> String {
+        alloc_id(self.netns)
+    }
+
+    /// Its addresses that the allocator manages.
+    fn managed(&self, range: Ipv4Net) -> Vec<Ipv4Net> {
+        self.cidrs
+            .iter()
+            .filter_map(|c| match c {
+                IpNet::V4(n) if range.contains(&n.addr()) => Some(*n),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The host-side interfaces of the containers recorded in `data_dir`
+/// (for `mesh reset` without a daemon).
+pub fn host_interfaces(data_dir: &std::path::Path) -> Vec<String> {
+    persist::load_json::<Vec<Attachment>>(&data_dir.join("containers.json"))
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| a.host_ifname)
+        .collect()
+}
+
+fn alloc_id(netns: NetnsId) -> String {
+    format!("{:012x}", fnv(netns) & 0xffff_ffff_ffff)
 }
 
 fn fnv(netns: NetnsId) -> u64 {
@@ -71,7 +121,13 @@ fn mac_string(m: [u8; 6]) -> String {
 impl Manager {
     /// Load the persisted list, keeping only containers whose interface
     /// still exists.
-    pub async fn load(nl: Netlink, data_dir: PathBuf, mtu: u32) -> anyhow::Result<Manager> {
+    pub async fn load(
+        nl: Netlink,
+        data_dir: PathBuf,
+        mtu: u32,
+        router: mpsc::Sender<router::Cmd>,
+        range: Ipv4Net,
+    ) -> anyhow::Result<Manager> {
         let path = data_dir.join("containers.json");
         let stored: Vec<Attachment> = persist::load_json(&path)?.unwrap_or_default();
         let before = stored.len();
@@ -88,10 +144,21 @@ impl Manager {
             path,
             mtu,
             list,
+            router,
+            range,
         };
         if m.list.len() != before {
             m.save()?;
         }
+        let live = m
+            .list
+            .iter()
+            .map(|a| (a.alloc_id(), a.managed(range)))
+            .collect();
+        let _ = m
+            .router
+            .send(router::Cmd::Ipam(ipam::Cmd::Reconcile { live }))
+            .await;
         Ok(m)
     }
 
@@ -101,7 +168,19 @@ impl Manager {
 
     /// Serve requests until the channel closes.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
-        while let Some(Cmd { req, reply }) = rx.recv().await {
+        let mut check = tokio::time::interval(GONE_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let Cmd { req, reply } = tokio::select! {
+                c = rx.recv() => match c {
+                    Some(c) => c,
+                    None => return,
+                },
+                _ = check.tick() => {
+                    self.release_gone().await;
+                    continue;
+                }
+            };
             let resp = match req {
                 Request::Attach {
                     addrs,
@@ -112,6 +191,10 @@ impl Manager {
                     Err(message) => Response::Error { message },
                 },
                 Request::Detach { addrs, target } => match self.detach(&addrs, &target).await {
+                    Ok(()) => Response::Ok,
+                    Err(message) => Response::Error { message },
+                },
+                Request::Reset => match self.detach_all().await {
                     Ok(()) => Response::Ok,
                     Err(message) => Response::Error { message },
                 },
@@ -134,35 +217,124 @@ impl Manager {
         }
     }
 
-    fn fixed_addrs(addrs: &[String]) -> Result<Vec<IpNet>, String> {
-        let mut out = Vec::new();
+    /// Ask the allocator, through the router.
+    async fn ipam(
+        &self,
+        make: impl FnOnce(ipam::AllocReply) -> ipam::Cmd,
+    ) -> Result<Ipv4Net, String> {
+        let (tx, rx) = oneshot::channel();
+        self.router
+            .send(router::Cmd::Ipam(make(tx)))
+            .await
+            .map_err(|_| "the daemon is shutting down".to_string())?;
+        rx.await
+            .map_err(|_| "the daemon is shutting down".to_string())?
+    }
+
+    async fn release(&self, id: &str, addr: Option<std::net::Ipv4Addr>) {
+        let _ = self
+            .router
+            .send(router::Cmd::Ipam(ipam::Cmd::Release {
+                id: id.to_string(),
+                addr,
+            }))
+            .await;
+    }
+
+    /// Turn ADDRs into addresses: allocate, claim, or take as given.
+    /// Returns them with those newly taken from the allocator (to give back
+    /// if the attachment fails).
+    async fn resolve(
+        &self,
+        addrs: &[Addr],
+        id: &str,
+        held: &[IpNet],
+    ) -> Result<(Vec<IpNet>, Vec<Ipv4Net>), String> {
+        let mut out: Vec<IpNet> = Vec::new();
+        let mut taken: Vec<Ipv4Net> = Vec::new();
+        let mut result = Ok(());
         for a in addrs {
-            match addr::parse(a)? {
-                Addr::Ip(n) => out.push(n),
-                Addr::None => {}
-                Addr::Net(_) | Addr::NetDefault => {
-                    return Err(format!(
-                        "cannot allocate for {a}: automatic address allocation (IPAM) is not available in this version; give a fixed address with ip:CIDR"
-                    ))
+            let r = match a {
+                Addr::None => continue,
+                Addr::Ip(IpNet::V4(n)) if self.range.contains(&n.addr()) => {
+                    let n = *n;
+                    self.ipam(|reply| ipam::Cmd::Claim {
+                        id: id.to_string(),
+                        addr: n,
+                        reply,
+                    })
+                    .await
+                }
+                Addr::Ip(n) => {
+                    out.push(*n);
+                    continue;
+                }
+                Addr::Net(IpNet::V6(n)) => Err(format!(
+                    "cannot allocate in {n}: the allocator hands out IPv4 addresses from --ipalloc-range {}",
+                    self.range
+                )),
+                Addr::Net(IpNet::V4(s)) => {
+                    let s = *s;
+                    self.ipam(|reply| ipam::Cmd::Allocate {
+                        id: id.to_string(),
+                        subnet: Some(s),
+                        reply,
+                    })
+                    .await
+                }
+                Addr::NetDefault => {
+                    self.ipam(|reply| ipam::Cmd::Allocate {
+                        id: id.to_string(),
+                        subnet: None,
+                        reply,
+                    })
+                    .await
+                }
+            };
+            match r {
+                Ok(n) => {
+                    if !held.contains(&IpNet::V4(n)) && !taken.contains(&n) {
+                        taken.push(n);
+                    }
+                    out.push(IpNet::V4(n));
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
                 }
             }
         }
-        Ok(out)
+        if let Err(e) = result {
+            for n in &taken {
+                self.release(id, Some(n.addr())).await;
+            }
+            return Err(e);
+        }
+        out.dedup();
+        Ok((out, taken))
     }
-
     async fn attach(
         &mut self,
         addrs: &[String],
         name: Option<String>,
         target: &str,
     ) -> Result<Vec<String>, String> {
-        let wanted = Self::fixed_addrs(addrs)?;
-        if wanted.is_empty() {
+        let parsed = addrs
+            .iter()
+            .map(|a| addr::parse(a))
+            .collect::<Result<Vec<Addr>, String>>()?;
+        if parsed.iter().all(|a| *a == Addr::None) {
             return Ok(Vec::new());
         }
         let (ns, id) = host::open_netns(target).map_err(|e| e.to_string())?;
         let existing = self.list.iter().position(|a| a.netns == id);
-        for w in &wanted {
+        let held = existing
+            .map(|i| self.list[i].cidrs.clone())
+            .unwrap_or_default();
+        for w in parsed.iter().filter_map(|a| match a {
+            Addr::Ip(n) => Some(n),
+            _ => None,
+        }) {
             if let Some(other) = self
                 .list
                 .iter()
@@ -189,7 +361,12 @@ impl Manager {
             Some(i) => self.list[i].host_ifname.clone(),
             None => format!("vmesh{:08x}", hash as u32),
         };
-        let cif = host::attach_veth(
+        let aid = alloc_id(id);
+        let (wanted, taken) = self.resolve(&parsed, &aid, &held).await?;
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cif = match host::attach_veth(
             &self.nl,
             &ns,
             BRIDGE,
@@ -199,7 +376,15 @@ impl Manager {
             self.mtu,
         )
         .await
-        .map_err(|e| format!("attaching {target}: {e}"))?;
+        {
+            Ok(c) => c,
+            Err(e) => {
+                for n in &taken {
+                    self.release(&aid, Some(n.addr())).await;
+                }
+                return Err(format!("attaching {target}: {e}"));
+            }
+        };
         let mac = mac_string(cif.mac);
         match existing {
             Some(i) => {
@@ -225,13 +410,29 @@ impl Manager {
                 cidrs: wanted.clone(),
             }),
         }
-        self.save().map_err(|e| format!("{e:#}"))?;
+        if let Err(e) = self.save() {
+            // The interface exists but would be forgotten at restart: take
+            // it down again rather than leave a half-recorded container.
+            warn!("saving the container list: {e:#}");
+            return Err(format!("{e:#}"));
+        }
         info!(container = %cid, addrs = ?wanted, "attached");
         Ok(wanted.iter().map(|c| c.to_string()).collect())
     }
 
     async fn detach(&mut self, addrs: &[String], target: &str) -> Result<(), String> {
-        let release = Self::fixed_addrs(addrs)?;
+        let mut release = Vec::new();
+        for a in addrs {
+            match addr::parse(a)? {
+                Addr::Ip(n) => release.push(n),
+                Addr::None => {}
+                other => {
+                    return Err(format!(
+                        "detach takes the addresses to release ({other} is not one): give ip:CIDR, or no address to release all"
+                    ))
+                }
+            }
+        }
         let opened = host::open_netns(target).ok();
         let idx = self
             .list
@@ -270,7 +471,48 @@ impl Manager {
             self.list[idx].cidrs = remaining;
         }
         self.save().map_err(|e| format!("{e:#}"))?;
+        let aid = a.alloc_id();
+        if all {
+            self.release(&aid, None).await;
+        } else {
+            for n in &release {
+                if let IpNet::V4(n) = n {
+                    self.release(&aid, Some(n.addr())).await;
+                }
+            }
+        }
         info!(container = %a.id, "detached");
         Ok(())
+    }
+
+    /// `mesh reset`: detach every container.
+    async fn detach_all(&mut self) -> Result<(), String> {
+        let ids: Vec<String> = self.list.iter().map(|a| a.id.clone()).collect();
+        for id in ids {
+            self.detach(&[], &id).await?;
+        }
+        Ok(())
+    }
+
+    /// Forget containers whose interface is gone (their namespace was
+    /// destroyed) and release their addresses.
+    async fn release_gone(&mut self) {
+        let mut gone = Vec::new();
+        for (i, a) in self.list.iter().enumerate() {
+            if let Ok(None) = self.nl.link_index(&a.host_ifname).await {
+                gone.push(i);
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        for i in gone.into_iter().rev() {
+            let a = self.list.remove(i);
+            info!(container = %a.id, "container gone: addresses released");
+            self.release(&a.alloc_id(), None).await;
+        }
+        if let Err(e) = self.save() {
+            warn!("saving the container list: {e:#}");
+        }
     }
 }

@@ -26,9 +26,21 @@ enum Cmd {
     Launch(LaunchArgs),
     /// Stop the daemon (state, bridge and attached containers are kept).
     Stop,
+    /// Hand our address space to a live peer, detach every container, stop,
+    /// and remove all state and the bridge.
+    Reset,
+    /// Take over a dead peer's address space (agreed by a majority of the
+    /// ring; never by one side of a partition alone).
+    Rmpeer {
+        /// Peer name (aa:bb:cc:dd:ee:ff) or nickname.
+        #[arg(value_name = "NAME")]
+        peer: String,
+    },
+    /// Create the address ring now instead of on the first allocation.
+    Prime,
     /// Show this peer's state, or one part of it.
     Status {
-        /// `peers`, `connections` or `targets`.
+        /// `peers`, `connections`, `ipam` or `targets`.
         #[arg(value_enum)]
         what: Option<StatusPart>,
     },
@@ -77,6 +89,8 @@ enum StatusPart {
     Connections,
     /// Our connection targets.
     Targets,
+    /// The address allocator's ring: space per peer, pending requests.
+    Ipam,
 }
 
 /// Options of `mesh launch`.
@@ -108,6 +122,94 @@ pub struct LaunchArgs {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// The range containers' addresses are allocated from, shared by the
+    /// whole mesh.
+    #[arg(long, default_value = "10.32.0.0/12", value_parser = parse_range)]
+    pub ipalloc_range: ipnet::Ipv4Net,
+    /// The subnet of `net:default` (default: the whole range).
+    #[arg(long, value_parser = parse_range)]
+    pub ipalloc_default_subnet: Option<ipnet::Ipv4Net>,
+    /// How the ring is created: `consensus[=N]` (the first N peers agree),
+    /// `seed=NAME,...` (split among these peer names), or `observer`
+    /// (never owns space, asks for it).
+    #[arg(long, default_value = "consensus", value_parser = parse_init)]
+    pub ipalloc_init: String,
+    /// Reclaim the space of a peer unreachable this long, with the
+    /// agreement of a majority of the ring (e.g. 300s, 5m).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub ipalloc_reclaim_after: Duration,
+    /// How long an allocation may wait (for consensus, for space from
+    /// another peer) before it fails with the reason.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ipalloc_timeout: Duration,
+}
+
+/// `--ipalloc-range` and subnets: an IPv4 network, host bits clear.
+fn parse_range(s: &str) -> Result<ipnet::Ipv4Net, String> {
+    let n: ipnet::Ipv4Net = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 CIDR like 10.32.0.0/12"))?;
+    if n.trunc() != n {
+        return Err(format!("{s:?} has host bits set; did you mean {}?", n.trunc()));
+    }
+    if n.prefix_len() > 30 {
+        return Err(format!("{s:?} is too small: at least a /30 is needed"));
+    }
+    Ok(n)
+}
+
+/// `--ipalloc-init`, checked; the daemon parses it again with
+/// [`ipalloc_init`].
+fn parse_init(s: &str) -> Result<String, String> {
+    ipalloc_init(s).map(|_| s.to_string())
+}
+
+/// Parse `consensus[=N]`, `seed=NAME,...` or `observer`.
+pub fn ipalloc_init(s: &str) -> Result<mesh_proto::ipam::InitMode, String> {
+    use mesh_proto::ipam::InitMode;
+    if s == "consensus" {
+        return Ok(InitMode::Consensus(None));
+    }
+    if s == "observer" {
+        return Ok(InitMode::Observer);
+    }
+    if let Some(n) = s.strip_prefix("consensus=") {
+        return match n.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(InitMode::Consensus(Some(n))),
+            _ => Err(format!("{s:?}: consensus=N needs a number of peers, 1 or more")),
+        };
+    }
+    if let Some(list) = s.strip_prefix("seed=") {
+        let names = list
+            .split(',')
+            .map(|n| {
+                n.trim().parse::<mesh_proto::name::PeerName>().map_err(|_| {
+                    format!("{s:?}: {n:?} is not a peer name (aa:bb:cc:dd:ee:ff, as `mesh launch` prints)")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(InitMode::Seed(names));
+    }
+    Err(format!(
+        "{s:?}: expected consensus, consensus=N, seed=NAME,NAME... or observer"
+    ))
+}
+
+/// A duration: `90`, `90s`, `5m`, `1h`, `500ms`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 90s, 5m or 1h");
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(bad()),
+    })
 }
 
 /// Parse the command line and run it.
@@ -148,6 +250,39 @@ pub fn run() -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Reset => {
+            need_root("reset")?;
+            let pid = std::fs::read_to_string(paths::pid_file())
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            let running = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+            if !running {
+                daemon::offline_reset()?;
+                println!("mesh is not running: removed its interfaces and state");
+                return Ok(ExitCode::SUCCESS);
+            }
+            match call(&Request::Reset)? {
+                Response::Message { message } => println!("{message}"),
+                other => return Err(unexpected(other)),
+            }
+            if let Some(pid) = pid {
+                wait_gone(pid)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Rmpeer { peer } => {
+            need_root("rmpeer")?;
+            match call(&Request::RmPeer { peer })? {
+                Response::Message { message } => println!("{message}"),
+                other => return Err(unexpected(other)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Prime => {
+            need_root("prime")?;
+            expect_ok(call(&Request::Prime)?)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Status { what } => {
             need_root("status")?;
             let s = status()?;
@@ -160,6 +295,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
                         println!("{t}");
                     }
                 }
+                Some(StatusPart::Ipam) => print!("{}", format_ipam(&s)),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -319,6 +455,7 @@ fn launch(mut args: LaunchArgs) -> anyhow::Result<ExitCode> {
     for p in &args.peers {
         daemon::parse_peer(p, args.port).map_err(anyhow::Error::msg)?;
     }
+    daemon::ipam_config(&args)?;
     if let Ok(Response::Status(s)) =
         api::call(&paths::socket(), &Request::Status, Duration::from_secs(5))
     {
@@ -384,6 +521,17 @@ pub fn format_status(s: &api::Status) -> String {
         s.peers.iter().filter(|p| p.reachable).count()
     );
     let _ = writeln!(o, "        Targets: {}", s.targets.len());
+    if let Some(i) = &s.ipam {
+        let mine = i.peers.iter().find(|p| p.peer == s.name);
+        let _ = writeln!(
+            o,
+            "           IPAM: {}, range {}{}",
+            i.state,
+            i.range,
+            mine.map(|p| format!(", {} owned here ({} free)", p.owned, p.free))
+                .unwrap_or_default()
+        );
+    }
     for p in &s.problems {
         let _ = writeln!(o, "        Problem: {p}");
     }
@@ -391,6 +539,43 @@ pub fn format_status(s: &api::Status) -> String {
         let _ = writeln!(o);
         let _ = writeln!(o, "CONNECTIONS");
         o.push_str(&format_connections(s));
+    }
+    o
+}
+
+/// `mesh status ipam`: the ring as this peer sees it.
+pub fn format_ipam(s: &api::Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let Some(i) = &s.ipam else {
+        return "the daemon reports no address allocator\n".into();
+    };
+    let total: u64 = i.peers.iter().map(|p| p.owned).sum();
+    let _ = writeln!(o, "Range: {}  Default subnet: {}", i.range, i.default_subnet);
+    let _ = writeln!(o, "State: {}", i.state);
+    for p in &i.peers {
+        let pct = if total == 0 {
+            0.0
+        } else {
+            p.owned as f64 * 100.0 / total as f64
+        };
+        let who = if p.nickname.is_empty() {
+            p.peer.clone()
+        } else {
+            format!("{}({})", p.peer, p.nickname)
+        };
+        let this = if p.peer == s.name { "  (this peer)" } else if p.reachable { "" } else { "  - unreachable!" };
+        let _ = writeln!(
+            o,
+            "{who}  {} IPs ({pct:.1}% of total), {} free{this}",
+            p.owned, p.free
+        );
+    }
+    for p in &i.pending {
+        let _ = writeln!(o, "Pending: {p}");
+    }
+    for p in &i.problems {
+        let _ = writeln!(o, "Problem: {p}");
     }
     o
 }

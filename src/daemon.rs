@@ -11,7 +11,7 @@
 
 use crate::api::{self, Request, Response};
 use crate::cli::LaunchArgs;
-use crate::{attach, connmaker, control, host, identity, paths, router, sleeve};
+use crate::{attach, connmaker, control, host, identity, ipam, paths, router, sleeve};
 use anyhow::{bail, Context};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::PermissionsExt;
@@ -75,6 +75,16 @@ pub fn spawn_background(args: &LaunchArgs) -> anyhow::Result<String> {
     if let Some(m) = args.mtu {
         cmd.arg("--mtu").arg(m.to_string());
     }
+    cmd.arg("--ipalloc-range")
+        .arg(args.ipalloc_range.to_string());
+    if let Some(d) = args.ipalloc_default_subnet {
+        cmd.arg("--ipalloc-default-subnet").arg(d.to_string());
+    }
+    cmd.arg("--ipalloc-init").arg(&args.ipalloc_init);
+    cmd.arg("--ipalloc-reclaim-after")
+        .arg(format!("{}ms", args.ipalloc_reclaim_after.as_millis()));
+    cmd.arg("--ipalloc-timeout")
+        .arg(format!("{}ms", args.ipalloc_timeout.as_millis()));
     cmd.env_remove("MESH_PASSWORD").env_remove("WEAVE_PASSWORD");
     if let Some(p) = &args.password {
         cmd.env("MESH_PASSWORD", p);
@@ -260,6 +270,9 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         conn_limit: args.conn_limit,
         ..Default::default()
     };
+    let ipam_config = ipam_config(&args)?;
+    let range = ipam_config.range;
+    let allocator = ipam::Driver::load(name, ipam_config, paths::data_dir(), args.ipalloc_timeout)?;
     tokio::spawn(router::run(
         me.clone(),
         router_rx,
@@ -267,10 +280,12 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         conn_tx.clone(),
         gossip_config,
         incarnation,
+        allocator,
     ));
 
     let (attach_tx, attach_rx) = mpsc::channel(64);
-    let manager = attach::Manager::load(nl, paths::data_dir(), mtu).await?;
+    let manager =
+        attach::Manager::load(nl.clone(), paths::data_dir(), mtu, router_tx.clone(), range).await?;
     tokio::spawn(manager.run(attach_rx));
 
     tokio::spawn(control::accept_loop(
@@ -288,7 +303,7 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     )?;
     tokio::spawn(maker.run(conn_rx, shutdown_rx.clone()));
 
-    let (stop_tx, mut stop_rx) = mpsc::channel::<()>(1);
+    let (stop_tx, mut stop_rx) = mpsc::channel::<bool>(1);
     tokio::spawn(api_loop(
         api_listener,
         Services {
@@ -301,16 +316,83 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut reset = false;
     loop {
         tokio::select! {
-            _ = stop_rx.recv() => { info!("stopping: mesh stop"); break; }
+            r = stop_rx.recv() => {
+                reset = r.unwrap_or(false);
+                info!("stopping: mesh {}", if reset { "reset" } else { "stop" });
+                break;
+            }
             _ = term.recv() => { info!("stopping: SIGTERM"); break; }
             _ = tokio::signal::ctrl_c() => { info!("stopping: SIGINT"); break; }
             _ = hup.recv() => { info!("SIGHUP ignored"); }
         }
     }
     let _ = shutdown_tx.send(true);
+    if reset {
+        for dev in [TAP, BRIDGE] {
+            if let Err(e) = nl.delete_link(dev).await {
+                warn!("removing {dev}: {e:#}");
+            }
+        }
+        remove_state()?;
+    }
     Ok(())
+}
+
+/// The allocator's configuration from `launch` options.
+pub fn ipam_config(args: &LaunchArgs) -> anyhow::Result<mesh_proto::ipam::Config> {
+    let range = args.ipalloc_range;
+    let default_subnet = args.ipalloc_default_subnet.unwrap_or(range);
+    if !range.contains(&default_subnet) {
+        bail!("--ipalloc-default-subnet {default_subnet} is not inside --ipalloc-range {range}");
+    }
+    Ok(mesh_proto::ipam::Config {
+        range,
+        default_subnet,
+        init: crate::cli::ipalloc_init(&args.ipalloc_init).map_err(anyhow::Error::msg)?,
+        reclaim_after: args.ipalloc_reclaim_after,
+    })
+}
+
+/// `mesh reset` with no daemon running: remove the interfaces of the
+/// containers it had attached, the bridge, and the state.
+pub fn offline_reset() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let nl = host::Netlink::current().await.context("opening netlink")?;
+        for dev in attach::host_interfaces(&paths::data_dir()) {
+            nl.delete_link(&dev).await?;
+        }
+        for dev in [TAP, BRIDGE] {
+            nl.delete_link(dev).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    remove_state()
+}
+
+/// `mesh reset`: remove everything this peer keeps in `$MESH_DATA_DIR`
+/// (identity, ring and claims, containers, targets): the next launch is a
+/// new peer.
+pub fn remove_state() -> anyhow::Result<()> {
+    let dir = paths::data_dir();
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_file() {
+                    std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                }
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+    }
 }
 
 fn bind_udp(port: u16) -> anyhow::Result<tokio::net::UdpSocket> {
@@ -330,7 +412,7 @@ struct Services {
     router: mpsc::Sender<router::Cmd>,
     attach: mpsc::Sender<attach::Cmd>,
     connmaker: mpsc::Sender<connmaker::Cmd>,
-    stop: mpsc::Sender<()>,
+    stop: mpsc::Sender<bool>,
 }
 
 async fn api_loop(listener: tokio::net::UnixListener, services: Services) {
@@ -382,6 +464,48 @@ async fn ask<C, T>(tx: &mpsc::Sender<C>, make: impl FnOnce(oneshot::Sender<T>) -
     rx.await.ok()
 }
 
+/// How long `mesh reset` gives the gossip of our departing space to reach
+/// the neighbours before the daemon stops.
+const RESET_FLUSH: Duration = Duration::from_secs(2);
+
+/// `mesh reset`: detach everything (releasing its addresses), hand our
+/// space to a live peer, give the gossip time to leave, then stop; the
+/// daemon removes the bridge and state on its way out.
+async fn reset(s: &Services) -> Response {
+    let detached = ask(&s.attach, |reply| attach::Cmd {
+        req: Request::Reset,
+        reply,
+    })
+    .await;
+    if let Some(Response::Error { message }) = detached {
+        return Response::Error {
+            message: format!("reset stopped, nothing removed: {message}"),
+        };
+    }
+    let heir = ask(&s.router, |reply| {
+        router::Cmd::Ipam(ipam::Cmd::Leave { reply })
+    })
+    .await;
+    let message = match heir {
+        Some(Ok(Some(p))) => {
+            tokio::time::sleep(RESET_FLUSH).await;
+            format!("address space handed to {p}")
+        }
+        Some(Ok(None)) => "no address space to hand over".to_string(),
+        Some(Err(e)) => {
+            warn!("reset: could not hand over our address space: {e}");
+            format!("could not hand over our address space ({e}); the other peers reclaim it by majority after --ipalloc-reclaim-after")
+        }
+        None => {
+            return Response::Error {
+                message: "the daemon is shutting down".into(),
+            }
+        }
+    };
+    let _ = s.stop.try_send(true);
+    Response::Message { message }
+}
+
 async fn handle(req: Request, s: &Services) -> Response {
     let gone = || Response::Error {
         message: "the daemon is shutting down".into(),
@@ -402,7 +526,25 @@ async fn handle(req: Request, s: &Services) -> Response {
             Response::Status(Box::new(status))
         }
         Request::Stop => {
-            let _ = s.stop.try_send(());
+            let _ = s.stop.try_send(false);
+            Response::Ok
+        }
+        Request::Reset => reset(s).await,
+        Request::RmPeer { peer } => {
+            match ask(&s.router, |reply| {
+                router::Cmd::Ipam(ipam::Cmd::RmPeer { peer, reply })
+            })
+            .await
+            {
+                Some(Ok(message)) => Response::Message { message },
+                Some(Err(message)) => Response::Error { message },
+                None => gone(),
+            }
+        }
+        Request::Prime => {
+            if s.router.send(router::Cmd::Ipam(ipam::Cmd::Prime)).await.is_err() {
+                return gone();
+            }
             Response::Ok
         }
         Request::Connect { peers } => done(

@@ -19,6 +19,7 @@ pub mod control;
 pub mod daemon;
 pub mod host;
 pub mod identity;
+pub mod ipam;
 pub mod paths;
 pub mod persist;
 pub mod router;

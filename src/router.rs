@@ -12,7 +12,7 @@
 use crate::api::{ConnStatus, PeerConn, PeerStatus, SleeveStats, Status};
 use crate::control::{WarnLimit, DUPLICATE};
 use crate::daemon::Me;
-use crate::{connmaker, sleeve};
+use crate::{connmaker, ipam, sleeve};
 use mesh_proto::gossip::{self, Event, Gossip};
 use mesh_proto::name::PeerName;
 use mesh_proto::seal::{Opener, Sealer};
@@ -22,6 +22,10 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
+
+/// How often the allocator's ring is driven (consensus, space requests,
+/// reclaims) without other news.
+const IPAM_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Identifies a connection (or a dialer's attempts) in the table.
 pub type ConnId = u64;
@@ -66,6 +70,8 @@ pub enum Cmd {
     Sleeve(sleeve::Event),
     /// A snapshot for `mesh status` (targets are filled in by the caller).
     Status(oneshot::Sender<Status>),
+    /// A request for the address allocator.
+    Ipam(ipam::Cmd),
 }
 
 /// A connection ready to carry traffic.
@@ -108,6 +114,7 @@ struct Router {
     routes_dirty: bool,
     candidates_dirty: bool,
     problems: Vec<String>,
+    ipam: ipam::Driver,
 }
 
 /// Run the router until every sender is gone.
@@ -118,16 +125,18 @@ pub async fn run(
     connmaker: mpsc::Sender<connmaker::Cmd>,
     config: gossip::Config,
     incarnation: u64,
+    ipam: ipam::Driver,
 ) {
     let mut seed = [0u8; 8];
     let _ = getrandom::fill(&mut seed);
-    let gossip = Gossip::new(
+    let mut gossip = Gossip::new(
         me.name,
         me.nickname.clone(),
         incarnation,
         config,
         u64::from_le_bytes(seed),
     );
+    ipam.register(&mut gossip);
     let mut r = Router {
         me,
         rows: BTreeMap::new(),
@@ -138,9 +147,15 @@ pub async fn run(
         routes_dirty: true,
         candidates_dirty: true,
         problems: Vec::new(),
+        ipam,
     };
+    let mut tick = tokio::time::interval(IPAM_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let wake = r.gossip.poll_timeout();
+        let wake = match (r.gossip.poll_timeout(), r.ipam.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let timer = async {
             match wake {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -153,7 +168,9 @@ pub async fn run(
                 Some(c) => r.command(c).await,
             },
             _ = timer => r.gossip.handle_timeout(Instant::now()),
+            _ = tick.tick() => r.ipam.tick(&r.gossip),
         }
+        r.ipam.settle(&mut r.gossip);
         r.pump().await;
     }
 }
@@ -219,6 +236,10 @@ impl Router {
                 let status = self.status().await;
                 let _ = reply.send(status);
             }
+            Cmd::Ipam(c) => {
+                self.ipam.command(c, &self.gossip);
+                self.ipam.tick(&self.gossip);
+            }
         }
     }
 
@@ -266,13 +287,7 @@ impl Router {
 
     /// Move what the gossip core produced to where it goes.
     async fn pump(&mut self) {
-        while let Some(t) = self.gossip.poll_transmit() {
-            if let Some(a) = self.active.get(&t.to) {
-                // Never block the router on one slow connection: anti-entropy
-                // repairs whatever is dropped here.
-                let _ = a.gossip.try_send(t.bytes);
-            }
-        }
+        let mut ipam_news = false;
         while let Some(ev) = self.gossip.poll_event() {
             match ev {
                 Event::RoutesChanged => self.routes_dirty = true,
@@ -282,6 +297,7 @@ impl Router {
                 }
                 Event::PeerRemoved { name } => {
                     info!(peer = %name, "peer forgotten");
+                    self.ipam.forget_peer(name);
                     self.candidates_dirty = true;
                 }
                 Event::NameCollision {
@@ -300,7 +316,21 @@ impl Router {
                         self.problems.insert(0, p);
                     }
                 }
-                Event::ChannelUpdated { .. } => {}
+                Event::ChannelUpdated { channel } => {
+                    ipam_news |= channel == ipam::CHANNEL;
+                }
+            }
+        }
+        if ipam_news {
+            // A request addressed to us, a donation, a vote: act on it now.
+            self.ipam.tick(&self.gossip);
+            self.ipam.settle(&mut self.gossip);
+        }
+        while let Some(t) = self.gossip.poll_transmit() {
+            if let Some(a) = self.active.get(&t.to) {
+                // Never block the router on one slow connection: anti-entropy
+                // repairs whatever is dropped here.
+                let _ = a.gossip.try_send(t.bytes);
             }
         }
         if self.routes_dirty {
@@ -372,6 +402,7 @@ impl Router {
             targets: Vec::new(),
             sleeve: stats,
             problems: self.problems.clone(),
+            ipam: Some(self.ipam.status(&self.gossip)),
         }
     }
 }

@@ -791,6 +791,41 @@ impl World {
         cap
     }
 
+    /// Cuts `host`'s underlay off from the hosts at `others` (nftables drop
+    /// rules in its namespace, both directions); [`World::heal`] undoes it.
+    #[track_caller]
+    pub fn partition(&self, host: &Host, others: &[Ipv4Addr]) {
+        let set = others
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = format!(
+            "table inet meshtest {{
+                chain in {{ type filter hook input priority 0; ip saddr {{ {set} }} drop; }}
+                chain out {{ type filter hook output priority 0; ip daddr {{ {set} }} drop; }}
+            }}"
+        );
+        let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("{}-{n}.nft", host.name));
+        fs::write(&path, rules).expect("write nft rules");
+        let out = run(
+            &mut host.command("nft", &["-f", &path.to_string_lossy()]),
+            CMD_TIMEOUT,
+        );
+        assert!(out.status.success(), "nft on {}: {}", host.name, show(&out));
+    }
+
+    /// Removes the rules of [`World::partition`] from `host`.
+    #[track_caller]
+    pub fn heal(&self, host: &Host) {
+        let out = run(
+            &mut host.command("nft", &["delete", "table", "inet", "meshtest"]),
+            CMD_TIMEOUT,
+        );
+        assert!(out.status.success(), "nft on {}: {}", host.name, show(&out));
+    }
+
     /// Every host made so far.
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
@@ -806,7 +841,11 @@ impl Drop for World {
                 let status = match h.daemon_pid() {
                     Some(pid) if pid_alive(pid) => {
                         let mut text = String::new();
-                        for args in [&["status"][..], &["status", "peers"][..]] {
+                        for args in [
+                            &["status"][..],
+                            &["status", "peers"][..],
+                            &["status", "ipam"][..],
+                        ] {
                             match try_run(&mut h.command(MESH, args), Duration::from_secs(5)) {
                                 Ok(out) => text.push_str(&show(&out)),
                                 Err(e) => text.push_str(&e),

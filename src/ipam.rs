@@ -1,0 +1,392 @@
+//! The address allocator's driver: the thin layer between the router task
+//! and the sans-IO ring in [`mesh_proto::ipam`].
+//!
+//! The ring is one of the gossip core's named channels (`ipam`). The gossip
+//! core owns a boxed [`GossipData`], so the ring lives behind an
+//! `Arc<Mutex<_>>` shared by the channel and this driver; both are used from
+//! the router task only, so the lock is never contended.
+//!
+//! Ordering is what keeps addresses unique across crashes: every change the
+//! ring makes on our behalf (an allocation, a donation, a reclaim) is written
+//! to `$MESH_DATA_DIR/ipam.bin` (atomically, fsynced) before it is answered
+//! or gossiped. A SIGKILL at any instant therefore loses nothing anyone else
+//! has seen.
+//!
+//! Requests that cannot be satisfied yet (ring not agreed, space asked of
+//! another peer) are kept here and retried after every change and every
+//! tick, until their deadline; then they fail with the ring's own account of
+//! what it waits for. Nothing hangs.
+
+use crate::api::{IpamPeer, IpamStatus};
+use crate::persist;
+use ipnet::Ipv4Net;
+use mesh_proto::gossip::{Gossip, GossipData};
+use mesh_proto::ipam::{AllocError, Config, Ipam, Status};
+use mesh_proto::name::PeerName;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+/// The gossip channel's name.
+pub const CHANNEL: &str = "ipam";
+
+/// The answer to an allocation: the address with its subnet's prefix.
+pub type AllocReply = oneshot::Sender<Result<ipnet::Ipv4Net, String>>;
+
+/// What the attach manager and the API ask of the allocator.
+pub enum Cmd {
+    /// Allocate one address in `subnet` (the default subnet when `None`)
+    /// for container `id`.
+    Allocate {
+        /// The container's allocation id.
+        id: String,
+        /// Where.
+        subnet: Option<Ipv4Net>,
+        /// The answer.
+        reply: AllocReply,
+    },
+    /// Claim `addr` (inside the range) for container `id`.
+    Claim {
+        /// The container's allocation id.
+        id: String,
+        /// The address with its subnet's prefix.
+        addr: Ipv4Net,
+        /// The answer.
+        reply: AllocReply,
+    },
+    /// Release one address of `id`, or all of them.
+    Release {
+        /// The container's allocation id.
+        id: String,
+        /// One address, or all when `None`.
+        addr: Option<Ipv4Addr>,
+    },
+    /// After a restart: make the claims match the containers still attached
+    /// (claim what they hold, release the rest).
+    Reconcile {
+        /// Allocation id → addresses (inside the range) of every container
+        /// still attached.
+        live: Vec<(String, Vec<Ipv4Net>)>,
+    },
+    /// Create the ring now (`mesh prime`).
+    Prime,
+    /// Take over a dead peer's space, with the majority's agreement.
+    RmPeer {
+        /// Peer name or nickname.
+        peer: String,
+        /// The answer.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Hand all our space to a live peer (`mesh reset`).
+    Leave {
+        /// Who received it.
+        reply: oneshot::Sender<Result<Option<String>, String>>,
+    },
+}
+
+/// The shared ring, as the gossip channel sees it.
+struct Channel(Arc<Mutex<Ipam>>);
+
+fn lock(m: &Mutex<Ipam>) -> MutexGuard<'_, Ipam> {
+    // A panic while holding the lock cannot leave the ring half-changed in
+    // a way the next call cannot cope with: every change is one method.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl GossipData for Channel {
+    fn encode(&self) -> Vec<u8> {
+        lock(&self.0).encode()
+    }
+    fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        lock(&self.0).merge(payload)
+    }
+    fn digest(&self) -> u64 {
+        lock(&self.0).digest()
+    }
+}
+
+enum Want {
+    Alloc(Option<Ipv4Net>),
+    Claim(Ipv4Net),
+}
+
+struct Pending {
+    id: String,
+    want: Want,
+    deadline: Instant,
+    reply: AllocReply,
+}
+
+/// The driver, owned by the router.
+pub struct Driver {
+    ring: Arc<Mutex<Ipam>>,
+    path: PathBuf,
+    saved: u64,
+    pending: Vec<Pending>,
+    timeout: Duration,
+    problems: Vec<String>,
+}
+
+impl Driver {
+    /// Load the persisted ring, or start a new one.
+    pub fn load(
+        me: PeerName,
+        config: Config,
+        data_dir: PathBuf,
+        timeout: Duration,
+    ) -> anyhow::Result<Driver> {
+        let path = data_dir.join("ipam.bin");
+        let range = config.range;
+        let ring = match std::fs::read(&path) {
+            Ok(bytes) => Ipam::restore(me, config, &bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot use the saved address ring {} for --ipalloc-range {range}: {e} (to start over, `mesh reset` or remove the file)",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ipam::new(me, config),
+            Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
+        };
+        let saved = ring.generation();
+        Ok(Driver {
+            ring: Arc::new(Mutex::new(ring)),
+            path,
+            saved,
+            pending: Vec::new(),
+            timeout,
+            problems: Vec::new(),
+        })
+    }
+
+    /// Plug the ring into the gossip core as the `ipam` channel.
+    pub fn register(&self, gossip: &mut Gossip) {
+        gossip.add_channel(CHANNEL, Box::new(Channel(self.ring.clone())));
+    }
+
+    /// Handle one request. Call [`Driver::settle`] afterwards.
+    pub fn command(&mut self, cmd: Cmd, gossip: &Gossip) {
+        let now = Instant::now();
+        match cmd {
+            Cmd::Allocate { id, subnet, reply } => self.pending.push(Pending {
+                id,
+                want: Want::Alloc(subnet),
+                deadline: now + self.timeout,
+                reply,
+            }),
+            Cmd::Claim { id, addr, reply } => self.pending.push(Pending {
+                id,
+                want: Want::Claim(addr),
+                deadline: now + self.timeout,
+                reply,
+            }),
+            Cmd::Release { id, addr } => {
+                let freed = lock(&self.ring).release(&id, addr);
+                if !freed.is_empty() {
+                    info!(container = %id, addrs = ?freed, "addresses released");
+                }
+            }
+            Cmd::Reconcile { live } => self.reconcile(now, live),
+            Cmd::Prime => lock(&self.ring).prime(now),
+            Cmd::RmPeer { peer, reply } => {
+                let r = resolve(gossip, &peer).and_then(|name| {
+                    if name == gossip.name() {
+                        return Err("cannot rmpeer ourselves: use `mesh reset` to leave".into());
+                    }
+                    lock(&self.ring)
+                        .rmpeer(now, name)
+                        .map(|()| format!("reclaiming the space of {name}: proposed to the peers of the ring; `mesh status ipam` shows when it is agreed"))
+                });
+                let _ = reply.send(r);
+            }
+            Cmd::Leave { reply } => {
+                let reachable = reachable(gossip);
+                let r = lock(&self.ring)
+                    .leave(now, &reachable)
+                    .map(|p| p.map(|p| p.to_string()));
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn reconcile(&mut self, now: Instant, live: Vec<(String, Vec<Ipv4Net>)>) {
+        let mut ring = lock(&self.ring);
+        let keep: BTreeSet<(String, Ipv4Addr)> = live
+            .iter()
+            .flat_map(|(id, addrs)| addrs.iter().map(move |a| (id.clone(), a.addr())))
+            .collect();
+        for (id, addr) in ring.claims() {
+            if !keep.contains(&(id.clone(), addr)) {
+                info!(container = %id, %addr, "container gone while we were stopped: address released");
+                ring.release(&id, Some(addr));
+            }
+        }
+        let held: BTreeSet<(String, Ipv4Addr)> = ring.claims().into_iter().collect();
+        for (id, addrs) in &live {
+            for a in addrs {
+                if held.contains(&(id.clone(), a.addr())) {
+                    continue;
+                }
+                if let Err(e) = ring.claim(now, id, a.addr(), a.trunc()) {
+                    let p = format!(
+                        "container {id} holds {a} but the ring does not record it as ours: {e}"
+                    );
+                    warn!("{p}");
+                    self.problems.push(p);
+                }
+            }
+        }
+    }
+
+    /// Periodic work: drive consensus, space requests and reclaims.
+    pub fn tick(&mut self, gossip: &Gossip) {
+        let reachable = reachable(gossip);
+        lock(&self.ring).tick(Instant::now(), &reachable);
+    }
+
+    /// A peer was garbage-collected by the topology.
+    pub fn forget_peer(&mut self, peer: PeerName) {
+        lock(&self.ring).forget_peer(peer);
+    }
+
+    /// After anything that may have changed the ring: persist, gossip our
+    /// changes, retry waiting requests, fail those past their deadline.
+    /// Persisting comes first: nothing is answered or sent that a crash
+    /// could take back.
+    pub fn settle(&mut self, gossip: &mut Gossip) {
+        let now = Instant::now();
+        // Serve what can be served; each success changes the ring.
+        let mut waiting = Vec::new();
+        let mut answers = Vec::new();
+        {
+            let mut ring = lock(&self.ring);
+            for p in self.pending.drain(..) {
+                let r = match &p.want {
+                    Want::Alloc(subnet) => {
+                        let subnet = subnet.unwrap_or(ring.config().default_subnet);
+                        ring.allocate(now, &p.id, subnet).map(|a| {
+                            Ipv4Net::new(a, subnet.prefix_len()).unwrap_or(subnet)
+                        })
+                    }
+                    Want::Claim(addr) => ring
+                        .claim(now, &p.id, addr.addr(), addr.trunc())
+                        .map(|()| *addr),
+                };
+                match r {
+                    Ok(a) => answers.push((p.reply, Ok(a))),
+                    Err(AllocError::Refused(e)) => answers.push((p.reply, Err(e))),
+                    Err(AllocError::Wait(why)) if now >= p.deadline => answers.push((
+                        p.reply,
+                        Err(format!(
+                            "no address after {}s: {why} (see `mesh status ipam`)",
+                            self.timeout.as_secs()
+                        )),
+                    )),
+                    Err(AllocError::Wait(_)) => waiting.push(p),
+                }
+            }
+        }
+        self.pending = waiting;
+        let persisted = self.persist();
+        let delta = lock(&self.ring).take_delta();
+        if let Some(d) = delta {
+            gossip.channel_broadcast(CHANNEL, d);
+        }
+        for (reply, r) in answers {
+            let r = match (&persisted, r) {
+                (Err(e), Ok(_)) => Err(format!("could not save the allocation: {e}")),
+                (_, r) => r,
+            };
+            let _ = reply.send(r);
+        }
+    }
+
+    fn persist(&mut self) -> Result<(), String> {
+        let (generation, bytes) = {
+            let ring = lock(&self.ring);
+            if ring.generation() == self.saved {
+                return Ok(());
+            }
+            (ring.generation(), ring.persist())
+        };
+        match persist::write_atomic(&self.path, &bytes, 0o600) {
+            Ok(()) => {
+                self.saved = generation;
+                Ok(())
+            }
+            Err(e) => {
+                warn!("saving the address ring: {e:#}");
+                Err(format!("{e:#}"))
+            }
+        }
+    }
+
+    /// The earliest deadline of a waiting request.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.iter().map(|p| p.deadline).min()
+    }
+
+    /// For `mesh status ipam` and `mesh report`.
+    pub fn status(&self, gossip: &Gossip) -> IpamStatus {
+        let s: Status = lock(&self.ring).status(Instant::now(), &reachable(gossip));
+        let nicknames: BTreeMap<String, String> = gossip
+            .peers()
+            .into_iter()
+            .map(|p| (p.name.to_string(), p.nickname))
+            .collect();
+        IpamStatus {
+            range: s.range,
+            default_subnet: s.default_subnet,
+            state: s.state,
+            peers: s
+                .peers
+                .into_iter()
+                .map(|p| IpamPeer {
+                    nickname: nicknames.get(&p.peer).cloned().unwrap_or_default(),
+                    peer: p.peer,
+                    owned: p.owned,
+                    free: p.free,
+                    reachable: p.reachable,
+                })
+                .collect(),
+            pending: s.pending,
+            problems: s.problems.into_iter().chain(self.problems.iter().cloned()).collect(),
+        }
+    }
+}
+
+/// Peers reachable over the mesh now, excluding us.
+fn reachable(gossip: &Gossip) -> BTreeSet<PeerName> {
+    let me = gossip.name();
+    gossip
+        .peers()
+        .into_iter()
+        .filter(|p| p.reachable && p.name != me)
+        .map(|p| p.name)
+        .collect()
+}
+
+/// A peer by name or nickname.
+fn resolve(gossip: &Gossip, s: &str) -> Result<PeerName, String> {
+    if let Ok(n) = s.parse::<PeerName>() {
+        return Ok(n);
+    }
+    let matches: Vec<PeerName> = gossip
+        .peers()
+        .into_iter()
+        .filter(|p| p.nickname == s)
+        .map(|p| p.name)
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(format!(
+            "unknown peer {s:?}: give a peer name (aa:bb:cc:dd:ee:ff) or the nickname of a peer this one knows"
+        )),
+        _ => Err(format!(
+            "nickname {s:?} is used by several peers: give the peer name"
+        )),
+    }
+}
