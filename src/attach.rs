@@ -150,6 +150,7 @@ impl Manager {
         if m.list.len() != before {
             m.save()?;
         }
+        m.sync_rules(None).await.map_err(anyhow::Error::msg)?;
         let live = m
             .list
             .iter()
@@ -160,6 +161,34 @@ impl Manager {
             .send(router::Cmd::Ipam(ipam::Cmd::Reconcile { live }))
             .await;
         Ok(m)
+    }
+
+    /// Make the isolation rules match the list, with `extra` (a port being
+    /// created, quarantined until its MAC is known) added.
+    async fn sync_rules(&self, extra: Option<host::nft::Port>) -> Result<(), String> {
+        let mut ports: Vec<host::nft::Port> = self
+            .list
+            .iter()
+            .map(|a| host::nft::Port {
+                ifname: a.host_ifname.clone(),
+                mac: Some(a.mac.clone()),
+                addrs: a
+                    .cidrs
+                    .iter()
+                    .filter_map(|c| match c {
+                        IpNet::V4(n) => Some(*n),
+                        IpNet::V6(_) => None,
+                    })
+                    .collect(),
+            })
+            .collect();
+        if let Some(e) = extra {
+            match ports.iter_mut().find(|p| p.ifname == e.ifname) {
+                Some(p) => *p = e,
+                None => ports.push(e),
+            }
+        }
+        host::nft::sync(&ports).await
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -366,6 +395,31 @@ impl Manager {
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
+        // Rules first: a new port is quarantined until its MAC is known; a
+        // known one is allowed its new addresses before they exist.
+        let mut all_v4: Vec<Ipv4Net> = held
+            .iter()
+            .chain(&wanted)
+            .filter_map(|c| match c {
+                IpNet::V4(n) => Some(*n),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        all_v4.dedup();
+        let prior_mac = existing.map(|i| self.list[i].mac.clone());
+        if let Err(e) = self
+            .sync_rules(Some(host::nft::Port {
+                ifname: host_ifname.clone(),
+                mac: prior_mac,
+                addrs: all_v4.clone(),
+            }))
+            .await
+        {
+            for n in &taken {
+                self.release(&aid, Some(n.addr())).await;
+            }
+            return Err(e);
+        }
         let cif = match host::attach_veth(
             &self.nl,
             &ns,
@@ -382,10 +436,27 @@ impl Manager {
                 for n in &taken {
                     self.release(&aid, Some(n.addr())).await;
                 }
+                let _ = self.sync_rules(None).await;
                 return Err(format!("attaching {target}: {e}"));
             }
         };
         let mac = mac_string(cif.mac);
+        if let Err(e) = self
+            .sync_rules(Some(host::nft::Port {
+                ifname: host_ifname.clone(),
+                mac: Some(mac.clone()),
+                addrs: all_v4,
+            }))
+            .await
+        {
+            // Quarantined and useless: undo the attachment entirely.
+            let _ = self.nl.delete_link(&host_ifname).await;
+            for n in &taken {
+                self.release(&aid, Some(n.addr())).await;
+            }
+            let _ = self.sync_rules(None).await;
+            return Err(format!("attaching {target}: {e}"));
+        }
         match existing {
             Some(i) => {
                 let a = &mut self.list[i];
@@ -471,6 +542,9 @@ impl Manager {
             self.list[idx].cidrs = remaining;
         }
         self.save().map_err(|e| format!("{e:#}"))?;
+        if let Err(e) = self.sync_rules(None).await {
+            warn!("isolation rules after detaching {}: {e}", a.id);
+        }
         let aid = a.alloc_id();
         if all {
             self.release(&aid, None).await;
@@ -513,6 +587,9 @@ impl Manager {
         }
         if let Err(e) = self.save() {
             warn!("saving the container list: {e:#}");
+        }
+        if let Err(e) = self.sync_rules(None).await {
+            warn!("isolation rules: {e}");
         }
     }
 }

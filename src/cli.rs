@@ -150,7 +150,10 @@ fn parse_range(s: &str) -> Result<ipnet::Ipv4Net, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not an IPv4 CIDR like 10.32.0.0/12"))?;
     if n.trunc() != n {
-        return Err(format!("{s:?} has host bits set; did you mean {}?", n.trunc()));
+        return Err(format!(
+            "{s:?} has host bits set; did you mean {}?",
+            n.trunc()
+        ));
     }
     if n.prefix_len() > 30 {
         return Err(format!("{s:?} is too small: at least a /30 is needed"));
@@ -176,7 +179,9 @@ pub fn ipalloc_init(s: &str) -> Result<mesh_proto::ipam::InitMode, String> {
     if let Some(n) = s.strip_prefix("consensus=") {
         return match n.parse::<usize>() {
             Ok(n) if n >= 1 => Ok(InitMode::Consensus(Some(n))),
-            _ => Err(format!("{s:?}: consensus=N needs a number of peers, 1 or more")),
+            _ => Err(format!(
+                "{s:?}: consensus=N needs a number of peers, 1 or more"
+            )),
         };
     }
     if let Some(list) = s.strip_prefix("seed=") {
@@ -551,7 +556,11 @@ pub fn format_ipam(s: &api::Status) -> String {
         return "the daemon reports no address allocator\n".into();
     };
     let total: u64 = i.peers.iter().map(|p| p.owned).sum();
-    let _ = writeln!(o, "Range: {}  Default subnet: {}", i.range, i.default_subnet);
+    let _ = writeln!(
+        o,
+        "Range: {}  Default subnet: {}",
+        i.range, i.default_subnet
+    );
     let _ = writeln!(o, "State: {}", i.state);
     for p in &i.peers {
         let pct = if total == 0 {
@@ -564,7 +573,13 @@ pub fn format_ipam(s: &api::Status) -> String {
         } else {
             format!("{}({})", p.peer, p.nickname)
         };
-        let this = if p.peer == s.name { "  (this peer)" } else if p.reachable { "" } else { "  - unreachable!" };
+        let this = if p.peer == s.name {
+            "  (this peer)"
+        } else if p.reachable {
+            ""
+        } else {
+            "  - unreachable!"
+        };
         let _ = writeln!(
             o,
             "{who}  {} IPs ({pct:.1}% of total), {} free{this}",

@@ -331,6 +331,9 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     }
     let _ = shutdown_tx.send(true);
     if reset {
+        if let Err(e) = host::nft::remove().await {
+            warn!("removing isolation rules: {e}");
+        }
         for dev in [TAP, BRIDGE] {
             if let Err(e) = nl.delete_link(dev).await {
                 warn!("removing {dev}: {e:#}");
@@ -370,6 +373,7 @@ pub fn offline_reset() -> anyhow::Result<()> {
         for dev in [TAP, BRIDGE] {
             nl.delete_link(dev).await?;
         }
+        host::nft::remove().await.map_err(anyhow::Error::msg)?;
         anyhow::Ok(())
     })?;
     remove_state()
@@ -385,7 +389,8 @@ pub fn remove_state() -> anyhow::Result<()> {
             for e in entries.flatten() {
                 let p = e.path();
                 if p.is_file() {
-                    std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                    std::fs::remove_file(&p)
+                        .with_context(|| format!("removing {}", p.display()))?;
                 }
             }
             Ok(())
@@ -542,7 +547,11 @@ async fn handle(req: Request, s: &Services) -> Response {
             }
         }
         Request::Prime => {
-            if s.router.send(router::Cmd::Ipam(ipam::Cmd::Prime)).await.is_err() {
+            if s.router
+                .send(router::Cmd::Ipam(ipam::Cmd::Prime))
+                .await
+                .is_err()
+            {
                 return gone();
             }
             Response::Ok

@@ -267,9 +267,8 @@ impl Driver {
                 let r = match &p.want {
                     Want::Alloc(subnet) => {
                         let subnet = subnet.unwrap_or(ring.config().default_subnet);
-                        ring.allocate(now, &p.id, subnet).map(|a| {
-                            Ipv4Net::new(a, subnet.prefix_len()).unwrap_or(subnet)
-                        })
+                        ring.allocate(now, &p.id, subnet)
+                            .map(|a| Ipv4Net::new(a, subnet.prefix_len()).unwrap_or(subnet))
                     }
                     Want::Claim(addr) => ring
                         .claim(now, &p.id, addr.addr(), addr.trunc())
@@ -353,7 +352,11 @@ impl Driver {
                 })
                 .collect(),
             pending: s.pending,
-            problems: s.problems.into_iter().chain(self.problems.iter().cloned()).collect(),
+            problems: s
+                .problems
+                .into_iter()
+                .chain(self.problems.iter().cloned())
+                .collect(),
         }
     }
 }

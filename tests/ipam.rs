@@ -56,7 +56,11 @@ fn attach_auto(h: &Host, c: &Container, addrs: &[&str]) -> String {
         show(&out)
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     assert_eq!(lines.len(), 1, "attach printed {text:?}, not one CIDR");
     lines[0].to_string()
 }
@@ -69,7 +73,11 @@ fn addr_of(cidr: &str) -> Ipv4Addr {
 }
 
 fn in_net(a: Ipv4Addr, net: Ipv4Addr, prefix: u32) -> bool {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
     u32::from(a) & mask == u32::from(net) & mask
 }
 
@@ -149,10 +157,16 @@ fn three_hosts_allocate_concurrently_and_a_restart_keeps_addresses() {
             .map(|j| j.join().expect("attach thread"))
             .collect()
     });
-    let all: Vec<(String, Ipv4Addr)> = results.iter().map(|(n, c)| (n.clone(), addr_of(c))).collect();
+    let all: Vec<(String, Ipv4Addr)> = results
+        .iter()
+        .map(|(n, c)| (n.clone(), addr_of(c)))
+        .collect();
     assert_distinct(&all);
     for (n, c) in &results {
-        assert!(c.ends_with("/16"), "{n} got {c}: not in the default subnet's prefix");
+        assert!(
+            c.ends_with("/16"),
+            "{n} got {c}: not in the default subnet's prefix"
+        );
         let a = addr_of(c);
         assert!(in_net(a, Ipv4Addr::new(198, 19, 0, 0), 16), "{n} got {a}");
         assert!(
@@ -185,7 +199,10 @@ fn three_hosts_allocate_concurrently_and_a_restart_keeps_addresses() {
     let pid = hosts[1].daemon_pid().expect("h2 pid");
     hosts[1].mesh_ok(&["stop"]);
     wait_until(DEADLINE, "h2 exits", || !pid_alive(pid));
-    w.launch(&hosts[1], &["--ipalloc-range", "198.19.0.0/16", "198.18.0.1"]);
+    w.launch(
+        &hosts[1],
+        &["--ipalloc-range", "198.19.0.0/16", "198.18.0.1"],
+    );
     let after = hosts[1].ps();
     assert_eq!(before, after, "mesh ps changed across a restart");
     let extra = w.add_container("h2extra");
@@ -208,7 +225,9 @@ fn allocations_on_both_sides_of_a_partition_never_collide() {
     launch_all(&w, &hosts, &range);
     wait_full_mesh(&hosts);
     // The ring is agreed by all three before the partition.
-    let first: Vec<Container> = (0..3).map(|i| w.add_container(&format!("first{i}"))).collect();
+    let first: Vec<Container> = (0..3)
+        .map(|i| w.add_container(&format!("first{i}")))
+        .collect();
     for (h, c) in hosts.iter().zip(&first) {
         attach_auto(h, c, &[]);
     }
@@ -242,7 +261,11 @@ fn allocations_on_both_sides_of_a_partition_never_collide() {
         .cloned()
         .collect();
     let addrs = kernel_addrs(&everything);
-    assert_eq!(addrs.len(), everything.len(), "every container has one address: {addrs:?}");
+    assert_eq!(
+        addrs.len(),
+        everything.len(),
+        "every container has one address: {addrs:?}"
+    );
     assert_distinct(&addrs);
     // And the two sides reach each other again.
     let b0 = addrs
@@ -273,7 +296,9 @@ fn reclaim(test: &str, by_rmpeer: bool) {
         ],
     );
     wait_full_mesh(&hosts);
-    let first: Vec<Container> = (0..3).map(|i| w.add_container(&format!("first{i}"))).collect();
+    let first: Vec<Container> = (0..3)
+        .map(|i| w.add_container(&format!("first{i}")))
+        .collect();
     for (h, c) in hosts.iter().zip(&first) {
         attach_auto(h, c, &[]);
     }
@@ -300,10 +325,14 @@ fn reclaim(test: &str, by_rmpeer: bool) {
         });
     }
     for h in &hosts[..2] {
-        wait_until(DEADLINE, &format!("{} sees h3's space reclaimed", h.name), || {
-            let o = owned(h);
-            o.get(&h3).copied().unwrap_or(0) == 0 && o.values().sum::<u64>() == 32
-        });
+        wait_until(
+            DEADLINE,
+            &format!("{} sees h3's space reclaimed", h.name),
+            || {
+                let o = owned(h);
+                o.get(&h3).copied().unwrap_or(0) == 0 && o.values().sum::<u64>() == 32
+            },
+        );
     }
     // 32 addresses, 2 reserved, h3's container holds 1: 29 left. Fill them
     // from h1 and h2 at once.
@@ -324,7 +353,10 @@ fn reclaim(test: &str, by_rmpeer: bool) {
     let out = hosts[0].mesh_timeout(&["attach", "--name", "last", &last.path], DEADLINE);
     let err = assert_one_line_error(&out, "attach to a full range");
     assert!(err.contains("full") || err.contains("no address"), "{err}");
-    assert!(last.ethmesh_mac().is_none(), "a failed attach left an interface");
+    assert!(
+        last.ethmesh_mac().is_none(),
+        "a failed attach left an interface"
+    );
 }
 
 #[test]
@@ -425,8 +457,8 @@ fn bad_addresses_get_one_clear_error_and_change_nothing() {
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if text.is_empty() {
             // `ip netns exec` execs sleep itself: then the child is the sleeper.
-            let comm = std::fs::read_to_string(format!("/proc/{}/comm", child.id()))
-                .unwrap_or_default();
+            let comm =
+                std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap_or_default();
             if comm.trim() == "sleep" {
                 return Ok(child.id().to_string());
             }
@@ -440,7 +472,10 @@ fn bad_addresses_get_one_clear_error_and_change_nothing() {
     let err = assert_one_line_error(&out, "attach with WEAVE_CIDR=net:banana");
     assert!(err.contains("banana"), "{err}");
     assert_eq!(h.ps(), before, "a failed attach changed mesh ps");
-    assert!(c2.ethmesh_mac().is_none(), "a failed attach left an interface");
+    assert!(
+        c2.ethmesh_mac().is_none(),
+        "a failed attach left an interface"
+    );
     // Launch options are checked too.
     let h2 = w.add_host();
     for (args, word) in [
@@ -459,6 +494,9 @@ fn bad_addresses_get_one_clear_error_and_change_nothing() {
     ] {
         let out = w.try_launch(&h2, args);
         let err = assert_one_line_error(&out, &format!("launch {args:?}"));
-        assert!(err.contains(word), "launch {args:?}: {err:?} does not say {word:?}");
+        assert!(
+            err.contains(word),
+            "launch {args:?}: {err:?} does not say {word:?}"
+        );
     }
 }

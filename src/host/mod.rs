@@ -16,10 +16,12 @@
 //!
 //! Files: [`netns`] (namespace handles), [`netlink`] (the [`Netlink`] handle,
 //! bridge, link queries, underlay MTU), [`veth`] (container attach/detach),
-//! [`tap`] (the sleeve's TAP).
+//! [`tap`] (the sleeve's TAP), [`nft`] (isolation rules on the bridge; these
+//! are the one part done by running a command, `nft`).
 
 pub mod netlink;
 pub mod netns;
+pub mod nft;
 pub mod tap;
 pub mod veth;
 
