@@ -121,6 +121,18 @@ pub struct Status {
     /// The address allocator (absent from daemons before it existed).
     #[serde(default)]
     pub ipam: Option<IpamStatus>,
+    /// The DNS server (absent when there is none).
+    #[serde(default)]
+    pub dns: Option<DnsStatus>,
+}
+
+/// `mesh status dns`: what the daemon serves.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// Whether names are served (false with `--no-dns`).
+    pub serving: bool,
+    /// The domain, e.g. `mesh.local.`.
+    pub domain: String,
 }
 
 /// `mesh status ipam`: the allocator's ring as this peer sees it.

@@ -74,6 +74,23 @@ enum Cmd {
         #[arg(required = true, num_args = 1.., value_name = "ADDR... TARGET")]
         args: Vec<String>,
     },
+    /// Run CMD in new network, UTS and mount namespaces, attached to the
+    /// mesh; release it when CMD exits. Exits with CMD's status.
+    Run {
+        /// Container name: its hostname, `mesh ps` id and DNS name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Environment for CMD, `KEY=VALUE` (`WEAVE_CIDR`/`MESH_CIDR` here
+        /// choose the addresses when no ADDR is given).
+        #[arg(short = 'e', long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// ADDRs (`net:CIDR`, `net:default`, `ip:CIDR`, `none`).
+        #[arg(value_name = "ADDR")]
+        addrs: Vec<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
     /// List attached containers: `ID MAC CIDR...`.
     Ps,
     /// Show versions of the binary and the protocol.
@@ -329,6 +346,23 @@ pub fn run() -> anyhow::Result<ExitCode> {
             let (addrs, target) = split_addrs(&args)?;
             expect_ok(call(&Request::Detach { addrs, target })?)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run {
+            name,
+            env,
+            addrs,
+            cmd,
+        } => {
+            for a in &addrs {
+                addr::parse(a).map_err(anyhow::Error::msg)?;
+            }
+            need_root("run")?;
+            crate::run::run(crate::run::RunArgs {
+                addrs,
+                name,
+                env,
+                cmd,
+            })
         }
         Cmd::Ps => {
             need_root("ps")?;

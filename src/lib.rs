@@ -23,4 +23,5 @@ pub mod ipam;
 pub mod paths;
 pub mod persist;
 pub mod router;
+pub mod run;
 pub mod sleeve;

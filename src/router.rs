@@ -403,6 +403,7 @@ impl Router {
             sleeve: stats,
             problems: self.problems.clone(),
             ipam: Some(self.ipam.status(&self.gossip)),
+            dns: None,
         }
     }
 }
