@@ -23,6 +23,8 @@
 //! - [`reassembly`]: reassembly of super-frames carried as fragments.
 //! - [`gossip`]: the gossip and topology core: peers, connections, routes,
 //!   broadcast trees, named channels for IPAM and DNS.
+//! - [`ipam`]: the IP address allocator: a ring of address pieces shared as
+//!   a CRDT over a gossip channel, created and reclaimed by Paxos.
 //! - [`sim`]: a deterministic simulator of many gossip cores on a virtual
 //!   clock (latency, loss, partitions, crashes).
 //!
@@ -36,6 +38,7 @@ pub mod frame;
 pub mod gossip;
 pub mod handshake;
 pub mod hello;
+pub mod ipam;
 pub mod name;
 pub mod reassembly;
 pub mod seal;

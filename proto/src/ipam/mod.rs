@@ -1,0 +1,427 @@
+//! IP address management: Weave's ring, made safe under partitions.
+//!
+//! [`Ipam`] is a sans-IO core, one per peer. Inputs: `allocate`, `claim`,
+//! `release`, `rmpeer`, `leave`, `forget_peer`, [`GossipData::merge`] of what
+//! neighbours sent, and [`Ipam::tick`] with the time and the set of peers
+//! reachable over the mesh. Outputs: the answers, [`Ipam::take_delta`] (our
+//! own changes, to broadcast on the IPAM channel), [`Ipam::persist`] (to
+//! write, atomically, whenever [`Ipam::generation`] moved, before anything is
+//! sent or answered) and [`Ipam::status`].
+//!
+//! # The state
+//!
+//! The channel's state ([`state`]) is a CRDT: the range is split into
+//! contiguous *pieces*, each starting at a *token* that names its owner; only
+//! the owner rewrites its tokens, and the greater `(epoch, version)` of a
+//! token wins a merge. Each peer also has a *record*, written only by itself:
+//! its Paxos acceptor state per instance ([`paxos`]), its outstanding
+//! requests for space, the requests it served, and the addresses it holds
+//! (as runs). There is no unicast: every exchange is state that floods.
+//!
+//! - **Creation.** `Seed` peers compute the ring from the seed list (the
+//!   same list gives the same ring everywhere). `Consensus` peers run Paxos
+//!   over the records (instance [`state::Instance::Ring`]) once the first
+//!   allocation or [`Ipam::prime`] asks for it; the decided list of peers
+//!   splits the range evenly. `Observer`s never take part and learn the ring
+//!   from the ring header that travels with the tokens. A ring has an identity
+//!   (range and initial owners); a payload with a different range or ring is
+//!   refused by `merge` with an error naming both.
+//! - **Allocation** takes the lowest free address of our own pieces inside
+//!   the subnet, never the subnet's first or last address, and never an
+//!   address another peer's record says it holds. When we have none, we
+//!   write a request naming a donor (a reachable peer with free space in the
+//!   subnet, chosen at random weighted by its free space, as computed from
+//!   the ring and its held runs); the donor sees it, gives the upper half of
+//!   its largest free run by rewriting the tokens, and marks the request
+//!   served.
+//! - **Reclaim.** A dead peer's pieces pass to an heir decided by Paxos
+//!   (instance [`state::Instance::Reclaim`]), with the current owners of the
+//!   ring as voters: a majority of them must accept. An acceptor takes part
+//!   only while the dead peer is not reachable from it. `rmpeer` proposes us
+//!   as heir; `tick` does so once an owner has been unreachable for
+//!   `reclaim_after`. Once decided, everyone treats the dead peer's tokens as
+//!   the heir's, and the heir rewrites them with `epoch + 1`, a version the
+//!   old owner cannot reach by writing in its own epoch. Two `rmpeer`s for
+//!   the same peer are two proposers of one Paxos instance: one heir.
+//!
+//! # Why two sides of a partition do not hand out one address twice
+//!
+//! 1. Two live owners never hold the same piece: a piece changes owner only
+//!    by its owner's write (a donation, a `leave`) or by a decided reclaim,
+//!    and a decided reclaim has one heir (Paxos).
+//! 2. A peer allocates from, or donates, its pieces only while it sees at
+//!    least half of the ring's owners (itself included) reachable, or within
+//!    a lease of `reclaim_after / 2` since it last did. A reclaim needs more
+//!    than half of the owners to accept, each of which does not see the dead
+//!    peer. A peer that sees at least half cannot be missed by more than
+//!    half, so, with reachability roughly symmetric, the owner stops before
+//!    its space can be reclaimed: automatically after `reclaim_after`, which
+//!    leaves a margin of `reclaim_after / 2` over the lease.
+//! 3. The heir does not reuse the addresses the dead peer was known to hold
+//!    (its record's held runs), until the peer is forgotten (it owns nothing
+//!    and the topology dropped it) or released them.
+//! 4. A peer that comes back and finds its pieces reclaimed stops
+//!    allocating from them, and [`Ipam::status`] lists each of its claims in
+//!    space it no longer owns as a problem.
+//!
+//! What this cannot cover, and no protocol without a synchronous majority
+//! acknowledgement of every allocation could: addresses handed out by a peer
+//! that had not yet told anyone (a crash right after an allocation, before
+//! gossip; an allocation in the lease window behind a partition) when its
+//! space is then reclaimed. `rmpeer` is the user's assertion that the peer
+//! is dead with its containers; the automatic reclaim waits `reclaim_after`.
+//!
+//! The Paxos electorate of a reclaim is "the owners of the ring" as each peer
+//! sees it; if the set of owners changes (a first donation to a new peer)
+//! while a reclaim is running, two peers may count different electorates.
+//! The window is small (donations go to peers that ask while running dry) and
+//! documented, not closed.
+
+mod drive;
+mod paxos;
+mod space;
+pub mod state;
+#[cfg(test)]
+mod tests;
+
+use crate::gossip::GossipData;
+use crate::name::PeerName;
+use ipnet::Ipv4Net;
+use state::{Crdt, Instance, Net, Payload, Record, Ring};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+/// How a peer takes part in IPAM.
+pub struct Config {
+    /// The whole range managed by IPAM.
+    pub range: Ipv4Net,
+    /// The subnet used for `net:default`.
+    pub default_subnet: Ipv4Net,
+    /// How the ring is created.
+    pub init: InitMode,
+    /// How long an owner must be unreachable before its space is reclaimed.
+    pub reclaim_after: Duration,
+}
+
+/// How the ring is created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InitMode {
+    /// Paxos among the first peers; `Some(n)`: among `n` peers.
+    Consensus(Option<usize>),
+    /// The ring is split among these peers.
+    Seed(Vec<PeerName>),
+    /// Never create or take part: learn the ring, ask for space.
+    Observer,
+}
+
+/// Why an allocation or claim did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllocError {
+    /// Not now: retry after the next change (the reason says what for).
+    Wait(String),
+    /// Never: waiting cannot fix it.
+    Refused(String),
+}
+
+impl fmt::Display for AllocError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AllocError::Wait(r) => write!(f, "waiting: {r}"),
+            AllocError::Refused(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+impl std::error::Error for AllocError {}
+
+/// What `mesh status ipam` shows.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Status {
+    /// The range.
+    pub range: String,
+    /// The default subnet.
+    pub default_subnet: String,
+    /// "ready", "awaiting consensus (…)", "observer, no ring yet", …
+    pub state: String,
+    /// Every peer known to IPAM.
+    pub peers: Vec<PeerSpace>,
+    /// What we are waiting for.
+    pub pending: Vec<String>,
+    /// What is wrong.
+    pub problems: Vec<String>,
+}
+
+/// One peer's share of the ring.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PeerSpace {
+    /// The peer's name.
+    pub peer: String,
+    /// Addresses in its pieces.
+    pub owned: u64,
+    /// Of those, not held.
+    pub free: u64,
+    /// Reachable now (we are).
+    pub reachable: bool,
+}
+
+/// How long an instance of Paxos must show no progress before we propose.
+const RETRY: Duration = Duration::from_millis(1000);
+/// How long a need for space outlives the last allocation that felt it.
+const NEED_TTL: Duration = Duration::from_secs(60);
+
+/// The IPAM core of one peer.
+pub struct Ipam {
+    me: PeerName,
+    config: Config,
+    range: Net,
+    crdt: Crdt,
+    /// Our claims: address → container id.
+    claims: BTreeMap<u32, String>,
+    /// Our claims by id.
+    by_id: BTreeMap<String, BTreeSet<u32>>,
+    generation: u64,
+    dirty_tokens: BTreeSet<u32>,
+    dirty_record: bool,
+    dirty_ring: bool,
+    /// Reachable peers as of the last tick.
+    reachable: BTreeSet<PeerName>,
+    /// When we last saw at least half of the owners.
+    last_quorum: Option<Instant>,
+    unreachable_since: BTreeMap<PeerName, Instant>,
+    /// The consensus size, once consensus started here.
+    consensus_n: Option<usize>,
+    /// Instances we propose in.
+    proposing: BTreeSet<Instance>,
+    /// Per instance: its fingerprint and when it last changed.
+    activity: BTreeMap<Instance, (u64, Instant)>,
+    /// Subnets in which we lack space, and when an allocation last felt it.
+    needs: BTreeMap<Net, Instant>,
+    next_seq: u64,
+    forgotten: BTreeMap<PeerName, u64>,
+    /// Decided instances (derived from the records, never undone).
+    decided: BTreeMap<Instance, Vec<PeerName>>,
+    /// Addresses other peers hold (derived from their records).
+    foreign_held: BTreeMap<u32, PeerName>,
+    rng: u64,
+}
+
+/// What `persist` writes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    state: Payload,
+    claims: Vec<(String, u32)>,
+    consensus_n: Option<u64>,
+    next_seq: u64,
+}
+
+impl Ipam {
+    /// A fresh core.
+    pub fn new(me: PeerName, config: Config) -> Ipam {
+        let range = Net::from_ipnet(config.range);
+        let mut ipam = Ipam {
+            me,
+            range,
+            crdt: Crdt::new(range),
+            claims: BTreeMap::new(),
+            by_id: BTreeMap::new(),
+            generation: 0,
+            dirty_tokens: BTreeSet::new(),
+            dirty_record: false,
+            dirty_ring: false,
+            reachable: BTreeSet::new(),
+            last_quorum: None,
+            unreachable_since: BTreeMap::new(),
+            consensus_n: None,
+            proposing: BTreeSet::new(),
+            activity: BTreeMap::new(),
+            needs: BTreeMap::new(),
+            next_seq: 1,
+            forgotten: BTreeMap::new(),
+            decided: BTreeMap::new(),
+            foreign_held: BTreeMap::new(),
+            rng: crate::gossip::digest::name_u64(me) ^ 0x2545_f491_4f6c_dd1d,
+            config,
+        };
+        if let InitMode::Seed(seed) = &ipam.config.init {
+            let mut owners = seed.clone();
+            owners.sort();
+            owners.dedup();
+            if !owners.is_empty() {
+                // A fresh state has no ring: this cannot conflict.
+                let _ = ipam.crdt.install_ring(Ring { owners });
+            }
+        }
+        ipam
+    }
+
+    /// Restore from `persist()` bytes (ring, own record, own claims); Err on
+    /// malformed bytes or another range.
+    pub fn restore(me: PeerName, config: Config, bytes: &[u8]) -> Result<Ipam, String> {
+        let body = state::check_header(bytes, "persisted IPAM state")?;
+        let p: Persisted = postcard::from_bytes(body)
+            .map_err(|e| format!("malformed persisted IPAM state: {e}"))?;
+        let state_bytes = p.state.encode();
+        // Re-decode to run the payload's checks.
+        let state = Payload::decode(&state_bytes)
+            .map_err(|e| format!("persisted IPAM state: {e}"))?;
+        let mut ipam = Ipam::new(me, config);
+        ipam.crdt
+            .merge(state)
+            .map_err(|e| format!("persisted IPAM state does not fit this configuration: {e}"))?;
+        let (lo, hi) = ipam.range.bounds();
+        for (id, a) in p.claims {
+            if a < lo || a > hi {
+                return Err(format!(
+                    "persisted IPAM claim {} of {id} lies outside the range {}",
+                    Ipv4Addr::from(a),
+                    ipam.config.range
+                ));
+            }
+            if ipam.claims.insert(a, id.clone()).is_some() {
+                return Err(format!(
+                    "persisted IPAM claims hold {} twice",
+                    Ipv4Addr::from(a)
+                ));
+            }
+            ipam.by_id.entry(id).or_default().insert(a);
+        }
+        ipam.consensus_n = p.consensus_n.map(|n| n as usize);
+        ipam.next_seq = p.next_seq.max(1);
+        let peers: Vec<PeerName> = ipam.crdt.records.keys().copied().collect();
+        for peer in peers {
+            ipam.reindex_held(peer, None);
+        }
+        ipam.react();
+        ipam.dirty_record = ipam.crdt.records.contains_key(&me);
+        Ok(ipam)
+    }
+
+    /// Everything to write to disk.
+    pub fn persist(&self) -> Vec<u8> {
+        let p = Persisted {
+            state: self.crdt.payload(),
+            claims: self.claims.iter().map(|(a, id)| (id.clone(), *a)).collect(),
+            consensus_n: self.consensus_n.map(|n| n as u64),
+            next_seq: self.next_seq,
+        };
+        let mut out = vec![state::FORMAT];
+        out.extend(postcard::to_allocvec(&p).unwrap_or_default());
+        out
+    }
+
+    /// Increments on every change that must be persisted before anything is
+    /// sent or answered.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Our peer name.
+    pub fn me(&self) -> PeerName {
+        self.me
+    }
+
+    /// Start consensus on the ring now, rather than on the first allocation.
+    pub fn prime(&mut self, _now: Instant) {
+        self.start_consensus();
+        self.react();
+    }
+
+    /// Our own changes since the last call, as a delta for the channel.
+    pub fn take_delta(&mut self) -> Option<Vec<u8>> {
+        if !self.dirty_record && self.dirty_tokens.is_empty() && !self.dirty_ring {
+            return None;
+        }
+        let mut p = Payload {
+            range: Some(self.range),
+            ..Payload::default()
+        };
+        for a in std::mem::take(&mut self.dirty_tokens) {
+            if let Some(t) = self.crdt.tokens.get(&a) {
+                p.tokens.push((a, *t));
+            }
+        }
+        if !p.tokens.is_empty() || self.dirty_ring {
+            p.ring = self.crdt.ring.clone();
+        }
+        if self.dirty_record {
+            if let Some(r) = self.crdt.records.get(&self.me) {
+                p.records.push((self.me, r.clone()));
+            }
+        }
+        self.dirty_record = false;
+        self.dirty_ring = false;
+        (!p.is_empty()).then(|| p.encode())
+    }
+
+    /// Change our own record (bumps its version).
+    fn write_record(&mut self, f: impl FnOnce(&mut Record)) {
+        let r = self.crdt.records.entry(self.me).or_default();
+        f(r);
+        r.version += 1;
+        self.dirty_record = true;
+        self.generation += 1;
+    }
+
+    /// Rebuild the index of what `peer` holds, given its previous record.
+    fn reindex_held(&mut self, peer: PeerName, old: Option<&Record>) {
+        if peer == self.me {
+            return;
+        }
+        if let Some(old) = old {
+            for a in old.held_addrs() {
+                if self.foreign_held.get(&a) == Some(&peer) {
+                    self.foreign_held.remove(&a);
+                }
+            }
+        }
+        if let Some(r) = self.crdt.records.get(&peer) {
+            for a in r.held_addrs() {
+                self.foreign_held.entry(a).or_insert(peer);
+            }
+        }
+    }
+
+    /// A random number (SplitMix64 over our own state).
+    fn random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        crate::gossip::digest::mix(self.rng)
+    }
+}
+
+impl GossipData for Ipam {
+    fn encode(&self) -> Vec<u8> {
+        self.crdt.payload().encode()
+    }
+
+    fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        let mut p = Payload::decode(payload)?;
+        self.crdt.check(&p)?;
+        p.records.retain(|(peer, r)| {
+            self.forgotten
+                .get(peer)
+                .is_none_or(|v| r.version > *v)
+        });
+        let m = self.crdt.merge(p)?;
+        if m.news.is_empty() {
+            return Ok(None);
+        }
+        self.generation += 1;
+        for (peer, old) in &m.replaced {
+            self.forgotten.remove(peer);
+            self.reindex_held(*peer, old.as_ref());
+        }
+        self.react();
+        Ok(Some(m.news.encode()))
+    }
+
+    fn digest(&self) -> u64 {
+        self.crdt.digest()
+    }
+}
