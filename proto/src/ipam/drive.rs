@@ -354,7 +354,7 @@ impl Ipam {
             if self.crdt.ring.is_none()
                 && self.consensus_n.is_none()
                 && matches!(self.config.init, InitMode::Consensus(_))
-                && self.instances().contains(&Instance::Ring)
+                && self.crdt.records.values().any(|r| r.consensus)
             {
                 self.start_consensus();
                 changed = true;
