@@ -139,8 +139,10 @@ impl Sim {
         }
         // Ticks.
         for i in 0..N {
-            let reach: BTreeSet<PeerName> =
-                (0..N).filter(|j| *j != i && self.linked(i, *j)).map(name).collect();
+            let reach: BTreeSet<PeerName> = (0..N)
+                .filter(|j| *j != i && self.linked(i, *j))
+                .map(name)
+                .collect();
             if let Some(p) = self.peers[i].as_mut() {
                 p.tick(now, &reach);
             }
@@ -203,7 +205,12 @@ impl Sim {
             }
             let hub = self.peers[0].as_ref().unwrap().encode();
             for j in 1..N {
-                news |= self.peers[j].as_mut().unwrap().merge(&hub).unwrap().is_some();
+                news |= self.peers[j]
+                    .as_mut()
+                    .unwrap()
+                    .merge(&hub)
+                    .unwrap()
+                    .is_some();
             }
             if !news {
                 break;

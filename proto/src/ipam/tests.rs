@@ -132,7 +132,12 @@ fn bad_input_is_refused_and_changes_nothing() {
             other => panic!("{other:?}"),
         }
     }
-    for bad in [&[][..], &[9, 1, 2][..], &[1, 0xff, 0xff, 0xff][..], &[1][..]] {
+    for bad in [
+        &[][..],
+        &[9, 1, 2][..],
+        &[1, 0xff, 0xff, 0xff][..],
+        &[1][..],
+    ] {
         assert!(p[0].merge(bad).is_err());
         assert!(Ipam::restore(name(0), cfg(InitMode::Observer), bad).is_err());
     }
@@ -146,11 +151,17 @@ fn foreign_rings_are_refused_naming_both_ranges() {
     other.range = net("10.64.0.0/16");
     let b = Ipam::new(name(1), other);
     let e = a.merge(&b.encode()).unwrap_err();
-    assert!(e.contains("10.32.0.0/12") && e.contains("10.64.0.0/16"), "{e}");
+    assert!(
+        e.contains("10.32.0.0/12") && e.contains("10.64.0.0/16"),
+        "{e}"
+    );
     let c = Ipam::new(name(1), cfg(InitMode::Seed(vec![name(1)])));
     let before = a.digest();
     let e = a.merge(&c.encode()).unwrap_err();
-    assert!(e.contains("10.32.0.0/12") && e.contains(&name(1).to_string()), "{e}");
+    assert!(
+        e.contains("10.32.0.0/12") && e.contains(&name(1).to_string()),
+        "{e}"
+    );
     assert_eq!(a.digest(), before);
 }
 
@@ -165,7 +176,10 @@ fn consensus_creates_one_ring_and_says_what_it_waits_for() {
         AllocError::Wait(m) => assert!(m.contains("waiting for 1 of 3 peers"), "{m}"),
         _ => panic!("{e:?}"),
     }
-    assert!(p[0].status(t, &BTreeSet::new()).state.starts_with("awaiting consensus"));
+    assert!(p[0]
+        .status(t, &BTreeSet::new())
+        .state
+        .starts_with("awaiting consensus"));
     // Peer 2 is away: a quorum of 2 of 3 is enough.
     settle(&mut p[..2], t, &all);
     settle(&mut p[..2], t + Duration::from_secs(5), &all);
@@ -210,7 +224,10 @@ fn running_dry_asks_a_donor() {
     assert_eq!(set.len(), got.len());
     assert_eq!(got.len(), 14);
     let e = p[0].allocate(t, "full", s).unwrap_err();
-    assert!(matches!(e, AllocError::Refused(ref m) if m.contains("no free address")), "{e}");
+    assert!(
+        matches!(e, AllocError::Refused(ref m) if m.contains("no free address")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -260,7 +277,9 @@ fn automatic_reclaim_after_timeout_and_partition_lease() {
     }
     // The minority (3, 4) stopped allocating after the lease.
     let late = t + Duration::from_secs(100);
-    assert!(matches!(p[3].allocate(late, "m", d), Err(AllocError::Wait(m)) if m.contains("sees only 2 of the 5")));
+    assert!(
+        matches!(p[3].allocate(late, "m", d), Err(AllocError::Wait(m)) if m.contains("sees only 2 of the 5"))
+    );
     // The majority reclaimed both (each needs 3 of 5 votes).
     assert_eq!(p[0].owners().len(), 3, "{:?}", p[0].owners());
     assert!(p[0].allocate(late, "ok", d).is_ok());
@@ -489,8 +508,8 @@ impl World {
             Op::Restart(i) => {
                 if let Some(p) = self.peers[i % n].take() {
                     let bytes = p.persist();
-                    let q = Ipam::restore(name(i % n), cfg(self.init[i % n].clone()), &bytes)
-                        .unwrap();
+                    let q =
+                        Ipam::restore(name(i % n), cfg(self.init[i % n].clone()), &bytes).unwrap();
                     assert_eq!(q.digest(), p.digest());
                     self.peers[i % n] = Some(q);
                     self.flush(i % n);
