@@ -4,6 +4,7 @@
 //! two peers, and that after healing every view converges and every peer can
 //! allocate again. On failure the seed is printed.
 
+#![allow(clippy::needless_range_loop)]
 use mesh_proto::gossip::rng::Rng;
 use mesh_proto::gossip::GossipData;
 use mesh_proto::ipam::{AllocError, Config, InitMode, Ipam};

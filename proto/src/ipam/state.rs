@@ -269,7 +269,7 @@ impl Payload {
             if r.requests.iter().any(|q| q.subnet.prefix > 32) {
                 return Err("malformed IPAM payload: bad subnet in a request".into());
             }
-            for (_, a) in &r.paxos {
+            for a in r.paxos.values() {
                 if a.accepted.as_ref().is_some_and(|(_, v)| v.len() > 4096) {
                     return Err("malformed IPAM payload: Paxos value too long".into());
                 }

@@ -1,4 +1,5 @@
 //! Tests of the IPAM core: unit cases, then proptests over many peers.
+#![allow(clippy::needless_range_loop)]
 
 use super::*;
 use proptest::prelude::*;
