@@ -53,8 +53,11 @@ impl Ipam {
                 self.proposing.insert(Instance::Ring);
             }
         }
-        let since: Vec<(PeerName, Instant)> =
-            self.unreachable_since.iter().map(|(p, t)| (*p, *t)).collect();
+        let since: Vec<(PeerName, Instant)> = self
+            .unreachable_since
+            .iter()
+            .map(|(p, t)| (*p, *t))
+            .collect();
         for (p, t) in since {
             let jitter = Duration::from_millis((name_u64(self.me) ^ name_u64(p)) % 1000);
             let inst = Instance::Reclaim(p);
@@ -80,7 +83,9 @@ impl Ipam {
     /// owners must agree, each not seeing `peer`).
     pub fn rmpeer(&mut self, _now: Instant, peer: PeerName) -> Result<(), String> {
         if peer == self.me {
-            return Err("cannot rmpeer this peer itself: use mesh reset to hand our space on".into());
+            return Err(
+                "cannot rmpeer this peer itself: use mesh reset to hand our space on".into(),
+            );
         }
         if self.crdt.ring.is_none() {
             return Err("there is no ring yet: nothing to take over".into());
@@ -354,7 +359,7 @@ impl Ipam {
             if self.crdt.ring.is_none()
                 && self.consensus_n.is_none()
                 && matches!(self.config.init, InitMode::Consensus(_))
-                && self.instances().contains(&Instance::Ring)
+                && self.crdt.records.values().any(|r| r.consensus)
             {
                 self.start_consensus();
                 changed = true;

@@ -264,8 +264,8 @@ impl Ipam {
             .map_err(|e| format!("malformed persisted IPAM state: {e}"))?;
         let state_bytes = p.state.encode();
         // Re-decode to run the payload's checks.
-        let state = Payload::decode(&state_bytes)
-            .map_err(|e| format!("persisted IPAM state: {e}"))?;
+        let state =
+            Payload::decode(&state_bytes).map_err(|e| format!("persisted IPAM state: {e}"))?;
         let mut ipam = Ipam::new(me, config);
         ipam.crdt
             .merge(state)
@@ -403,11 +403,8 @@ impl GossipData for Ipam {
     fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
         let mut p = Payload::decode(payload)?;
         self.crdt.check(&p)?;
-        p.records.retain(|(peer, r)| {
-            self.forgotten
-                .get(peer)
-                .is_none_or(|v| r.version > *v)
-        });
+        p.records
+            .retain(|(peer, r)| self.forgotten.get(peer).is_none_or(|v| r.version > *v));
         let m = self.crdt.merge(p)?;
         if m.news.is_empty() {
             return Ok(None);

@@ -302,13 +302,9 @@ impl Ipam {
             }
             let size = e as u64 - s as u64 + 1;
             let used = if peer == self.me {
-                (self.claims.range(s..=e).count() + self.foreign_held.range(s..=e).count())
-                    as u64
+                (self.claims.range(s..=e).count() + self.foreign_held.range(s..=e).count()) as u64
             } else {
-                self.crdt
-                    .records
-                    .get(&peer)
-                    .map_or(0, |r| r.held_in(s, e))
+                self.crdt.records.get(&peer).map_or(0, |r| r.held_in(s, e))
             };
             free += size.saturating_sub(used);
         }

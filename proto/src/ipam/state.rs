@@ -125,9 +125,7 @@ impl Token {
 }
 
 /// A Paxos ballot: a round and the proposer (ties broken by name).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Ballot {
     /// The round.
     pub round: u64,
@@ -234,8 +232,8 @@ impl Payload {
     /// Parse and check everything that can be checked without our state.
     pub fn decode(bytes: &[u8]) -> Result<Payload, String> {
         let body = check_header(bytes, "IPAM payload")?;
-        let p: Payload = postcard::from_bytes(body)
-            .map_err(|e| format!("malformed IPAM payload: {e}"))?;
+        let p: Payload =
+            postcard::from_bytes(body).map_err(|e| format!("malformed IPAM payload: {e}"))?;
         p.validate()?;
         Ok(p)
     }
@@ -263,8 +261,7 @@ impl Payload {
             let mut last: Option<u64> = None;
             for &(a, n) in &r.held {
                 let end = a as u64 + n as u64;
-                if n == 0 || a < lo || end - 1 > hi as u64 || last.is_some_and(|l| a as u64 <= l)
-                {
+                if n == 0 || a < lo || end - 1 > hi as u64 || last.is_some_and(|l| a as u64 <= l) {
                     return Err("malformed IPAM payload: bad held addresses".into());
                 }
                 last = Some(end - 1);
@@ -272,7 +269,7 @@ impl Payload {
             if r.requests.iter().any(|q| q.subnet.prefix > 32) {
                 return Err("malformed IPAM payload: bad subnet in a request".into());
             }
-            for (_, a) in &r.paxos {
+            for a in r.paxos.values() {
                 if a.accepted.as_ref().is_some_and(|(_, v)| v.len() > 4096) {
                     return Err("malformed IPAM payload: Paxos value too long".into());
                 }
@@ -428,11 +425,7 @@ impl Crdt {
             range: Some(self.range),
             ring: self.ring.clone(),
             tokens: self.tokens.iter().map(|(a, t)| (*a, *t)).collect(),
-            records: self
-                .records
-                .iter()
-                .map(|(p, r)| (*p, r.clone()))
-                .collect(),
+            records: self.records.iter().map(|(p, r)| (*p, r.clone())).collect(),
         }
     }
 

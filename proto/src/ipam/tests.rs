@@ -1,0 +1,662 @@
+//! Tests of the IPAM core: unit cases, then proptests over many peers.
+#![allow(clippy::needless_range_loop)]
+
+use super::*;
+use proptest::prelude::*;
+use std::collections::BTreeSet;
+
+pub(crate) fn name(i: usize) -> PeerName {
+    PeerName([2, 0, 0, 0, (i >> 8) as u8, i as u8])
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+fn cfg(init: InitMode) -> Config {
+    Config {
+        range: net("10.32.0.0/12"),
+        default_subnet: net("10.32.0.0/12"),
+        init,
+        reclaim_after: Duration::from_secs(60),
+    }
+}
+
+fn seeds(n: usize) -> Vec<Ipam> {
+    let list: Vec<PeerName> = (0..n).map(name).collect();
+    (0..n)
+        .map(|i| Ipam::new(name(i), cfg(InitMode::Seed(list.clone()))))
+        .collect()
+}
+
+/// Everyone up in `up` sees everyone else in `up` (in the same group).
+fn reach(peers: &[Ipam], i: usize, group: &dyn Fn(usize) -> u8) -> BTreeSet<PeerName> {
+    (0..peers.len())
+        .filter(|j| *j != i && group(*j) == group(i))
+        .map(name)
+        .collect()
+}
+
+/// Tick and exchange whole states within groups until nothing changes.
+fn settle(peers: &mut [Ipam], now: Instant, group: &dyn Fn(usize) -> u8) {
+    for _ in 0..40 {
+        let mut changed = false;
+        for i in 0..peers.len() {
+            let r = reach(peers, i, group);
+            peers[i].tick(now, &r);
+            let _ = peers[i].take_delta();
+        }
+        for i in 0..peers.len() {
+            let e = peers[i].encode();
+            for j in 0..peers.len() {
+                if i != j && group(i) == group(j) && peers[j].merge(&e).unwrap().is_some() {
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+}
+
+fn all(_: usize) -> u8 {
+    0
+}
+
+#[test]
+fn seed_ring_splits_evenly_and_allocates_lowest() {
+    let mut p = seeds(2);
+    let t = Instant::now();
+    settle(&mut p, t, &all);
+    let d = net("10.32.0.0/12");
+    assert_eq!(p[0].allocate(t, "a", d), Ok("10.32.0.1".parse().unwrap()));
+    assert_eq!(p[0].allocate(t, "b", d), Ok("10.32.0.2".parse().unwrap()));
+    assert_eq!(p[0].allocate(t, "a", d), Ok("10.32.0.1".parse().unwrap()));
+    assert_eq!(p[1].allocate(t, "c", d), Ok("10.40.0.0".parse().unwrap()));
+    let s = p[0].status(t, &[name(1)].into());
+    assert_eq!(s.state, "ready");
+    assert_eq!(s.peers.len(), 2);
+    assert_eq!(s.peers[0].owned, 1 << 19);
+    assert_eq!(s.peers[0].free, (1 << 19) - 2);
+}
+
+#[test]
+fn claim_and_release() {
+    let mut p = seeds(2);
+    let t = Instant::now();
+    settle(&mut p, t, &all);
+    let d = net("10.32.0.0/12");
+    let a: Ipv4Addr = "10.32.0.9".parse().unwrap();
+    assert_eq!(p[0].claim(t, "x", a, d), Ok(()));
+    assert_eq!(p[0].claim(t, "x", a, d), Ok(()));
+    let e = p[0].claim(t, "y", a, d).unwrap_err();
+    assert!(e.to_string().contains("already taken by x"), "{e}");
+    let e = p[0]
+        .claim(t, "y", "10.40.0.9".parse().unwrap(), d)
+        .unwrap_err();
+    assert!(e.to_string().contains(&name(1).to_string()), "{e}");
+    let e = p[0]
+        .claim(t, "y", "10.0.0.1".parse().unwrap(), d)
+        .unwrap_err();
+    assert!(matches!(&e, AllocError::Refused(m) if m.contains("outside the range")));
+    assert!(p[0].release("y", Some(a)).is_empty());
+    assert_eq!(p[0].release("x", None), vec![a]);
+    assert!(p[0].claims().is_empty());
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let mut p = seeds(2);
+    let t = Instant::now();
+    settle(&mut p, t, &all);
+    let d = net("10.32.0.0/12");
+    p[0].allocate(t, "a", d).unwrap();
+    let before = (p[0].persist(), p[0].generation(), p[0].digest());
+    let cases: Vec<Result<(), AllocError>> = vec![
+        p[0].allocate(t, "b", net("10.0.0.0/24")).map(|_| ()),
+        p[0].allocate(t, "b", net("10.32.0.0/31")).map(|_| ()),
+        p[0].claim(t, "b", "10.32.0.1".parse().unwrap(), d),
+        p[0].claim(t, "b", "10.32.0.0".parse().unwrap(), net("10.32.0.0/24")),
+        p[0].claim(t, "b", "10.32.1.1".parse().unwrap(), net("10.32.0.0/24")),
+    ];
+    let want = [
+        "outside the range",
+        "too small",
+        "already taken",
+        "reserved",
+        "not inside",
+    ];
+    for (c, w) in cases.iter().zip(want) {
+        match c {
+            Err(AllocError::Refused(m)) => assert!(m.contains(w), "{m} lacks {w}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    for bad in [
+        &[][..],
+        &[9, 1, 2][..],
+        &[1, 0xff, 0xff, 0xff][..],
+        &[1][..],
+    ] {
+        assert!(p[0].merge(bad).is_err());
+        assert!(Ipam::restore(name(0), cfg(InitMode::Observer), bad).is_err());
+    }
+    assert_eq!(before, (p[0].persist(), p[0].generation(), p[0].digest()));
+}
+
+#[test]
+fn foreign_rings_are_refused_naming_both_ranges() {
+    let mut a = Ipam::new(name(0), cfg(InitMode::Seed(vec![name(0)])));
+    let mut other = cfg(InitMode::Seed(vec![name(1)]));
+    other.range = net("10.64.0.0/16");
+    let b = Ipam::new(name(1), other);
+    let e = a.merge(&b.encode()).unwrap_err();
+    assert!(
+        e.contains("10.32.0.0/12") && e.contains("10.64.0.0/16"),
+        "{e}"
+    );
+    let c = Ipam::new(name(1), cfg(InitMode::Seed(vec![name(1)])));
+    let before = a.digest();
+    let e = a.merge(&c.encode()).unwrap_err();
+    assert!(
+        e.contains("10.32.0.0/12") && e.contains(&name(1).to_string()),
+        "{e}"
+    );
+    assert_eq!(a.digest(), before);
+}
+
+#[test]
+fn consensus_creates_one_ring_and_says_what_it_waits_for() {
+    let t = Instant::now();
+    let mut p: Vec<Ipam> = (0..3)
+        .map(|i| Ipam::new(name(i), cfg(InitMode::Consensus(Some(3)))))
+        .collect();
+    let e = p[0].allocate(t, "a", net("10.32.0.0/12")).unwrap_err();
+    match &e {
+        AllocError::Wait(m) => assert!(m.contains("waiting for 1 of 3 peers"), "{m}"),
+        _ => panic!("{e:?}"),
+    }
+    assert!(p[0]
+        .status(t, &BTreeSet::new())
+        .state
+        .starts_with("awaiting consensus"));
+    // Peer 2 is away: a quorum of 2 of 3 is enough.
+    settle(&mut p[..2], t, &all);
+    settle(&mut p[..2], t + Duration::from_secs(5), &all);
+    assert_eq!(p[0].digest(), p[1].digest());
+    let r = p[0].allocate(t, "a", net("10.32.0.0/12"));
+    assert!(r.is_ok(), "{r:?} {:?}", p[0].status(t, &[name(1)].into()));
+    settle(&mut p, t + Duration::from_secs(6), &all);
+    assert!(p.iter().all(|x| x.digest() == p[0].digest()));
+    assert!(p[2].crdt.ring.is_some());
+    let mut obs = Ipam::new(name(9), cfg(InitMode::Observer));
+    assert!(matches!(
+        obs.allocate(t, "o", net("10.32.0.0/12")),
+        Err(AllocError::Wait(_))
+    ));
+    obs.merge(&p[1].encode()).unwrap();
+    assert_eq!(obs.digest(), p[1].digest());
+}
+
+#[test]
+fn running_dry_asks_a_donor() {
+    let t = Instant::now();
+    let mut p = seeds(2);
+    settle(&mut p, t, &all);
+    let s = net("10.32.0.0/28");
+    let e = p[1].allocate(t, "a", s).unwrap_err();
+    assert_eq!(
+        e,
+        AllocError::Wait(format!("asked peer {} for space in 10.32.0.0/28", name(0)))
+    );
+    settle(&mut p, t, &all);
+    let a = p[1].allocate(t, "a", s).unwrap();
+    assert!(s.contains(&a));
+    // Fill the subnet (14 usable addresses) across both peers.
+    let mut got = vec![a];
+    for i in 0..40 {
+        settle(&mut p, t, &all);
+        if let Ok(a) = p[i % 2].allocate(t, &format!("x{i}"), s) {
+            got.push(a);
+        }
+    }
+    let set: BTreeSet<_> = got.iter().collect();
+    assert_eq!(set.len(), got.len());
+    assert_eq!(got.len(), 14);
+    let e = p[0].allocate(t, "full", s).unwrap_err();
+    assert!(
+        matches!(e, AllocError::Refused(ref m) if m.contains("no free address")),
+        "{e}"
+    );
+}
+
+#[test]
+fn rmpeer_on_two_hosts_decides_one_heir() {
+    let t = Instant::now();
+    let mut p = seeds(5);
+    settle(&mut p, t, &all);
+    let dead = |i: usize| u8::from(i == 4);
+    for i in 0..4 {
+        let r = reach(&p, i, &dead);
+        p[i].tick(t, &r);
+    }
+    assert!(p[0].rmpeer(t, name(4)).is_ok());
+    assert!(p[1].rmpeer(t, name(4)).is_ok());
+    assert!(p[0].rmpeer(t, name(1)).is_err());
+    for k in 0..10 {
+        settle(&mut p[..4], t + Duration::from_secs(k * 3), &all);
+    }
+    let heirs: BTreeSet<_> = (0..4)
+        .map(|i| p[i].decided.get(&Instance::Reclaim(name(4))).cloned())
+        .collect();
+    assert_eq!(heirs.len(), 1, "{heirs:?}");
+    let heir = heirs.into_iter().next().unwrap().unwrap()[0];
+    assert!(heir == name(0) || heir == name(1));
+    assert!(p[0].owners().len() == 4 && !p[0].owners().contains(&name(4)));
+    assert!((0..4).all(|i| p[i].digest() == p[0].digest()));
+    // Peer 4 comes back: it learns, stops, and reports its claim.
+    p[4].claim(t, "old", "10.46.0.7".parse().unwrap(), net("10.32.0.0/12"))
+        .unwrap();
+    settle(&mut p, t + Duration::from_secs(40), &all);
+    assert!(p[4]
+        .allocate(t + Duration::from_secs(40), "new", net("10.46.0.0/16"))
+        .is_err());
+    let s = p[4].status(t, &(0..4).map(name).collect());
+    assert!(s.problems.iter().any(|m| m.contains("10.46.0.7")), "{s:?}");
+}
+
+#[test]
+fn automatic_reclaim_after_timeout_and_partition_lease() {
+    let t = Instant::now();
+    let mut p = seeds(5);
+    settle(&mut p, t, &all);
+    let split = |i: usize| u8::from(i >= 3);
+    let d = net("10.32.0.0/12");
+    for k in 0..20u64 {
+        settle(&mut p, t + Duration::from_secs(k * 5), &split);
+    }
+    // The minority (3, 4) stopped allocating after the lease.
+    let late = t + Duration::from_secs(100);
+    assert!(
+        matches!(p[3].allocate(late, "m", d), Err(AllocError::Wait(m)) if m.contains("sees only 2 of the 5"))
+    );
+    // The majority reclaimed both (each needs 3 of 5 votes).
+    assert_eq!(p[0].owners().len(), 3, "{:?}", p[0].owners());
+    assert!(p[0].allocate(late, "ok", d).is_ok());
+}
+
+#[test]
+fn leave_hands_everything_on() {
+    let t = Instant::now();
+    let mut p = seeds(3);
+    settle(&mut p, t, &all);
+    let r = reach(&p, 2, &all);
+    let heir = p[2].leave(t, &r).unwrap().unwrap();
+    assert_eq!(p[2].owned_by(name(2)), 0);
+    settle(&mut p, t, &all);
+    assert_eq!(p[0].owners().len(), 2);
+    assert_eq!(p[0].owned_by(heir), 699051);
+    assert_eq!(p[2].leave(t, &r), Ok(None));
+    p[0].forget_peer(name(2));
+    p[1].forget_peer(name(2));
+    assert!(!p[0].crdt.records.contains_key(&name(2)));
+    let e = p[2].encode();
+    p[0].merge(&e).unwrap();
+    assert!(!p[0].crdt.records.contains_key(&name(2)));
+}
+
+#[test]
+fn persist_restore_round_trip() {
+    let t = Instant::now();
+    let mut p = seeds(2);
+    settle(&mut p, t, &all);
+    p[0].allocate(t, "a", net("10.32.0.0/12")).unwrap();
+    let bytes = p[0].persist();
+    let q = Ipam::restore(name(0), cfg(InitMode::Seed(vec![name(0), name(1)])), &bytes).unwrap();
+    assert_eq!(q.digest(), p[0].digest());
+    assert_eq!(q.claims(), p[0].claims());
+    let mut other = cfg(InitMode::Observer);
+    other.range = net("10.64.0.0/16");
+    let e = Ipam::restore(name(0), other, &bytes).err().unwrap();
+    assert!(e.contains("10.64.0.0/16"), "{e}");
+}
+
+#[test]
+fn deltas_are_small() {
+    let t = Instant::now();
+    let mut p = seeds(120);
+    let _ = p[0].take_delta();
+    let r = (1..120).map(name).collect();
+    p[0].tick(t, &r);
+    let _ = p[0].take_delta();
+    p[0].allocate(t, "a", net("10.32.0.0/12")).unwrap();
+    let d = p[0].take_delta().unwrap();
+    assert!(d.len() < 64, "{}", d.len());
+    assert!(p[0].take_delta().is_none());
+}
+
+// ---- proptests ------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Op {
+    Alloc(usize, usize),
+    Release(usize),
+    Deliver(usize),
+    Drop(usize),
+    Dup(usize),
+    Tick(u64),
+    Split(u8),
+    Heal,
+    Restart(usize),
+    Kill(usize),
+    RmPeer(usize, usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..5usize, 0..3usize).prop_map(|(p, s)| Op::Alloc(p, s)),
+        1 => (0..5usize).prop_map(Op::Release),
+        6 => any::<usize>().prop_map(Op::Deliver),
+        1 => any::<usize>().prop_map(Op::Drop),
+        1 => any::<usize>().prop_map(Op::Dup),
+        3 => (0..3000u64).prop_map(Op::Tick),
+        1 => any::<u8>().prop_map(Op::Split),
+        1 => Just(Op::Heal),
+        1 => (0..5usize).prop_map(Op::Restart),
+        1 => (0..5usize).prop_map(Op::Kill),
+        1 => (0..5usize, 0..5usize).prop_map(|(a, b)| Op::RmPeer(a, b)),
+    ]
+}
+
+const SUBNETS: [&str; 3] = ["10.32.0.0/28", "10.40.0.0/29", "10.32.0.0/12"];
+
+struct World {
+    peers: Vec<Option<Ipam>>,
+    init: Vec<InitMode>,
+    queue: Vec<(usize, usize, Vec<u8>)>,
+    group: Vec<u8>,
+    now: Instant,
+    ids: u64,
+}
+
+impl World {
+    fn new(n: usize, consensus: bool) -> World {
+        let list: Vec<PeerName> = (0..n).map(name).collect();
+        let init: Vec<InitMode> = (0..n)
+            .map(|i| {
+                if consensus {
+                    if i == n - 1 {
+                        InitMode::Observer
+                    } else {
+                        InitMode::Consensus(Some(n - 1))
+                    }
+                } else {
+                    InitMode::Seed(list.clone())
+                }
+            })
+            .collect();
+        let peers = (0..n)
+            .map(|i| Some(Ipam::new(name(i), cfg(init[i].clone()))))
+            .collect();
+        World {
+            peers,
+            init,
+            queue: Vec::new(),
+            group: vec![0; n],
+            now: Instant::now(),
+            ids: 0,
+        }
+    }
+
+    fn linked(&self, a: usize, b: usize) -> bool {
+        self.peers[a].is_some() && self.peers[b].is_some() && self.group[a] == self.group[b]
+    }
+
+    fn reachable(&self, i: usize) -> BTreeSet<PeerName> {
+        (0..self.peers.len())
+            .filter(|j| *j != i && self.linked(i, *j))
+            .map(name)
+            .collect()
+    }
+
+    /// Collect deltas into the queue (the daemon persists first: nothing to model).
+    fn flush(&mut self, i: usize) {
+        let Some(p) = self.peers[i].as_mut() else {
+            return;
+        };
+        if let Some(d) = p.take_delta() {
+            for j in 0..self.peers.len() {
+                if j != i {
+                    self.queue.push((i, j, d.clone()));
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, k: usize) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let (from, to, bytes) = self.queue.remove(k % self.queue.len());
+        if !self.linked(from, to) {
+            return;
+        }
+        let p = self.peers[to].as_mut().unwrap();
+        if let Some(news) = p.merge(&bytes).unwrap() {
+            for j in 0..self.peers.len() {
+                if j != to && j != from {
+                    self.queue.push((to, j, news.clone()));
+                }
+            }
+        }
+        self.flush(to);
+    }
+
+    fn tick(&mut self) {
+        for i in 0..self.peers.len() {
+            let r = self.reachable(i);
+            if let Some(p) = self.peers[i].as_mut() {
+                p.tick(self.now, &r);
+            }
+            self.flush(i);
+        }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        let n = self.peers.len();
+        match *op {
+            Op::Alloc(i, s) => {
+                self.ids += 1;
+                let id = format!("c{}", self.ids);
+                if let Some(p) = self.peers[i % n].as_mut() {
+                    let _ = p.allocate(self.now, &id, net(SUBNETS[s]));
+                }
+                self.flush(i % n);
+            }
+            Op::Release(i) => {
+                if let Some(p) = self.peers[i % n].as_mut() {
+                    if let Some((id, _)) = p.claims().first().cloned() {
+                        p.release(&id, None);
+                    }
+                }
+                self.flush(i % n);
+            }
+            Op::Deliver(k) => self.deliver(k),
+            Op::Drop(k) => {
+                if !self.queue.is_empty() {
+                    let l = self.queue.len();
+                    self.queue.remove(k % l);
+                }
+            }
+            Op::Dup(k) => {
+                if !self.queue.is_empty() {
+                    let l = self.queue.len();
+                    let m = self.queue[k % l].clone();
+                    self.queue.push(m);
+                }
+            }
+            Op::Tick(ms) => {
+                self.now += Duration::from_millis(ms);
+                self.tick();
+            }
+            Op::Split(mask) => {
+                for i in 0..n {
+                    self.group[i] = (mask >> i) & 1;
+                }
+            }
+            Op::Heal => self.group = vec![0; n],
+            Op::Restart(i) => {
+                if let Some(p) = self.peers[i % n].take() {
+                    let bytes = p.persist();
+                    let q =
+                        Ipam::restore(name(i % n), cfg(self.init[i % n].clone()), &bytes).unwrap();
+                    assert_eq!(q.digest(), p.digest());
+                    self.peers[i % n] = Some(q);
+                    self.flush(i % n);
+                }
+            }
+            Op::Kill(i) => {
+                // A host dies for good, with its containers (at most 1 of 5).
+                if self.peers.iter().all(|p| p.is_some()) && i % n != 0 {
+                    self.peers[i % n] = None;
+                }
+            }
+            Op::RmPeer(a, b) => {
+                if self.peers[b % n].is_none() {
+                    let now = self.now;
+                    if let Some(p) = self.peers[a % n].as_mut() {
+                        let _ = p.rmpeer(now, name(b % n));
+                    }
+                    self.flush(a % n);
+                }
+            }
+        }
+    }
+
+    fn check_no_duplicates(&self) {
+        let mut seen: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let Some(p) = p else { continue };
+            for (_, a) in p.claims() {
+                if let Some(j) = seen.insert(a, i) {
+                    panic!("{a} held by peers {j} and {i}");
+                }
+            }
+        }
+    }
+
+    /// Heal, deliver everything, exchange whole states, tick: until quiet.
+    fn converge(&mut self) {
+        self.group = vec![0; self.peers.len()];
+        for round in 0..120 {
+            while !self.queue.is_empty() {
+                self.deliver(0);
+            }
+            if round < 100 {
+                self.now += Duration::from_millis(1500);
+            }
+            self.tick();
+            let live: Vec<usize> = (0..self.peers.len())
+                .filter(|i| self.peers[*i].is_some())
+                .collect();
+            let mut news = false;
+            for &i in &live {
+                let e = self.peers[i].as_ref().unwrap().encode();
+                for &j in &live {
+                    if i != j {
+                        news |= self.peers[j].as_mut().unwrap().merge(&e).unwrap().is_some();
+                    }
+                }
+            }
+            if round >= 100 && !news && self.queue.is_empty() {
+                break;
+            }
+        }
+    }
+
+    fn digests(&self) -> BTreeSet<u64> {
+        self.peers.iter().flatten().map(|p| p.digest()).collect()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+
+    #[test]
+    fn never_two_holders_and_views_converge(consensus in any::<bool>(), ops in proptest::collection::vec(op(), 1..160)) {
+        let mut w = World::new(5, consensus);
+        for i in 0..5 {
+            w.peers[i].as_mut().unwrap().prime(w.now);
+        }
+        for op in &ops {
+            w.apply(op);
+            w.check_no_duplicates();
+        }
+        w.converge();
+        w.check_no_duplicates();
+        prop_assert_eq!(w.digests().len(), 1);
+        // After healing, every live owner can allocate again.
+        let now = w.now;
+        for p in w.peers.iter_mut().flatten() {
+            if p.owned_by(p.me()) > 0 && p.claims().len() < 100 {
+                prop_assert!(p.allocate(now, "after", net("10.32.0.0/12")).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn merge_is_commutative_associative_idempotent(ops in proptest::collection::vec(op(), 1..80)) {
+        let mut w = World::new(5, false);
+        for op in &ops {
+            w.apply(op);
+        }
+        let states: Vec<Vec<u8>> = w.peers.iter().flatten().map(|p| p.encode()).collect();
+        let fold = |order: &[usize]| {
+            let mut x = Ipam::new(name(99), cfg(InitMode::Observer));
+            for &k in order {
+                x.merge(&states[k]).unwrap();
+                x.merge(&states[k]).unwrap();
+            }
+            x.digest()
+        };
+        let n = states.len();
+        let fwd: Vec<usize> = (0..n).collect();
+        let rev: Vec<usize> = (0..n).rev().collect();
+        prop_assert_eq!(fold(&fwd), fold(&rev));
+        // (a ⊔ b) ⊔ c == a ⊔ (b ⊔ c): merge the encoding of a merge.
+        if n >= 3 {
+            let mut ab = Ipam::new(name(98), cfg(InitMode::Observer));
+            ab.merge(&states[0]).unwrap();
+            ab.merge(&states[1]).unwrap();
+            let mut bc = Ipam::new(name(97), cfg(InitMode::Observer));
+            bc.merge(&states[1]).unwrap();
+            bc.merge(&states[2]).unwrap();
+            let mut left = Ipam::new(name(96), cfg(InitMode::Observer));
+            left.merge(&ab.encode()).unwrap();
+            left.merge(&states[2]).unwrap();
+            let mut right = Ipam::new(name(95), cfg(InitMode::Observer));
+            right.merge(&states[0]).unwrap();
+            right.merge(&bc.encode()).unwrap();
+            prop_assert_eq!(left.digest(), right.digest());
+        }
+    }
+
+    #[test]
+    fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)) {
+        let mut p = seeds(3).remove(0);
+        let _ = p.merge(&bytes);
+        let _ = Ipam::restore(name(0), cfg(InitMode::Observer), &bytes);
+        let mut good = p.encode();
+        good.extend(bytes.iter().take(3));
+        let mut persisted = p.persist();
+        for (i, b) in flips {
+            let l = good.len();
+            good[i % l] ^= b;
+            let l = persisted.len();
+            persisted[i % l] ^= b;
+        }
+        let _ = p.merge(&good);
+        let _ = Ipam::restore(name(0), cfg(InitMode::Seed((0..3).map(name).collect())), &persisted);
+    }
+}
