@@ -23,6 +23,8 @@
 //! - [`reassembly`]: reassembly of super-frames carried as fragments.
 //! - [`gossip`]: the gossip and topology core: peers, connections, routes,
 //!   broadcast trees, named channels for IPAM and DNS.
+//! - [`names`]: the mesh-wide DNS name table, a CRDT on the gossip channel
+//!   `dns` (entries per peer, container and address; tombstones).
 //! - [`sim`]: a deterministic simulator of many gossip cores on a virtual
 //!   clock (latency, loss, partitions, crashes).
 //!
@@ -37,6 +39,7 @@ pub mod gossip;
 pub mod handshake;
 pub mod hello;
 pub mod name;
+pub mod names;
 pub mod reassembly;
 pub mod seal;
 pub mod sim;
