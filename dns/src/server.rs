@@ -208,7 +208,13 @@ async fn connection(
             Outcome::Forward => {
                 let servers = upstreams(&zone, local);
                 let deadline = Instant::now() + zone.config().upstream_timeout;
-                match upstream::forward_tcp(&buf, &servers, deadline).await {
+                // Over TCP first; servers that only speak UDP are asked
+                // again over UDP in what is left of the bound.
+                let answer = match upstream::forward_tcp(&buf, &servers, deadline).await {
+                    Some(a) => Some(a),
+                    None => upstream::forward_udp(&buf, &servers, deadline).await,
+                };
+                match answer {
                     Some(a) => out = a,
                     None => {
                         answer::error_reply(&buf, SERVFAIL, &mut out);

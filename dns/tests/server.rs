@@ -368,14 +368,27 @@ fn forwards_other_names_and_rereads_resolv_conf() {
 }
 
 #[test]
-fn forwarding_over_tcp_falls_back_to_servfail_when_upstream_has_no_tcp() {
+fn forwarding_over_tcp_falls_back_to_udp_upstream() {
     let up = Upstream::start(false);
-    let h = Harness::start(
-        &format!("nameserver {}\n", up.addr),
-        Duration::from_millis(500),
-    );
+    let h = Harness::start(&format!("nameserver {}\n", up.addr), Duration::from_secs(2));
     let m = tcp(h.addr, &query("example.test.", RecordType::A, None));
-    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addrs(&m), vec![Ipv4Addr::new(198, 18, 0, 99)]);
+    // And SERVFAIL over TCP when nothing answers.
+    let dead = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::write(&h.resolv, format!("nameserver {dead}\n")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = tcp(h.addr, &query("example.test.", RecordType::A, None));
+        if m.metadata.response_code == ResponseCode::ServFail {
+            break;
+        }
+        assert!(Instant::now() < deadline, "resolv.conf change not seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

@@ -696,6 +696,43 @@ impl GossipData for NameTable {
     }
 }
 
+/// The name table as a gossip channel and as the driver's, at once.
+///
+/// `Gossip` owns its channels as `Box<dyn GossipData>`, with no way back to
+/// the concrete type, while the driver must call [`NameTable::add`] and
+/// friends (our own entries cannot enter through `merge`: they would be
+/// taken for stale copies). Register a clone of this handle with
+/// `Gossip::add_channel(CHANNEL, Box::new(handle.clone()))` and keep the
+/// other. Both are used by the one task that drives gossip, so the lock is
+/// never contended nor held across anything but a method call.
+#[derive(Debug, Clone)]
+pub struct SharedNameTable(std::sync::Arc<std::sync::Mutex<NameTable>>);
+
+impl SharedNameTable {
+    /// Share `table`.
+    pub fn new(table: NameTable) -> SharedNameTable {
+        SharedNameTable(std::sync::Arc::new(std::sync::Mutex::new(table)))
+    }
+
+    /// The table, for a call or two (a poisoned lock is taken over: the
+    /// table's methods leave it consistent at every return).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, NameTable> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl GossipData for SharedNameTable {
+    fn encode(&self) -> Vec<u8> {
+        self.lock().encode()
+    }
+    fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        self.lock().merge(payload)
+    }
+    fn digest(&self) -> u64 {
+        self.lock().digest()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -871,6 +908,19 @@ mod tests {
         let mut t = NameTable::new(pn(1));
         assert!(t.merge(&encode_payload(&g)).is_err());
         assert_eq!(t.entries().count(), 0);
+    }
+
+    #[test]
+    fn shared_handle_is_the_same_table() {
+        let h = SharedNameTable::new(NameTable::new(pn(1)));
+        let mut boxed: Box<dyn GossipData> = Box::new(h.clone());
+        let mut b = NameTable::new(pn(2));
+        b.add("c2", ip(2), "db").unwrap();
+        boxed.merge(&b.encode()).unwrap();
+        h.lock().add("c1", ip(1), "web").unwrap();
+        assert_eq!(h.lock().lookup("db"), vec![ip(2)]);
+        assert_eq!(boxed.digest(), h.lock().digest());
+        assert!(h.lock().take_delta().is_some());
     }
 
     /// A scripted op by writer `w`.
