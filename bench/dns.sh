@@ -63,15 +63,24 @@ check() { # port: the answers are right
     echo "  check: c7 -> $a, PTR -> $p, nope -> $n"
 }
 
-run_perf() { # port extra-args...: prints q/s and average latency (ms)
-    local port=$1
-    shift
+TICK=$(getconf CLK_TCK)
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+run_perf() { # port pid extra-args...: prints q/s, average latency (ms),
+    #          queries lost, and the server's CPU time per answered query (us)
+    local port=$1 pid=$2
+    shift 2
+    local t0 t1
+    t0=$(cpu_ticks "$pid")
     taskset -c 1 dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries" -l "$SECS" -c 4 -q 200 "$@" >"$WORK/perf.out" 2>&1 || true
-    local qps lat lost
-    qps=$(awk '/Queries per second/ { print $4 }' "$WORK/perf.out")
+    t1=$(cpu_ticks "$pid")
+    local qps lat lost done
+    qps=$(awk '/Queries per second/ { printf "%.0f", $4 }' "$WORK/perf.out")
     lat=$(awk '/Average Latency/ { printf "%.3f", $4 * 1000 }' "$WORK/perf.out")
     lost=$(awk '/Queries lost/ { print $3 }' "$WORK/perf.out")
-    echo "${qps:-0} ${lat:-nan} ${lost:-?}"
+    done=$(awk '/Queries completed/ { print $3 }' "$WORK/perf.out")
+    cpu=$(awk -v t=$((t1 - t0)) -v hz="$TICK" -v n="${done:-0}" 'BEGIN { if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "nan" }')
+    echo "${qps:-0} ${lat:-nan} ${lost:-?} ${cpu}"
 }
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
@@ -79,11 +88,13 @@ median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 echo "mesh-dns: dnsbench (current-thread tokio) on 127.0.0.1:$MESH_PORT, CPU 0"
 taskset -c 0 "$BIN" --port "$MESH_PORT" --names 1000 &
 PIDS+=($!)
+MESH_PID=$!
 echo "dnsmasq $(dnsmasq --version | head -1 | awk '{ print $3 }') on 127.0.0.1:$DNSMASQ_PORT, CPU 0"
 taskset -c 0 dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts \
     --addn-hosts="$WORK/hosts" --local=/mesh.local/ --local-ttl=1 --listen-address=127.0.0.1 \
     --bind-interfaces --port="$DNSMASQ_PORT" --pid-file= --user=root --cache-size=10000 &
 PIDS+=($!)
+DNSMASQ_PID=$!
 for p in "$MESH_PORT" "$DNSMASQ_PORT"; do
     wait_port "$p"
     check "$p"
@@ -93,20 +104,24 @@ done
 # shared machine falls on both alike.
 mesh_runs=()
 dnsmasq_runs=()
+mesh_cpu=()
+dnsmasq_cpu=()
 for i in $(seq 1 "$RUNS"); do
-    r=$(run_perf "$MESH_PORT")
-    echo "  run $i mesh-dns: $r (q/s, avg latency ms, lost)"
+    r=$(run_perf "$MESH_PORT" "$MESH_PID")
+    echo "  run $i mesh-dns: $r (q/s, avg latency ms, lost, server CPU us/query)"
     mesh_runs+=("${r%% *}")
-    r=$(run_perf "$DNSMASQ_PORT")
+    mesh_cpu+=("${r##* }")
+    r=$(run_perf "$DNSMASQ_PORT" "$DNSMASQ_PID")
     echo "  run $i dnsmasq:  $r"
     dnsmasq_runs+=("${r%% *}")
+    dnsmasq_cpu+=("${r##* }")
 done
 MESH_QPS=$(printf '%s\n' "${mesh_runs[@]}" | median)
 DNSMASQ_QPS=$(printf '%s\n' "${dnsmasq_runs[@]}" | median)
-r=$(run_perf "$MESH_PORT" -Q "$RATE")
+r=$(run_perf "$MESH_PORT" "$MESH_PID" -Q "$RATE")
 echo "  mesh-dns at $RATE q/s: $r"
 MESH_LAT=$(echo "$r" | awk '{ print $2 }')
-r=$(run_perf "$DNSMASQ_PORT" -Q "$RATE")
+r=$(run_perf "$DNSMASQ_PORT" "$DNSMASQ_PID" -Q "$RATE")
 echo "  dnsmasq at $RATE q/s:  $r"
 DNSMASQ_LAT=$(echo "$r" | awk '{ print $2 }')
 
@@ -114,5 +129,7 @@ echo
 printf 'median q/s over %s x %ss: mesh-dns %.0f, dnsmasq %.0f, ratio mesh-dns/dnsmasq %s\n' \
     "$RUNS" "$SECS" "$MESH_QPS" "$DNSMASQ_QPS" \
     "$(awk -v a="$MESH_QPS" -v b="$DNSMASQ_QPS" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
+printf 'server CPU per query (median): mesh-dns %s us, dnsmasq %s us (dnsperf, not the server, is usually the limit on q/s here)\n' \
+    "$(printf '%s\n' "${mesh_cpu[@]}" | median)" "$(printf '%s\n' "${dnsmasq_cpu[@]}" | median)"
 printf 'average latency at %s q/s: mesh-dns %s ms, dnsmasq %s ms\n' "$RATE" "$MESH_LAT" "$DNSMASQ_LAT"
 echo "(load average: $(cut -d' ' -f1-3 /proc/loadavg))"
