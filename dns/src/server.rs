@@ -28,9 +28,9 @@ const MAX_QUERY: usize = 4096;
 
 /// Serve UDP and TCP until an unrecoverable socket error. Both sockets must
 /// already be bound (and the listener listening); they are switched to
-/// non-blocking here. Dropping the future stops the server and closes its
-/// TCP connections; forwarded queries in flight end within the upstream
-/// timeout.
+/// non-blocking here. Dropping the future stops the server: its TCP
+/// connections and forwarded queries in flight end with it, and no task
+/// keeps a socket open afterwards.
 pub async fn serve(
     udp: std::net::UdpSocket,
     tcp: std::net::TcpListener,
@@ -61,6 +61,9 @@ pub async fn serve_udp(udp: std::net::UdpSocket, zone: Arc<Zone>) -> Result<(), 
     let mut rng = Rng::new(random_u64());
     let mut buf = vec![0u8; MAX_QUERY];
     let mut out = Vec::with_capacity(MAX_QUERY);
+    // Dropped with this future: forwards in flight end with it and release
+    // the socket at once.
+    let (_stop, stopped) = watch::channel(());
     loop {
         sock.readable().await?;
         let mut handled = 0;
@@ -85,10 +88,15 @@ pub async fn serve_udp(udp: std::net::UdpSocket, zone: Arc<Zone>) -> Result<(), 
                             let q = query.to_vec();
                             let sock = sock.clone();
                             let deadline = Instant::now() + zone.config().upstream_timeout;
+                            let mut stopped = stopped.clone();
                             tokio::spawn(async move {
                                 let _permit = permit;
                                 let mut out = Vec::new();
-                                match upstream::forward_udp(&q, &servers, deadline).await {
+                                let answer = tokio::select! {
+                                    _ = stopped.changed() => return,
+                                    a = upstream::forward_udp(&q, &servers, deadline) => a,
+                                };
+                                match answer {
                                     Some(a) if a.len() <= answer::udp_limit(&q) => {
                                         send(&sock, &a, from).await
                                     }

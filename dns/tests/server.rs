@@ -483,3 +483,50 @@ fn dig_if_installed() {
         "web.mesh.local."
     );
 }
+
+#[test]
+fn dropping_the_server_releases_its_sockets() {
+    let up = Upstream::start(true);
+    let dir = TempDir::new();
+    let resolv = dir.0.join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {}\n", up.addr)).unwrap();
+    let zone = Arc::new(
+        Zone::new(Config {
+            resolv_conf: resolv,
+            upstream_timeout: Duration::from_secs(30),
+            ..Config::default()
+        })
+        .unwrap(),
+    );
+    zone.set_names([("web", ip(1))]);
+    let (udp_sock, tcp_sock) = bind_pair();
+    let addr = udp_sock.local_addr().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let task = rt.spawn(serve(udp_sock, tcp_sock, zone));
+    assert_eq!(
+        addrs(&udp(addr, "web.mesh.local.", RecordType::A)),
+        vec![ip(1)]
+    );
+    // A forward in flight (the upstream never answers) and an open TCP
+    // connection must not keep the sockets.
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.send_to(&query("example.test.", RecordType::A, None), addr)
+        .unwrap();
+    let _conn = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    task.abort();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let u = UdpSocket::bind(addr);
+        let t = TcpListener::bind(addr);
+        if u.is_ok() && t.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sockets still held: {u:?} {t:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
