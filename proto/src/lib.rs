@@ -25,6 +25,8 @@
 //!   broadcast trees, named channels for IPAM and DNS.
 //! - [`ipam`]: the IP address allocator: a ring of address pieces shared as
 //!   a CRDT over a gossip channel, created and reclaimed by Paxos.
+//! - [`names`]: the mesh-wide DNS name table, a CRDT on the gossip channel
+//!   `dns` (entries per peer, container and address; tombstones).
 //! - [`sim`]: a deterministic simulator of many gossip cores on a virtual
 //!   clock (latency, loss, partitions, crashes).
 //!
@@ -40,6 +42,7 @@ pub mod handshake;
 pub mod hello;
 pub mod ipam;
 pub mod name;
+pub mod names;
 pub mod reassembly;
 pub mod seal;
 pub mod sim;

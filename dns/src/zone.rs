@@ -1,0 +1,309 @@
+//! The zone: configuration plus an immutable snapshot of the names, swapped
+//! whole on every change.
+//!
+//! Readers (the socket loops) hold an `Arc<Snapshot>` and only look at the
+//! generation counter per query (one atomic load); when it moved they take
+//! the new snapshot under a read lock held for the time of an `Arc` clone.
+//! No lock is ever held across an await, and a writer never waits for a
+//! query to finish.
+
+use crate::answer::{self, Outcome, Rng, Transport};
+use crate::upstream::Upstreams;
+use mesh_proto::names::{normalize_name, NameTable};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// How the server answers and forwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The domain served (default `mesh.local.`); single-label queries get
+    /// it appended.
+    pub domain: String,
+    /// TTL of our answers, in seconds (default 1).
+    pub ttl: u32,
+    /// Where the upstream servers are listed (`nameserver` lines; re-read
+    /// when its modification time changes). As an extension a server may
+    /// carry a port: `nameserver 127.0.0.1:5353`.
+    pub resolv_conf: PathBuf,
+    /// Bound on forwarding one query over all upstream servers (default
+    /// 2 s); past it the client gets SERVFAIL.
+    pub upstream_timeout: Duration,
+    /// Forwarded queries in flight at most; more get SERVFAIL at once.
+    pub max_forwards: usize,
+    /// TCP connections at most; more are closed at once.
+    pub max_tcp_connections: usize,
+    /// A TCP connection idle this long is closed.
+    pub tcp_idle: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            domain: "mesh.local.".into(),
+            ttl: 1,
+            resolv_conf: "/etc/resolv.conf".into(),
+            upstream_timeout: Duration::from_secs(2),
+            max_forwards: 256,
+            max_tcp_connections: 128,
+            tcp_idle: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A configuration that cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The domain is not a DNS name.
+    #[error("invalid DNS domain {0:?}: expected a name like mesh.local.")]
+    BadDomain(String),
+}
+
+/// FNV-1a: names are short and trusted enough (they come from the mesh);
+/// SipHash's cost shows at 100k queries per second.
+#[derive(Default)]
+pub(crate) struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
+
+/// The names as the socket loops see them.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    /// The domain, lowercase, with the trailing dot (`mesh.local.`).
+    pub domain: Box<[u8]>,
+    pub ttl: u32,
+    /// Lowercase dotted FQDN → addresses.
+    pub names: FnvMap<Box<[u8]>, Vec<Ipv4Addr>>,
+    /// Address → names in wire form.
+    pub reverse: FnvMap<Ipv4Addr, Vec<Box<[u8]>>>,
+}
+
+impl Snapshot {
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Snapshot {
+        let mut s = Snapshot {
+            domain: (*b"mesh.local.").into(),
+            ttl: 1,
+            ..Default::default()
+        };
+        for i in 0..3u8 {
+            s.names
+                .entry((*b"c1.mesh.local.").into())
+                .or_default()
+                .push(Ipv4Addr::new(198, 19, 0, i));
+        }
+        s.reverse.insert(
+            Ipv4Addr::new(198, 19, 0, 1),
+            vec![answer::wire_name("c1.mesh.local.").into()],
+        );
+        s
+    }
+}
+
+/// What the server serves: the configuration and the current names.
+#[derive(Debug)]
+pub struct Zone {
+    config: Config,
+    domain: String,
+    snapshot: RwLock<Arc<Snapshot>>,
+    generation: AtomicU64,
+    pub(crate) upstreams: Upstreams,
+}
+
+impl Zone {
+    /// A zone with no names yet.
+    pub fn new(config: Config) -> Result<Zone, ConfigError> {
+        let bad = || ConfigError::BadDomain(config.domain.clone());
+        let mut domain = normalize_name(&config.domain).map_err(|_| bad())?;
+        if !domain.ends_with('.') {
+            domain.push('.');
+        }
+        let snap = Snapshot {
+            domain: domain.as_bytes().into(),
+            ttl: config.ttl,
+            ..Default::default()
+        };
+        Ok(Zone {
+            upstreams: Upstreams::new(config.resolv_conf.clone()),
+            config,
+            domain,
+            snapshot: RwLock::new(Arc::new(snap)),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The domain, lowercase, with its trailing dot.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// The full name served for a table name: a name without a trailing
+    /// dot is a label (or a relative name) in our domain.
+    pub fn fqdn(&self, name: &str) -> String {
+        let name = name.to_ascii_lowercase();
+        if name.ends_with('.') {
+            name
+        } else {
+            format!("{name}.{}", self.domain)
+        }
+    }
+
+    /// Replace all names with these `(name, address)` pairs. Invalid names
+    /// are skipped.
+    pub fn set_names<I, S>(&self, entries: I)
+    where
+        I: IntoIterator<Item = (S, Ipv4Addr)>,
+        S: AsRef<str>,
+    {
+        let mut snap = Snapshot {
+            domain: self.domain.as_bytes().into(),
+            ttl: self.config.ttl,
+            ..Default::default()
+        };
+        for (name, addr) in entries {
+            let Ok(name) = normalize_name(name.as_ref()) else {
+                continue;
+            };
+            let fqdn = self.fqdn(&name);
+            let addrs = snap.names.entry(fqdn.as_bytes().into()).or_default();
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+            let wire: Box<[u8]> = answer::wire_name(&fqdn).into();
+            let names = snap.reverse.entry(addr).or_default();
+            if !names.contains(&wire) {
+                names.push(wire);
+            }
+        }
+        for names in snap.reverse.values_mut() {
+            names.sort();
+        }
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Replace all names with the live entries of `table`.
+    pub fn set_table(&self, table: &NameTable) {
+        self.set_names(table.entries().map(|e| (e.name, e.addr)));
+    }
+
+    /// The addresses served for `name` (a single label gets the domain).
+    pub fn lookup(&self, name: &str) -> Vec<Ipv4Addr> {
+        let snap = self.snapshot();
+        let n = name.to_ascii_lowercase();
+        let key = if n.ends_with('.') {
+            n
+        } else if n.contains('.') {
+            format!("{n}.")
+        } else {
+            format!("{n}.{}", self.domain)
+        };
+        snap.names.get(key.as_bytes()).cloned().unwrap_or_default()
+    }
+
+    /// How many names are served.
+    pub fn len(&self) -> usize {
+        self.snapshot().names.len()
+    }
+
+    /// Whether no name is served.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Answer one query without sockets (for tests and other transports):
+    /// writes the answer to `out` when the outcome is
+    /// [`Outcome::Reply`].
+    pub fn respond(&self, query: &[u8], transport: Transport, out: &mut Vec<u8>) -> Outcome {
+        let mut rng = Rng::new(crate::random_u64());
+        answer::respond(&self.snapshot(), query, transport, out, &mut rng)
+    }
+
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// A socket loop's view of the zone: refreshed only when the generation
+/// moved.
+pub(crate) struct View {
+    pub snap: Arc<Snapshot>,
+    generation: u64,
+}
+
+impl View {
+    pub(crate) fn new(zone: &Zone) -> View {
+        let generation = zone.generation();
+        View {
+            snap: zone.snapshot(),
+            generation,
+        }
+    }
+
+    pub(crate) fn refresh(&mut self, zone: &Zone) {
+        let g = zone.generation();
+        if g != self.generation {
+            self.generation = g;
+            self.snap = zone.snapshot();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_and_names() {
+        assert!(Zone::new(Config {
+            domain: "bad domain".into(),
+            ..Config::default()
+        })
+        .is_err());
+        let z = Zone::new(Config {
+            domain: "Mesh.Local".into(),
+            ..Config::default()
+        })
+        .unwrap();
+        assert_eq!(z.domain(), "mesh.local.");
+        let a = Ipv4Addr::new(198, 19, 0, 1);
+        z.set_names([("web", a), ("WEB", a), ("x.example.", a), ("bad name", a)]);
+        assert_eq!(z.len(), 2);
+        assert_eq!(z.lookup("web"), vec![a]);
+        assert_eq!(z.lookup("web.mesh.local."), vec![a]);
+        assert_eq!(z.lookup("x.example."), vec![a]);
+    }
+}
