@@ -361,7 +361,9 @@ impl Driver {
     }
 }
 
-/// Peers reachable over the mesh now, excluding us.
+/// Peers reachable over the mesh now, excluding us: those the topology
+/// routes to, and our direct neighbours (whose connections the topology
+/// counts only once both ends have gossiped them).
 fn reachable(gossip: &Gossip) -> BTreeSet<PeerName> {
     let me = gossip.name();
     gossip
@@ -369,6 +371,7 @@ fn reachable(gossip: &Gossip) -> BTreeSet<PeerName> {
         .into_iter()
         .filter(|p| p.reachable && p.name != me)
         .map(|p| p.name)
+        .chain(gossip.neighbours())
         .collect()
 }
 

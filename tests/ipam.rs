@@ -334,9 +334,10 @@ fn reclaim(test: &str, by_rmpeer: bool) {
             },
         );
     }
-    // 32 addresses, 2 reserved, h3's container holds 1: 29 left. Fill them
-    // from h1 and h2 at once.
-    let more: Vec<Container> = (0..29).map(|i| w.add_container(&format!("m{i}"))).collect();
+    // 32 addresses, 2 reserved, 3 held by the first containers (h3's among
+    // them: its container outlives its daemon): 27 left. Fill them from h1
+    // and h2 at once.
+    let more: Vec<Container> = (0..27).map(|i| w.add_container(&format!("m{i}"))).collect();
     std::thread::scope(|s| {
         for (i, c) in more.iter().enumerate() {
             let h = &hosts[i % 2];
@@ -345,14 +346,14 @@ fn reclaim(test: &str, by_rmpeer: bool) {
     });
     let everything: Vec<Container> = first.iter().chain(&more).cloned().collect();
     let addrs = kernel_addrs(&everything);
-    assert_eq!(addrs.len(), 32, "every container has an address: {addrs:?}");
+    assert_eq!(addrs.len(), 30, "every container has an address: {addrs:?}");
     assert_distinct(&addrs);
     // The range is now full: one more fails with a clear error, nothing
     // changes.
     let last = w.add_container("last");
     let out = hosts[0].mesh_timeout(&["attach", "--name", "last", &last.path], DEADLINE);
     let err = assert_one_line_error(&out, "attach to a full range");
-    assert!(err.contains("full") || err.contains("no address"), "{err}");
+    assert!(err.contains("no free address"), "{err}");
     assert!(
         last.ethmesh_mac().is_none(),
         "a failed attach left an interface"

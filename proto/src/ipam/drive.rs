@@ -187,8 +187,21 @@ impl Ipam {
         if self.crdt.ring.is_some() || self.consensus_n.is_some() {
             return;
         }
-        self.consensus_n = Some(n.unwrap_or(self.reachable.len() + 1).max(1));
-        self.write_record(|r| r.consensus = true);
+        let others: Vec<u32> = self
+            .crdt
+            .records
+            .iter()
+            .filter(|(p, r)| **p != self.me && r.consensus > 0)
+            .map(|(_, r)| r.consensus)
+            .collect();
+        let n = n
+            .unwrap_or(self.reachable.len() + 1)
+            .max(others.len() + 1)
+            .max(others.iter().copied().max().unwrap_or(0) as usize)
+            .max(1);
+        self.consensus_n = Some(n);
+        let announced = u32::try_from(n).unwrap_or(u32::MAX);
+        self.write_record(|r| r.consensus = announced);
         let (voters, q) = self.electorate(&Instance::Ring);
         if voters.len() >= q {
             self.proposing.insert(Instance::Ring);
@@ -232,10 +245,21 @@ impl Ipam {
                     .crdt
                     .records
                     .iter()
-                    .filter(|(_, r)| r.consensus)
+                    .filter(|(_, r)| r.consensus > 0)
                     .map(|(p, _)| *p)
                     .collect();
-                let q = self.consensus_n.map_or(usize::MAX, paxos::quorum);
+                // The largest consensus size anyone announced: all peers
+                // converge on one quorum however they started.
+                let seen = self
+                    .crdt
+                    .records
+                    .values()
+                    .map(|r| r.consensus as usize)
+                    .max()
+                    .unwrap_or(0);
+                let q = self
+                    .consensus_n
+                    .map_or(usize::MAX, |n| paxos::quorum(n.max(seen)));
                 (voters, q)
             }
             Instance::Reclaim(_) => {
@@ -359,7 +383,7 @@ impl Ipam {
             if self.crdt.ring.is_none()
                 && self.consensus_n.is_none()
                 && matches!(self.config.init, InitMode::Consensus(_))
-                && self.crdt.records.values().any(|r| r.consensus)
+                && self.crdt.records.values().any(|r| r.consensus > 0)
             {
                 self.start_consensus();
                 changed = true;

@@ -168,8 +168,11 @@ pub struct Request {
 pub struct Record {
     /// Bumped on every change.
     pub version: u64,
-    /// Takes part in creating the ring by consensus.
-    pub consensus: bool,
+    /// Takes part in creating the ring by consensus, with this consensus
+    /// size N (0: does not take part). Peers adopt the largest N they see,
+    /// so a peer that joins with a stale or small view of the mesh cannot
+    /// decide a ring on its own.
+    pub consensus: u32,
     /// Paxos acceptor (and proposer) state per instance.
     pub paxos: BTreeMap<Instance, Acceptor>,
     /// Outstanding requests for space.
