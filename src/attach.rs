@@ -30,6 +30,9 @@ use tracing::{info, warn};
 /// namespace destroyed takes the veth pair with it).
 const GONE_CHECK: Duration = Duration::from_secs(5);
 
+/// The prefix of host-side interface names.
+const HOST_PREFIX: &str = "vmesh";
+
 /// The container-side interface name.
 pub const IFNAME: &str = "ethmesh";
 
@@ -137,6 +140,26 @@ impl Manager {
                 list.push(a);
             } else {
                 info!(container = %a.id, "container gone while we were stopped; released");
+            }
+        }
+        // Host ends of containers that are not in the list: an attach that
+        // was in flight when the daemon died (the list is saved after the
+        // interface is made). It never answered the user: roll it back,
+        // and the reconciliation below releases its address.
+        let known: std::collections::BTreeSet<&str> = list
+            .iter()
+            .map(|a: &Attachment| a.host_ifname.as_str())
+            .collect();
+        for link in nl.links().await? {
+            let Some(name) = host::netlink::link_name_of(&link) else {
+                continue;
+            };
+            if name.starts_with(HOST_PREFIX) && !known.contains(name) {
+                warn!(
+                    interface = name,
+                    "half-made attachment from before a crash: removed"
+                );
+                nl.delete_link(name).await?;
             }
         }
         let m = Manager {
@@ -388,7 +411,7 @@ impl Manager {
         }
         let host_ifname = match existing {
             Some(i) => self.list[i].host_ifname.clone(),
-            None => format!("vmesh{:08x}", hash as u32),
+            None => format!("{HOST_PREFIX}{:08x}", hash as u32),
         };
         let aid = alloc_id(id);
         let (wanted, taken) = self.resolve(&parsed, &aid, &held).await?;
@@ -420,6 +443,20 @@ impl Manager {
             }
             return Err(e);
         }
+        if let Some(i) = existing {
+            // Record the new addresses before the kernel has them: after a
+            // crash in between, the allocator keeps them (the list says
+            // they are in use) rather than hand out what a container holds.
+            let a = &mut self.list[i];
+            for w in &wanted {
+                if !a.cidrs.contains(w) {
+                    a.cidrs.push(*w);
+                }
+            }
+            if let Err(e) = self.save() {
+                return Err(format!("{e:#}"));
+            }
+        }
         let cif = match host::attach_veth(
             &self.nl,
             &ns,
@@ -433,6 +470,12 @@ impl Manager {
         {
             Ok(c) => c,
             Err(e) => {
+                if let Some(i) = existing {
+                    self.list[i]
+                        .cidrs
+                        .retain(|c| !matches!(c, IpNet::V4(n) if taken.contains(n)));
+                    let _ = self.save();
+                }
                 for n in &taken {
                     self.release(&aid, Some(n.addr())).await;
                 }

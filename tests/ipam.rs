@@ -501,3 +501,58 @@ fn bad_addresses_get_one_clear_error_and_change_nothing() {
         );
     }
 }
+
+#[test]
+fn reset_hands_the_space_to_a_live_peer_and_leaves_nothing_behind() {
+    let Some(mut w) = World::new("ipam_reset") else {
+        return;
+    };
+    let hosts: Vec<Host> = (0..2).map(|_| w.add_host()).collect();
+    let names = launch_all(&w, &hosts, &["--ipalloc-range", "198.19.10.0/24"]);
+    wait_full_mesh(&hosts);
+    let c1 = w.add_container("c1");
+    let c2 = w.add_container("c2");
+    attach_auto(&hosts[0], &c1, &[]);
+    attach_auto(&hosts[1], &c2, &[]);
+    wait_until(DEADLINE, "both own space", || {
+        owned(&hosts[0]).values().filter(|&&n| n > 0).count() == 2
+    });
+    let pid = hosts[1].daemon_pid().expect("h2 pid");
+    let out = hosts[1].mesh_ok(&["reset"]);
+    assert!(
+        out.contains(&names[0]),
+        "reset should name the heir {}: {out}",
+        names[0]
+    );
+    wait_until(DEADLINE, "h2 exits", || !pid_alive(pid));
+    // h1 owns the whole range now, and h2's container address is free again.
+    wait_until(DEADLINE, "h1 owns everything", || {
+        owned(&hosts[0]).get(&names[0]).copied() == Some(256)
+    });
+    // Nothing of h2 is left: no bridge, TAP, veth, rules or state.
+    let links = run(
+        &mut hosts[1].command("ip", &["-o", "link"]),
+        Duration::from_secs(10),
+    );
+    let links = String::from_utf8_lossy(&links.stdout);
+    for dev in ["mesh", "meshtap", "vmesh"] {
+        assert!(
+            !links.lines().any(|l| l
+                .split(':')
+                .nth(1)
+                .is_some_and(|n| n.trim().starts_with(dev))),
+            "{dev} left behind on h2:\n{links}"
+        );
+    }
+    let rules = run(
+        &mut hosts[1].command("nft", &["list", "ruleset"]),
+        Duration::from_secs(10),
+    );
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(!rules.contains("bridge mesh"), "rules left on h2:\n{rules}");
+    let left: Vec<_> = std::fs::read_dir(&hosts[1].data_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "state left in h2's data dir: {left:?}");
+    assert!(c2.ethmesh_mac().is_none(), "c2 still has its interface");
+}

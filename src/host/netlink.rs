@@ -458,3 +458,11 @@ mod tests {
         });
     }
 }
+
+/// The name of a link message.
+pub fn link_name_of(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}

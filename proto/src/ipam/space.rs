@@ -289,8 +289,8 @@ impl Ipam {
             .find_map(|(_, s, e, _)| self.first_free_in(s, e))
     }
 
-    /// Free addresses of `peer` in `[lo, hi]` (from its published held runs;
-    /// for us, from our claims and what others hold in our space).
+    /// Free addresses of `peer` in `[lo, hi]`: its space less every address
+    /// anyone is known to hold there (published held runs, our claims).
     pub(super) fn free_of(&self, peer: PeerName, lo: u32, hi: u32) -> u64 {
         if lo > hi {
             return 0;
@@ -301,11 +301,11 @@ impl Ipam {
                 continue;
             }
             let size = e as u64 - s as u64 + 1;
-            let used = if peer == self.me {
-                (self.claims.range(s..=e).count() + self.foreign_held.range(s..=e).count()) as u64
-            } else {
-                self.crdt.records.get(&peer).map_or(0, |r| r.held_in(s, e))
-            };
+            // Whoever holds them: in a peer's space there may be addresses
+            // held by a peer whose space it inherited, which it will not
+            // hand out again.
+            let used =
+                (self.claims.range(s..=e).count() + self.foreign_held.range(s..=e).count()) as u64;
             free += size.saturating_sub(used);
         }
         free
