@@ -301,6 +301,14 @@ pub fn link_mac_of(m: &LinkMessage) -> Option<[u8; 6]> {
     })
 }
 
+/// The name of a link message.
+pub fn link_name_of(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
 /// The MTU of a link message.
 pub fn link_mtu_of(m: &LinkMessage) -> Option<u32> {
     m.attributes.iter().find_map(|a| match a {
@@ -457,12 +465,4 @@ mod tests {
             assert_eq!(nl.underlay_mtu().await.unwrap(), 1450);
         });
     }
-}
-
-/// The name of a link message.
-pub fn link_name_of(m: &LinkMessage) -> Option<&str> {
-    m.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(n) => Some(n.as_str()),
-        _ => None,
-    })
 }
