@@ -18,10 +18,13 @@ use crate::addr::{self, Addr};
 use crate::api::{PsEntry, Request, Response};
 use crate::daemon::BRIDGE;
 use crate::host::{self, Netlink, NetnsId};
-use crate::{ipam, persist, router};
+use crate::{dns, ipam, persist, router};
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -63,13 +66,31 @@ pub struct Manager {
     list: Vec<Attachment>,
     router: mpsc::Sender<router::Cmd>,
     range: Ipv4Net,
+    zone: Option<Arc<mesh_dns::Zone>>,
+    /// DNS servers inside containers, by host interface.
+    servers: HashMap<String, tokio::task::AbortHandle>,
 }
+
+/// Where containers find the mesh's DNS (in their own namespace).
+pub const DNS_ADDR: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11)), 53);
 
 impl Attachment {
     /// The allocator's id for this container: stable for its namespace,
     /// whatever name it is given later.
     fn alloc_id(&self) -> String {
         alloc_id(self.netns)
+    }
+
+    /// Its IPv4 addresses.
+    fn v4(&self) -> Vec<Ipv4Addr> {
+        self.cidrs
+            .iter()
+            .filter_map(|c| match c {
+                IpNet::V4(n) => Some(n.addr()),
+                IpNet::V6(_) => None,
+            })
+            .collect()
     }
 
     /// Its addresses that the allocator manages.
@@ -130,6 +151,7 @@ impl Manager {
         mtu: u32,
         router: mpsc::Sender<router::Cmd>,
         range: Ipv4Net,
+        zone: Option<Arc<mesh_dns::Zone>>,
     ) -> anyhow::Result<Manager> {
         let path = data_dir.join("containers.json");
         let stored: Vec<Attachment> = persist::load_json(&path)?.unwrap_or_default();
@@ -162,13 +184,15 @@ impl Manager {
                 nl.delete_link(name).await?;
             }
         }
-        let m = Manager {
+        let mut m = Manager {
             nl,
             path,
             mtu,
             list,
             router,
             range,
+            zone,
+            servers: HashMap::new(),
         };
         if m.list.len() != before {
             m.save()?;
@@ -183,6 +207,19 @@ impl Manager {
             .router
             .send(router::Cmd::Ipam(ipam::Cmd::Reconcile { live }))
             .await;
+        let live = m.list.iter().map(|a| a.alloc_id()).collect();
+        let _ = m
+            .router
+            .send(router::Cmd::Names(dns::Cmd::Reconcile { live }))
+            .await;
+        for a in m.list.clone() {
+            match host::open_netns(&a.target) {
+                Ok((ns, id)) if id == a.netns => m.start_dns(&a.host_ifname, &ns).await,
+                _ => {
+                    warn!(container = %a.id, "cannot enter its namespace again: no DNS inside it until it is attached again")
+                }
+            }
+        }
         Ok(m)
     }
 
@@ -212,6 +249,149 @@ impl Manager {
             }
         }
         host::nft::sync(&ports).await
+    }
+
+    /// Serve DNS inside the container at 127.0.0.11:53 (UDP and TCP
+    /// sockets opened in its namespace), with its `lo` up.
+    async fn start_dns(&mut self, host_ifname: &str, ns: &std::fs::File) {
+        let Some(zone) = self.zone.clone() else {
+            return;
+        };
+        if let Some(h) = self.servers.remove(host_ifname) {
+            h.abort();
+        }
+        let lo = async {
+            let cnl = Netlink::in_netns(ns).await?;
+            if let Some(i) = cnl.link_index("lo").await? {
+                cnl.set_up(i).await?;
+            }
+            Ok::<(), host::HostError>(())
+        };
+        if let Err(e) = lo.await {
+            warn!(host_ifname, "bringing lo up in the container: {e}");
+        }
+        let sockets = host::run_in_netns(ns, || {
+            let udp = std::net::UdpSocket::bind(DNS_ADDR)?;
+            let tcp = std::net::TcpListener::bind(DNS_ADDR)?;
+            Ok::<_, std::io::Error>((udp, tcp))
+        });
+        match sockets {
+            Ok(Ok((udp, tcp))) => {
+                let name = host_ifname.to_string();
+                let task = tokio::spawn(async move {
+                    if let Err(e) = mesh_dns::serve(udp, tcp, zone).await {
+                        warn!(host_ifname = %name, "DNS inside the container: {e}");
+                    }
+                });
+                self.servers
+                    .insert(host_ifname.to_string(), task.abort_handle());
+            }
+            Ok(Err(e)) => warn!(
+                host_ifname,
+                "no DNS inside the container: {DNS_ADDR} is taken there ({e})"
+            ),
+            Err(e) => warn!(host_ifname, "no DNS inside the container: {e}"),
+        }
+    }
+
+    fn stop_dns(&mut self, host_ifname: &str) {
+        if let Some(h) = self.servers.remove(host_ifname) {
+            h.abort();
+        }
+    }
+
+    async fn names(&self, cmd: dns::Cmd) {
+        let _ = self.router.send(router::Cmd::Names(cmd)).await;
+    }
+
+    /// The attached container TARGET names: a PID or netns path (matched
+    /// by namespace), or its id, name or target as given.
+    fn find(&self, target: &str) -> Option<usize> {
+        let opened = host::open_netns(target).ok();
+        self.list
+            .iter()
+            .position(|a| opened.as_ref().is_some_and(|(_, id)| a.netns == *id))
+            .or_else(|| {
+                self.list
+                    .iter()
+                    .position(|a| a.id == target || a.target == target)
+            })
+    }
+
+    /// `mesh dns-add` / `dns-remove`.
+    async fn dns_change(
+        &self,
+        add: bool,
+        ips: &[String],
+        target: Option<&str>,
+        fqdn: Option<String>,
+    ) -> Result<(), String> {
+        let mut addrs = Vec::new();
+        for ip in ips {
+            let a: Ipv4Addr = ip
+                .split('/')
+                .next()
+                .unwrap_or("")
+                .parse()
+                .map_err(|_| format!("invalid IP {ip:?}: expected an IPv4 address"))?;
+            addrs.push(a);
+        }
+        let (container, name) = match target {
+            Some(t) => {
+                let i = self
+                    .find(t)
+                    .ok_or_else(|| format!("no attached container matches {t}"))?;
+                let a = &self.list[i];
+                if addrs.is_empty() && add {
+                    addrs = a.v4();
+                }
+                for x in &addrs {
+                    if !a.v4().contains(x) {
+                        return Err(format!("{x} is not an address of container {}", a.id));
+                    }
+                }
+                let name = fqdn.or_else(|| a.name.clone());
+                if add && name.is_none() {
+                    return Err(format!(
+                        "container {} has no name: give one with -h FQDN",
+                        a.id
+                    ));
+                }
+                (a.alloc_id(), name)
+            }
+            None => {
+                if fqdn.is_none() || (add && addrs.is_empty()) {
+                    return Err("give a TARGET, or IP... with -h FQDN".into());
+                }
+                ("-".to_string(), fqdn)
+            }
+        };
+        if add {
+            let (reply, rx) = oneshot::channel();
+            self.names(dns::Cmd::Add {
+                container,
+                addrs,
+                name: name.unwrap_or_default(),
+                reply: Some(reply),
+            })
+            .await;
+            rx.await
+                .map_err(|_| "the daemon is shutting down".to_string())?
+        } else {
+            let (reply, rx) = oneshot::channel();
+            self.names(dns::Cmd::Remove {
+                container,
+                addrs,
+                name,
+                reply: Some(reply),
+            })
+            .await;
+            match rx.await {
+                Ok(0) => Err("no such name".into()),
+                Ok(_) => Ok(()),
+                Err(_) => Err("the daemon is shutting down".into()),
+            }
+        }
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -246,6 +426,18 @@ impl Manager {
                     Ok(()) => Response::Ok,
                     Err(message) => Response::Error { message },
                 },
+                Request::DnsAdd { ips, target, fqdn } => {
+                    match self.dns_change(true, &ips, target.as_deref(), fqdn).await {
+                        Ok(()) => Response::Ok,
+                        Err(message) => Response::Error { message },
+                    }
+                }
+                Request::DnsRemove { ips, target, fqdn } => {
+                    match self.dns_change(false, &ips, target.as_deref(), fqdn).await {
+                        Ok(()) => Response::Ok,
+                        Err(message) => Response::Error { message },
+                    }
+                }
                 Request::Reset => match self.detach_all().await {
                     Ok(()) => Response::Ok,
                     Err(message) => Response::Error { message },
@@ -500,6 +692,15 @@ impl Manager {
             let _ = self.sync_rules(None).await;
             return Err(format!("attaching {target}: {e}"));
         }
+        // Its DNS name: --name, else its own hostname (a PID with a UTS
+        // namespace of its own).
+        let dns_name = name.clone().or_else(|| {
+            target
+                .parse::<u32>()
+                .ok()
+                .and_then(host::hostname_of)
+                .filter(|h| mesh_proto::names::normalize_name(h).is_ok())
+        });
         match existing {
             Some(i) => {
                 let a = &mut self.list[i];
@@ -529,6 +730,19 @@ impl Manager {
             // it down again rather than leave a half-recorded container.
             warn!("saving the container list: {e:#}");
             return Err(format!("{e:#}"));
+        }
+        let a = self.list[existing.unwrap_or(self.list.len() - 1)].clone();
+        if let Some(n) = dns_name {
+            self.names(dns::Cmd::Add {
+                container: a.alloc_id(),
+                addrs: a.v4(),
+                name: n,
+                reply: None,
+            })
+            .await;
+        }
+        if !self.servers.contains_key(&a.host_ifname) {
+            self.start_dns(&a.host_ifname, &ns).await;
         }
         info!(container = %cid, addrs = ?wanted, "attached");
         Ok(wanted.iter().map(|c| c.to_string()).collect())
@@ -589,6 +803,26 @@ impl Manager {
             warn!("isolation rules after detaching {}: {e}", a.id);
         }
         let aid = a.alloc_id();
+        self.names(dns::Cmd::Remove {
+            container: aid.clone(),
+            addrs: if all {
+                Vec::new()
+            } else {
+                release
+                    .iter()
+                    .filter_map(|n| match n {
+                        IpNet::V4(n) => Some(n.addr()),
+                        IpNet::V6(_) => None,
+                    })
+                    .collect()
+            },
+            name: None,
+            reply: None,
+        })
+        .await;
+        if !self.list.iter().any(|x| x.host_ifname == a.host_ifname) {
+            self.stop_dns(&a.host_ifname);
+        }
         if all {
             self.release(&aid, None).await;
         } else {
@@ -625,8 +859,16 @@ impl Manager {
         }
         for i in gone.into_iter().rev() {
             let a = self.list.remove(i);
-            info!(container = %a.id, "container gone: addresses released");
+            info!(container = %a.id, "container gone: addresses and names released");
             self.release(&a.alloc_id(), None).await;
+            self.stop_dns(&a.host_ifname);
+            self.names(dns::Cmd::Remove {
+                container: a.alloc_id(),
+                addrs: Vec::new(),
+                name: None,
+                reply: None,
+            })
+            .await;
         }
         if let Err(e) = self.save() {
             warn!("saving the container list: {e:#}");

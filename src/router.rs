@@ -12,7 +12,7 @@
 use crate::api::{ConnStatus, PeerConn, PeerStatus, SleeveStats, Status};
 use crate::control::{WarnLimit, DUPLICATE};
 use crate::daemon::Me;
-use crate::{connmaker, ipam, sleeve};
+use crate::{connmaker, dns, ipam, sleeve};
 use mesh_proto::gossip::{self, Event, Gossip};
 use mesh_proto::name::PeerName;
 use mesh_proto::seal::{Opener, Sealer};
@@ -72,6 +72,8 @@ pub enum Cmd {
     Status(oneshot::Sender<Status>),
     /// A request for the address allocator.
     Ipam(ipam::Cmd),
+    /// A request for the name table.
+    Names(dns::Cmd),
 }
 
 /// A connection ready to carry traffic.
@@ -115,6 +117,7 @@ struct Router {
     candidates_dirty: bool,
     problems: Vec<String>,
     ipam: ipam::Driver,
+    names: dns::Driver,
 }
 
 /// Run the router until every sender is gone.
@@ -126,6 +129,7 @@ pub async fn run(
     config: gossip::Config,
     incarnation: u64,
     ipam: ipam::Driver,
+    names: dns::Driver,
 ) {
     let mut seed = [0u8; 8];
     let _ = getrandom::fill(&mut seed);
@@ -137,6 +141,7 @@ pub async fn run(
         u64::from_le_bytes(seed),
     );
     ipam.register(&mut gossip);
+    names.register(&mut gossip);
     let mut r = Router {
         me,
         rows: BTreeMap::new(),
@@ -148,6 +153,7 @@ pub async fn run(
         candidates_dirty: true,
         problems: Vec::new(),
         ipam,
+        names,
     };
     let mut tick = tokio::time::interval(IPAM_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -168,9 +174,13 @@ pub async fn run(
                 Some(c) => r.command(c).await,
             },
             _ = timer => r.gossip.handle_timeout(Instant::now()),
-            _ = tick.tick() => r.ipam.tick(&r.gossip),
+            _ = tick.tick() => {
+                r.ipam.tick(&r.gossip);
+                r.names.tick();
+            }
         }
         r.ipam.settle(&mut r.gossip);
+        r.names.settle(&mut r.gossip);
         r.pump().await;
     }
 }
@@ -240,6 +250,7 @@ impl Router {
                 self.ipam.command(c, &self.gossip);
                 self.ipam.tick(&self.gossip);
             }
+            Cmd::Names(c) => self.names.command(c),
         }
     }
 
@@ -288,6 +299,7 @@ impl Router {
     /// Move what the gossip core produced to where it goes.
     async fn pump(&mut self) {
         let mut ipam_news = false;
+        let mut names_news = false;
         while let Some(ev) = self.gossip.poll_event() {
             match ev {
                 Event::RoutesChanged => self.routes_dirty = true,
@@ -298,6 +310,7 @@ impl Router {
                 Event::PeerRemoved { name } => {
                     info!(peer = %name, "peer forgotten");
                     self.ipam.forget_peer(name);
+                    self.names.forget_peer(name);
                     self.candidates_dirty = true;
                 }
                 Event::NameCollision {
@@ -318,8 +331,12 @@ impl Router {
                 }
                 Event::ChannelUpdated { channel } => {
                     ipam_news |= channel == ipam::CHANNEL;
+                    names_news |= channel == mesh_proto::names::CHANNEL;
                 }
             }
+        }
+        if names_news {
+            self.names.settle(&mut self.gossip);
         }
         if ipam_news {
             // A request addressed to us, a donation, a vote: act on it now.
@@ -403,7 +420,7 @@ impl Router {
             sleeve: stats,
             problems: self.problems.clone(),
             ipam: Some(self.ipam.status(&self.gossip)),
-            dns: None,
+            dns: Some(self.names.status()),
         }
     }
 }

@@ -29,7 +29,7 @@ pub mod veth;
 mod testutil;
 
 pub use netlink::Netlink;
-pub use netns::{open_netns, run_in_netns, NetnsId};
+pub use netns::{hostname_of, open_netns, run_in_netns, NetnsId};
 pub use tap::{open_tap, Tap};
 pub use veth::{attach_veth, container_if, detach_veth, ContainerIf};
 
