@@ -315,8 +315,10 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         conn_tx.clone(),
         gossip_config,
         incarnation,
-        allocator,
-        names,
+        router::Channels {
+            ipam: allocator,
+            names,
+        },
     ));
 
     let (attach_tx, attach_rx) = mpsc::channel(64);

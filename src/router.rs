@@ -120,6 +120,14 @@ struct Router {
     names: dns::Driver,
 }
 
+/// The drivers of the gossip channels other than the topology.
+pub struct Channels {
+    /// The address allocator.
+    pub ipam: ipam::Driver,
+    /// The name table.
+    pub names: dns::Driver,
+}
+
 /// Run the router until every sender is gone.
 pub async fn run(
     me: Arc<Me>,
@@ -128,9 +136,9 @@ pub async fn run(
     connmaker: mpsc::Sender<connmaker::Cmd>,
     config: gossip::Config,
     incarnation: u64,
-    ipam: ipam::Driver,
-    names: dns::Driver,
+    channels: Channels,
 ) {
+    let Channels { ipam, names } = channels;
     let mut seed = [0u8; 8];
     let _ = getrandom::fill(&mut seed);
     let mut gossip = Gossip::new(

@@ -501,7 +501,9 @@ mod tests {
     fn honest(t: &mut Topology, owner: u8, inc: u64, ver: u32) -> LocalRecord {
         let peer = t.intern(nm(owner));
         let add = (0..8u8)
-            .filter(|k| (owner as u64 * 31 + inc * 7 + ver as u64 * 13 + *k as u64) % 3 == 0)
+            .filter(|k| {
+                (owner as u64 * 31 + inc * 7 + ver as u64 * 13 + *k as u64).is_multiple_of(3)
+            })
             .map(|k| t.intern(nm(100 + k)))
             .collect();
         LocalRecord {
