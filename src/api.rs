@@ -78,6 +78,17 @@ pub enum Request {
         /// `-h FQDN`.
         fqdn: Option<String>,
     },
+    /// Give the host an address on the bridge in these subnets (default
+    /// `net:default`), with NAT.
+    Expose {
+        /// ADDR strings.
+        addrs: Vec<String>,
+    },
+    /// Undo `Expose` (all when `addrs` is empty).
+    Hide {
+        /// ADDR strings.
+        addrs: Vec<String>,
+    },
     /// Addresses of a name.
     DnsLookup {
         /// The name.

@@ -69,7 +69,14 @@ pub struct Manager {
     zone: Option<Arc<mesh_dns::Zone>>,
     /// DNS servers inside containers, by host interface.
     servers: HashMap<String, tokio::task::AbortHandle>,
+    /// The host's addresses on the bridge (`mesh expose`), saved in
+    /// `exposed.json`.
+    exposed: Vec<Ipv4Net>,
 }
+
+/// The allocator's id for the host's own addresses (`mesh expose`); not a
+/// container id, which are 12 hex digits.
+const HOST_ID: &str = "host";
 
 /// Where containers find the mesh's DNS (in their own namespace).
 pub const DNS_ADDR: std::net::SocketAddr =
@@ -154,6 +161,7 @@ impl Manager {
         zone: Option<Arc<mesh_dns::Zone>>,
     ) -> anyhow::Result<Manager> {
         let path = data_dir.join("containers.json");
+        let data_dir_for_expose = data_dir.clone();
         let stored: Vec<Attachment> = persist::load_json(&path)?.unwrap_or_default();
         let before = stored.len();
         let mut list = Vec::new();
@@ -193,7 +201,12 @@ impl Manager {
             range,
             zone,
             servers: HashMap::new(),
+            exposed: persist::load_json(&data_dir_for_expose.join("exposed.json"))?
+                .unwrap_or_default(),
         };
+        if let Err(e) = host::nft::sync_nat(BRIDGE, &m.exposed).await {
+            warn!("NAT of exposed subnets: {e}");
+        }
         if m.list.len() != before {
             m.save()?;
         }
@@ -203,6 +216,15 @@ impl Manager {
             .iter()
             .map(|a| (a.alloc_id(), a.managed(range)))
             .collect();
+        let mut live: Vec<(String, Vec<Ipv4Net>)> = live;
+        live.push((
+            HOST_ID.to_string(),
+            m.exposed
+                .iter()
+                .filter(|n| range.contains(&n.addr()))
+                .copied()
+                .collect(),
+        ));
         let _ = m
             .router
             .send(router::Cmd::Ipam(ipam::Cmd::Reconcile { live }))
@@ -394,6 +416,162 @@ impl Manager {
         }
     }
 
+    /// The host's exposed address in one of the container's subnets.
+    fn gateway_for(&self, a: &Attachment) -> Option<Ipv4Addr> {
+        self.exposed.iter().find_map(|e| {
+            a.cidrs
+                .iter()
+                .any(|c| matches!(c, IpNet::V4(n) if n.trunc() == e.trunc()))
+                .then_some(e.addr())
+        })
+    }
+
+    fn save_exposed(&self) -> Result<(), String> {
+        let dir = self.path.parent().map(PathBuf::from).unwrap_or_default();
+        persist::save_json(&dir.join("exposed.json"), &self.exposed).map_err(|e| format!("{e:#}"))
+    }
+
+    /// Set or remove the default route via `gw` in every container of this
+    /// host attached in `subnet`.
+    async fn routes_via(&self, subnet: Ipv4Net, gw: Ipv4Addr, add: bool) {
+        for a in &self.list {
+            if !a
+                .cidrs
+                .iter()
+                .any(|c| matches!(c, IpNet::V4(n) if n.trunc() == subnet.trunc()))
+            {
+                continue;
+            }
+            let Ok((ns, id)) = host::open_netns(&a.target) else {
+                continue;
+            };
+            if id != a.netns {
+                continue;
+            }
+            let r = match Netlink::in_netns(&ns).await {
+                Ok(cnl) if add => host::add_default_route(&cnl, gw).await.map(|_| ()),
+                Ok(cnl) => host::del_default_route(&cnl, gw).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                warn!(container = %a.id, "default route via {gw}: {e}");
+            }
+        }
+    }
+
+    /// `mesh expose`.
+    async fn expose(&mut self, addrs: &[String]) -> Result<Vec<String>, String> {
+        let mut parsed = addrs
+            .iter()
+            .map(|a| addr::parse(a))
+            .collect::<Result<Vec<Addr>, String>>()?;
+        if parsed.is_empty() {
+            parsed.push(Addr::NetDefault);
+        }
+        let mut out = Vec::new();
+        for a in parsed {
+            let subnet: Option<Ipv4Net> = match &a {
+                Addr::Net(IpNet::V4(s)) => Some(*s),
+                Addr::Ip(IpNet::V4(n)) => Some(n.trunc()),
+                Addr::NetDefault => None,
+                Addr::None => continue,
+                other => return Err(format!("cannot expose {other}: IPv4 subnets only")),
+            };
+            if let Some(s) = subnet {
+                if let Some(e) = self.exposed.iter().find(|e| e.trunc() == s) {
+                    return Err(format!("{s} is already exposed on this host as {e}"));
+                }
+            }
+            let n: Ipv4Net = match a {
+                Addr::Ip(IpNet::V4(n)) if !self.range.contains(&n.addr()) => n,
+                Addr::Ip(IpNet::V4(n)) => {
+                    self.ipam(|reply| ipam::Cmd::Claim {
+                        id: HOST_ID.into(),
+                        addr: n,
+                        reply,
+                    })
+                    .await?
+                }
+                Addr::Net(IpNet::V4(s)) => {
+                    self.ipam(|reply| ipam::Cmd::Allocate {
+                        id: HOST_ID.into(),
+                        subnet: Some(s),
+                        reply,
+                    })
+                    .await?
+                }
+                _ => {
+                    self.ipam(|reply| ipam::Cmd::Allocate {
+                        id: HOST_ID.into(),
+                        subnet: None,
+                        reply,
+                    })
+                    .await?
+                }
+            };
+            if self.exposed.iter().any(|e| e.trunc() == n.trunc()) {
+                return Err(format!("{} is already exposed on this host", n.trunc()));
+            }
+            if let Err(e) = host::add_addrs(&self.nl, BRIDGE, &[IpNet::V4(n)]).await {
+                self.release(HOST_ID, Some(n.addr())).await;
+                return Err(format!("adding {n} to the bridge: {e}"));
+            }
+            self.exposed.push(n);
+            if let Err(e) = self.save_exposed() {
+                let _ = host::del_addrs(&self.nl, BRIDGE, &[IpNet::V4(n)]).await;
+                self.exposed.pop();
+                self.release(HOST_ID, Some(n.addr())).await;
+                return Err(e);
+            }
+            if let Err(e) = host::nft::sync_nat(BRIDGE, &self.exposed).await {
+                warn!("NAT of exposed subnets: {e}");
+            }
+            if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+                warn!("enabling IPv4 forwarding: {e}");
+            }
+            self.routes_via(n, n.addr(), true).await;
+            info!(addr = %n, "exposed");
+            out.push(n.to_string());
+        }
+        Ok(out)
+    }
+
+    /// `mesh hide`.
+    async fn hide(&mut self, addrs: &[String]) -> Result<(), String> {
+        let mut which: Vec<Ipv4Net> = Vec::new();
+        if addrs.is_empty() {
+            which = self.exposed.clone();
+        }
+        for a in addrs {
+            let s = match addr::parse(a)? {
+                Addr::Net(IpNet::V4(s)) => s,
+                Addr::Ip(IpNet::V4(n)) => n.trunc(),
+                Addr::NetDefault => {
+                    match self.exposed.iter().find(|e| self.range.contains(&e.addr())) {
+                        Some(e) => e.trunc(),
+                        None => return Err("net:default is not exposed on this host".into()),
+                    }
+                }
+                other => return Err(format!("cannot hide {other}")),
+            };
+            match self.exposed.iter().find(|e| e.trunc() == s) {
+                Some(e) => which.push(*e),
+                None => return Err(format!("{s} is not exposed on this host")),
+            }
+        }
+        for n in which {
+            host::del_addrs(&self.nl, BRIDGE, &[IpNet::V4(n)])
+                .await
+                .map_err(|e| format!("removing {n} from the bridge: {e}"))?;
+            self.exposed.retain(|e| *e != n);
+            self.save_exposed()?;
+            self.routes_via(n, n.addr(), false).await;
+            self.release(HOST_ID, Some(n.addr())).await;
+            info!(addr = %n, "hidden");
+        }
+        host::nft::sync_nat(BRIDGE, &self.exposed).await
+    }
+
     fn save(&self) -> anyhow::Result<()> {
         persist::save_json(&self.path, &self.list)
     }
@@ -426,6 +604,14 @@ impl Manager {
                     Ok(()) => Response::Ok,
                     Err(message) => Response::Error { message },
                 },
+                Request::Expose { addrs } => match self.expose(&addrs).await {
+                    Ok(cidrs) => Response::Attached { cidrs },
+                    Err(message) => Response::Error { message },
+                },
+                Request::Hide { addrs } => match self.hide(&addrs).await {
+                    Ok(()) => Response::Ok,
+                    Err(message) => Response::Error { message },
+                },
                 Request::DnsAdd { ips, target, fqdn } => {
                     match self.dns_change(true, &ips, target.as_deref(), fqdn).await {
                         Ok(()) => Response::Ok,
@@ -442,17 +628,28 @@ impl Manager {
                     Ok(()) => Response::Ok,
                     Err(message) => Response::Error { message },
                 },
-                Request::Ps => Response::Ps {
-                    containers: self
-                        .list
-                        .iter()
-                        .map(|a| PsEntry {
-                            id: a.id.clone(),
-                            mac: a.mac.clone(),
-                            cidrs: a.cidrs.iter().map(|c| c.to_string()).collect(),
-                        })
-                        .collect(),
-                },
+                Request::Ps => {
+                    let mut containers: Vec<PsEntry> = Vec::new();
+                    if !self.exposed.is_empty() {
+                        let mac = self
+                            .nl
+                            .link_mac(BRIDGE)
+                            .await
+                            .map(mac_string)
+                            .unwrap_or_default();
+                        containers.push(PsEntry {
+                            id: "mesh:expose".into(),
+                            mac,
+                            cidrs: self.exposed.iter().map(|c| c.to_string()).collect(),
+                        });
+                    }
+                    containers.extend(self.list.iter().map(|a| PsEntry {
+                        id: a.id.clone(),
+                        mac: a.mac.clone(),
+                        cidrs: a.cidrs.iter().map(|c| c.to_string()).collect(),
+                    }));
+                    Response::Ps { containers }
+                }
                 _ => Response::Error {
                     message: "not an attachment request".into(),
                 },
@@ -744,6 +941,16 @@ impl Manager {
         if !self.servers.contains_key(&a.host_ifname) {
             self.start_dns(&a.host_ifname, &ns).await;
         }
+        if let Some(gw) = self.gateway_for(&a) {
+            match Netlink::in_netns(&ns).await {
+                Ok(cnl) => {
+                    if let Err(e) = host::add_default_route(&cnl, gw).await {
+                        warn!(container = %a.id, "default route via {gw}: {e}");
+                    }
+                }
+                Err(e) => warn!(container = %a.id, "default route via {gw}: {e}"),
+            }
+        }
         info!(container = %cid, addrs = ?wanted, "attached");
         Ok(wanted.iter().map(|c| c.to_string()).collect())
     }
@@ -836,8 +1043,9 @@ impl Manager {
         Ok(())
     }
 
-    /// `mesh reset`: detach every container.
+    /// `mesh reset`: detach every container, hide every exposed subnet.
     async fn detach_all(&mut self) -> Result<(), String> {
+        self.hide(&[]).await?;
         let ids: Vec<String> = self.list.iter().map(|a| a.id.clone()).collect();
         for id in ids {
             self.detach(&[], &id).await?;

@@ -104,6 +104,21 @@ enum Cmd {
         /// A name (a single label gets the domain appended).
         name: String,
     },
+    /// Give this host an address on the bridge in each subnet (default
+    /// `net:default`) and print it: the host reaches the subnet's
+    /// containers on every host, their traffic out is masqueraded, and
+    /// outside hosts routing the subnet via this one reach them.
+    Expose {
+        /// `net:CIDR`, `net:default` or `ip:CIDR`.
+        #[arg(value_name = "ADDR")]
+        addrs: Vec<String>,
+    },
+    /// Undo `mesh expose` (all exposed subnets when no ADDR is given).
+    Hide {
+        /// `net:CIDR`, `ip:CIDR`, or nothing for all.
+        #[arg(value_name = "ADDR")]
+        addrs: Vec<String>,
+    },
     /// List attached containers: `ID MAC CIDR...`.
     Ps,
     /// Show versions of the binary and the protocol.
@@ -448,6 +463,29 @@ pub fn run() -> anyhow::Result<ExitCode> {
                 env,
                 cmd,
             })
+        }
+        Cmd::Expose { addrs } => {
+            for a in &addrs {
+                addr::parse(a).map_err(anyhow::Error::msg)?;
+            }
+            need_root("expose")?;
+            match call(&Request::Expose { addrs })? {
+                Response::Attached { cidrs } => {
+                    for c in cidrs {
+                        println!("{c}");
+                    }
+                }
+                other => return Err(unexpected(other)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Hide { addrs } => {
+            for a in &addrs {
+                addr::parse(a).map_err(anyhow::Error::msg)?;
+            }
+            need_root("hide")?;
+            expect_ok(call(&Request::Hide { addrs })?)?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::DnsAdd(a) | Cmd::DnsRemove(a) if a.args.is_empty() => {
             bail!("give IP... TARGET, TARGET, or IP... -h FQDN")

@@ -629,6 +629,8 @@ async fn handle(req: Request, s: &Services) -> Response {
         }
         Request::Attach { .. }
         | Request::Detach { .. }
+        | Request::Expose { .. }
+        | Request::Hide { .. }
         | Request::Ps
         | Request::DnsAdd { .. }
         | Request::DnsRemove { .. } => ask(&s.attach, |reply| attach::Cmd { req, reply })
