@@ -970,14 +970,7 @@ impl Manager {
         }
         let opened = host::open_netns(target).ok();
         let idx = self
-            .list
-            .iter()
-            .position(|a| opened.as_ref().is_some_and(|(_, id)| a.netns == *id))
-            .or_else(|| {
-                self.list
-                    .iter()
-                    .position(|a| a.id == target || a.target == target)
-            })
+            .find(target)
             .ok_or_else(|| format!("no attached container matches {target}"))?;
         let all = release.is_empty();
         let a = self.list[idx].clone();
