@@ -493,7 +493,7 @@ impl Gossip {
                 let name = self.topo.name(i);
                 let e = self.topo.get(i)?;
                 (!self.neighbours.contains_key(&name) && !e.addrs.is_empty())
-                    .then(|| (name, e.addrs.clone()))
+                    .then(|| (name, e.addrs.to_vec()))
             })
             .collect()
     }
@@ -508,7 +508,7 @@ impl Gossip {
                 let connections = e
                     .conns
                     .iter()
-                    .map(|&c| {
+                    .map(|c| {
                         let peer = self.topo.name(c);
                         ConnectionSummary {
                             peer,
@@ -521,10 +521,10 @@ impl Gossip {
                     .collect();
                 Some(PeerSummary {
                     name,
-                    nickname: e.nickname.clone(),
+                    nickname: e.nickname.to_string(),
                     incarnation: e.incarnation,
                     version: e.version,
-                    addrs: e.addrs.clone(),
+                    addrs: e.addrs.to_vec(),
                     connections,
                     reachable: i == 0 || self.routes.hop(i).is_some(),
                     next_hop: if i == 0 { None } else { self.next_hop(name) },
@@ -839,7 +839,7 @@ impl Gossip {
             let mine = self
                 .topo
                 .get(0)
-                .map(|e| e.addrs.clone())
+                .map(|e| e.addrs.to_vec())
                 .unwrap_or_default();
             if mine.first() != Some(&a) {
                 let mut addrs = vec![a];
@@ -1038,7 +1038,7 @@ impl Gossip {
         if (r.incarnation, r.version) <= (inc, ver) {
             return;
         }
-        if r.incarnation > inc || r.nickname.as_ref().is_some_and(|n| *n != mine.nickname) {
+        if r.incarnation > inc || r.nickname.as_ref().is_some_and(|n| **n != *mine.nickname) {
             self.events.push_back(Event::NameCollision {
                 name: self.me,
                 nickname: r.nickname.clone().unwrap_or_default(),
@@ -1127,14 +1127,10 @@ impl Gossip {
         }
         let known: Vec<Idx> = self.topo.known().filter(|&i| i != 0).collect();
         let mut removed = false;
+        let referenced = routes::referenced(&self.topo, &self.routes);
         for i in known {
             let alive = self.routes.hop(i).is_some()
-                || self
-                    .routes
-                    .referenced
-                    .get(i as usize)
-                    .copied()
-                    .unwrap_or(false);
+                || referenced.get(i as usize).copied().unwrap_or(false);
             if alive {
                 self.unreachable_since.remove(&i);
                 continue;

@@ -183,6 +183,12 @@ pub struct Sim {
     cut: HashSet<(u32, u32)>,
     /// Gossip messages handed to the network.
     pub messages: u64,
+    /// Heartbeat bytes counted so far (all peers).
+    pub heartbeat_bytes: u64,
+    /// Handshake bytes counted so far (all peers, refusals included).
+    pub handshake_bytes: u64,
+    /// Dials started so far.
+    pub dials: u64,
 }
 
 fn key(a: u32, b: u32) -> (u32, u32) {
@@ -223,6 +229,9 @@ impl Sim {
             group: vec![0; n],
             cut: HashSet::new(),
             messages: 0,
+            heartbeat_bytes: 0,
+            handshake_bytes: 0,
+            dials: 0,
             rng,
             cfg,
         };
@@ -528,7 +537,9 @@ impl Sim {
             Ev::Heartbeats => {
                 for p in &mut self.peers {
                     if p.core.is_some() {
-                        p.bytes += HEARTBEAT_BYTES * p.conns.len() as u64;
+                        let b = HEARTBEAT_BYTES * p.conns.len() as u64;
+                        p.bytes += b;
+                        self.heartbeat_bytes += b;
                     }
                 }
                 let t = self.now + self.cfg.gossip.heartbeat;
@@ -663,6 +674,8 @@ impl Sim {
         };
         for to in dials {
             self.peers[i as usize].bytes += HANDSHAKE_DIALER_BYTES;
+            self.handshake_bytes += HANDSHAKE_DIALER_BYTES;
+            self.dials += 1;
             let extra = self.syn_loss();
             let at = self.now + self.latency() + extra;
             let life = self.peers[i as usize].life;
@@ -738,6 +751,7 @@ impl Sim {
         up[side(to, from)] = true;
         self.links.insert(k, Link { epoch, up });
         self.peers[to as usize].bytes += HANDSHAKE_ACCEPTOR_BYTES;
+        self.handshake_bytes += HANDSHAKE_ACCEPTOR_BYTES;
         self.peers[to as usize].conns.insert(from);
         let extra = self.syn_loss();
         let at = self.arrival(to, from, extra);
@@ -763,6 +777,7 @@ impl Sim {
 
     fn refuse(&mut self, from: u32, to: u32, life: u64) {
         self.peers[to as usize].bytes += HANDSHAKE_ACCEPTOR_BYTES;
+        self.handshake_bytes += HANDSHAKE_ACCEPTOR_BYTES;
         let at = self.now + self.latency();
         self.schedule(
             at,
