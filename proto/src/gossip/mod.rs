@@ -483,8 +483,11 @@ impl Gossip {
             .collect()
     }
 
-    /// Peers we know of and may dial: not us, not directly connected, with
-    /// the addresses they can be dialed at (as their neighbours see them).
+    /// Peers we know of and may dial: not us, not directly connected, not
+    /// already holding [`Config::conn_limit`] connections by their entry
+    /// (they would refuse us: with everyone on the default limit, dialing
+    /// them only costs handshakes and backoff), with the addresses they can
+    /// be dialed at (as their neighbours see them).
     pub fn dial_candidates(&self) -> Vec<(PeerName, Vec<SocketAddr>)> {
         self.topo
             .known()
@@ -492,7 +495,9 @@ impl Gossip {
             .filter_map(|i| {
                 let name = self.topo.name(i);
                 let e = self.topo.get(i)?;
-                (!self.neighbours.contains_key(&name) && !e.addrs.is_empty())
+                (!self.neighbours.contains_key(&name)
+                    && !e.addrs.is_empty()
+                    && e.conns.len() < self.config.conn_limit)
                     .then(|| (name, e.addrs.to_vec()))
             })
             .collect()
