@@ -93,8 +93,8 @@ impl Default for Config {
             gossip_interval: Duration::from_secs(1),
             heartbeat: Duration::from_secs(2),
             dead_after: Duration::from_secs(8),
-            flush_interval: Duration::from_millis(200),
-            relay_fanout: 2,
+            flush_interval: Duration::from_millis(300),
+            relay_fanout: 3,
             route_delay: Duration::from_millis(100),
             gc_grace: Duration::from_secs(120),
         }
@@ -659,7 +659,7 @@ impl Gossip {
     /// dictionary.
     fn encode_records(&self, recs: &[LocalRecord], push: bool) -> Vec<Body> {
         let mut out = Vec::new();
-        let mut dict: HashMap<Idx, u32> = HashMap::new();
+        let mut dict: HashMap<Idx, u32, topology::NameHash> = HashMap::default();
         let mut upd = Update {
             push,
             names: vec![],

@@ -58,11 +58,7 @@ pub fn symmetric(t: &Topology, u: Idx, v: Idx) -> bool {
 /// stops as soon as every known entry is reached: in a mesh where everyone
 /// is reachable (the usual case) it reads a few neighbourhoods' connections,
 /// not all of them.
-pub static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-pub static EDGES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-pub static FULL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 pub fn unicast(t: &Topology) -> Routes {
-    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let n = t.slots();
     let mut first_hop = vec![NONE; n];
     let mut seen = vec![false; n];
@@ -88,7 +84,6 @@ pub fn unicast(t: &Topology) -> Routes {
         head += 1;
         let Some(e) = t.get(u) else { continue };
         let hop = first_hop[u as usize];
-        EDGES.fetch_add(e.conns.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for v in e.conns.iter() {
             if seen[v as usize] {
                 continue;
@@ -101,7 +96,6 @@ pub fn unicast(t: &Topology) -> Routes {
             }
         }
     }
-    if known_reached < all { FULL.fetch_add(1, std::sync::atomic::Ordering::Relaxed); }
     for (i, h) in first_hop.iter_mut().enumerate() {
         if *h == NONE && t.get(i as Idx).is_none() {
             *h = UNKNOWN;

@@ -53,7 +53,7 @@ impl std::hash::Hasher for NameHasher {
 pub type Idx = u32;
 
 /// How many recent operations an entry remembers for deltas.
-pub const MAX_RECENT: usize = 128;
+pub const MAX_RECENT: usize = 32;
 
 /// One change to a peer's connections, packed in eight bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

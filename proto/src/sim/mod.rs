@@ -34,6 +34,7 @@
 pub mod maker;
 
 use crate::gossip::rng::Rng;
+use crate::gossip::topology::NameHash;
 use crate::gossip::{Config, Event, Gossip};
 use crate::name::PeerName;
 use maker::Maker;
@@ -172,7 +173,7 @@ pub struct Sim {
     now: Duration,
     rng: Rng,
     peers: Vec<Peer>,
-    by_name: HashMap<PeerName, u32>,
+    by_name: HashMap<PeerName, u32, NameHash>,
     queue: BinaryHeap<Reverse<(Duration, u64)>>,
     events: HashMap<u64, Ev>,
     seq: u64,
@@ -219,7 +220,7 @@ impl Sim {
             base: Instant::now(),
             now: Duration::ZERO,
             peers: Vec::with_capacity(n),
-            by_name: HashMap::new(),
+            by_name: HashMap::default(),
             queue: BinaryHeap::new(),
             events: HashMap::new(),
             seq: 0,
