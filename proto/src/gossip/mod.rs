@@ -93,7 +93,7 @@ impl Default for Config {
             gossip_interval: Duration::from_secs(1),
             heartbeat: Duration::from_secs(2),
             dead_after: Duration::from_secs(8),
-            flush_interval: Duration::from_millis(300),
+            flush_interval: Duration::from_millis(350),
             relay_fanout: 3,
             route_delay: Duration::from_millis(100),
             gc_grace: Duration::from_secs(120),
