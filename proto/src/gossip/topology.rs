@@ -6,14 +6,23 @@
 //! keeps, per peer, the entry with the highest `(incarnation, version)`: a
 //! join-semilattice, so merges commute, associate and are idempotent.
 //!
-//! Peers are interned to dense indices ([`Idx`]) so connections cost four
-//! bytes in memory and one or two on the wire. Indices are never reused.
+//! Peers are interned to dense indices ([`Idx`]) so connections cost two
+//! bytes in memory ([`Conns`]: sorted, exact-size, 16-bit while every index
+//! fits) and one or two on the wire. Indices are never reused.
+//!
+//! Memory matters: every peer holds every entry, so a mesh of N peers with
+//! C connections each holds N·C connections per peer (the simulator holds
+//! N² of them). Nothing derivable is stored per entry (its digest hash is
+//! recomputed from name, incarnation and version), strings and address
+//! lists are exact-size boxes, and the change history is bounded.
 //!
 //! Deltas: each entry remembers its recent changes ([`Op`]s, oldest first,
-//! complete above `floor`), so anyone holding version `v` can be sent just the
-//! changes from any `base ≥ floor`; replaying "connection X present/absent"
-//! operations from any `base ≤ v` yields exactly the newer entry (the last
-//! operation on each connection wins). Older bases get the whole entry.
+//! at most [`MAX_RECENT`], complete above `floor`), so anyone holding version
+//! `v` can be sent just the changes from any `base ≥ floor`; replaying
+//! "connection X present/absent" operations from any `base ≤ v` yields
+//! exactly the newer entry (the last operation on each connection wins).
+//! Older bases get the whole entry. The history of an entry that did not
+//! change between two compactions is dropped.
 
 use super::digest::{entry_hash, Digest};
 use super::wire::MAX_ADDRS;
@@ -729,6 +738,37 @@ mod tests {
             prop_assert_eq!(got, want);
             prop_assert_eq!(rx.get(me).unwrap().version, owner.get(0).unwrap().version);
         }
+    }
+
+    #[test]
+    fn connections_widen_past_sixteen_bits() {
+        let mut c = Conns::from_sorted(&[3, 700]);
+        assert!(matches!(c, Conns::Narrow(_)));
+        assert!(c.set(70_000, true));
+        assert!(matches!(c, Conns::Wide(_)));
+        assert!(!c.set(70_000, true));
+        assert!(c.contains(70_000) && c.contains(3) && !c.contains(4));
+        assert_eq!(c.to_vec(), vec![3, 700, 70_000]);
+        assert!(c.set(70_000, false));
+        assert!(matches!(c, Conns::Narrow(_)));
+        assert!(!c.contains(70_000));
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut t = Topology::new(nm(0), "me".into(), 1);
+        for k in 0..(3 * MAX_RECENT as u32) {
+            let p = t.intern(PeerName([3, 0, 0, 0, (k >> 8) as u8, k as u8]));
+            t.set_own_conn(p, true);
+        }
+        let e = t.get(0).unwrap();
+        assert_eq!(e.recent.len(), MAX_RECENT);
+        assert_eq!(e.conns.len(), 3 * MAX_RECENT);
+        // A base below the floor gets the whole entry, one above a delta.
+        assert_eq!(t.record_for(0, 1, 1).unwrap().base, 0);
+        let d = t.record_for(0, 1, e.version - 2).unwrap();
+        assert_eq!((d.base, d.add.len()), (e.version - 2, 2));
     }
 
     #[test]

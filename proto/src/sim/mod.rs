@@ -29,7 +29,13 @@
 //!   1 s SYN retransmission with that probability.
 //!
 //! Bytes counted per peer: every gossip message it sends, heartbeats and
-//! handshakes.
+//! handshakes; the totals of the last two (and the number of dials) are
+//! kept apart too ([`Sim::heartbeat_bytes`], [`Sim::handshake_bytes`],
+//! [`Sim::dials`]) to tell what a figure is made of.
+//!
+//! Cost: every simulated peer holds the whole topology, so memory and work
+//! grow with peers² × `conn_limit` (about 0.6 GB and a minute of one core
+//! at 1,000 peers).
 
 pub mod maker;
 
