@@ -163,6 +163,35 @@ fn names_resolve_across_hosts_forward_and_fail_cleanly() {
         dig(&c1, &["other.outside.test", "A"]).1 == "SERVFAIL"
     });
 
+    // A table larger than one gossip message (2,500 entries, ~90 kB) reaches a peer
+    // that joins afterwards: the full state travels in parts.
+    let ips: Vec<String> = (0..2500u32)
+        .map(|i| std::net::Ipv4Addr::from(0xc613_c000 + i).to_string())
+        .collect();
+    let mut args: Vec<&str> = vec!["dns-add"];
+    args.extend(ips.iter().map(String::as_str));
+    args.extend(["-h", "bulk.example.test."]);
+    hosts[0].mesh_ok(&args);
+    let late = w.add_host();
+    w.launch(
+        &late,
+        &[
+            "--ipalloc-range",
+            "198.19.0.0/16",
+            "--resolv-conf",
+            &conf_s,
+            "198.18.0.1",
+        ],
+    );
+    wait_until(DEADLINE, "the late peer knows all 2,500 entries", || {
+        late.mesh(&["dns-lookup", "bulk.example.test."])
+            .stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count()
+            == 2500
+    });
+
     // mesh run: its resolv.conf points at the mesh's DNS, and names resolve
     // by the search domain.
     let out = Command::new("ip")

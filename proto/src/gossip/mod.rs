@@ -64,7 +64,7 @@ pub mod routes;
 pub mod topology;
 pub mod wire;
 
-pub use channel::GossipData;
+pub use channel::{chunks, GossipData};
 
 use crate::name::PeerName;
 use crate::WireError;
@@ -658,14 +658,27 @@ impl Gossip {
     }
 
     fn send_channel(&mut self, to: PeerName, channel: &str, payload: Vec<u8>) {
-        let body = Body::Channel(ChannelMsg {
-            channel: channel.to_string(),
-            payload,
-        });
-        let bytes = body.encode();
-        if bytes.len() <= wire::MAX_MESSAGE {
-            self.bytes_sent += bytes.len() as u64;
-            self.transmits.push_back(Transmit { to, bytes });
+        // Larger than a message: the channel cuts it into parts that merge
+        // on their own.
+        let budget = MESSAGE_BUDGET.saturating_sub(channel.len());
+        let parts = if payload.len() > budget {
+            match self.channels.get(channel) {
+                Some(c) => c.split(payload, budget),
+                None => return,
+            }
+        } else {
+            vec![payload]
+        };
+        for payload in parts {
+            let body = Body::Channel(ChannelMsg {
+                channel: channel.to_string(),
+                payload,
+            });
+            let bytes = body.encode();
+            if bytes.len() <= wire::MAX_MESSAGE {
+                self.bytes_sent += bytes.len() as u64;
+                self.transmits.push_back(Transmit { to, bytes });
+            }
         }
     }
 
