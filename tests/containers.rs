@@ -213,6 +213,25 @@ fn the_seed_walkthrough_on_real_namespaces() {
     wait_until(DEADLINE, "the outside host pings r on h3", || {
         outside_ping(&r_ip)
     });
+    // And pidc, in the exposed subnet on h1, goes out through h1 (its
+    // default route was set by the expose, its source masqueraded).
+    wait_until(DEADLINE, "pidc pings the outside host", || {
+        pid_ping(pid, &outside.ip.to_string())
+    });
+
+    // Several subnets on one container.
+    let multi = w.add_container("multi");
+    let out = hosts[1].mesh_ok(&[
+        "attach",
+        "net:198.19.5.0/24",
+        "net:198.19.6.0/24",
+        &multi.path,
+    ]);
+    let cidrs: Vec<&str> = out.lines().collect();
+    assert!(
+        cidrs.len() == 2 && cidrs[0].starts_with("198.19.5.") && cidrs[1].starts_with("198.19.6."),
+        "attach net:A net:B printed {out:?}"
+    );
 
     // Hide: the address and the NAT rules go.
     hosts[0].mesh_ok(&["hide"]);

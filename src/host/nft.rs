@@ -11,9 +11,12 @@
 //!   must be inside one of its subnets. Adding a route to another subnet
 //!   gets it nowhere. (Frames to the host itself go through `input`, where
 //!   only the anti-spoofing applies, so an exposing host can route for it.)
-//! - **to the port** (hooks `forward` and `output`): the IPv4/ARP sender must
-//!   be inside one of its subnets, whoever forwarded the frame (another
-//!   port, the sleeve's TAP, the fast path).
+//! - **to the port from another port** (hook `forward`): the IPv4/ARP
+//!   sender must be inside one of its subnets, whoever forwarded the frame
+//!   (another port, the sleeve's TAP, the fast path). What the host itself
+//!   sends (hook `output`) is not checked: an exposing host routes replies
+//!   from anywhere back to its subnet's containers; the host never routes
+//!   from one mesh subnet to another (see [`nat_script`]).
 //!
 //! A port whose MAC is not known yet is quarantined (everything dropped),
 //! so the rules are in place before the interface first comes up.
@@ -120,16 +123,12 @@ pub fn script(ports: &[Port]) -> String {
   chain input {{
     type filter hook input priority 0; policy accept;
 {}  }}
-  chain output {{
-    type filter hook output priority 0; policy accept;
-{}  }}
 }}
 ",
         vmap("iifname", &from),
         vmap("iifname", &to_other),
         vmap("oifname", &to),
         vmap("iifname", &from),
-        vmap("oifname", &to),
     );
     s
 }
@@ -196,6 +195,19 @@ pub fn nat_script(bridge: &str, exposed: &[Ipv4Net]) -> String {
             s,
             "    ip saddr {net} ip daddr != {net} oifname != \"{bridge}\" masquerade\n    oifname \"{bridge}\" ip saddr != {net} ip daddr {net} snat to {}",
             e.addr()
+        );
+    }
+    // The host routes for its exposed subnets, never between two of the
+    // mesh's subnets (that would undo the isolation on the bridge).
+    let _ = writeln!(
+        s,
+        "  }}\n  chain forward {{\n    type filter hook forward priority 0; policy accept;"
+    );
+    for e in exposed {
+        let net = e.trunc();
+        let _ = writeln!(
+            s,
+            "    iifname \"{bridge}\" oifname \"{bridge}\" ip daddr {net} ip saddr != {net} drop"
         );
     }
     s.push_str("  }\n}\n");
