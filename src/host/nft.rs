@@ -268,6 +268,10 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("oifname \"mesh\" ip saddr != 198.19.2.0/24 ip daddr 198.19.2.0/24 snat to 198.19.2.1"), "{s}");
+        assert!(
+            s.contains("iifname \"mesh\" oifname \"mesh\" ip daddr 198.19.2.0/24 ip saddr != 198.19.2.0/24 drop"),
+            "{s}"
+        );
         assert_eq!(
             nat_script("mesh", &[]),
             "table ip mesh\ndelete table ip mesh\n"
