@@ -78,6 +78,11 @@ pub struct Manager {
 /// container id, which are 12 hex digits.
 const HOST_ID: &str = "host";
 
+/// The most DNS queries per second one container's server answers over
+/// UDP: plenty for any resolver, and a flood from one container costs the
+/// daemon a bounded share of its CPU (the kernel drops the excess).
+const CONTAINER_DNS_QPS: u32 = 5_000;
+
 /// Where containers find the mesh's DNS (in their own namespace).
 pub const DNS_ADDR: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11)), 53);
@@ -301,7 +306,7 @@ impl Manager {
             Ok(Ok((udp, tcp))) => {
                 let name = host_ifname.to_string();
                 let task = tokio::spawn(async move {
-                    if let Err(e) = mesh_dns::serve(udp, tcp, zone).await {
+                    if let Err(e) = mesh_dns::serve_paced(udp, tcp, zone, CONTAINER_DNS_QPS).await {
                         warn!(host_ifname = %name, "DNS inside the container: {e}");
                     }
                 });

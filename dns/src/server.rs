@@ -53,6 +53,64 @@ fn transient(e: &io::Error) -> bool {
 
 /// Serve UDP only (see [`serve`]).
 pub async fn serve_udp(udp: std::net::UdpSocket, zone: Arc<Zone>) -> Result<(), Error> {
+    serve_udp_paced(udp, zone, None).await
+}
+
+/// [`serve`] with UDP queries answered at most `max_qps` per second (a
+/// container's server: a flood from one container then costs a bounded
+/// share of the daemon's CPU, and the kernel drops the excess).
+pub async fn serve_paced(
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+    zone: Arc<Zone>,
+    max_qps: u32,
+) -> Result<(), Error> {
+    tokio::try_join!(
+        serve_udp_paced(udp, zone.clone(), Some(max_qps.max(1))),
+        serve_tcp(tcp, zone)
+    )?;
+    Ok(())
+}
+
+/// Paces a loop to `rate` items per second, in slices of 10 ms.
+struct Pace {
+    per_slice: u32,
+    left: u32,
+    slice_end: Instant,
+}
+
+impl Pace {
+    const SLICE: Duration = Duration::from_millis(10);
+
+    fn new(rate: u32) -> Pace {
+        let per_slice = (rate / 100).max(1);
+        Pace {
+            per_slice,
+            left: per_slice,
+            slice_end: Instant::now() + Self::SLICE,
+        }
+    }
+
+    /// Take one; sleeps to the next slice when this one is used up.
+    async fn take(&mut self) {
+        if self.left == 0 {
+            let now = Instant::now();
+            if now < self.slice_end {
+                tokio::time::sleep_until(self.slice_end.into()).await;
+            }
+            self.slice_end = Instant::now() + Self::SLICE;
+            self.left = self.per_slice;
+        }
+        self.left -= 1;
+    }
+}
+
+async fn serve_udp_paced(
+    udp: std::net::UdpSocket,
+    zone: Arc<Zone>,
+    rate: Option<u32>,
+) -> Result<(), Error> {
+    let mut pace = rate.map(Pace::new);
     udp.set_nonblocking(true)?;
     let sock = Arc::new(UdpSocket::from_std(udp)?);
     let local = sock.local_addr().ok();
@@ -75,6 +133,9 @@ pub async fn serve_udp(udp: std::net::UdpSocket, zone: Arc<Zone>) -> Result<(), 
                 Err(e) => return Err(e.into()),
             };
             handled += 1;
+            if let Some(p) = pace.as_mut() {
+                p.take().await;
+            }
             view.refresh(&zone);
             let query = &buf[..n];
             match answer::respond(&view.snap, query, Transport::Udp, &mut out, &mut rng) {
