@@ -2,7 +2,7 @@
 # A local demo of mesh, as root, in network namespaces on this machine:
 # three "hosts" (h1, h2, h3 at 198.18.0.1-3) on an underlay switch, a
 # "container" on each (198.19.1.1-3/24), a daemon per host joined into one
-# mesh; every container pings every other across hosts. Done twice: first
+# mesh; every container pings every other across hosts (addresses from the ring, a name looked up by DNS). Done twice: first
 # without a password, then with one (encrypted). Everything it makes is named
 # mdemo-<pid>-... and removed on every exit path.
 #
@@ -132,27 +132,45 @@ round() {
     local n i j
     setup
     say "launching the daemons: h1 first, then h2 naming h1, then h3 naming only h2 (it learns h1 by gossip)"
-    launch 1 "$@"
-    launch 2 "$@" 198.18.0.1
-    launch 3 "$@" 198.18.0.2
+    launch 1 --ipalloc-range 198.19.0.0/16 "$@"
+    launch 2 --ipalloc-range 198.19.0.0/16 "$@" 198.18.0.1
+    launch 3 --ipalloc-range 198.19.0.0/16 "$@" 198.18.0.2
+    local -a IPS
     for ((n = 1; n <= NHOSTS; n++)); do
-        say "attaching container c$n to h$n with address 198.19.1.$n/24"
-        echo "    h$n\$ mesh attach ip:198.19.1.$n/24 --name c$n /run/netns/$(cont_ns "$n")"
-        in_host "$n" timeout 30 "$MESH" attach "ip:198.19.1.$n/24" --name "c$n" \
-            "/run/netns/$(cont_ns "$n")" </dev/null | sed 's/^/    /'
+        say "attaching container c$n to h$n; the ring allocates its address"
+        echo "    h$n\$ mesh attach --name c$n /run/netns/$(cont_ns "$n")"
+        IPS[n]=$(in_host "$n" timeout 60 "$MESH" attach --name "c$n" \
+            "/run/netns/$(cont_ns "$n")" </dev/null | head -n1)
+        echo "    ${IPS[n]}"
+        IPS[n]=${IPS[n]%/*}
     done
     say "every container pings every other container across hosts (each up to 20 s)"
     for ((i = 1; i <= NHOSTS; i++)); do
         for ((j = 1; j <= NHOSTS; j++)); do
             [ "$i" -ne "$j" ] || continue
-            if ping_within_20s "$i" "198.19.1.$j"; then
-                echo "    c$i (on h$i) -> c$j 198.19.1.$j (on h$j): ok"
+            if ping_within_20s "$i" "${IPS[j]}"; then
+                echo "    c$i (on h$i) -> c$j ${IPS[j]} (on h$j): ok"
             else
-                echo "    c$i (on h$i) -> c$j 198.19.1.$j (on h$j): FAILED"
+                echo "    c$i (on h$i) -> c$j ${IPS[j]} (on h$j): FAILED"
                 FAILURES=$((FAILURES + 1))
             fi
         done
     done
+    say "names: c1 asks the mesh's DNS inside its namespace (127.0.0.11) for c3"
+    echo "    c1\$ dig +short c3.mesh.local @127.0.0.11"
+    local found=""
+    for _ in $(seq 1 20); do
+        found=$(ip netns exec "$(cont_ns 1)" dig +short +time=1 +tries=1 c3.mesh.local @127.0.0.11 2>/dev/null || true)
+        [ "$found" = "${IPS[3]}" ] && break
+        sleep 0.5
+    done
+    echo "    ${found:-no answer}"
+    if [ "$found" != "${IPS[3]}" ]; then
+        echo "    FAILED: expected ${IPS[3]}"
+        FAILURES=$((FAILURES + 1))
+    fi
+    say "the address ring as h1 sees it: mesh status ipam"
+    in_host 1 timeout 30 "$MESH" status ipam </dev/null | sed 's/^/    /' || true
     say "what h1 sees: mesh status"
     in_host 1 timeout 30 "$MESH" status </dev/null | sed 's/^/    /' || true
     say "the peers h1 knows, and how it reaches them: mesh status peers"
