@@ -12,7 +12,7 @@
 use crate::api::{ConnStatus, PeerConn, PeerStatus, SleeveStats, Status};
 use crate::control::{WarnLimit, DUPLICATE};
 use crate::daemon::Me;
-use crate::{connmaker, ipam, sleeve};
+use crate::{connmaker, fastdp, ipam, sleeve};
 use mesh_proto::gossip::{self, Event, Gossip};
 use mesh_proto::name::PeerName;
 use mesh_proto::seal::{Opener, Sealer};
@@ -88,6 +88,8 @@ pub struct Established {
     pub sealer: Option<Sealer>,
     /// Our opener for its datagrams, when encrypted.
     pub opener: Option<Opener>,
+    /// The fast path agreed for this connection, or why not.
+    pub fastdp: Result<fastdp::Agreed, String>,
     /// Closes the connection, with a reason.
     pub close: oneshot::Sender<String>,
     /// Gossip to send on this connection.
@@ -115,6 +117,7 @@ struct Router {
     candidates_dirty: bool,
     problems: Vec<String>,
     ipam: ipam::Driver,
+    fastdp: Option<mpsc::Sender<fastdp::Cmd>>,
 }
 
 /// Run the router until every sender is gone.
@@ -126,6 +129,7 @@ pub async fn run(
     config: gossip::Config,
     incarnation: u64,
     ipam: ipam::Driver,
+    fastdp: Option<mpsc::Sender<fastdp::Cmd>>,
 ) {
     let mut seed = [0u8; 8];
     let _ = getrandom::fill(&mut seed);
@@ -148,6 +152,7 @@ pub async fn run(
         candidates_dirty: true,
         problems: Vec::new(),
         ipam,
+        fastdp,
     };
     let mut tick = tokio::time::interval(IPAM_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -197,6 +202,9 @@ impl Router {
                     info!(peer = %p, "connection lost");
                     self.gossip.handle_connection_down(Instant::now(), p);
                     let _ = self.sleeve.send(sleeve::Cmd::PeerDown { name: p }).await;
+                    if let Some(f) = &self.fastdp {
+                        let _ = f.send(fastdp::Cmd::PeerDown { name: p }).await;
+                    }
                     self.candidates_dirty = true;
                 }
             }
@@ -260,6 +268,15 @@ impl Router {
             self.rows.remove(&old.id);
         }
         info!(peer = %e.peer, udp = %e.udp, "connection established");
+        if let Some(f) = &self.fastdp {
+            let _ = f
+                .send(fastdp::Cmd::PeerUp {
+                    name: e.peer,
+                    ip: e.udp.ip(),
+                    agreed: e.fastdp,
+                })
+                .await;
+        }
         let _ = self
             .sleeve
             .send(sleeve::Cmd::PeerUp(Box::new(sleeve::PeerUp {
@@ -358,6 +375,32 @@ impl Router {
         }
     }
 
+    /// The connection rows, with the overlay of each established one.
+    async fn connection_rows(&mut self) -> Vec<ConnStatus> {
+        let mut rows: Vec<ConnStatus> = self.rows.values().cloned().collect();
+        let overlays = match &self.fastdp {
+            Some(f) => {
+                let (tx, rx) = oneshot::channel();
+                let _ = f.send(fastdp::Cmd::Status(tx)).await;
+                rx.await.unwrap_or_default()
+            }
+            None => Default::default(),
+        };
+        for r in rows.iter_mut().filter(|r| r.state == "established") {
+            let Some(peer) = r.peer.as_ref().and_then(|p| p.parse::<PeerName>().ok()) else {
+                continue;
+            };
+            let o = overlays.get(&peer);
+            r.overlay = Some(o.map_or("sleeve", |o| o.overlay).into());
+            r.overlay_info = match o {
+                Some(o) => o.reason.clone(),
+                None if self.fastdp.is_none() => Some("fast path disabled here".into()),
+                None => None,
+            };
+        }
+        rows
+    }
+
     async fn status(&mut self) -> Status {
         let (tx, srx) = oneshot::channel();
         let stats = if self.sleeve.send(sleeve::Cmd::Stats(tx)).await.is_ok() {
@@ -397,7 +440,7 @@ impl Router {
             encryption: self.me.psk.is_some(),
             port: self.me.port,
             mtu: self.me.mtu,
-            connections: self.rows.values().cloned().collect(),
+            connections: self.connection_rows().await,
             peers,
             targets: Vec::new(),
             sleeve: stats,

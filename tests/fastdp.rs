@@ -1,0 +1,297 @@
+//! The kernel VXLAN fast path, on real kernel devices in namespaces.
+//!
+//! Two hosts with a container each. A default launch carries container
+//! traffic over `vxmesh` (UDP 6784) and says so in `mesh status` and `mesh
+//! report`; a password or `--no-fastdp` keeps the sleeve (unless the peer
+//! is in `--trusted-subnets`); blocking UDP 6784 with nftables moves the
+//! connection to the sleeve without losing the containers' connectivity,
+//! and unblocking brings the fast path back; a bulk TCP transfer of a fixed
+//! size crosses the fast path whole.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// How long containers may take to reach each other.
+const PING_DEADLINE: Duration = Duration::from_secs(20);
+/// How long a connection may take to settle on an overlay (probes every
+/// 0.5 s; a dead path is noticed after 3 s).
+const OVERLAY_DEADLINE: Duration = Duration::from_secs(30);
+/// Bytes sent by the bulk transfer.
+const BULK_BYTES: u64 = 8 << 20;
+
+/// The overlays of `host`'s established connections, with their reasons,
+/// from `mesh report`.
+fn overlays(host: &Host) -> Result<Vec<(String, Option<String>)>, String> {
+    let out = try_run(&mut host.command(MESH, &["report"]), CMD_TIMEOUT)?;
+    if !out.status.success() {
+        return Err(show(&out));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("report is not JSON: {e}"))?;
+    let conns = v["connections"].as_array().cloned().unwrap_or_default();
+    Ok(conns
+        .iter()
+        .filter(|c| c["state"] == "established")
+        .map(|c| {
+            (
+                c["overlay"].as_str().unwrap_or("").to_string(),
+                c["overlay_info"].as_str().map(str::to_string),
+            )
+        })
+        .collect())
+}
+
+/// Waits until `host` has an established connection on `overlay` (and
+/// none on another); returns its reason.
+#[track_caller]
+fn wait_overlay(host: &Host, overlay: &str) -> Option<String> {
+    wait_for(
+        OVERLAY_DEADLINE,
+        &format!("{}'s connection uses the {overlay}", host.name),
+        || {
+            let o = overlays(host)?;
+            match o.as_slice() {
+                [(got, why)] if got == overlay => Ok(why.clone()),
+                _ => Err(format!("{o:?}")),
+            }
+        },
+    )
+}
+
+/// Two hosts (h2 joins h1) launched with these extra arguments, a
+/// container on each, attached.
+fn pair(w: &mut World, args1: &[&str], args2: &[&str]) -> (Host, Host, Container, Container) {
+    let h1 = w.add_host();
+    let h2 = w.add_host();
+    let c1 = w.add_container("c1");
+    let c2 = w.add_container("c2");
+    w.launch(&h1, args1);
+    let mut a2 = args2.to_vec();
+    a2.push("198.18.0.1");
+    w.launch(&h2, &a2);
+    w.attach(&h1, &c1, "198.19.1.1/24");
+    w.attach(&h2, &c2, "198.19.1.2/24");
+    (h1, h2, c1, c2)
+}
+
+fn ping_both(c1: &Container, c2: &Container) {
+    wait_ping(c1, "198.19.1.2", PING_DEADLINE);
+    wait_ping(c2, "198.19.1.1", PING_DEADLINE);
+}
+
+/// Drops UDP to port 6784 arriving in `host`'s namespace (its own table).
+fn block_fastdp(host: &Host) {
+    let script = "table inet mtfastdp {\n chain in {\n  type filter hook input priority -10; policy accept;\n  udp dport 6784 drop\n }\n}\n";
+    let path = host.run_dir.join("block.nft");
+    std::fs::write(&path, script).expect("write nft script");
+    let out = run(
+        Command::new("ip").args(["netns", "exec", &host.ns, "nft", "-f"]).arg(&path),
+        CMD_TIMEOUT,
+    );
+    assert!(out.status.success(), "nft: {}", show(&out));
+}
+
+fn unblock_fastdp(host: &Host) {
+    let out = run(
+        Command::new("ip").args([
+            "netns", "exec", &host.ns, "nft", "delete", "table", "inet", "mtfastdp",
+        ]),
+        CMD_TIMEOUT,
+    );
+    assert!(out.status.success(), "nft: {}", show(&out));
+}
+
+/// Test 1: a default launch uses the fast path, says so, and containers ping.
+#[test]
+fn default_launch_uses_fastdp() {
+    let Some(mut w) = World::new("default_launch_uses_fastdp") else {
+        return;
+    };
+    let (h1, h2, c1, c2) = pair(&mut w, &[], &[]);
+    assert_eq!(wait_overlay(&h1, "fastdp"), None);
+    assert_eq!(wait_overlay(&h2, "fastdp"), None);
+    let status = h2.status();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("established") && l.contains(" fastdp ")),
+        "h2's status does not show the fast path:\n{status}"
+    );
+    let capture = w.capture(&h1);
+    ping_both(&c1, &c2);
+    let pcap = capture.stop();
+    assert!(
+        pcap.udp_count(6784) > 0,
+        "no VXLAN (UDP 6784) on the underlay: {}",
+        pcap.summary()
+    );
+}
+
+/// Test 2: with a password the sleeve is used (encrypted), and says why.
+#[test]
+fn password_uses_sleeve() {
+    let Some(mut w) = World::new("password_uses_sleeve") else {
+        return;
+    };
+    let pw = ["--password", "s3cret"];
+    let (h1, h2, c1, c2) = pair(&mut w, &pw, &pw);
+    let why = wait_overlay(&h2, "sleeve").unwrap_or_default();
+    assert!(why.contains("password"), "reason {why:?}");
+    wait_overlay(&h1, "sleeve");
+    ping_both(&c1, &c2);
+    let status = h2.status();
+    assert!(
+        status.lines().any(|l| l.contains("encrypted sleeve")),
+        "{status}"
+    );
+    // Still the sleeve after traffic has flowed.
+    wait_overlay(&h1, "sleeve");
+}
+
+/// Test 2b: with a password, peers that list each other in
+/// `--trusted-subnets` use the fast path.
+#[test]
+fn trusted_subnets_use_fastdp_with_password() {
+    let Some(mut w) = World::new("trusted_subnets_use_fastdp_with_password") else {
+        return;
+    };
+    let args = [
+        "--password",
+        "s3cret",
+        "--trusted-subnets",
+        "198.18.0.0/24,198.18.9.0/24",
+    ];
+    let (h1, h2, c1, c2) = pair(&mut w, &args, &args);
+    wait_overlay(&h1, "fastdp");
+    wait_overlay(&h2, "fastdp");
+    ping_both(&c1, &c2);
+}
+
+/// Test 3: `--no-fastdp` on one end keeps both ends on the sleeve.
+#[test]
+fn no_fastdp_uses_sleeve() {
+    let Some(mut w) = World::new("no_fastdp_uses_sleeve") else {
+        return;
+    };
+    let (h1, h2, c1, c2) = pair(&mut w, &["--no-fastdp"], &[]);
+    let why = wait_overlay(&h2, "sleeve").unwrap_or_default();
+    assert!(why.contains("does not offer"), "h2's reason {why:?}");
+    let why = wait_overlay(&h1, "sleeve").unwrap_or_default();
+    assert!(why.contains("disabled"), "h1's reason {why:?}");
+    ping_both(&c1, &c2);
+    let links = ip(&["-n", &h1.ns, "-o", "link", "show"]);
+    assert!(!links.contains("vxmesh"), "h1 has a vxmesh: {links}");
+}
+
+/// Test 4: blocking UDP 6784 on one host moves the connection to the sleeve
+/// at both ends and the containers keep (or regain) connectivity; lifting
+/// the block brings the fast path back.
+#[test]
+fn blocked_fastdp_falls_back_to_sleeve_and_recovers() {
+    let Some(mut w) = World::new("blocked_fastdp_falls_back_to_sleeve_and_recovers") else {
+        return;
+    };
+    let (h1, h2, c1, c2) = pair(&mut w, &[], &[]);
+    wait_overlay(&h1, "fastdp");
+    wait_overlay(&h2, "fastdp");
+    ping_both(&c1, &c2);
+
+    block_fastdp(&h2);
+    // h2 stops hearing h1's probes; h1 learns that h2 does not hear it.
+    let why = wait_overlay(&h2, "sleeve").unwrap_or_default();
+    assert!(why.contains("6784"), "h2's reason {why:?}");
+    let why = wait_overlay(&h1, "sleeve").unwrap_or_default();
+    assert!(why.contains("6784"), "h1's reason {why:?}");
+    ping_both(&c1, &c2);
+
+    unblock_fastdp(&h2);
+    wait_overlay(&h1, "fastdp");
+    wait_overlay(&h2, "fastdp");
+    ping_both(&c1, &c2);
+}
+
+/// Stops a child by its PID when dropped.
+struct Reap(std::process::Child);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        terminate(self.0.id() as i32);
+        let _ = self.0.wait();
+    }
+}
+
+/// Test 5: a bulk TCP transfer of a fixed size over the fast path arrives
+/// whole, and it crossed the underlay as VXLAN, not as sleeve datagrams.
+#[test]
+fn bulk_tcp_over_fastdp() {
+    let Some(mut w) = World::new("bulk_tcp_over_fastdp") else {
+        return;
+    };
+    let (h1, h2, c1, c2) = pair(&mut w, &[], &[]);
+    wait_overlay(&h1, "fastdp");
+    wait_overlay(&h2, "fastdp");
+    ping_both(&c1, &c2);
+    let server = Reap(
+        Command::new("ip")
+            .args(["netns", "exec", &c2.ns, "iperf3", "-s", "-1", "-p", "5201"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn iperf3 (scripts/test.sh installs it)"),
+    );
+    let capture = w.capture(&h1);
+    let bytes = BULK_BYTES.to_string();
+    let report: serde_json::Value = wait_for(Duration::from_secs(60), "the bulk transfer", || {
+        let out = try_run(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &c1.ns,
+                "iperf3",
+                "-c",
+                "198.19.1.2",
+                "-p",
+                "5201",
+                "-n",
+                &bytes,
+                "-J",
+                "--connect-timeout",
+                "1000",
+            ]),
+            Duration::from_secs(40),
+        )?;
+        if !out.status.success() {
+            return Err(show(&out));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    });
+    drop(server);
+    let pcap = capture.stop();
+    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(
+        received >= BULK_BYTES,
+        "received {received} of {BULK_BYTES} bytes: {report}"
+    );
+    let udp_bytes = |port: u16| -> usize {
+        pcap.packets
+            .iter()
+            .filter(|p| pcap.udp_ports(p).is_some_and(|(s, d)| s == port || d == port))
+            .map(Vec::len)
+            .sum()
+    };
+    let (vx, sleeve) = (udp_bytes(6784), udp_bytes(PORT));
+    assert!(
+        vx as u64 >= BULK_BYTES,
+        "only {vx} bytes of VXLAN on the underlay for {BULK_BYTES} sent (sleeve: {sleeve}): {}",
+        pcap.summary()
+    );
+    assert!(
+        (sleeve as u64) < BULK_BYTES / 8,
+        "{sleeve} bytes went over the sleeve: {}",
+        pcap.summary()
+    );
+}
