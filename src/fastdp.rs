@@ -227,7 +227,9 @@ pub async fn setup(
     underlay_mtu: u32,
 ) -> anyhow::Result<Device> {
     use anyhow::Context;
-    let mtu = underlay_mtu.saturating_sub(fastdp::VXLAN_OVERHEAD_V4).max(576);
+    let mtu = underlay_mtu
+        .saturating_sub(fastdp::VXLAN_OVERHEAD_V4)
+        .max(576);
     let vx_index = host::vxlan::ensure_vxlan(nl, DEVICE, VNI, PORT, mtu, bridge).await?;
     let bridge_index = nl
         .link_index(bridge)

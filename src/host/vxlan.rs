@@ -80,7 +80,14 @@ pub async fn ensure_vxlan(
         .map_err(|e| HostError::netlink(format!("enslave {name} to {bridge}"), e))?;
     set_overlay_port(nl, index, false).await?;
     nl.set_up(index).await?;
-    tracing::info!(vxlan = name, vni, port, mtu, bridge, "created fast-path device");
+    tracing::info!(
+        vxlan = name,
+        vni,
+        port,
+        mtu,
+        bridge,
+        "created fast-path device"
+    );
     Ok(index)
 }
 
@@ -136,9 +143,9 @@ pub async fn vxlan_fdb_replace(
     req.message_mut()
         .attributes
         .push(NeighbourAttribute::Port(port));
-    req.execute().await.map_err(|e| {
-        HostError::netlink(format!("vxlan fdb {} dst {dst}", mac_str(mac)), e)
-    })
+    req.execute()
+        .await
+        .map_err(|e| HostError::netlink(format!("vxlan fdb {} dst {dst}", mac_str(mac)), e))
 }
 
 /// `bridge fdb del MAC dev VX self dst IP`; Ok if it is not there.
