@@ -121,6 +121,7 @@ struct Router {
 }
 
 /// Run the router until every sender is gone.
+#[allow(clippy::too_many_arguments)] // one channel per task it drives
 pub async fn run(
     me: Arc<Me>,
     mut rx: mpsc::Receiver<Cmd>,
