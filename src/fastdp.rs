@@ -242,7 +242,20 @@ pub async fn setup(
     // The TAP keeps learning (sleeve peers' MACs), but never forwards to
     // the VXLAN port or back.
     host::vxlan::set_overlay_port(nl, tap_index, true).await?;
+    // Probes are addressed to the bridge's MAC, which a bridge otherwise
+    // takes from its lowest-numbered port and so changes as containers
+    // come and go: setting it (to itself) pins it.
     let mac = nl.link_mac(bridge).await?;
+    nl.handle()
+        .link()
+        .set(
+            rtnetlink::LinkUnspec::new_with_index(bridge_index)
+                .address(mac.to_vec())
+                .build(),
+        )
+        .execute()
+        .await
+        .with_context(|| format!("pinning the MAC of {bridge}"))?;
     let udp = UdpSocket::bind(("0.0.0.0", 0))
         .await
         .context("binding the probe socket")?;
