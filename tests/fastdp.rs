@@ -361,3 +361,55 @@ fn bulk_tcp_over_fastdp() {
         pcap.summary()
     );
 }
+
+/// Test 6: h1 and h3 cannot reach each other directly (partitioned on the
+/// underlay), both reach h2. h1–h2 and h2–h3 use the fast path; c1 and c3
+/// still talk, relayed by h2's sleeve, and no MAC of c1 or c3 is ever
+/// programmed towards h2 (relayed traffic stays on the sleeve).
+#[test]
+fn relayed_traffic_stays_on_sleeve() {
+    let Some(mut w) = World::new("relayed_traffic_stays_on_sleeve") else {
+        return;
+    };
+    let h1 = w.add_host();
+    let h2 = w.add_host();
+    let h3 = w.add_host();
+    let c1 = w.add_container("c1");
+    let c2 = w.add_container("c2");
+    let c3 = w.add_container("c3");
+    w.partition(&h1, &[h3.ip]);
+    w.launch(&h2, &[]);
+    w.launch(&h1, &["198.18.0.2"]);
+    w.launch(&h3, &["198.18.0.2"]);
+    w.attach(&h1, &c1, "198.19.1.1/24");
+    w.attach(&h2, &c2, "198.19.1.2/24");
+    w.attach(&h3, &c3, "198.19.1.3/24");
+    wait_overlay(&h1, "fastdp");
+    wait_overlay(&h3, "fastdp");
+    ping_both(&c1, &c2);
+    wait_ping(&c1, "198.19.1.3", PING_DEADLINE);
+    wait_ping(&c3, "198.19.1.1", PING_DEADLINE);
+    wait_ping(&c3, "198.19.1.2", PING_DEADLINE);
+    wait_programmed(&h1, &c2);
+    wait_programmed(&h3, &c2);
+    // Still relayed, and never programmed into a VXLAN FDB.
+    wait_ping(&c1, "198.19.1.3", PING_DEADLINE);
+    for (h, c) in [(&h1, &c3), (&h3, &c1)] {
+        let mac = c.ethmesh_mac().expect("container MAC");
+        let fdb = ip_fdb(h);
+        assert!(
+            !fdb.lines().any(|l| l.starts_with(&mac)),
+            "{} programmed the relayed container {}'s MAC on vxmesh:\n{fdb}",
+            h.name,
+            c.name
+        );
+    }
+}
+
+fn ip_fdb(h: &Host) -> String {
+    let out = run(
+        Command::new("bridge").args(["-n", &h.ns, "fdb", "show", "dev", "vxmesh"]),
+        CMD_TIMEOUT,
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
