@@ -242,3 +242,82 @@ pub async fn local_macs(
     macs.dedup();
     Ok(macs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::testutil::{ns_run, on_host, require_root, TestNet};
+
+    #[test]
+    fn vxlan_device_and_fdb_entries() {
+        if !require_root() {
+            return;
+        }
+        let net = TestNet::new();
+        let host = net.add_ns("h");
+        let m1 = [0x02, 0, 0, 0, 0, 0x11];
+        let m2 = [0x02, 0, 0, 0, 0, 0x22];
+        let dst = Ipv4Addr::new(198, 18, 0, 9);
+        let (vx, br) = on_host(&host, move || async move {
+            let nl = Netlink::current().await.unwrap();
+            let br = nl.ensure_bridge("br0", 1400).await.unwrap();
+            let a = ensure_vxlan(&nl, "vx0", 42, 6784, 1450, "br0")
+                .await
+                .unwrap();
+            // Idempotent: a second start replaces the device (and its FDB).
+            vxlan_fdb_replace(&nl, a, m1, dst, 6784).await.unwrap();
+            let vx = ensure_vxlan(&nl, "vx0", 42, 6784, 1450, "br0")
+                .await
+                .unwrap();
+            vxlan_fdb_replace(&nl, vx, m1, dst, 6784).await.unwrap();
+            vxlan_fdb_replace(&nl, vx, m1, dst, 6784).await.unwrap();
+            bridge_fdb_replace(&nl, vx, m1).await.unwrap();
+            vxlan_fdb_replace(&nl, vx, m2, dst, 6785).await.unwrap();
+            bridge_fdb_replace(&nl, vx, m2).await.unwrap();
+            (vx, br)
+        });
+        let fdb = ns_run(&host, &["bridge", "fdb", "show", "dev", "vx0"]);
+        assert!(
+            fdb.contains("02:00:00:00:00:11 dst 198.18.0.9 self permanent"),
+            "{fdb}"
+        );
+        assert!(
+            fdb.contains("02:00:00:00:00:22 dst 198.18.0.9 port 6785"),
+            "{fdb}"
+        );
+        assert!(
+            fdb.contains("02:00:00:00:00:11 sticky master br0 static"),
+            "{fdb}"
+        );
+        let link = ns_run(&host, &["ip", "-d", "link", "show", "vx0"]);
+        for want in [
+            "mtu 1450",
+            "vxlan id 42",
+            "dstport 6784",
+            "nolearning",
+            "master br0",
+            "isolated on",
+            "learning off",
+        ] {
+            assert!(link.contains(want), "no {want:?} in {link}");
+        }
+        on_host(&host, move || async move {
+            let nl = Netlink::current().await.unwrap();
+            // One peer's entries go, the other's stay; deleting twice is fine.
+            vxlan_fdb_del(&nl, vx, m1, dst).await.unwrap();
+            bridge_fdb_del(&nl, vx, m1).await.unwrap();
+            vxlan_fdb_del(&nl, vx, m1, dst).await.unwrap();
+            bridge_fdb_del(&nl, vx, m1).await.unwrap();
+            // Overlay ports' entries are not local MACs.
+            assert_eq!(
+                local_macs(&nl, br, &[vx]).await.unwrap(),
+                Vec::<[u8; 6]>::new()
+            );
+            let all = local_macs(&nl, br, &[]).await.unwrap();
+            assert_eq!(all, vec![m2], "static entries on a non-overlay port count");
+        });
+        let fdb = ns_run(&host, &["bridge", "fdb", "show", "dev", "vx0"]);
+        assert!(!fdb.contains("02:00:00:00:00:11"), "{fdb}");
+        assert!(fdb.contains("02:00:00:00:00:22"), "{fdb}");
+    }
+}
