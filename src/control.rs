@@ -4,9 +4,10 @@
 //! Noise handshake (`XX`, or `XXpsk3` with a password) → each side sends an
 //! [`Intro`] (nickname, sleeve port, with a password its random sleeve
 //! key, and its fast-path offer, see [`crate::fastdp`]) → the router
-//! registers it → heartbeats until it ends. Every read has a deadline; every failure ends only this connection, with one
-//! (rate-limited) log line and a reason shown by `mesh status`. Dial targets
-//! retry with exponential backoff and jitter.
+//! registers it → heartbeats until it ends. Every read has a deadline;
+//! every failure ends only this connection, with one (rate-limited) log
+//! line and a reason shown by `mesh status`. Dial targets retry with
+//! exponential backoff and jitter.
 
 use crate::api::ConnStatus;
 use crate::daemon::Me;
