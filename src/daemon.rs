@@ -237,7 +237,7 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         }
         None
     } else {
-        match fastdp::setup(&nl, BRIDGE, TAP, underlay).await {
+        match fastdp::setup(&nl, BRIDGE, TAP, underlay, args.port.wrapping_add(1)).await {
             Ok(d) => Some(d),
             Err(e) => {
                 warn!("fast path unavailable, using the sleeve only: {e:#}");

@@ -61,7 +61,7 @@ use tracing::{debug, info, warn};
 
 /// The fast path's VXLAN device.
 pub const DEVICE: &str = "vxmesh";
-/// Its UDP port.
+/// Its UDP port with the default `--port` (the fast path uses `--port` + 1).
 pub const PORT: u16 = 6784;
 /// Its VXLAN network identifier.
 pub const VNI: u32 = 0x6d_65_73; // "mes"
@@ -218,19 +218,21 @@ impl Device {
     }
 }
 
-/// Create the VXLAN device on `bridge` (MTU = underlay − 50), make it and
-/// the TAP `tap` isolated overlay ports, and open the probe sockets.
+/// Create the VXLAN device on `bridge` (UDP `port`, MTU = underlay − 50),
+/// make it and the TAP `tap` isolated overlay ports, and open the probe
+/// sockets.
 pub async fn setup(
     nl: &Netlink,
     bridge: &str,
     tap: &str,
     underlay_mtu: u32,
+    port: u16,
 ) -> anyhow::Result<Device> {
     use anyhow::Context;
     let mtu = underlay_mtu
         .saturating_sub(fastdp::VXLAN_OVERHEAD_V4)
         .max(576);
-    let vx_index = host::vxlan::ensure_vxlan(nl, DEVICE, VNI, PORT, mtu, bridge).await?;
+    let vx_index = host::vxlan::ensure_vxlan(nl, DEVICE, VNI, port, mtu, bridge).await?;
     let bridge_index = nl
         .link_index(bridge)
         .await?
@@ -264,7 +266,7 @@ pub async fn setup(
         nl: nl.clone(),
         local: Local {
             vni: VNI,
-            port: PORT,
+            port,
             mac,
         },
         vx_index,
@@ -416,7 +418,7 @@ impl Fastdp {
                 let map = self
                     .conns
                     .iter()
-                    .map(|(p, c)| (*p, overlay_of(c, now)))
+                    .map(|(p, c)| (*p, overlay_of(c, now, self.local.port)))
                     .collect();
                 let _ = reply.send(map);
             }
@@ -504,7 +506,7 @@ impl Fastdp {
         let verdict = peer.health.verdict(now);
         if verdict != Verdict::Up {
             if peer.up {
-                let why = reason(verdict);
+                let why = reason(verdict, self.local.port, peer.port);
                 warn!(peer = %name, "fast path down, using the sleeve: {why}");
                 self.set_down(name, &why).await;
             }
@@ -587,21 +589,23 @@ impl Fastdp {
     }
 }
 
-fn reason(v: Verdict) -> String {
+/// Why a fast-path connection is not up; `ours` and `theirs` are the two
+/// ends' VXLAN ports.
+fn reason(v: Verdict, ours: u16, theirs: u16) -> String {
     match v {
         Verdict::Up => String::new(),
         Verdict::Waiting => "waiting for the first fast-path probe".into(),
         Verdict::NotHearing => format!(
-            "no fast-path probe from the peer for {}s (is UDP {PORT} blocked?)",
+            "no fast-path probe from the peer for {}s (is UDP {ours} blocked?)",
             fastdp::DEAD_AFTER.as_secs()
         ),
         Verdict::NotHeard => {
-            format!("the peer does not receive our fast-path probes (is UDP {PORT} blocked?)")
+            format!("the peer does not receive our fast-path probes (is UDP {theirs} blocked?)")
         }
     }
 }
 
-fn overlay_of(c: &Conn, now: Instant) -> Overlay {
+fn overlay_of(c: &Conn, now: Instant, ours: u16) -> Overlay {
     match c {
         Conn::Sleeve(r) => Overlay {
             overlay: "sleeve",
@@ -613,7 +617,7 @@ fn overlay_of(c: &Conn, now: Instant) -> Overlay {
         },
         Conn::Fast(p) => Overlay {
             overlay: "sleeve",
-            reason: Some(reason(p.health.verdict(now))),
+            reason: Some(reason(p.health.verdict(now), ours, p.port)),
         },
     }
 }
