@@ -413,3 +413,38 @@ fn ip_fdb(h: &Host) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The device's life: created at launch as a port of the bridge, kept off
+/// by `--no-fastdp`, removed by `mesh reset`.
+#[test]
+fn vxmesh_created_at_launch_removed_by_reset() {
+    let Some(mut w) = World::new("vxmesh_created_at_launch_removed_by_reset") else {
+        return;
+    };
+    let h1 = w.add_host();
+    let has_vxmesh = |h: &Host| {
+        let out = run(
+            Command::new("ip").args(["-n", &h.ns, "-d", "link", "show", "vxmesh"]),
+            CMD_TIMEOUT,
+        );
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    w.launch(&h1, &[]);
+    let link = has_vxmesh(&h1).expect("vxmesh after launch");
+    for want in ["master mesh", "dstport 6784", "nolearning", "mtu 1450"] {
+        assert!(link.contains(want), "no {want:?} in {link}");
+    }
+    h1.mesh_ok(&["stop"]);
+    w.launch(&h1, &["--no-fastdp"]);
+    assert_eq!(has_vxmesh(&h1), None, "vxmesh left with --no-fastdp");
+    h1.mesh_ok(&["stop"]);
+    w.launch(&h1, &[]);
+    assert!(has_vxmesh(&h1).is_some(), "vxmesh after relaunch");
+    h1.mesh_ok(&["reset"]);
+    wait_until(CMD_TIMEOUT, "the daemon exits after reset", || {
+        h1.daemon_pid().is_none_or(|p| !pid_alive(p))
+    });
+    assert_eq!(has_vxmesh(&h1), None, "vxmesh left after reset");
+}
