@@ -7,7 +7,8 @@
 #
 #   benches/attach.sh [N]        (as root; default N=100)
 #
-# Prints p50/p99 of both in milliseconds and the ratio. Uses only
+# Prints p50/p99 of both in milliseconds and the ratio, then the time from
+# `mesh run` to its CMD starting. Uses only
 # namespaces prefixed mbench- and 198.19.0.0/16; cleans up on every exit.
 set -euo pipefail
 N=${1:-100}
@@ -60,7 +61,21 @@ for i in $(seq 1 "$N"); do
     echo $((t1 - t0)) >> "$DIR/ref.t"
 done
 
+# mesh run: from the command to CMD starting (CMD prints the time it
+# starts), then the whole run (CMD `true`, released on exit).
+: > "$DIR/run.t"; : > "$DIR/runall.t"
+for i in $(seq 1 "$N"); do
+    t0=$(now_ns)
+    t1=$(ip netns exec $P-h "$MESH" run -- date +%s%N)
+    t2=$(now_ns)
+    echo $((t1 - t0)) >> "$DIR/run.t"
+    echo $((t2 - t0)) >> "$DIR/runall.t"
+done
+
 read -r m50 m99 < <(percentiles < "$DIR/mesh.t")
+read -r s50 s99 < <(percentiles < "$DIR/run.t")
+read -r a50 a99 < <(percentiles < "$DIR/runall.t")
 read -r r50 r99 < <(percentiles < "$DIR/ref.t")
+echo "mesh run N=$N: to CMD start p50=${s50}ms p99=${s99}ms; whole run of \`true\` (attach, run, release) p50=${a50}ms p99=${a99}ms"
 distinct=$(ip netns exec $P-h "$MESH" ps | awk '{print $3}' | sort -u | wc -l)
 echo "attach N=$N: mesh attach p50=${m50}ms p99=${m99}ms; raw ip reference p50=${r50}ms p99=${r99}ms; ratio p50=$(awk -v a="$m50" -v b="$r50" 'BEGIN{printf "%.2f", a/b}') ($distinct distinct addresses)"

@@ -59,6 +59,41 @@ pub enum Request {
     },
     /// Create the address ring now.
     Prime,
+    /// Register names: for a container (its name, or `fqdn`) or, with no
+    /// target, `fqdn` for `ips`.
+    DnsAdd {
+        /// Addresses (default: the container's).
+        ips: Vec<String>,
+        /// PID, netns path, or container id/name.
+        target: Option<String>,
+        /// `-h FQDN`.
+        fqdn: Option<String>,
+    },
+    /// Remove names, in the same forms as `DnsAdd`.
+    DnsRemove {
+        /// Addresses (default: all).
+        ips: Vec<String>,
+        /// PID, netns path, or container id/name.
+        target: Option<String>,
+        /// `-h FQDN`.
+        fqdn: Option<String>,
+    },
+    /// Give the host an address on the bridge in these subnets (default
+    /// `net:default`), with NAT.
+    Expose {
+        /// ADDR strings.
+        addrs: Vec<String>,
+    },
+    /// Undo `Expose` (all when `addrs` is empty).
+    Hide {
+        /// ADDR strings.
+        addrs: Vec<String>,
+    },
+    /// Addresses of a name.
+    DnsLookup {
+        /// The name.
+        name: String,
+    },
 }
 
 /// What the daemon answers.
@@ -78,6 +113,11 @@ pub enum Response {
     Ps {
         /// One entry per container.
         containers: Vec<PsEntry>,
+    },
+    /// Addresses, one per line for the user.
+    Addresses {
+        /// IPv4 addresses.
+        addrs: Vec<String>,
     },
     /// Success, with a line for the user.
     Message {
@@ -133,6 +173,22 @@ pub struct DnsStatus {
     pub serving: bool,
     /// The domain, e.g. `mesh.local.`.
     pub domain: String,
+    /// Every live name of the mesh.
+    #[serde(default)]
+    pub entries: Vec<DnsEntry>,
+}
+
+/// One name served.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DnsEntry {
+    /// The name (a label under the domain, or an FQDN).
+    pub name: String,
+    /// Its address.
+    pub addr: String,
+    /// The container it belongs to (`-` for names added with `-h`).
+    pub container: String,
+    /// The peer that registered it.
+    pub peer: String,
 }
 
 /// `mesh status ipam`: the allocator's ring as this peer sees it.

@@ -18,10 +18,13 @@ use crate::addr::{self, Addr};
 use crate::api::{PsEntry, Request, Response};
 use crate::daemon::BRIDGE;
 use crate::host::{self, Netlink, NetnsId};
-use crate::{ipam, persist, router};
+use crate::{dns, ipam, persist, router};
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -63,13 +66,38 @@ pub struct Manager {
     list: Vec<Attachment>,
     router: mpsc::Sender<router::Cmd>,
     range: Ipv4Net,
+    zone: Option<Arc<mesh_dns::Zone>>,
+    /// DNS servers inside containers, by host interface.
+    servers: HashMap<String, tokio::task::AbortHandle>,
+    /// The host's addresses on the bridge (`mesh expose`), saved in
+    /// `exposed.json`.
+    exposed: Vec<Ipv4Net>,
 }
+
+/// The allocator's id for the host's own addresses (`mesh expose`); not a
+/// container id, which are 12 hex digits.
+const HOST_ID: &str = "host";
+
+/// Where containers find the mesh's DNS (in their own namespace).
+pub const DNS_ADDR: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11)), 53);
 
 impl Attachment {
     /// The allocator's id for this container: stable for its namespace,
     /// whatever name it is given later.
     fn alloc_id(&self) -> String {
         alloc_id(self.netns)
+    }
+
+    /// Its IPv4 addresses.
+    fn v4(&self) -> Vec<Ipv4Addr> {
+        self.cidrs
+            .iter()
+            .filter_map(|c| match c {
+                IpNet::V4(n) => Some(n.addr()),
+                IpNet::V6(_) => None,
+            })
+            .collect()
     }
 
     /// Its addresses that the allocator manages.
@@ -130,8 +158,10 @@ impl Manager {
         mtu: u32,
         router: mpsc::Sender<router::Cmd>,
         range: Ipv4Net,
+        zone: Option<Arc<mesh_dns::Zone>>,
     ) -> anyhow::Result<Manager> {
         let path = data_dir.join("containers.json");
+        let data_dir_for_expose = data_dir.clone();
         let stored: Vec<Attachment> = persist::load_json(&path)?.unwrap_or_default();
         let before = stored.len();
         let mut list = Vec::new();
@@ -162,14 +192,21 @@ impl Manager {
                 nl.delete_link(name).await?;
             }
         }
-        let m = Manager {
+        let mut m = Manager {
             nl,
             path,
             mtu,
             list,
             router,
             range,
+            zone,
+            servers: HashMap::new(),
+            exposed: persist::load_json(&data_dir_for_expose.join("exposed.json"))?
+                .unwrap_or_default(),
         };
+        if let Err(e) = host::nft::sync_nat(BRIDGE, &m.exposed).await {
+            warn!("NAT of exposed subnets: {e}");
+        }
         if m.list.len() != before {
             m.save()?;
         }
@@ -179,10 +216,32 @@ impl Manager {
             .iter()
             .map(|a| (a.alloc_id(), a.managed(range)))
             .collect();
+        let mut live: Vec<(String, Vec<Ipv4Net>)> = live;
+        live.push((
+            HOST_ID.to_string(),
+            m.exposed
+                .iter()
+                .filter(|n| range.contains(&n.addr()))
+                .copied()
+                .collect(),
+        ));
         let _ = m
             .router
             .send(router::Cmd::Ipam(ipam::Cmd::Reconcile { live }))
             .await;
+        let live = m.list.iter().map(|a| a.alloc_id()).collect();
+        let _ = m
+            .router
+            .send(router::Cmd::Names(dns::Cmd::Reconcile { live }))
+            .await;
+        for a in m.list.clone() {
+            match host::open_netns(&a.target) {
+                Ok((ns, id)) if id == a.netns => m.start_dns(&a.host_ifname, &ns).await,
+                _ => {
+                    warn!(container = %a.id, "cannot enter its namespace again: no DNS inside it until it is attached again")
+                }
+            }
+        }
         Ok(m)
     }
 
@@ -212,6 +271,305 @@ impl Manager {
             }
         }
         host::nft::sync(&ports).await
+    }
+
+    /// Serve DNS inside the container at 127.0.0.11:53 (UDP and TCP
+    /// sockets opened in its namespace), with its `lo` up.
+    async fn start_dns(&mut self, host_ifname: &str, ns: &std::fs::File) {
+        let Some(zone) = self.zone.clone() else {
+            return;
+        };
+        if let Some(h) = self.servers.remove(host_ifname) {
+            h.abort();
+        }
+        let lo = async {
+            let cnl = Netlink::in_netns(ns).await?;
+            if let Some(i) = cnl.link_index("lo").await? {
+                cnl.set_up(i).await?;
+            }
+            Ok::<(), host::HostError>(())
+        };
+        if let Err(e) = lo.await {
+            warn!(host_ifname, "bringing lo up in the container: {e}");
+        }
+        let sockets = host::run_in_netns(ns, || {
+            let udp = std::net::UdpSocket::bind(DNS_ADDR)?;
+            let tcp = std::net::TcpListener::bind(DNS_ADDR)?;
+            Ok::<_, std::io::Error>((udp, tcp))
+        });
+        match sockets {
+            Ok(Ok((udp, tcp))) => {
+                let name = host_ifname.to_string();
+                let task = tokio::spawn(async move {
+                    if let Err(e) = mesh_dns::serve(udp, tcp, zone).await {
+                        warn!(host_ifname = %name, "DNS inside the container: {e}");
+                    }
+                });
+                self.servers
+                    .insert(host_ifname.to_string(), task.abort_handle());
+            }
+            Ok(Err(e)) => warn!(
+                host_ifname,
+                "no DNS inside the container: {DNS_ADDR} is taken there ({e})"
+            ),
+            Err(e) => warn!(host_ifname, "no DNS inside the container: {e}"),
+        }
+    }
+
+    fn stop_dns(&mut self, host_ifname: &str) {
+        if let Some(h) = self.servers.remove(host_ifname) {
+            h.abort();
+        }
+    }
+
+    async fn names(&self, cmd: dns::Cmd) {
+        let _ = self.router.send(router::Cmd::Names(cmd)).await;
+    }
+
+    /// The attached container TARGET names: a PID or netns path (matched
+    /// by namespace), or its id, name or target as given.
+    fn find(&self, target: &str) -> Option<usize> {
+        let opened = host::open_netns(target).ok();
+        self.list
+            .iter()
+            .position(|a| opened.as_ref().is_some_and(|(_, id)| a.netns == *id))
+            .or_else(|| {
+                self.list
+                    .iter()
+                    .position(|a| a.id == target || a.target == target)
+            })
+    }
+
+    /// `mesh dns-add` / `dns-remove`.
+    async fn dns_change(
+        &self,
+        add: bool,
+        ips: &[String],
+        target: Option<&str>,
+        fqdn: Option<String>,
+    ) -> Result<(), String> {
+        let mut addrs = Vec::new();
+        for ip in ips {
+            let a: Ipv4Addr = ip
+                .split('/')
+                .next()
+                .unwrap_or("")
+                .parse()
+                .map_err(|_| format!("invalid IP {ip:?}: expected an IPv4 address"))?;
+            addrs.push(a);
+        }
+        let (container, name) = match target {
+            Some(t) => {
+                let i = self
+                    .find(t)
+                    .ok_or_else(|| format!("no attached container matches {t}"))?;
+                let a = &self.list[i];
+                if addrs.is_empty() && add {
+                    addrs = a.v4();
+                }
+                for x in &addrs {
+                    if !a.v4().contains(x) {
+                        return Err(format!("{x} is not an address of container {}", a.id));
+                    }
+                }
+                let name = fqdn.or_else(|| a.name.clone());
+                if add && name.is_none() {
+                    return Err(format!(
+                        "container {} has no name: give one with -h FQDN",
+                        a.id
+                    ));
+                }
+                (a.alloc_id(), name)
+            }
+            None => {
+                if fqdn.is_none() || (add && addrs.is_empty()) {
+                    return Err("give a TARGET, or IP... with -h FQDN".into());
+                }
+                ("-".to_string(), fqdn)
+            }
+        };
+        if add {
+            let (reply, rx) = oneshot::channel();
+            self.names(dns::Cmd::Add {
+                container,
+                addrs,
+                name: name.unwrap_or_default(),
+                reply: Some(reply),
+            })
+            .await;
+            rx.await
+                .map_err(|_| "the daemon is shutting down".to_string())?
+        } else {
+            let (reply, rx) = oneshot::channel();
+            self.names(dns::Cmd::Remove {
+                container,
+                addrs,
+                name,
+                reply: Some(reply),
+            })
+            .await;
+            match rx.await {
+                Ok(0) => Err("no such name".into()),
+                Ok(_) => Ok(()),
+                Err(_) => Err("the daemon is shutting down".into()),
+            }
+        }
+    }
+
+    /// The host's exposed address in one of the container's subnets.
+    fn gateway_for(&self, a: &Attachment) -> Option<Ipv4Addr> {
+        self.exposed.iter().find_map(|e| {
+            a.cidrs
+                .iter()
+                .any(|c| matches!(c, IpNet::V4(n) if n.trunc() == e.trunc()))
+                .then_some(e.addr())
+        })
+    }
+
+    fn save_exposed(&self) -> Result<(), String> {
+        let dir = self.path.parent().map(PathBuf::from).unwrap_or_default();
+        persist::save_json(&dir.join("exposed.json"), &self.exposed).map_err(|e| format!("{e:#}"))
+    }
+
+    /// Set or remove the default route via `gw` in every container of this
+    /// host attached in `subnet`.
+    async fn routes_via(&self, subnet: Ipv4Net, gw: Ipv4Addr, add: bool) {
+        for a in &self.list {
+            if !a
+                .cidrs
+                .iter()
+                .any(|c| matches!(c, IpNet::V4(n) if n.trunc() == subnet.trunc()))
+            {
+                continue;
+            }
+            let Ok((ns, id)) = host::open_netns(&a.target) else {
+                continue;
+            };
+            if id != a.netns {
+                continue;
+            }
+            let r = match Netlink::in_netns(&ns).await {
+                Ok(cnl) if add => host::add_default_route(&cnl, gw).await.map(|_| ()),
+                Ok(cnl) => host::del_default_route(&cnl, gw).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                warn!(container = %a.id, "default route via {gw}: {e}");
+            }
+        }
+    }
+
+    /// `mesh expose`.
+    async fn expose(&mut self, addrs: &[String]) -> Result<Vec<String>, String> {
+        let mut parsed = addrs
+            .iter()
+            .map(|a| addr::parse(a))
+            .collect::<Result<Vec<Addr>, String>>()?;
+        if parsed.is_empty() {
+            parsed.push(Addr::NetDefault);
+        }
+        let mut out = Vec::new();
+        for a in parsed {
+            let subnet: Option<Ipv4Net> = match &a {
+                Addr::Net(IpNet::V4(s)) => Some(*s),
+                Addr::Ip(IpNet::V4(n)) => Some(n.trunc()),
+                Addr::NetDefault => None,
+                Addr::None => continue,
+                other => return Err(format!("cannot expose {other}: IPv4 subnets only")),
+            };
+            if let Some(s) = subnet {
+                if let Some(e) = self.exposed.iter().find(|e| e.trunc() == s) {
+                    return Err(format!("{s} is already exposed on this host as {e}"));
+                }
+            }
+            let n: Ipv4Net = match a {
+                Addr::Ip(IpNet::V4(n)) if !self.range.contains(&n.addr()) => n,
+                Addr::Ip(IpNet::V4(n)) => {
+                    self.ipam(|reply| ipam::Cmd::Claim {
+                        id: HOST_ID.into(),
+                        addr: n,
+                        reply,
+                    })
+                    .await?
+                }
+                Addr::Net(IpNet::V4(s)) => {
+                    self.ipam(|reply| ipam::Cmd::Allocate {
+                        id: HOST_ID.into(),
+                        subnet: Some(s),
+                        reply,
+                    })
+                    .await?
+                }
+                _ => {
+                    self.ipam(|reply| ipam::Cmd::Allocate {
+                        id: HOST_ID.into(),
+                        subnet: None,
+                        reply,
+                    })
+                    .await?
+                }
+            };
+            if self.exposed.iter().any(|e| e.trunc() == n.trunc()) {
+                return Err(format!("{} is already exposed on this host", n.trunc()));
+            }
+            if let Err(e) = host::add_addrs(&self.nl, BRIDGE, &[IpNet::V4(n)]).await {
+                self.release(HOST_ID, Some(n.addr())).await;
+                return Err(format!("adding {n} to the bridge: {e}"));
+            }
+            self.exposed.push(n);
+            if let Err(e) = self.save_exposed() {
+                let _ = host::del_addrs(&self.nl, BRIDGE, &[IpNet::V4(n)]).await;
+                self.exposed.pop();
+                self.release(HOST_ID, Some(n.addr())).await;
+                return Err(e);
+            }
+            if let Err(e) = host::nft::sync_nat(BRIDGE, &self.exposed).await {
+                warn!("NAT of exposed subnets: {e}");
+            }
+            if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+                warn!("enabling IPv4 forwarding: {e}");
+            }
+            self.routes_via(n, n.addr(), true).await;
+            info!(addr = %n, "exposed");
+            out.push(n.to_string());
+        }
+        Ok(out)
+    }
+
+    /// `mesh hide`.
+    async fn hide(&mut self, addrs: &[String]) -> Result<(), String> {
+        let mut which: Vec<Ipv4Net> = Vec::new();
+        if addrs.is_empty() {
+            which = self.exposed.clone();
+        }
+        for a in addrs {
+            let s = match addr::parse(a)? {
+                Addr::Net(IpNet::V4(s)) => s,
+                Addr::Ip(IpNet::V4(n)) => n.trunc(),
+                Addr::NetDefault => {
+                    match self.exposed.iter().find(|e| self.range.contains(&e.addr())) {
+                        Some(e) => e.trunc(),
+                        None => return Err("net:default is not exposed on this host".into()),
+                    }
+                }
+                other => return Err(format!("cannot hide {other}")),
+            };
+            match self.exposed.iter().find(|e| e.trunc() == s) {
+                Some(e) => which.push(*e),
+                None => return Err(format!("{s} is not exposed on this host")),
+            }
+        }
+        for n in which {
+            host::del_addrs(&self.nl, BRIDGE, &[IpNet::V4(n)])
+                .await
+                .map_err(|e| format!("removing {n} from the bridge: {e}"))?;
+            self.exposed.retain(|e| *e != n);
+            self.save_exposed()?;
+            self.routes_via(n, n.addr(), false).await;
+            self.release(HOST_ID, Some(n.addr())).await;
+            info!(addr = %n, "hidden");
+        }
+        host::nft::sync_nat(BRIDGE, &self.exposed).await
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -246,21 +604,52 @@ impl Manager {
                     Ok(()) => Response::Ok,
                     Err(message) => Response::Error { message },
                 },
+                Request::Expose { addrs } => match self.expose(&addrs).await {
+                    Ok(cidrs) => Response::Attached { cidrs },
+                    Err(message) => Response::Error { message },
+                },
+                Request::Hide { addrs } => match self.hide(&addrs).await {
+                    Ok(()) => Response::Ok,
+                    Err(message) => Response::Error { message },
+                },
+                Request::DnsAdd { ips, target, fqdn } => {
+                    match self.dns_change(true, &ips, target.as_deref(), fqdn).await {
+                        Ok(()) => Response::Ok,
+                        Err(message) => Response::Error { message },
+                    }
+                }
+                Request::DnsRemove { ips, target, fqdn } => {
+                    match self.dns_change(false, &ips, target.as_deref(), fqdn).await {
+                        Ok(()) => Response::Ok,
+                        Err(message) => Response::Error { message },
+                    }
+                }
                 Request::Reset => match self.detach_all().await {
                     Ok(()) => Response::Ok,
                     Err(message) => Response::Error { message },
                 },
-                Request::Ps => Response::Ps {
-                    containers: self
-                        .list
-                        .iter()
-                        .map(|a| PsEntry {
-                            id: a.id.clone(),
-                            mac: a.mac.clone(),
-                            cidrs: a.cidrs.iter().map(|c| c.to_string()).collect(),
-                        })
-                        .collect(),
-                },
+                Request::Ps => {
+                    let mut containers: Vec<PsEntry> = Vec::new();
+                    if !self.exposed.is_empty() {
+                        let mac = self
+                            .nl
+                            .link_mac(BRIDGE)
+                            .await
+                            .map(mac_string)
+                            .unwrap_or_default();
+                        containers.push(PsEntry {
+                            id: "mesh:expose".into(),
+                            mac,
+                            cidrs: self.exposed.iter().map(|c| c.to_string()).collect(),
+                        });
+                    }
+                    containers.extend(self.list.iter().map(|a| PsEntry {
+                        id: a.id.clone(),
+                        mac: a.mac.clone(),
+                        cidrs: a.cidrs.iter().map(|c| c.to_string()).collect(),
+                    }));
+                    Response::Ps { containers }
+                }
                 _ => Response::Error {
                     message: "not an attachment request".into(),
                 },
@@ -500,6 +889,15 @@ impl Manager {
             let _ = self.sync_rules(None).await;
             return Err(format!("attaching {target}: {e}"));
         }
+        // Its DNS name: --name, else its own hostname (a PID with a UTS
+        // namespace of its own).
+        let dns_name = name.clone().or_else(|| {
+            target
+                .parse::<u32>()
+                .ok()
+                .and_then(host::hostname_of)
+                .filter(|h| mesh_proto::names::normalize_name(h).is_ok())
+        });
         match existing {
             Some(i) => {
                 let a = &mut self.list[i];
@@ -530,6 +928,29 @@ impl Manager {
             warn!("saving the container list: {e:#}");
             return Err(format!("{e:#}"));
         }
+        let a = self.list[existing.unwrap_or(self.list.len() - 1)].clone();
+        if let Some(n) = dns_name {
+            self.names(dns::Cmd::Add {
+                container: a.alloc_id(),
+                addrs: a.v4(),
+                name: n,
+                reply: None,
+            })
+            .await;
+        }
+        if !self.servers.contains_key(&a.host_ifname) {
+            self.start_dns(&a.host_ifname, &ns).await;
+        }
+        if let Some(gw) = self.gateway_for(&a) {
+            match Netlink::in_netns(&ns).await {
+                Ok(cnl) => {
+                    if let Err(e) = host::add_default_route(&cnl, gw).await {
+                        warn!(container = %a.id, "default route via {gw}: {e}");
+                    }
+                }
+                Err(e) => warn!(container = %a.id, "default route via {gw}: {e}"),
+            }
+        }
         info!(container = %cid, addrs = ?wanted, "attached");
         Ok(wanted.iter().map(|c| c.to_string()).collect())
     }
@@ -549,14 +970,7 @@ impl Manager {
         }
         let opened = host::open_netns(target).ok();
         let idx = self
-            .list
-            .iter()
-            .position(|a| opened.as_ref().is_some_and(|(_, id)| a.netns == *id))
-            .or_else(|| {
-                self.list
-                    .iter()
-                    .position(|a| a.id == target || a.target == target)
-            })
+            .find(target)
             .ok_or_else(|| format!("no attached container matches {target}"))?;
         let all = release.is_empty();
         let a = self.list[idx].clone();
@@ -589,6 +1003,26 @@ impl Manager {
             warn!("isolation rules after detaching {}: {e}", a.id);
         }
         let aid = a.alloc_id();
+        self.names(dns::Cmd::Remove {
+            container: aid.clone(),
+            addrs: if all {
+                Vec::new()
+            } else {
+                release
+                    .iter()
+                    .filter_map(|n| match n {
+                        IpNet::V4(n) => Some(n.addr()),
+                        IpNet::V6(_) => None,
+                    })
+                    .collect()
+            },
+            name: None,
+            reply: None,
+        })
+        .await;
+        if !self.list.iter().any(|x| x.host_ifname == a.host_ifname) {
+            self.stop_dns(&a.host_ifname);
+        }
         if all {
             self.release(&aid, None).await;
         } else {
@@ -602,8 +1036,9 @@ impl Manager {
         Ok(())
     }
 
-    /// `mesh reset`: detach every container.
+    /// `mesh reset`: detach every container, hide every exposed subnet.
     async fn detach_all(&mut self) -> Result<(), String> {
+        self.hide(&[]).await?;
         let ids: Vec<String> = self.list.iter().map(|a| a.id.clone()).collect();
         for id in ids {
             self.detach(&[], &id).await?;
@@ -625,8 +1060,16 @@ impl Manager {
         }
         for i in gone.into_iter().rev() {
             let a = self.list.remove(i);
-            info!(container = %a.id, "container gone: addresses released");
+            info!(container = %a.id, "container gone: addresses and names released");
             self.release(&a.alloc_id(), None).await;
+            self.stop_dns(&a.host_ifname);
+            self.names(dns::Cmd::Remove {
+                container: a.alloc_id(),
+                addrs: Vec::new(),
+                name: None,
+                reply: None,
+            })
+            .await;
         }
         if let Err(e) = self.save() {
             warn!("saving the container list: {e:#}");

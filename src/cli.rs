@@ -40,7 +40,7 @@ enum Cmd {
     Prime,
     /// Show this peer's state, or one part of it.
     Status {
-        /// `peers`, `connections`, `ipam` or `targets`.
+        /// `peers`, `connections`, `ipam`, `dns` or `targets`.
         #[arg(value_enum)]
         what: Option<StatusPart>,
     },
@@ -91,10 +91,67 @@ enum Cmd {
         #[arg(last = true, required = true, value_name = "CMD")]
         cmd: Vec<String>,
     },
+    /// Register names: `dns-add [IP...] TARGET [-h FQDN]` (the container's
+    /// name, or FQDN, for its addresses or these), or `dns-add IP... -h FQDN`.
+    #[command(name = "dns-add", disable_help_flag = true)]
+    DnsAdd(DnsArgs),
+    /// Remove names, in the forms of `dns-add`.
+    #[command(name = "dns-remove", disable_help_flag = true)]
+    DnsRemove(DnsArgs),
+    /// Print the addresses the mesh's DNS answers for NAME.
+    #[command(name = "dns-lookup")]
+    DnsLookup {
+        /// A name (a single label gets the domain appended).
+        name: String,
+    },
+    /// Give this host an address on the bridge in each subnet (default
+    /// `net:default`) and print it: the host reaches the subnet's
+    /// containers on every host, their traffic out is masqueraded, and
+    /// outside hosts routing the subnet via this one reach them.
+    Expose {
+        /// `net:CIDR`, `net:default` or `ip:CIDR`.
+        #[arg(value_name = "ADDR")]
+        addrs: Vec<String>,
+    },
+    /// Undo `mesh expose` (all exposed subnets when no ADDR is given).
+    Hide {
+        /// `net:CIDR`, `ip:CIDR`, or nothing for all.
+        #[arg(value_name = "ADDR")]
+        addrs: Vec<String>,
+    },
     /// List attached containers: `ID MAC CIDR...`.
     Ps,
     /// Show versions of the binary and the protocol.
     Version,
+}
+
+/// Arguments of `dns-add` / `dns-remove`.
+#[derive(clap::Args, Debug)]
+struct DnsArgs {
+    /// The name to use instead of the container's (`-h`, as in Weave).
+    #[arg(short = 'h', long = "hostname", value_name = "FQDN")]
+    fqdn: Option<String>,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+    /// IPs, then TARGET (a PID, netns path, or container id/name).
+    #[arg(value_name = "IP... TARGET")]
+    args: Vec<String>,
+}
+
+impl DnsArgs {
+    /// IPs and the optional TARGET (the last argument when it is not an IP).
+    fn split(&self) -> (Vec<String>, Option<String>) {
+        let is_ip = |s: &str| {
+            s.split('/')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+        };
+        match self.args.split_last() {
+            Some((last, rest)) if !is_ip(last) => (rest.to_vec(), Some(last.clone())),
+            _ => (self.args.clone(), None),
+        }
+    }
 }
 
 /// Parts of `mesh status`.
@@ -108,6 +165,8 @@ enum StatusPart {
     Targets,
     /// The address allocator's ring: space per peer, pending requests.
     Ipam,
+    /// Names served: one line per name and address.
+    Dns,
 }
 
 /// Options of `mesh launch`.
@@ -168,6 +227,46 @@ pub struct LaunchArgs {
     /// must list each other).
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     pub trusted_subnets: Vec<ipnet::Ipv4Net>,
+    /// Do not serve DNS (names are still gossiped for other peers).
+    #[arg(long)]
+    pub no_dns: bool,
+    /// The domain containers' names are served under.
+    #[arg(long, default_value = "mesh.local.", value_parser = parse_domain)]
+    pub dns_domain: String,
+    /// TTL of the answers, in seconds.
+    #[arg(long, default_value_t = 1)]
+    pub dns_ttl: u32,
+    /// Also serve DNS on the host at this address (e.g. 127.0.0.1:53).
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_listen)]
+    pub dns_listen_address: Option<std::net::SocketAddr>,
+    /// Where the upstream servers for other names are listed (re-read when
+    /// it changes).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: std::path::PathBuf,
+}
+
+/// `--dns-domain`: labels of letters, digits and '-', ending with a dot
+/// (added if missing).
+fn parse_domain(s: &str) -> Result<String, String> {
+    let d = s.trim_end_matches('.');
+    let ok = !d.is_empty()
+        && d.len() <= 200
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !ok {
+        return Err(format!("{s:?} is not a domain like mesh.local."));
+    }
+    Ok(format!("{}.", d.to_ascii_lowercase()))
+}
+
+/// `--dns-listen-address`: `IP:PORT`, or `IP` for port 53.
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse::<std::net::SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+        .map_err(|_| format!("{s:?} is not an address like 127.0.0.1:53"))
 }
 
 /// `--ipalloc-range` and subnets: an IPv4 network, host bits clear.
@@ -327,6 +426,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
                     }
                 }
                 Some(StatusPart::Ipam) => print!("{}", format_ipam(&s)),
+                Some(StatusPart::Dns) => print!("{}", format_dns(&s)),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -372,6 +472,67 @@ pub fn run() -> anyhow::Result<ExitCode> {
                 env,
                 cmd,
             })
+        }
+        Cmd::Expose { addrs } => {
+            for a in &addrs {
+                addr::parse(a).map_err(anyhow::Error::msg)?;
+            }
+            need_root("expose")?;
+            match call(&Request::Expose { addrs })? {
+                Response::Attached { cidrs } => {
+                    for c in cidrs {
+                        println!("{c}");
+                    }
+                }
+                other => return Err(unexpected(other)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Hide { addrs } => {
+            for a in &addrs {
+                addr::parse(a).map_err(anyhow::Error::msg)?;
+            }
+            need_root("hide")?;
+            expect_ok(call(&Request::Hide { addrs })?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::DnsAdd(a) | Cmd::DnsRemove(a) if a.args.is_empty() => {
+            bail!("give IP... TARGET, TARGET, or IP... -h FQDN")
+        }
+        Cmd::DnsAdd(a) => {
+            need_root("dns-add")?;
+            let (ips, target) = a.split();
+            expect_ok(call(&Request::DnsAdd {
+                ips,
+                target,
+                fqdn: a.fqdn,
+            })?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::DnsRemove(a) => {
+            need_root("dns-remove")?;
+            let (ips, target) = a.split();
+            expect_ok(call(&Request::DnsRemove {
+                ips,
+                target,
+                fqdn: a.fqdn,
+            })?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::DnsLookup { name } => {
+            need_root("dns-lookup")?;
+            match call(&Request::DnsLookup { name: name.clone() })? {
+                Response::Addresses { addrs } if addrs.is_empty() => {
+                    bail!("{name}: no such name in the mesh")
+                }
+                Response::Addresses { addrs } => {
+                    for a in addrs {
+                        println!("{a}");
+                    }
+                }
+                other => return Err(unexpected(other)),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Ps => {
             need_root("ps")?;
@@ -569,6 +730,18 @@ pub fn format_status(s: &api::Status) -> String {
         s.peers.iter().filter(|p| p.reachable).count()
     );
     let _ = writeln!(o, "        Targets: {}", s.targets.len());
+    if let Some(d) = &s.dns {
+        let _ = writeln!(
+            o,
+            "            DNS: {}, {} names",
+            if d.serving {
+                format!("serving {}", d.domain)
+            } else {
+                "not serving".to_string()
+            },
+            d.entries.len()
+        );
+    }
     if let Some(i) = &s.ipam {
         let mine = i.peers.iter().find(|p| p.peer == s.name);
         let _ = writeln!(
@@ -587,6 +760,28 @@ pub fn format_status(s: &api::Status) -> String {
         let _ = writeln!(o);
         let _ = writeln!(o, "CONNECTIONS");
         o.push_str(&format_connections(s));
+    }
+    o
+}
+
+/// `mesh status dns`: `NAME ADDRESS CONTAINER PEER`, one line each.
+pub fn format_dns(s: &api::Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    match &s.dns {
+        None => o.push_str("the daemon reports no DNS\n"),
+        Some(d) => {
+            if !d.serving {
+                o.push_str("not serving DNS here (--no-dns); names of the mesh:\n");
+            }
+            for e in &d.entries {
+                let _ = writeln!(
+                    o,
+                    "{:<24} {:<15} {:<14} {}",
+                    e.name, e.addr, e.container, e.peer
+                );
+            }
+        }
     }
     o
 }

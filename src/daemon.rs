@@ -92,6 +92,15 @@ pub fn spawn_background(args: &LaunchArgs) -> anyhow::Result<String> {
         let nets: Vec<String> = args.trusted_subnets.iter().map(|n| n.to_string()).collect();
         cmd.arg("--trusted-subnets").arg(nets.join(","));
     }
+    if args.no_dns {
+        cmd.arg("--no-dns");
+    }
+    cmd.arg("--dns-domain").arg(&args.dns_domain);
+    cmd.arg("--dns-ttl").arg(args.dns_ttl.to_string());
+    if let Some(a) = args.dns_listen_address {
+        cmd.arg("--dns-listen-address").arg(a.to_string());
+    }
+    cmd.arg("--resolv-conf").arg(&args.resolv_conf);
     cmd.env_remove("MESH_PASSWORD").env_remove("WEAVE_PASSWORD");
     if let Some(p) = &args.password {
         cmd.env("MESH_PASSWORD", p);
@@ -299,6 +308,32 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         conn_limit: args.conn_limit,
         ..Default::default()
     };
+    let zone = if args.no_dns {
+        None
+    } else {
+        let zone = mesh_dns::Zone::new(mesh_dns::Config {
+            domain: args.dns_domain.clone(),
+            ttl: args.dns_ttl,
+            resolv_conf: args.resolv_conf.clone(),
+            ..Default::default()
+        })
+        .map_err(|e| anyhow::anyhow!("DNS: {e}"))?;
+        Some(Arc::new(zone))
+    };
+    if let (Some(zone), Some(addr)) = (&zone, args.dns_listen_address) {
+        let udp =
+            std::net::UdpSocket::bind(addr).with_context(|| format!("DNS on {addr} (UDP)"))?;
+        let tcp =
+            std::net::TcpListener::bind(addr).with_context(|| format!("DNS on {addr} (TCP)"))?;
+        let zone = zone.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mesh_dns::serve(udp, tcp, zone).await {
+                warn!("DNS on {addr}: {e}");
+            }
+        });
+        info!(%addr, "serving DNS on the host");
+    }
+    let names = crate::dns::Driver::load(name, paths::data_dir(), zone.clone())?;
     let ipam_config = ipam_config(&args)?;
     let range = ipam_config.range;
     let allocator = ipam::Driver::load(name, ipam_config, paths::data_dir(), args.ipalloc_timeout)?;
@@ -314,13 +349,23 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         conn_tx.clone(),
         gossip_config,
         incarnation,
-        allocator,
+        router::Channels {
+            ipam: allocator,
+            names,
+        },
         fastdp_tx,
     ));
 
     let (attach_tx, attach_rx) = mpsc::channel(64);
-    let manager =
-        attach::Manager::load(nl.clone(), paths::data_dir(), mtu, router_tx.clone(), range).await?;
+    let manager = attach::Manager::load(
+        nl.clone(),
+        paths::data_dir(),
+        mtu,
+        router_tx.clone(),
+        range,
+        zone,
+    )
+    .await?;
     tokio::spawn(manager.run(attach_rx));
 
     tokio::spawn(control::accept_loop(
@@ -605,10 +650,26 @@ async fn handle(req: Request, s: &Services) -> Response {
             })
             .await,
         ),
-        Request::Attach { .. } | Request::Detach { .. } | Request::Ps => {
-            ask(&s.attach, |reply| attach::Cmd { req, reply })
-                .await
-                .unwrap_or_else(gone)
+        Request::DnsLookup { name } => {
+            match ask(&s.router, |reply| {
+                router::Cmd::Names(crate::dns::Cmd::Lookup { name, reply })
+            })
+            .await
+            {
+                Some(a) => Response::Addresses {
+                    addrs: a.iter().map(|a| a.to_string()).collect(),
+                },
+                None => gone(),
+            }
         }
+        Request::Attach { .. }
+        | Request::Detach { .. }
+        | Request::Expose { .. }
+        | Request::Hide { .. }
+        | Request::Ps
+        | Request::DnsAdd { .. }
+        | Request::DnsRemove { .. } => ask(&s.attach, |reply| attach::Cmd { req, reply })
+            .await
+            .unwrap_or_else(gone),
     }
 }

@@ -107,6 +107,9 @@ impl GossipData for Channel {
     fn digest(&self) -> u64 {
         lock(&self.0).digest()
     }
+    fn split(&self, payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
+        mesh_proto::ipam::split_payload(payload, max)
+    }
 }
 
 enum Want {

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod connmaker;
 pub mod control;
 pub mod daemon;
+pub mod dns;
 pub mod fastdp;
 pub mod host;
 pub mod identity;

@@ -12,7 +12,7 @@
 use crate::api::{ConnStatus, PeerConn, PeerStatus, SleeveStats, Status};
 use crate::control::{WarnLimit, DUPLICATE};
 use crate::daemon::Me;
-use crate::{connmaker, fastdp, ipam, sleeve};
+use crate::{connmaker, dns, fastdp, ipam, sleeve};
 use mesh_proto::gossip::{self, Event, Gossip};
 use mesh_proto::name::PeerName;
 use mesh_proto::seal::{Opener, Sealer};
@@ -72,6 +72,8 @@ pub enum Cmd {
     Status(oneshot::Sender<Status>),
     /// A request for the address allocator.
     Ipam(ipam::Cmd),
+    /// A request for the name table.
+    Names(dns::Cmd),
 }
 
 /// A connection ready to carry traffic.
@@ -117,7 +119,16 @@ struct Router {
     candidates_dirty: bool,
     problems: Vec<String>,
     ipam: ipam::Driver,
+    names: dns::Driver,
     fastdp: Option<mpsc::Sender<fastdp::Cmd>>,
+}
+
+/// The drivers of the gossip channels other than the topology.
+pub struct Channels {
+    /// The address allocator.
+    pub ipam: ipam::Driver,
+    /// The name table.
+    pub names: dns::Driver,
 }
 
 /// Run the router until every sender is gone.
@@ -129,9 +140,10 @@ pub async fn run(
     connmaker: mpsc::Sender<connmaker::Cmd>,
     config: gossip::Config,
     incarnation: u64,
-    ipam: ipam::Driver,
+    channels: Channels,
     fastdp: Option<mpsc::Sender<fastdp::Cmd>>,
 ) {
+    let Channels { ipam, names } = channels;
     let mut seed = [0u8; 8];
     let _ = getrandom::fill(&mut seed);
     let mut gossip = Gossip::new(
@@ -142,6 +154,7 @@ pub async fn run(
         u64::from_le_bytes(seed),
     );
     ipam.register(&mut gossip);
+    names.register(&mut gossip);
     let mut r = Router {
         me,
         rows: BTreeMap::new(),
@@ -153,6 +166,7 @@ pub async fn run(
         candidates_dirty: true,
         problems: Vec::new(),
         ipam,
+        names,
         fastdp,
     };
     let mut tick = tokio::time::interval(IPAM_TICK);
@@ -174,9 +188,13 @@ pub async fn run(
                 Some(c) => r.command(c).await,
             },
             _ = timer => r.gossip.handle_timeout(Instant::now()),
-            _ = tick.tick() => r.ipam.tick(&r.gossip),
+            _ = tick.tick() => {
+                r.ipam.tick(&r.gossip);
+                r.names.tick();
+            }
         }
         r.ipam.settle(&mut r.gossip);
+        r.names.settle(&mut r.gossip);
         r.pump().await;
     }
 }
@@ -249,6 +267,7 @@ impl Router {
                 self.ipam.command(c, &self.gossip);
                 self.ipam.tick(&self.gossip);
             }
+            Cmd::Names(c) => self.names.command(c),
         }
     }
 
@@ -306,6 +325,7 @@ impl Router {
     /// Move what the gossip core produced to where it goes.
     async fn pump(&mut self) {
         let mut ipam_news = false;
+        let mut names_news = false;
         while let Some(ev) = self.gossip.poll_event() {
             match ev {
                 Event::RoutesChanged => self.routes_dirty = true,
@@ -316,6 +336,7 @@ impl Router {
                 Event::PeerRemoved { name } => {
                     info!(peer = %name, "peer forgotten");
                     self.ipam.forget_peer(name);
+                    self.names.forget_peer(name);
                     self.candidates_dirty = true;
                 }
                 Event::NameCollision {
@@ -336,8 +357,12 @@ impl Router {
                 }
                 Event::ChannelUpdated { channel } => {
                     ipam_news |= channel == ipam::CHANNEL;
+                    names_news |= channel == mesh_proto::names::CHANNEL;
                 }
             }
+        }
+        if names_news {
+            self.names.settle(&mut self.gossip);
         }
         if ipam_news {
             // A request addressed to us, a donation, a vote: act on it now.
@@ -447,7 +472,7 @@ impl Router {
             sleeve: stats,
             problems: self.problems.clone(),
             ipam: Some(self.ipam.status(&self.gossip)),
-            dns: None,
+            dns: Some(self.names.status()),
         }
     }
 }

@@ -41,6 +41,18 @@ fn wait_full_mesh(hosts: &[Host]) {
     }
 }
 
+/// One container per host, `first0..`, attached with no address (which
+/// also agrees the ring).
+fn first_containers(w: &mut World, hosts: &[Host]) -> Vec<Container> {
+    let first: Vec<Container> = (0..hosts.len())
+        .map(|i| w.add_container(&format!("first{i}")))
+        .collect();
+    for (h, c) in hosts.iter().zip(&first) {
+        attach_auto(h, c, &[]);
+    }
+    first
+}
+
 /// `mesh attach ADDRS... --name NAME PATH`; the one CIDR it prints.
 #[track_caller]
 fn attach_auto(h: &Host, c: &Container, addrs: &[&str]) -> String {
@@ -225,12 +237,7 @@ fn allocations_on_both_sides_of_a_partition_never_collide() {
     launch_all(&w, &hosts, &range);
     wait_full_mesh(&hosts);
     // The ring is agreed by all three before the partition.
-    let first: Vec<Container> = (0..3)
-        .map(|i| w.add_container(&format!("first{i}")))
-        .collect();
-    for (h, c) in hosts.iter().zip(&first) {
-        attach_auto(h, c, &[]);
-    }
+    let first = first_containers(&mut w, &hosts);
     // h3 is cut off from h1 and h2.
     w.partition(&hosts[2], &[hosts[0].ip, hosts[1].ip]);
     wait_until(DEADLINE, "h1 sees h3 unreachable", || {
@@ -296,12 +303,7 @@ fn reclaim(test: &str, by_rmpeer: bool) {
         ],
     );
     wait_full_mesh(&hosts);
-    let first: Vec<Container> = (0..3)
-        .map(|i| w.add_container(&format!("first{i}")))
-        .collect();
-    for (h, c) in hosts.iter().zip(&first) {
-        attach_auto(h, c, &[]);
-    }
+    let first = first_containers(&mut w, &hosts);
     wait_until(DEADLINE, "h1 sees three owners", || {
         owned(&hosts[0]).values().filter(|&&n| n > 0).count() == 3
     });

@@ -613,6 +613,47 @@ fn wire_entry(k: &Key, v: &Val) -> WireEntry {
     }
 }
 
+/// Cut a payload into payloads of about `max` bytes: each carries some
+/// entries of some peers (and their floors), which merge on their own.
+fn split_payload(payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
+    let Ok(groups) = decode_payload(&payload) else {
+        return vec![payload];
+    };
+    let mut flat: Vec<(PeerName, u64, WireEntry)> = Vec::new();
+    let mut floors_only = Vec::new();
+    for g in groups {
+        if g.entries.is_empty() {
+            floors_only.push(g);
+            continue;
+        }
+        for e in g.entries {
+            flat.push((g.peer, g.floor, e));
+        }
+    }
+    let size = |(_, _, e): &(PeerName, u64, WireEntry)| e.container.len() + e.name.len() + 40;
+    let mut out: Vec<Vec<u8>> = crate::gossip::chunks(flat, max, 64, size)
+        .into_iter()
+        .map(|run| {
+            let mut groups: Vec<WirePeer> = Vec::new();
+            for (peer, floor, e) in run {
+                match groups.last_mut() {
+                    Some(g) if g.peer == peer => g.entries.push(e),
+                    _ => groups.push(WirePeer {
+                        peer,
+                        floor,
+                        entries: vec![e],
+                    }),
+                }
+            }
+            encode_payload(&groups)
+        })
+        .collect();
+    if !floors_only.is_empty() {
+        out.push(encode_payload(&floors_only));
+    }
+    out
+}
+
 fn encode_payload(groups: &[WirePeer]) -> Vec<u8> {
     let mut out = vec![FORMAT];
     out.extend(postcard::to_allocvec(groups).unwrap_or_default());
@@ -677,6 +718,10 @@ impl GossipData for NameTable {
         Ok((!out.is_empty()).then(|| encode_payload(&out)))
     }
 
+    fn split(&self, payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
+        split_payload(payload, max)
+    }
+
     fn digest(&self) -> u64 {
         let mut h = 0u64;
         for (k, v) in &self.entries {
@@ -725,6 +770,9 @@ impl GossipData for SharedNameTable {
     fn encode(&self) -> Vec<u8> {
         self.lock().encode()
     }
+    fn split(&self, payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
+        split_payload(payload, max)
+    }
     fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
         self.lock().merge(payload)
     }
@@ -748,6 +796,28 @@ mod tests {
     /// Merge `from`'s full state into `to`.
     fn sync(to: &mut NameTable, from: &NameTable) -> bool {
         to.merge(&from.encode()).unwrap().is_some()
+    }
+
+    #[test]
+    fn a_large_table_splits_into_parts_that_merge_alone() {
+        let mut t = NameTable::new(pn(1));
+        for i in 0..3000u32 {
+            let a = Ipv4Addr::from(0xc613_0000 + i);
+            t.add(&format!("{i:064x}"), a, &format!("name-{i}"))
+                .unwrap();
+        }
+        t.remove_container(&format!("{:064x}", 7));
+        let whole = t.encode();
+        assert!(whole.len() > 200_000);
+        let parts = t.split(whole, 60_000);
+        assert!(parts.len() > 3);
+        let mut other = NameTable::new(pn(2));
+        for p in &parts {
+            assert!(p.len() <= 60_000, "part of {} bytes", p.len());
+            other.merge(p).unwrap();
+        }
+        assert_eq!(other.digest(), t.digest());
+        assert_eq!(other.lookup("name-9"), t.lookup("name-9"));
     }
 
     #[test]

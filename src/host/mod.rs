@@ -30,9 +30,12 @@ pub mod vxlan;
 mod testutil;
 
 pub use netlink::Netlink;
-pub use netns::{open_netns, run_in_netns, NetnsId};
+pub use netns::{hostname_of, open_netns, run_in_netns, NetnsId};
 pub use tap::{open_tap, Tap};
-pub use veth::{attach_veth, container_if, detach_veth, ContainerIf};
+pub use veth::{
+    add_addrs, add_default_route, attach_veth, container_if, del_addrs, del_default_route,
+    detach_veth, ContainerIf,
+};
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 pub const MAX_IFNAME_LEN: usize = 15;

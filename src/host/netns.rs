@@ -128,6 +128,27 @@ pub fn run_in_netns<T: Send + 'static>(
         .map_err(|_| HostError::Thread("panicked".into()))?
 }
 
+/// The hostname of process `pid`, if it has a UTS namespace of its own
+/// (a container's); `None` when it shares ours or is gone.
+pub fn hostname_of(pid: u32) -> Option<String> {
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/uts")).ok()?;
+    let ours = std::fs::metadata("/proc/self/ns/uts").ok()?;
+    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+        return None;
+    }
+    let uts = File::open(format!("/proc/{pid}/ns/uts")).ok()?;
+    std::thread::Builder::new()
+        .name("mesh-uts".into())
+        .spawn(move || -> Option<String> {
+            nix::sched::setns(&uts, CloneFlags::CLONE_NEWUTS).ok()?;
+            nix::unistd::gethostname().ok()?.into_string().ok()
+        })
+        .ok()?
+        .join()
+        .ok()
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

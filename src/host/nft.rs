@@ -168,12 +168,43 @@ pub async fn sync(ports: &[Port]) -> Result<(), String> {
     nft(&script(ports)).await
 }
 
-/// Remove the table (`mesh reset`).
+/// Remove the tables (`mesh reset`).
 pub async fn remove() -> Result<(), String> {
     nft(&format!(
-        "table bridge {TABLE}\ndelete table bridge {TABLE}\n"
+        "table bridge {TABLE}\ndelete table bridge {TABLE}\ntable ip {TABLE}\ndelete table ip {TABLE}\n"
     ))
     .await
+}
+
+/// The NAT of exposed subnets (`mesh expose`), table `ip mesh`: traffic
+/// from a subnet to anywhere else leaves masqueraded as the host; traffic
+/// from outside the subnet that the host forwards onto the bridge enters
+/// masqueraded as the host's address in the subnet, so containers on any
+/// host answer it within their subnet, whatever their routes.
+pub fn nat_script(bridge: &str, exposed: &[Ipv4Net]) -> String {
+    let mut s = format!("table ip {TABLE}\ndelete table ip {TABLE}\n");
+    if exposed.is_empty() {
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "table ip {TABLE} {{\n  chain post {{\n    type nat hook postrouting priority srcnat; policy accept;"
+    );
+    for e in exposed {
+        let net = e.trunc();
+        let _ = writeln!(
+            s,
+            "    ip saddr {net} ip daddr != {net} oifname != \"{bridge}\" masquerade\n    oifname \"{bridge}\" ip saddr != {net} ip daddr {net} snat to {}",
+            e.addr()
+        );
+    }
+    s.push_str("  }\n}\n");
+    s
+}
+
+/// Make the NAT rules those of `exposed`.
+pub async fn sync_nat(bridge: &str, exposed: &[Ipv4Net]) -> Result<(), String> {
+    nft(&nat_script(bridge, exposed)).await
 }
 
 #[cfg(test)]
@@ -213,6 +244,22 @@ mod tests {
         let s = script(&[port("vmeshq", None, &["198.19.1.5/24"])]);
         assert!(s.contains("chain from_vmeshq { drop; }"), "{s}");
         assert!(s.contains("chain to_vmeshq { drop; }"), "{s}");
+    }
+
+    #[test]
+    fn nat_masquerades_out_and_snats_in() {
+        let s = nat_script("mesh", &["198.19.2.1/24".parse().expect("cidr")]);
+        assert!(
+            s.contains(
+                "ip saddr 198.19.2.0/24 ip daddr != 198.19.2.0/24 oifname != \"mesh\" masquerade"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("oifname \"mesh\" ip saddr != 198.19.2.0/24 ip daddr 198.19.2.0/24 snat to 198.19.2.1"), "{s}");
+        assert_eq!(
+            nat_script("mesh", &[]),
+            "table ip mesh\ndelete table ip mesh\n"
+        );
     }
 
     #[test]

@@ -260,6 +260,74 @@ pub async fn detach_veth(
     Ok(())
 }
 
+/// Add `addrs` to the link `ifname` of `nl`'s namespace (those missing).
+pub async fn add_addrs(nl: &Netlink, ifname: &str, addrs: &[IpNet]) -> Result<(), HostError> {
+    let index = nl
+        .link_index(ifname)
+        .await?
+        .ok_or_else(|| HostError::NoSuchLink(ifname.to_string()))?;
+    add_missing_addrs(nl, index, ifname, addrs).await
+}
+
+/// Remove `addrs` from the link `ifname` (Ok if absent).
+pub async fn del_addrs(nl: &Netlink, ifname: &str, addrs: &[IpNet]) -> Result<(), HostError> {
+    let Some(index) = nl.link_index(ifname).await? else {
+        return Ok(());
+    };
+    for (net, msg) in link_addrs(nl, index).await? {
+        if !addrs.contains(&net) {
+            continue;
+        }
+        match nl.handle().address().del(msg).execute().await {
+            Ok(()) => {}
+            Err(e) if netlink_errno(&e) == Some(libc::EADDRNOTAVAIL) => {}
+            Err(e) => {
+                return Err(HostError::netlink(
+                    format!("delete address {net} from {ifname}"),
+                    e,
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Set a default route via `gateway` in the namespace of `nl`, unless one
+/// exists. Returns whether it was added.
+pub async fn add_default_route(
+    nl: &Netlink,
+    gateway: std::net::Ipv4Addr,
+) -> Result<bool, HostError> {
+    use rtnetlink::RouteMessageBuilder;
+    let msg = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+        .gateway(gateway)
+        .build();
+    match nl.handle().route().add(msg).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(HostError::netlink(
+            format!("add default route via {gateway}"),
+            e,
+        )),
+    }
+}
+
+/// Remove the default route via `gateway` (Ok if absent).
+pub async fn del_default_route(nl: &Netlink, gateway: std::net::Ipv4Addr) -> Result<(), HostError> {
+    use rtnetlink::RouteMessageBuilder;
+    let msg = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+        .gateway(gateway)
+        .build();
+    match nl.handle().route().del(msg).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(netlink_errno(&e), Some(libc::ESRCH) | Some(libc::ENOENT)) => Ok(()),
+        Err(e) => Err(HostError::netlink(
+            format!("delete default route via {gateway}"),
+            e,
+        )),
+    }
+}
+
 /// Addresses currently on `ifname` inside `ns` (IPv6 link-local excluded),
 /// and its MAC; None if there is no such link.
 pub async fn container_if(

@@ -23,6 +23,41 @@ pub trait GossipData: Send {
     fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String>;
     /// A digest of the whole state: equal digests mean equal states.
     fn digest(&self) -> u64;
+    /// Cut an encoded state or delta that is too large for one gossip
+    /// message into payloads of at most `max` bytes, each of which merges
+    /// on its own (for a state CRDT, any subset of its entries does). The
+    /// default keeps it whole: such a payload is not sent.
+    fn split(&self, payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
+        let _ = max;
+        vec![payload]
+    }
+}
+
+/// Cut `items` into runs whose estimated encoded size (`size` of each,
+/// plus `overhead` per run) stays within `max`; every run has at least
+/// one item. For [`GossipData::split`] implementations.
+pub fn chunks<T>(
+    items: Vec<T>,
+    max: usize,
+    overhead: usize,
+    size: impl Fn(&T) -> usize,
+) -> Vec<Vec<T>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut used = overhead;
+    for it in items {
+        let n = size(&it);
+        if !cur.is_empty() && used + n > max {
+            out.push(std::mem::take(&mut cur));
+            used = overhead;
+        }
+        used += n;
+        cur.push(it);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -28,8 +28,6 @@ pub struct Routes {
     pub first_hop: Vec<Idx>,
     /// Number of reachable peers (not counting ourselves).
     pub reachable: usize,
-    /// Slots that some reachable peer (or we) report a connection to.
-    pub referenced: Vec<bool>,
 }
 
 impl Routes {
@@ -56,17 +54,19 @@ pub fn symmetric(t: &Topology, u: Idx, v: Idx) -> bool {
     }
 }
 
-/// Shortest-path first hops from us (index 0).
+/// Shortest-path first hops from us (index 0). A breadth-first search that
+/// stops as soon as every known entry is reached: in a mesh where everyone
+/// is reachable (the usual case) it reads a few neighbourhoods' connections,
+/// not all of them.
 pub fn unicast(t: &Topology) -> Routes {
     let n = t.slots();
     let mut first_hop = vec![NONE; n];
     let mut seen = vec![false; n];
-    let mut referenced = vec![false; n];
-    let mut queue: Vec<Idx> = Vec::with_capacity(n);
+    let mut queue: Vec<Idx> = Vec::with_capacity(t.count());
+    let all = t.count().saturating_sub(1);
     seen[0] = true;
     if let Some(me) = t.get(0) {
-        for &v in &me.conns {
-            referenced[v as usize] = true;
+        for v in me.conns.iter() {
             if !seen[v as usize] {
                 seen[v as usize] = true;
                 first_hop[v as usize] = v;
@@ -74,14 +74,17 @@ pub fn unicast(t: &Topology) -> Routes {
             }
         }
     }
+    // Our own connections count before the other end reports them, so
+    // they may name peers whose entries we lack: only known ones count
+    // towards `all`.
+    let mut known_reached = queue.iter().filter(|&&v| t.get(v).is_some()).count();
     let mut head = 0;
-    while head < queue.len() {
+    while head < queue.len() && known_reached < all {
         let u = queue[head];
         head += 1;
         let Some(e) = t.get(u) else { continue };
         let hop = first_hop[u as usize];
-        for &v in &e.conns {
-            referenced[v as usize] = true;
+        for v in e.conns.iter() {
             if seen[v as usize] {
                 continue;
             }
@@ -89,6 +92,7 @@ pub fn unicast(t: &Topology) -> Routes {
                 seen[v as usize] = true;
                 first_hop[v as usize] = hop;
                 queue.push(v);
+                known_reached += 1;
             }
         }
     }
@@ -100,8 +104,24 @@ pub fn unicast(t: &Topology) -> Routes {
     Routes {
         first_hop,
         reachable: queue.len(),
-        referenced,
     }
+}
+
+/// Slots that we or some peer reachable under `routes` report a
+/// connection to (garbage collection keeps them).
+pub fn referenced(t: &Topology, routes: &Routes) -> Vec<bool> {
+    let mut out = vec![false; t.slots()];
+    for u in t.known() {
+        if u != 0 && routes.hop(u).is_none() {
+            continue;
+        }
+        if let Some(e) = t.get(u) {
+            for v in e.conns.iter() {
+                out[v as usize] = true;
+            }
+        }
+    }
+    out
 }
 
 /// Our children in `src`'s broadcast tree (for `src` = us: the initial
@@ -122,7 +142,7 @@ pub fn broadcast_children(t: &Topology, src: Idx, me: Idx) -> Vec<Idx> {
         for &u in &level {
             me_here |= u == me;
             let Some(e) = t.get(u) else { continue };
-            for &v in &e.conns {
+            for v in e.conns.iter() {
                 if !seen[v as usize] && symmetric(t, u, v) {
                     seen[v as usize] = true;
                     parent[v as usize] = u;
@@ -299,6 +319,6 @@ mod tests {
         assert_eq!(r.hop(t.lookup(nm(1)).unwrap()), t.lookup(nm(1)));
         assert_eq!(r.hop(t.lookup(nm(2)).unwrap()), None);
         assert_eq!(r.reachable, 1);
-        assert!(r.referenced[t.lookup(nm(2)).unwrap() as usize]);
+        assert!(referenced(&t, &r)[t.lookup(nm(2)).unwrap() as usize]);
     }
 }

@@ -6,14 +6,23 @@
 //! keeps, per peer, the entry with the highest `(incarnation, version)`: a
 //! join-semilattice, so merges commute, associate and are idempotent.
 //!
-//! Peers are interned to dense indices ([`Idx`]) so connections cost four
-//! bytes in memory and one or two on the wire. Indices are never reused.
+//! Peers are interned to dense indices ([`Idx`]) so connections cost two
+//! bytes in memory ([`Conns`]: sorted, exact-size, 16-bit while every index
+//! fits) and one or two on the wire. Indices are never reused.
+//!
+//! Memory matters: every peer holds every entry, so a mesh of N peers with
+//! C connections each holds N·C connections per peer (the simulator holds
+//! N² of them). Nothing derivable is stored per entry (its digest hash is
+//! recomputed from name, incarnation and version), strings and address
+//! lists are exact-size boxes, and the change history is bounded.
 //!
 //! Deltas: each entry remembers its recent changes ([`Op`]s, oldest first,
-//! complete above `floor`), so anyone holding version `v` can be sent just the
-//! changes from any `base ≥ floor`; replaying "connection X present/absent"
-//! operations from any `base ≤ v` yields exactly the newer entry (the last
-//! operation on each connection wins). Older bases get the whole entry.
+//! at most [`MAX_RECENT`], complete above `floor`), so anyone holding version
+//! `v` can be sent just the changes from any `base ≥ floor`; replaying
+//! "connection X present/absent" operations from any `base ≤ v` yields
+//! exactly the newer entry (the last operation on each connection wins).
+//! Older bases get the whole entry. The history of an entry that did not
+//! change between two compactions is dropped.
 
 use super::digest::{entry_hash, Digest};
 use super::wire::MAX_ADDRS;
@@ -53,7 +62,7 @@ impl std::hash::Hasher for NameHasher {
 pub type Idx = u32;
 
 /// How many recent operations an entry remembers for deltas.
-pub const MAX_RECENT: usize = 128;
+pub const MAX_RECENT: usize = 32;
 
 /// One change to a peer's connections, packed in eight bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,33 +93,138 @@ impl Op {
     }
 }
 
+/// A sorted set of connections: two bytes an index while every index fits
+/// in 16 bits (any mesh of fewer than 65,536 names), four bytes beyond.
+/// Stored exactly (no spare capacity): a simulator holds millions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conns {
+    /// Every index below 65,536.
+    Narrow(Box<[u16]>),
+    /// Some index above.
+    Wide(Box<[u32]>),
+}
+
+impl Default for Conns {
+    fn default() -> Self {
+        Conns::Narrow(Box::new([]))
+    }
+}
+
+/// The indices of a [`Conns`], in order.
+pub enum ConnIter<'a> {
+    /// Of a narrow set.
+    Narrow(std::slice::Iter<'a, u16>),
+    /// Of a wide set.
+    Wide(std::slice::Iter<'a, u32>),
+}
+
+impl Iterator for ConnIter<'_> {
+    type Item = Idx;
+    #[inline]
+    fn next(&mut self) -> Option<Idx> {
+        match self {
+            ConnIter::Narrow(i) => i.next().map(|&x| Idx::from(x)),
+            ConnIter::Wide(i) => i.next().copied(),
+        }
+    }
+}
+
+impl Conns {
+    /// From sorted, deduplicated indices.
+    pub fn from_sorted(v: &[Idx]) -> Conns {
+        if v.iter().all(|&i| i <= Idx::from(u16::MAX)) {
+            Conns::Narrow(v.iter().map(|&i| i as u16).collect())
+        } else {
+            Conns::Wide(v.into())
+        }
+    }
+
+    /// Number of connections.
+    pub fn len(&self) -> usize {
+        match self {
+            Conns::Narrow(s) => s.len(),
+            Conns::Wide(s) => s.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The indices, in order.
+    pub fn iter(&self) -> ConnIter<'_> {
+        match self {
+            Conns::Narrow(s) => ConnIter::Narrow(s.iter()),
+            Conns::Wide(s) => ConnIter::Wide(s.iter()),
+        }
+    }
+
+    /// Whether `i` is among them.
+    #[inline]
+    pub fn contains(&self, i: Idx) -> bool {
+        match self {
+            Conns::Narrow(s) => u16::try_from(i).is_ok_and(|i| s.binary_search(&i).is_ok()),
+            Conns::Wide(s) => s.binary_search(&i).is_ok(),
+        }
+    }
+
+    /// As a vector.
+    pub fn to_vec(&self) -> Vec<Idx> {
+        self.iter().collect()
+    }
+
+    /// Add (`present`) or remove one index; whether anything changed.
+    fn set(&mut self, i: Idx, present: bool) -> bool {
+        if self.contains(i) == present {
+            return false;
+        }
+        self.edit(|v| match v.binary_search(&i) {
+            Ok(p) => {
+                v.remove(p);
+            }
+            Err(p) => v.insert(p, i),
+        });
+        true
+    }
+
+    /// Change as a sorted vector (kept sorted and deduplicated by `f`).
+    fn edit(&mut self, f: impl FnOnce(&mut Vec<Idx>)) {
+        let mut v = self.to_vec();
+        f(&mut v);
+        *self = Conns::from_sorted(&v);
+    }
+}
+
 /// One peer's entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// Human-friendly name.
-    pub nickname: String,
     /// Restart counter of the peer.
     pub incarnation: u64,
     /// Version within the incarnation (≥ 1).
     pub version: u32,
-    /// Addresses it can be dialed at, as its neighbours see it.
-    pub addrs: Vec<SocketAddr>,
     /// The version that last changed `addrs`.
     pub addrs_version: u32,
-    /// Its established connections, sorted.
-    pub conns: Vec<Idx>,
-    /// Recent changes, oldest first; complete for versions above `floor`.
-    pub recent: Vec<Op>,
     /// Deltas can be made from any base ≥ floor.
     pub floor: u32,
     /// The version seen at the last compaction (for pruning `recent`).
     settled: u32,
+    /// Human-friendly name.
+    pub nickname: Box<str>,
+    /// Addresses it can be dialed at, as its neighbours see it.
+    pub addrs: Box<[SocketAddr]>,
+    /// Its established connections, sorted.
+    pub conns: Conns,
+    /// Recent changes, oldest first; complete for versions above `floor`.
+    /// At most [`MAX_RECENT`], dropped once the entry settles.
+    pub recent: Vec<Op>,
 }
 
 impl Entry {
     /// Whether `peer` is among the connections.
+    #[inline]
     pub fn has_conn(&self, peer: Idx) -> bool {
-        self.conns.binary_search(&peer).is_ok()
+        self.conns.contains(peer)
     }
 }
 
@@ -163,7 +277,6 @@ pub struct Topology {
     names: Vec<PeerName>,
     index: HashMap<PeerName, Idx, NameHash>,
     entries: Vec<Option<Entry>>,
-    hashes: Vec<u64>,
     digest: Digest,
     count: usize,
 }
@@ -175,7 +288,6 @@ impl Topology {
             names: Vec::new(),
             index: HashMap::default(),
             entries: Vec::new(),
-            hashes: Vec::new(),
             digest: Digest::default(),
             count: 0,
         };
@@ -183,12 +295,12 @@ impl Topology {
         t.set(
             i,
             Some(Entry {
-                nickname,
+                nickname: nickname.into(),
                 incarnation: incarnation.max(1),
                 version: 1,
-                addrs: vec![],
+                addrs: Box::new([]),
                 addrs_version: 1,
-                conns: vec![],
+                conns: Conns::default(),
                 recent: vec![],
                 floor: 1,
                 settled: 0,
@@ -206,7 +318,6 @@ impl Topology {
         self.names.push(n);
         self.index.insert(n, i);
         self.entries.push(None);
-        self.hashes.push(0);
         i
     }
 
@@ -249,14 +360,15 @@ impl Topology {
             .map(|(i, _)| i as Idx)
     }
 
+    /// The digest hash of the entry at `i` (0: none).
+    fn hash_of(&self, i: Idx) -> u64 {
+        self.entries[i as usize].as_ref().map_or(0, |e| {
+            entry_hash(self.names[i as usize], e.incarnation, e.version)
+        })
+    }
+
     fn set(&mut self, i: Idx, e: Option<Entry>) {
-        let name = self.names[i as usize];
-        let new = e
-            .as_ref()
-            .map_or(0, |e| entry_hash(name, e.incarnation, e.version));
-        let old = self.hashes[i as usize];
-        self.digest.replace(name, old, new);
-        self.hashes[i as usize] = new;
+        let old = self.hash_of(i);
         let slot = &mut self.entries[i as usize];
         match (slot.is_some(), e.is_some()) {
             (false, true) => self.count += 1,
@@ -264,15 +376,17 @@ impl Topology {
             _ => {}
         }
         *slot = e;
+        let new = self.hash_of(i);
+        self.digest.replace(self.names[i as usize], old, new);
     }
 
-    fn rehash(&mut self, i: Idx) {
-        let name = self.names[i as usize];
-        let new = self.entries[i as usize]
-            .as_ref()
-            .map_or(0, |e| entry_hash(name, e.incarnation, e.version));
-        let old = std::mem::replace(&mut self.hashes[i as usize], new);
-        self.digest.replace(name, old, new);
+    /// Change the entry at `i` in place, keeping the digest up to date.
+    fn modify<R>(&mut self, i: Idx, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        let old = self.hash_of(i);
+        let r = f(self.entries[i as usize].as_mut()?);
+        let new = self.hash_of(i);
+        self.digest.replace(self.names[i as usize], old, new);
+        Some(r)
     }
 
     /// Forget an entry (garbage collection).
@@ -339,12 +453,12 @@ impl Topology {
         let mut addrs = r.addrs.unwrap_or_default();
         addrs.truncate(MAX_ADDRS);
         let e = Entry {
-            nickname: r.nickname.unwrap_or_default(),
+            nickname: r.nickname.unwrap_or_default().into(),
             incarnation: r.incarnation,
             version: r.version,
-            addrs,
+            addrs: addrs.into(),
             addrs_version: r.version,
-            conns,
+            conns: Conns::from_sorted(&conns),
             recent: vec![],
             floor: r.version,
             settled: 0,
@@ -353,28 +467,29 @@ impl Topology {
     }
 
     fn apply_delta(&mut self, r: LocalRecord) {
-        let Some(e) = self.entries[r.peer as usize].as_mut() else {
-            return;
-        };
-        for &d in &r.del {
-            if let Ok(p) = e.conns.binary_search(&d) {
-                e.conns.remove(p);
+        self.modify(r.peer, |e| {
+            let v = r.version;
+            e.conns.edit(|conns| {
+                for &d in &r.del {
+                    if let Ok(p) = conns.binary_search(&d) {
+                        conns.remove(p);
+                    }
+                }
+                for &a in &r.add {
+                    if let Err(p) = conns.binary_search(&a) {
+                        conns.insert(p, a);
+                    }
+                }
+            });
+            let ops = r.del.iter().map(|&d| Op::new(v, d, false));
+            push_ops(e, ops.chain(r.add.iter().map(|&a| Op::new(v, a, true))));
+            if let Some(mut addrs) = r.addrs {
+                addrs.truncate(MAX_ADDRS);
+                e.addrs = addrs.into();
+                e.addrs_version = v;
             }
-            push_op(e, r.version, d, false);
-        }
-        for &a in &r.add {
-            if let Err(p) = e.conns.binary_search(&a) {
-                e.conns.insert(p, a);
-            }
-            push_op(e, r.version, a, true);
-        }
-        if let Some(mut addrs) = r.addrs {
-            addrs.truncate(MAX_ADDRS);
-            e.addrs = addrs;
-            e.addrs_version = r.version;
-        }
-        e.version = r.version;
-        self.rehash(r.peer);
+            e.version = v;
+        });
     }
 
     /// What to send a neighbour holding `(incarnation, version)` of peer `i`
@@ -392,9 +507,9 @@ impl Topology {
                 incarnation: e.incarnation,
                 base: 0,
                 version: e.version,
-                nickname: Some(e.nickname.clone()),
-                addrs: Some(e.addrs.clone()),
-                add: e.conns.clone(),
+                nickname: Some(e.nickname.to_string()),
+                addrs: Some(e.addrs.to_vec()),
+                add: e.conns.to_vec(),
                 del: vec![],
             });
         }
@@ -411,7 +526,7 @@ impl Topology {
             base: version,
             version: e.version,
             nickname: None,
-            addrs: (e.addrs_version > version).then(|| e.addrs.clone()),
+            addrs: (e.addrs_version > version).then(|| e.addrs.to_vec()),
             add: last.iter().filter(|(_, a)| *a).map(|(p, _)| *p).collect(),
             del: last.iter().filter(|(_, a)| !*a).map(|(p, _)| *p).collect(),
         })
@@ -419,47 +534,37 @@ impl Topology {
 
     /// Change our own entry (index 0): add or remove a connection.
     pub fn set_own_conn(&mut self, peer: Idx, up: bool) -> bool {
-        let Some(e) = self.entries[0].as_mut() else {
-            return false;
-        };
-        let pos = e.conns.binary_search(&peer);
-        match (pos, up) {
-            (Err(p), true) => e.conns.insert(p, peer),
-            (Ok(p), false) => {
-                e.conns.remove(p);
+        self.modify(0, |e| {
+            if !e.conns.set(peer, up) {
+                return false;
             }
-            _ => return false,
-        }
-        e.version += 1;
-        let v = e.version;
-        push_op(e, v, peer, up);
-        self.rehash(0);
-        true
+            e.version += 1;
+            let v = e.version;
+            push_ops(e, std::iter::once(Op::new(v, peer, up)));
+            true
+        })
+        .unwrap_or(false)
     }
 
     /// Change our own addresses.
     pub fn set_own_addrs(&mut self, addrs: Vec<SocketAddr>) {
-        let Some(e) = self.entries[0].as_mut() else {
-            return;
-        };
-        e.version += 1;
-        e.addrs = addrs;
-        e.addrs_version = e.version;
-        self.rehash(0);
+        self.modify(0, |e| {
+            e.version += 1;
+            e.addrs = addrs.into();
+            e.addrs_version = e.version;
+        });
     }
 
     /// Supersede a newer claim to our own name: move to `(incarnation,
     /// version + 1)`, forgetting history (neighbours get the whole entry).
     pub fn supersede_own(&mut self, incarnation: u64, version: u32) {
-        let Some(e) = self.entries[0].as_mut() else {
-            return;
-        };
-        e.incarnation = incarnation.max(e.incarnation);
-        e.version = version.saturating_add(1).max(e.version + 1);
-        e.recent.clear();
-        e.floor = e.version;
-        e.addrs_version = e.version;
-        self.rehash(0);
+        self.modify(0, |e| {
+            e.incarnation = incarnation.max(e.incarnation);
+            e.version = version.saturating_add(1).max(e.version + 1);
+            e.recent = Vec::new();
+            e.floor = e.version;
+            e.addrs_version = e.version;
+        });
     }
 
     /// Drop the history of entries that did not change since the previous
@@ -475,16 +580,21 @@ impl Topology {
     }
 }
 
-fn push_op(e: &mut Entry, version: u32, peer: Idx, add: bool) {
-    e.recent.push(Op::new(version, peer, add));
-    if e.recent.len() > MAX_RECENT {
+/// Append operations to an entry's history, keeping at most [`MAX_RECENT`]
+/// and no spare capacity.
+fn push_ops(e: &mut Entry, ops: impl Iterator<Item = Op>) {
+    let mut recent = std::mem::take(&mut e.recent);
+    recent.extend(ops);
+    while recent.len() > MAX_RECENT {
         // Drop the oldest version's operations whole, so that the history
         // stays complete above the floor.
-        let v = e.recent[0].version;
-        let n = e.recent.iter().take_while(|op| op.version <= v).count();
-        e.recent.drain(..n);
+        let v = recent[0].version;
+        let n = recent.iter().take_while(|op| op.version <= v).count();
+        recent.drain(..n);
         e.floor = e.floor.max(v);
     }
+    recent.shrink_to_fit();
+    e.recent = recent;
 }
 
 #[cfg(test)]
@@ -501,7 +611,9 @@ mod tests {
     fn honest(t: &mut Topology, owner: u8, inc: u64, ver: u32) -> LocalRecord {
         let peer = t.intern(nm(owner));
         let add = (0..8u8)
-            .filter(|k| (owner as u64 * 31 + inc * 7 + ver as u64 * 13 + *k as u64) % 3 == 0)
+            .filter(|k| {
+                (owner as u64 * 31 + inc * 7 + ver as u64 * 13 + *k as u64).is_multiple_of(3)
+            })
             .map(|k| t.intern(nm(100 + k)))
             .collect();
         LocalRecord {
@@ -524,7 +636,7 @@ mod tests {
             .known()
             .map(|i| {
                 let e = t.get(i).unwrap();
-                let mut c: Vec<PeerName> = e.conns.iter().map(|&j| t.name(j)).collect();
+                let mut c: Vec<PeerName> = e.conns.iter().map(|j| t.name(j)).collect();
                 c.sort();
                 (t.name(i), e.incarnation, e.version, c)
             })
@@ -620,14 +732,45 @@ mod tests {
                 let applied = matches!(rx.apply(d), Applied::Changed { .. });
                 prop_assert!(applied);
             }
-            let want: Vec<PeerName> = owner.get(0).unwrap().conns.iter().map(|&j| owner.name(j)).collect();
-            let mut got: Vec<PeerName> = rx.get(me).unwrap().conns.iter().map(|&j| rx.name(j)).collect();
+            let want: Vec<PeerName> = owner.get(0).unwrap().conns.iter().map(|j| owner.name(j)).collect();
+            let mut got: Vec<PeerName> = rx.get(me).unwrap().conns.iter().map(|j| rx.name(j)).collect();
             let mut want = want;
             want.sort();
             got.sort();
             prop_assert_eq!(got, want);
             prop_assert_eq!(rx.get(me).unwrap().version, owner.get(0).unwrap().version);
         }
+    }
+
+    #[test]
+    fn connections_widen_past_sixteen_bits() {
+        let mut c = Conns::from_sorted(&[3, 700]);
+        assert!(matches!(c, Conns::Narrow(_)));
+        assert!(c.set(70_000, true));
+        assert!(matches!(c, Conns::Wide(_)));
+        assert!(!c.set(70_000, true));
+        assert!(c.contains(70_000) && c.contains(3) && !c.contains(4));
+        assert_eq!(c.to_vec(), vec![3, 700, 70_000]);
+        assert!(c.set(70_000, false));
+        assert!(matches!(c, Conns::Narrow(_)));
+        assert!(!c.contains(70_000));
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut t = Topology::new(nm(0), "me".into(), 1);
+        for k in 0..(3 * MAX_RECENT as u32) {
+            let p = t.intern(PeerName([3, 0, 0, 0, (k >> 8) as u8, k as u8]));
+            t.set_own_conn(p, true);
+        }
+        let e = t.get(0).unwrap();
+        assert_eq!(e.recent.len(), MAX_RECENT);
+        assert_eq!(e.conns.len(), 3 * MAX_RECENT);
+        // A base below the floor gets the whole entry, one above a delta.
+        assert_eq!(t.record_for(0, 1, 1).unwrap().base, 0);
+        let d = t.record_for(0, 1, e.version - 2).unwrap();
+        assert_eq!((d.base, d.add.len()), (e.version - 2, 2));
     }
 
     #[test]

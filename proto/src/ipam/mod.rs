@@ -400,6 +400,12 @@ impl GossipData for Ipam {
         self.crdt.payload().encode()
     }
 
+    /// Tokens (with the ring header) in some parts, records in others;
+    /// every part carries the range, so each merges (and is checked) alone.
+    fn split(&self, payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
+        split_payload(payload, max)
+    }
+
     fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
         let mut p = Payload::decode(payload)?;
         self.crdt.check(&p)?;
@@ -421,4 +427,41 @@ impl GossipData for Ipam {
     fn digest(&self) -> u64 {
         self.crdt.digest()
     }
+}
+
+/// See [`GossipData::split`] for [`Ipam`].
+pub fn split_payload(payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
+    let Ok(p) = Payload::decode(&payload) else {
+        return vec![payload];
+    };
+    let mut out = Vec::new();
+    for run in crate::gossip::chunks(p.tokens, max, 512, |_| 24) {
+        out.push(
+            Payload {
+                range: p.range,
+                ring: p.ring.clone(),
+                tokens: run,
+                records: Vec::new(),
+            }
+            .encode(),
+        );
+    }
+    let size = |(_, r): &(PeerName, Record)| {
+        64 + 16 * (r.held.len() + r.requests.len() + r.served.len() + r.paxos.len())
+    };
+    for run in crate::gossip::chunks(p.records, max, 64, size) {
+        out.push(
+            Payload {
+                range: p.range,
+                ring: None,
+                tokens: Vec::new(),
+                records: run,
+            }
+            .encode(),
+        );
+    }
+    if out.is_empty() {
+        out.push(payload);
+    }
+    out
 }

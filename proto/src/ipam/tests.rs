@@ -65,6 +65,38 @@ fn all(_: usize) -> u8 {
 }
 
 #[test]
+fn a_large_state_splits_into_parts_that_merge_alone() {
+    // 300 peers, each holding scattered addresses, cut into small parts.
+    let mut p = seeds(300);
+    let t = Instant::now();
+    let d = net("10.32.0.0/12");
+    let everyone: BTreeSet<PeerName> = (0..300).map(name).collect();
+    for (i, peer) in p.iter_mut().enumerate() {
+        peer.tick(t, &everyone);
+        for k in 0..20 {
+            peer.allocate(t, &format!("c{i}-{k}"), d).unwrap();
+        }
+        for k in (0..20).step_by(2) {
+            peer.release(&format!("c{i}-{k}"), None);
+        }
+    }
+    let mut whole = Ipam::new(name(999), cfg(InitMode::Observer));
+    for peer in &p {
+        whole.merge(&peer.encode()).unwrap();
+    }
+    let bytes = whole.encode();
+    assert!(bytes.len() > 20_000, "{} bytes", bytes.len());
+    let parts = whole.split(bytes, 4_000);
+    assert!(parts.len() > 5, "{} parts", parts.len());
+    let mut other = Ipam::new(name(998), cfg(InitMode::Observer));
+    for part in &parts {
+        assert!(part.len() <= 4_000, "part of {} bytes", part.len());
+        other.merge(part).unwrap();
+    }
+    assert_eq!(other.digest(), whole.digest());
+}
+
+#[test]
 fn seed_ring_splits_evenly_and_allocates_lowest() {
     let mut p = seeds(2);
     let t = Instant::now();

@@ -4,7 +4,7 @@
 # pinned to CPU 0 and dnsperf to CPU 1. Prints the median q/s of RUNS runs
 # of SECS seconds each, the ratio, and latency at a fixed 20k q/s.
 #
-#   bench/dns.sh            (env: RUNS=3 SECS=10 RATE=20000)
+#   benches/dns.sh            (env: RUNS=3 SECS=10 RATE=20000)
 #
 # Installs dnsperf and dnsmasq (Debian packages) when missing. Traffic goes
 # to 127.0.0.1 only.
