@@ -240,6 +240,13 @@ pub struct ConnStatus {
     pub encrypted: bool,
     /// Why it failed, for failed/retrying.
     pub info: Option<String>,
+    /// For an established connection: the overlay carrying its traffic,
+    /// `fastdp` (kernel VXLAN) or `sleeve`.
+    #[serde(default)]
+    pub overlay: Option<String>,
+    /// Why the sleeve is used rather than the fast path.
+    #[serde(default)]
+    pub overlay_info: Option<String>,
 }
 
 /// A peer as gossip knows it.

@@ -218,6 +218,15 @@ pub struct LaunchArgs {
     /// another peer) before it fails with the reason.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ipalloc_timeout: Duration,
+    /// Do not use the kernel VXLAN fast path (UDP 6784): every connection
+    /// uses the sleeve.
+    #[arg(long)]
+    pub no_fastdp: bool,
+    /// With a password, still use the unencrypted fast path with peers
+    /// whose underlay address is in these subnets (`CIDR,...`; both ends
+    /// must list each other).
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    pub trusted_subnets: Vec<ipnet::Ipv4Net>,
     /// Do not serve DNS (names are still gossiped for other peers).
     #[arg(long)]
     pub no_dns: bool,
@@ -870,10 +879,10 @@ pub fn format_connections(s: &api::Status) -> String {
             };
             let mut line = format!("  {arrow} {:<21} {:<12}", c.address, c.state);
             if c.state == "established" {
-                line.push_str(if c.encrypted {
-                    " encrypted sleeve "
-                } else {
-                    " sleeve "
+                line.push_str(match (c.overlay.as_deref(), c.encrypted) {
+                    (Some("fastdp"), _) => " fastdp ",
+                    (_, true) => " encrypted sleeve ",
+                    _ => " sleeve ",
                 });
                 line.push_str(&peer);
             } else {
@@ -883,6 +892,11 @@ pub fn format_connections(s: &api::Status) -> String {
             if let Some(i) = &c.info {
                 line.push_str("  ");
                 line.push_str(i);
+            }
+            if let Some(i) = &c.overlay_info {
+                line.push_str("  (sleeve: ");
+                line.push_str(i);
+                line.push(')');
             }
             let _ = writeln!(o, "{}", line.trim_end());
         }

@@ -2,11 +2,12 @@
 //!
 //! A connection goes: hellos (version negotiation, password flags) →
 //! Noise handshake (`XX`, or `XXpsk3` with a password) → each side sends an
-//! [`Intro`] (nickname, sleeve port, and with a password its random sleeve
-//! key) → the router registers it → heartbeats until it ends. Every read has
-//! a deadline; every failure ends only this connection, with one
-//! (rate-limited) log line and a reason shown by `mesh status`. Dial targets
-//! retry with exponential backoff and jitter.
+//! [`Intro`] (nickname, sleeve port, with a password its random sleeve
+//! key, and its fast-path offer, see [`crate::fastdp`]) → the router
+//! registers it → heartbeats until it ends. Every read has a deadline;
+//! every failure ends only this connection, with one (rate-limited) log
+//! line and a reason shown by `mesh status`. Dial targets retry with
+//! exponential backoff and jitter.
 
 use crate::api::ConnStatus;
 use crate::daemon::Me;
@@ -93,6 +94,8 @@ fn row(
         nickname: peer.map(|(_, n)| n.to_string()),
         encrypted,
         info,
+        overlay: None,
+        overlay_info: None,
     }
 }
 
@@ -454,11 +457,13 @@ async fn run_conn(
     } else {
         None
     };
+    let fastdp_offer = crate::fastdp::offer(me, addr.ip());
     let intro = ControlMsg::Intro(Intro {
         nickname: me.nickname.clone(),
         udp_port: me.port,
         max_frame: me.mtu + 14,
         sleeve_key,
+        fastdp: fastdp_offer.as_ref().ok().cloned(),
     });
     if let Err(e) = send_msg(&mut w, &mut transport, &intro).await {
         return End::Retry(format!("sending intro: {e:#}"));
@@ -482,6 +487,7 @@ async fn run_conn(
     };
     let nickname = their_intro.nickname.clone();
     let udp = SocketAddr::new(addr.ip(), their_intro.udp_port);
+    let fastdp = crate::fastdp::negotiate(&fastdp_offer, their_intro.fastdp.as_ref(), addr.ip());
 
     // 4. Register with the router.
     let (close_tx, mut close_rx) = oneshot::channel();
@@ -500,6 +506,7 @@ async fn run_conn(
             udp,
             sealer,
             opener,
+            fastdp,
             close: close_tx,
             gossip: gossip_tx,
             reply: reply_tx,

@@ -11,7 +11,7 @@
 
 use crate::api::{self, Request, Response};
 use crate::cli::LaunchArgs;
-use crate::{attach, connmaker, control, host, identity, ipam, paths, router, sleeve};
+use crate::{attach, connmaker, control, fastdp, host, identity, ipam, paths, router, sleeve};
 use anyhow::{bail, Context};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::PermissionsExt;
@@ -85,6 +85,13 @@ pub fn spawn_background(args: &LaunchArgs) -> anyhow::Result<String> {
         .arg(format!("{}ms", args.ipalloc_reclaim_after.as_millis()));
     cmd.arg("--ipalloc-timeout")
         .arg(format!("{}ms", args.ipalloc_timeout.as_millis()));
+    if args.no_fastdp {
+        cmd.arg("--no-fastdp");
+    }
+    if !args.trusted_subnets.is_empty() {
+        let nets: Vec<String> = args.trusted_subnets.iter().map(|n| n.to_string()).collect();
+        cmd.arg("--trusted-subnets").arg(nets.join(","));
+    }
     if args.no_dns {
         cmd.arg("--no-dns");
     }
@@ -174,6 +181,11 @@ pub struct Me {
     pub port: u16,
     /// Overlay MTU.
     pub mtu: u32,
+    /// The fast path, unless `--no-fastdp` (or its device failed).
+    pub fastdp: Option<fastdp::Local>,
+    /// `--trusted-subnets`: with a password, the fast path is still offered
+    /// to peers in these.
+    pub trusted: Vec<ipnet::Ipv4Net>,
 }
 
 async fn run(args: LaunchArgs) -> anyhow::Result<()> {
@@ -228,6 +240,21 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     let tap = host::open_tap(&nl, TAP, BRIDGE, mtu)
         .await
         .with_context(|| format!("creating TAP {TAP}"))?;
+    let fastdp_dev = if args.no_fastdp {
+        if let Err(e) = nl.delete_link(fastdp::DEVICE).await {
+            warn!("removing {}: {e:#}", fastdp::DEVICE);
+        }
+        None
+    } else {
+        match fastdp::setup(&nl, BRIDGE, TAP, underlay, args.port.wrapping_add(1)).await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                warn!("fast path unavailable, using the sleeve only: {e:#}");
+                let _ = nl.delete_link(fastdp::DEVICE).await;
+                None
+            }
+        }
+    };
 
     let tcp = tokio::net::TcpListener::bind(("0.0.0.0", args.port))
         .await
@@ -247,6 +274,8 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         psk,
         port: args.port,
         mtu,
+        fastdp: fastdp_dev.as_ref().map(|d| d.local()),
+        trusted: args.trusted_subnets.clone(),
     });
     info!(peer = %name, nickname = %me.nickname, mtu, underlay_mtu = underlay, encryption = psk.is_some(), "mesh started");
 
@@ -308,6 +337,11 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     let ipam_config = ipam_config(&args)?;
     let range = ipam_config.range;
     let allocator = ipam::Driver::load(name, ipam_config, paths::data_dir(), args.ipalloc_timeout)?;
+    let fastdp_tx = fastdp_dev.map(|dev| {
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(fastdp::run(name, dev, rx));
+        tx
+    });
     tokio::spawn(router::run(
         me.clone(),
         router_rx,
@@ -319,6 +353,7 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
             ipam: allocator,
             names,
         },
+        fastdp_tx,
     ));
 
     let (attach_tx, attach_rx) = mpsc::channel(64);
@@ -379,7 +414,7 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         if let Err(e) = host::nft::remove().await {
             warn!("removing isolation rules: {e}");
         }
-        for dev in [TAP, BRIDGE] {
+        for dev in [fastdp::DEVICE, TAP, BRIDGE] {
             if let Err(e) = nl.delete_link(dev).await {
                 warn!("removing {dev}: {e:#}");
             }
@@ -415,7 +450,7 @@ pub fn offline_reset() -> anyhow::Result<()> {
         for dev in attach::host_interfaces(&paths::data_dir()) {
             nl.delete_link(&dev).await?;
         }
-        for dev in [TAP, BRIDGE] {
+        for dev in [fastdp::DEVICE, TAP, BRIDGE] {
             nl.delete_link(dev).await?;
         }
         host::nft::remove().await.map_err(anyhow::Error::msg)?;

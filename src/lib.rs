@@ -18,6 +18,7 @@ pub mod connmaker;
 pub mod control;
 pub mod daemon;
 pub mod dns;
+pub mod fastdp;
 pub mod host;
 pub mod identity;
 pub mod ipam;

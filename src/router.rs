@@ -12,7 +12,7 @@
 use crate::api::{ConnStatus, PeerConn, PeerStatus, SleeveStats, Status};
 use crate::control::{WarnLimit, DUPLICATE};
 use crate::daemon::Me;
-use crate::{connmaker, dns, ipam, sleeve};
+use crate::{connmaker, dns, fastdp, ipam, sleeve};
 use mesh_proto::gossip::{self, Event, Gossip};
 use mesh_proto::name::PeerName;
 use mesh_proto::seal::{Opener, Sealer};
@@ -90,6 +90,8 @@ pub struct Established {
     pub sealer: Option<Sealer>,
     /// Our opener for its datagrams, when encrypted.
     pub opener: Option<Opener>,
+    /// The fast path agreed for this connection, or why not.
+    pub fastdp: Result<fastdp::Agreed, String>,
     /// Closes the connection, with a reason.
     pub close: oneshot::Sender<String>,
     /// Gossip to send on this connection.
@@ -118,6 +120,7 @@ struct Router {
     problems: Vec<String>,
     ipam: ipam::Driver,
     names: dns::Driver,
+    fastdp: Option<mpsc::Sender<fastdp::Cmd>>,
 }
 
 /// The drivers of the gossip channels other than the topology.
@@ -129,6 +132,7 @@ pub struct Channels {
 }
 
 /// Run the router until every sender is gone.
+#[allow(clippy::too_many_arguments)] // one channel per task it drives
 pub async fn run(
     me: Arc<Me>,
     mut rx: mpsc::Receiver<Cmd>,
@@ -137,6 +141,7 @@ pub async fn run(
     config: gossip::Config,
     incarnation: u64,
     channels: Channels,
+    fastdp: Option<mpsc::Sender<fastdp::Cmd>>,
 ) {
     let Channels { ipam, names } = channels;
     let mut seed = [0u8; 8];
@@ -162,6 +167,7 @@ pub async fn run(
         problems: Vec::new(),
         ipam,
         names,
+        fastdp,
     };
     let mut tick = tokio::time::interval(IPAM_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -215,6 +221,9 @@ impl Router {
                     info!(peer = %p, "connection lost");
                     self.gossip.handle_connection_down(Instant::now(), p);
                     let _ = self.sleeve.send(sleeve::Cmd::PeerDown { name: p }).await;
+                    if let Some(f) = &self.fastdp {
+                        let _ = f.send(fastdp::Cmd::PeerDown { name: p }).await;
+                    }
                     self.candidates_dirty = true;
                 }
             }
@@ -279,6 +288,15 @@ impl Router {
             self.rows.remove(&old.id);
         }
         info!(peer = %e.peer, udp = %e.udp, "connection established");
+        if let Some(f) = &self.fastdp {
+            let _ = f
+                .send(fastdp::Cmd::PeerUp {
+                    name: e.peer,
+                    ip: e.udp.ip(),
+                    agreed: e.fastdp,
+                })
+                .await;
+        }
         let _ = self
             .sleeve
             .send(sleeve::Cmd::PeerUp(Box::new(sleeve::PeerUp {
@@ -383,6 +401,32 @@ impl Router {
         }
     }
 
+    /// The connection rows, with the overlay of each established one.
+    async fn connection_rows(&mut self) -> Vec<ConnStatus> {
+        let mut rows: Vec<ConnStatus> = self.rows.values().cloned().collect();
+        let overlays = match &self.fastdp {
+            Some(f) => {
+                let (tx, rx) = oneshot::channel();
+                let _ = f.send(fastdp::Cmd::Status(tx)).await;
+                rx.await.unwrap_or_default()
+            }
+            None => Default::default(),
+        };
+        for r in rows.iter_mut().filter(|r| r.state == "established") {
+            let Some(peer) = r.peer.as_ref().and_then(|p| p.parse::<PeerName>().ok()) else {
+                continue;
+            };
+            let o = overlays.get(&peer);
+            r.overlay = Some(o.map_or("sleeve", |o| o.overlay).into());
+            r.overlay_info = match o {
+                Some(o) => o.reason.clone(),
+                None if self.fastdp.is_none() => Some("fast path disabled here".into()),
+                None => None,
+            };
+        }
+        rows
+    }
+
     async fn status(&mut self) -> Status {
         let (tx, srx) = oneshot::channel();
         let stats = if self.sleeve.send(sleeve::Cmd::Stats(tx)).await.is_ok() {
@@ -422,7 +466,7 @@ impl Router {
             encryption: self.me.psk.is_some(),
             port: self.me.port,
             mtu: self.me.mtu,
-            connections: self.rows.values().cloned().collect(),
+            connections: self.connection_rows().await,
             peers,
             targets: Vec::new(),
             sleeve: stats,

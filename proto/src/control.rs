@@ -9,7 +9,7 @@
 use crate::WireError;
 use serde::{Deserialize, Serialize};
 
-/// A message on the control channel (protocol version 1).
+/// A message on the control channel (protocol version 2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlMsg {
     /// The first message each side sends after the handshake.
@@ -45,6 +45,23 @@ pub struct Intro {
     /// When encryption is on: the id and key the sender will seal sleeve
     /// datagrams with (each direction has its own random key).
     pub sleeve_key: Option<(u8, [u8; 32])>,
+    /// The sender's offer of the kernel VXLAN fast path to this peer, when
+    /// it has the device and may use it with this peer (no password, or the
+    /// peer in its trusted subnets). The fast path is used when both offer.
+    pub fastdp: Option<FastdpOffer>,
+}
+
+/// What a peer needs to send to our fast path and to trust its probes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FastdpOffer {
+    /// The VXLAN network identifier of our device (both ends must agree).
+    pub vni: u32,
+    /// Our VXLAN UDP port.
+    pub port: u16,
+    /// Our bridge's MAC: where fast-path probes are addressed.
+    pub mac: [u8; 6],
+    /// The key our probes are tagged with (see [`crate::fastdp`]).
+    pub probe_key: crate::fastdp::ProbeKey,
 }
 
 /// The longest nickname accepted.
@@ -100,10 +117,31 @@ mod tests {
             udp_port: 6783,
             max_frame: 1419,
             sleeve_key: None,
+            fastdp: None,
         });
         let b = intro.encode().unwrap();
-        // variant 0, "h1", port 6783 = varint 0xff 0x34, 1419 = 0x8b 0x0b, None
-        assert_eq!(b, vec![0, 2, b'h', b'1', 0xff, 0x34, 0x8b, 0x0b, 0]);
+        // variant 0, "h1", port 6783 = varint 0xff 0x34, 1419 = 0x8b 0x0b, None, None
+        assert_eq!(b, vec![0, 2, b'h', b'1', 0xff, 0x34, 0x8b, 0x0b, 0, 0]);
+        assert_eq!(ControlMsg::decode(&b).unwrap(), intro);
+        let intro = ControlMsg::Intro(Intro {
+            nickname: "h1".into(),
+            udp_port: 6783,
+            max_frame: 1419,
+            sleeve_key: None,
+            fastdp: Some(FastdpOffer {
+                vni: 1,
+                port: 6784,
+                mac: [2, 0, 0, 0, 0, 1],
+                probe_key: [9; 16],
+            }),
+        });
+        let b = intro.encode().unwrap();
+        // ..., Some, vni 1, port 6784 = 0x80 0x35, mac, key
+        assert_eq!(&b[8..14], &[0, 1, 1, 0x80, 0x35, 2]);
+        assert_eq!(b.len(), 13 + 6 + 16);
+        // A truncated offer is an error, not a default.
+        assert!(ControlMsg::decode(&b[..b.len() - 1]).is_err());
+        assert!(ControlMsg::decode(&b[..9]).is_err());
         assert_eq!(ControlMsg::decode(&b).unwrap(), intro);
     }
 
@@ -122,15 +160,17 @@ mod tests {
             udp_port: 1,
             max_frame: 1,
             sleeve_key: None,
+            fastdp: None,
         });
         assert!(ControlMsg::decode(&long.encode().unwrap()).is_err());
     }
 
     proptest! {
         #[test]
-        fn round_trip(nick in "[a-z0-9-]{0,64}", port: u16, max_frame: u32, key: Option<(u8, [u8; 32])>, reason in ".{0,100}") {
+        fn round_trip(nick in "[a-z0-9-]{0,64}", port: u16, max_frame: u32, key: Option<(u8, [u8; 32])>, reason in ".{0,100}", fd: Option<(u32, [u8; 6], [u8; 16])>) {
+            let fastdp = fd.map(|(vni, mac, probe_key)| FastdpOffer { vni, port, mac, probe_key });
             for m in [
-                ControlMsg::Intro(Intro { nickname: nick.clone(), udp_port: port, max_frame, sleeve_key: key }),
+                ControlMsg::Intro(Intro { nickname: nick.clone(), udp_port: port, max_frame, sleeve_key: key, fastdp }),
                 ControlMsg::Heartbeat,
                 ControlMsg::SleeveKey { key_id: port as u8, key: [port as u8; 32] },
                 ControlMsg::Close { reason: reason.clone() },

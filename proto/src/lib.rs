@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod control;
+pub mod fastdp;
 pub mod frame;
 pub mod gossip;
 pub mod handshake;
@@ -48,10 +49,11 @@ pub mod seal;
 pub mod sim;
 pub mod sleeve;
 
-/// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The newest protocol version this build speaks (2: the `Intro` carries
+/// the fast-path offer).
+pub const PROTOCOL_VERSION: u8 = 2;
 /// The oldest protocol version this build still speaks.
-pub const PROTOCOL_MIN_VERSION: u8 = 1;
+pub const PROTOCOL_MIN_VERSION: u8 = 2;
 
 /// Why bytes from the network were rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -24,6 +24,7 @@ pub mod netns;
 pub mod nft;
 pub mod tap;
 pub mod veth;
+pub mod vxlan;
 
 #[cfg(test)]
 mod testutil;
