@@ -59,16 +59,31 @@ pub fn symmetric(t: &Topology, u: Idx, v: Idx) -> bool {
 /// is reachable (the usual case) it reads a few neighbourhoods' connections,
 /// not all of them.
 pub fn unicast(t: &Topology) -> Routes {
+    let mut r = Routes::default();
+    let mut queue = Vec::new();
+    unicast_into(t, &mut r, &mut queue);
+    r
+}
+
+/// [`unicast`] into an existing table, reusing its memory and a scratch
+/// queue (a peer recomputes often while a mesh converges).
+pub fn unicast_into(t: &Topology, routes: &mut Routes, queue: &mut Vec<Idx>) {
     let n = t.slots();
-    let mut first_hop = vec![NONE; n];
-    let mut seen = vec![false; n];
-    let mut queue: Vec<Idx> = Vec::with_capacity(t.count());
+    // `first_hop` doubles as the visited set: NONE until reached (our own
+    // slot is marked visited with a placeholder and reset at the end).
+    let first_hop = &mut routes.first_hop;
+    first_hop.clear();
+    first_hop.resize(n, NONE);
+    queue.clear();
     let all = t.count().saturating_sub(1);
-    seen[0] = true;
+    if n == 0 {
+        routes.reachable = 0;
+        return;
+    }
+    first_hop[0] = 0;
     if let Some(me) = t.get(0) {
         for v in me.conns.iter() {
-            if !seen[v as usize] {
-                seen[v as usize] = true;
+            if first_hop[v as usize] == NONE {
                 first_hop[v as usize] = v;
                 queue.push(v);
             }
@@ -85,26 +100,23 @@ pub fn unicast(t: &Topology) -> Routes {
         let Some(e) = t.get(u) else { continue };
         let hop = first_hop[u as usize];
         for v in e.conns.iter() {
-            if seen[v as usize] {
+            if first_hop[v as usize] != NONE {
                 continue;
             }
             if t.get(v).is_some_and(|b| b.has_conn(u)) {
-                seen[v as usize] = true;
                 first_hop[v as usize] = hop;
                 queue.push(v);
                 known_reached += 1;
             }
         }
     }
+    first_hop[0] = NONE;
     for (i, h) in first_hop.iter_mut().enumerate() {
         if *h == NONE && t.get(i as Idx).is_none() {
             *h = UNKNOWN;
         }
     }
-    Routes {
-        first_hop,
-        reachable: queue.len(),
-    }
+    routes.reachable = queue.len();
 }
 
 /// Slots that we or some peer reachable under `routes` report a

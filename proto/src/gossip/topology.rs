@@ -279,6 +279,9 @@ pub struct Topology {
     entries: Vec<Option<Entry>>,
     digest: Digest,
     count: usize,
+    /// Set when a merge changed what routes are made of (see
+    /// [`Topology::take_routing_changed`]).
+    routing_changed: bool,
 }
 
 impl Topology {
@@ -290,6 +293,7 @@ impl Topology {
             entries: Vec::new(),
             digest: Digest::default(),
             count: 0,
+            routing_changed: false,
         };
         let i = t.intern(me);
         t.set(
@@ -371,8 +375,14 @@ impl Topology {
         let old = self.hash_of(i);
         let slot = &mut self.entries[i as usize];
         match (slot.is_some(), e.is_some()) {
-            (false, true) => self.count += 1,
-            (true, false) => self.count -= 1,
+            (false, true) => {
+                self.count += 1;
+                self.routing_changed = true;
+            }
+            (true, false) => {
+                self.count -= 1;
+                self.routing_changed = true;
+            }
             _ => {}
         }
         *slot = e;
@@ -387,6 +397,21 @@ impl Topology {
         let new = self.hash_of(i);
         self.digest.replace(self.names[i as usize], old, new);
         Some(r)
+    }
+
+    /// Whether some merge since the last call changed what routes and
+    /// broadcast trees are made of: the set of known entries, or a
+    /// connection both ends report (a connection one end reports alone
+    /// counts for nobody's routes but that end's own). Conservative: true
+    /// may also mean nothing relevant changed.
+    pub fn take_routing_changed(&mut self) -> bool {
+        std::mem::take(&mut self.routing_changed)
+    }
+
+    /// Whether any connection of `peer` to one of `others` is (was) also
+    /// reported by the other end.
+    fn any_symmetric(&self, peer: Idx, mut others: impl Iterator<Item = Idx>) -> bool {
+        others.any(|o| self.get(o).is_some_and(|e| e.has_conn(peer)))
     }
 
     /// Forget an entry (garbage collection).
@@ -463,10 +488,23 @@ impl Topology {
             floor: r.version,
             settled: 0,
         };
+        if !self.routing_changed {
+            if let Some(old) = self.get(r.peer) {
+                let (a, b) = (old.conns.to_vec(), conns);
+                let changed = sorted_difference(&a, &b).chain(sorted_difference(&b, &a));
+                self.routing_changed = self.any_symmetric(r.peer, changed);
+            }
+        }
         self.set(r.peer, Some(e));
     }
 
     fn apply_delta(&mut self, r: LocalRecord) {
+        if !self.routing_changed {
+            let e = self.get(r.peer).expect("a delta applies to a known entry");
+            let changed = r.del.iter().filter(|&&d| e.has_conn(d));
+            let changed = changed.chain(r.add.iter().filter(|&&a| !e.has_conn(a)));
+            self.routing_changed = self.any_symmetric(r.peer, changed.copied());
+        }
         self.modify(r.peer, |e| {
             let v = r.version;
             e.conns.edit(|conns| {
@@ -534,16 +572,20 @@ impl Topology {
 
     /// Change our own entry (index 0): add or remove a connection.
     pub fn set_own_conn(&mut self, peer: Idx, up: bool) -> bool {
-        self.modify(0, |e| {
-            if !e.conns.set(peer, up) {
-                return false;
-            }
-            e.version += 1;
-            let v = e.version;
-            push_ops(e, std::iter::once(Op::new(v, peer, up)));
-            true
-        })
-        .unwrap_or(false)
+        let changed = self
+            .modify(0, |e| {
+                if !e.conns.set(peer, up) {
+                    return false;
+                }
+                e.version += 1;
+                let v = e.version;
+                push_ops(e, std::iter::once(Op::new(v, peer, up)));
+                true
+            })
+            .unwrap_or(false);
+        // Our own connections count for routes from our side alone.
+        self.routing_changed |= changed;
+        changed
     }
 
     /// Change our own addresses.
@@ -578,6 +620,11 @@ impl Topology {
             e.settled = e.version;
         }
     }
+}
+
+/// Elements of sorted `a` not in sorted `b`.
+fn sorted_difference<'a>(a: &'a [Idx], b: &'a [Idx]) -> impl Iterator<Item = Idx> + 'a {
+    a.iter().copied().filter(move |x| b.binary_search(x).is_err())
 }
 
 /// Append operations to an entry's history, keeping at most [`MAX_RECENT`]
