@@ -245,6 +245,9 @@ pub struct Gossip {
     /// news within a flush round does not ask again.
     wanted: HashMap<Idx, (u64, u32, Instant)>,
     routes: Routes,
+    /// Each slot's depth in the last search (for
+    /// [`Topology::take_routing_changed`]).
+    route_depth: Vec<u16>,
     routes_due: Option<Instant>,
     flush_due: Option<Instant>,
     next_sync: Option<Instant>,
@@ -280,6 +283,7 @@ impl Gossip {
             gaps: HashSet::new(),
             wanted: HashMap::new(),
             routes: Routes::default(),
+            route_depth: Vec::new(),
             routes_due: None,
             flush_due: None,
             next_sync: None,
@@ -1146,9 +1150,19 @@ impl Gossip {
         // it before the other, or an address): otherwise it would find the
         // same routes. The event still goes out: the daemon's connection
         // maker takes it as news of the topology.
-        if self.topo.take_routing_changed() {
+        let depth = &self.route_depth;
+        let same_level = |a: Idx, b: Idx| {
+            let (da, db) = (depth.get(a as usize), depth.get(b as usize));
+            da.is_some_and(|&d| d != routes::UNREACHED) && da == db
+        };
+        if self.topo.take_routing_changed(same_level) {
             let mut queue = Vec::with_capacity(self.topo.count());
-            routes::unicast_into(&self.topo, &mut self.routes, &mut queue);
+            routes::unicast_into(
+                &self.topo,
+                &mut self.routes,
+                &mut queue,
+                &mut self.route_depth,
+            );
         }
         // Broadcast trees depend on every symmetric link, not only on our
         // next hops: any topology change (the only reason we are here) may

@@ -19,6 +19,8 @@ use super::topology::{Idx, Topology};
 pub const NONE: Idx = Idx::MAX;
 /// No route, and no entry known when the routes were computed.
 pub const UNKNOWN: Idx = Idx::MAX - 1;
+/// Depth of a slot the search did not reach.
+pub const UNREACHED: u16 = u16::MAX;
 
 /// The unicast routing table of one recomputation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,14 +62,15 @@ pub fn symmetric(t: &Topology, u: Idx, v: Idx) -> bool {
 /// not all of them.
 pub fn unicast(t: &Topology) -> Routes {
     let mut r = Routes::default();
-    let mut queue = Vec::new();
-    unicast_into(t, &mut r, &mut queue);
+    let (mut queue, mut depth) = (Vec::new(), Vec::new());
+    unicast_into(t, &mut r, &mut queue, &mut depth);
     r
 }
 
 /// [`unicast`] into an existing table, reusing its memory and a scratch
-/// queue (a peer recomputes often while a mesh converges).
-pub fn unicast_into(t: &Topology, routes: &mut Routes, queue: &mut Vec<Idx>) {
+/// queue (a peer recomputes often while a mesh converges); `depth` gets
+/// each slot's distance in hops ([`UNREACHED`]: none; 0 for us).
+pub fn unicast_into(t: &Topology, routes: &mut Routes, queue: &mut Vec<Idx>, depth: &mut Vec<u16>) {
     let n = t.slots();
     // `first_hop` doubles as the visited set: NONE until reached (our own
     // slot is marked visited with a placeholder and reset at the end).
@@ -75,16 +78,20 @@ pub fn unicast_into(t: &Topology, routes: &mut Routes, queue: &mut Vec<Idx>) {
     first_hop.clear();
     first_hop.resize(n, NONE);
     queue.clear();
+    depth.clear();
+    depth.resize(n, UNREACHED);
     let all = t.count().saturating_sub(1);
     if n == 0 {
         routes.reachable = 0;
         return;
     }
     first_hop[0] = 0;
+    depth[0] = 0;
     if let Some(me) = t.get(0) {
         for v in me.conns.iter() {
             if first_hop[v as usize] == NONE {
                 first_hop[v as usize] = v;
+                depth[v as usize] = 1;
                 queue.push(v);
             }
         }
@@ -99,12 +106,14 @@ pub fn unicast_into(t: &Topology, routes: &mut Routes, queue: &mut Vec<Idx>) {
         head += 1;
         let Some(e) = t.get(u) else { continue };
         let hop = first_hop[u as usize];
+        let d = depth[u as usize].saturating_add(1).min(UNREACHED - 1);
         for v in e.conns.iter() {
             if first_hop[v as usize] != NONE {
                 continue;
             }
             if t.get(v).is_some_and(|b| b.has_conn(u)) {
                 first_hop[v as usize] = hop;
+                depth[v as usize] = d;
                 queue.push(v);
                 known_reached += 1;
             }

@@ -282,7 +282,13 @@ pub struct Topology {
     /// Set when a merge changed what routes are made of (see
     /// [`Topology::take_routing_changed`]).
     routing_changed: bool,
+    /// Connections both ends report(ed) that merges added or removed
+    /// since, unless `routing_changed` (at most [`MAX_ROUTING_EDGES`]).
+    routing_edges: Vec<(Idx, Idx)>,
 }
+
+/// Past this many changed connections, routes are simply recomputed.
+const MAX_ROUTING_EDGES: usize = 256;
 
 impl Topology {
     /// A topology holding only our own entry, at index 0.
@@ -294,6 +300,7 @@ impl Topology {
             digest: Digest::default(),
             count: 0,
             routing_changed: false,
+            routing_edges: Vec::new(),
         };
         let i = t.intern(me);
         t.set(
@@ -399,19 +406,40 @@ impl Topology {
         Some(r)
     }
 
-    /// Whether some merge since the last call changed what routes and
-    /// broadcast trees are made of: the set of known entries, or a
+    /// Whether some change since the last call may change our unicast
+    /// routes: the set of known entries, our own connections, or a
     /// connection both ends report (a connection one end reports alone
-    /// counts for nobody's routes but that end's own). Conservative: true
-    /// may also mean nothing relevant changed.
-    pub fn take_routing_changed(&mut self) -> bool {
-        std::mem::take(&mut self.routing_changed)
+    /// counts for nobody's routes but that end's own), unless
+    /// `same_level(a, b)` holds for every such connection a–b (a
+    /// breadth-first search never takes a link between two peers it
+    /// reaches at the same depth). Conservative: true may also mean
+    /// nothing relevant changed.
+    pub fn take_routing_changed(&mut self, same_level: impl Fn(Idx, Idx) -> bool) -> bool {
+        let edges = std::mem::take(&mut self.routing_edges);
+        let changed = std::mem::take(&mut self.routing_changed)
+            || edges.iter().any(|&(a, b)| !same_level(a, b));
+        self.routing_edges = edges;
+        self.routing_edges.clear();
+        changed
     }
 
-    /// Whether any connection of `peer` to one of `others` is (was) also
-    /// reported by the other end.
-    fn any_symmetric(&self, peer: Idx, mut others: impl Iterator<Item = Idx>) -> bool {
-        others.any(|o| self.get(o).is_some_and(|e| e.has_conn(peer)))
+    /// Note the connections of `peer` to `others` that are (were) also
+    /// reported by the other end. Links to us do not count: our own
+    /// connections are used from our side alone.
+    fn note_symmetric(&mut self, peer: Idx, others: impl Iterator<Item = Idx>) {
+        if peer == 0 {
+            return;
+        }
+        for o in others {
+            if o != 0 && self.get(o).is_some_and(|e| e.has_conn(peer)) {
+                if self.routing_edges.len() >= MAX_ROUTING_EDGES {
+                    self.routing_changed = true;
+                    self.routing_edges = Vec::new();
+                    return;
+                }
+                self.routing_edges.push((peer, o));
+            }
+        }
     }
 
     /// Forget an entry (garbage collection).
@@ -492,7 +520,7 @@ impl Topology {
             if let Some(old) = self.get(r.peer) {
                 let (a, b) = (old.conns.to_vec(), conns);
                 let changed = sorted_difference(&a, &b).chain(sorted_difference(&b, &a));
-                self.routing_changed = self.any_symmetric(r.peer, changed);
+                self.note_symmetric(r.peer, changed);
             }
         }
         self.set(r.peer, Some(e));
@@ -502,8 +530,11 @@ impl Topology {
         if !self.routing_changed {
             let e = self.get(r.peer).expect("a delta applies to a known entry");
             let changed = r.del.iter().filter(|&&d| e.has_conn(d));
-            let changed = changed.chain(r.add.iter().filter(|&&a| !e.has_conn(a)));
-            self.routing_changed = self.any_symmetric(r.peer, changed.copied());
+            let changed: Vec<Idx> = changed
+                .chain(r.add.iter().filter(|&&a| !e.has_conn(a)))
+                .copied()
+                .collect();
+            self.note_symmetric(r.peer, changed.into_iter());
         }
         self.modify(r.peer, |e| {
             let v = r.version;
