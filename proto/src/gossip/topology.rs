@@ -518,9 +518,8 @@ impl Topology {
         };
         if !self.routing_changed {
             if let Some(old) = self.get(r.peer) {
-                let (a, b) = (old.conns.to_vec(), conns);
-                let changed = sorted_difference(&a, &b).chain(sorted_difference(&b, &a));
-                self.note_symmetric(r.peer, changed);
+                let changed = sorted_changes(old.conns.iter(), conns.iter().copied());
+                self.note_symmetric(r.peer, changed.into_iter());
             }
         }
         self.set(r.peer, Some(e));
@@ -653,9 +652,31 @@ impl Topology {
     }
 }
 
-/// Elements of sorted `a` not in sorted `b`.
-fn sorted_difference<'a>(a: &'a [Idx], b: &'a [Idx]) -> impl Iterator<Item = Idx> + 'a {
-    a.iter().copied().filter(move |x| b.binary_search(x).is_err())
+/// Elements in exactly one of two sorted sequences.
+fn sorted_changes(
+    mut a: impl Iterator<Item = Idx>,
+    mut b: impl Iterator<Item = Idx>,
+) -> Vec<Idx> {
+    let mut out = Vec::new();
+    let (mut x, mut y) = (a.next(), b.next());
+    loop {
+        match (x, y) {
+            (None, None) => return out,
+            (Some(p), Some(q)) if p == q => (x, y) = (a.next(), b.next()),
+            (Some(p), Some(q)) if p < q => {
+                out.push(p);
+                x = a.next();
+            }
+            (Some(_), Some(q)) | (None, Some(q)) => {
+                out.push(q);
+                y = b.next();
+            }
+            (Some(p), None) => {
+                out.push(p);
+                x = a.next();
+            }
+        }
+    }
 }
 
 /// Append operations to an entry's history, keeping at most [`MAX_RECENT`]
