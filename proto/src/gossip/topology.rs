@@ -127,7 +127,17 @@ impl Iterator for ConnIter<'_> {
             ConnIter::Wide(i) => i.next().copied(),
         }
     }
+
+    #[inline]
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            ConnIter::Narrow(i) => i.size_hint(),
+            ConnIter::Wide(i) => i.size_hint(),
+        }
+    }
 }
+
+impl ExactSizeIterator for ConnIter<'_> {}
 
 impl Conns {
     /// From sorted, deduplicated indices.
