@@ -663,10 +663,7 @@ impl Topology {
 }
 
 /// Elements in exactly one of two sorted sequences.
-fn sorted_changes(
-    mut a: impl Iterator<Item = Idx>,
-    mut b: impl Iterator<Item = Idx>,
-) -> Vec<Idx> {
+fn sorted_changes(mut a: impl Iterator<Item = Idx>, mut b: impl Iterator<Item = Idx>) -> Vec<Idx> {
     let mut out = Vec::new();
     let (mut x, mut y) = (a.next(), b.next());
     loop {
