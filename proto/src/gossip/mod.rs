@@ -245,6 +245,9 @@ pub struct Gossip {
     /// news within a flush round does not ask again.
     wanted: HashMap<Idx, (u64, u32, Instant)>,
     routes: Routes,
+    /// Each slot's depth in the last search (for
+    /// [`Topology::take_routing_changed`]).
+    route_depth: Vec<u16>,
     routes_due: Option<Instant>,
     flush_due: Option<Instant>,
     next_sync: Option<Instant>,
@@ -280,6 +283,7 @@ impl Gossip {
             gaps: HashSet::new(),
             wanted: HashMap::new(),
             routes: Routes::default(),
+            route_depth: Vec::new(),
             routes_due: None,
             flush_due: None,
             next_sync: None,
@@ -1141,12 +1145,29 @@ impl Gossip {
     }
 
     fn recompute_routes(&mut self) {
-        let new = routes::unicast(&self.topo);
+        // Only changes to what routes are made of need the search (most
+        // news while a mesh converges is one end of a connection reporting
+        // it before the other, or an address): otherwise it would find the
+        // same routes. The event still goes out: the daemon's connection
+        // maker takes it as news of the topology.
+        let depth = &self.route_depth;
+        let same_level = |a: Idx, b: Idx| {
+            let (da, db) = (depth.get(a as usize), depth.get(b as usize));
+            da.is_some_and(|&d| d != routes::UNREACHED) && da == db
+        };
+        if self.topo.take_routing_changed(same_level) {
+            let mut queue = Vec::with_capacity(self.topo.count());
+            routes::unicast_into(
+                &self.topo,
+                &mut self.routes,
+                &mut queue,
+                &mut self.route_depth,
+            );
+        }
         // Broadcast trees depend on every symmetric link, not only on our
         // next hops: any topology change (the only reason we are here) may
         // have changed them, so the daemon must refresh its cached trees.
         self.events.push_back(Event::RoutesChanged);
-        self.routes = new;
     }
 
     fn collect_garbage(&mut self, now: Instant) {
@@ -1159,7 +1180,13 @@ impl Gossip {
         }
         let known: Vec<Idx> = self.topo.known().filter(|&i| i != 0).collect();
         let mut removed = false;
-        let referenced = routes::referenced(&self.topo, &self.routes);
+        // Reading every entry's connections is needed only when some known
+        // peer is unreachable (not at rest in a connected mesh).
+        let referenced = if known.iter().all(|&i| self.routes.hop(i).is_some()) {
+            Vec::new()
+        } else {
+            routes::referenced(&self.topo, &self.routes)
+        };
         for i in known {
             let alive = self.routes.hop(i).is_some()
                 || referenced.get(i as usize).copied().unwrap_or(false);

@@ -19,6 +19,8 @@ use super::topology::{Idx, Topology};
 pub const NONE: Idx = Idx::MAX;
 /// No route, and no entry known when the routes were computed.
 pub const UNKNOWN: Idx = Idx::MAX - 1;
+/// Depth of a slot the search did not reach.
+pub const UNREACHED: u16 = u16::MAX;
 
 /// The unicast routing table of one recomputation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,17 +61,37 @@ pub fn symmetric(t: &Topology, u: Idx, v: Idx) -> bool {
 /// is reachable (the usual case) it reads a few neighbourhoods' connections,
 /// not all of them.
 pub fn unicast(t: &Topology) -> Routes {
+    let mut r = Routes::default();
+    let (mut queue, mut depth) = (Vec::new(), Vec::new());
+    unicast_into(t, &mut r, &mut queue, &mut depth);
+    r
+}
+
+/// [`unicast`] into an existing table, reusing its memory and a scratch
+/// queue (a peer recomputes often while a mesh converges); `depth` gets
+/// each slot's distance in hops ([`UNREACHED`]: none; 0 for us).
+pub fn unicast_into(t: &Topology, routes: &mut Routes, queue: &mut Vec<Idx>, depth: &mut Vec<u16>) {
     let n = t.slots();
-    let mut first_hop = vec![NONE; n];
-    let mut seen = vec![false; n];
-    let mut queue: Vec<Idx> = Vec::with_capacity(t.count());
+    // `first_hop` doubles as the visited set: NONE until reached (our own
+    // slot is marked visited with a placeholder and reset at the end).
+    let first_hop = &mut routes.first_hop;
+    first_hop.clear();
+    first_hop.resize(n, NONE);
+    queue.clear();
+    depth.clear();
+    depth.resize(n, UNREACHED);
     let all = t.count().saturating_sub(1);
-    seen[0] = true;
+    if n == 0 {
+        routes.reachable = 0;
+        return;
+    }
+    first_hop[0] = 0;
+    depth[0] = 0;
     if let Some(me) = t.get(0) {
         for v in me.conns.iter() {
-            if !seen[v as usize] {
-                seen[v as usize] = true;
+            if first_hop[v as usize] == NONE {
                 first_hop[v as usize] = v;
+                depth[v as usize] = 1;
                 queue.push(v);
             }
         }
@@ -84,27 +106,26 @@ pub fn unicast(t: &Topology) -> Routes {
         head += 1;
         let Some(e) = t.get(u) else { continue };
         let hop = first_hop[u as usize];
+        let d = depth[u as usize].saturating_add(1).min(UNREACHED - 1);
         for v in e.conns.iter() {
-            if seen[v as usize] {
+            if first_hop[v as usize] != NONE {
                 continue;
             }
             if t.get(v).is_some_and(|b| b.has_conn(u)) {
-                seen[v as usize] = true;
                 first_hop[v as usize] = hop;
+                depth[v as usize] = d;
                 queue.push(v);
                 known_reached += 1;
             }
         }
     }
+    first_hop[0] = NONE;
     for (i, h) in first_hop.iter_mut().enumerate() {
         if *h == NONE && t.get(i as Idx).is_none() {
             *h = UNKNOWN;
         }
     }
-    Routes {
-        first_hop,
-        reachable: queue.len(),
-    }
+    routes.reachable = queue.len();
 }
 
 /// Slots that we or some peer reachable under `routes` report a

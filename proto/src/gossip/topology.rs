@@ -48,10 +48,19 @@ impl std::hash::BuildHasher for NameHash {
 pub struct NameHasher(u64);
 
 impl std::hash::Hasher for NameHasher {
+    #[inline]
     fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        // Eight bytes a round: a name (six bytes) is one.
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(29) ^ u64::from_le_bytes(b)).wrapping_mul(0x100_0000_01b3);
         }
+    }
+    #[inline]
+    fn write_usize(&mut self, n: usize) {
+        // Length prefixes of fixed-size keys: cheap to fold in.
+        self.0 = self.0.wrapping_add(n as u64);
     }
     fn finish(&self) -> u64 {
         super::digest::mix(self.0)
@@ -127,7 +136,17 @@ impl Iterator for ConnIter<'_> {
             ConnIter::Wide(i) => i.next().copied(),
         }
     }
+
+    #[inline]
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            ConnIter::Narrow(i) => i.size_hint(),
+            ConnIter::Wide(i) => i.size_hint(),
+        }
+    }
 }
+
+impl ExactSizeIterator for ConnIter<'_> {}
 
 impl Conns {
     /// From sorted, deduplicated indices.
@@ -279,7 +298,16 @@ pub struct Topology {
     entries: Vec<Option<Entry>>,
     digest: Digest,
     count: usize,
+    /// Set when a merge changed what routes are made of (see
+    /// [`Topology::take_routing_changed`]).
+    routing_changed: bool,
+    /// Connections both ends report(ed) that merges added or removed
+    /// since, unless `routing_changed` (at most [`MAX_ROUTING_EDGES`]).
+    routing_edges: Vec<(Idx, Idx)>,
 }
+
+/// Past this many changed connections, routes are simply recomputed.
+const MAX_ROUTING_EDGES: usize = 256;
 
 impl Topology {
     /// A topology holding only our own entry, at index 0.
@@ -290,6 +318,8 @@ impl Topology {
             entries: Vec::new(),
             digest: Digest::default(),
             count: 0,
+            routing_changed: false,
+            routing_edges: Vec::new(),
         };
         let i = t.intern(me);
         t.set(
@@ -371,8 +401,14 @@ impl Topology {
         let old = self.hash_of(i);
         let slot = &mut self.entries[i as usize];
         match (slot.is_some(), e.is_some()) {
-            (false, true) => self.count += 1,
-            (true, false) => self.count -= 1,
+            (false, true) => {
+                self.count += 1;
+                self.routing_changed = true;
+            }
+            (true, false) => {
+                self.count -= 1;
+                self.routing_changed = true;
+            }
             _ => {}
         }
         *slot = e;
@@ -387,6 +423,42 @@ impl Topology {
         let new = self.hash_of(i);
         self.digest.replace(self.names[i as usize], old, new);
         Some(r)
+    }
+
+    /// Whether some change since the last call may change our unicast
+    /// routes: the set of known entries, our own connections, or a
+    /// connection both ends report (a connection one end reports alone
+    /// counts for nobody's routes but that end's own), unless
+    /// `same_level(a, b)` holds for every such connection a–b (a
+    /// breadth-first search never takes a link between two peers it
+    /// reaches at the same depth). Conservative: true may also mean
+    /// nothing relevant changed.
+    pub fn take_routing_changed(&mut self, same_level: impl Fn(Idx, Idx) -> bool) -> bool {
+        let edges = std::mem::take(&mut self.routing_edges);
+        let changed = std::mem::take(&mut self.routing_changed)
+            || edges.iter().any(|&(a, b)| !same_level(a, b));
+        self.routing_edges = edges;
+        self.routing_edges.clear();
+        changed
+    }
+
+    /// Note the connections of `peer` to `others` that are (were) also
+    /// reported by the other end. Links to us do not count: our own
+    /// connections are used from our side alone.
+    fn note_symmetric(&mut self, peer: Idx, others: impl Iterator<Item = Idx>) {
+        if peer == 0 {
+            return;
+        }
+        for o in others {
+            if o != 0 && self.get(o).is_some_and(|e| e.has_conn(peer)) {
+                if self.routing_edges.len() >= MAX_ROUTING_EDGES {
+                    self.routing_changed = true;
+                    self.routing_edges = Vec::new();
+                    return;
+                }
+                self.routing_edges.push((peer, o));
+            }
+        }
     }
 
     /// Forget an entry (garbage collection).
@@ -463,10 +535,25 @@ impl Topology {
             floor: r.version,
             settled: 0,
         };
+        if !self.routing_changed {
+            if let Some(old) = self.get(r.peer) {
+                let changed = sorted_changes(old.conns.iter(), conns.iter().copied());
+                self.note_symmetric(r.peer, changed.into_iter());
+            }
+        }
         self.set(r.peer, Some(e));
     }
 
     fn apply_delta(&mut self, r: LocalRecord) {
+        if !self.routing_changed {
+            let e = self.get(r.peer).expect("a delta applies to a known entry");
+            let changed = r.del.iter().filter(|&&d| e.has_conn(d));
+            let changed: Vec<Idx> = changed
+                .chain(r.add.iter().filter(|&&a| !e.has_conn(a)))
+                .copied()
+                .collect();
+            self.note_symmetric(r.peer, changed.into_iter());
+        }
         self.modify(r.peer, |e| {
             let v = r.version;
             e.conns.edit(|conns| {
@@ -534,16 +621,20 @@ impl Topology {
 
     /// Change our own entry (index 0): add or remove a connection.
     pub fn set_own_conn(&mut self, peer: Idx, up: bool) -> bool {
-        self.modify(0, |e| {
-            if !e.conns.set(peer, up) {
-                return false;
-            }
-            e.version += 1;
-            let v = e.version;
-            push_ops(e, std::iter::once(Op::new(v, peer, up)));
-            true
-        })
-        .unwrap_or(false)
+        let changed = self
+            .modify(0, |e| {
+                if !e.conns.set(peer, up) {
+                    return false;
+                }
+                e.version += 1;
+                let v = e.version;
+                push_ops(e, std::iter::once(Op::new(v, peer, up)));
+                true
+            })
+            .unwrap_or(false);
+        // Our own connections count for routes from our side alone.
+        self.routing_changed |= changed;
+        changed
     }
 
     /// Change our own addresses.
@@ -576,6 +667,30 @@ impl Topology {
                 e.floor = e.version;
             }
             e.settled = e.version;
+        }
+    }
+}
+
+/// Elements in exactly one of two sorted sequences.
+fn sorted_changes(mut a: impl Iterator<Item = Idx>, mut b: impl Iterator<Item = Idx>) -> Vec<Idx> {
+    let mut out = Vec::new();
+    let (mut x, mut y) = (a.next(), b.next());
+    loop {
+        match (x, y) {
+            (None, None) => return out,
+            (Some(p), Some(q)) if p == q => (x, y) = (a.next(), b.next()),
+            (Some(p), Some(q)) if p < q => {
+                out.push(p);
+                x = a.next();
+            }
+            (Some(_), Some(q)) | (None, Some(q)) => {
+                out.push(q);
+                y = b.next();
+            }
+            (Some(p), None) => {
+                out.push(p);
+                x = a.next();
+            }
         }
     }
 }

@@ -188,11 +188,10 @@ impl Body {
 
     /// Serialize with the format byte in front.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![FORMAT];
+        let mut out = Vec::with_capacity(256);
+        out.push(FORMAT);
         // Encoding into a Vec cannot fail for these types.
-        let body = postcard::to_allocvec(self).unwrap_or_default();
-        out.extend_from_slice(&body);
-        out
+        postcard::to_extend(self, out).unwrap_or_else(|_| vec![FORMAT])
     }
 
     /// Parse one message occupying all of `b`, checking every cap.
