@@ -139,6 +139,38 @@ impl Netlink {
         Ok(self.link(name).await?.map(|m| m.header.index))
     }
 
+    /// The index of the link called `name`, which must exist.
+    pub async fn require_index(&self, name: &str) -> Result<u32, HostError> {
+        self.link_index(name)
+            .await?
+            .ok_or_else(|| HostError::NoSuchLink(name.to_string()))
+    }
+
+    /// Make `index` a port of the bridge `bridge_index`, with this MTU if
+    /// given, and set it up if asked.
+    pub async fn enslave(
+        &self,
+        index: u32,
+        bridge_index: u32,
+        mtu: Option<u32>,
+        up: bool,
+        what: &str,
+    ) -> Result<(), HostError> {
+        let mut b = rtnetlink::LinkUnspec::new_with_index(index).controller(bridge_index);
+        if let Some(m) = mtu {
+            b = b.mtu(m);
+        }
+        if up {
+            b = b.up();
+        }
+        self.handle
+            .link()
+            .set(b.build())
+            .execute()
+            .await
+            .map_err(|e| HostError::netlink(what.to_string(), e))
+    }
+
     /// MAC address of `name`.
     pub async fn link_mac(&self, name: &str) -> Result<[u8; 6], HostError> {
         let m = self

@@ -70,22 +70,15 @@ pub async fn open_tap(nl: &Netlink, name: &str, bridge: &str, mtu: u32) -> Resul
     // From here the TAP exists; dropping `sync`/`dev` on error removes it.
     let dev = AsyncDevice::new(sync)
         .map_err(|e| HostError::io(format!("register TAP {name} with tokio"), e))?;
-    let index = nl
-        .link_index(name)
-        .await?
-        .ok_or_else(|| HostError::NoSuchLink(name.to_string()))?;
-    nl.handle()
-        .link()
-        .set(
-            rtnetlink::LinkUnspec::new_with_index(index)
-                .mtu(mtu)
-                .controller(bridge_index)
-                .up()
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(|e| HostError::netlink(format!("configure TAP {name}"), e))?;
+    let index = nl.require_index(name).await?;
+    nl.enslave(
+        index,
+        bridge_index,
+        Some(mtu),
+        true,
+        &format!("configure TAP {name}"),
+    )
+    .await?;
     let mac = nl.link_mac(name).await?;
     tracing::info!(tap = name, bridge, mtu, vnet_hdr, "opened TAP");
     Ok(Tap {

@@ -64,20 +64,15 @@ pub async fn ensure_vxlan(
         .execute()
         .await
         .map_err(|e| HostError::netlink(format!("create vxlan {name}"), e))?;
-    let index = nl
-        .link_index(name)
-        .await?
-        .ok_or_else(|| HostError::NoSuchLink(name.to_string()))?;
-    nl.handle()
-        .link()
-        .set(
-            rtnetlink::LinkUnspec::new_with_index(index)
-                .controller(bridge_index)
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(|e| HostError::netlink(format!("enslave {name} to {bridge}"), e))?;
+    let index = nl.require_index(name).await?;
+    nl.enslave(
+        index,
+        bridge_index,
+        None,
+        false,
+        &format!("enslave {name} to {bridge}"),
+    )
+    .await?;
     set_overlay_port(nl, index, false).await?;
     nl.set_up(index).await?;
     tracing::info!(
