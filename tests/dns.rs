@@ -143,6 +143,11 @@ fn names_resolve_across_hosts_forward_and_fail_cleanly() {
         dig(&c1, &["db.example.test", "A"]).0 == vec!["198.19.250.1".to_string()]
     });
     hosts[0].mesh_ok(&["dns-remove", "198.19.250.1", "-h", "db.example.test."]);
+    // A second name for an attached container, by TARGET.
+    hosts[2].mesh_ok(&["dns-add", "-h", "alias.example.test.", &web_a.path]);
+    wait_until(DEADLINE, "the alias resolves to web on h3", || {
+        dig(&c1, &["alias.example.test", "A"]).0 == vec![ip_a.clone()]
+    });
 
     // Detaching web on h3 removes its name everywhere.
     hosts[2].mesh_ok(&["detach", &web_a.path]);
