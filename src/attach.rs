@@ -96,13 +96,7 @@ impl Attachment {
 
     /// Its IPv4 addresses.
     fn v4(&self) -> Vec<Ipv4Addr> {
-        self.cidrs
-            .iter()
-            .filter_map(|c| match c {
-                IpNet::V4(n) => Some(n.addr()),
-                IpNet::V6(_) => None,
-            })
-            .collect()
+        v4_nets(&self.cidrs).iter().map(|n| n.addr()).collect()
     }
 
     /// Its addresses that the allocator manages.
@@ -126,6 +120,18 @@ pub fn host_interfaces(data_dir: &std::path::Path) -> Vec<String> {
         .unwrap_or_default()
         .into_iter()
         .map(|a| a.host_ifname)
+        .collect()
+}
+
+/// The IPv4 ones of `cidrs` (the mesh hands out, isolates and names IPv4
+/// addresses only).
+fn v4_nets<'a>(cidrs: impl IntoIterator<Item = &'a IpNet>) -> Vec<Ipv4Net> {
+    cidrs
+        .into_iter()
+        .filter_map(|c| match c {
+            IpNet::V4(n) => Some(*n),
+            IpNet::V6(_) => None,
+        })
         .collect()
 }
 
@@ -259,14 +265,7 @@ impl Manager {
             .map(|a| host::nft::Port {
                 ifname: a.host_ifname.clone(),
                 mac: Some(a.mac.clone()),
-                addrs: a
-                    .cidrs
-                    .iter()
-                    .filter_map(|c| match c {
-                        IpNet::V4(n) => Some(*n),
-                        IpNet::V6(_) => None,
-                    })
-                    .collect(),
+                addrs: v4_nets(&a.cidrs),
             })
             .collect();
         if let Some(e) = extra {
@@ -814,14 +813,7 @@ impl Manager {
         }
         // Rules first: a new port is quarantined until its MAC is known; a
         // known one is allowed its new addresses before they exist.
-        let mut all_v4: Vec<Ipv4Net> = held
-            .iter()
-            .chain(&wanted)
-            .filter_map(|c| match c {
-                IpNet::V4(n) => Some(*n),
-                IpNet::V6(_) => None,
-            })
-            .collect();
+        let mut all_v4 = v4_nets(held.iter().chain(&wanted));
         all_v4.dedup();
         let prior_mac = existing.map(|i| self.list[i].mac.clone());
         if let Err(e) = self
@@ -1013,13 +1005,7 @@ impl Manager {
             addrs: if all {
                 Vec::new()
             } else {
-                release
-                    .iter()
-                    .filter_map(|n| match n {
-                        IpNet::V4(n) => Some(n.addr()),
-                        IpNet::V6(_) => None,
-                    })
-                    .collect()
+                v4_nets(&release).iter().map(|n| n.addr()).collect()
             },
             name: None,
             reply: None,
@@ -1054,12 +1040,17 @@ impl Manager {
     /// Forget containers whose interface is gone (their namespace was
     /// destroyed) and release their addresses.
     async fn release_gone(&mut self) {
-        let mut gone = Vec::new();
-        for (i, a) in self.list.iter().enumerate() {
-            if let Ok(None) = self.nl.link_index(&a.host_ifname).await {
-                gone.push(i);
-            }
-        }
+        // One dump of the host's links, not a request per container.
+        let Ok(links) = self.nl.links().await else {
+            return;
+        };
+        let present: std::collections::HashSet<&str> = links
+            .iter()
+            .filter_map(host::netlink::link_name_of)
+            .collect();
+        let gone: Vec<usize> = (0..self.list.len())
+            .filter(|&i| !present.contains(self.list[i].host_ifname.as_str()))
+            .collect();
         if gone.is_empty() {
             return;
         }

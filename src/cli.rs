@@ -371,9 +371,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Cmd::Launch(args) => launch(args),
         Cmd::Stop => {
             need_root("stop")?;
-            let pid = std::fs::read_to_string(paths::pid_file())
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
+            let pid = daemon_pid();
             expect_ok(call(&Request::Stop)?)?;
             if let Some(pid) = pid {
                 wait_gone(pid)?;
@@ -382,9 +380,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         }
         Cmd::Reset => {
             need_root("reset")?;
-            let pid = std::fs::read_to_string(paths::pid_file())
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
+            let pid = daemon_pid();
             let running = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
             if !running {
                 daemon::offline_reset()?;
@@ -556,6 +552,13 @@ pub fn run() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The PID in the pid file, if any.
+fn daemon_pid() -> Option<i32> {
+    std::fs::read_to_string(paths::pid_file())
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
 }
 
 /// Wait (bounded) until process `pid` has exited.

@@ -411,13 +411,8 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     }
     let _ = shutdown_tx.send(true);
     if reset {
-        if let Err(e) = host::nft::remove().await {
-            warn!("removing isolation rules: {e}");
-        }
-        for dev in [fastdp::DEVICE, TAP, BRIDGE] {
-            if let Err(e) = nl.delete_link(dev).await {
-                warn!("removing {dev}: {e:#}");
-            }
+        if let Err(e) = remove_host_objects(&nl, &[]).await {
+            warn!("reset: {e:#}");
         }
         remove_state()?;
     }
@@ -439,6 +434,26 @@ pub fn ipam_config(args: &LaunchArgs) -> anyhow::Result<mesh_proto::ipam::Config
     })
 }
 
+/// `mesh reset`'s kernel part: these container interfaces, the fast-path
+/// device, the TAP, the bridge and the nftables tables. Tries everything;
+/// the first failure is returned.
+async fn remove_host_objects(nl: &host::Netlink, containers: &[String]) -> anyhow::Result<()> {
+    let mut first: Option<anyhow::Error> = None;
+    let devices = containers
+        .iter()
+        .map(String::as_str)
+        .chain([fastdp::DEVICE, TAP, BRIDGE]);
+    for dev in devices {
+        if let Err(e) = nl.delete_link(dev).await {
+            first.get_or_insert(anyhow::anyhow!("removing {dev}: {e}"));
+        }
+    }
+    if let Err(e) = host::nft::remove().await {
+        first.get_or_insert(anyhow::anyhow!("removing the nftables tables: {e}"));
+    }
+    first.map_or(Ok(()), Err)
+}
+
 /// `mesh reset` with no daemon running: remove the interfaces of the
 /// containers it had attached, the bridge, and the state.
 pub fn offline_reset() -> anyhow::Result<()> {
@@ -447,14 +462,7 @@ pub fn offline_reset() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         let nl = host::Netlink::current().await.context("opening netlink")?;
-        for dev in attach::host_interfaces(&paths::data_dir()) {
-            nl.delete_link(&dev).await?;
-        }
-        for dev in [fastdp::DEVICE, TAP, BRIDGE] {
-            nl.delete_link(dev).await?;
-        }
-        host::nft::remove().await.map_err(anyhow::Error::msg)?;
-        anyhow::Ok(())
+        remove_host_objects(&nl, &attach::host_interfaces(&paths::data_dir())).await
     })?;
     remove_state()
 }

@@ -20,7 +20,7 @@
 use crate::api::{IpamPeer, IpamStatus};
 use crate::persist;
 use ipnet::Ipv4Net;
-use mesh_proto::gossip::{Gossip, GossipData};
+use mesh_proto::gossip::{Gossip, GossipData, PeerSummary};
 use mesh_proto::ipam::{AllocError, Config, Ipam, Status};
 use mesh_proto::name::PeerName;
 use std::collections::{BTreeMap, BTreeSet};
@@ -333,9 +333,9 @@ impl Driver {
 
     /// For `mesh status ipam` and `mesh report`.
     pub fn status(&self, gossip: &Gossip) -> IpamStatus {
-        let s: Status = lock(&self.ring).status(Instant::now(), &reachable(gossip));
-        let nicknames: BTreeMap<String, String> = gossip
-            .peers()
+        let peers = gossip.peers();
+        let s: Status = lock(&self.ring).status(Instant::now(), &reachable_of(gossip, &peers));
+        let nicknames: BTreeMap<String, String> = peers
             .into_iter()
             .map(|p| (p.name.to_string(), p.nickname))
             .collect();
@@ -368,10 +368,14 @@ impl Driver {
 /// routes to, and our direct neighbours (whose connections the topology
 /// counts only once both ends have gossiped them).
 fn reachable(gossip: &Gossip) -> BTreeSet<PeerName> {
+    reachable_of(gossip, &gossip.peers())
+}
+
+/// [`reachable`] from a list of peers already at hand.
+fn reachable_of(gossip: &Gossip, peers: &[PeerSummary]) -> BTreeSet<PeerName> {
     let me = gossip.name();
-    gossip
-        .peers()
-        .into_iter()
+    peers
+        .iter()
         .filter(|p| p.reachable && p.name != me)
         .map(|p| p.name)
         .chain(gossip.neighbours())

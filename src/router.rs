@@ -325,7 +325,6 @@ impl Router {
     /// Move what the gossip core produced to where it goes.
     async fn pump(&mut self) {
         let mut ipam_news = false;
-        let mut names_news = false;
         while let Some(ev) = self.gossip.poll_event() {
             match ev {
                 Event::RoutesChanged => self.routes_dirty = true,
@@ -355,14 +354,12 @@ impl Router {
                         self.problems.insert(0, p);
                     }
                 }
+                // The name table needs nothing more than the settle that
+                // follows every command; the ring may have to answer.
                 Event::ChannelUpdated { channel } => {
                     ipam_news |= channel == ipam::CHANNEL;
-                    names_news |= channel == mesh_proto::names::CHANNEL;
                 }
             }
-        }
-        if names_news {
-            self.names.settle(&mut self.gossip);
         }
         if ipam_news {
             // A request addressed to us, a donation, a vote: act on it now.
