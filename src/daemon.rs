@@ -237,7 +237,9 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     nl.ensure_bridge(BRIDGE, mtu)
         .await
         .with_context(|| format!("creating bridge {BRIDGE}"))?;
-    let tap = host::open_tap(&nl, TAP, BRIDGE, mtu)
+    // One TAP queue (and sleeve sender thread) per core, up to four.
+    let queues = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let tap = host::open_tap(&nl, TAP, BRIDGE, mtu, queues)
         .await
         .with_context(|| format!("creating TAP {TAP}"))?;
     let fastdp_dev = if args.no_fastdp {
@@ -281,12 +283,10 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (sleeve_tx, sleeve_rx) = mpsc::channel(256);
-    let budget = (underlay as usize)
-        .saturating_sub(28 + mesh_proto::sleeve::HEADER_LEN + mesh_proto::seal::TAG_LEN);
     let sleeve_cfg = sleeve::Config {
         me: name,
         encrypted: psk.is_some(),
-        body_budget: budget,
+        underlay_mtu: underlay as usize,
     };
     let (router_tx, router_rx) = mpsc::channel(1024);
     let (sleeve_ev_tx, mut sleeve_ev_rx) = mpsc::channel(64);
@@ -488,15 +488,15 @@ pub fn remove_state() -> anyhow::Result<()> {
     }
 }
 
-fn bind_udp(port: u16) -> anyhow::Result<tokio::net::UdpSocket> {
+fn bind_udp(port: u16) -> anyhow::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     // Generous buffers: bursts of fragments of 64 KB super-frames.
+    // The sleeve's threads use it with blocking calls.
     let _ = s.set_recv_buffer_size(8 << 20);
     let _ = s.set_send_buffer_size(8 << 20);
-    s.set_nonblocking(true)?;
     s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
-    Ok(tokio::net::UdpSocket::from_std(s.into())?)
+    Ok(s.into())
 }
 
 /// The tasks the API server talks to.

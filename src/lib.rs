@@ -27,3 +27,4 @@ pub mod persist;
 pub mod router;
 pub mod run;
 pub mod sleeve;
+pub mod udpio;

@@ -1,34 +1,72 @@
 //! The sleeve data path: frames between the TAP on the bridge and UDP 6783.
 //!
-//! One task owns the TAP, the UDP socket and the forwarding state (peers,
-//! their keys, learned MACs), so nothing is shared or locked. Frames read
-//! from the TAP (10-byte virtio-net header + Ethernet frame, up to a 64 KB
-//! super-frame) go to the peer that owns the destination MAC, or to every
-//! peer for broadcast, multicast and unknown destinations. After each
-//! blocking read the TAP is drained without blocking, so bursts are packed
-//! several frames to a datagram ([`Packer`]). Datagrams from the overlay are
-//! checked (known sender, addressed to us, sealed when a password is set),
-//! teach "this MAC is behind that peer", and are written to the TAP.
+//! Threads, not tasks: the data path runs on plain threads doing blocking
+//! system calls, so no frame waits for an async scheduler.
+//!
+//! - **Senders**, one per TAP queue: read frames from the TAP (10-byte
+//!   virtio-net header + Ethernet frame, up to a 64 KB TSO super-frame),
+//!   find the peer that owns the destination MAC (or every peer, for
+//!   broadcast, multicast and unknown destinations), and send. A large frame
+//!   is a message of its own: it is read into place after room for its
+//!   record header, sealed in place (one seal per message), and sent as a run
+//!   of equal datagrams with one `UDP_SEGMENT` send ([`crate::udpio`]), no
+//!   copy in between. Small frames of one burst are packed into one
+//!   datagram per destination.
+//! - **One receiver**: `recvmmsg` with `UDP_GRO` hands over runs of
+//!   datagrams; single-datagram messages are handled where they lie, the
+//!   others reassembled ([`Reassembler`]) and then opened, relayed and/or
+//!   written to the TAP in one write per frame, so the kernel segments a
+//!   super-frame only here, at the end.
+//! - **The control task** (async): applies the router's commands to the
+//!   shared tables, sends a heartbeat to every neighbour each second,
+//!   re-reads each neighbour's path MTU, and reports neighbours that have
+//!   gone silent.
+//!
+//! The shared state is a read-mostly table (neighbours, routes) and the MAC
+//! table, behind `RwLock`s taken for a lookup and released before any system
+//! call. Per-neighbour counters, sealers (atomic counters) and openers (a
+//! mutex only the receiver takes) live in `Arc<Peer>`.
+//!
+//! Path MTU: datagrams leave with don't-fragment set; each neighbour's
+//! segment size follows the kernel's path MTU towards it, re-read every
+//! second and at once when a send fails as too large, so a super-frame is
+//! cut to fit whatever the path takes and containers never see the limit.
 
 use crate::api::SleeveStats;
 use crate::host::Tap;
+use crate::udpio::{self, RecvBatch, MAX_SEGMENTS, MAX_UDP_PAYLOAD};
 use mesh_proto::name::PeerName;
 use mesh_proto::reassembly::Reassembler;
-use mesh_proto::seal::{Opener, Sealer};
-use mesh_proto::sleeve::{self, Packer, Record, VNET_HDR_LEN};
+use mesh_proto::seal::{Opener, Sealer, TAG_LEN};
+use mesh_proto::sleeve::{
+    self, emit_datagram_header, Header, Kind, Segment, DATAGRAM_HEADER_LEN, FRAME_RECORD_HEADER,
+    MAX_FRAME, VNET_HDR_LEN,
+};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::io::{self, IoSlice};
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, trace, warn};
+use tracing::{debug, info, trace, warn};
+use tun_rs::SyncDevice;
 
-/// Frames drained from the TAP per wake-up before flushing.
+/// Frames drained from the TAP per wake-up before packed frames are sent.
 const BATCH: usize = 64;
-/// Buffer for one TAP read or UDP datagram.
-const BUF: usize = sleeve::MAX_FRAME + 64;
+/// Receive buffers per `recvmmsg`.
+const RECV_BATCH: usize = 8;
+/// A buffer for the largest message: record header, frame, tag.
+const BUF: usize = FRAME_RECORD_HEADER + MAX_FRAME + TAG_LEN;
+/// IPv4 + UDP headers.
+const IP_UDP: usize = 28;
+/// The smallest path MTU we go down to.
+const MIN_MTU: usize = 576;
+/// How long the data-path threads block before looking at the stop flag.
+const WAKE: Duration = Duration::from_secs(1);
 
-/// How often an empty datagram is sent to each neighbour.
+/// How often an empty message is sent to each neighbour.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Silence on the sleeve after which a neighbour's connection is dropped.
 pub const DEAD_AFTER: Duration = Duration::from_secs(6);
@@ -45,7 +83,7 @@ pub enum Event {
     },
 }
 
-/// Commands to the sleeve task.
+/// Commands to the sleeve.
 pub enum Cmd {
     /// A peer is directly connected: send to it at `addr`.
     PeerUp(Box<PeerUp>),
@@ -66,9 +104,9 @@ pub struct PeerUp {
     pub name: PeerName,
     /// Its UDP address.
     pub addr: SocketAddr,
-    /// Sealer for our datagrams to it (with a password).
+    /// Sealer for our messages to it (with a password).
     pub sealer: Option<Sealer>,
-    /// Opener for its datagrams (with a password).
+    /// Opener for its messages (with a password).
     pub opener: Option<Opener>,
 }
 
@@ -85,40 +123,269 @@ pub struct Routes {
 pub struct Config {
     /// Our name.
     pub me: PeerName,
-    /// Whether datagrams must be sealed.
+    /// Whether messages must be sealed.
     pub encrypted: bool,
-    /// Largest datagram body (payload minus header and tag).
-    pub body_budget: usize,
+    /// The underlay interface's MTU: the path MTU assumed until the kernel
+    /// knows better.
+    pub underlay_mtu: usize,
 }
 
+/// A direct neighbour.
 struct Peer {
-    addr: SocketAddr,
+    name: PeerName,
+    addr: SocketAddrV4,
+    /// Numbers this connection for reassembly.
+    link: u64,
     sealer: Option<Sealer>,
-    opener: Option<Opener>,
-    seq: u64,
-    last_rx: Instant,
-    silent: bool,
+    opener: Mutex<Option<Opener>>,
+    seq: AtomicU64,
+    /// Path MTU towards it (an IP datagram's size).
+    mtu: AtomicUsize,
+    /// Milliseconds since the sleeve started, when it was last heard.
+    last_rx: AtomicU64,
+    silent: AtomicBool,
 }
 
-struct Sleeve {
-    cfg: Config,
-    tap: Tap,
-    udp: UdpSocket,
-    /// Direct neighbours.
-    peers: HashMap<PeerName, Peer>,
-    by_addr: HashMap<SocketAddr, PeerName>,
+impl Peer {
+    /// Bytes of a message one datagram carries to this peer.
+    fn payload(&self) -> usize {
+        self.mtu.load(Ordering::Relaxed).max(MIN_MTU) - IP_UDP - DATAGRAM_HEADER_LEN
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    peers: HashMap<PeerName, Arc<Peer>>,
+    by_addr: HashMap<SocketAddr, Arc<Peer>>,
     routes: Routes,
-    /// MAC → the peer it lives behind (the frame's origin, not the hop).
-    macs: HashMap<[u8; 6], PeerName>,
-    /// Per (next hop, destination) packers of the current batch.
-    packers: HashMap<(PeerName, PeerName), Packer>,
-    reasm: Reassembler,
-    stats: SleeveStats,
-    out: Vec<u8>,
-    last_warn: Option<Instant>,
 }
 
-/// Run the data path until the command channel closes.
+impl Table {
+    /// The neighbour to send through towards `dst`.
+    fn next_hop(&self, dst: PeerName) -> Option<&Arc<Peer>> {
+        if let Some(p) = self.peers.get(&dst) {
+            return Some(p);
+        }
+        self.routes
+            .unicast
+            .get(&dst)
+            .and_then(|h| self.peers.get(h))
+    }
+
+    /// The neighbours a broadcast from `src` goes on to from here.
+    fn broadcast_hops(&self, me: PeerName, src: PeerName) -> Vec<Arc<Peer>> {
+        match self.routes.broadcast.get(&src) {
+            Some(hops) => hops
+                .iter()
+                .filter_map(|h| self.peers.get(h).cloned())
+                .collect(),
+            // Before any routes are known: our own broadcasts go to every
+            // neighbour; others' are not forwarded.
+            None if src == me => self.peers.values().cloned().collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    frames_in: AtomicU64,
+    datagrams_out: AtomicU64,
+    datagrams_in: AtomicU64,
+    dropped: AtomicU64,
+    sealed_out: AtomicU64,
+    relayed: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Everything the threads share.
+struct Shared {
+    me: PeerName,
+    encrypted: bool,
+    vnet_hdr: bool,
+    underlay_mtu: usize,
+    table: RwLock<Table>,
+    macs: RwLock<HashMap<[u8; 6], PeerName>>,
+    stats: Counters,
+    sock: UdpSocket,
+    gso: AtomicBool,
+    tap: Vec<SyncDevice>,
+    epoch: Instant,
+    stop: AtomicBool,
+    next_link: AtomicU64,
+    last_warn: Mutex<Option<Instant>>,
+}
+
+/// Per-thread scratch for sending.
+#[derive(Default)]
+struct Out {
+    hdrs: Vec<[u8; DATAGRAM_HEADER_LEN]>,
+}
+
+/// Why a send did not go out whole.
+enum SendFail {
+    /// Larger than the path takes.
+    TooBig,
+    /// Anything else (logged by the caller, rate-limited).
+    Other(io::Error),
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn warn_limited(&self, msg: std::fmt::Arguments<'_>) {
+        let now = Instant::now();
+        let Ok(mut last) = self.last_warn.lock() else {
+            return;
+        };
+        if last.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+            *last = Some(now);
+            warn!("{msg}");
+        }
+    }
+
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Re-read the kernel's path MTU towards a neighbour.
+    fn refresh_mtu(&self, peer: &Peer) -> usize {
+        let mtu = udpio::path_mtu(peer.addr)
+            .unwrap_or(self.underlay_mtu)
+            .max(MIN_MTU);
+        let old = peer.mtu.swap(mtu, Ordering::Relaxed);
+        if old != mtu {
+            info!(peer = %peer.name, old, mtu, "sleeve path MTU changed");
+        }
+        mtu
+    }
+
+    /// Send one message: `buf[..len]` is its plain body, and `buf` has room
+    /// for the tag after it. Seals it (once, in place) when the neighbour
+    /// has a sealer, then sends it in segments that fit the path.
+    fn send_message(
+        &self,
+        out: &mut Out,
+        hop: &Peer,
+        src: PeerName,
+        dst: PeerName,
+        buf: &mut [u8],
+        len: usize,
+    ) {
+        let seq = hop.seq.fetch_add(1, Ordering::Relaxed);
+        let header = match sleeve::message_header(src, dst, hop.sealer.as_ref(), seq) {
+            Ok(h) => h,
+            Err(e) => {
+                self.warn_limited(format_args!("cannot seal for {}: {e}", hop.name));
+                return;
+            }
+        };
+        let mut total = len;
+        if let (Kind::Sealed, Some(s)) = (header.kind, hop.sealer.as_ref()) {
+            if buf.len() < len + TAG_LEN {
+                return;
+            }
+            match s.seal_detached(header.counter, &header.emit(), &mut buf[..len]) {
+                Ok(tag) => buf[len..len + TAG_LEN].copy_from_slice(&tag),
+                Err(e) => {
+                    self.warn_limited(format_args!("cannot seal for {}: {e}", hop.name));
+                    return;
+                }
+            }
+            total += TAG_LEN;
+            bump(&self.stats.sealed_out, 1);
+        }
+        let msg = &buf[..total];
+        for attempt in 0..2 {
+            match self.send_segments(out, hop, &header, msg) {
+                Ok(()) => return,
+                Err(SendFail::TooBig) if attempt == 0 => {
+                    self.refresh_mtu(hop);
+                }
+                Err(SendFail::TooBig) => {
+                    bump(&self.stats.dropped, 1);
+                    self.warn_limited(format_args!(
+                        "message to {} does not fit the path MTU {}",
+                        hop.name,
+                        hop.mtu.load(Ordering::Relaxed)
+                    ));
+                    return;
+                }
+                Err(SendFail::Other(e)) => {
+                    trace!(peer = %hop.name, "send: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Cut `msg` into datagrams for `hop` and send them: runs of up to
+    /// [`MAX_SEGMENTS`] in one `UDP_SEGMENT` send each.
+    fn send_segments(
+        &self,
+        out: &mut Out,
+        hop: &Peer,
+        header: &Header,
+        msg: &[u8],
+    ) -> Result<(), SendFail> {
+        let plan = Segment::plan(msg.len(), hop.payload())
+            .map_err(|e| SendFail::Other(io::Error::other(e.to_string())))?;
+        let h = header.emit();
+        out.hdrs.clear();
+        out.hdrs.extend(
+            (0..plan.count).map(|index| emit_datagram_header(&h, Segment { index, ..plan })),
+        );
+        let dsize = DATAGRAM_HEADER_LEN + plan.stride as usize;
+        let gso = self.gso.load(Ordering::Relaxed);
+        let per = if gso {
+            (MAX_UDP_PAYLOAD / dsize).clamp(1, MAX_SEGMENTS)
+        } else {
+            1
+        };
+        let fd = self.sock.as_raw_fd();
+        let count = plan.count as usize;
+        let mut i = 0;
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(2 * per);
+        while i < count {
+            let end = (i + per).min(count);
+            iov.clear();
+            for k in i..end {
+                iov.push(IoSlice::new(&out.hdrs[k]));
+                iov.push(IoSlice::new(&msg[plan.range(k as u16, msg.len())]));
+            }
+            let seg = (end - i > 1).then_some(dsize as u16);
+            match udpio::send_segments(fd, hop.addr, &iov, seg) {
+                Ok(_) => bump(&self.stats.datagrams_out, (end - i) as u64),
+                Err(e) => {
+                    let code = e.raw_os_error();
+                    if i == 0 && (code == Some(libc::EMSGSIZE) || code == Some(libc::EINVAL)) {
+                        return Err(SendFail::TooBig);
+                    }
+                    if seg.is_some() && code == Some(libc::EIO) {
+                        // The route's device cannot checksum for GSO: send
+                        // one datagram per call from now on.
+                        if self.gso.swap(false, Ordering::Relaxed) {
+                            warn!("UDP segmentation offload refused ({e}); sending datagrams one by one");
+                        }
+                        return self.send_segments(out, hop, header, msg);
+                    }
+                    bump(&self.stats.dropped, 1);
+                    return Err(SendFail::Other(e));
+                }
+            }
+            i = end;
+        }
+        Ok(())
+    }
+}
+
+/// Run the sleeve until the command channel closes: start the data-path
+/// threads, then serve commands and heartbeats.
 pub async fn run(
     cfg: Config,
     tap: Tap,
@@ -126,347 +393,491 @@ pub async fn run(
     mut rx: mpsc::Receiver<Cmd>,
     events: mpsc::Sender<Event>,
 ) {
-    let mut s = Sleeve {
-        cfg,
-        tap,
-        udp,
-        peers: HashMap::new(),
-        by_addr: HashMap::new(),
-        routes: Routes::default(),
-        macs: HashMap::new(),
-        packers: HashMap::new(),
-        reasm: Reassembler::new(256, Duration::from_secs(2)),
-        stats: SleeveStats::default(),
-        out: Vec::with_capacity(BUF),
-        last_warn: None,
-    };
-    let mut tap_buf = vec![0u8; BUF];
-    let mut udp_buf = vec![0u8; BUF];
+    let offloads = udpio::setup(&udp);
+    let _ = udp.set_read_timeout(Some(WAKE));
+    let Tap {
+        queues, vnet_hdr, ..
+    } = tap;
+    info!(
+        gso = offloads.gso,
+        gro = offloads.gro,
+        queues = queues.len(),
+        vnet_hdr,
+        "sleeve data path"
+    );
+    let shared = Arc::new(Shared {
+        me: cfg.me,
+        encrypted: cfg.encrypted,
+        vnet_hdr,
+        underlay_mtu: cfg.underlay_mtu,
+        table: RwLock::new(Table::default()),
+        macs: RwLock::new(HashMap::new()),
+        stats: Counters::default(),
+        sock: udp,
+        gso: AtomicBool::new(offloads.gso),
+        tap: queues,
+        epoch: Instant::now(),
+        stop: AtomicBool::new(false),
+        next_link: AtomicU64::new(1),
+        last_warn: Mutex::new(None),
+    });
+    for q in 0..shared.tap.len() {
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("sleeve-tx{q}"))
+            .spawn(move || tx_loop(&s, q));
+        if let Err(e) = spawned {
+            warn!("cannot start sleeve sender {q}: {e}");
+        }
+    }
+    let s = shared.clone();
+    if let Err(e) = std::thread::Builder::new()
+        .name("sleeve-rx".into())
+        .spawn(move || rx_loop(&s))
+    {
+        warn!("cannot start the sleeve receiver: {e}");
+    }
+
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => s.heartbeat(&events).await,
+            _ = tick.tick() => heartbeat(&shared, &events).await,
             cmd = rx.recv() => match cmd {
-                None => return,
-                Some(c) => s.command(c),
+                None => break,
+                Some(c) => command(&shared, c),
             },
-            r = s.tap.dev.recv(&mut tap_buf) => match r {
-                Ok(n) => {
-                    s.on_tap_frame(&tap_buf[..n]);
-                    for _ in 1..BATCH {
-                        match s.tap.dev.try_recv(&mut tap_buf) {
-                            Ok(n) => s.on_tap_frame(&tap_buf[..n]),
-                            Err(_) => break,
-                        }
-                    }
-                    s.flush().await;
-                }
-                Err(e) => {
-                    warn!("TAP read failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            r = s.udp.recv_from(&mut udp_buf) => match r {
-                Ok((n, from)) => s.on_datagram(&mut udp_buf[..n], from).await,
-                Err(e) => debug!("UDP receive: {e}"),
-            },
+        }
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+}
+
+fn command(sh: &Shared, c: Cmd) {
+    match c {
+        Cmd::PeerUp(up) => {
+            let PeerUp {
+                name,
+                addr,
+                sealer,
+                opener,
+            } = *up;
+            let SocketAddr::V4(v4) = addr else {
+                warn!(peer = %name, %addr, "the sleeve carries IPv4 only; not using this peer");
+                return;
+            };
+            let peer = Arc::new(Peer {
+                name,
+                addr: v4,
+                link: sh.next_link.fetch_add(1, Ordering::Relaxed),
+                sealer,
+                opener: Mutex::new(opener),
+                seq: AtomicU64::new(0),
+                mtu: AtomicUsize::new(sh.underlay_mtu),
+                last_rx: AtomicU64::new(sh.now_ms()),
+                silent: AtomicBool::new(false),
+            });
+            sh.refresh_mtu(&peer);
+            let mut t = sh.table.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(old) = t.peers.get(&name).cloned() {
+                t.by_addr.remove(&SocketAddr::V4(old.addr));
+            }
+            t.by_addr.insert(addr, peer.clone());
+            t.peers.insert(name, peer);
+        }
+        Cmd::PeerDown { name } => {
+            let mut t = sh.table.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(old) = t.peers.remove(&name) {
+                t.by_addr.remove(&SocketAddr::V4(old.addr));
+            }
+        }
+        Cmd::Routes(r) => {
+            let mut t = sh.table.write().unwrap_or_else(|e| e.into_inner());
+            t.routes = r;
+            // Forget MACs behind peers we can no longer reach.
+            let mut macs = sh.macs.write().unwrap_or_else(|e| e.into_inner());
+            macs.retain(|_, p| t.peers.contains_key(p) || t.routes.unicast.contains_key(p));
+        }
+        Cmd::Stats(reply) => {
+            let c = &sh.stats;
+            let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let _ = reply.send(SleeveStats {
+                frames_in: get(&c.frames_in),
+                datagrams_out: get(&c.datagrams_out),
+                datagrams_in: get(&c.datagrams_in),
+                dropped: get(&c.dropped),
+                sealed_out: get(&c.sealed_out),
+                relayed: get(&c.relayed),
+            });
         }
     }
 }
 
-impl Sleeve {
-    fn command(&mut self, c: Cmd) {
-        match c {
-            Cmd::PeerUp(up) => {
-                let PeerUp {
-                    name,
-                    addr,
-                    sealer,
-                    opener,
-                } = *up;
-                if let Some(old) = self.peers.get(&name) {
-                    self.by_addr.remove(&old.addr);
-                }
-                self.by_addr.insert(addr, name);
-                self.peers.insert(
-                    name,
-                    Peer {
-                        addr,
-                        sealer,
-                        opener,
-                        seq: 0,
-                        last_rx: Instant::now(),
-                        silent: false,
-                    },
-                );
-            }
-            Cmd::PeerDown { name } => {
-                if let Some(old) = self.peers.remove(&name) {
-                    self.by_addr.remove(&old.addr);
-                }
-                self.packers.retain(|(hop, _), _| *hop != name);
-            }
-            Cmd::Routes(r) => {
-                self.routes = r;
-                // Forget MACs behind peers we can no longer reach.
-                let (peers, routes) = (&self.peers, &self.routes);
-                self.macs
-                    .retain(|_, p| peers.contains_key(p) || routes.unicast.contains_key(p));
-            }
-            Cmd::Stats(reply) => {
-                let _ = reply.send(self.stats.clone());
-            }
+/// Send an empty message to every neighbour, re-read its path MTU, and
+/// report the ones that have been silent too long.
+async fn heartbeat(sh: &Arc<Shared>, events: &mpsc::Sender<Event>) {
+    let peers: Vec<Arc<Peer>> = sh.table().peers.values().cloned().collect();
+    let s = sh.clone();
+    let ps = peers.clone();
+    // System calls, so off the async threads.
+    let _ = tokio::task::spawn_blocking(move || {
+        let mut out = Out::default();
+        let mut buf = [0u8; TAG_LEN];
+        for p in &ps {
+            s.refresh_mtu(p);
+            s.send_message(&mut out, p, s.me, p.name, &mut buf, 0);
         }
-    }
-
-    /// Send an empty datagram to every neighbour, and report the ones that
-    /// have been silent too long.
-    async fn heartbeat(&mut self, events: &mpsc::Sender<Event>) {
-        let now = Instant::now();
-        let neighbours: Vec<PeerName> = self.peers.keys().copied().collect();
-        for p in neighbours {
-            self.send_body(p, self.cfg.me, p, &[]).await;
-            if let Some(peer) = self.peers.get_mut(&p) {
-                if !peer.silent && now.duration_since(peer.last_rx) > DEAD_AFTER {
-                    peer.silent = true;
-                    let _ = events.try_send(Event::Silent { peer: p });
-                }
-            }
-        }
-    }
-
-    /// The neighbour to send through towards `dst`.
-    fn next_hop(&self, dst: PeerName) -> Option<PeerName> {
-        if self.peers.contains_key(&dst) {
-            return Some(dst);
-        }
-        self.routes
-            .unicast
-            .get(&dst)
-            .copied()
-            .filter(|h| self.peers.contains_key(h))
-    }
-
-    /// The neighbours a broadcast from `src` goes on to from here.
-    fn broadcast_hops(&self, src: PeerName) -> Vec<PeerName> {
-        match self.routes.broadcast.get(&src) {
-            Some(hops) => hops
-                .iter()
-                .copied()
-                .filter(|h| self.peers.contains_key(h))
-                .collect(),
-            // Before any routes are known: our own broadcasts go to every
-            // neighbour; others' are not forwarded.
-            None if src == self.cfg.me => self.peers.keys().copied().collect(),
-            None => Vec::new(),
-        }
-    }
-
-    fn warn_limited(&mut self, msg: std::fmt::Arguments<'_>) {
-        let now = Instant::now();
-        if self
-            .last_warn
-            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(5))
+    })
+    .await;
+    let now = sh.now_ms();
+    for p in peers {
+        let last = p.last_rx.load(Ordering::Relaxed);
+        if now.saturating_sub(last) > DEAD_AFTER.as_millis() as u64
+            && !p.silent.swap(true, Ordering::Relaxed)
         {
-            self.last_warn = Some(now);
-            warn!("{msg}");
+            let _ = events.try_send(Event::Silent { peer: p.name });
         }
     }
+}
 
-    /// One frame read from the TAP: queue it for its peer(s).
-    fn on_tap_frame(&mut self, frame: &[u8]) {
-        self.stats.frames_in += 1;
-        let owned;
-        let frame = if self.tap.vnet_hdr {
-            frame
-        } else {
-            let mut f = vec![0u8; VNET_HDR_LEN];
-            f.extend_from_slice(frame);
-            owned = f;
-            &owned
-        };
-        let Some((dst_mac, _)) = sleeve::frame_macs(frame) else {
-            return;
-        };
-        let unicast = dst_mac[0] & 1 == 0;
-        let budget = self.cfg.body_budget;
-        let target = self
-            .macs
-            .get(&dst_mac)
-            .copied()
-            .filter(|_| unicast)
-            .and_then(|p| self.next_hop(p).map(|hop| (hop, p)));
-        match target {
-            Some((hop, dst)) => {
-                let _ = self
-                    .packers
-                    .entry((hop, dst))
-                    .or_insert_with(|| Packer::new(budget))
-                    .push(frame);
-            }
-            None => {
-                for hop in self.broadcast_hops(self.cfg.me) {
-                    let _ = self
-                        .packers
-                        .entry((hop, PeerName::BROADCAST))
-                        .or_insert_with(|| Packer::new(budget))
-                        .push(frame);
+/// A sender: frames from TAP queue `q` to the overlay.
+fn tx_loop(sh: &Shared, q: usize) {
+    let dev = &sh.tap[q];
+    if let Err(e) = dev.set_nonblocking(true) {
+        warn!("TAP queue {q}: cannot make it non-blocking: {e}");
+        return;
+    }
+    let fd = dev.as_raw_fd();
+    let mut buf = vec![0u8; BUF];
+    let mut scratch = vec![0u8; BUF];
+    let mut out = Out::default();
+    let mut packs: HashMap<(PeerName, PeerName), (Arc<Peer>, Vec<u8>)> = HashMap::new();
+    // Without a vnet header, frames are read after room for a zero one.
+    let off = FRAME_RECORD_HEADER + if sh.vnet_hdr { 0 } else { VNET_HDR_LEN };
+    while !sh.stop.load(Ordering::Relaxed) {
+        if !wait_readable(fd, WAKE) {
+            continue;
+        }
+        for _ in 0..BATCH {
+            let n = match dev.recv(&mut buf[off..BUF - TAG_LEN]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    sh.warn_limited(format_args!("TAP read failed: {e}"));
+                    std::thread::sleep(Duration::from_millis(100));
+                    break;
                 }
+            };
+            if !sh.vnet_hdr {
+                buf[FRAME_RECORD_HEADER..off].fill(0);
             }
+            let flen = n + off - FRAME_RECORD_HEADER;
+            on_tap_frame(sh, &mut out, &mut packs, &mut buf, &mut scratch, flen);
         }
+        flush_packs(sh, &mut out, &mut packs);
     }
+}
 
-    /// Send one body to neighbour `hop`, as a datagram from `src` to `dst`.
-    async fn send_body(&mut self, hop: PeerName, src: PeerName, dst: PeerName, body: &[u8]) {
-        let Some(peer) = self.peers.get_mut(&hop) else {
-            return;
-        };
-        peer.seq += 1;
-        let sealed = peer.sealer.is_some();
-        if let Err(e) = sleeve::emit_datagram(
-            src,
-            dst,
-            body,
-            peer.sealer.as_mut(),
-            peer.seq,
-            &mut self.out,
-        ) {
-            warn!(peer = %hop, "cannot seal: {e}");
-            return;
-        }
-        let addr = peer.addr;
-        match self.udp.send_to(&self.out, addr).await {
-            Ok(_) => {
-                self.stats.datagrams_out += 1;
-                if sealed {
-                    self.stats.sealed_out += 1;
-                }
-            }
-            Err(e) => trace!(peer = %hop, "send: {e}"),
-        }
-    }
+/// Wait until `fd` is readable, at most `limit`.
+fn wait_readable(fd: RawFd, limit: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd, and its count.
+    let r = unsafe { libc::poll(&mut p, 1, limit.as_millis() as i32) };
+    r > 0
+}
 
-    /// Send everything the packers hold.
-    async fn flush(&mut self) {
-        let me = self.cfg.me;
-        let mut batch = Vec::new();
-        for ((hop, dst), packer) in self.packers.iter_mut() {
-            for body in packer.drain() {
-                batch.push((*hop, *dst, body));
-            }
-        }
-        for (hop, dst, body) in batch {
-            self.send_body(hop, me, dst, &body).await;
-        }
-    }
-
-    /// One datagram from the overlay: deliver it, relay it, or both.
-    async fn on_datagram(&mut self, buf: &mut [u8], from: SocketAddr) {
-        let Some(&neighbour) = self.by_addr.get(&from) else {
-            self.stats.dropped += 1;
-            self.warn_limited(format_args!(
-                "dropped datagram from {from}: not a connected peer"
-            ));
-            return;
-        };
-        let encrypted = self.cfg.encrypted;
-        let Some(peer) = self.peers.get_mut(&neighbour) else {
-            return;
-        };
-        let opener = if encrypted {
-            match peer.opener.as_mut() {
-                Some(o) => Some(o),
-                None => {
-                    self.stats.dropped += 1;
-                    return;
-                }
-            }
+/// One frame read from the TAP into `buf[4..4 + flen]`: send it, or pack it.
+fn on_tap_frame(
+    sh: &Shared,
+    out: &mut Out,
+    packs: &mut HashMap<(PeerName, PeerName), (Arc<Peer>, Vec<u8>)>,
+    buf: &mut [u8],
+    scratch: &mut [u8],
+    flen: usize,
+) {
+    bump(&sh.stats.frames_in, 1);
+    let frame_at = FRAME_RECORD_HEADER..FRAME_RECORD_HEADER + flen;
+    let Some((dst_mac, _)) = sleeve::frame_macs(&buf[frame_at.clone()]) else {
+        return;
+    };
+    let Ok(rec) = sleeve::frame_record_header(flen) else {
+        bump(&sh.stats.dropped, 1);
+        return;
+    };
+    buf[..FRAME_RECORD_HEADER].copy_from_slice(&rec);
+    let len = FRAME_RECORD_HEADER + flen;
+    let unicast = dst_mac[0] & 1 == 0;
+    let (targets, dst): (Vec<Arc<Peer>>, PeerName) = {
+        let t = sh.table();
+        let owner = if unicast {
+            sh.macs
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&dst_mac)
+                .copied()
         } else {
             None
         };
-        let (header, range) = match sleeve::open_datagram(buf, opener) {
+        match owner.and_then(|p| t.next_hop(p).map(|h| (h.clone(), p))) {
+            Some((hop, p)) => (vec![hop], p),
+            None => (t.broadcast_hops(sh.me, sh.me), PeerName::BROADCAST),
+        }
+    };
+    let single = targets.len() == 1;
+    for hop in targets {
+        let key = (hop.name, dst);
+        // Small frames ride together in one datagram.
+        if len + TAG_LEN <= hop.payload() {
+            let entry = packs
+                .entry(key)
+                .or_insert_with(|| (hop.clone(), Vec::with_capacity(hop.payload())));
+            if !entry.1.is_empty() && entry.1.len() + len + TAG_LEN > hop.payload() {
+                send_pack(sh, out, &entry.0, dst, &mut entry.1);
+            }
+            entry.1.extend_from_slice(&buf[..len]);
+            continue;
+        }
+        // A large frame: what was packed for this destination goes first,
+        // to keep the order.
+        if let Some((p, pack)) = packs.get_mut(&key) {
+            if !pack.is_empty() {
+                let p = p.clone();
+                send_pack(sh, out, &p, dst, pack);
+            }
+        }
+        if single {
+            sh.send_message(out, &hop, sh.me, dst, buf, len);
+        } else {
+            // Sealing is in place: each neighbour gets its own copy.
+            scratch[..len].copy_from_slice(&buf[..len]);
+            sh.send_message(out, &hop, sh.me, dst, scratch, len);
+        }
+    }
+}
+
+fn send_pack(sh: &Shared, out: &mut Out, hop: &Peer, dst: PeerName, pack: &mut Vec<u8>) {
+    let len = pack.len();
+    pack.resize(len + TAG_LEN, 0);
+    sh.send_message(out, hop, sh.me, dst, pack, len);
+    pack.clear();
+}
+
+fn flush_packs(
+    sh: &Shared,
+    out: &mut Out,
+    packs: &mut HashMap<(PeerName, PeerName), (Arc<Peer>, Vec<u8>)>,
+) {
+    for ((_, dst), (hop, pack)) in packs.iter_mut() {
+        if !pack.is_empty() {
+            send_pack(sh, out, hop, *dst, pack);
+        }
+    }
+    // Forget neighbours that went away.
+    if packs.len() > 64 {
+        packs.clear();
+    }
+}
+
+/// The receiver: datagrams from the overlay to the TAP (and on to other
+/// neighbours).
+fn rx_loop(sh: &Shared) {
+    let fd = sh.sock.as_raw_fd();
+    let mut batch = RecvBatch::new(RECV_BATCH);
+    let mut rx = Rx {
+        reasm: Reassembler::new(64, Duration::from_secs(2)),
+        out: Out::default(),
+        relay: Vec::with_capacity(BUF),
+    };
+    while !sh.stop.load(Ordering::Relaxed) {
+        let n = match batch.recv(fd) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                debug!("UDP receive: {e}");
+                continue;
+            }
+        };
+        for i in 0..n {
+            let Some((from, seg, data)) = batch.get(i) else {
+                continue;
+            };
+            let peer = sh.table().by_addr.get(&from).cloned();
+            let Some(peer) = peer else {
+                bump(&sh.stats.dropped, 1);
+                sh.warn_limited(format_args!(
+                    "dropped datagram from {from}: not a connected peer"
+                ));
+                continue;
+            };
+            for d in udpio::datagrams(data, seg) {
+                rx.on_datagram(sh, &peer, d);
+            }
+        }
+    }
+}
+
+/// The receiver's own state.
+struct Rx {
+    reasm: Reassembler,
+    out: Out,
+    relay: Vec<u8>,
+}
+
+impl Rx {
+    fn on_datagram(&mut self, sh: &Shared, peer: &Arc<Peer>, d: &mut [u8]) {
+        let (header, seg, range) = match sleeve::parse_datagram(d) {
             Ok(x) => x,
             Err(e) => {
-                self.stats.dropped += 1;
-                self.warn_limited(format_args!(
-                    "dropped datagram from {from} ({neighbour}): {e}"
+                bump(&sh.stats.dropped, 1);
+                sh.warn_limited(format_args!(
+                    "dropped datagram from {} ({}): {e}",
+                    peer.addr, peer.name
                 ));
                 return;
             }
         };
-        if let Some(p) = self.peers.get_mut(&neighbour) {
-            p.last_rx = Instant::now();
-            p.silent = false;
-        }
-        if header.src == self.cfg.me {
-            self.stats.dropped += 1;
+        bump(&sh.stats.datagrams_in, 1);
+        if seg.count == 1 {
+            self.on_message(sh, peer, header, &mut d[range]);
             return;
         }
-        self.stats.datagrams_in += 1;
-        let body = &buf[range];
-        let me = self.cfg.me;
-        if header.dst.is_broadcast() {
-            let hops: Vec<PeerName> = self
-                .broadcast_hops(header.src)
-                .into_iter()
-                .filter(|h| *h != neighbour && *h != header.src)
-                .collect();
-            for hop in hops {
-                self.stats.relayed += 1;
-                self.send_body(hop, header.src, header.dst, body).await;
+        match self
+            .reasm
+            .push(Instant::now(), peer.link, header.counter, seg, &d[range])
+        {
+            Ok(Some(mut m)) => {
+                self.on_message(sh, peer, header, &mut m);
+                self.reasm.recycle(m);
             }
-        } else if header.dst != me {
-            match self.next_hop(header.dst).filter(|h| *h != neighbour) {
-                Some(hop) => {
-                    self.stats.relayed += 1;
-                    self.send_body(hop, header.src, header.dst, body).await;
-                }
-                None => self.stats.dropped += 1,
+            Ok(None) => {}
+            Err(e) => {
+                bump(&sh.stats.dropped, 1);
+                trace!(peer = %peer.name, "segment dropped: {e}");
             }
-            return;
         }
-        self.deliver(header.src, body).await;
     }
 
-    /// Write the frames of a body addressed to us (or broadcast) to the TAP.
-    async fn deliver(&mut self, src: PeerName, body: &[u8]) {
-        let now = Instant::now();
-        let mut frames: Vec<Vec<u8>> = Vec::new();
-        for rec in sleeve::records(body) {
-            match rec {
-                Ok(Record::Frame(f)) => frames.push(f.to_vec()),
-                Ok(Record::Fragment {
-                    id,
-                    total,
-                    offset,
-                    data,
-                }) => match self.reasm.push(now, src, id, total, offset, data) {
-                    Ok(Some(f)) => frames.push(f),
-                    Ok(None) => {}
-                    Err(e) => trace!("fragment dropped: {e}"),
-                },
-                Err(e) => {
-                    self.stats.dropped += 1;
-                    self.warn_limited(format_args!("malformed records from {src}: {e}"));
-                    break;
+    /// A whole message from neighbour `peer`: open it, then deliver it,
+    /// relay it, or both.
+    fn on_message(&mut self, sh: &Shared, peer: &Arc<Peer>, header: Header, msg: &mut [u8]) {
+        let opened = {
+            let mut o = peer.opener.lock().unwrap_or_else(|e| e.into_inner());
+            let opener = if sh.encrypted {
+                match o.as_mut() {
+                    Some(o) => Some(o),
+                    None => {
+                        bump(&sh.stats.dropped, 1);
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            sleeve::open_message(&header, msg, opener)
+        };
+        let n = match opened {
+            Ok(n) => n,
+            Err(e) => {
+                bump(&sh.stats.dropped, 1);
+                sh.warn_limited(format_args!(
+                    "dropped message from {} ({}): {e}",
+                    peer.addr, peer.name
+                ));
+                return;
+            }
+        };
+        peer.last_rx.store(sh.now_ms(), Ordering::Relaxed);
+        peer.silent.store(false, Ordering::Relaxed);
+        if header.src == sh.me {
+            bump(&sh.stats.dropped, 1);
+            return;
+        }
+        let body = &msg[..n];
+        if header.dst.is_broadcast() {
+            let hops: Vec<Arc<Peer>> = sh
+                .table()
+                .broadcast_hops(sh.me, header.src)
+                .into_iter()
+                .filter(|h| h.name != peer.name && h.name != header.src)
+                .collect();
+            for hop in hops {
+                self.relay(sh, &hop, &header, body);
+            }
+        } else if header.dst != sh.me {
+            let hop = sh
+                .table()
+                .next_hop(header.dst)
+                .filter(|h| h.name != peer.name)
+                .cloned();
+            match hop {
+                Some(hop) => self.relay(sh, &hop, &header, body),
+                None => bump(&sh.stats.dropped, 1),
+            }
+            return;
+        }
+        deliver(sh, header.src, body);
+    }
+
+    fn relay(&mut self, sh: &Shared, hop: &Peer, header: &Header, body: &[u8]) {
+        bump(&sh.stats.relayed, 1);
+        self.relay.clear();
+        self.relay.extend_from_slice(body);
+        self.relay.resize(body.len() + TAG_LEN, 0);
+        sh.send_message(
+            &mut self.out,
+            hop,
+            header.src,
+            header.dst,
+            &mut self.relay,
+            body.len(),
+        );
+    }
+}
+
+/// Write the frames of a message for us (or broadcast) to the TAP, and learn
+/// which peer their source MACs live behind.
+fn deliver(sh: &Shared, src: PeerName, body: &[u8]) {
+    let Some(tap) = sh.tap.first() else {
+        return;
+    };
+    for f in sleeve::frames(body) {
+        let f = match f {
+            Ok(f) => f,
+            Err(e) => {
+                bump(&sh.stats.dropped, 1);
+                sh.warn_limited(format_args!("malformed frames from {src}: {e}"));
+                return;
+            }
+        };
+        if let Some((_, mac)) = sleeve::frame_macs(f) {
+            if mac[0] & 1 == 0 {
+                let known = sh
+                    .macs
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&mac)
+                    == Some(&src);
+                if !known {
+                    sh.macs
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(mac, src);
                 }
             }
         }
-        for f in frames {
-            if let Some((_, src_mac)) = sleeve::frame_macs(&f) {
-                if src_mac[0] & 1 == 0 {
-                    self.macs.insert(src_mac, src);
-                }
-            }
-            let data = if self.tap.vnet_hdr {
-                &f[..]
-            } else {
-                &f[VNET_HDR_LEN..]
-            };
-            if let Err(e) = self.tap.dev.send(data).await {
-                trace!("TAP write: {e}");
-            }
+        let data = if sh.vnet_hdr { f } else { &f[VNET_HDR_LEN..] };
+        if let Err(e) = tap.send(data) {
+            trace!("TAP write: {e}");
         }
     }
 }

@@ -1,117 +1,153 @@
-//! Reassembly of frames carried as fragments (see [`crate::sleeve`]).
+//! Reassembly of sleeve messages carried in several segments (see
+//! [`crate::sleeve`]).
 //!
-//! Bounded in every direction: at most `max_slots` frames in progress (the
-//! oldest is dropped to make room), each at most [`MAX_FRAME`] bytes,
-//! allocated only once a fragment has passed validation, and dropped after
-//! `timeout` without completing. Overlapping or inconsistent fragments drop
-//! their frame. Time comes in as an argument.
+//! Bounded in every direction: at most `max_slots` messages in progress (the
+//! oldest is dropped to make room), each at most `count × stride` bytes
+//! where the segment header was checked against
+//! [`crate::sleeve::MAX_MESSAGE`], and dropped after `timeout` without
+//! completing. A message is keyed by the link it arrived on (a number the
+//! caller gives each neighbour connection, so a restarted neighbour's
+//! counters never meet its old ones) and its counter. A duplicate segment is
+//! ignored; a segment that disagrees with its message's count or stride
+//! drops the message. Buffers of completed messages can be handed back
+//! ([`Reassembler::recycle`]) so that steady traffic allocates nothing.
+//! Time comes in as an argument.
 
-use crate::name::PeerName;
-use crate::sleeve::MAX_FRAME;
+use crate::sleeve::Segment;
 use crate::WireError;
 use std::time::{Duration, Instant};
 
 struct Slot {
-    src: PeerName,
-    id: u32,
-    total: u32,
+    link: u64,
+    counter: u64,
+    count: u16,
+    stride: u16,
+    received: u16,
+    /// Length of the message once its last segment is in.
+    len: Option<usize>,
+    seen: Vec<u64>,
     started: Instant,
     buf: Vec<u8>,
-    /// (offset, len) of the pieces received, unordered.
-    pieces: Vec<(u32, u32)>,
-    received: u32,
 }
 
-/// Frames being put back together.
+/// Messages being put back together.
 pub struct Reassembler {
     slots: Vec<Slot>,
     max_slots: usize,
     timeout: Duration,
+    pool: Vec<Vec<u8>>,
 }
 
-/// The most pieces one frame may arrive in.
-const MAX_PIECES: usize = 256;
+/// Buffers kept for reuse.
+const POOL: usize = 16;
 
 impl Reassembler {
-    /// A reassembler holding at most `max_slots` partial frames, each for at
-    /// most `timeout`.
+    /// A reassembler holding at most `max_slots` partial messages, each for
+    /// at most `timeout`.
     pub fn new(max_slots: usize, timeout: Duration) -> Reassembler {
         Reassembler {
             slots: Vec::new(),
             max_slots: max_slots.max(1),
             timeout,
+            pool: Vec::new(),
         }
     }
 
-    /// Partial frames held.
+    /// Partial messages held.
     pub fn pending(&self) -> usize {
         self.slots.len()
     }
 
-    /// Add one fragment; returns the whole frame once complete.
+    /// Forget the partial messages of one link (its neighbour went away).
+    pub fn forget(&mut self, link: u64) {
+        self.slots.retain(|s| s.link != link);
+    }
+
+    /// Give back the buffer of a completed message.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.pool.len() < POOL {
+            buf.clear();
+            self.pool.push(buf);
+        }
+    }
+
+    /// Add one segment (already checked by
+    /// [`crate::sleeve::parse_datagram`]); returns the whole message once
+    /// every segment is in. A single-segment message is returned at once.
     pub fn push(
         &mut self,
         now: Instant,
-        src: PeerName,
-        id: u32,
-        total: u32,
-        offset: u32,
+        link: u64,
+        counter: u64,
+        seg: Segment,
         data: &[u8],
     ) -> Result<Option<Vec<u8>>, WireError> {
-        if total as usize > MAX_FRAME {
-            return Err(WireError::TooLong {
-                what: "fragmented frame",
-                len: total as usize,
-                max: MAX_FRAME,
-            });
-        }
-        let len = u32::try_from(data.len()).map_err(|_| WireError::Invalid("fragment length"))?;
-        let end = offset
-            .checked_add(len)
-            .ok_or(WireError::Invalid("fragment offset"))?;
-        if len == 0 || end > total {
-            return Err(WireError::Invalid("fragment outside its frame"));
-        }
         let timeout = self.timeout;
         self.slots
             .retain(|s| now.saturating_duration_since(s.started) < timeout);
-        let idx = match self.slots.iter().position(|s| s.src == src && s.id == id) {
-            Some(i) => i,
+        if seg.count <= 1 {
+            let mut b = self.pool.pop().unwrap_or_default();
+            b.extend_from_slice(data);
+            return Ok(Some(b));
+        }
+        let i = match self
+            .slots
+            .iter()
+            .position(|s| s.link == link && s.counter == counter)
+        {
+            Some(i) => {
+                let s = &self.slots[i];
+                if s.count != seg.count || s.stride != seg.stride {
+                    let s = self.slots.swap_remove(i);
+                    self.recycle(s.buf);
+                    return Err(WireError::Invalid("segment disagrees with its message"));
+                }
+                i
+            }
             None => {
                 if self.slots.len() >= self.max_slots {
                     // Drop the oldest.
-                    if let Some(oldest) =
-                        (0..self.slots.len()).min_by_key(|&i| self.slots[i].started)
+                    if let Some((j, _)) = self.slots.iter().enumerate().min_by_key(|(_, s)| s.started)
                     {
-                        self.slots.swap_remove(oldest);
+                        let s = self.slots.swap_remove(j);
+                        self.recycle(s.buf);
                     }
                 }
+                let mut buf = self.pool.pop().unwrap_or_default();
+                buf.resize(seg.count as usize * seg.stride as usize, 0);
                 self.slots.push(Slot {
-                    src,
-                    id,
-                    total,
-                    started: now,
-                    buf: vec![0u8; total as usize],
-                    pieces: Vec::new(),
+                    link,
+                    counter,
+                    count: seg.count,
+                    stride: seg.stride,
                     received: 0,
+                    len: None,
+                    seen: vec![0; (seg.count as usize).div_ceil(64)],
+                    started: now,
+                    buf,
                 });
                 self.slots.len() - 1
             }
         };
-        let slot = &mut self.slots[idx];
-        let overlaps = slot.pieces.iter().any(|&(o, l)| offset < o + l && o < end);
-        if slot.total != total || overlaps || slot.pieces.len() >= MAX_PIECES {
-            self.slots.swap_remove(idx);
-            return Err(WireError::Invalid("inconsistent fragment"));
+        let s = &mut self.slots[i];
+        let (word, bit) = (seg.index as usize / 64, 1u64 << (seg.index % 64));
+        if s.seen[word] & bit != 0 {
+            return Ok(None);
         }
-        slot.buf[offset as usize..end as usize].copy_from_slice(data);
-        slot.pieces.push((offset, len));
-        slot.received += len;
-        if slot.received == slot.total {
-            let slot = self.slots.swap_remove(idx);
-            return Ok(Some(slot.buf));
+        s.seen[word] |= bit;
+        let start = seg.index as usize * seg.stride as usize;
+        s.buf[start..start + data.len()].copy_from_slice(data);
+        if seg.index + 1 == seg.count {
+            s.len = Some(start + data.len());
         }
-        Ok(None)
+        s.received += 1;
+        if s.received < s.count {
+            return Ok(None);
+        }
+        let s = self.slots.swap_remove(i);
+        let mut buf = s.buf;
+        buf.truncate(s.len.unwrap_or(0));
+        Ok(Some(buf))
     }
 }
 
@@ -119,51 +155,61 @@ impl Reassembler {
 mod tests {
     use super::*;
 
-    const P: PeerName = PeerName([2, 0, 0, 0, 0, 9]);
+    fn seg(count: u16, index: u16, stride: u16) -> Segment {
+        Segment {
+            count,
+            index,
+            stride,
+        }
+    }
 
     #[test]
-    fn out_of_order_completes() {
+    fn in_order_and_out_of_order() {
         let mut r = Reassembler::new(4, Duration::from_secs(1));
         let t = Instant::now();
-        assert_eq!(r.push(t, P, 1, 6, 3, b"def").unwrap(), None);
+        assert_eq!(r.push(t, 1, 7, seg(3, 0, 2), b"ab").unwrap(), None);
+        assert_eq!(r.push(t, 1, 7, seg(3, 2, 2), b"e").unwrap(), None);
+        assert_eq!(r.push(t, 1, 7, seg(3, 2, 2), b"e").unwrap(), None, "dup");
         assert_eq!(
-            r.push(t, P, 1, 6, 0, b"abc").unwrap(),
-            Some(b"abcdef".to_vec())
+            r.push(t, 1, 7, seg(3, 1, 2), b"cd").unwrap(),
+            Some(b"abcde".to_vec())
         );
         assert_eq!(r.pending(), 0);
+        assert_eq!(
+            r.push(t, 1, 8, seg(1, 0, 9), b"one").unwrap(),
+            Some(b"one".to_vec())
+        );
     }
 
     #[test]
-    fn rejects_bad_fragments() {
-        let mut r = Reassembler::new(4, Duration::from_secs(1));
-        let t = Instant::now();
-        assert!(r.push(t, P, 1, 6, 5, b"xy").is_err());
-        assert!(r.push(t, P, 1, 6, 0, b"").is_err());
-        assert!(r.push(t, P, 1, u32::MAX, 0, b"x").is_err());
-        assert!(r.push(t, P, 1, 6, u32::MAX, b"x").is_err());
-        r.push(t, P, 2, 6, 0, b"abc").unwrap();
-        assert!(r.push(t, P, 2, 6, 2, b"cd").is_err()); // overlap
-        assert_eq!(r.pending(), 0);
-        r.push(t, P, 3, 6, 0, b"abc").unwrap();
-        assert!(r.push(t, P, 3, 7, 3, b"def").is_err()); // total changed
-    }
-
-    #[test]
-    fn bounded_and_expiring() {
+    fn links_and_counters_are_separate_and_bounded() {
         let mut r = Reassembler::new(2, Duration::from_secs(1));
         let t = Instant::now();
-        for id in 0..10 {
-            r.push(t, P, id, 4, 0, b"ab").unwrap();
-        }
-        assert_eq!(r.pending(), 2);
-        r.push(t + Duration::from_secs(2), P, 99, 4, 0, b"ab")
-            .unwrap();
-        assert_eq!(r.pending(), 1);
-        // The expired frame's second half no longer completes anything.
+        r.push(t, 1, 7, seg(2, 0, 1), b"a").unwrap();
+        r.push(t, 2, 7, seg(2, 0, 1), b"b").unwrap();
         assert_eq!(
-            r.push(t + Duration::from_secs(2), P, 9, 4, 2, b"cd")
-                .unwrap(),
-            None
+            r.push(t, 2, 7, seg(2, 1, 1), b"B").unwrap(),
+            Some(b"bB".to_vec())
         );
+        r.push(t, 1, 8, seg(2, 0, 1), b"x").unwrap();
+        r.push(t + Duration::from_millis(1), 1, 9, seg(2, 0, 1), b"y").unwrap();
+        // (1, 7) was the oldest and was dropped to make room.
+        assert_eq!(r.push(t, 1, 7, seg(2, 1, 1), b"A").unwrap(), None);
+        r.forget(1);
+        assert_eq!(r.pending(), 0);
+    }
+
+    #[test]
+    fn timeout_and_disagreement() {
+        let mut r = Reassembler::new(4, Duration::from_secs(1));
+        let t = Instant::now();
+        r.push(t, 1, 7, seg(2, 0, 1), b"a").unwrap();
+        r.push(t + Duration::from_secs(2), 1, 5, seg(2, 0, 1), b"z")
+            .unwrap();
+        assert_eq!(r.pending(), 1, "expired");
+        assert!(r
+            .push(t + Duration::from_secs(2), 1, 5, seg(3, 1, 1), b"z")
+            .is_err());
+        assert_eq!(r.pending(), 0);
     }
 }

@@ -12,6 +12,7 @@
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes the AEAD tag adds.
 pub const TAG_LEN: usize = 16;
@@ -45,11 +46,12 @@ fn nonce(counter: u64) -> Nonce {
     Nonce::from(n)
 }
 
-/// Seals outgoing datagrams under one key.
+/// Seals outgoing datagrams under one key. Shared by the sending threads:
+/// the counter is atomic, so no two messages ever get the same nonce.
 pub struct Sealer {
     cipher: ChaCha20Poly1305,
     key_id: u8,
-    next: u64,
+    next: AtomicU64,
 }
 
 impl Sealer {
@@ -58,7 +60,7 @@ impl Sealer {
         Sealer {
             cipher: ChaCha20Poly1305::new(Key::from_slice(key)),
             key_id,
-            next: 0,
+            next: AtomicU64::new(0),
         }
     }
 
@@ -69,16 +71,17 @@ impl Sealer {
 
     /// Whether it is time to replace this key.
     pub fn needs_rekey(&self) -> bool {
-        self.next >= REKEY_AFTER
+        self.next.load(Ordering::Relaxed) >= REKEY_AFTER
     }
 
     /// Take the next counter.
-    pub fn next_counter(&mut self) -> Result<u64, SealError> {
-        if self.next >= REJECT_AFTER {
+    pub fn next_counter(&self) -> Result<u64, SealError> {
+        let c = self.next.fetch_add(1, Ordering::Relaxed);
+        if c >= REJECT_AFTER {
+            // Stay exhausted: never wrap back to used counters.
+            self.next.store(REJECT_AFTER, Ordering::Relaxed);
             return Err(SealError::Exhausted);
         }
-        let c = self.next;
-        self.next += 1;
         Ok(c)
     }
 
@@ -91,6 +94,21 @@ impl Sealer {
             .map_err(|_| SealError::Exhausted)?;
         body.extend_from_slice(&tag);
         Ok(())
+    }
+
+    /// Encrypt `body` in place (a slice of a larger buffer) and return the
+    /// tag, for callers that place it themselves.
+    pub fn seal_detached(
+        &self,
+        counter: u64,
+        aad: &[u8],
+        body: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], SealError> {
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(&nonce(counter), aad, body)
+            .map_err(|_| SealError::Exhausted)?;
+        Ok(tag.into())
     }
 }
 
@@ -211,7 +229,7 @@ mod tests {
 
     #[test]
     fn seal_open() {
-        let mut s = Sealer::new(3, &[7; 32]);
+        let s = Sealer::new(3, &[7; 32]);
         let mut o = Opener::new(3, &[7; 32]);
         let c = s.next_counter().unwrap();
         let mut body = b"frame bytes".to_vec();
@@ -240,8 +258,8 @@ mod tests {
 
     #[test]
     fn exhaustion() {
-        let mut s = Sealer::new(0, &[0; 32]);
-        s.next = REJECT_AFTER - 1;
+        let s = Sealer::new(0, &[0; 32]);
+        s.next.store(REJECT_AFTER - 1, Ordering::Relaxed);
         assert!(s.needs_rekey());
         assert!(s.next_counter().is_ok());
         assert_eq!(s.next_counter(), Err(SealError::Exhausted));

@@ -1,64 +1,74 @@
 //! The sleeve: Ethernet frames in UDP datagrams (UDP 6783).
 //!
+//! The unit the sleeve seals, relays and delivers is a **message**: one or
+//! several frames (each a 10-byte `virtio_net_hdr` + Ethernet frame, up to a
+//! 64 KB GSO super-frame) sent from one peer to another (or to all). A
+//! message too large for one datagram is cut into **segments** of equal size
+//! (the last may be shorter), each a datagram with its own header, so that a
+//! whole message leaves in one `UDP_SEGMENT` send and arrives in one
+//! `UDP_GRO` receive, and the kernel of the receiving peer segments the
+//! super-frame only when it writes it to its TAP.
+//!
 //! ```text
 //! 0       1         2      3        4          10         16              24
 //! +-------+---------+------+--------+----------+----------+---------------+
 //! | magic | version | kind | key id | src peer | dst peer | counter (u64) |
 //! +-------+---------+------+--------+----------+----------+---------------+
-//! | body: records (kind 1), or records sealed + 16-byte tag (kind 2)      |
-//! +-----------------------------------------------------------------------+
+//! 24             26           28            30
+//! | count (u16)  | index (u16) | stride (u16) | this segment's bytes ...   |
+//! +--------------+-------------+--------------+----------------------------+
 //! ```
 //!
-//! `src`/`dst` are [`PeerName`]s, so a datagram can be relayed over several
-//! hops; `dst` is [`PeerName::BROADCAST`] for flooded frames. In a sealed
-//! datagram the 24-byte header is the AEAD's associated data and the counter
-//! its nonce (see [`crate::seal`]).
+//! `src`/`dst` are [`PeerName`]s, so a message can be relayed over several
+//! hops; `dst` is [`PeerName::BROADCAST`] for flooded frames. The counter
+//! numbers the messages of one sending hop: it is the nonce when sealed and
+//! the reassembly key. Segment `index` of `count` carries the message bytes
+//! `[index × stride, index × stride + len)`.
 //!
-//! The body is a sequence of records:
-//!
-//! ```text
-//! frame:    | 1 | len (u16) | virtio-net header (10) + Ethernet frame |
-//! fragment: | 2 | id (u32) | total (u32) | offset (u32) | len (u16) | bytes |
-//! ```
-//!
-//! Frames carry the 10-byte `virtio_net_hdr` read from the TAP, so that
-//! checksum and segmentation offloads survive the crossing: a 64 KB TCP
-//! super-frame is read once, carried as fragments, reassembled
-//! ([`crate::reassembly`]) and written once. Small frames are packed several
-//! to a datagram by [`Packer`].
+//! The message body is a sequence of frame records `| len (u32) | bytes |`.
+//! A sealed message (kind 2) is the body encrypted with ChaCha20-Poly1305
+//! then its 16-byte tag, with the first 24 header bytes as associated data:
+//! one seal per message, however many segments carry it (see
+//! [`crate::seal`]). The segment fields are outside the seal; a forged one
+//! can only make its message fail to reassemble or to open.
 
 use crate::name::PeerName;
 use crate::seal::{Opener, SealError, Sealer, TAG_LEN};
 use crate::WireError;
 
-/// Header length.
+/// Length of the header every message shares.
 pub const HEADER_LEN: usize = 24;
+/// Length of the segment fields after it.
+pub const SEGMENT_LEN: usize = 6;
+/// Everything before a segment's bytes.
+pub const DATAGRAM_HEADER_LEN: usize = HEADER_LEN + SEGMENT_LEN;
 /// First byte of every sleeve datagram.
 pub const MAGIC: u8 = 0x6d;
 /// Sleeve format version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the virtio-net header carried before each frame.
 pub const VNET_HDR_LEN: usize = 10;
-/// Bytes before a whole frame's data.
-pub const FRAME_RECORD_HEADER: usize = 3;
-/// Bytes before a fragment's data.
-pub const FRAGMENT_RECORD_HEADER: usize = 15;
+/// Bytes before each frame in a message body.
+pub const FRAME_RECORD_HEADER: usize = 4;
 /// The largest frame (vnet header + Ethernet, up to a 64 KB GSO super-frame).
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 14 + 65535 + 64;
+/// The largest message: one largest frame, sealed.
+pub const MAX_MESSAGE: usize = FRAME_RECORD_HEADER + MAX_FRAME + TAG_LEN;
 /// Everything the sleeve adds around one Ethernet frame carried whole in one
-/// datagram over IPv4: IP, UDP, our header, tag, record header, vnet header.
-pub const OVERHEAD_V4: usize = 20 + 8 + HEADER_LEN + TAG_LEN + FRAME_RECORD_HEADER + VNET_HDR_LEN;
+/// datagram over IPv4: IP, UDP, our headers, tag, record header, vnet header.
+pub const OVERHEAD_V4: usize =
+    20 + 8 + DATAGRAM_HEADER_LEN + TAG_LEN + FRAME_RECORD_HEADER + VNET_HDR_LEN;
 
-/// What a datagram carries.
+/// What a message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// Records in the clear.
+    /// Frame records in the clear.
     Frames,
-    /// Records sealed with ChaCha20-Poly1305.
+    /// Frame records sealed with ChaCha20-Poly1305.
     Sealed,
 }
 
-/// A parsed datagram header.
+/// The header every segment of a message repeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     /// Plain or sealed.
@@ -69,8 +79,19 @@ pub struct Header {
     pub src: PeerName,
     /// The peer they are for, or broadcast.
     pub dst: PeerName,
-    /// Counter: the nonce when sealed, a sequence number otherwise.
+    /// The sending hop's message counter: the nonce when sealed.
     pub counter: u64,
+}
+
+/// Where one datagram's bytes belong in its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// How many segments the message has (at least 1).
+    pub count: u16,
+    /// This one's position, below `count`.
+    pub index: u16,
+    /// Bytes in every segment but the last (which has at most as many).
+    pub stride: u16,
 }
 
 impl Header {
@@ -97,7 +118,7 @@ impl Header {
             2 => Kind::Sealed,
             value => {
                 return Err(WireError::Unknown {
-                    what: "sleeve datagram kind",
+                    what: "sleeve message kind",
                     value,
                 })
             }
@@ -135,56 +156,91 @@ impl Header {
     }
 }
 
-/// Build a whole datagram into `out` (cleared first): plain when `sealer` is
-/// `None` (with `seq` as its counter), sealed otherwise.
-pub fn emit_datagram(
-    src: PeerName,
-    dst: PeerName,
-    body: &[u8],
-    sealer: Option<&mut Sealer>,
-    seq: u64,
-    out: &mut Vec<u8>,
-) -> Result<(), SealError> {
-    out.clear();
-    let header = match &sealer {
-        None => Header {
-            kind: Kind::Frames,
-            key_id: 0,
-            src,
-            dst,
-            counter: seq,
-        },
-        Some(_) => Header {
-            kind: Kind::Sealed,
-            key_id: 0,
-            src,
-            dst,
-            counter: 0,
-        },
-    };
-    match sealer {
-        None => {
-            out.extend_from_slice(&header.emit());
-            out.extend_from_slice(body);
+impl Segment {
+    /// How a message of `len` bytes is cut into segments of at most
+    /// `max_payload` bytes each.
+    pub fn plan(len: usize, max_payload: usize) -> Result<Segment, WireError> {
+        let stride = max_payload.clamp(1, u16::MAX as usize);
+        let count = len.div_ceil(stride).max(1);
+        if len > MAX_MESSAGE || count > u16::MAX as usize {
+            return Err(WireError::TooLong {
+                what: "sleeve message",
+                len,
+                max: MAX_MESSAGE,
+            });
         }
-        Some(s) => {
-            let header = Header {
-                key_id: s.key_id(),
-                counter: s.next_counter()?,
-                ..header
-            };
-            let h = header.emit();
-            let mut sealed = Vec::with_capacity(body.len() + TAG_LEN);
-            sealed.extend_from_slice(body);
-            s.seal(header.counter, &h, &mut sealed)?;
-            out.extend_from_slice(&h);
-            out.extend_from_slice(&sealed);
-        }
+        Ok(Segment {
+            count: count as u16,
+            index: 0,
+            stride: stride as u16,
+        })
     }
-    Ok(())
+
+    /// The byte range of segment `index` in a message of `len` bytes.
+    pub fn range(&self, index: u16, len: usize) -> std::ops::Range<usize> {
+        let start = (index as usize * self.stride as usize).min(len);
+        start..(start + self.stride as usize).min(len)
+    }
+
+    /// Check this segment's fields and its byte count.
+    fn check(&self, len: usize) -> Result<(), WireError> {
+        if self.count == 0 || self.index >= self.count {
+            return Err(WireError::Invalid("segment index"));
+        }
+        if self.stride == 0 && self.count > 1 {
+            return Err(WireError::Invalid("segment stride"));
+        }
+        if self.count as usize * self.stride as usize > MAX_MESSAGE + self.stride as usize {
+            return Err(WireError::TooLong {
+                what: "segmented message",
+                len: self.count as usize * self.stride as usize,
+                max: MAX_MESSAGE,
+            });
+        }
+        let last = self.index + 1 == self.count;
+        let ok = if last {
+            len <= self.stride as usize || self.count == 1
+        } else {
+            len == self.stride as usize
+        };
+        if !ok {
+            return Err(WireError::Invalid("segment length"));
+        }
+        Ok(())
+    }
 }
 
-/// Why an incoming datagram was dropped.
+/// The header of segment `seg.index` of a message.
+pub fn emit_datagram_header(h: &[u8; HEADER_LEN], seg: Segment) -> [u8; DATAGRAM_HEADER_LEN] {
+    let mut out = [0u8; DATAGRAM_HEADER_LEN];
+    out[..HEADER_LEN].copy_from_slice(h);
+    out[24..26].copy_from_slice(&seg.count.to_be_bytes());
+    out[26..28].copy_from_slice(&seg.index.to_be_bytes());
+    out[28..30].copy_from_slice(&seg.stride.to_be_bytes());
+    out
+}
+
+/// Parse one datagram: its message header, its segment fields, and the
+/// range of its bytes within `b`.
+pub fn parse_datagram(b: &[u8]) -> Result<(Header, Segment, std::ops::Range<usize>), WireError> {
+    let header = Header::parse(b)?;
+    let Some(s) = b.get(HEADER_LEN..DATAGRAM_HEADER_LEN) else {
+        return Err(WireError::Truncated {
+            what: "sleeve segment header",
+            need: DATAGRAM_HEADER_LEN,
+            have: b.len(),
+        });
+    };
+    let seg = Segment {
+        count: u16::from_be_bytes([s[0], s[1]]),
+        index: u16::from_be_bytes([s[2], s[3]]),
+        stride: u16::from_be_bytes([s[4], s[5]]),
+    };
+    seg.check(b.len() - DATAGRAM_HEADER_LEN)?;
+    Ok((header, seg, DATAGRAM_HEADER_LEN..b.len()))
+}
+
+/// Why an incoming message was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OpenError {
     /// Malformed.
@@ -193,138 +249,145 @@ pub enum OpenError {
     /// Failed authentication or replay check.
     #[error(transparent)]
     Seal(#[from] SealError),
-    /// A sealed datagram where we have no key for the sender, or a key id we
+    /// A sealed message where we have no key for the sender, or a key id we
     /// do not hold.
-    #[error("sealed datagram with key id {0} we do not hold")]
+    #[error("sealed message with key id {0} we do not hold")]
     NoKey(u8),
-    /// A plaintext datagram where encryption is required.
-    #[error("unencrypted datagram refused: encryption is required")]
+    /// A plaintext message where encryption is required.
+    #[error("unencrypted message refused: encryption is required")]
     PlainRefused,
 }
 
-/// Open a datagram in place: check its header, verify and decrypt a sealed
-/// body with `opener` (required iff encryption is on), and return the header
-/// and the plaintext body's range within `buf`.
-pub fn open_datagram(
-    buf: &mut [u8],
+/// The header for a message to send: plain with counter `seq` when `sealer`
+/// is `None`, else sealed under the sealer's next counter.
+pub fn message_header(
+    src: PeerName,
+    dst: PeerName,
+    sealer: Option<&Sealer>,
+    seq: u64,
+) -> Result<Header, SealError> {
+    Ok(match sealer {
+        None => Header {
+            kind: Kind::Frames,
+            key_id: 0,
+            src,
+            dst,
+            counter: seq,
+        },
+        Some(s) => Header {
+            kind: Kind::Sealed,
+            key_id: s.key_id(),
+            src,
+            dst,
+            counter: s.next_counter()?,
+        },
+    })
+}
+
+/// Seal a message body in place: `body` grows by the tag. A no-op for plain
+/// headers.
+pub fn seal_message(
+    header: &Header,
+    sealer: Option<&Sealer>,
+    body: &mut Vec<u8>,
+) -> Result<(), SealError> {
+    match (header.kind, sealer) {
+        (Kind::Sealed, Some(s)) => s.seal(header.counter, &header.emit(), body),
+        _ => Ok(()),
+    }
+}
+
+/// Open a whole message in place: check that its kind is what we require
+/// (sealed iff `opener` is given), verify and decrypt, and return the
+/// plaintext body's length (its start is 0).
+pub fn open_message(
+    header: &Header,
+    msg: &mut [u8],
     opener: Option<&mut Opener>,
-) -> Result<(Header, std::ops::Range<usize>), OpenError> {
-    let header = Header::parse(buf)?;
+) -> Result<usize, OpenError> {
     match (header.kind, opener) {
-        (Kind::Frames, None) => Ok((header, HEADER_LEN..buf.len())),
+        (Kind::Frames, None) => Ok(msg.len()),
         (Kind::Frames, Some(_)) => Err(OpenError::PlainRefused),
         (Kind::Sealed, None) => Err(OpenError::NoKey(header.key_id)),
         (Kind::Sealed, Some(o)) => {
             if o.key_id() != header.key_id {
                 return Err(OpenError::NoKey(header.key_id));
             }
-            let (h, body) = buf.split_at_mut(HEADER_LEN);
-            let n = o.open(header.counter, h, body)?;
-            Ok((header, HEADER_LEN..HEADER_LEN + n))
+            Ok(o.open(header.counter, &header.emit(), msg)?)
         }
     }
 }
 
-/// One record of a datagram body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Record<'a> {
-    /// A whole frame: vnet header + Ethernet frame.
-    Frame(&'a [u8]),
-    /// A piece of a large frame.
-    Fragment {
-        /// Identifies the frame among the sender's.
-        id: u32,
-        /// The whole frame's length.
-        total: u32,
-        /// Where this piece starts.
-        offset: u32,
-        /// The piece.
-        data: &'a [u8],
-    },
+/// Append one frame (vnet header + Ethernet frame) as a record.
+pub fn push_frame(body: &mut Vec<u8>, frame: &[u8]) -> Result<(), WireError> {
+    check_frame(frame.len())?;
+    body.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+    body.extend_from_slice(frame);
+    Ok(())
 }
 
-/// Iterate over the records of a body. Stops after the first error.
-pub fn records(body: &[u8]) -> Records<'_> {
-    Records { rest: body }
+/// The record header for a frame of `len` bytes, for callers that place the
+/// frame themselves (read straight from the TAP after these 4 bytes).
+pub fn frame_record_header(len: usize) -> Result<[u8; FRAME_RECORD_HEADER], WireError> {
+    check_frame(len)?;
+    Ok((len as u32).to_be_bytes())
 }
 
-/// Iterator returned by [`records`].
-pub struct Records<'a> {
+fn check_frame(len: usize) -> Result<(), WireError> {
+    if len < VNET_HDR_LEN + 14 {
+        return Err(WireError::Invalid("frame shorter than its headers"));
+    }
+    if len > MAX_FRAME {
+        return Err(WireError::TooLong {
+            what: "frame",
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    Ok(())
+}
+
+/// Iterate over the frames of a message body. Stops after the first error.
+pub fn frames(body: &[u8]) -> Frames<'_> {
+    Frames { rest: body }
+}
+
+/// Iterator returned by [`frames`].
+pub struct Frames<'a> {
     rest: &'a [u8],
 }
 
-impl<'a> Records<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
-        if self.rest.len() < n {
+impl<'a> Frames<'a> {
+    fn next_frame(&mut self) -> Result<&'a [u8], WireError> {
+        let Some((len, rest)) = self.rest.split_first_chunk::<FRAME_RECORD_HEADER>() else {
             return Err(WireError::Truncated {
-                what,
-                need: n,
+                what: "frame record",
+                need: FRAME_RECORD_HEADER,
                 have: self.rest.len(),
             });
+        };
+        let len = u32::from_be_bytes(*len) as usize;
+        check_frame(len)?;
+        if rest.len() < len {
+            return Err(WireError::Truncated {
+                what: "frame",
+                need: len,
+                have: rest.len(),
+            });
         }
-        let (a, b) = self.rest.split_at(n);
-        self.rest = b;
-        Ok(a)
-    }
-
-    fn u16(&mut self, what: &'static str) -> Result<usize, WireError> {
-        let b = self.take(2, what)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]) as usize)
-    }
-
-    fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
-        let b = self.take(4, what)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    fn next_record(&mut self) -> Result<Record<'a>, WireError> {
-        let kind = self.take(1, "record kind")?[0];
-        match kind {
-            1 => {
-                let len = self.u16("frame record")?;
-                if len < VNET_HDR_LEN + 14 {
-                    return Err(WireError::Invalid("frame shorter than its headers"));
-                }
-                Ok(Record::Frame(self.take(len, "frame")?))
-            }
-            2 => {
-                let id = self.u32("fragment record")?;
-                let total = self.u32("fragment record")?;
-                let offset = self.u32("fragment record")?;
-                let len = self.u16("fragment record")?;
-                if total as usize > MAX_FRAME {
-                    return Err(WireError::TooLong {
-                        what: "fragmented frame",
-                        len: total as usize,
-                        max: MAX_FRAME,
-                    });
-                }
-                if len == 0 || offset as usize + len > total as usize {
-                    return Err(WireError::Invalid("fragment outside its frame"));
-                }
-                let data = self.take(len, "fragment")?;
-                Ok(Record::Fragment {
-                    id,
-                    total,
-                    offset,
-                    data,
-                })
-            }
-            value => Err(WireError::Unknown {
-                what: "sleeve record kind",
-                value,
-            }),
-        }
+        let (f, rest) = rest.split_at(len);
+        self.rest = rest;
+        Ok(f)
     }
 }
 
-impl<'a> Iterator for Records<'a> {
-    type Item = Result<Record<'a>, WireError>;
+impl<'a> Iterator for Frames<'a> {
+    type Item = Result<&'a [u8], WireError>;
     fn next(&mut self) -> Option<Self::Item> {
         if self.rest.is_empty() {
             return None;
         }
-        let r = self.next_record();
+        let r = self.next_frame();
         if r.is_err() {
             self.rest = &[];
         }
@@ -332,91 +395,24 @@ impl<'a> Iterator for Records<'a> {
     }
 }
 
-/// Packs frames into datagram bodies of at most `budget` bytes: several small
-/// frames share a body; a frame too large for one body is cut into fragments.
-pub struct Packer {
-    budget: usize,
-    bodies: Vec<Vec<u8>>,
-    open: bool,
-    next_id: u32,
-}
-
-impl Packer {
-    /// A packer for bodies of at most `budget` bytes (the datagram payload
-    /// minus header and tag). `budget` must leave room for a fragment record
-    /// with at least one byte of data.
-    pub fn new(budget: usize) -> Packer {
-        Packer {
-            budget: budget.max(FRAGMENT_RECORD_HEADER + 1),
-            bodies: Vec::new(),
-            open: false,
-            next_id: 0,
-        }
-    }
-
-    /// The body budget.
-    pub fn budget(&self) -> usize {
-        self.budget
-    }
-
-    /// Add a frame (vnet header + Ethernet frame).
-    pub fn push(&mut self, frame: &[u8]) -> Result<(), WireError> {
-        if frame.len() < VNET_HDR_LEN + 14 {
-            return Err(WireError::Invalid("frame shorter than its headers"));
-        }
-        if frame.len() > MAX_FRAME {
-            return Err(WireError::TooLong {
-                what: "frame",
-                len: frame.len(),
-                max: MAX_FRAME,
-            });
-        }
-        let need = FRAME_RECORD_HEADER + frame.len();
-        if need <= self.budget && frame.len() <= u16::MAX as usize {
-            let fits = self.open
-                && self
-                    .bodies
-                    .last()
-                    .is_some_and(|b| b.len() + need <= self.budget);
-            if !fits {
-                self.bodies.push(Vec::with_capacity(self.budget));
-                self.open = true;
-            }
-            if let Some(body) = self.bodies.last_mut() {
-                body.push(1);
-                body.extend_from_slice(&(frame.len() as u16).to_be_bytes());
-                body.extend_from_slice(frame);
-            }
-            return Ok(());
-        }
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        let chunk = (self.budget - FRAGMENT_RECORD_HEADER).min(u16::MAX as usize);
-        for (i, piece) in frame.chunks(chunk).enumerate() {
-            let mut body = Vec::with_capacity(FRAGMENT_RECORD_HEADER + piece.len());
-            body.push(2);
-            body.extend_from_slice(&id.to_be_bytes());
-            body.extend_from_slice(&(frame.len() as u32).to_be_bytes());
-            body.extend_from_slice(&((i * chunk) as u32).to_be_bytes());
-            body.extend_from_slice(&(piece.len() as u16).to_be_bytes());
-            body.extend_from_slice(piece);
-            self.bodies.push(body);
-        }
-        // The last fragment's body may still take small frames.
-        self.open = true;
-        Ok(())
-    }
-
-    /// Whether nothing is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.bodies.is_empty()
-    }
-
-    /// Take the finished bodies.
-    pub fn drain(&mut self) -> std::vec::Drain<'_, Vec<u8>> {
-        self.open = false;
-        self.bodies.drain(..)
-    }
+/// Cut a message into datagrams (header + bytes each), in order: the
+/// reference form of what a sender puts on the wire (the daemon sends the
+/// same bytes with one `UDP_SEGMENT` send per group, without copying).
+pub fn segment_message(
+    header: &Header,
+    msg: &[u8],
+    max_payload: usize,
+) -> Result<Vec<Vec<u8>>, WireError> {
+    let plan = Segment::plan(msg.len(), max_payload)?;
+    let h = header.emit();
+    Ok((0..plan.count)
+        .map(|index| {
+            let seg = Segment { index, ..plan };
+            let mut d = emit_datagram_header(&h, seg).to_vec();
+            d.extend_from_slice(&msg[plan.range(index, msg.len())]);
+            d
+        })
+        .collect())
 }
 
 /// The destination and source MACs of a vnet-prefixed frame.
@@ -432,7 +428,9 @@ pub fn frame_macs(frame: &[u8]) -> Option<([u8; 6], [u8; 6])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reassembly::Reassembler;
     use proptest::prelude::*;
+    use std::time::{Duration, Instant};
 
     const A: PeerName = PeerName([2, 0, 0, 0, 0, 1]);
     const B: PeerName = PeerName([2, 0, 0, 0, 0, 2]);
@@ -456,11 +454,20 @@ mod tests {
         assert_eq!(
             b,
             [
-                0x6d, 1, 2, 7, 2, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0,
+                0x6d, 2, 2, 7, 2, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0,
                 0, 1, 2
             ]
         );
         assert_eq!(Header::parse(&b), Ok(h));
+        let d = emit_datagram_header(
+            &b,
+            Segment {
+                count: 3,
+                index: 1,
+                stride: 0x0500,
+            },
+        );
+        assert_eq!(&d[24..], &[0, 3, 0, 1, 5, 0]);
     }
 
     #[test]
@@ -481,82 +488,100 @@ mod tests {
         b[0] = 0;
         assert!(matches!(Header::parse(&b), Err(WireError::BadMagic(_))));
         let mut b = good;
-        b[1] = 9;
-        assert!(Header::parse(&b).is_err());
+        b[1] = 1;
+        assert!(Header::parse(&b).is_err(), "version 1 is refused");
         let mut b = good;
         b[2] = 3;
         assert!(Header::parse(&b).is_err());
     }
 
     #[test]
-    fn records_fixed_bytes() {
-        let mut body = vec![1, 0, 24];
-        body.extend_from_slice(&[0xab; 24]);
-        body.extend_from_slice(&[2, 0, 0, 0, 9, 0, 0, 0, 100, 0, 0, 0, 10, 0, 2, 0xcd, 0xce]);
-        let rs: Vec<_> = records(&body).collect::<Result<_, _>>().unwrap();
-        assert_eq!(rs[0], Record::Frame(&[0xab; 24]));
-        assert_eq!(
-            rs[1],
-            Record::Fragment {
-                id: 9,
-                total: 100,
-                offset: 10,
-                data: &[0xcd, 0xce]
-            }
-        );
+    fn segments_checked() {
+        let h = Header {
+            kind: Kind::Frames,
+            key_id: 0,
+            src: A,
+            dst: B,
+            counter: 1,
+        }
+        .emit();
+        let dgram = |count, index, stride, len: usize| {
+            let mut d = emit_datagram_header(
+                &h,
+                Segment {
+                    count,
+                    index,
+                    stride,
+                },
+            )
+            .to_vec();
+            d.resize(DATAGRAM_HEADER_LEN + len, 0);
+            d
+        };
+        assert!(parse_datagram(&dgram(1, 0, 0, 0)).is_ok(), "heartbeat");
+        assert!(parse_datagram(&dgram(1, 0, 100, 40)).is_ok());
+        assert!(parse_datagram(&dgram(3, 1, 100, 100)).is_ok());
+        assert!(parse_datagram(&dgram(3, 2, 100, 7)).is_ok());
+        assert!(parse_datagram(&dgram(3, 1, 100, 99)).is_err(), "short middle");
+        assert!(parse_datagram(&dgram(3, 2, 100, 101)).is_err(), "long last");
+        assert!(parse_datagram(&dgram(3, 3, 100, 1)).is_err(), "index");
+        assert!(parse_datagram(&dgram(0, 0, 100, 1)).is_err(), "count 0");
+        assert!(parse_datagram(&dgram(2, 0, 0, 0)).is_err(), "stride 0");
+        assert!(parse_datagram(&dgram(60000, 0, 1400, 1400)).is_err(), "huge");
+        assert!(parse_datagram(&h).is_err(), "no segment fields");
     }
 
     #[test]
-    fn records_malformed() {
+    fn frames_fixed_bytes_and_malformed() {
+        let mut body = vec![0, 0, 0, 24];
+        body.extend_from_slice(&[0xab; 24]);
+        let fs: Vec<_> = frames(&body).collect::<Result<_, _>>().unwrap();
+        assert_eq!(fs, vec![&[0xab; 24][..]]);
         for bad in [
             &[9u8][..],
-            &[1, 0, 30, 0, 0],                                    // truncated frame
-            &[1, 0, 5, 0, 0, 0, 0, 0],                            // frame too short
-            &[2, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 3, 0, 2, 1, 1], // past total
-            &[2, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0],       // empty fragment
-            &[2, 0, 0, 0, 1, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1], // total too large
+            &[0, 0, 0, 30, 0, 0],             // truncated frame
+            &[0, 0, 0, 5, 0, 0, 0, 0, 0],     // frame too short
+            &[0, 0xff, 0xff, 0xff, 0, 0, 0], // too long
         ] {
-            assert!(records(bad).any(|r| r.is_err()), "{bad:?}");
+            assert!(frames(bad).any(|r| r.is_err()), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn packs_small_frames_together() {
-        let mut p = Packer::new(1400);
-        for i in 0..10 {
-            p.push(&frame(100, i)).unwrap();
-        }
-        let bodies: Vec<_> = p.drain().collect();
-        assert_eq!(bodies.len(), 1);
-        assert_eq!(records(&bodies[0]).count(), 10);
-        p.push(&frame(1000, 1)).unwrap();
-        p.push(&frame(1000, 2)).unwrap();
-        assert_eq!(p.drain().count(), 2);
     }
 
     #[test]
     fn sealed_round_trip_and_plain_refused() {
-        let mut s = Sealer::new(1, &[9; 32]);
+        let s = Sealer::new(1, &[9; 32]);
         let mut o = Opener::new(1, &[9; 32]);
-        let mut out = Vec::new();
-        emit_datagram(A, B, b"\x01body", Some(&mut s), 0, &mut out).unwrap();
-        assert!(!out.windows(5).any(|w| w == b"\x01body"));
-        let (h, r) = open_datagram(&mut out.clone(), Some(&mut o)).unwrap();
-        assert_eq!((h.src, h.dst, h.kind), (A, B, Kind::Sealed));
-        let mut copy = out.clone();
+        let mut body = Vec::new();
+        push_frame(&mut body, &frame(60, 0x42)).unwrap();
+        let plain = body.clone();
+        let h = message_header(A, B, Some(&s), 0).unwrap();
+        seal_message(&h, Some(&s), &mut body).unwrap();
+        assert_eq!(body.len(), plain.len() + TAG_LEN);
+        assert!(!body.windows(8).any(|w| w == [0x42; 8]));
+        let mut copy = body.clone();
+        let n = open_message(&h, &mut copy, Some(&mut o)).unwrap();
+        assert_eq!(&copy[..n], &plain[..]);
         assert_eq!(
-            open_datagram(&mut copy, Some(&mut o)).map(|_| ()),
+            open_message(&h, &mut body.clone(), Some(&mut o)),
             Err(OpenError::Seal(SealError::Replay(0)))
         );
-        let _ = r;
-        emit_datagram(A, B, b"\x01body", None, 5, &mut out).unwrap();
+        // The header is authenticated.
+        let other = Header { dst: A, ..h };
+        let mut o2 = Opener::new(1, &[9; 32]);
         assert_eq!(
-            open_datagram(&mut out.clone(), Some(&mut o)).map(|_| ()),
+            open_message(&other, &mut body.clone(), Some(&mut o2)),
+            Err(OpenError::Seal(SealError::Forged))
+        );
+        let ph = message_header(A, B, None, 5).unwrap();
+        assert_eq!(
+            open_message(&ph, &mut plain.clone(), Some(&mut o)),
             Err(OpenError::PlainRefused)
         );
-        let (h, r) = open_datagram(&mut out, None).unwrap();
-        assert_eq!(h.counter, 5);
-        assert_eq!(&out[r], b"\x01body");
+        assert_eq!(open_message(&ph, &mut plain.clone(), None), Ok(plain.len()));
+        assert_eq!(
+            open_message(&h, &mut body.clone(), None),
+            Err(OpenError::NoKey(1))
+        );
     }
 
     proptest! {
@@ -566,35 +591,62 @@ mod tests {
             prop_assert_eq!(Header::parse(&h.emit()), Ok(h));
         }
 
-        /// Whatever frames go in come out, in order, through records and
-        /// reassembly, and no body exceeds the budget.
+        /// Whatever frames go in come out, in order, through segmentation,
+        /// reordering, duplication, reassembly and (when sealed) opening.
         #[test]
-        fn pack_unpack(budget in 64usize..3000, lens in proptest::collection::vec(24usize..5000, 1..20)) {
-            let mut p = Packer::new(budget);
-            let frames: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &l)| frame(l, i as u8)).collect();
-            for f in &frames { p.push(f).unwrap(); }
-            let mut r = crate::reassembly::Reassembler::new(16, std::time::Duration::from_secs(1));
-            let now = std::time::Instant::now();
-            let mut got = Vec::new();
-            for body in p.drain() {
-                prop_assert!(body.len() <= budget);
-                for rec in records(&body) {
-                    match rec.unwrap() {
-                        Record::Frame(f) => got.push(f.to_vec()),
-                        Record::Fragment { id, total, offset, data } => {
-                            if let Some(f) = r.push(now, A, id, total, offset, data).unwrap() { got.push(f); }
-                        }
-                    }
+        fn segment_reassemble(
+            payload in 64usize..3000,
+            lens in proptest::collection::vec(24usize..16000, 1..5),
+            sealed: bool,
+            seed: u64,
+        ) {
+            let s = Sealer::new(0, &[3; 32]);
+            let mut o = Opener::new(0, &[3; 32]);
+            let frames_in: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &l)| frame(l, i as u8)).collect();
+            let mut body = Vec::new();
+            for f in &frames_in { push_frame(&mut body, f).unwrap(); }
+            let h = message_header(A, B, sealed.then_some(&s), 9).unwrap();
+            seal_message(&h, sealed.then_some(&s), &mut body).unwrap();
+            let mut dgrams = segment_message(&h, &body, payload).unwrap();
+            for d in &dgrams { prop_assert!(d.len() <= DATAGRAM_HEADER_LEN + payload); }
+            // Shuffle deterministically and duplicate the first.
+            let mut x = seed | 1;
+            for i in (1..dgrams.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                dgrams.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            // A duplicate (of a message in several segments: a whole
+            // duplicated datagram is a duplicated message, which the replay
+            // window refuses when sealed).
+            if dgrams.len() > 1 {
+                let dup = dgrams[0].clone();
+                dgrams.push(dup);
+            }
+            let mut r = Reassembler::new(8, Duration::from_secs(1));
+            let now = Instant::now();
+            let mut got = None;
+            for d in &dgrams {
+                let (hh, seg, range) = parse_datagram(d).unwrap();
+                prop_assert_eq!(hh, h);
+                if let Some(m) = r.push(now, 1, hh.counter, seg, &d[range]).unwrap() {
+                    prop_assert!(got.is_none(), "completed twice");
+                    got = Some(m);
                 }
             }
-            prop_assert_eq!(got, frames);
+            let mut m = got.expect("message completed");
+            let n = open_message(&h, &mut m, sealed.then_some(&mut o)).unwrap();
+            let out: Vec<Vec<u8>> = frames(&m[..n]).map(|f| f.unwrap().to_vec()).collect();
+            prop_assert_eq!(out, frames_in);
         }
 
         #[test]
-        fn never_panics(mut b in proptest::collection::vec(any::<u8>(), 0..200)) {
-            for r in records(&b) { let _ = r; }
-            let _ = open_datagram(&mut b.clone(), None);
-            let _ = open_datagram(&mut b, Some(&mut Opener::new(0, &[0; 32])));
+        fn never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            for f in frames(&b) { let _ = f; }
+            if let Ok((h, seg, range)) = parse_datagram(&b) {
+                let mut r = Reassembler::new(2, Duration::from_secs(1));
+                let _ = r.push(Instant::now(), 0, h.counter, seg, &b[range]);
+                let _ = open_message(&h, &mut b.clone(), Some(&mut Opener::new(0, &[0; 32])));
+            }
         }
     }
 }

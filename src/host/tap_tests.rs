@@ -41,13 +41,15 @@ fn checksum(data: &[u8]) -> u16 {
 
 /// Read frames until `pick` accepts one (bounded); returns the frame
 /// without the vnet header.
-async fn read_until(tap: &Tap, limit: Duration, pick: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+async fn read_until(
+    dev: &tun_rs::AsyncDevice,
+    limit: Duration, pick: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     let deadline = Instant::now() + limit;
     let mut buf = vec![0u8; VNET_HDR_LEN + 65536];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(!left.is_zero(), "expected frame not seen on the TAP");
-        let Ok(n) = tokio::time::timeout(left, tap.dev.recv(&mut buf)).await else {
+        let Ok(n) = tokio::time::timeout(left, dev.recv(&mut buf)).await else {
             continue;
         };
         let n = n.unwrap();
@@ -126,8 +128,9 @@ fn tap_sees_arp_and_can_answer() {
             .execute()
             .await
             .unwrap();
-        let tap = open_tap(&nl, "meshtap", "meshbr", 1500).await.unwrap();
+        let mut tap = open_tap(&nl, "meshtap", "meshbr", 1500, 1).await.unwrap();
         assert!(tap.vnet_hdr);
+        let dev = tun_rs::AsyncDevice::new(tap.queues.pop().unwrap()).unwrap();
         assert_eq!(tap.mac, nl.link_mac("meshtap").await.unwrap());
         let f1 = std::fs::File::open(&p1).unwrap();
         let cif = attach_veth(
@@ -151,7 +154,7 @@ fn tap_sees_arp_and_can_answer() {
                 .unwrap(),
         );
         // Read: the ARP request for the ghost address.
-        let arp = read_until(&tap, Duration::from_secs(10), |f| {
+        let arp = read_until(&dev, Duration::from_secs(10), |f| {
             is_arp_request_for(f, GHOST_IP)
         })
         .await;
@@ -159,14 +162,14 @@ fn tap_sees_arp_and_can_answer() {
         assert_eq!(arp[0..6], [0xff; 6]);
 
         // Write: a forged ARP reply, then answer the echo request.
-        let n = tap.dev.send(&arp_reply(cif.mac, C1_IP)).await.unwrap();
+        let n = dev.send(&arp_reply(cif.mac, C1_IP)).await.unwrap();
         assert_eq!(n, VNET_HDR_LEN + 42);
-        let req = read_until(&tap, Duration::from_secs(10), |f| {
+        let req = read_until(&dev, Duration::from_secs(10), |f| {
             is_echo_request_to(f, GHOST_IP)
         })
         .await;
         assert_eq!(req[0..6], GHOST_MAC);
-        tap.dev.send(&echo_reply(&req)).await.unwrap();
+        dev.send(&echo_reply(&req)).await.unwrap();
 
         let mut status = None;
         assert!(
@@ -183,6 +186,7 @@ fn tap_sees_arp_and_can_answer() {
 
         // Dropping the device removes the TAP (the kernel does so once the
         // last reference to the file is gone, which may take a moment).
+        drop(dev);
         drop(tap);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while nl.link_index("meshtap").await.unwrap().is_some() {
