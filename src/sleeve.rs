@@ -219,6 +219,9 @@ struct Shared {
     last_warn: Mutex<Option<Instant>>,
 }
 
+/// Small frames waiting to be sent together, per (neighbour, destination).
+type Packs = HashMap<(PeerName, PeerName), (Arc<Peer>, Vec<u8>)>;
+
 /// Per-thread scratch for sending.
 #[derive(Default)]
 struct Out {
@@ -550,7 +553,7 @@ fn tx_loop(sh: &Shared, q: usize) {
     let mut buf = vec![0u8; BUF];
     let mut scratch = vec![0u8; BUF];
     let mut out = Out::default();
-    let mut packs: HashMap<(PeerName, PeerName), (Arc<Peer>, Vec<u8>)> = HashMap::new();
+    let mut packs: Packs = HashMap::new();
     // Without a vnet header, frames are read after room for a zero one.
     let off = FRAME_RECORD_HEADER + if sh.vnet_hdr { 0 } else { VNET_HDR_LEN };
     while !sh.stop.load(Ordering::Relaxed) {
@@ -593,7 +596,7 @@ fn wait_readable(fd: RawFd, limit: Duration) -> bool {
 fn on_tap_frame(
     sh: &Shared,
     out: &mut Out,
-    packs: &mut HashMap<(PeerName, PeerName), (Arc<Peer>, Vec<u8>)>,
+    packs: &mut Packs,
     buf: &mut [u8],
     scratch: &mut [u8],
     flen: usize,
@@ -665,11 +668,7 @@ fn send_pack(sh: &Shared, out: &mut Out, hop: &Peer, dst: PeerName, pack: &mut V
     pack.clear();
 }
 
-fn flush_packs(
-    sh: &Shared,
-    out: &mut Out,
-    packs: &mut HashMap<(PeerName, PeerName), (Arc<Peer>, Vec<u8>)>,
-) {
+fn flush_packs(sh: &Shared, out: &mut Out, packs: &mut Packs) {
     for ((_, dst), (hop, pack)) in packs.iter_mut() {
         if !pack.is_empty() {
             send_pack(sh, out, hop, *dst, pack);
@@ -697,7 +696,9 @@ fn rx_loop(sh: &Shared) {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 continue
@@ -707,6 +708,7 @@ fn rx_loop(sh: &Shared) {
                 continue;
             }
         };
+        let now = Instant::now();
         for i in 0..n {
             let Some((from, seg, data)) = batch.get(i) else {
                 continue;
@@ -720,7 +722,7 @@ fn rx_loop(sh: &Shared) {
                 continue;
             };
             for d in udpio::datagrams(data, seg) {
-                rx.on_datagram(sh, &peer, d);
+                rx.on_datagram(sh, &peer, d, now);
             }
         }
     }
@@ -734,7 +736,7 @@ struct Rx {
 }
 
 impl Rx {
-    fn on_datagram(&mut self, sh: &Shared, peer: &Arc<Peer>, d: &mut [u8]) {
+    fn on_datagram(&mut self, sh: &Shared, peer: &Arc<Peer>, d: &mut [u8], now: Instant) {
         let (header, seg, range) = match sleeve::parse_datagram(d) {
             Ok(x) => x,
             Err(e) => {
@@ -753,7 +755,7 @@ impl Rx {
         }
         match self
             .reasm
-            .push(Instant::now(), peer.link, header.counter, seg, &d[range])
+            .push(now, peer.link, header.counter, seg, &d[range])
         {
             Ok(Some(mut m)) => {
                 self.on_message(sh, peer, header, &mut m);
@@ -861,12 +863,8 @@ fn deliver(sh: &Shared, src: PeerName, body: &[u8]) {
         };
         if let Some((_, mac)) = sleeve::frame_macs(f) {
             if mac[0] & 1 == 0 {
-                let known = sh
-                    .macs
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&mac)
-                    == Some(&src);
+                let known =
+                    sh.macs.read().unwrap_or_else(|e| e.into_inner()).get(&mac) == Some(&src);
                 if !known {
                     sh.macs
                         .write()

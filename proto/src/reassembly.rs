@@ -64,9 +64,8 @@ impl Reassembler {
     }
 
     /// Give back the buffer of a completed message.
-    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+    pub fn recycle(&mut self, buf: Vec<u8>) {
         if self.pool.len() < POOL {
-            buf.clear();
             self.pool.push(buf);
         }
     }
@@ -87,6 +86,7 @@ impl Reassembler {
             .retain(|s| now.saturating_duration_since(s.started) < timeout);
         if seg.count <= 1 {
             let mut b = self.pool.pop().unwrap_or_default();
+            b.clear();
             b.extend_from_slice(data);
             return Ok(Some(b));
         }
@@ -107,14 +107,21 @@ impl Reassembler {
             None => {
                 if self.slots.len() >= self.max_slots {
                     // Drop the oldest.
-                    if let Some((j, _)) = self.slots.iter().enumerate().min_by_key(|(_, s)| s.started)
+                    if let Some((j, _)) =
+                        self.slots.iter().enumerate().min_by_key(|(_, s)| s.started)
                     {
                         let s = self.slots.swap_remove(j);
                         self.recycle(s.buf);
                     }
                 }
+                // Recycled buffers keep their length and old bytes: every
+                // byte up to the message's end is written by its segments
+                // before it is handed out, so nothing needs zeroing.
                 let mut buf = self.pool.pop().unwrap_or_default();
-                buf.resize(seg.count as usize * seg.stride as usize, 0);
+                let need = seg.count as usize * seg.stride as usize;
+                if buf.len() < need {
+                    buf.resize(need, 0);
+                }
                 self.slots.push(Slot {
                     link,
                     counter,
@@ -192,7 +199,8 @@ mod tests {
             Some(b"bB".to_vec())
         );
         r.push(t, 1, 8, seg(2, 0, 1), b"x").unwrap();
-        r.push(t + Duration::from_millis(1), 1, 9, seg(2, 0, 1), b"y").unwrap();
+        r.push(t + Duration::from_millis(1), 1, 9, seg(2, 0, 1), b"y")
+            .unwrap();
         // (1, 7) was the oldest and was dropped to make room.
         assert_eq!(r.push(t, 1, 7, seg(2, 1, 1), b"A").unwrap(), None);
         r.forget(1);

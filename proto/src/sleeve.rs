@@ -522,12 +522,18 @@ mod tests {
         assert!(parse_datagram(&dgram(1, 0, 100, 40)).is_ok());
         assert!(parse_datagram(&dgram(3, 1, 100, 100)).is_ok());
         assert!(parse_datagram(&dgram(3, 2, 100, 7)).is_ok());
-        assert!(parse_datagram(&dgram(3, 1, 100, 99)).is_err(), "short middle");
+        assert!(
+            parse_datagram(&dgram(3, 1, 100, 99)).is_err(),
+            "short middle"
+        );
         assert!(parse_datagram(&dgram(3, 2, 100, 101)).is_err(), "long last");
         assert!(parse_datagram(&dgram(3, 3, 100, 1)).is_err(), "index");
         assert!(parse_datagram(&dgram(0, 0, 100, 1)).is_err(), "count 0");
         assert!(parse_datagram(&dgram(2, 0, 0, 0)).is_err(), "stride 0");
-        assert!(parse_datagram(&dgram(60000, 0, 1400, 1400)).is_err(), "huge");
+        assert!(
+            parse_datagram(&dgram(60000, 0, 1400, 1400)).is_err(),
+            "huge"
+        );
         assert!(parse_datagram(&h).is_err(), "no segment fields");
     }
 
@@ -539,8 +545,8 @@ mod tests {
         assert_eq!(fs, vec![&[0xab; 24][..]]);
         for bad in [
             &[9u8][..],
-            &[0, 0, 0, 30, 0, 0],             // truncated frame
-            &[0, 0, 0, 5, 0, 0, 0, 0, 0],     // frame too short
+            &[0, 0, 0, 30, 0, 0],            // truncated frame
+            &[0, 0, 0, 5, 0, 0, 0, 0, 0],    // frame too short
             &[0, 0xff, 0xff, 0xff, 0, 0, 0], // too long
         ] {
             assert!(frames(bad).any(|r| r.is_err()), "{bad:?}");

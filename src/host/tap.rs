@@ -62,7 +62,10 @@ fn add_tso_ecn(q: &SyncDevice, udp: bool) {
     // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is a live TAP.
     let r = unsafe { libc::ioctl(q.as_raw_fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) };
     if r != 0 {
-        tracing::debug!("TUNSETOFFLOAD with TSO_ECN: {}", std::io::Error::last_os_error());
+        tracing::debug!(
+            "TUNSETOFFLOAD with TSO_ECN: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -123,7 +126,14 @@ pub async fn open_tap(
     )
     .await?;
     let mac = nl.link_mac(name).await?;
-    tracing::info!(tap = name, bridge, mtu, vnet_hdr, queues = queues.len(), "opened TAP");
+    tracing::info!(
+        tap = name,
+        bridge,
+        mtu,
+        vnet_hdr,
+        queues = queues.len(),
+        "opened TAP"
+    );
     Ok(Tap {
         queues,
         name: name.to_string(),

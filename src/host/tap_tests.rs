@@ -43,7 +43,9 @@ fn checksum(data: &[u8]) -> u16 {
 /// without the vnet header.
 async fn read_until(
     dev: &tun_rs::AsyncDevice,
-    limit: Duration, pick: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    limit: Duration,
+    pick: impl Fn(&[u8]) -> bool,
+) -> Vec<u8> {
     let deadline = Instant::now() + limit;
     let mut buf = vec![0u8; VNET_HDR_LEN + 65536];
     loop {
