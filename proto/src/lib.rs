@@ -44,6 +44,7 @@ pub mod hello;
 pub mod ipam;
 pub mod name;
 pub mod names;
+pub mod pmtu;
 pub mod reassembly;
 pub mod seal;
 pub mod sim;
