@@ -59,11 +59,11 @@ SRV=""
 HZ=$(getconf CLK_TCK)
 
 kill_if() { # pid pattern: kill pid only if its command line matches
-    local pid=$1 pat=$2 i
+    local pid=$1 pat=$2
     [[ -r /proc/$pid/cmdline ]] || return 0
     tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$pat" || return 0
     kill "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do [[ -d /proc/$pid ]] || return 0; sleep 0.1; done
+    for _ in $(seq 1 50); do [[ -d /proc/$pid ]] || return 0; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
 }
 
@@ -113,8 +113,7 @@ hwm_mb() { # the larger VmHWM of the two daemons, MB
 }
 
 wait_ping() { # ns ip: bounded 20 s
-    local i
-    for i in $(seq 1 40); do
+    for _ in $(seq 1 40); do
         ip netns exec "$1" ping -c1 -W1 -q "$2" >/dev/null 2>&1 && return 0
         sleep 0.2
     done
@@ -135,9 +134,9 @@ overlay() { # the overlay of a's established connection(s)
 }
 
 wait_programmed() { # fastdp: a's vxmesh knows cb's MAC (bounded 15 s)
-    local mac i
+    local mac
     mac=$(ip -n $P-cb -o link show dev ethmesh | awk '{for (i = 1; i < NF; i++) if ($i == "link/ether") print $(i + 1)}')
-    for i in $(seq 1 75); do
+    for _ in $(seq 1 75); do
         bridge -n $P-a fdb show dev vxmesh 2>/dev/null | grep -q "^$mac .*dst" && return 0
         sleep 0.2
     done
@@ -166,7 +165,7 @@ iperf_gbps() { # extra iperf3 args: Gbps received, container a -> container b
 
 # measure_mesh NAME want_overlay launch-args...: appends a row to $ROWS
 measure_mesh() {
-    local name=$1 want=$2 got rtt t0 t1 tcp1 tcp4 rss cpu i
+    local name=$1 want=$2 got rtt t0 t1 tcp1 tcp4 rss cpu
     shift 2
     mesh_up "$@"
     got=$(overlay)
@@ -174,7 +173,7 @@ measure_mesh() {
     [[ $want == fastdp ]] && wait_programmed
     ip netns exec $P-cb iperf3 -s -p 5201 >/dev/null 2>&1 &
     SRV=$!
-    for i in $(seq 1 30); do
+    for _ in $(seq 1 30); do
         ip netns exec $P-cb ss -ltnH "sport = :5201" | grep -q . && break
         sleep 0.1
     done
