@@ -198,6 +198,8 @@ measure_refs() { # appends kernel-vxlan-bridge and wireguard-go rows to $ROWS
     local out p
     out=$(T=$T PATHS="kernel-vxlan-bridge wireguard-go" "$ANCHORS" 2>"$DIR/anchors.err") ||
         log "anchors.sh exited $?"
+    # Its log lines (already "# ..."), and anything else it said.
+    sed 's/^\([^#]\)/# anchors.sh: \1/' "$DIR/anchors.err" >&2
     for p in kernel-vxlan-bridge wireguard-go; do
         # First line for p: the main table (path tcp1 tcp4 rtt); second: the
         # detail table (path mtu ipf% sys dmn | ipf% sys dmn | udp).
@@ -235,8 +237,12 @@ function median(s,    a, n, i, j, t) {
     return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
 }
 function num(x) { return x ~ /^[0-9.]+$/ }
-function add(k, v) { if (num(v)) vals[k] = vals[k] " " v }
-function fmt(x, f) { return x == "-" ? "-" : sprintf(f, x) }
+function add(k, v) { if (num(v)) vals[k] = vals[k] " " v; else if (v == "FAIL") failed[k] = 1 }
+function cell(p, c, f,    m) {
+    m = median(vals[p, c])
+    if (m == "-") return ((p, c) in failed) ? "FAIL" : "-"
+    return sprintf(f, m)
+}
 {
     run = $1; p = $2
     if (!(p in seen)) { seen[p] = 1; order[++np] = p }
@@ -258,9 +264,8 @@ END {
     for (i = 1; i <= np; i++) {
         p = order[i]
         printf "%-22s %9s %9s %7s %9s %8s %8s %7s %10s\n", p,
-            fmt(median(vals[p, "tcp1"]), "%.2f"), fmt(median(vals[p, "tcp4"]), "%.2f"),
-            fmt(median(vals[p, "rtt"]), "%.0f"), fmt(median(vals[p, "rk"]), "%.3f"),
-            fmt(median(vals[p, "rr"]), "%.2f"), fmt(median(vals[p, "rw"]), "%.2f"),
-            fmt(median(vals[p, "rss"]), "%.1f"), fmt(median(vals[p, "cpu"]), "%.2f")
+            cell(p, "tcp1", "%.2f"), cell(p, "tcp4", "%.2f"), cell(p, "rtt", "%.0f"),
+            cell(p, "rk", "%.3f"), cell(p, "rr", "%.2f"), cell(p, "rw", "%.2f"),
+            cell(p, "rss", "%.1f"), cell(p, "cpu", "%.2f")
     }
 }' "$ROWS"
