@@ -213,7 +213,7 @@ measure_refs() { # appends kernel-vxlan-bridge and wireguard-go rows to $ROWS
                     cpu = sprintf("%.2f", (d1 + d4) / (tcp1 + tcp4))
                 print r, p, tcp1, tcp4, rtt, "-", cpu
             }' <<<"$out" >>"$ROWS"
-        log "run $r: $(tail -n 1 "$ROWS")"
+        log "run $r: $(tail -n 1 "$ROWS" | cut -d" " -f2-)"
     done
 }
 
