@@ -17,50 +17,8 @@ use common::*;
 
 /// How long containers may take to reach each other.
 const PING_DEADLINE: Duration = Duration::from_secs(20);
-/// How long a connection may take to settle on an overlay (probes every
-/// 0.5 s; a dead path is noticed after 3 s).
-const OVERLAY_DEADLINE: Duration = Duration::from_secs(30);
 /// Bytes sent by the bulk transfer.
 const BULK_BYTES: u64 = 8 << 20;
-
-/// The overlays of `host`'s established connections, with their reasons,
-/// from `mesh report`.
-fn overlays(host: &Host) -> Result<Vec<(String, Option<String>)>, String> {
-    let out = try_run(&mut host.command(MESH, &["report"]), CMD_TIMEOUT)?;
-    if !out.status.success() {
-        return Err(show(&out));
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("report is not JSON: {e}"))?;
-    let conns = v["connections"].as_array().cloned().unwrap_or_default();
-    Ok(conns
-        .iter()
-        .filter(|c| c["state"] == "established")
-        .map(|c| {
-            (
-                c["overlay"].as_str().unwrap_or("").to_string(),
-                c["overlay_info"].as_str().map(str::to_string),
-            )
-        })
-        .collect())
-}
-
-/// Waits until `host` has an established connection on `overlay` (and
-/// none on another); returns its reason.
-#[track_caller]
-fn wait_overlay(host: &Host, overlay: &str) -> Option<String> {
-    wait_for(
-        OVERLAY_DEADLINE,
-        &format!("{}'s connection uses the {overlay}", host.name),
-        || {
-            let o = overlays(host)?;
-            match o.as_slice() {
-                [(got, why)] if got == overlay => Ok(why.clone()),
-                _ => Err(format!("{o:?}")),
-            }
-        },
-    )
-}
 
 /// Two hosts (h2 joins h1) launched with these extra arguments, a
 /// container on each, attached.
@@ -159,34 +117,6 @@ const PATTERN_HEX: &str = "6d6573682d666173746470";
 /// The same bytes, looked for on the underlay.
 const PATTERN: &[u8] = b"mesh-fastdp";
 
-/// Waits until `host`'s VXLAN device has an FDB entry for `c`'s MAC.
-#[track_caller]
-fn wait_programmed(host: &Host, c: &Container) {
-    let mac = c.ethmesh_mac().expect("container MAC");
-    wait_for(
-        OVERLAY_DEADLINE,
-        &format!("{} programs {}'s MAC {mac}", host.name, c.name),
-        || {
-            let out = try_run(
-                Command::new("bridge").args(["-n", &host.ns, "fdb", "show", "dev", "vxmesh"]),
-                CMD_TIMEOUT,
-            )?;
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            let dst = text
-                .lines()
-                .any(|l| l.starts_with(&mac) && l.contains(" dst "));
-            let master = text
-                .lines()
-                .any(|l| l.starts_with(&mac) && l.contains("master"));
-            if dst && master {
-                Ok(())
-            } else {
-                Err(text)
-            }
-        },
-    );
-}
-
 /// Test 2: with a password the sleeve is used (encrypted), and says why.
 #[test]
 fn password_uses_sleeve() {
@@ -270,18 +200,11 @@ fn blocked_fastdp_falls_back_to_sleeve_and_recovers() {
     ping_both(&c1, &c2);
 }
 
-/// The byte at offset `i` of the bulk stream (not periodic in 2^n).
-fn bulk_byte(i: u64) -> u8 {
-    (i % 251) as u8
-}
-
 /// Test 5: a bulk TCP transfer of a fixed size over the fast path arrives
 /// whole and intact, and it crossed the underlay as VXLAN, not as sleeve
 /// datagrams.
 #[test]
 fn bulk_tcp_over_fastdp() {
-    use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
     let Some(mut w) = World::new("bulk_tcp_over_fastdp") else {
         return;
     };
@@ -292,51 +215,8 @@ fn bulk_tcp_over_fastdp() {
     wait_programmed(&h1, &c2);
     wait_programmed(&h2, &c1);
     let capture = w.capture(&h1);
-    let io_timeout = Some(Duration::from_secs(20));
-    let listener = in_netns(&c2.ns, || TcpListener::bind("198.19.1.2:5201")).expect("listen in c2");
-    let (received, intact) = std::thread::scope(|s| {
-        let server = s.spawn(|| {
-            let (mut conn, _) = listener.accept().expect("accept");
-            conn.set_read_timeout(io_timeout).expect("timeout");
-            let mut buf = vec![0u8; 1 << 16];
-            let (mut n, mut intact) = (0u64, true);
-            loop {
-                match conn.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(k) => {
-                        intact &= buf[..k]
-                            .iter()
-                            .enumerate()
-                            .all(|(j, &b)| b == bulk_byte(n + j as u64));
-                        n += k as u64;
-                    }
-                    Err(e) => panic!("reading the bulk stream after {n} bytes: {e}"),
-                }
-            }
-            (n, intact)
-        });
-        in_netns(&c1.ns, || {
-            let mut conn = TcpStream::connect_timeout(
-                &"198.19.1.2:5201".parse().expect("addr"),
-                Duration::from_secs(10),
-            )
-            .expect("connect from c1");
-            conn.set_write_timeout(io_timeout).expect("timeout");
-            let chunk: Vec<u8> = (0..(1u64 << 16)).map(bulk_byte).collect();
-            let mut sent = 0u64;
-            while sent < BULK_BYTES {
-                // 2^16 is not a multiple of 251: send from the right phase.
-                let phase = (sent % 251) as usize;
-                let k = (BULK_BYTES - sent).min(chunk.len() as u64 - 251) as usize;
-                conn.write_all(&chunk[phase..phase + k]).expect("send");
-                sent += k as u64;
-            }
-        });
-        server.join().expect("server thread")
-    });
+    bulk_tcp(&c1, &c2, "198.19.1.2:5201", BULK_BYTES);
     let pcap = capture.stop();
-    assert_eq!(received, BULK_BYTES, "bytes received");
-    assert!(intact, "the bulk stream arrived corrupted");
     let udp_bytes = |port: u16| -> usize {
         pcap.packets
             .iter()
