@@ -16,7 +16,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq-base nftables util-linux procps)
+packages=(iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq-base nftables util-linux procps ethtool)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg -s "$p" >/dev/null 2>&1; then

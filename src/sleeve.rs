@@ -36,6 +36,7 @@ use crate::api::SleeveStats;
 use crate::host::Tap;
 use crate::udpio::{self, RecvBatch, MAX_SEGMENTS, MAX_UDP_PAYLOAD};
 use mesh_proto::name::PeerName;
+use mesh_proto::pmtu::{Probe, MIN_MTU};
 use mesh_proto::reassembly::Reassembler;
 use mesh_proto::seal::{Opener, Sealer, TAG_LEN};
 use mesh_proto::sleeve::{
@@ -61,8 +62,6 @@ const RECV_BATCH: usize = 8;
 const BUF: usize = FRAME_RECORD_HEADER + MAX_FRAME + TAG_LEN;
 /// IPv4 + UDP headers.
 const IP_UDP: usize = 28;
-/// The smallest path MTU we go down to.
-const MIN_MTU: usize = 576;
 /// How long the data-path threads block before looking at the stop flag.
 const WAKE: Duration = Duration::from_secs(1);
 
@@ -139,14 +138,28 @@ struct Peer {
     sealer: Option<Sealer>,
     opener: Mutex<Option<Opener>>,
     seq: AtomicU64,
-    /// Path MTU towards it (an IP datagram's size).
+    /// Path MTU towards it (an IP datagram's size), as `probe` says.
     mtu: AtomicUsize,
+    /// The path MTU search.
+    probe: Mutex<Probe>,
     /// Milliseconds since the sleeve started, when it was last heard.
     last_rx: AtomicU64,
     silent: AtomicBool,
 }
 
 impl Peer {
+    /// Change the probe search and publish its MTU.
+    fn with_probe(&self, f: impl FnOnce(&mut Probe)) {
+        let mut p = self.probe.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut p);
+        let mtu = p.mtu();
+        drop(p);
+        let old = self.mtu.swap(mtu, Ordering::Relaxed);
+        if old != mtu {
+            info!(peer = %self.name, old, mtu, "sleeve path MTU changed");
+        }
+    }
+
     /// Bytes of a message one datagram carries to this peer.
     fn payload(&self) -> usize {
         self.mtu.load(Ordering::Relaxed).max(MIN_MTU) - IP_UDP - DATAGRAM_HEADER_LEN
@@ -257,15 +270,9 @@ impl Shared {
     }
 
     /// Re-read the kernel's path MTU towards a neighbour.
-    fn refresh_mtu(&self, peer: &Peer) -> usize {
-        let mtu = udpio::path_mtu(peer.addr)
-            .unwrap_or(self.underlay_mtu)
-            .max(MIN_MTU);
-        let old = peer.mtu.swap(mtu, Ordering::Relaxed);
-        if old != mtu {
-            info!(peer = %peer.name, old, mtu, "sleeve path MTU changed");
-        }
-        mtu
+    fn refresh_mtu(&self, peer: &Peer) {
+        let kernel = udpio::path_mtu(peer.addr).unwrap_or(self.underlay_mtu);
+        peer.with_probe(|p| p.set_kernel(Instant::now(), kernel));
     }
 
     /// Send one message: `buf[..len]` is its plain body, and `buf` has room
@@ -476,6 +483,7 @@ fn command(sh: &Shared, c: Cmd) {
                 opener: Mutex::new(opener),
                 seq: AtomicU64::new(0),
                 mtu: AtomicUsize::new(sh.underlay_mtu),
+                probe: Mutex::new(Probe::new(Instant::now(), sh.underlay_mtu)),
                 last_rx: AtomicU64::new(sh.now_ms()),
                 silent: AtomicBool::new(false),
             });
@@ -525,9 +533,20 @@ async fn heartbeat(sh: &Arc<Shared>, events: &mpsc::Sender<Event>) {
     let _ = tokio::task::spawn_blocking(move || {
         let mut out = Out::default();
         let mut buf = [0u8; TAG_LEN];
+        let now = Instant::now();
         for p in &ps {
             s.refresh_mtu(p);
             s.send_message(&mut out, p, s.me, p.name, &mut buf, 0);
+            let mut size = None;
+            p.with_probe(|pr| size = pr.tick(now));
+            if let Some(size) = size {
+                let d = sleeve::probe_datagram(s.me, p.name, size);
+                let sent =
+                    udpio::send_segments(s.sock.as_raw_fd(), p.addr, &[IoSlice::new(&d)], None);
+                if let Err(e) = sent {
+                    trace!(peer = %p.name, size, "probe: {e}");
+                }
+            }
         }
     })
     .await;
@@ -749,6 +768,25 @@ impl Rx {
             }
         };
         bump(&sh.stats.datagrams_in, 1);
+        match header.kind {
+            Kind::Probe => {
+                // Answer with the size that arrived (IP and UDP included).
+                let ack = sleeve::probe_ack(sh.me, peer.name, d.len() + IP_UDP);
+                let _ = udpio::send_segments(
+                    sh.sock.as_raw_fd(),
+                    peer.addr,
+                    &[IoSlice::new(&ack)],
+                    None,
+                );
+                return;
+            }
+            Kind::ProbeAck => {
+                let size = usize::try_from(header.counter).unwrap_or(0);
+                peer.with_probe(|p| p.ack(size));
+                return;
+            }
+            Kind::Frames | Kind::Sealed => {}
+        }
         if seg.count == 1 {
             self.on_message(sh, peer, header, &mut d[range]);
             return;

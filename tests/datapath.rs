@@ -359,3 +359,54 @@ fn bulk_run_detector() {
     assert_eq!(longest_bulk_run(&[]), 0);
     assert_eq!(longest_bulk_run(&[250, 0, 1, 255, 2]), 3);
 }
+
+/// A path that silently drops large datagrams (no ICMP, so the kernel's
+/// path MTU stays 1500): h2's firewall drops every sleeve datagram over
+/// 1300 bytes. (h1's underlay segments UDP in software, so that the rule
+/// sees datagrams as a wire would: a veth otherwise carries a whole GSO
+/// run as one packet.) The sleeve's probes find the size that gets through, and
+/// bulk TCP (whose super-frames are cut into full-size segments) still
+/// arrives intact. Without probing every full-size segment would be lost
+/// and the transfer would stall.
+#[test]
+fn sleeve_finds_the_mtu_of_a_black_hole() {
+    let Some(mut w) = World::new("sleeve_finds_the_mtu_of_a_black_hole") else {
+        return;
+    };
+    let h1 = w.add_host();
+    let h2 = w.add_host();
+    let c1 = w.add_container("c1");
+    let c2 = w.add_container("c2");
+    let dev = h1.underlay_if.clone();
+    let out = run(
+        &mut h1.command("ethtool", &["-K", &dev, "tx-udp-segmentation", "off"]),
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "ethtool on {dev}: {out:?}");
+    for args in [
+        &["add", "table", "inet", "meshbh"][..],
+        &[
+            "add",
+            "chain",
+            "inet",
+            "meshbh",
+            "in",
+            "{ type filter hook input priority 0; }",
+        ],
+        &[
+            "add", "rule", "inet", "meshbh", "in", "udp", "dport", "6783", "ip", "length", ">",
+            "1300", "drop",
+        ],
+    ] {
+        let out = run(&mut h2.command("nft", args), Duration::from_secs(10));
+        assert!(out.status.success(), "nft {args:?}: {out:?}");
+    }
+    launch_pair(&w, &h1, &h2, PLAIN);
+    w.attach(&h1, &c1, "198.19.1.1/24");
+    w.attach(&h2, &c2, "198.19.1.2/24");
+    wait_overlay(&h1, "sleeve");
+    wait_ping(&c1, "198.19.1.2", PING_DEADLINE);
+    let took = bulk_tcp(&c1, &c2, "198.19.1.2:5201", BULK_BYTES / 4);
+    eprintln!("sleeve_finds_the_mtu_of_a_black_hole: c1 -> c2 in {took:?}");
+    ping_jumbo(&c1, "198.19.1.2");
+}

@@ -66,6 +66,22 @@ pub enum Kind {
     Frames,
     /// Frame records sealed with ChaCha20-Poly1305.
     Sealed,
+    /// A path MTU probe: one datagram of `counter` bytes (IP and UDP headers
+    /// included) of padding, sent with don't-fragment ([`crate::pmtu`]).
+    Probe,
+    /// The answer to a probe: `counter` is the size received; no bytes.
+    ProbeAck,
+}
+
+impl Kind {
+    fn code(self) -> u8 {
+        match self {
+            Kind::Frames => 1,
+            Kind::Sealed => 2,
+            Kind::Probe => 3,
+            Kind::ProbeAck => 4,
+        }
+    }
 }
 
 /// The header every segment of a message repeats.
@@ -116,6 +132,8 @@ impl Header {
         let kind = match h[2] {
             1 => Kind::Frames,
             2 => Kind::Sealed,
+            3 => Kind::Probe,
+            4 => Kind::ProbeAck,
             value => {
                 return Err(WireError::Unknown {
                     what: "sleeve message kind",
@@ -144,10 +162,7 @@ impl Header {
         let mut h = [0u8; HEADER_LEN];
         h[0] = MAGIC;
         h[1] = VERSION;
-        h[2] = match self.kind {
-            Kind::Frames => 1,
-            Kind::Sealed => 2,
-        };
+        h[2] = self.kind.code();
         h[3] = self.key_id;
         h[4..10].copy_from_slice(&self.src.0);
         h[10..16].copy_from_slice(&self.dst.0);
@@ -306,6 +321,9 @@ pub fn open_message(
     opener: Option<&mut Opener>,
 ) -> Result<usize, OpenError> {
     match (header.kind, opener) {
+        (Kind::Probe | Kind::ProbeAck, _) => Err(OpenError::Wire(WireError::Invalid(
+            "probe where frames were expected",
+        ))),
         (Kind::Frames, None) => Ok(msg.len()),
         (Kind::Frames, Some(_)) => Err(OpenError::PlainRefused),
         (Kind::Sealed, None) => Err(OpenError::NoKey(header.key_id)),
@@ -316,6 +334,48 @@ pub fn open_message(
             Ok(o.open(header.counter, &header.emit(), msg)?)
         }
     }
+}
+
+/// A path MTU probe from `src` to `dst` that makes an IPv4 datagram of
+/// `size` bytes (at least the headers).
+pub fn probe_datagram(src: PeerName, dst: PeerName, size: usize) -> Vec<u8> {
+    let h = Header {
+        kind: Kind::Probe,
+        key_id: 0,
+        src,
+        dst,
+        counter: size as u64,
+    };
+    let mut d = emit_datagram_header(
+        &h.emit(),
+        Segment {
+            count: 1,
+            index: 0,
+            stride: 0,
+        },
+    )
+    .to_vec();
+    d.resize(size.saturating_sub(28).max(DATAGRAM_HEADER_LEN), 0);
+    d
+}
+
+/// The answer to a probe of `size` bytes.
+pub fn probe_ack(src: PeerName, dst: PeerName, size: usize) -> [u8; DATAGRAM_HEADER_LEN] {
+    let h = Header {
+        kind: Kind::ProbeAck,
+        key_id: 0,
+        src,
+        dst,
+        counter: size as u64,
+    };
+    emit_datagram_header(
+        &h.emit(),
+        Segment {
+            count: 1,
+            index: 0,
+            stride: 0,
+        },
+    )
 }
 
 /// Append one frame (vnet header + Ethernet frame) as a record.
@@ -491,7 +551,7 @@ mod tests {
         b[1] = 1;
         assert!(Header::parse(&b).is_err(), "version 1 is refused");
         let mut b = good;
-        b[2] = 3;
+        b[2] = 5;
         assert!(Header::parse(&b).is_err());
     }
 
@@ -588,6 +648,20 @@ mod tests {
             open_message(&h, &mut body.clone(), None),
             Err(OpenError::NoKey(1))
         );
+    }
+
+    #[test]
+    fn probes() {
+        let d = probe_datagram(A, B, 1400);
+        assert_eq!(d.len(), 1400 - 28);
+        let (h, seg, range) = parse_datagram(&d).unwrap();
+        assert_eq!((h.kind, h.counter, seg.count), (Kind::Probe, 1400, 1));
+        assert_eq!(range.len(), 1400 - 28 - DATAGRAM_HEADER_LEN);
+        let a = probe_ack(B, A, 1400);
+        let (h, _, range) = parse_datagram(&a).unwrap();
+        assert_eq!((h.kind, h.counter, range.len()), (Kind::ProbeAck, 1400, 0));
+        // Never taken for frames.
+        assert!(open_message(&h, &mut [], None).is_err());
     }
 
     proptest! {
