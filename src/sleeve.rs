@@ -273,6 +273,16 @@ impl Shared {
         }
     }
 
+    /// Count a datagram or message from a neighbour as dropped, and say why
+    /// (rate-limited).
+    fn dropped_from(&self, peer: &Peer, what: &str, why: &dyn std::fmt::Display) {
+        bump(&self.stats.dropped, 1);
+        self.warn_limited(format_args!(
+            "dropped {what} from {} ({}): {why}",
+            peer.addr, peer.name
+        ));
+    }
+
     fn table(&self) -> std::sync::RwLockReadGuard<'_, Table> {
         self.table.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -838,14 +848,7 @@ impl Rx {
     fn on_datagram(&mut self, sh: &Shared, peer: &Arc<Peer>, d: &mut [u8], now: Instant) {
         let (header, seg, range) = match sleeve::parse_datagram(d) {
             Ok(x) => x,
-            Err(e) => {
-                bump(&sh.stats.dropped, 1);
-                sh.warn_limited(format_args!(
-                    "dropped datagram from {} ({}): {e}",
-                    peer.addr, peer.name
-                ));
-                return;
-            }
+            Err(e) => return sh.dropped_from(peer, "datagram", &e),
         };
         bump(&sh.stats.datagrams_in, 1);
         match header.kind {
@@ -907,14 +910,7 @@ impl Rx {
         };
         let n = match opened {
             Ok(n) => n,
-            Err(e) => {
-                bump(&sh.stats.dropped, 1);
-                sh.warn_limited(format_args!(
-                    "dropped message from {} ({}): {e}",
-                    peer.addr, peer.name
-                ));
-                return;
-            }
+            Err(e) => return sh.dropped_from(peer, "message", &e),
         };
         peer.last_rx.store(sh.now_ms(), Ordering::Relaxed);
         peer.silent.store(false, Ordering::Relaxed);

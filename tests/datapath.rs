@@ -40,10 +40,20 @@ const FASTDP_PORT: u16 = PORT + 1;
 /// Two hosts (h2 joins h1) launched with `args`, a container on each,
 /// attached at 198.19.1.1 and 198.19.1.2.
 fn pair(w: &mut World, args: &[&str]) -> (Host, Host, Container, Container) {
+    pair_with(w, args, |_, _| {})
+}
+
+/// [`pair`], with `prepare` run on the hosts before the daemons start.
+fn pair_with(
+    w: &mut World,
+    args: &[&str],
+    prepare: impl FnOnce(&Host, &Host),
+) -> (Host, Host, Container, Container) {
     let h1 = w.add_host();
     let h2 = w.add_host();
     let c1 = w.add_container("c1");
     let c2 = w.add_container("c2");
+    prepare(&h1, &h2);
     launch_pair(w, &h1, &h2, args);
     w.attach(&h1, &c1, "198.19.1.1/24");
     w.attach(&h2, &c2, "198.19.1.2/24");
@@ -300,33 +310,28 @@ fn sleeve_under_lower_path_mtu() {
     let Some(mut w) = World::new("sleeve_under_lower_path_mtu") else {
         return;
     };
-    let h1 = w.add_host();
-    let h2 = w.add_host();
-    let c1 = w.add_container("c1");
-    let c2 = w.add_container("c2");
-    let dev = h1.underlay_if.clone();
-    ip(&[
-        "-n",
-        &h1.ns,
-        "route",
-        "replace",
-        "198.18.0.0/24",
-        "dev",
-        &dev,
-        "proto",
-        "kernel",
-        "scope",
-        "link",
-        "src",
-        "198.18.0.1",
-        "mtu",
-        "1280",
-    ]);
-    let route = ip(&["-n", &h1.ns, "route", "get", "198.18.0.2"]);
-    assert!(route.contains("mtu 1280"), "route to h2: {route}");
-    launch_pair(&w, &h1, &h2, PLAIN);
-    w.attach(&h1, &c1, "198.19.1.1/24");
-    w.attach(&h2, &c2, "198.19.1.2/24");
+    let (h1, h2, c1, c2) = pair_with(&mut w, PLAIN, |h1, _| {
+        let dev = h1.underlay_if.clone();
+        ip(&[
+            "-n",
+            &h1.ns,
+            "route",
+            "replace",
+            "198.18.0.0/24",
+            "dev",
+            &dev,
+            "proto",
+            "kernel",
+            "scope",
+            "link",
+            "src",
+            "198.18.0.1",
+            "mtu",
+            "1280",
+        ]);
+        let route = ip(&["-n", &h1.ns, "route", "get", "198.18.0.2"]);
+        assert!(route.contains("mtu 1280"), "route to h2: {route}");
+    });
     wait_overlay(&h1, "sleeve");
     wait_overlay(&h2, "sleeve");
     wait_ping(&c1, "198.19.1.2", PING_DEADLINE);
@@ -373,37 +378,32 @@ fn sleeve_finds_the_mtu_of_a_black_hole() {
     let Some(mut w) = World::new("sleeve_finds_the_mtu_of_a_black_hole") else {
         return;
     };
-    let h1 = w.add_host();
-    let h2 = w.add_host();
-    let c1 = w.add_container("c1");
-    let c2 = w.add_container("c2");
-    let dev = h1.underlay_if.clone();
-    let out = run(
-        &mut h1.command("ethtool", &["-K", &dev, "tx-udp-segmentation", "off"]),
-        Duration::from_secs(10),
-    );
-    assert!(out.status.success(), "ethtool on {dev}: {out:?}");
-    for args in [
-        &["add", "table", "inet", "meshbh"][..],
-        &[
-            "add",
-            "chain",
-            "inet",
-            "meshbh",
-            "in",
-            "{ type filter hook input priority 0; }",
-        ],
-        &[
-            "add", "rule", "inet", "meshbh", "in", "udp", "dport", "6783", "ip", "length", ">",
-            "1300", "drop",
-        ],
-    ] {
-        let out = run(&mut h2.command("nft", args), Duration::from_secs(10));
-        assert!(out.status.success(), "nft {args:?}: {out:?}");
-    }
-    launch_pair(&w, &h1, &h2, PLAIN);
-    w.attach(&h1, &c1, "198.19.1.1/24");
-    w.attach(&h2, &c2, "198.19.1.2/24");
+    let (h1, _h2, c1, c2) = pair_with(&mut w, PLAIN, |h1, h2| {
+        let dev = h1.underlay_if.clone();
+        let out = run(
+            &mut h1.command("ethtool", &["-K", &dev, "tx-udp-segmentation", "off"]),
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "ethtool on {dev}: {out:?}");
+        for args in [
+            &["add", "table", "inet", "meshbh"][..],
+            &[
+                "add",
+                "chain",
+                "inet",
+                "meshbh",
+                "in",
+                "{ type filter hook input priority 0; }",
+            ],
+            &[
+                "add", "rule", "inet", "meshbh", "in", "udp", "dport", "6783", "ip", "length", ">",
+                "1300", "drop",
+            ],
+        ] {
+            let out = run(&mut h2.command("nft", args), Duration::from_secs(10));
+            assert!(out.status.success(), "nft {args:?}: {out:?}");
+        }
+    });
     wait_overlay(&h1, "sleeve");
     wait_ping(&c1, "198.19.1.2", PING_DEADLINE);
     let took = bulk_tcp(&c1, &c2, "198.19.1.2:5201", BULK_BYTES / 4);

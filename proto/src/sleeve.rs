@@ -495,6 +495,17 @@ mod tests {
     const A: PeerName = PeerName([2, 0, 0, 0, 0, 1]);
     const B: PeerName = PeerName([2, 0, 0, 0, 0, 2]);
 
+    fn plain_header() -> [u8; HEADER_LEN] {
+        Header {
+            kind: Kind::Frames,
+            key_id: 0,
+            src: A,
+            dst: B,
+            counter: 1,
+        }
+        .emit()
+    }
+
     fn frame(len: usize, fill: u8) -> Vec<u8> {
         let mut f = vec![fill; len];
         f[..VNET_HDR_LEN].fill(0);
@@ -532,14 +543,7 @@ mod tests {
 
     #[test]
     fn header_malformed() {
-        let good = Header {
-            kind: Kind::Frames,
-            key_id: 0,
-            src: A,
-            dst: B,
-            counter: 1,
-        }
-        .emit();
+        let good = plain_header();
         assert!(matches!(
             Header::parse(&good[..10]),
             Err(WireError::Truncated { .. })
@@ -557,14 +561,7 @@ mod tests {
 
     #[test]
     fn segments_checked() {
-        let h = Header {
-            kind: Kind::Frames,
-            key_id: 0,
-            src: A,
-            dst: B,
-            counter: 1,
-        }
-        .emit();
+        let h = plain_header();
         let dgram = |count, index, stride, len: usize| {
             let mut d = emit_datagram_header(
                 &h,
