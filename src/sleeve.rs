@@ -64,12 +64,6 @@ const BUF: usize = FRAME_RECORD_HEADER + MAX_FRAME + TAG_LEN;
 const IP_UDP: usize = 28;
 /// How long the data-path threads block before looking at the stop flag.
 const WAKE: Duration = Duration::from_secs(1);
-/// How long a data-path thread keeps looking for more work before it
-/// sleeps. Waking a sleeping thread costs tens of microseconds on a virtual
-/// machine (the idle vCPU halts): a request's reply or a flow's next
-/// segments usually come sooner than that, so the thread that just did
-/// work stays awake a little.
-const LINGER: Duration = Duration::from_micros(50);
 
 /// How often an empty message is sent to each neighbour.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -232,8 +226,6 @@ struct Shared {
     sock: UdpSocket,
     gso: AtomicBool,
     tap: Vec<SyncDevice>,
-    /// Held while a thread reads and sends from a TAP queue.
-    tap_locks: Vec<Mutex<()>>,
     epoch: Instant,
     stop: AtomicBool,
     next_link: AtomicU64,
@@ -443,7 +435,6 @@ pub async fn run(
         stats: Counters::default(),
         sock: udp,
         gso: AtomicBool::new(offloads.gso),
-        tap_locks: queues.iter().map(|_| Mutex::new(())).collect(),
         tap: queues,
         epoch: Instant::now(),
         stop: AtomicBool::new(false),
@@ -585,8 +576,7 @@ async fn heartbeat(sh: &Arc<Shared>, events: &mpsc::Sender<Event>) {
     }
 }
 
-/// A sender's buffers: the sender threads have one each, and so has the
-/// receiver, which drains the TAP right after writing to it.
+/// A sender's buffers.
 struct Tx {
     buf: Vec<u8>,
     scratch: Vec<u8>,
@@ -605,9 +595,7 @@ impl Tx {
     }
 
     /// Read what TAP queue `q` holds (up to [`BATCH`] frames, without
-    /// blocking) and send it; returns how many frames. The caller holds the
-    /// queue's lock, so that the frames of one flow leave in the order they
-    /// were read.
+    /// blocking) and send it; returns how many frames.
     fn drain(&mut self, sh: &Shared, q: usize) -> usize {
         let dev = &sh.tap[q];
         // Without a vnet header, frames are read after room for a zero one.
@@ -646,22 +634,11 @@ impl Tx {
 fn tx_loop(sh: &Shared, q: usize) {
     let fd = sh.tap[q].as_raw_fd();
     let mut tx = Tx::new();
-    let mut busy_until: Option<Instant> = None;
     while !sh.stop.load(Ordering::Relaxed) {
-        let lingering = busy_until.is_some_and(|t| Instant::now() < t);
-        if !lingering && !wait_readable(fd, WAKE) {
+        if !wait_readable(fd, WAKE) {
             continue;
         }
-        let held = sh.tap_locks[q].lock().unwrap_or_else(|e| e.into_inner());
-        let n = tx.drain(sh, q);
-        drop(held);
-        if n > 0 {
-            busy_until = Some(Instant::now() + LINGER);
-        } else if lingering {
-            std::hint::spin_loop();
-        } else {
-            busy_until = None;
-        }
+        tx.drain(sh, q);
     }
 }
 
@@ -774,21 +751,10 @@ fn rx_loop(sh: &Shared) {
         reasm: Reassembler::new(64, Duration::from_secs(2)),
         out: Out::default(),
         relay: Vec::with_capacity(BUF),
-        wrote: false,
     };
-    let mut tx = Tx::new();
-    let mut busy_until: Option<Instant> = None;
     while !sh.stop.load(Ordering::Relaxed) {
-        let lingering = busy_until.is_some_and(|t| Instant::now() < t);
-        let n = match batch.recv(fd, !lingering) {
-            Ok(n) => {
-                busy_until = Some(Instant::now() + LINGER);
-                n
-            }
-            Err(e) if lingering && e.kind() == io::ErrorKind::WouldBlock => {
-                std::hint::spin_loop();
-                continue;
-            }
+        let n = match batch.recv(fd) {
+            Ok(n) => n,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -821,17 +787,6 @@ fn rx_loop(sh: &Shared) {
                 rx.on_datagram(sh, &peer, d, now);
             }
         }
-        // What we wrote to the TAP was handled by the kernel during the
-        // write: replies and TCP acknowledgements are already waiting in the
-        // TAP. Send them now rather than wake a sender for them (unless a
-        // sender is busy with that queue already).
-        if std::mem::take(&mut rx.wrote) {
-            for q in 0..sh.tap.len() {
-                if let Ok(_held) = sh.tap_locks[q].try_lock() {
-                    tx.drain(sh, q);
-                }
-            }
-        }
     }
 }
 
@@ -840,8 +795,6 @@ struct Rx {
     reasm: Reassembler,
     out: Out,
     relay: Vec<u8>,
-    /// Whether frames were written to the TAP since the last drain.
-    wrote: bool,
 }
 
 impl Rx {
@@ -930,7 +883,6 @@ impl Rx {
                 self.relay(sh, &hop, &header, body);
             }
             deliver(sh, header.src, body);
-            self.wrote = true;
             return;
         } else if header.dst != sh.me {
             let hop = sh
@@ -945,7 +897,6 @@ impl Rx {
             return;
         }
         deliver(sh, header.src, body);
-        self.wrote = true;
     }
 
     fn relay(&mut self, sh: &Shared, hop: &Peer, header: &Header, body: &[u8]) {

@@ -204,10 +204,9 @@ impl RecvBatch {
     }
 
     /// Wait for at least one datagram (or the socket's receive timeout) and
-    /// take as many as are queued, up to the batch size; with `wait` false,
-    /// return `WouldBlock` at once when nothing is queued. Returns how many
+    /// take as many as are queued, up to the batch size. Returns how many
     /// buffers were filled.
-    pub fn recv(&mut self, fd: RawFd, wait: bool) -> io::Result<usize> {
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         let n = self.bufs.len();
         for i in 0..n {
             self.iovs[i] = libc::iovec {
@@ -231,11 +230,7 @@ impl RecvBatch {
                 fd,
                 self.hdrs.as_mut_ptr(),
                 n as u32,
-                if wait {
-                    libc::MSG_WAITFORONE
-                } else {
-                    libc::MSG_DONTWAIT
-                },
+                libc::MSG_WAITFORONE,
                 std::ptr::null_mut(),
             )
         };
@@ -317,7 +312,7 @@ mod tests {
         let mut got: Vec<Vec<u8>> = Vec::new();
         let mut batch = RecvBatch::new(4);
         while got.len() < data.len().div_ceil(seg) {
-            let n = batch.recv(rx.as_raw_fd(), true).unwrap();
+            let n = batch.recv(rx.as_raw_fd()).unwrap();
             for i in 0..n {
                 let (_, s, buf) = batch.get(i).unwrap();
                 if !off.gro {
