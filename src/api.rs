@@ -247,6 +247,10 @@ pub struct ConnStatus {
     /// Why the sleeve is used rather than the fast path.
     #[serde(default)]
     pub overlay_info: Option<String>,
+    /// The sleeve's path MTU towards the peer (the IP datagram size its
+    /// segments are cut to), as the kernel and the probes found it.
+    #[serde(default)]
+    pub path_mtu: Option<usize>,
 }
 
 /// A peer as gossip knows it.
@@ -290,6 +294,10 @@ pub struct SleeveStats {
     pub sealed_out: u64,
     /// Datagrams relayed on towards other peers.
     pub relayed: u64,
+    /// Path MTU per directly connected peer (by name). Not a counter: shown
+    /// on each connection's line instead.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub path_mtu: std::collections::BTreeMap<String, usize>,
 }
 
 /// One line of `mesh ps`.

@@ -901,6 +901,9 @@ pub fn format_connections(s: &api::Status) -> String {
                 line.push_str(i);
                 line.push(')');
             }
+            if let (Some(m), Some("sleeve")) = (c.path_mtu, c.overlay.as_deref()) {
+                let _ = write!(line, "  path MTU {m}");
+            }
             let _ = writeln!(o, "{}", line.trim_end());
         }
     }

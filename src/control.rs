@@ -96,6 +96,7 @@ fn row(
         info,
         overlay: None,
         overlay_info: None,
+        path_mtu: None,
     }
 }
 

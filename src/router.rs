@@ -426,11 +426,16 @@ impl Router {
 
     async fn status(&mut self) -> Status {
         let (tx, srx) = oneshot::channel();
-        let stats = if self.sleeve.send(sleeve::Cmd::Stats(tx)).await.is_ok() {
+        let mut stats = if self.sleeve.send(sleeve::Cmd::Stats(tx)).await.is_ok() {
             srx.await.unwrap_or_default()
         } else {
             SleeveStats::default()
         };
+        let mtus = std::mem::take(&mut stats.path_mtu);
+        let mut connections = self.connection_rows().await;
+        for c in &mut connections {
+            c.path_mtu = c.peer.as_ref().and_then(|p| mtus.get(p)).copied();
+        }
         let peers = self
             .gossip
             .peers()
@@ -463,7 +468,7 @@ impl Router {
             encryption: self.me.psk.is_some(),
             port: self.me.port,
             mtu: self.me.mtu,
-            connections: self.connection_rows().await,
+            connections,
             peers,
             targets: Vec::new(),
             sleeve: stats,

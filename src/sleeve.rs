@@ -533,6 +533,12 @@ fn command(sh: &Shared, c: Cmd) {
                 dropped: get(&c.dropped),
                 sealed_out: get(&c.sealed_out),
                 relayed: get(&c.relayed),
+                path_mtu: sh
+                    .table()
+                    .peers
+                    .values()
+                    .map(|p| (p.name.to_string(), p.mtu.load(Ordering::Relaxed)))
+                    .collect(),
             });
         }
     }

@@ -67,6 +67,30 @@ fn launch_pair(w: &World, h1: &Host, h2: &Host, args: &[&str]) {
     w.launch(h2, &a2);
 }
 
+/// Waits until `host`'s one established connection reports a sleeve path
+/// MTU that `ok` accepts; returns it.
+#[track_caller]
+fn wait_path_mtu(host: &Host, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("{}'s sleeve path MTU {what}", host.name),
+        || {
+            let r = report(host);
+            let mtus: Vec<u64> = r["connections"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c["state"] == "established")
+                .filter_map(|c| c["path_mtu"].as_u64())
+                .collect();
+            match mtus.as_slice() {
+                [m] if ok(*m) => Ok(*m),
+                other => Err(format!("path MTUs {other:?}")),
+            }
+        },
+    )
+}
+
 /// `ping -s 9000` from `from` to `ip`: three echoes, all must be answered
 /// (bounded by `-w 15`).
 #[track_caller]
@@ -336,6 +360,8 @@ fn sleeve_under_lower_path_mtu() {
     wait_overlay(&h2, "sleeve");
     wait_ping(&c1, "198.19.1.2", PING_DEADLINE);
     wait_ping(&c2, "198.19.1.1", PING_DEADLINE);
+    // The kernel's route MTU is the sleeve's path MTU towards h2.
+    wait_path_mtu(&h1, "is the route's 1280", |m| m == 1280);
     ping_jumbo(&c1, "198.19.1.2");
     ping_jumbo(&c2, "198.19.1.1");
     // c1 -> c2 is the direction whose data leaves through the 1280 route.
@@ -408,5 +434,8 @@ fn sleeve_finds_the_mtu_of_a_black_hole() {
     wait_ping(&c1, "198.19.1.2", PING_DEADLINE);
     let took = bulk_tcp(&c1, &c2, "198.19.1.2:5201", BULK_BYTES / 4);
     eprintln!("sleeve_finds_the_mtu_of_a_black_hole: c1 -> c2 in {took:?}");
+    // The probes settled just under what passes (16-byte steps).
+    let m = wait_path_mtu(&h1, "found under 1300", |m| (1284..=1300).contains(&m));
+    eprintln!("sleeve_finds_the_mtu_of_a_black_hole: path MTU {m}");
     ping_jumbo(&c1, "198.19.1.2");
 }
