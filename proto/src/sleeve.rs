@@ -52,6 +52,10 @@ pub const VNET_HDR_LEN: usize = 10;
 pub const FRAME_RECORD_HEADER: usize = 4;
 /// The largest frame (vnet header + Ethernet, up to a 64 KB GSO super-frame).
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 14 + 65535 + 64;
+/// The TSO size given to containers' interfaces: a super-frame of this size,
+/// cut into segments of at least 700 bytes with their headers, still fits
+/// one UDP GSO send (65,507 bytes), so it leaves in one system call.
+pub const CONTAINER_GSO_MAX_SIZE: u32 = 62_000;
 /// The largest message: one largest frame, sealed.
 pub const MAX_MESSAGE: usize = FRAME_RECORD_HEADER + MAX_FRAME + TAG_LEN;
 /// Everything the sleeve adds around one Ethernet frame carried whole in one

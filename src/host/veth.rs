@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
 
 use super::netlink::link_mac_of;
@@ -78,17 +78,22 @@ pub async fn attach_veth(
         host.delete_link(host_ifname).await?;
     }
 
-    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+    // TSO super-frames a little under 64 KB, so that one, cut into sleeve
+    // segments with their headers, fits a single UDP GSO send.
+    let gso = LinkAttribute::GsoMaxSize(mesh_proto::sleeve::CONTAINER_GSO_MAX_SIZE);
+    let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(ifname.to_string())
         .mtu(mtu)
         .setns_by_fd(ns.as_raw_fd())
         .build();
-    let msg = LinkMessageBuilder::<LinkVeth>::new(host_ifname, ifname)
+    peer.attributes.push(gso.clone());
+    let mut msg = LinkMessageBuilder::<LinkVeth>::new(host_ifname, ifname)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .mtu(mtu)
         .controller(bridge_index)
         .up()
         .build();
+    msg.attributes.push(gso);
     host.handle()
         .link()
         .add(msg)
