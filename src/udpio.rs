@@ -148,6 +148,19 @@ pub fn send_segments(
     }
 }
 
+/// Write a gather list to `fd` in one `writev` (a frame whose pieces lie in
+/// several received datagrams, written to the TAP without joining them).
+pub fn writev(fd: RawFd, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: IoSlice is ABI-compatible with iovec; the slices live for the
+    // call and the kernel only reads them.
+    let n = unsafe { libc::writev(fd, iov.as_ptr().cast(), iov.len() as libc::c_int) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// The kernel's path MTU towards `dst` (route MTU, or less once an ICMP
 /// "fragmentation needed" arrived), read through a connected throwaway
 /// socket.
