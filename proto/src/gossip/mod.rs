@@ -74,7 +74,7 @@ use routes::Routes;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use topology::{Applied, Idx, LocalRecord, Topology};
+use topology::{Applied, Idx, LocalRecord, RoutingChange, Topology};
 use wire::{Body, ChannelMsg, Hello, Record, Summary, Update, VersionRec, Versions};
 
 /// Knobs; `Default` gives the daemon's defaults.
@@ -246,7 +246,7 @@ pub struct Gossip {
     wanted: HashMap<Idx, (u64, u32, Instant)>,
     routes: Routes,
     /// Each slot's depth in the last search (for
-    /// [`Topology::take_routing_changed`]).
+    /// [`Topology::take_routing_change`]).
     route_depth: Vec<u16>,
     routes_due: Option<Instant>,
     flush_due: Option<Instant>,
@@ -1155,14 +1155,20 @@ impl Gossip {
             let (da, db) = (depth.get(a as usize), depth.get(b as usize));
             da.is_some_and(|&d| d != routes::UNREACHED) && da == db
         };
-        if self.topo.take_routing_changed(same_level) {
-            let mut queue = Vec::with_capacity(self.topo.count());
-            routes::unicast_into(
-                &self.topo,
-                &mut self.routes,
-                &mut queue,
-                &mut self.route_depth,
-            );
+        match self.topo.take_routing_change(same_level) {
+            RoutingChange::None => {}
+            RoutingChange::Grown(peers) => {
+                routes::add_links(&self.topo, &mut self.routes, &mut self.route_depth, &peers);
+            }
+            RoutingChange::Full => {
+                let mut queue = Vec::with_capacity(self.topo.count());
+                routes::unicast_into(
+                    &self.topo,
+                    &mut self.routes,
+                    &mut queue,
+                    &mut self.route_depth,
+                );
+            }
         }
         // Broadcast trees depend on every symmetric link, not only on our
         // next hops: any topology change (the only reason we are here) may

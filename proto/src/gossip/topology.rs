@@ -298,16 +298,34 @@ pub struct Topology {
     entries: Vec<Option<Entry>>,
     digest: Digest,
     count: usize,
-    /// Set when a merge changed what routes are made of (see
-    /// [`Topology::take_routing_changed`]).
-    routing_changed: bool,
-    /// Connections both ends report(ed) that merges added or removed
-    /// since, unless `routing_changed` (at most [`MAX_ROUTING_EDGES`]).
-    routing_edges: Vec<(Idx, Idx)>,
+    /// Set when a change needs a whole route search (see
+    /// [`Topology::take_routing_change`]).
+    routing_full: bool,
+    /// Peers whose entry appeared or gained connections since, unless
+    /// `routing_full` (at most [`MAX_ROUTING_CHANGES`]).
+    routing_grown: Vec<Idx>,
+    /// Connections both ends reported that went away since, unless
+    /// `routing_full` (at most [`MAX_ROUTING_CHANGES`]).
+    routing_removed: Vec<(Idx, Idx)>,
 }
 
-/// Past this many changed connections, routes are simply recomputed.
-const MAX_ROUTING_EDGES: usize = 256;
+/// Past this many changes, routes are simply recomputed.
+const MAX_ROUTING_CHANGES: usize = 4096;
+
+/// What changed in what routes are made of since the last
+/// [`Topology::take_routing_change`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoutingChange {
+    /// Nothing that can change unicast routes.
+    None,
+    /// Only these peers' entries appeared or gained connections (perhaps
+    /// repeated): distances can only shrink, from the ends of their
+    /// connections outwards ([`super::routes::add_links`]).
+    Grown(Vec<Idx>),
+    /// Something else (a connection or entry went away, or too much
+    /// changed): search again ([`super::routes::unicast_into`]).
+    Full,
+}
 
 impl Topology {
     /// A topology holding only our own entry, at index 0.
@@ -318,8 +336,9 @@ impl Topology {
             entries: Vec::new(),
             digest: Digest::default(),
             count: 0,
-            routing_changed: false,
-            routing_edges: Vec::new(),
+            routing_full: false,
+            routing_grown: Vec::new(),
+            routing_removed: Vec::new(),
         };
         let i = t.intern(me);
         t.set(
@@ -399,19 +418,19 @@ impl Topology {
 
     fn set(&mut self, i: Idx, e: Option<Entry>) {
         let old = self.hash_of(i);
-        let slot = &mut self.entries[i as usize];
-        match (slot.is_some(), e.is_some()) {
+        match (self.entries[i as usize].is_some(), e.is_some()) {
+            // Routes may now reach it, and through it.
             (false, true) => {
                 self.count += 1;
-                self.routing_changed = true;
+                self.note_grown(i);
             }
             (true, false) => {
                 self.count -= 1;
-                self.routing_changed = true;
+                self.routing_full = true;
             }
             _ => {}
         }
-        *slot = e;
+        self.entries[i as usize] = e;
         let new = self.hash_of(i);
         self.digest.replace(self.names[i as usize], old, new);
     }
@@ -425,38 +444,61 @@ impl Topology {
         Some(r)
     }
 
-    /// Whether some change since the last call may change our unicast
+    /// What changed since the last call that may change our unicast
     /// routes: the set of known entries, our own connections, or a
     /// connection both ends report (a connection one end reports alone
-    /// counts for nobody's routes but that end's own), unless
-    /// `same_level(a, b)` holds for every such connection a–b (a
-    /// breadth-first search never takes a link between two peers it
-    /// reaches at the same depth). Conservative: true may also mean
-    /// nothing relevant changed.
-    pub fn take_routing_changed(&mut self, same_level: impl Fn(Idx, Idx) -> bool) -> bool {
-        let edges = std::mem::take(&mut self.routing_edges);
-        let changed = std::mem::take(&mut self.routing_changed)
-            || edges.iter().any(|&(a, b)| !same_level(a, b));
-        self.routing_edges = edges;
-        self.routing_edges.clear();
-        changed
+    /// counts for nobody's routes but that end's own). A removed connection
+    /// a–b for which `same_level(a, b)` holds does not count (a
+    /// breadth-first search never takes a link between two peers it reaches
+    /// at the same depth). Conservative: a change may also turn out to
+    /// change nothing.
+    pub fn take_routing_change(&mut self, same_level: impl Fn(Idx, Idx) -> bool) -> RoutingChange {
+        let full = std::mem::take(&mut self.routing_full)
+            || self.routing_removed.iter().any(|&(a, b)| !same_level(a, b));
+        self.routing_removed.clear();
+        if self.routing_removed.capacity() > 64 {
+            self.routing_removed = Vec::new();
+        }
+        let grown = std::mem::take(&mut self.routing_grown);
+        if full {
+            RoutingChange::Full
+        } else if grown.is_empty() {
+            RoutingChange::None
+        } else {
+            RoutingChange::Grown(grown)
+        }
     }
 
-    /// Note the connections of `peer` to `others` that are (were) also
-    /// reported by the other end. Links to us do not count: our own
-    /// connections are used from our side alone.
-    fn note_symmetric(&mut self, peer: Idx, others: impl Iterator<Item = Idx>) {
-        if peer == 0 {
+    fn too_many_changes(&mut self) {
+        self.routing_full = true;
+        self.routing_grown = Vec::new();
+        self.routing_removed = Vec::new();
+    }
+
+    /// Note a peer whose entry appeared or gained connections.
+    fn note_grown(&mut self, peer: Idx) {
+        if self.routing_full || self.routing_grown.last() == Some(&peer) {
+            return;
+        }
+        if self.routing_grown.len() >= MAX_ROUTING_CHANGES {
+            return self.too_many_changes();
+        }
+        self.routing_grown.push(peer);
+    }
+
+    /// Note the connections of `peer` to `others` that went away, if the
+    /// other end reports them too (call it before the change). Links to
+    /// us do not count: our own connections are used from our side alone.
+    fn note_removed(&mut self, peer: Idx, others: impl Iterator<Item = Idx>) {
+        if peer == 0 || self.routing_full {
             return;
         }
         for o in others {
             if o != 0 && self.get(o).is_some_and(|e| e.has_conn(peer)) {
-                if self.routing_edges.len() >= MAX_ROUTING_EDGES {
-                    self.routing_changed = true;
-                    self.routing_edges = Vec::new();
-                    return;
+                if self.routing_removed.len() >= MAX_ROUTING_CHANGES {
+                    return self.too_many_changes();
                 }
-                self.routing_edges.push((peer, o));
+                self.routing_removed.push((peer, o));
             }
         }
     }
@@ -535,24 +577,27 @@ impl Topology {
             floor: r.version,
             settled: 0,
         };
-        if !self.routing_changed {
+        if !self.routing_full {
             if let Some(old) = self.get(r.peer) {
-                let changed = sorted_changes(old.conns.iter(), conns.iter().copied());
-                self.note_symmetric(r.peer, changed.into_iter());
+                let (gone, new) = sorted_diff(old.conns.iter(), conns.iter().copied());
+                self.note_removed(r.peer, gone.into_iter());
+                if new {
+                    self.note_grown(r.peer);
+                }
             }
         }
         self.set(r.peer, Some(e));
     }
 
     fn apply_delta(&mut self, r: LocalRecord) {
-        if !self.routing_changed {
+        if !self.routing_full {
             let e = self.get(r.peer).expect("a delta applies to a known entry");
-            let changed = r.del.iter().filter(|&&d| e.has_conn(d));
-            let changed: Vec<Idx> = changed
-                .chain(r.add.iter().filter(|&&a| !e.has_conn(a)))
-                .copied()
-                .collect();
-            self.note_symmetric(r.peer, changed.into_iter());
+            let gone: Vec<Idx> = r.del.iter().copied().filter(|&d| e.has_conn(d)).collect();
+            let new = r.add.iter().any(|&a| !e.has_conn(a));
+            self.note_removed(r.peer, gone.into_iter());
+            if new {
+                self.note_grown(r.peer);
+            }
         }
         self.modify(r.peer, |e| {
             let v = r.version;
@@ -633,7 +678,13 @@ impl Topology {
             })
             .unwrap_or(false);
         // Our own connections count for routes from our side alone.
-        self.routing_changed |= changed;
+        if changed {
+            if up {
+                self.note_grown(0);
+            } else {
+                self.routing_full = true;
+            }
+        }
         changed
     }
 
@@ -671,24 +722,29 @@ impl Topology {
     }
 }
 
-/// Elements in exactly one of two sorted sequences.
-fn sorted_changes(mut a: impl Iterator<Item = Idx>, mut b: impl Iterator<Item = Idx>) -> Vec<Idx> {
-    let mut out = Vec::new();
+/// Of two sorted sequences: the elements only in the first, and whether
+/// any is only in the second.
+fn sorted_diff(
+    mut a: impl Iterator<Item = Idx>,
+    mut b: impl Iterator<Item = Idx>,
+) -> (Vec<Idx>, bool) {
+    let mut gone = Vec::new();
+    let mut new = false;
     let (mut x, mut y) = (a.next(), b.next());
     loop {
         match (x, y) {
-            (None, None) => return out,
+            (None, None) => return (gone, new),
             (Some(p), Some(q)) if p == q => (x, y) = (a.next(), b.next()),
             (Some(p), Some(q)) if p < q => {
-                out.push(p);
+                gone.push(p);
                 x = a.next();
             }
-            (Some(_), Some(q)) | (None, Some(q)) => {
-                out.push(q);
+            (Some(_), Some(_)) | (None, Some(_)) => {
+                new = true;
                 y = b.next();
             }
             (Some(p), None) => {
-                out.push(p);
+                gone.push(p);
                 x = a.next();
             }
         }
