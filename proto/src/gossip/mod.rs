@@ -307,6 +307,13 @@ impl Gossip {
         &self.config
     }
 
+    /// Make room for a mesh of `peers` peers up front (a memory hint: a
+    /// simulator holding thousands of cores saves the slack of growing
+    /// each one's tables; nothing else changes).
+    pub fn reserve_peers(&mut self, peers: usize) {
+        self.topo.reserve(peers);
+    }
+
     /// Register a named channel (IPAM, DNS). Neighbours that do not know the
     /// channel ignore its messages.
     pub fn add_channel(&mut self, name: &str, data: Box<dyn GossipData>) {
@@ -435,6 +442,13 @@ impl Gossip {
         if self.flush_due.is_some_and(|t| t <= now) {
             self.flush_due = None;
             self.flush();
+            // Forget old requests each round: a joining peer asks for
+            // thousands of entries within seconds.
+            let patience = self.config.flush_interval * 2;
+            self.wanted.retain(|_, w| now < w.2 + patience);
+            if self.wanted.capacity() > 4 * self.wanted.len().max(16) {
+                self.wanted.shrink_to_fit();
+            }
         }
         if self.routes_due.is_some_and(|t| t <= now) {
             self.routes_due = None;
@@ -1030,6 +1044,16 @@ impl Gossip {
                 add,
                 del,
             });
+            {
+                use std::sync::atomic::Ordering::Relaxed;
+                let k = match applied {
+                    Applied::Stale => 0,
+                    Applied::Changed { .. } => 1,
+                    Applied::Want { .. } => 2,
+                } + if r.base == 0 { 0 } else { 3 };
+                TMP_COUNTS[k].fetch_add(1, Relaxed);
+                TMP_COUNTS[6 + k].fetch_add((r.add.len() + r.del.len()) as u64, Relaxed);
+            }
             match applied {
                 Applied::Stale => {}
                 Applied::Changed { prev, new_peer } => {
@@ -1216,6 +1240,10 @@ impl Gossip {
         }
     }
 }
+
+/// TEMP
+pub static TMP_COUNTS: [std::sync::atomic::AtomicU64; 12] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 12];
 
 /// Relayed records with more connection changes than this are announced
 /// ([`wire::Body::Have`]) rather than pushed: most receivers already have

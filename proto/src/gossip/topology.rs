@@ -236,7 +236,7 @@ pub struct Entry {
     pub conns: Conns,
     /// Recent changes, oldest first; complete for versions above `floor`.
     /// At most [`MAX_RECENT`], dropped once the entry settles.
-    pub recent: Vec<Op>,
+    pub recent: Box<[Op]>,
 }
 
 impl Entry {
@@ -350,12 +350,21 @@ impl Topology {
                 addrs: Box::new([]),
                 addrs_version: 1,
                 conns: Conns::default(),
-                recent: vec![],
+                recent: Box::new([]),
                 floor: 1,
                 settled: 0,
             }),
         );
         t
+    }
+
+    /// Make room for `peers` entries in all (a hint: a simulator holding
+    /// thousands of topologies saves the slack of growing each).
+    pub fn reserve(&mut self, peers: usize) {
+        let more = peers.saturating_sub(self.names.len());
+        self.names.reserve_exact(more);
+        self.entries.reserve_exact(more);
+        self.index.reserve(more);
     }
 
     /// The local index of a name, allocating one.
@@ -573,7 +582,7 @@ impl Topology {
             addrs: addrs.into(),
             addrs_version: r.version,
             conns: Conns::from_sorted(&conns),
-            recent: vec![],
+            recent: Box::new([]),
             floor: r.version,
             settled: 0,
         };
@@ -703,7 +712,7 @@ impl Topology {
         self.modify(0, |e| {
             e.incarnation = incarnation.max(e.incarnation);
             e.version = version.saturating_add(1).max(e.version + 1);
-            e.recent = Vec::new();
+            e.recent = Box::new([]);
             e.floor = e.version;
             e.addrs_version = e.version;
         });
@@ -714,7 +723,7 @@ impl Topology {
     pub fn compact(&mut self) {
         for e in self.entries.iter_mut().flatten() {
             if e.settled == e.version && !e.recent.is_empty() {
-                e.recent = Vec::new();
+                e.recent = Box::new([]);
                 e.floor = e.version;
             }
             e.settled = e.version;
@@ -754,7 +763,7 @@ fn sorted_diff(
 /// Append operations to an entry's history, keeping at most [`MAX_RECENT`]
 /// and no spare capacity.
 fn push_ops(e: &mut Entry, ops: impl Iterator<Item = Op>) {
-    let mut recent = std::mem::take(&mut e.recent);
+    let mut recent = std::mem::take(&mut e.recent).into_vec();
     recent.extend(ops);
     while recent.len() > MAX_RECENT {
         // Drop the oldest version's operations whole, so that the history
@@ -764,8 +773,7 @@ fn push_ops(e: &mut Entry, ops: impl Iterator<Item = Op>) {
         recent.drain(..n);
         e.floor = e.floor.max(v);
     }
-    recent.shrink_to_fit();
-    e.recent = recent;
+    e.recent = recent.into_boxed_slice();
 }
 
 #[cfg(test)]

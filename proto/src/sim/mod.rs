@@ -563,13 +563,15 @@ impl Sim {
         p.incarnation += 1;
         p.life += 1;
         let seed = self.cfg.seed ^ (i as u64).wrapping_mul(0x9e37_79b9) ^ p.incarnation << 48;
-        p.core = Some(Gossip::new(
+        let mut core = Gossip::new(
             p.name,
             format!("host{i}"),
             p.incarnation,
             self.cfg.gossip.clone(),
             seed,
-        ));
+        );
+        core.reserve_peers(self.cfg.peers);
+        p.core = Some(core);
         self.trigger_maker(i, Duration::ZERO);
     }
 
