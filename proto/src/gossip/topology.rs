@@ -83,7 +83,21 @@ pub struct Op {
     peer_add: u32,
 }
 
+/// The peer of a hole marker: an [`Op`] at version `v` followed by
+/// operations at version `w` says the history does not know what happened
+/// between `v` and `w` (the entry was learned whole at `w` over `v`): the
+/// operations at `w` serve bases up to `v` only.
+const HOLE: Idx = 0x7fff_ffff;
+
 impl Op {
+    fn hole(version: u32) -> Op {
+        Op::new(version, HOLE, false)
+    }
+
+    fn is_hole(&self) -> bool {
+        self.peer() == HOLE
+    }
+
     fn new(version: u32, peer: Idx, add: bool) -> Op {
         Op {
             version,
@@ -575,7 +589,7 @@ impl Topology {
         conns.dedup();
         let mut addrs = r.addrs.unwrap_or_default();
         addrs.truncate(MAX_ADDRS);
-        let e = Entry {
+        let mut e = Entry {
             nickname: r.nickname.unwrap_or_default().into(),
             incarnation: r.incarnation,
             version: r.version,
@@ -586,11 +600,22 @@ impl Topology {
             floor: r.version,
             settled: 0,
         };
-        if !self.routing_full {
-            if let Some(old) = self.get(r.peer) {
-                let (gone, new) = sorted_diff(old.conns.iter(), conns.iter().copied());
+        if let Some(old) = self.get(r.peer) {
+            let (gone, added) = sorted_diff(old.conns.iter(), conns.iter().copied());
+            if old.incarnation == r.incarnation && old.version < r.version {
+                // Keep serving deltas to neighbours at or below the version
+                // we had: our history, a hole, and the difference (else a
+                // whole entry learned while a mesh converges makes every
+                // neighbour a little behind fetch it whole again).
+                let ops = gone.iter().map(|&c| Op::new(r.version, c, false));
+                let ops = ops.chain(added.iter().map(|&c| Op::new(r.version, c, true)));
+                e.floor = old.floor;
+                e.recent = old.recent.clone();
+                push_ops(&mut e, std::iter::once(Op::hole(old.version)).chain(ops));
+            }
+            if !self.routing_full {
                 self.note_removed(r.peer, gone.into_iter());
-                if new {
+                if !added.is_empty() {
                     self.note_grown(r.peer);
                 }
             }
@@ -654,10 +679,18 @@ impl Topology {
                 del: vec![],
             });
         }
+        // A base inside a hole gets the whole entry.
+        let in_hole = e.recent.iter().enumerate().any(|(k, op)| {
+            let next = e.recent[k + 1..].iter().find(|o| !o.is_hole());
+            op.is_hole() && version > op.version && next.is_none_or(|n| version < n.version)
+        });
+        if in_hole {
+            return self.record_for(i, 0, 0);
+        }
         // Latest operation per connection, above `version`.
         let mut last: Vec<(Idx, bool)> = Vec::new();
         for op in e.recent.iter().rev().take_while(|op| op.version > version) {
-            if !last.iter().any(|(p, _)| *p == op.peer()) {
+            if !op.is_hole() && !last.iter().any(|(p, _)| *p == op.peer()) {
                 last.push((op.peer(), op.add()));
             }
         }
@@ -731,14 +764,13 @@ impl Topology {
     }
 }
 
-/// Of two sorted sequences: the elements only in the first, and whether
-/// any is only in the second.
+/// Of two sorted sequences: the elements only in the first, and those
+/// only in the second.
 fn sorted_diff(
     mut a: impl Iterator<Item = Idx>,
     mut b: impl Iterator<Item = Idx>,
-) -> (Vec<Idx>, bool) {
-    let mut gone = Vec::new();
-    let mut new = false;
+) -> (Vec<Idx>, Vec<Idx>) {
+    let (mut gone, mut new) = (Vec::new(), Vec::new());
     let (mut x, mut y) = (a.next(), b.next());
     loop {
         match (x, y) {
@@ -748,8 +780,8 @@ fn sorted_diff(
                 gone.push(p);
                 x = a.next();
             }
-            (Some(_), Some(_)) | (None, Some(_)) => {
-                new = true;
+            (Some(_), Some(q)) | (None, Some(q)) => {
+                new.push(q);
                 y = b.next();
             }
             (Some(p), None) => {
@@ -767,9 +799,22 @@ fn push_ops(e: &mut Entry, ops: impl Iterator<Item = Op>) {
     recent.extend(ops);
     while recent.len() > MAX_RECENT {
         // Drop the oldest version's operations whole, so that the history
-        // stays complete above the floor.
-        let v = recent[0].version;
-        let n = recent.iter().take_while(|op| op.version <= v).count();
+        // stays complete above the floor. A hole goes with the operations
+        // after it (they serve bases below it only).
+        let v = if recent[0].is_hole() {
+            recent[1..]
+                .iter()
+                .find(|op| !op.is_hole())
+                .map_or(e.version, |op| op.version)
+        } else {
+            recent[0].version
+        };
+        let skip = usize::from(recent[0].is_hole());
+        let n = skip
+            + recent[skip..]
+                .iter()
+                .take_while(|op| op.version <= v && !op.is_hole())
+                .count();
         recent.drain(..n);
         e.floor = e.floor.max(v);
     }
@@ -918,6 +963,69 @@ mod tests {
             got.sort();
             prop_assert_eq!(got, want);
             prop_assert_eq!(rx.get(me).unwrap().version, owner.get(0).unwrap().version);
+        }
+    }
+
+    proptest! {
+        /// A relay that learns an entry from whole records and deltas at
+        /// any versions serves any neighbour, at any version it may hold,
+        /// exactly the relay's entry.
+        #[test]
+        fn relayed_deltas_equal_whole(
+            ops in proptest::collection::vec((1u8..12, any::<bool>(), 0u8..4), 1..120),
+            have in 0usize..120,
+        ) {
+            let tr = |from: &Topology, to: &mut Topology, r: &LocalRecord| LocalRecord {
+                peer: to.intern(from.name(r.peer)),
+                add: r.add.iter().map(|&j| to.intern(from.name(j))).collect(),
+                del: r.del.iter().map(|&j| to.intern(from.name(j))).collect(),
+                ..r.clone()
+            };
+            let mut owner = Topology::new(nm(1), "o".into(), 1);
+            let mut relay = Topology::new(nm(0), "relay".into(), 1);
+            let mut snapshots = vec![owner.record_for(0, 0, 0).unwrap()];
+            for (p, up, learn) in ops {
+                let i = owner.intern(nm(p));
+                if !owner.set_own_conn(i, up) {
+                    continue;
+                }
+                snapshots.push(owner.record_for(0, 0, 0).unwrap());
+                // The relay learns this version whole (1), as a delta from
+                // its own (2), or not at all.
+                let at = relay.lookup(nm(1)).and_then(|m| relay.get(m)).map(|e| e.version);
+                let rec = match (learn, at) {
+                    (1, _) | (2, None) => owner.record_for(0, 0, 0),
+                    (2, Some(v)) => owner.record_for(0, 1, v),
+                    _ => None,
+                };
+                if let Some(rec) = rec {
+                    let r = tr(&owner, &mut relay, &rec);
+                    relay.apply(r);
+                }
+            }
+            let Some(m) = relay.lookup(nm(1)).filter(|&m| relay.get(m).is_some()) else {
+                return Ok(());
+            };
+            let top = relay.get(m).unwrap().version;
+            // A neighbour holding any version up to the relay's.
+            let held: Vec<&LocalRecord> = snapshots.iter().filter(|s| s.version <= top).collect();
+            let snap = held[have % held.len()];
+            let mut rx = Topology::new(nm(2), "rx".into(), 1);
+            let r = tr(&owner, &mut rx, snap);
+            rx.apply(r);
+            if let Some(d) = relay.record_for(m, 1, snap.version) {
+                let d = tr(&relay, &mut rx, &d);
+                let applied = matches!(rx.apply(d), Applied::Changed { .. });
+                prop_assert!(applied);
+            }
+            let names = |t: &Topology, i: Idx| {
+                let mut v: Vec<PeerName> = t.get(i).unwrap().conns.iter().map(|j| t.name(j)).collect();
+                v.sort();
+                v
+            };
+            let me = rx.lookup(nm(1)).unwrap();
+            prop_assert_eq!(names(&rx, me), names(&relay, m));
+            prop_assert_eq!(rx.get(me).unwrap().version, top);
         }
     }
 
