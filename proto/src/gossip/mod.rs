@@ -764,12 +764,12 @@ impl Gossip {
     }
 
     fn records_for(&self, want: &[VersionRec]) -> Vec<LocalRecord> {
-        want.iter()
-            .filter_map(|w| {
-                let i = self.topo.lookup(w.name)?;
-                self.topo.record_for(i, w.incarnation, w.version)
-            })
-            .collect()
+        let mut out = Vec::with_capacity(want.len());
+        out.extend(want.iter().filter_map(|w| {
+            let i = self.topo.lookup(w.name)?;
+            self.topo.record_for(i, w.incarnation, w.version)
+        }));
+        out
     }
 
     fn flush(&mut self) {
