@@ -1181,7 +1181,10 @@ impl Gossip {
         };
         match self.topo.take_routing_change(same_level) {
             RoutingChange::None => {}
-            RoutingChange::Grown(peers) => {
+            RoutingChange::Grown(mut peers) => {
+                // A peer whose entry changed several times counts once.
+                peers.sort_unstable();
+                peers.dedup();
                 routes::add_links(&self.topo, &mut self.routes, &mut self.route_depth, &peers);
             }
             RoutingChange::Full => {
