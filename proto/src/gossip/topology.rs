@@ -229,6 +229,72 @@ impl Conns {
     }
 }
 
+/// An entry's recent changes ([`Op`]s, oldest first): four bytes an
+/// operation while every version is within 65,535 above the entry's
+/// `floor` and every index below 32,767 (any mesh of fewer names), eight
+/// beyond. Every topology holds one per changing entry while a mesh
+/// converges, so this is much of a simulator's peak memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum History {
+    /// Version above the floor (high 16 bits), added (bit 15), index
+    /// (0x7fff: a hole marker).
+    Narrow(Box<[u32]>),
+    /// Anything.
+    Wide(Box<[Op]>),
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History::Narrow(Box::new([]))
+    }
+}
+
+impl History {
+    /// The operations, given the entry's floor.
+    fn from_ops(ops: &[Op], floor: u32) -> History {
+        let narrow = |op: &Op| {
+            let off = op.version.checked_sub(floor)?;
+            let peer = if op.is_hole() { 0x7fff } else { op.peer() };
+            (off <= 0xffff && (peer < 0x7fff || op.is_hole()))
+                .then(|| off << 16 | u32::from(op.add()) << 15 | peer)
+        };
+        match ops.iter().map(narrow).collect::<Option<Box<[u32]>>>() {
+            Some(n) => History::Narrow(n),
+            None => History::Wide(ops.into()),
+        }
+    }
+
+    /// The operations, oldest first, given the entry's floor.
+    pub fn ops(&self, floor: u32) -> Vec<Op> {
+        match self {
+            History::Narrow(n) => n
+                .iter()
+                .map(|&x| {
+                    let peer = match x & 0x7fff {
+                        0x7fff => HOLE,
+                        p => p,
+                    };
+                    Op::new(floor + (x >> 16), peer, x >> 15 & 1 == 1)
+                })
+                .collect(),
+            History::Wide(w) => w.to_vec(),
+        }
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        match self {
+            History::Narrow(n) => n.len(),
+            History::Wide(w) => w.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One peer's entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -248,9 +314,10 @@ pub struct Entry {
     pub addrs: Box<[SocketAddr]>,
     /// Its established connections, sorted.
     pub conns: Conns,
-    /// Recent changes, oldest first; complete for versions above `floor`.
-    /// At most [`MAX_RECENT`], dropped once the entry settles.
-    pub recent: Box<[Op]>,
+    /// Recent changes, oldest first; complete for versions above `floor`
+    /// (but for holes). At most [`MAX_RECENT`], dropped once the entry
+    /// settles.
+    pub recent: History,
 }
 
 impl Entry {
@@ -364,7 +431,7 @@ impl Topology {
                 addrs: Box::new([]),
                 addrs_version: 1,
                 conns: Conns::default(),
-                recent: Box::new([]),
+                recent: History::default(),
                 floor: 1,
                 settled: 0,
             }),
@@ -596,7 +663,7 @@ impl Topology {
             addrs: addrs.into(),
             addrs_version: r.version,
             conns: Conns::from_sorted(&conns),
-            recent: Box::new([]),
+            recent: History::default(),
             floor: r.version,
             settled: 0,
         };
@@ -680,8 +747,9 @@ impl Topology {
             });
         }
         // A base inside a hole gets the whole entry.
-        let in_hole = e.recent.iter().enumerate().any(|(k, op)| {
-            let next = e.recent[k + 1..].iter().find(|o| !o.is_hole());
+        let recent = e.recent.ops(e.floor);
+        let in_hole = recent.iter().enumerate().any(|(k, op)| {
+            let next = recent[k + 1..].iter().find(|o| !o.is_hole());
             op.is_hole() && version > op.version && next.is_none_or(|n| version < n.version)
         });
         if in_hole {
@@ -689,7 +757,7 @@ impl Topology {
         }
         // Latest operation per connection, above `version`.
         let mut last: Vec<(Idx, bool)> = Vec::new();
-        for op in e.recent.iter().rev().take_while(|op| op.version > version) {
+        for op in recent.iter().rev().take_while(|op| op.version > version) {
             if !op.is_hole() && !last.iter().any(|(p, _)| *p == op.peer()) {
                 last.push((op.peer(), op.add()));
             }
@@ -745,7 +813,7 @@ impl Topology {
         self.modify(0, |e| {
             e.incarnation = incarnation.max(e.incarnation);
             e.version = version.saturating_add(1).max(e.version + 1);
-            e.recent = Box::new([]);
+            e.recent = History::default();
             e.floor = e.version;
             e.addrs_version = e.version;
         });
@@ -756,7 +824,7 @@ impl Topology {
     pub fn compact(&mut self) {
         for e in self.entries.iter_mut().flatten() {
             if e.settled == e.version && !e.recent.is_empty() {
-                e.recent = Box::new([]);
+                e.recent = History::default();
                 e.floor = e.version;
             }
             e.settled = e.version;
@@ -795,7 +863,7 @@ fn sorted_diff(
 /// Append operations to an entry's history, keeping at most [`MAX_RECENT`]
 /// and no spare capacity.
 fn push_ops(e: &mut Entry, ops: impl Iterator<Item = Op>) {
-    let mut recent = std::mem::take(&mut e.recent).into_vec();
+    let mut recent = e.recent.ops(e.floor);
     recent.extend(ops);
     while recent.len() > MAX_RECENT {
         // Drop the oldest version's operations whole, so that the history
@@ -818,7 +886,7 @@ fn push_ops(e: &mut Entry, ops: impl Iterator<Item = Op>) {
         recent.drain(..n);
         e.floor = e.floor.max(v);
     }
-    e.recent = recent.into_boxed_slice();
+    e.recent = History::from_ops(&recent, e.floor);
 }
 
 #[cfg(test)]
@@ -1042,6 +1110,20 @@ mod tests {
         assert!(matches!(c, Conns::Narrow(_)));
         assert!(!c.contains(70_000));
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn history_narrows_and_widens() {
+        let ops = [Op::new(5, 3, true), Op::hole(5), Op::new(6, 0x7ffe, false)];
+        let h = History::from_ops(&ops, 4);
+        assert!(matches!(h, History::Narrow(_)));
+        assert_eq!(h.ops(4), ops);
+        for wide in [Op::new(70_000, 1, true), Op::new(7, 0x7fff, false)] {
+            let ops = [ops[0], ops[1], wide];
+            let h = History::from_ops(&ops, 4);
+            assert!(matches!(h, History::Wide(_)));
+            assert_eq!(h.ops(4), ops);
+        }
     }
 
     #[test]
