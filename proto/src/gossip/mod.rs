@@ -528,9 +528,9 @@ impl Gossip {
                 let name = self.topo.name(i);
                 let e = self.topo.get(i)?;
                 (!self.neighbours.contains_key(&name)
-                    && !e.addrs.is_empty()
+                    && e.card.has_addrs()
                     && e.conns.len() < self.config.conn_limit)
-                    .then(|| (name, e.addrs.to_vec()))
+                    .then(|| (name, e.card.addrs()))
             })
             .collect()
     }
@@ -558,10 +558,10 @@ impl Gossip {
                     .collect();
                 Some(PeerSummary {
                     name,
-                    nickname: e.nickname.to_string(),
+                    nickname: e.card.nickname().to_string(),
                     incarnation: e.incarnation,
                     version: e.version,
-                    addrs: e.addrs.to_vec(),
+                    addrs: e.card.addrs(),
                     connections,
                     reachable: i == 0 || self.routes.hop(i).is_some(),
                     next_hop: if i == 0 { None } else { self.next_hop(name) },
@@ -886,11 +886,7 @@ impl Gossip {
 
     fn on_hello(&mut self, now: Instant, from: PeerName, h: Hello) -> Result<(), GossipError> {
         if let Some(a) = h.your_addr {
-            let mine = self
-                .topo
-                .get(0)
-                .map(|e| e.addrs.to_vec())
-                .unwrap_or_default();
+            let mine = self.topo.get(0).map(|e| e.card.addrs()).unwrap_or_default();
             if mine.first() != Some(&a) {
                 let mut addrs = vec![a];
                 addrs.extend(mine.into_iter().filter(|x| *x != a));
@@ -1098,7 +1094,11 @@ impl Gossip {
         if (r.incarnation, r.version) <= (inc, ver) {
             return;
         }
-        if r.incarnation > inc || r.nickname.as_ref().is_some_and(|n| **n != *mine.nickname) {
+        if r.incarnation > inc
+            || r.nickname
+                .as_ref()
+                .is_some_and(|n| n.as_str() != mine.card.nickname())
+        {
             self.events.push_back(Event::NameCollision {
                 name: self.me,
                 nickname: r.nickname.clone().unwrap_or_default(),

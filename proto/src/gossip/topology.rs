@@ -295,6 +295,91 @@ impl History {
     }
 }
 
+/// An entry's nickname and the addresses it can be dialed at (as its
+/// neighbours see it), in one exact-size allocation: a length-prefixed
+/// nickname, then each address as a tag (4 or 6), the IP, the port (and
+/// for IPv6 flow info and scope). Every peer holds one per known peer (a
+/// simulator N² of them), so two boxes each would cost more than the data.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Card(Box<[u8]>);
+
+impl Card {
+    /// A nickname (cut to 255 bytes) and addresses.
+    pub fn new(nickname: &str, addrs: &[SocketAddr]) -> Card {
+        let mut cut = nickname.len().min(255);
+        while !nickname.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut b = Vec::with_capacity(1 + cut + 8 * addrs.len());
+        b.push(cut as u8);
+        b.extend_from_slice(&nickname.as_bytes()[..cut]);
+        for a in addrs {
+            match a {
+                SocketAddr::V4(v) => {
+                    b.push(4);
+                    b.extend_from_slice(&v.ip().octets());
+                    b.extend_from_slice(&v.port().to_le_bytes());
+                }
+                SocketAddr::V6(v) => {
+                    b.push(6);
+                    b.extend_from_slice(&v.ip().octets());
+                    b.extend_from_slice(&v.port().to_le_bytes());
+                    b.extend_from_slice(&v.flowinfo().to_le_bytes());
+                    b.extend_from_slice(&v.scope_id().to_le_bytes());
+                }
+            }
+        }
+        Card(b.into())
+    }
+
+    fn split(&self) -> (&[u8], &[u8]) {
+        let n = self
+            .0
+            .first()
+            .map_or(0, |&n| usize::from(n) + 1)
+            .min(self.0.len());
+        let (nick, addrs) = self.0.split_at(n);
+        (nick.get(1..).unwrap_or_default(), addrs)
+    }
+
+    /// The nickname.
+    pub fn nickname(&self) -> &str {
+        std::str::from_utf8(self.split().0).unwrap_or_default()
+    }
+
+    /// The addresses.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        use std::net::{SocketAddrV4, SocketAddrV6};
+        let mut out = Vec::new();
+        let mut b = self.split().1;
+        let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        loop {
+            match b {
+                [4, rest @ ..] if rest.len() >= 6 => {
+                    let ip: [u8; 4] = [rest[0], rest[1], rest[2], rest[3]];
+                    out.push(SocketAddrV4::new(ip.into(), u16_at(rest, 4)).into());
+                    b = &rest[6..];
+                }
+                [6, rest @ ..] if rest.len() >= 26 => {
+                    let mut ip = [0u8; 16];
+                    ip.copy_from_slice(&rest[..16]);
+                    let (port, flow, scope) =
+                        (u16_at(rest, 16), u32_at(rest, 18), u32_at(rest, 22));
+                    out.push(SocketAddrV6::new(ip.into(), port, flow, scope).into());
+                    b = &rest[26..];
+                }
+                _ => return out,
+            }
+        }
+    }
+
+    /// Whether there is any address.
+    pub fn has_addrs(&self) -> bool {
+        !self.split().1.is_empty()
+    }
+}
+
 /// One peer's entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -308,10 +393,8 @@ pub struct Entry {
     pub floor: u32,
     /// The version seen at the last compaction (for pruning `recent`).
     settled: u32,
-    /// Human-friendly name.
-    pub nickname: Box<str>,
-    /// Addresses it can be dialed at, as its neighbours see it.
-    pub addrs: Box<[SocketAddr]>,
+    /// Its nickname and the addresses it can be dialed at.
+    pub card: Card,
     /// Its established connections, sorted.
     pub conns: Conns,
     /// Recent changes, oldest first; complete for versions above `floor`
@@ -425,10 +508,9 @@ impl Topology {
         t.set(
             i,
             Some(Entry {
-                nickname: nickname.into(),
+                card: Card::new(&nickname, &[]),
                 incarnation: incarnation.max(1),
                 version: 1,
-                addrs: Box::new([]),
                 addrs_version: 1,
                 conns: Conns::default(),
                 recent: History::default(),
@@ -657,10 +739,9 @@ impl Topology {
         let mut addrs = r.addrs.unwrap_or_default();
         addrs.truncate(MAX_ADDRS);
         let mut e = Entry {
-            nickname: r.nickname.unwrap_or_default().into(),
+            card: Card::new(r.nickname.as_deref().unwrap_or_default(), &addrs),
             incarnation: r.incarnation,
             version: r.version,
-            addrs: addrs.into(),
             addrs_version: r.version,
             conns: Conns::from_sorted(&conns),
             recent: History::default(),
@@ -718,7 +799,7 @@ impl Topology {
             push_ops(e, ops.chain(r.add.iter().map(|&a| Op::new(v, a, true))));
             if let Some(mut addrs) = r.addrs {
                 addrs.truncate(MAX_ADDRS);
-                e.addrs = addrs.into();
+                e.card = Card::new(e.card.nickname(), &addrs);
                 e.addrs_version = v;
             }
             e.version = v;
@@ -740,8 +821,8 @@ impl Topology {
                 incarnation: e.incarnation,
                 base: 0,
                 version: e.version,
-                nickname: Some(e.nickname.to_string()),
-                addrs: Some(e.addrs.to_vec()),
+                nickname: Some(e.card.nickname().to_string()),
+                addrs: Some(e.card.addrs()),
                 add: e.conns.to_vec(),
                 del: vec![],
             });
@@ -768,7 +849,7 @@ impl Topology {
             base: version,
             version: e.version,
             nickname: None,
-            addrs: (e.addrs_version > version).then(|| e.addrs.to_vec()),
+            addrs: (e.addrs_version > version).then(|| e.card.addrs()),
             add: last.iter().filter(|(_, a)| *a).map(|(p, _)| *p).collect(),
             del: last.iter().filter(|(_, a)| !*a).map(|(p, _)| *p).collect(),
         })
@@ -802,7 +883,7 @@ impl Topology {
     pub fn set_own_addrs(&mut self, addrs: Vec<SocketAddr>) {
         self.modify(0, |e| {
             e.version += 1;
-            e.addrs = addrs.into();
+            e.card = Card::new(e.card.nickname(), &addrs);
             e.addrs_version = e.version;
         });
     }
@@ -1124,6 +1205,20 @@ mod tests {
             assert!(matches!(h, History::Wide(_)));
             assert_eq!(h.ops(4), ops);
         }
+    }
+
+    #[test]
+    fn cards_round_trip() {
+        let addrs: Vec<SocketAddr> = vec![
+            "198.18.0.1:6783".parse().unwrap(),
+            "[fe80::1%3]:6784".parse().unwrap(),
+        ];
+        let c = Card::new("höst", &addrs);
+        assert_eq!((c.nickname(), c.addrs()), ("höst", addrs));
+        assert!(c.has_addrs() && !Card::new("x", &[]).has_addrs());
+        let long = "é".repeat(200);
+        assert_eq!(Card::new(&long, &[]).nickname(), "é".repeat(127));
+        assert_eq!(Card::default().nickname(), "");
     }
 
     #[test]
