@@ -23,7 +23,10 @@
 //!   bytes) instead of pushed, and fetched only by the neighbours that lack
 //!   it ([`wire::Body::Want`]), so it crosses each peer's links about once.
 //!   A peer that misses a delta notices the gap on the next one and asks for
-//!   exactly the changes it lacks.
+//!   exactly the changes it lacks. A peer that learns an entry whole over an
+//!   older version keeps the difference as history (see [`topology`]), so
+//!   neighbours a few versions behind still get deltas from it, not the
+//!   whole entry again.
 //! - **New connections.** Both sides send a [`wire::Hello`] (peer count and
 //!   a hash of all they know). When the neighbour was not reachable before
 //!   (a joining peer, a healed partition), the two run a digest sync, which
@@ -46,13 +49,15 @@
 //! repairs at far greater cost (bucket hashes, versions, often whole
 //! entries) in the seconds after convergence; with 3 it misses ~5%, and
 //! 350 ms batches keep the extra pushes in check. Simulated at 1,000
-//! peers (seeds 1-3): converged in 4.5-4.9 s, 150-185 kB/s per peer while
-//! converging, 1.5-1.9 kB/s per peer at rest, of which ~1 kB/s is the
+//! peers (seeds 1 and 2): converged in 4.2-4.5 s, 150-164 kB/s per peer
+//! while converging, 1.5-1.7 kB/s per peer at rest, of which ~1 kB/s is the
 //! daemon's heartbeats (100 connections × 20 bytes every 2 s).
 //!
 //! Steady state, per peer: heartbeats (the daemon's) plus one summary per
 //! interval (~15 bytes/s). Routes are recomputed at most once per [`Config::route_delay`]
-//! after a change (see [`routes`]); unreachable, unreferenced peers are
+//! after a change (see [`routes`]), and only where the change can shorten
+//! them when it only adds entries or connections (most news while a mesh
+//! converges); unreachable, unreferenced peers are
 //! forgotten after [`Config::gc_grace`] ([`Event::PeerRemoved`]).
 //!
 //! Other subsystems (IPAM, DNS) plug in as named [`GossipData`] channels.

@@ -4,7 +4,10 @@
 //! it (symmetric); our own connections are used as soon as they are up. The
 //! unicast table is a breadth-first search from us (shortest paths in hops),
 //! so under one shared view every hop strictly nears the destination: no
-//! loops.
+//! loops. A core keeps the table up to date without a whole search when
+//! entries or connections only appeared ([`add_links`]: distances can only
+//! shrink, so only the peers that got closer are visited); a removal
+//! searches again ([`unicast_into`]).
 //!
 //! A broadcast from `src` follows `src`'s shortest-path tree, built by every
 //! peer alike: breadth-first from `src` over symmetric connections, each

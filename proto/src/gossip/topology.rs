@@ -13,8 +13,10 @@
 //! Memory matters: every peer holds every entry, so a mesh of N peers with
 //! C connections each holds N·C connections per peer (the simulator holds
 //! N² of them). Nothing derivable is stored per entry (its digest hash is
-//! recomputed from name, incarnation and version), strings and address
-//! lists are exact-size boxes, and the change history is bounded.
+//! recomputed from name, incarnation and version), the nickname and
+//! addresses share one exact-size box ([`Card`]), and the change history is
+//! bounded and four bytes an operation ([`History`]). A core told the mesh's
+//! size ([`Topology::reserve`]) keeps no growth slack.
 //!
 //! Deltas: each entry remembers its recent changes ([`Op`]s, oldest first,
 //! at most [`MAX_RECENT`], complete above `floor`), so anyone holding version
@@ -22,7 +24,10 @@
 //! "connection X present/absent" operations from any `base ≤ v` yields
 //! exactly the newer entry (the last operation on each connection wins).
 //! Older bases get the whole entry. The history of an entry that did not
-//! change between two compactions is dropped.
+//! change between two compactions is dropped. An entry learned whole over
+//! an older version `v` of the same incarnation keeps its history, then a
+//! hole marker at `v`, then the difference (stamped with the new version):
+//! that serves bases up to `v`; a base inside the hole gets the whole entry.
 
 use super::digest::{entry_hash, Digest};
 use super::wire::MAX_ADDRS;
