@@ -269,21 +269,29 @@ impl History {
         }
     }
 
+    /// Operation `k` (oldest first), given the entry's floor.
+    fn op(&self, k: usize, floor: u32) -> Op {
+        match self {
+            History::Narrow(n) => {
+                let x = n[k];
+                let peer = match x & 0x7fff {
+                    0x7fff => HOLE,
+                    p => p,
+                };
+                Op::new(floor + (x >> 16), peer, x >> 15 & 1 == 1)
+            }
+            History::Wide(w) => w[k],
+        }
+    }
+
+    /// The operations, oldest first, given the entry's floor.
+    pub fn iter(&self, floor: u32) -> impl DoubleEndedIterator<Item = Op> + '_ {
+        (0..self.len()).map(move |k| self.op(k, floor))
+    }
+
     /// The operations, oldest first, given the entry's floor.
     pub fn ops(&self, floor: u32) -> Vec<Op> {
-        match self {
-            History::Narrow(n) => n
-                .iter()
-                .map(|&x| {
-                    let peer = match x & 0x7fff {
-                        0x7fff => HOLE,
-                        p => p,
-                    };
-                    Op::new(floor + (x >> 16), peer, x >> 15 & 1 == 1)
-                })
-                .collect(),
-            History::Wide(w) => w.to_vec(),
-        }
+        self.iter(floor).collect()
     }
 
     /// Number of operations.
@@ -833,17 +841,24 @@ impl Topology {
             });
         }
         // A base inside a hole gets the whole entry.
-        let recent = e.recent.ops(e.floor);
-        let in_hole = recent.iter().enumerate().any(|(k, op)| {
-            let next = recent[k + 1..].iter().find(|o| !o.is_hole());
-            op.is_hole() && version > op.version && next.is_none_or(|n| version < n.version)
-        });
-        if in_hole {
-            return self.record_for(i, 0, 0);
+        // Newest first: the version of the nearest later operation that is
+        // not a hole bounds each hole.
+        let mut next: Option<u32> = None;
+        for op in e.recent.iter(e.floor).rev() {
+            if !op.is_hole() {
+                next = Some(op.version);
+            } else if version > op.version && next.is_none_or(|n| version < n) {
+                return self.record_for(i, 0, 0);
+            }
         }
         // Latest operation per connection, above `version`.
         let mut last: Vec<(Idx, bool)> = Vec::new();
-        for op in recent.iter().rev().take_while(|op| op.version > version) {
+        for op in e
+            .recent
+            .iter(e.floor)
+            .rev()
+            .take_while(|op| op.version > version)
+        {
             if !op.is_hole() && !last.iter().any(|(p, _)| *p == op.peer()) {
                 last.push((op.peer(), op.add()));
             }
