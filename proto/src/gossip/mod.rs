@@ -526,18 +526,26 @@ impl Gossip {
     /// them only costs handshakes and backoff), with the addresses they can
     /// be dialed at (as their neighbours see them).
     pub fn dial_candidates(&self) -> Vec<(PeerName, Vec<SocketAddr>)> {
-        self.topo
-            .known()
-            .filter(|&i| i != 0)
-            .filter_map(|i| {
-                let name = self.topo.name(i);
-                let e = self.topo.get(i)?;
-                (!self.neighbours.contains_key(&name)
-                    && e.card.has_addrs()
-                    && e.conns.len() < self.config.conn_limit)
-                    .then(|| (name, e.card.addrs()))
+        self.dial_candidate_names()
+            .filter_map(|name| {
+                let e = self.topo.get(self.topo.lookup(name)?)?;
+                Some((name, e.card.addrs()))
             })
             .collect()
+    }
+
+    /// The names of [`Gossip::dial_candidates`], in the same order, without
+    /// their addresses (a connection maker that resolves names itself
+    /// saves decoding them).
+    pub fn dial_candidate_names(&self) -> impl Iterator<Item = PeerName> + '_ {
+        self.topo.known().filter(|&i| i != 0).filter_map(|i| {
+            let name = self.topo.name(i);
+            let e = self.topo.get(i)?;
+            (!self.neighbours.contains_key(&name)
+                && e.card.has_addrs()
+                && e.conns.len() < self.config.conn_limit)
+                .then_some(name)
+        })
     }
 
     /// Every known peer (ourselves first).
