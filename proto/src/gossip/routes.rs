@@ -427,7 +427,7 @@ mod tests {
     }
 
     proptest! {
-        /// Routes kept up to date link by link (as a core does) have the
+        /// Routes kept up to date change by change (as a core does) have the
         /// distances of a fresh search, and every next hop is one of our
         /// connections at distance 1 on a shortest path.
         #[test]
@@ -469,6 +469,11 @@ mod tests {
                         add,
                         del: vec![],
                     });
+                }
+                // Some changes pile up (as between two recomputations), so
+                // one update sees removals and additions together.
+                if kind % 3 == 1 {
+                    continue;
                 }
                 let old = depth.clone();
                 let same = |x: Idx, y: Idx| {
