@@ -35,7 +35,7 @@
 //!
 //! Cost: every simulated peer holds the whole topology, so memory and work
 //! grow with peers² × `conn_limit`: about 0.54 GB and half a minute of one
-//! core at 1,000 peers, 2.1 GB and two minutes at 2,000, 12.3 GB and 16
+//! core at 1,000 peers, 2.1 GB and two minutes at 2,000, 12.3 GB and 15
 //! minutes at 5,000 (about 500 bytes per entry per simulated peer, of which
 //! 200 are its connections). Each core is told the mesh's size
 //! ([`Gossip::reserve_peers`]) so that its tables keep no growth slack.
