@@ -23,7 +23,10 @@
 //!   bytes) instead of pushed, and fetched only by the neighbours that lack
 //!   it ([`wire::Body::Want`]), so it crosses each peer's links about once.
 //!   A peer that misses a delta notices the gap on the next one and asks for
-//!   exactly the changes it lacks.
+//!   exactly the changes it lacks. A peer that learns an entry whole over an
+//!   older version keeps the difference as history (see [`topology`]), so
+//!   neighbours a few versions behind still get deltas from it, not the
+//!   whole entry again.
 //! - **New connections.** Both sides send a [`wire::Hello`] (peer count and
 //!   a hash of all they know). When the neighbour was not reachable before
 //!   (a joining peer, a healed partition), the two run a digest sync, which
@@ -46,13 +49,15 @@
 //! repairs at far greater cost (bucket hashes, versions, often whole
 //! entries) in the seconds after convergence; with 3 it misses ~5%, and
 //! 350 ms batches keep the extra pushes in check. Simulated at 1,000
-//! peers (seeds 1-3): converged in 4.5-4.9 s, 150-185 kB/s per peer while
-//! converging, 1.5-1.9 kB/s per peer at rest, of which ~1 kB/s is the
+//! peers (seeds 1 and 2): converged in 4.2-4.5 s, 150-164 kB/s per peer
+//! while converging, 1.5-1.7 kB/s per peer at rest, of which ~1 kB/s is the
 //! daemon's heartbeats (100 connections × 20 bytes every 2 s).
 //!
 //! Steady state, per peer: heartbeats (the daemon's) plus one summary per
 //! interval (~15 bytes/s). Routes are recomputed at most once per [`Config::route_delay`]
-//! after a change (see [`routes`]); unreachable, unreferenced peers are
+//! after a change (see [`routes`]), and only where the change can shorten
+//! them when it only adds entries or connections (most news while a mesh
+//! converges); unreachable, unreferenced peers are
 //! forgotten after [`Config::gc_grace`] ([`Event::PeerRemoved`]).
 //!
 //! Other subsystems (IPAM, DNS) plug in as named [`GossipData`] channels.
@@ -74,7 +79,7 @@ use routes::Routes;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use topology::{Applied, Idx, LocalRecord, Topology};
+use topology::{Applied, Idx, LocalRecord, RoutingChange, Topology};
 use wire::{Body, ChannelMsg, Hello, Record, Summary, Update, VersionRec, Versions};
 
 /// Knobs; `Default` gives the daemon's defaults.
@@ -246,7 +251,7 @@ pub struct Gossip {
     wanted: HashMap<Idx, (u64, u32, Instant)>,
     routes: Routes,
     /// Each slot's depth in the last search (for
-    /// [`Topology::take_routing_changed`]).
+    /// [`Topology::take_routing_change`]).
     route_depth: Vec<u16>,
     routes_due: Option<Instant>,
     flush_due: Option<Instant>,
@@ -305,6 +310,13 @@ impl Gossip {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Make room for a mesh of `peers` peers up front (a memory hint: a
+    /// simulator holding thousands of cores saves the slack of growing
+    /// each one's tables; nothing else changes).
+    pub fn reserve_peers(&mut self, peers: usize) {
+        self.topo.reserve(peers);
     }
 
     /// Register a named channel (IPAM, DNS). Neighbours that do not know the
@@ -435,6 +447,13 @@ impl Gossip {
         if self.flush_due.is_some_and(|t| t <= now) {
             self.flush_due = None;
             self.flush();
+            // Forget old requests each round: a joining peer asks for
+            // thousands of entries within seconds.
+            let patience = self.config.flush_interval * 2;
+            self.wanted.retain(|_, w| now < w.2 + patience);
+            if self.wanted.capacity() > 4 * self.wanted.len().max(16) {
+                self.wanted.shrink_to_fit();
+            }
         }
         if self.routes_due.is_some_and(|t| t <= now) {
             self.routes_due = None;
@@ -507,18 +526,26 @@ impl Gossip {
     /// them only costs handshakes and backoff), with the addresses they can
     /// be dialed at (as their neighbours see them).
     pub fn dial_candidates(&self) -> Vec<(PeerName, Vec<SocketAddr>)> {
-        self.topo
-            .known()
-            .filter(|&i| i != 0)
-            .filter_map(|i| {
-                let name = self.topo.name(i);
-                let e = self.topo.get(i)?;
-                (!self.neighbours.contains_key(&name)
-                    && !e.addrs.is_empty()
-                    && e.conns.len() < self.config.conn_limit)
-                    .then(|| (name, e.addrs.to_vec()))
+        self.dial_candidate_names()
+            .filter_map(|name| {
+                let e = self.topo.get(self.topo.lookup(name)?)?;
+                Some((name, e.card.addrs()))
             })
             .collect()
+    }
+
+    /// The names of [`Gossip::dial_candidates`], in the same order, without
+    /// their addresses (a connection maker that resolves names itself
+    /// saves decoding them).
+    pub fn dial_candidate_names(&self) -> impl Iterator<Item = PeerName> + '_ {
+        self.topo.known().filter(|&i| i != 0).filter_map(|i| {
+            let name = self.topo.name(i);
+            let e = self.topo.get(i)?;
+            (!self.neighbours.contains_key(&name)
+                && e.card.has_addrs()
+                && e.conns.len() < self.config.conn_limit)
+                .then_some(name)
+        })
     }
 
     /// Every known peer (ourselves first).
@@ -544,10 +571,10 @@ impl Gossip {
                     .collect();
                 Some(PeerSummary {
                     name,
-                    nickname: e.nickname.to_string(),
+                    nickname: e.card.nickname().to_string(),
                     incarnation: e.incarnation,
                     version: e.version,
-                    addrs: e.addrs.to_vec(),
+                    addrs: e.card.addrs(),
                     connections,
                     reachable: i == 0 || self.routes.hop(i).is_some(),
                     next_hop: if i == 0 { None } else { self.next_hop(name) },
@@ -750,12 +777,12 @@ impl Gossip {
     }
 
     fn records_for(&self, want: &[VersionRec]) -> Vec<LocalRecord> {
-        want.iter()
-            .filter_map(|w| {
-                let i = self.topo.lookup(w.name)?;
-                self.topo.record_for(i, w.incarnation, w.version)
-            })
-            .collect()
+        let mut out = Vec::with_capacity(want.len());
+        out.extend(want.iter().filter_map(|w| {
+            let i = self.topo.lookup(w.name)?;
+            self.topo.record_for(i, w.incarnation, w.version)
+        }));
+        out
     }
 
     fn flush(&mut self) {
@@ -872,11 +899,7 @@ impl Gossip {
 
     fn on_hello(&mut self, now: Instant, from: PeerName, h: Hello) -> Result<(), GossipError> {
         if let Some(a) = h.your_addr {
-            let mine = self
-                .topo
-                .get(0)
-                .map(|e| e.addrs.to_vec())
-                .unwrap_or_default();
+            let mine = self.topo.get(0).map(|e| e.card.addrs()).unwrap_or_default();
             if mine.first() != Some(&a) {
                 let mut addrs = vec![a];
                 addrs.extend(mine.into_iter().filter(|x| *x != a));
@@ -1030,6 +1053,16 @@ impl Gossip {
                 add,
                 del,
             });
+            {
+                use std::sync::atomic::Ordering::Relaxed;
+                let k = match applied {
+                    Applied::Stale => 0,
+                    Applied::Changed { .. } => 1,
+                    Applied::Want { .. } => 2,
+                } + if r.base == 0 { 0 } else { 3 };
+                TMP_COUNTS[k].fetch_add(1, Relaxed);
+                TMP_COUNTS[6 + k].fetch_add((r.add.len() + r.del.len()) as u64, Relaxed);
+            }
             match applied {
                 Applied::Stale => {}
                 Applied::Changed { prev, new_peer } => {
@@ -1074,7 +1107,11 @@ impl Gossip {
         if (r.incarnation, r.version) <= (inc, ver) {
             return;
         }
-        if r.incarnation > inc || r.nickname.as_ref().is_some_and(|n| **n != *mine.nickname) {
+        if r.incarnation > inc
+            || r.nickname
+                .as_ref()
+                .is_some_and(|n| n.as_str() != mine.card.nickname())
+        {
             self.events.push_back(Event::NameCollision {
                 name: self.me,
                 nickname: r.nickname.clone().unwrap_or_default(),
@@ -1155,14 +1192,23 @@ impl Gossip {
             let (da, db) = (depth.get(a as usize), depth.get(b as usize));
             da.is_some_and(|&d| d != routes::UNREACHED) && da == db
         };
-        if self.topo.take_routing_changed(same_level) {
-            let mut queue = Vec::with_capacity(self.topo.count());
-            routes::unicast_into(
-                &self.topo,
-                &mut self.routes,
-                &mut queue,
-                &mut self.route_depth,
-            );
+        match self.topo.take_routing_change(same_level) {
+            RoutingChange::None => {}
+            RoutingChange::Grown(mut peers) => {
+                // A peer whose entry changed several times counts once.
+                peers.sort_unstable();
+                peers.dedup();
+                routes::add_links(&self.topo, &mut self.routes, &mut self.route_depth, &peers);
+            }
+            RoutingChange::Full => {
+                let mut queue = Vec::with_capacity(self.topo.count());
+                routes::unicast_into(
+                    &self.topo,
+                    &mut self.routes,
+                    &mut queue,
+                    &mut self.route_depth,
+                );
+            }
         }
         // Broadcast trees depend on every symmetric link, not only on our
         // next hops: any topology change (the only reason we are here) may
@@ -1210,6 +1256,10 @@ impl Gossip {
         }
     }
 }
+
+/// TEMP
+pub static TMP_COUNTS: [std::sync::atomic::AtomicU64; 12] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 12];
 
 /// Relayed records with more connection changes than this are announced
 /// ([`wire::Body::Have`]) rather than pushed: most receivers already have

@@ -4,7 +4,10 @@
 //! it (symmetric); our own connections are used as soon as they are up. The
 //! unicast table is a breadth-first search from us (shortest paths in hops),
 //! so under one shared view every hop strictly nears the destination: no
-//! loops.
+//! loops. A core keeps the table up to date without a whole search when
+//! entries or connections only appeared ([`add_links`]: distances can only
+//! shrink, so only the peers that got closer are visited); a removal
+//! searches again ([`unicast_into`]).
 //!
 //! A broadcast from `src` follows `src`'s shortest-path tree, built by every
 //! peer alike: breadth-first from `src` over symmetric connections, each
@@ -128,6 +131,97 @@ pub fn unicast_into(t: &Topology, routes: &mut Routes, queue: &mut Vec<Idx>, dep
     routes.reachable = queue.len();
 }
 
+/// Whether routes may take the connection `u`→`v`: our own (from our
+/// side alone), or both ends report it.
+fn usable(t: &Topology, u: Idx, v: Idx) -> bool {
+    match t.get(u) {
+        Some(a) if u == 0 => a.has_conn(v),
+        Some(a) => a.has_conn(v) && t.get(v).is_some_and(|b| b.has_conn(u)),
+        None => false,
+    }
+}
+
+/// Update `routes` and `depth` (as left by [`unicast_into`] or this
+/// function over the topology before the change) after only the entries
+/// of `grown` appeared or gained connections. Distances can only shrink:
+/// each end of their connections that now gets closer is relaxed, and
+/// from it whatever gets closer through it, nearest first. Costs the
+/// connections of those peers and of the peers whose distance changed, not
+/// a whole search (while a mesh converges most news adds connections far
+/// from us that shorten nothing). Next hops are shortest-path first hops,
+/// as from [`unicast_into`], though ties may break differently.
+pub fn add_links(t: &Topology, routes: &mut Routes, depth: &mut Vec<u16>, grown: &[Idx]) {
+    let n = t.slots();
+    let first_hop = &mut routes.first_hop;
+    first_hop.resize(n, NONE);
+    depth.resize(n, UNREACHED);
+    if n == 0 {
+        routes.reachable = 0;
+        return;
+    }
+    first_hop[0] = NONE;
+    depth[0] = 0;
+    let mut heap = std::collections::BinaryHeap::new();
+    let relax =
+        |u: Idx,
+         v: Idx,
+         first_hop: &mut Vec<Idx>,
+         depth: &mut Vec<u16>,
+         heap: &mut std::collections::BinaryHeap<std::cmp::Reverse<(u16, Idx)>>| {
+            let du = depth[u as usize];
+            if du == UNREACHED || v == 0 {
+                return;
+            }
+            let d = du.saturating_add(1).min(UNREACHED - 1);
+            if d < depth[v as usize] {
+                depth[v as usize] = d;
+                first_hop[v as usize] = if u == 0 { v } else { first_hop[u as usize] };
+                heap.push(std::cmp::Reverse((d, v)));
+            }
+        };
+    // Cheap depth comparisons first: a connection between two peers at
+    // about the same distance shortens nothing.
+    let closer = |du: u16, dv: u16| du != UNREACHED && du.saturating_add(1) < dv;
+    for &p in grown {
+        let Some(e) = t.get(p) else { continue };
+        for o in e.conns.iter() {
+            if (o as usize) >= n {
+                continue;
+            }
+            let (dp, d_o) = (depth[p as usize], depth[o as usize]);
+            if closer(dp, d_o) && usable(t, p, o) {
+                relax(p, o, first_hop, depth, &mut heap);
+            } else if closer(d_o, dp) && usable(t, o, p) {
+                relax(o, p, first_hop, depth, &mut heap);
+            }
+        }
+    }
+    while let Some(std::cmp::Reverse((d, u))) = heap.pop() {
+        if depth[u as usize] != d {
+            continue;
+        }
+        let Some(e) = t.get(u) else { continue };
+        for v in e.conns.iter() {
+            if d.saturating_add(1) < depth[v as usize] && t.get(v).is_some_and(|b| b.has_conn(u)) {
+                relax(u, v, first_hop, depth, &mut heap);
+            }
+        }
+    }
+    let mut reachable = 0;
+    for (i, h) in first_hop.iter_mut().enumerate().skip(1) {
+        if depth[i] == UNREACHED {
+            *h = if t.get(i as Idx).is_some() {
+                NONE
+            } else {
+                UNKNOWN
+            };
+        } else {
+            reachable += 1;
+        }
+    }
+    routes.reachable = reachable;
+}
+
 /// Slots that we or some peer reachable under `routes` report a
 /// connection to (garbage collection keeps them).
 pub fn referenced(t: &Topology, routes: &Routes) -> Vec<bool> {
@@ -186,7 +280,7 @@ pub fn broadcast_children(t: &Topology, src: Idx, me: Idx) -> Vec<Idx> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::topology::LocalRecord;
+    use super::super::topology::{LocalRecord, RoutingChange};
     use super::*;
     use crate::name::PeerName;
     use proptest::prelude::*;
@@ -327,6 +421,82 @@ mod tests {
                 }
                 for (k, &g) in got.iter().enumerate() {
                     prop_assert_eq!(reach[k], g == 1, "peer {}", k);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// Routes kept up to date change by change (as a core does) have the
+        /// distances of a fresh search, and every next hop is one of our
+        /// connections at distance 1 on a shortest path.
+        #[test]
+        fn added_links_match_a_fresh_search(
+            n in 2usize..20,
+            steps in proptest::collection::vec((0usize..20, 0usize..20, 0u8..10), 1..80),
+        ) {
+            let mut t = Topology::new(nm(0), "x".into(), 1);
+            let mut adj: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
+            let mut version = vec![0u32; n];
+            let (mut routes, mut depth) = (Routes::default(), Vec::new());
+            unicast_into(&t, &mut routes, &mut Vec::new(), &mut depth);
+            for (a, b, kind) in steps {
+                let (a, b) = (a % n, b % n);
+                if a == b {
+                    continue;
+                }
+                // Mostly additions, reported by one or both ends; some removals.
+                let remove = kind == 0;
+                let ends: &[usize] = if kind < 3 { &[a] } else { &[a, b] };
+                for &p in ends {
+                    let o = if p == a { b } else { a };
+                    if remove { adj[p].remove(&o); } else { adj[p].insert(o); }
+                    if p == 0 {
+                        let i = t.intern(nm(o));
+                        t.set_own_conn(i, !remove);
+                        continue;
+                    }
+                    version[p] += 1;
+                    let peer = t.intern(nm(p));
+                    let add = adj[p].iter().map(|&c| t.intern(nm(c))).collect();
+                    t.apply(LocalRecord {
+                        peer,
+                        incarnation: 1,
+                        base: 0,
+                        version: version[p],
+                        nickname: Some(String::new()),
+                        addrs: None,
+                        add,
+                        del: vec![],
+                    });
+                }
+                // Some changes pile up (as between two recomputations), so
+                // one update sees removals and additions together.
+                if kind % 3 == 1 {
+                    continue;
+                }
+                let old = depth.clone();
+                let same = |x: Idx, y: Idx| {
+                    let (dx, dy) = (old.get(x as usize), old.get(y as usize));
+                    dx.is_some_and(|&d| d != UNREACHED) && dx == dy
+                };
+                match t.take_routing_change(same) {
+                    RoutingChange::None => {}
+                    RoutingChange::Grown(l) => add_links(&t, &mut routes, &mut depth, &l),
+                    RoutingChange::Full => unicast_into(&t, &mut routes, &mut Vec::new(), &mut depth),
+                }
+                let (mut fresh, mut fd) = (Routes::default(), Vec::new());
+                unicast_into(&t, &mut fresh, &mut Vec::new(), &mut fd);
+                depth.resize(t.slots(), UNREACHED);
+                prop_assert_eq!(&depth, &fd);
+                prop_assert_eq!(routes.reachable, fresh.reachable);
+                for v in 1..t.slots() as Idx {
+                    prop_assert_eq!(routes.hop(v).is_some(), fresh.hop(v).is_some());
+                    prop_assert_eq!(routes.known_unreachable(v), fresh.known_unreachable(v));
+                    if let Some(h) = routes.hop(v) {
+                        prop_assert_eq!(fd[h as usize], 1);
+                        prop_assert!(t.get(0).unwrap().has_conn(h));
+                    }
                 }
             }
         }

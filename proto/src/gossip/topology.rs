@@ -13,8 +13,10 @@
 //! Memory matters: every peer holds every entry, so a mesh of N peers with
 //! C connections each holds N·C connections per peer (the simulator holds
 //! N² of them). Nothing derivable is stored per entry (its digest hash is
-//! recomputed from name, incarnation and version), strings and address
-//! lists are exact-size boxes, and the change history is bounded.
+//! recomputed from name, incarnation and version), the nickname and
+//! addresses share one exact-size box ([`Card`]), and the change history is
+//! bounded and four bytes an operation ([`History`]). A core told the mesh's
+//! size ([`Topology::reserve`]) keeps no growth slack.
 //!
 //! Deltas: each entry remembers its recent changes ([`Op`]s, oldest first,
 //! at most [`MAX_RECENT`], complete above `floor`), so anyone holding version
@@ -22,7 +24,10 @@
 //! "connection X present/absent" operations from any `base ≤ v` yields
 //! exactly the newer entry (the last operation on each connection wins).
 //! Older bases get the whole entry. The history of an entry that did not
-//! change between two compactions is dropped.
+//! change between two compactions is dropped. An entry learned whole over
+//! an older version `v` of the same incarnation keeps its history, then a
+//! hole marker at `v`, then the difference (stamped with the new version):
+//! that serves bases up to `v`; a base inside the hole gets the whole entry.
 
 use super::digest::{entry_hash, Digest};
 use super::wire::MAX_ADDRS;
@@ -83,7 +88,21 @@ pub struct Op {
     peer_add: u32,
 }
 
+/// The peer of a hole marker: an [`Op`] at version `v` followed by
+/// operations at version `w` says the history does not know what happened
+/// between `v` and `w` (the entry was learned whole at `w` over `v`): the
+/// operations at `w` serve bases up to `v` only.
+const HOLE: Idx = 0x7fff_ffff;
+
 impl Op {
+    fn hole(version: u32) -> Op {
+        Op::new(version, HOLE, false)
+    }
+
+    fn is_hole(&self) -> bool {
+        self.peer() == HOLE
+    }
+
     fn new(version: u32, peer: Idx, add: bool) -> Op {
         Op {
             version,
@@ -215,6 +234,165 @@ impl Conns {
     }
 }
 
+/// An entry's recent changes ([`Op`]s, oldest first): four bytes an
+/// operation while every version is within 65,535 above the entry's
+/// `floor` and every index below 32,767 (any mesh of fewer names), eight
+/// beyond. Every topology holds one per changing entry while a mesh
+/// converges, so this is much of a simulator's peak memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum History {
+    /// Version above the floor (high 16 bits), added (bit 15), index
+    /// (0x7fff: a hole marker).
+    Narrow(Box<[u32]>),
+    /// Anything.
+    Wide(Box<[Op]>),
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History::Narrow(Box::new([]))
+    }
+}
+
+impl History {
+    /// The operations, given the entry's floor.
+    fn from_ops(ops: &[Op], floor: u32) -> History {
+        let narrow = |op: &Op| {
+            let off = op.version.checked_sub(floor)?;
+            let peer = if op.is_hole() { 0x7fff } else { op.peer() };
+            (off <= 0xffff && (peer < 0x7fff || op.is_hole()))
+                .then(|| off << 16 | u32::from(op.add()) << 15 | peer)
+        };
+        match ops.iter().map(narrow).collect::<Option<Box<[u32]>>>() {
+            Some(n) => History::Narrow(n),
+            None => History::Wide(ops.into()),
+        }
+    }
+
+    /// Operation `k` (oldest first), given the entry's floor.
+    fn op(&self, k: usize, floor: u32) -> Op {
+        match self {
+            History::Narrow(n) => {
+                let x = n[k];
+                let peer = match x & 0x7fff {
+                    0x7fff => HOLE,
+                    p => p,
+                };
+                Op::new(floor + (x >> 16), peer, x >> 15 & 1 == 1)
+            }
+            History::Wide(w) => w[k],
+        }
+    }
+
+    /// The operations, oldest first, given the entry's floor.
+    pub fn iter(&self, floor: u32) -> impl DoubleEndedIterator<Item = Op> + '_ {
+        (0..self.len()).map(move |k| self.op(k, floor))
+    }
+
+    /// The operations, oldest first, given the entry's floor.
+    pub fn ops(&self, floor: u32) -> Vec<Op> {
+        self.iter(floor).collect()
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        match self {
+            History::Narrow(n) => n.len(),
+            History::Wide(w) => w.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An entry's nickname and the addresses it can be dialed at (as its
+/// neighbours see it), in one exact-size allocation: a length-prefixed
+/// nickname, then each address as a tag (4 or 6), the IP, the port (and
+/// for IPv6 flow info and scope). Every peer holds one per known peer (a
+/// simulator N² of them), so two boxes each would cost more than the data.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Card(Box<[u8]>);
+
+impl Card {
+    /// A nickname (cut to 255 bytes) and addresses.
+    pub fn new(nickname: &str, addrs: &[SocketAddr]) -> Card {
+        let mut cut = nickname.len().min(255);
+        while !nickname.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut b = Vec::with_capacity(1 + cut + 8 * addrs.len());
+        b.push(cut as u8);
+        b.extend_from_slice(&nickname.as_bytes()[..cut]);
+        for a in addrs {
+            match a {
+                SocketAddr::V4(v) => {
+                    b.push(4);
+                    b.extend_from_slice(&v.ip().octets());
+                    b.extend_from_slice(&v.port().to_le_bytes());
+                }
+                SocketAddr::V6(v) => {
+                    b.push(6);
+                    b.extend_from_slice(&v.ip().octets());
+                    b.extend_from_slice(&v.port().to_le_bytes());
+                    b.extend_from_slice(&v.flowinfo().to_le_bytes());
+                    b.extend_from_slice(&v.scope_id().to_le_bytes());
+                }
+            }
+        }
+        Card(b.into())
+    }
+
+    fn split(&self) -> (&[u8], &[u8]) {
+        let n = self
+            .0
+            .first()
+            .map_or(0, |&n| usize::from(n) + 1)
+            .min(self.0.len());
+        let (nick, addrs) = self.0.split_at(n);
+        (nick.get(1..).unwrap_or_default(), addrs)
+    }
+
+    /// The nickname.
+    pub fn nickname(&self) -> &str {
+        std::str::from_utf8(self.split().0).unwrap_or_default()
+    }
+
+    /// The addresses.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        use std::net::{SocketAddrV4, SocketAddrV6};
+        let mut out = Vec::new();
+        let mut b = self.split().1;
+        let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        loop {
+            match b {
+                [4, rest @ ..] if rest.len() >= 6 => {
+                    let ip: [u8; 4] = [rest[0], rest[1], rest[2], rest[3]];
+                    out.push(SocketAddrV4::new(ip.into(), u16_at(rest, 4)).into());
+                    b = &rest[6..];
+                }
+                [6, rest @ ..] if rest.len() >= 26 => {
+                    let mut ip = [0u8; 16];
+                    ip.copy_from_slice(&rest[..16]);
+                    let (port, flow, scope) =
+                        (u16_at(rest, 16), u32_at(rest, 18), u32_at(rest, 22));
+                    out.push(SocketAddrV6::new(ip.into(), port, flow, scope).into());
+                    b = &rest[26..];
+                }
+                _ => return out,
+            }
+        }
+    }
+
+    /// Whether there is any address.
+    pub fn has_addrs(&self) -> bool {
+        !self.split().1.is_empty()
+    }
+}
+
 /// One peer's entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -228,15 +406,14 @@ pub struct Entry {
     pub floor: u32,
     /// The version seen at the last compaction (for pruning `recent`).
     settled: u32,
-    /// Human-friendly name.
-    pub nickname: Box<str>,
-    /// Addresses it can be dialed at, as its neighbours see it.
-    pub addrs: Box<[SocketAddr]>,
+    /// Its nickname and the addresses it can be dialed at.
+    pub card: Card,
     /// Its established connections, sorted.
     pub conns: Conns,
-    /// Recent changes, oldest first; complete for versions above `floor`.
-    /// At most [`MAX_RECENT`], dropped once the entry settles.
-    pub recent: Vec<Op>,
+    /// Recent changes, oldest first; complete for versions above `floor`
+    /// (but for holes). At most [`MAX_RECENT`], dropped once the entry
+    /// settles.
+    pub recent: History,
 }
 
 impl Entry {
@@ -298,16 +475,34 @@ pub struct Topology {
     entries: Vec<Option<Entry>>,
     digest: Digest,
     count: usize,
-    /// Set when a merge changed what routes are made of (see
-    /// [`Topology::take_routing_changed`]).
-    routing_changed: bool,
-    /// Connections both ends report(ed) that merges added or removed
-    /// since, unless `routing_changed` (at most [`MAX_ROUTING_EDGES`]).
-    routing_edges: Vec<(Idx, Idx)>,
+    /// Set when a change needs a whole route search (see
+    /// [`Topology::take_routing_change`]).
+    routing_full: bool,
+    /// Peers whose entry appeared or gained connections since, unless
+    /// `routing_full` (at most [`MAX_ROUTING_CHANGES`]).
+    routing_grown: Vec<Idx>,
+    /// Connections both ends reported that went away since, unless
+    /// `routing_full` (at most [`MAX_ROUTING_CHANGES`]).
+    routing_removed: Vec<(Idx, Idx)>,
 }
 
-/// Past this many changed connections, routes are simply recomputed.
-const MAX_ROUTING_EDGES: usize = 256;
+/// Past this many changes, routes are simply recomputed.
+const MAX_ROUTING_CHANGES: usize = 4096;
+
+/// What changed in what routes are made of since the last
+/// [`Topology::take_routing_change`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoutingChange {
+    /// Nothing that can change unicast routes.
+    None,
+    /// Only these peers' entries appeared or gained connections (perhaps
+    /// repeated): distances can only shrink, from the ends of their
+    /// connections outwards ([`super::routes::add_links`]).
+    Grown(Vec<Idx>),
+    /// Something else (a connection or entry went away, or too much
+    /// changed): search again ([`super::routes::unicast_into`]).
+    Full,
+}
 
 impl Topology {
     /// A topology holding only our own entry, at index 0.
@@ -318,25 +513,34 @@ impl Topology {
             entries: Vec::new(),
             digest: Digest::default(),
             count: 0,
-            routing_changed: false,
-            routing_edges: Vec::new(),
+            routing_full: false,
+            routing_grown: Vec::new(),
+            routing_removed: Vec::new(),
         };
         let i = t.intern(me);
         t.set(
             i,
             Some(Entry {
-                nickname: nickname.into(),
+                card: Card::new(&nickname, &[]),
                 incarnation: incarnation.max(1),
                 version: 1,
-                addrs: Box::new([]),
                 addrs_version: 1,
                 conns: Conns::default(),
-                recent: vec![],
+                recent: History::default(),
                 floor: 1,
                 settled: 0,
             }),
         );
         t
+    }
+
+    /// Make room for `peers` entries in all (a hint: a simulator holding
+    /// thousands of topologies saves the slack of growing each).
+    pub fn reserve(&mut self, peers: usize) {
+        let more = peers.saturating_sub(self.names.len());
+        self.names.reserve_exact(more);
+        self.entries.reserve_exact(more);
+        self.index.reserve(more);
     }
 
     /// The local index of a name, allocating one.
@@ -399,19 +603,19 @@ impl Topology {
 
     fn set(&mut self, i: Idx, e: Option<Entry>) {
         let old = self.hash_of(i);
-        let slot = &mut self.entries[i as usize];
-        match (slot.is_some(), e.is_some()) {
+        match (self.entries[i as usize].is_some(), e.is_some()) {
+            // Routes may now reach it, and through it.
             (false, true) => {
                 self.count += 1;
-                self.routing_changed = true;
+                self.note_grown(i);
             }
             (true, false) => {
                 self.count -= 1;
-                self.routing_changed = true;
+                self.routing_full = true;
             }
             _ => {}
         }
-        *slot = e;
+        self.entries[i as usize] = e;
         let new = self.hash_of(i);
         self.digest.replace(self.names[i as usize], old, new);
     }
@@ -425,38 +629,61 @@ impl Topology {
         Some(r)
     }
 
-    /// Whether some change since the last call may change our unicast
+    /// What changed since the last call that may change our unicast
     /// routes: the set of known entries, our own connections, or a
     /// connection both ends report (a connection one end reports alone
-    /// counts for nobody's routes but that end's own), unless
-    /// `same_level(a, b)` holds for every such connection a–b (a
-    /// breadth-first search never takes a link between two peers it
-    /// reaches at the same depth). Conservative: true may also mean
-    /// nothing relevant changed.
-    pub fn take_routing_changed(&mut self, same_level: impl Fn(Idx, Idx) -> bool) -> bool {
-        let edges = std::mem::take(&mut self.routing_edges);
-        let changed = std::mem::take(&mut self.routing_changed)
-            || edges.iter().any(|&(a, b)| !same_level(a, b));
-        self.routing_edges = edges;
-        self.routing_edges.clear();
-        changed
+    /// counts for nobody's routes but that end's own). A removed connection
+    /// a–b for which `same_level(a, b)` holds does not count (a
+    /// breadth-first search never takes a link between two peers it reaches
+    /// at the same depth). Conservative: a change may also turn out to
+    /// change nothing.
+    pub fn take_routing_change(&mut self, same_level: impl Fn(Idx, Idx) -> bool) -> RoutingChange {
+        let full = std::mem::take(&mut self.routing_full)
+            || self.routing_removed.iter().any(|&(a, b)| !same_level(a, b));
+        self.routing_removed.clear();
+        if self.routing_removed.capacity() > 64 {
+            self.routing_removed = Vec::new();
+        }
+        let grown = std::mem::take(&mut self.routing_grown);
+        if full {
+            RoutingChange::Full
+        } else if grown.is_empty() {
+            RoutingChange::None
+        } else {
+            RoutingChange::Grown(grown)
+        }
     }
 
-    /// Note the connections of `peer` to `others` that are (were) also
-    /// reported by the other end. Links to us do not count: our own
-    /// connections are used from our side alone.
-    fn note_symmetric(&mut self, peer: Idx, others: impl Iterator<Item = Idx>) {
-        if peer == 0 {
+    fn too_many_changes(&mut self) {
+        self.routing_full = true;
+        self.routing_grown = Vec::new();
+        self.routing_removed = Vec::new();
+    }
+
+    /// Note a peer whose entry appeared or gained connections.
+    fn note_grown(&mut self, peer: Idx) {
+        if self.routing_full || self.routing_grown.last() == Some(&peer) {
+            return;
+        }
+        if self.routing_grown.len() >= MAX_ROUTING_CHANGES {
+            return self.too_many_changes();
+        }
+        self.routing_grown.push(peer);
+    }
+
+    /// Note the connections of `peer` to `others` that went away, if the
+    /// other end reports them too (call it before the change). Links to
+    /// us do not count: our own connections are used from our side alone.
+    fn note_removed(&mut self, peer: Idx, others: impl Iterator<Item = Idx>) {
+        if peer == 0 || self.routing_full {
             return;
         }
         for o in others {
             if o != 0 && self.get(o).is_some_and(|e| e.has_conn(peer)) {
-                if self.routing_edges.len() >= MAX_ROUTING_EDGES {
-                    self.routing_changed = true;
-                    self.routing_edges = Vec::new();
-                    return;
+                if self.routing_removed.len() >= MAX_ROUTING_CHANGES {
+                    return self.too_many_changes();
                 }
-                self.routing_edges.push((peer, o));
+                self.routing_removed.push((peer, o));
             }
         }
     }
@@ -524,35 +751,48 @@ impl Topology {
         conns.dedup();
         let mut addrs = r.addrs.unwrap_or_default();
         addrs.truncate(MAX_ADDRS);
-        let e = Entry {
-            nickname: r.nickname.unwrap_or_default().into(),
+        let mut e = Entry {
+            card: Card::new(r.nickname.as_deref().unwrap_or_default(), &addrs),
             incarnation: r.incarnation,
             version: r.version,
-            addrs: addrs.into(),
             addrs_version: r.version,
             conns: Conns::from_sorted(&conns),
-            recent: vec![],
+            recent: History::default(),
             floor: r.version,
             settled: 0,
         };
-        if !self.routing_changed {
-            if let Some(old) = self.get(r.peer) {
-                let changed = sorted_changes(old.conns.iter(), conns.iter().copied());
-                self.note_symmetric(r.peer, changed.into_iter());
+        if let Some(old) = self.get(r.peer) {
+            let (gone, added) = sorted_diff(old.conns.iter(), conns.iter().copied());
+            if old.incarnation == r.incarnation && old.version < r.version {
+                // Keep serving deltas to neighbours at or below the version
+                // we had: our history, a hole, and the difference (else a
+                // whole entry learned while a mesh converges makes every
+                // neighbour a little behind fetch it whole again).
+                let ops = gone.iter().map(|&c| Op::new(r.version, c, false));
+                let ops = ops.chain(added.iter().map(|&c| Op::new(r.version, c, true)));
+                e.floor = old.floor;
+                e.recent = old.recent.clone();
+                push_ops(&mut e, std::iter::once(Op::hole(old.version)).chain(ops));
+            }
+            if !self.routing_full {
+                self.note_removed(r.peer, gone.into_iter());
+                if !added.is_empty() {
+                    self.note_grown(r.peer);
+                }
             }
         }
         self.set(r.peer, Some(e));
     }
 
     fn apply_delta(&mut self, r: LocalRecord) {
-        if !self.routing_changed {
+        if !self.routing_full {
             let e = self.get(r.peer).expect("a delta applies to a known entry");
-            let changed = r.del.iter().filter(|&&d| e.has_conn(d));
-            let changed: Vec<Idx> = changed
-                .chain(r.add.iter().filter(|&&a| !e.has_conn(a)))
-                .copied()
-                .collect();
-            self.note_symmetric(r.peer, changed.into_iter());
+            let gone: Vec<Idx> = r.del.iter().copied().filter(|&d| e.has_conn(d)).collect();
+            let new = r.add.iter().any(|&a| !e.has_conn(a));
+            self.note_removed(r.peer, gone.into_iter());
+            if new {
+                self.note_grown(r.peer);
+            }
         }
         self.modify(r.peer, |e| {
             let v = r.version;
@@ -572,7 +812,7 @@ impl Topology {
             push_ops(e, ops.chain(r.add.iter().map(|&a| Op::new(v, a, true))));
             if let Some(mut addrs) = r.addrs {
                 addrs.truncate(MAX_ADDRS);
-                e.addrs = addrs.into();
+                e.card = Card::new(e.card.nickname(), &addrs);
                 e.addrs_version = v;
             }
             e.version = v;
@@ -594,16 +834,32 @@ impl Topology {
                 incarnation: e.incarnation,
                 base: 0,
                 version: e.version,
-                nickname: Some(e.nickname.to_string()),
-                addrs: Some(e.addrs.to_vec()),
+                nickname: Some(e.card.nickname().to_string()),
+                addrs: Some(e.card.addrs()),
                 add: e.conns.to_vec(),
                 del: vec![],
             });
         }
+        // A base inside a hole gets the whole entry.
+        // Newest first: the version of the nearest later operation that is
+        // not a hole bounds each hole.
+        let mut next: Option<u32> = None;
+        for op in e.recent.iter(e.floor).rev() {
+            if !op.is_hole() {
+                next = Some(op.version);
+            } else if version > op.version && next.is_none_or(|n| version < n) {
+                return self.record_for(i, 0, 0);
+            }
+        }
         // Latest operation per connection, above `version`.
         let mut last: Vec<(Idx, bool)> = Vec::new();
-        for op in e.recent.iter().rev().take_while(|op| op.version > version) {
-            if !last.iter().any(|(p, _)| *p == op.peer()) {
+        for op in e
+            .recent
+            .iter(e.floor)
+            .rev()
+            .take_while(|op| op.version > version)
+        {
+            if !op.is_hole() && !last.iter().any(|(p, _)| *p == op.peer()) {
                 last.push((op.peer(), op.add()));
             }
         }
@@ -613,7 +869,7 @@ impl Topology {
             base: version,
             version: e.version,
             nickname: None,
-            addrs: (e.addrs_version > version).then(|| e.addrs.to_vec()),
+            addrs: (e.addrs_version > version).then(|| e.card.addrs()),
             add: last.iter().filter(|(_, a)| *a).map(|(p, _)| *p).collect(),
             del: last.iter().filter(|(_, a)| !*a).map(|(p, _)| *p).collect(),
         })
@@ -633,7 +889,13 @@ impl Topology {
             })
             .unwrap_or(false);
         // Our own connections count for routes from our side alone.
-        self.routing_changed |= changed;
+        if changed {
+            if up {
+                self.note_grown(0);
+            } else {
+                self.routing_full = true;
+            }
+        }
         changed
     }
 
@@ -641,7 +903,7 @@ impl Topology {
     pub fn set_own_addrs(&mut self, addrs: Vec<SocketAddr>) {
         self.modify(0, |e| {
             e.version += 1;
-            e.addrs = addrs.into();
+            e.card = Card::new(e.card.nickname(), &addrs);
             e.addrs_version = e.version;
         });
     }
@@ -652,7 +914,7 @@ impl Topology {
         self.modify(0, |e| {
             e.incarnation = incarnation.max(e.incarnation);
             e.version = version.saturating_add(1).max(e.version + 1);
-            e.recent = Vec::new();
+            e.recent = History::default();
             e.floor = e.version;
             e.addrs_version = e.version;
         });
@@ -663,7 +925,7 @@ impl Topology {
     pub fn compact(&mut self) {
         for e in self.entries.iter_mut().flatten() {
             if e.settled == e.version && !e.recent.is_empty() {
-                e.recent = Vec::new();
+                e.recent = History::default();
                 e.floor = e.version;
             }
             e.settled = e.version;
@@ -671,24 +933,28 @@ impl Topology {
     }
 }
 
-/// Elements in exactly one of two sorted sequences.
-fn sorted_changes(mut a: impl Iterator<Item = Idx>, mut b: impl Iterator<Item = Idx>) -> Vec<Idx> {
-    let mut out = Vec::new();
+/// Of two sorted sequences: the elements only in the first, and those
+/// only in the second.
+fn sorted_diff(
+    mut a: impl Iterator<Item = Idx>,
+    mut b: impl Iterator<Item = Idx>,
+) -> (Vec<Idx>, Vec<Idx>) {
+    let (mut gone, mut new) = (Vec::new(), Vec::new());
     let (mut x, mut y) = (a.next(), b.next());
     loop {
         match (x, y) {
-            (None, None) => return out,
+            (None, None) => return (gone, new),
             (Some(p), Some(q)) if p == q => (x, y) = (a.next(), b.next()),
             (Some(p), Some(q)) if p < q => {
-                out.push(p);
+                gone.push(p);
                 x = a.next();
             }
             (Some(_), Some(q)) | (None, Some(q)) => {
-                out.push(q);
+                new.push(q);
                 y = b.next();
             }
             (Some(p), None) => {
-                out.push(p);
+                gone.push(p);
                 x = a.next();
             }
         }
@@ -698,18 +964,30 @@ fn sorted_changes(mut a: impl Iterator<Item = Idx>, mut b: impl Iterator<Item = 
 /// Append operations to an entry's history, keeping at most [`MAX_RECENT`]
 /// and no spare capacity.
 fn push_ops(e: &mut Entry, ops: impl Iterator<Item = Op>) {
-    let mut recent = std::mem::take(&mut e.recent);
+    let mut recent = e.recent.ops(e.floor);
     recent.extend(ops);
     while recent.len() > MAX_RECENT {
         // Drop the oldest version's operations whole, so that the history
-        // stays complete above the floor.
-        let v = recent[0].version;
-        let n = recent.iter().take_while(|op| op.version <= v).count();
+        // stays complete above the floor. A hole goes with the operations
+        // after it (they serve bases below it only).
+        let v = if recent[0].is_hole() {
+            recent[1..]
+                .iter()
+                .find(|op| !op.is_hole())
+                .map_or(e.version, |op| op.version)
+        } else {
+            recent[0].version
+        };
+        let skip = usize::from(recent[0].is_hole());
+        let n = skip
+            + recent[skip..]
+                .iter()
+                .take_while(|op| op.version <= v && !op.is_hole())
+                .count();
         recent.drain(..n);
         e.floor = e.floor.max(v);
     }
-    recent.shrink_to_fit();
-    e.recent = recent;
+    e.recent = History::from_ops(&recent, e.floor);
 }
 
 #[cfg(test)]
@@ -857,6 +1135,69 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// A relay that learns an entry from whole records and deltas at
+        /// any versions serves any neighbour, at any version it may hold,
+        /// exactly the relay's entry.
+        #[test]
+        fn relayed_deltas_equal_whole(
+            ops in proptest::collection::vec((1u8..12, any::<bool>(), 0u8..4), 1..120),
+            have in 0usize..120,
+        ) {
+            let tr = |from: &Topology, to: &mut Topology, r: &LocalRecord| LocalRecord {
+                peer: to.intern(from.name(r.peer)),
+                add: r.add.iter().map(|&j| to.intern(from.name(j))).collect(),
+                del: r.del.iter().map(|&j| to.intern(from.name(j))).collect(),
+                ..r.clone()
+            };
+            let mut owner = Topology::new(nm(1), "o".into(), 1);
+            let mut relay = Topology::new(nm(0), "relay".into(), 1);
+            let mut snapshots = vec![owner.record_for(0, 0, 0).unwrap()];
+            for (p, up, learn) in ops {
+                let i = owner.intern(nm(p));
+                if !owner.set_own_conn(i, up) {
+                    continue;
+                }
+                snapshots.push(owner.record_for(0, 0, 0).unwrap());
+                // The relay learns this version whole (1), as a delta from
+                // its own (2), or not at all.
+                let at = relay.lookup(nm(1)).and_then(|m| relay.get(m)).map(|e| e.version);
+                let rec = match (learn, at) {
+                    (1, _) | (2, None) => owner.record_for(0, 0, 0),
+                    (2, Some(v)) => owner.record_for(0, 1, v),
+                    _ => None,
+                };
+                if let Some(rec) = rec {
+                    let r = tr(&owner, &mut relay, &rec);
+                    relay.apply(r);
+                }
+            }
+            let Some(m) = relay.lookup(nm(1)).filter(|&m| relay.get(m).is_some()) else {
+                return Ok(());
+            };
+            let top = relay.get(m).unwrap().version;
+            // A neighbour holding any version up to the relay's.
+            let held: Vec<&LocalRecord> = snapshots.iter().filter(|s| s.version <= top).collect();
+            let snap = held[have % held.len()];
+            let mut rx = Topology::new(nm(2), "rx".into(), 1);
+            let r = tr(&owner, &mut rx, snap);
+            rx.apply(r);
+            if let Some(d) = relay.record_for(m, 1, snap.version) {
+                let d = tr(&relay, &mut rx, &d);
+                let applied = matches!(rx.apply(d), Applied::Changed { .. });
+                prop_assert!(applied);
+            }
+            let names = |t: &Topology, i: Idx| {
+                let mut v: Vec<PeerName> = t.get(i).unwrap().conns.iter().map(|j| t.name(j)).collect();
+                v.sort();
+                v
+            };
+            let me = rx.lookup(nm(1)).unwrap();
+            prop_assert_eq!(names(&rx, me), names(&relay, m));
+            prop_assert_eq!(rx.get(me).unwrap().version, top);
+        }
+    }
+
     #[test]
     fn connections_widen_past_sixteen_bits() {
         let mut c = Conns::from_sorted(&[3, 700]);
@@ -870,6 +1211,34 @@ mod tests {
         assert!(matches!(c, Conns::Narrow(_)));
         assert!(!c.contains(70_000));
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn history_narrows_and_widens() {
+        let ops = [Op::new(5, 3, true), Op::hole(5), Op::new(6, 0x7ffe, false)];
+        let h = History::from_ops(&ops, 4);
+        assert!(matches!(h, History::Narrow(_)));
+        assert_eq!(h.ops(4), ops);
+        for wide in [Op::new(70_000, 1, true), Op::new(7, 0x7fff, false)] {
+            let ops = [ops[0], ops[1], wide];
+            let h = History::from_ops(&ops, 4);
+            assert!(matches!(h, History::Wide(_)));
+            assert_eq!(h.ops(4), ops);
+        }
+    }
+
+    #[test]
+    fn cards_round_trip() {
+        let addrs: Vec<SocketAddr> = vec![
+            "198.18.0.1:6783".parse().unwrap(),
+            "[fe80::1%3]:6784".parse().unwrap(),
+        ];
+        let c = Card::new("höst", &addrs);
+        assert_eq!((c.nickname(), c.addrs()), ("höst", addrs));
+        assert!(c.has_addrs() && !Card::new("x", &[]).has_addrs());
+        let long = "é".repeat(200);
+        assert_eq!(Card::new(&long, &[]).nickname(), "é".repeat(127));
+        assert_eq!(Card::default().nickname(), "");
     }
 
     #[test]

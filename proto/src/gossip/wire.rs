@@ -188,10 +188,33 @@ impl Body {
 
     /// Serialize with the format byte in front.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
+        let mut out = Vec::with_capacity(self.size_hint());
         out.push(FORMAT);
         // Encoding into a Vec cannot fail for these types.
         postcard::to_extend(self, out).unwrap_or_else(|_| vec![FORMAT])
+    }
+
+    /// About the encoded size (a little over for updates, so that encoding
+    /// a large one does not grow its buffer again and again).
+    fn size_hint(&self) -> usize {
+        match self {
+            Body::Update(u) => {
+                let recs: usize = u
+                    .recs
+                    .iter()
+                    .map(|r| {
+                        40 + 3 * (r.add.len() + r.del.len())
+                            + r.nickname.as_ref().map_or(0, |n| n.len())
+                            + r.addrs.as_ref().map_or(0, |a| 20 * a.len())
+                    })
+                    .sum();
+                16 + 7 * u.names.len() + recs
+            }
+            Body::Have(v) | Body::Want(v) => 16 + 16 * v.len(),
+            Body::Versions(v) => 16 + 3 * v.differing.len() + 16 * v.recs.len(),
+            Body::Buckets(b) => 16 + 5 * b.len(),
+            _ => 256,
+        }
     }
 
     /// Parse one message occupying all of `b`, checking every cap.

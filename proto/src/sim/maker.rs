@@ -7,6 +7,7 @@
 //! that drops is retried at once.
 
 use crate::gossip::rng::Rng;
+use crate::gossip::topology::NameHash;
 use crate::gossip::Gossip;
 use crate::name::PeerName;
 use std::collections::{HashMap, HashSet};
@@ -21,8 +22,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct Maker {
     seed: Option<u32>,
-    dialing: HashSet<u32>,
-    backoff: HashMap<u32, (Duration, Duration)>,
+    dialing: HashSet<u32, NameHash>,
+    backoff: HashMap<u32, (Duration, Duration), NameHash>,
 }
 
 impl Maker {
@@ -30,8 +31,8 @@ impl Maker {
     pub fn new(seed: Option<u32>) -> Self {
         Maker {
             seed,
-            dialing: HashSet::new(),
-            backoff: HashMap::new(),
+            dialing: HashSet::default(),
+            backoff: HashMap::default(),
         }
     }
 
@@ -41,7 +42,7 @@ impl Maker {
         &mut self,
         now: Duration,
         core: &Gossip,
-        conns: &HashSet<u32>,
+        conns: &HashSet<u32, NameHash>,
         limit: usize,
         rng: &mut Rng,
         resolve: impl Fn(PeerName) -> Option<u32>,
@@ -51,16 +52,17 @@ impl Maker {
             return (vec![], None);
         }
         let mut targets: Vec<u32> = self.seed.into_iter().collect();
+        // Candidates are distinct peers: only the seed may come twice.
+        let seed = self.seed;
         targets.extend(
-            core.dial_candidates()
-                .into_iter()
-                .filter_map(|(name, _addrs)| resolve(name)),
+            core.dial_candidate_names()
+                .filter_map(&resolve)
+                .filter(|&t| Some(t) != seed),
         );
         let mut retry: Option<Duration> = None;
         let mut eligible = Vec::new();
-        let mut seen = HashSet::new();
         for t in targets {
-            if conns.contains(&t) || self.dialing.contains(&t) || !seen.insert(t) {
+            if conns.contains(&t) || self.dialing.contains(&t) {
                 continue;
             }
             match self.backoff.get(&t) {
