@@ -13,10 +13,12 @@
 //!   copy in between. Small frames of one burst are packed into one
 //!   datagram per destination.
 //! - **One receiver**: `recvmmsg` with `UDP_GRO` hands over runs of
-//!   datagrams; single-datagram messages are handled where they lie, the
-//!   others reassembled ([`Reassembler`]) and then opened, relayed and/or
-//!   written to the TAP in one write per frame, so the kernel segments a
-//!   super-frame only here, at the end.
+//!   datagrams. A run that is exactly one plain message for us goes to the
+//!   TAP with one `writev` straight from the datagrams; single-datagram
+//!   messages are handled where they lie; the others are reassembled
+//!   ([`Reassembler`]) and then opened, relayed and/or written to the TAP in
+//!   one write per frame, so the kernel segments a super-frame only here,
+//!   at the end.
 //! - **The control task** (async): applies the router's commands to the
 //!   shared tables, sends a heartbeat to every neighbour each second,
 //!   re-reads each neighbour's path MTU, and reports neighbours that have
@@ -28,9 +30,12 @@
 //! mutex only the receiver takes) live in `Arc<Peer>`.
 //!
 //! Path MTU: datagrams leave with don't-fragment set; each neighbour's
-//! segment size follows the kernel's path MTU towards it, re-read every
-//! second and at once when a send fails as too large, so a super-frame is
-//! cut to fit whatever the path takes and containers never see the limit.
+//! segment size follows the kernel's path MTU towards it (re-read every
+//! second and at once when a send fails as too large) and the probes of
+//! [`mesh_proto::pmtu`] (a padded datagram each heartbeat, answered by the
+//! peer), which also find paths that drop large datagrams silently. A
+//! super-frame is cut to fit whatever the path takes; containers never see
+//! the limit.
 
 use crate::api::SleeveStats;
 use crate::host::Tap;
