@@ -384,6 +384,21 @@ pub async fn run(me: PeerName, dev: Device, mut rx: mpsc::Receiver<Cmd>) {
 }
 
 impl Fastdp {
+    /// The peer `name`, if it is on the fast path.
+    fn fast(&self, name: &PeerName) -> Option<&Peer> {
+        match self.conns.get(name) {
+            Some(Conn::Fast(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    fn fast_mut(&mut self, name: &PeerName) -> Option<&mut Peer> {
+        match self.conns.get_mut(name) {
+            Some(Conn::Fast(p)) => Some(p),
+            _ => None,
+        }
+    }
+
     async fn command(&mut self, c: Cmd) {
         match c {
             Cmd::PeerUp { name, ip, agreed } => {
@@ -451,6 +466,7 @@ impl Fastdp {
 
     async fn send_probe(&mut self, name: PeerName) {
         let now = Instant::now();
+        // The field itself, not `fast()`: `self.out` is borrowed below.
         let Some(Conn::Fast(peer)) = self.conns.get(&name) else {
             return;
         };
@@ -477,7 +493,7 @@ impl Fastdp {
         let Ok(from) = Probe::peek_sender(b) else {
             return;
         };
-        let Some(Conn::Fast(peer)) = self.conns.get_mut(&from) else {
+        let Some(peer) = self.fast_mut(&from) else {
             return;
         };
         let probe = match Probe::parse(b, &peer.their_key) {
@@ -500,7 +516,7 @@ impl Fastdp {
     /// Bring `name`'s entries in line with its health and announcements.
     async fn evaluate(&mut self, name: PeerName) {
         let now = Instant::now();
-        let Some(Conn::Fast(peer)) = self.conns.get(&name) else {
+        let Some(peer) = self.fast(&name) else {
             return;
         };
         let verdict = peer.health.verdict(now);
@@ -549,7 +565,7 @@ impl Fastdp {
         for &mac in &gone {
             self.remove_entry(name, mac, ip).await;
         }
-        if let Some(Conn::Fast(peer)) = self.conns.get_mut(&name) {
+        if let Some(peer) = self.fast_mut(&name) {
             peer.programmed.extend(added);
             for mac in gone {
                 peer.programmed.remove(&mac);
@@ -574,7 +590,7 @@ impl Fastdp {
     /// Remove every entry programmed for `name` (its traffic then floods to
     /// the sleeve). Only this peer's entries.
     async fn set_down(&mut self, name: PeerName, why: &str) {
-        let Some(Conn::Fast(peer)) = self.conns.get_mut(&name) else {
+        let Some(peer) = self.fast_mut(&name) else {
             return;
         };
         let macs = std::mem::take(&mut peer.programmed);

@@ -45,7 +45,7 @@ use mesh_proto::pmtu::{Probe, MIN_MTU};
 use mesh_proto::reassembly::Reassembler;
 use mesh_proto::seal::{Opener, Sealer, TAG_LEN};
 use mesh_proto::sleeve::{
-    self, emit_datagram_header, Header, Kind, Segment, DATAGRAM_HEADER_LEN, FRAME_RECORD_HEADER,
+    self, Header, Kind, Segment, DATAGRAM_HEADER_LEN, FRAME_RECORD_HEADER, HEADER_LEN, IP_UDP_V4,
     MAX_FRAME, VNET_HDR_LEN,
 };
 use std::collections::HashMap;
@@ -65,8 +65,6 @@ const BATCH: usize = 64;
 const RECV_BATCH: usize = 8;
 /// A buffer for the largest message: record header, frame, tag.
 const BUF: usize = FRAME_RECORD_HEADER + MAX_FRAME + TAG_LEN;
-/// IPv4 + UDP headers.
-const IP_UDP: usize = 28;
 /// How long the data-path threads block before looking at the stop flag.
 const WAKE: Duration = Duration::from_secs(1);
 
@@ -167,7 +165,7 @@ impl Peer {
 
     /// Bytes of a message one datagram carries to this peer.
     fn payload(&self) -> usize {
-        self.mtu.load(Ordering::Relaxed).max(MIN_MTU) - IP_UDP - DATAGRAM_HEADER_LEN
+        self.mtu.load(Ordering::Relaxed).max(MIN_MTU) - IP_UDP_V4 - DATAGRAM_HEADER_LEN
     }
 }
 
@@ -310,12 +308,13 @@ impl Shared {
                 return;
             }
         };
+        let h = header.emit();
         let mut total = len;
         if let (Kind::Sealed, Some(s)) = (header.kind, hop.sealer.as_ref()) {
             if buf.len() < len + TAG_LEN {
                 return;
             }
-            match s.seal_detached(header.counter, &header.emit(), &mut buf[..len]) {
+            match s.seal_detached(header.counter, &h, &mut buf[..len]) {
                 Ok(tag) => buf[len..len + TAG_LEN].copy_from_slice(&tag),
                 Err(e) => {
                     self.warn_limited(format_args!("cannot seal for {}: {e}", hop.name));
@@ -327,7 +326,7 @@ impl Shared {
         }
         let msg = &buf[..total];
         for attempt in 0..2 {
-            match self.send_segments(out, hop, &header, msg) {
+            match self.send_segments(out, hop, &h, msg) {
                 Ok(()) => return,
                 Err(SendFail::TooBig) if attempt == 0 => {
                     self.refresh_mtu(hop);
@@ -355,16 +354,13 @@ impl Shared {
         &self,
         out: &mut Out,
         hop: &Peer,
-        header: &Header,
+        h: &[u8; HEADER_LEN],
         msg: &[u8],
     ) -> Result<(), SendFail> {
         let plan = Segment::plan(msg.len(), hop.payload())
             .map_err(|e| SendFail::Other(io::Error::other(e.to_string())))?;
-        let h = header.emit();
         out.hdrs.clear();
-        out.hdrs.extend(
-            (0..plan.count).map(|index| emit_datagram_header(&h, Segment { index, ..plan })),
-        );
+        out.hdrs.extend(plan.headers(h));
         let dsize = DATAGRAM_HEADER_LEN + plan.stride as usize;
         let gso = self.gso.load(Ordering::Relaxed);
         let per = if gso {
@@ -397,7 +393,7 @@ impl Shared {
                         if self.gso.swap(false, Ordering::Relaxed) {
                             warn!("UDP segmentation offload refused ({e}); sending datagrams one by one");
                         }
-                        return self.send_segments(out, hop, header, msg);
+                        return self.send_segments(out, hop, h, msg);
                     }
                     bump(&self.stats.dropped, 1);
                     return Err(SendFail::Other(e));
@@ -606,12 +602,11 @@ impl Tx {
     }
 
     /// Read what TAP queue `q` holds (up to [`BATCH`] frames, without
-    /// blocking) and send it; returns how many frames.
-    fn drain(&mut self, sh: &Shared, q: usize) -> usize {
+    /// blocking) and send it.
+    fn drain(&mut self, sh: &Shared, q: usize) {
         let dev = &sh.tap[q];
         // Without a vnet header, frames are read after room for a zero one.
         let off = FRAME_RECORD_HEADER + if sh.vnet_hdr { 0 } else { VNET_HDR_LEN };
-        let mut frames = 0;
         for _ in 0..BATCH {
             let n = match dev.recv(&mut self.buf[off..BUF - TAG_LEN]) {
                 Ok(n) => n,
@@ -634,10 +629,8 @@ impl Tx {
                 &mut self.scratch,
                 flen,
             );
-            frames += 1;
         }
         flush_packs(sh, &mut self.out, &mut self.packs);
-        frames
     }
 }
 
@@ -686,52 +679,71 @@ fn on_tap_frame(
     buf[..FRAME_RECORD_HEADER].copy_from_slice(&rec);
     let len = FRAME_RECORD_HEADER + flen;
     let unicast = dst_mac[0] & 1 == 0;
-    let (targets, dst): (Vec<Arc<Peer>>, PeerName) = {
+    let owner = if unicast {
+        sh.macs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&dst_mac)
+            .copied()
+    } else {
+        None
+    };
+    // Known unicast (the common case) needs no list of hops.
+    let (hop, flood) = {
         let t = sh.table();
-        let owner = if unicast {
-            sh.macs
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&dst_mac)
-                .copied()
-        } else {
-            None
-        };
         match owner.and_then(|p| t.next_hop(p).map(|h| (h.clone(), p))) {
-            Some((hop, p)) => (vec![hop], p),
-            None => (t.broadcast_hops(sh.me, sh.me), PeerName::BROADCAST),
+            Some(one) => (Some(one), Vec::new()),
+            None => (None, t.broadcast_hops(sh.me, sh.me)),
         }
     };
-    let single = targets.len() == 1;
-    for hop in targets {
-        let key = (hop.name, dst);
-        // Small frames ride together in one datagram.
-        if len + TAG_LEN <= hop.payload() {
-            let entry = packs
-                .entry(key)
-                .or_insert_with(|| (hop.clone(), Vec::with_capacity(hop.payload())));
-            if !entry.1.is_empty() && entry.1.len() + len + TAG_LEN > hop.payload() {
-                send_pack(sh, out, &entry.0, dst, &mut entry.1);
-            }
-            entry.1.extend_from_slice(&buf[..len]);
-            continue;
-        }
-        // A large frame: what was packed for this destination goes first,
-        // to keep the order.
-        if let Some((p, pack)) = packs.get_mut(&key) {
-            if !pack.is_empty() {
-                let p = p.clone();
-                send_pack(sh, out, &p, dst, pack);
-            }
-        }
+    if let Some((hop, dst)) = hop {
+        send_frame(sh, out, packs, &hop, dst, buf, len);
+        return;
+    }
+    let single = flood.len() == 1;
+    for hop in &flood {
         if single {
-            sh.send_message(out, &hop, sh.me, dst, buf, len);
+            send_frame(sh, out, packs, hop, PeerName::BROADCAST, buf, len);
         } else {
             // Sealing is in place: each neighbour gets its own copy.
             scratch[..len].copy_from_slice(&buf[..len]);
-            sh.send_message(out, &hop, sh.me, dst, scratch, len);
+            send_frame(sh, out, packs, hop, PeerName::BROADCAST, scratch, len);
         }
     }
+}
+
+/// Send the frame record `buf[..len]` to neighbour `hop`, for `dst`: packed
+/// with others when small, as a message of its own (sealed in place in
+/// `buf`) when large.
+fn send_frame(
+    sh: &Shared,
+    out: &mut Out,
+    packs: &mut Packs,
+    hop: &Arc<Peer>,
+    dst: PeerName,
+    buf: &mut [u8],
+    len: usize,
+) {
+    let key = (hop.name, dst);
+    // Small frames ride together in one datagram.
+    if len + TAG_LEN <= hop.payload() {
+        let entry = packs
+            .entry(key)
+            .or_insert_with(|| (hop.clone(), Vec::with_capacity(hop.payload())));
+        if !entry.1.is_empty() && entry.1.len() + len + TAG_LEN > hop.payload() {
+            send_pack(sh, out, &entry.0, dst, &mut entry.1);
+        }
+        entry.1.extend_from_slice(&buf[..len]);
+        return;
+    }
+    // A large frame: what was packed for this destination goes first, to
+    // keep the order.
+    if let Some((p, pack)) = packs.get_mut(&key) {
+        if !pack.is_empty() {
+            send_pack(sh, out, p, dst, pack);
+        }
+    }
+    sh.send_message(out, hop, sh.me, dst, buf, len);
 }
 
 fn send_pack(sh: &Shared, out: &mut Out, hop: &Peer, dst: PeerName, pack: &mut Vec<u8>) {
@@ -821,7 +833,7 @@ impl Rx {
         match header.kind {
             Kind::Probe => {
                 // Answer with the size that arrived (IP and UDP included).
-                let ack = sleeve::probe_ack(sh.me, peer.name, d.len() + IP_UDP);
+                let ack = sleeve::probe_ack(sh.me, peer.name, d.len() + IP_UDP_V4);
                 let _ = udpio::send_segments(
                     sh.sock.as_raw_fd(),
                     peer.addr,

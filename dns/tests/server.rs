@@ -351,20 +351,7 @@ fn forwards_other_names_and_rereads_resolv_conf() {
     let m = udp(h.addr, "1.0.0.127.in-addr.arpa.", RecordType::PTR);
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     // A new resolv.conf naming a dead server is picked up: SERVFAIL.
-    let dead = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    std::fs::write(&h.resolv, format!("nameserver {dead}\n")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = udp(h.addr, "example.test.", RecordType::A);
-        if m.metadata.response_code == ResponseCode::ServFail {
-            break;
-        }
-        assert!(Instant::now() < deadline, "resolv.conf change not seen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    servfail_once_upstream_is_dead(&h, || udp(h.addr, "example.test.", RecordType::A));
 }
 
 #[test]
@@ -375,17 +362,21 @@ fn forwarding_over_tcp_falls_back_to_udp_upstream() {
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert_eq!(addrs(&m), vec![Ipv4Addr::new(198, 18, 0, 99)]);
     // And SERVFAIL over TCP when nothing answers.
+    servfail_once_upstream_is_dead(&h, || {
+        tcp(h.addr, &query("example.test.", RecordType::A, None))
+    });
+}
+
+/// Point the harness's resolv.conf at a server that is not there, then ask
+/// with `ask` until the answer is SERVFAIL (bounded: the file is re-read).
+fn servfail_once_upstream_is_dead(h: &Harness, ask: impl Fn() -> Message) {
     let dead = UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
     std::fs::write(&h.resolv, format!("nameserver {dead}\n")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = tcp(h.addr, &query("example.test.", RecordType::A, None));
-        if m.metadata.response_code == ResponseCode::ServFail {
-            break;
-        }
+    while ask().metadata.response_code != ResponseCode::ServFail {
         assert!(Instant::now() < deadline, "resolv.conf change not seen");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -88,10 +88,7 @@ impl Sealer {
     /// Encrypt `body` in place under `counter` (from [`Self::next_counter`])
     /// with `aad`, and append the tag.
     pub fn seal(&self, counter: u64, aad: &[u8], body: &mut Vec<u8>) -> Result<(), SealError> {
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(&nonce(counter), aad, body)
-            .map_err(|_| SealError::Exhausted)?;
+        let tag = self.seal_detached(counter, aad, body)?;
         body.extend_from_slice(&tag);
         Ok(())
     }

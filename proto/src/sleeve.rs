@@ -58,10 +58,12 @@ pub const MAX_FRAME: usize = VNET_HDR_LEN + 14 + 65535 + 64;
 pub const CONTAINER_GSO_MAX_SIZE: u32 = 62_000;
 /// The largest message: one largest frame, sealed.
 pub const MAX_MESSAGE: usize = FRAME_RECORD_HEADER + MAX_FRAME + TAG_LEN;
+/// IPv4 and UDP headers: what an MTU counts beyond a datagram's payload.
+pub const IP_UDP_V4: usize = 20 + 8;
 /// Everything the sleeve adds around one Ethernet frame carried whole in one
 /// datagram over IPv4: IP, UDP, our headers, tag, record header, vnet header.
 pub const OVERHEAD_V4: usize =
-    20 + 8 + DATAGRAM_HEADER_LEN + TAG_LEN + FRAME_RECORD_HEADER + VNET_HDR_LEN;
+    IP_UDP_V4 + DATAGRAM_HEADER_LEN + TAG_LEN + FRAME_RECORD_HEADER + VNET_HDR_LEN;
 
 /// What a message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +195,14 @@ impl Segment {
             index: 0,
             stride: stride as u16,
         })
+    }
+
+    /// The datagram headers of every segment of this plan, in order.
+    pub fn headers(
+        self,
+        h: &[u8; HEADER_LEN],
+    ) -> impl Iterator<Item = [u8; DATAGRAM_HEADER_LEN]> + '_ {
+        (0..self.count).map(move |index| emit_datagram_header(h, Segment { index, ..self }))
     }
 
     /// The byte range of segment `index` in a message of `len` bytes.
@@ -340,37 +350,19 @@ pub fn open_message(
     }
 }
 
-/// A path MTU probe from `src` to `dst` that makes an IPv4 datagram of
-/// `size` bytes (at least the headers).
-pub fn probe_datagram(src: PeerName, dst: PeerName, size: usize) -> Vec<u8> {
+/// The header of a one-datagram message of `kind` carrying `counter`.
+fn lone_datagram_header(
+    kind: Kind,
+    src: PeerName,
+    dst: PeerName,
+    counter: u64,
+) -> [u8; DATAGRAM_HEADER_LEN] {
     let h = Header {
-        kind: Kind::Probe,
+        kind,
         key_id: 0,
         src,
         dst,
-        counter: size as u64,
-    };
-    let mut d = emit_datagram_header(
-        &h.emit(),
-        Segment {
-            count: 1,
-            index: 0,
-            stride: 0,
-        },
-    )
-    .to_vec();
-    d.resize(size.saturating_sub(28).max(DATAGRAM_HEADER_LEN), 0);
-    d
-}
-
-/// The answer to a probe of `size` bytes.
-pub fn probe_ack(src: PeerName, dst: PeerName, size: usize) -> [u8; DATAGRAM_HEADER_LEN] {
-    let h = Header {
-        kind: Kind::ProbeAck,
-        key_id: 0,
-        src,
-        dst,
-        counter: size as u64,
+        counter,
     };
     emit_datagram_header(
         &h.emit(),
@@ -380,6 +372,19 @@ pub fn probe_ack(src: PeerName, dst: PeerName, size: usize) -> [u8; DATAGRAM_HEA
             stride: 0,
         },
     )
+}
+
+/// A path MTU probe from `src` to `dst` that makes an IPv4 datagram of
+/// `size` bytes (at least the headers).
+pub fn probe_datagram(src: PeerName, dst: PeerName, size: usize) -> Vec<u8> {
+    let mut d = lone_datagram_header(Kind::Probe, src, dst, size as u64).to_vec();
+    d.resize(size.saturating_sub(IP_UDP_V4).max(DATAGRAM_HEADER_LEN), 0);
+    d
+}
+
+/// The answer to a probe of `size` bytes.
+pub fn probe_ack(src: PeerName, dst: PeerName, size: usize) -> [u8; DATAGRAM_HEADER_LEN] {
+    lone_datagram_header(Kind::ProbeAck, src, dst, size as u64)
 }
 
 /// Append one frame (vnet header + Ethernet frame) as a record.
@@ -469,10 +474,11 @@ pub fn segment_message(
 ) -> Result<Vec<Vec<u8>>, WireError> {
     let plan = Segment::plan(msg.len(), max_payload)?;
     let h = header.emit();
-    Ok((0..plan.count)
-        .map(|index| {
-            let seg = Segment { index, ..plan };
-            let mut d = emit_datagram_header(&h, seg).to_vec();
+    Ok(plan
+        .headers(&h)
+        .zip(0..)
+        .map(|(hdr, index)| {
+            let mut d = hdr.to_vec();
             d.extend_from_slice(&msg[plan.range(index, msg.len())]);
             d
         })
