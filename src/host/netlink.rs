@@ -6,6 +6,12 @@
 //! (it keeps that namespace open), so code that must create a kernel object
 //! by other means than netlink (the TAP) can do so in the same namespace.
 //! The connection task ends by itself when the last handle clone is dropped.
+//!
+//! Invariant: at most one dump is in flight per socket. The kernel runs one
+//! dump at a time per netlink socket and refuses a second with `EBUSY`
+//! while the first is being read, and every clone of a `Netlink` shares
+//! one socket, so all dumps go through [`Netlink::dump`], which holds the
+//! handle's dump lock from request to last message.
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -31,6 +37,8 @@ pub struct Netlink {
     handle: Handle,
     ns: Arc<File>,
     ns_id: NetnsId,
+    /// Held for the whole of a dump (see the module invariant).
+    dump_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Netlink {
@@ -79,6 +87,7 @@ impl Netlink {
             handle,
             ns: Arc::new(ns),
             ns_id,
+            dump_lock: Arc::default(),
         })
     }
 
@@ -86,6 +95,24 @@ impl Netlink {
     /// (routes, neighbours, vxlan).
     pub fn handle(&self) -> &Handle {
         &self.handle
+    }
+
+    /// Run the dump request that `request` makes and collect every
+    /// message, one dump at a time on this socket (the module invariant).
+    /// `what` names the dump in the error.
+    pub async fn dump<T, S>(
+        &self,
+        what: impl Into<String>,
+        request: impl FnOnce(&Handle) -> S,
+    ) -> Result<Vec<T>, HostError>
+    where
+        S: futures::Stream<Item = Result<T, rtnetlink::Error>>,
+    {
+        let _one_at_a_time = self.dump_lock.lock().await;
+        request(&self.handle)
+            .try_collect()
+            .await
+            .map_err(|e| HostError::netlink(what, e))
     }
 
     /// The namespace this handle's socket lives in.
@@ -125,13 +152,7 @@ impl Netlink {
 
     /// All links of this namespace.
     pub async fn links(&self) -> Result<Vec<LinkMessage>, HostError> {
-        self.handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| HostError::netlink("dump links", e))
+        self.dump("dump links", |h| h.link().get().execute()).await
     }
 
     /// Interface index of `name`, or None if there is no such link.
@@ -275,14 +296,13 @@ impl Netlink {
     /// Output interface of the main table's IPv4 default route, lowest
     /// metric first; for a multipath route, its first next hop.
     async fn default_route_oif(&self) -> Result<Option<u32>, HostError> {
-        let routes: Vec<_> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| HostError::netlink("dump IPv4 routes", e))?;
+        let routes = self
+            .dump("dump IPv4 routes", |h| {
+                h.route()
+                    .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                    .execute()
+            })
+            .await?;
         let mut best: Option<(u32, u32)> = None; // (metric, oif)
         for r in &routes {
             let h = &r.header;

@@ -14,7 +14,6 @@ use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
-use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
@@ -177,14 +176,10 @@ async fn add_missing_addrs(
 /// kernel's message for deleting it.
 async fn link_addrs(cnl: &Netlink, index: u32) -> Result<Vec<(IpNet, AddressMessage)>, HostError> {
     let msgs: Vec<AddressMessage> = cnl
-        .handle()
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| HostError::netlink(format!("dump addresses of link {index}"), e))?;
+        .dump(format!("dump addresses of link {index}"), |h| {
+            h.address().get().set_link_index_filter(index).execute()
+        })
+        .await?;
     let mut out = Vec::new();
     for m in msgs {
         let mut local = None;

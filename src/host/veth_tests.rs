@@ -243,3 +243,47 @@ fn stale_host_end_is_replaced() {
         assert!(container_if(&f1, "ethmesh").await.unwrap().is_some());
     });
 }
+
+/// Clones of one handle share a netlink socket, on which the kernel runs
+/// one dump at a time and refuses a second with EBUSY: many concurrent
+/// dumps of links, routes, addresses and the bridge's fdb must all
+/// succeed (the daemon's restore and its fast-path MAC scan once
+/// collided exactly so at start-up).
+#[test]
+fn concurrent_dumps_on_one_socket_all_succeed() {
+    if !require_root() {
+        return;
+    }
+    let tn = TestNet::new();
+    let host = tn.add_ns("h");
+    // Enough links that a dump spans several messages and stays open
+    // while the others are sent.
+    for i in 0..20 {
+        let (a, b) = (format!("dva{i}"), format!("dvb{i}"));
+        ns_run(
+            &host,
+            &["ip", "link", "add", &a, "type", "veth", "peer", "name", &b],
+        );
+    }
+    on_host(&host, move || async move {
+        let nl = Netlink::current().await.unwrap();
+        let br = nl.ensure_bridge("meshbr", 1410).await.unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let nl = nl.clone();
+            tasks.spawn(async move {
+                match i % 4 {
+                    0 => nl.links().await.map(|l| assert!(l.len() > 40)),
+                    1 => nl.underlay_mtu().await.map(|_| ()),
+                    2 => link_addrs(&nl, 1).await.map(|_| ()),
+                    _ => crate::host::vxlan::local_macs(&nl, br, &[])
+                        .await
+                        .map(|_| ()),
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap().unwrap();
+        }
+    });
+}

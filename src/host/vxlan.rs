@@ -20,7 +20,6 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use futures::TryStreamExt;
 use rtnetlink::packet_route::link::InfoKind;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -202,14 +201,13 @@ pub async fn local_macs(
     overlay: &[u32],
 ) -> Result<Vec<[u8; 6]>, HostError> {
     let entries: Vec<NeighbourMessage> = nl
-        .handle()
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Bridge)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| HostError::netlink("dump bridge fdb", e))?;
+        .dump("dump bridge fdb", |h| {
+            h.neighbours()
+                .get()
+                .set_address_family(AddressFamily::Bridge)
+                .execute()
+        })
+        .await?;
     let mut macs = Vec::new();
     for e in entries {
         if overlay.contains(&e.header.ifindex)
