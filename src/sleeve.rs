@@ -18,7 +18,11 @@
 //!   messages are handled where they lie; the others are reassembled
 //!   ([`Reassembler`]) and then opened, relayed and/or written to the TAP in
 //!   one write per frame, so the kernel segments a super-frame only here,
-//!   at the end.
+//!   at the end. After a light batch (a request, an acknowledgement) the
+//!   receiver also sends what the kernel answered during its TAP write
+//!   (`answer_now`), instead of waking a sender for it; each TAP queue
+//!   has a lock, held by whoever reads it, so one flow's frames leave in
+//!   order.
 //! - **The control task** (async): applies the router's commands to the
 //!   shared tables, sends a heartbeat to every neighbour each second,
 //!   re-reads each neighbour's path MTU, and reports neighbours that have
@@ -229,6 +233,9 @@ struct Shared {
     sock: UdpSocket,
     gso: AtomicBool,
     tap: Vec<SyncDevice>,
+    /// Held while a thread reads and sends from a TAP queue, so that the
+    /// frames of one flow leave in the order they were read.
+    tap_locks: Vec<Mutex<()>>,
     epoch: Instant,
     stop: AtomicBool,
     next_link: AtomicU64,
@@ -436,6 +443,7 @@ pub async fn run(
         stats: Counters::default(),
         sock: udp,
         gso: AtomicBool::new(offloads.gso),
+        tap_locks: queues.iter().map(|_| Mutex::new(())).collect(),
         tap: queues,
         epoch: Instant::now(),
         stop: AtomicBool::new(false),
@@ -642,6 +650,7 @@ fn tx_loop(sh: &Shared, q: usize) {
         if !wait_readable(fd, WAKE) {
             continue;
         }
+        let _held = sh.tap_locks[q].lock().unwrap_or_else(|e| e.into_inner());
         tx.drain(sh, q);
     }
 }
@@ -775,6 +784,7 @@ fn rx_loop(sh: &Shared) {
         out: Out::default(),
         relay: Vec::with_capacity(BUF),
     };
+    let mut tx = Tx::new();
     while !sh.stop.load(Ordering::Relaxed) {
         let n = match batch.recv(fd) {
             Ok(n) => n,
@@ -794,10 +804,12 @@ fn rx_loop(sh: &Shared) {
             }
         };
         let now = Instant::now();
+        let mut bytes = 0;
         for i in 0..n {
             let Some((from, seg, data)) = batch.get(i) else {
                 continue;
             };
+            bytes += data.len();
             let peer = sh.table().by_addr.get(&from).cloned();
             let Some(peer) = peer else {
                 bump(&sh.stats.dropped, 1);
@@ -812,6 +824,32 @@ fn rx_loop(sh: &Shared) {
             for d in udpio::datagrams(data, seg) {
                 rx.on_datagram(sh, &peer, d, now);
             }
+        }
+        if bytes <= ANSWER_MAX {
+            answer_now(sh, &mut tx);
+        }
+    }
+}
+
+/// Received bytes per batch up to which the receiver sends the answers
+/// itself (see [`answer_now`]): a request, an acknowledgement, a lone
+/// segment; not the GRO runs of a bulk transfer.
+const ANSWER_MAX: usize = 4096;
+
+/// Send what the kernel answered while the receiver wrote to the TAP.
+///
+/// A TAP write runs the bridge, the container's stack and its reply
+/// synchronously: when the write returns, a ping's echo reply or a
+/// request's response is already queued in the TAP, and a sender thread
+/// has just been woken for it. Waking a sleeping thread costs tens of
+/// microseconds on a virtual machine (its idle vCPU halts); the receiver
+/// is awake and sends it now. Only after light batches: under bulk
+/// traffic the senders are busy anyway, and a queue a sender holds is
+/// left to it.
+fn answer_now(sh: &Shared, tx: &mut Tx) {
+    for q in 0..sh.tap.len() {
+        if let Ok(_held) = sh.tap_locks[q].try_lock() {
+            tx.drain(sh, q);
         }
     }
 }
