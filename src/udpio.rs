@@ -9,7 +9,7 @@
 //! - **In**: [`RecvBatch`] receives with `recvmmsg(MSG_WAITFORONE)` on a
 //!   socket with `UDP_GRO` on: each buffer then holds one datagram or a run
 //!   of coalesced ones of one size (given by the `UDP_GRO` control message),
-//!   and the caller walks them with [`RecvBatch::datagrams`]. Without a
+//!   and the caller walks them with [`datagrams`]. Without a
 //!   control message a buffer holds a single datagram, so both cases read
 //!   alike.
 //! - The socket sends with the don't-fragment bit (`IP_PMTUDISC_DO`): a
