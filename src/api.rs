@@ -27,6 +27,10 @@ pub enum Request {
         name: Option<String>,
         /// PID or netns path.
         target: String,
+        /// The interface's name inside the container (default `ethmesh`;
+        /// the CNI plugin passes `CNI_IFNAME`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ifname: Option<String>,
     },
     /// Detach a container (all addresses when `addrs` is empty).
     Detach {
@@ -305,7 +309,7 @@ pub struct SleeveStats {
 pub struct PsEntry {
     /// Container id (its name when given).
     pub id: String,
-    /// MAC of its `ethmesh`.
+    /// MAC of its interface (`ethmesh` unless the CNI plugin named it).
     pub mac: String,
     /// Its CIDRs.
     pub cidrs: Vec<String>,

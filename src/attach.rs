@@ -54,8 +54,16 @@ struct Attachment {
     target: String,
     netns: NetnsId,
     host_ifname: String,
+    /// The interface's name inside the container (lists saved before it
+    /// was recorded used [`IFNAME`]).
+    #[serde(default = "default_ifname")]
+    ifname: String,
     mac: String,
     cidrs: Vec<IpNet>,
+}
+
+fn default_ifname() -> String {
+    IFNAME.to_string()
 }
 
 /// Owns the list of attached containers.
@@ -600,7 +608,8 @@ impl Manager {
                     addrs,
                     name,
                     target,
-                } => match self.attach(&addrs, name, &target).await {
+                    ifname,
+                } => match self.attach(&addrs, name, &target, ifname).await {
                     Ok(cidrs) => Response::Attached { cidrs },
                     Err(message) => Response::Error { message },
                 },
@@ -763,7 +772,11 @@ impl Manager {
         addrs: &[String],
         name: Option<String>,
         target: &str,
+        ifname: Option<String>,
     ) -> Result<Vec<String>, String> {
+        if let Some(n) = &ifname {
+            host::check_ifname(n).map_err(|e| e.to_string())?;
+        }
         let parsed = addrs
             .iter()
             .map(|a| addr::parse(a))
@@ -805,6 +818,11 @@ impl Manager {
         let host_ifname = match existing {
             Some(i) => self.list[i].host_ifname.clone(),
             None => format!("{HOST_PREFIX}{:08x}", hash as u32),
+        };
+        // An attached container keeps the interface it has.
+        let ifname = match existing {
+            Some(i) => self.list[i].ifname.clone(),
+            None => ifname.unwrap_or_else(default_ifname),
         };
         let aid = alloc_id(id);
         let (wanted, taken) = self.resolve(&parsed, &aid, &held).await?;
@@ -848,7 +866,7 @@ impl Manager {
             &ns,
             BRIDGE,
             &host_ifname,
-            IFNAME,
+            &ifname,
             &wanted,
             self.mtu,
         )
@@ -915,6 +933,7 @@ impl Manager {
                 target: target.to_string(),
                 netns: id,
                 host_ifname,
+                ifname,
                 mac,
                 cidrs: wanted.clone(),
             }),
@@ -975,7 +994,7 @@ impl Manager {
             &self.nl,
             opened.as_ref().map(|(f, _)| f),
             &a.host_ifname,
-            IFNAME,
+            &a.ifname,
             if all { &a.cidrs } else { &release },
             all,
         )

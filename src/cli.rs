@@ -646,6 +646,7 @@ fn attach(name: Option<String>, args: Vec<String>) -> anyhow::Result<ExitCode> {
         addrs,
         name,
         target,
+        ifname: None,
     })? {
         Response::Attached { cidrs } => {
             for c in cidrs {

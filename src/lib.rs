@@ -14,6 +14,7 @@ pub mod addr;
 pub mod api;
 pub mod attach;
 pub mod cli;
+pub mod cni;
 pub mod connmaker;
 pub mod control;
 pub mod daemon;

@@ -7,6 +7,10 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // A container runtime calls us as a CNI plugin ("type": "mesh").
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        return mesh::cni::main();
+    }
     match mesh::cli::run() {
         Ok(code) => code,
         Err(e) => {

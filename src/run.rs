@@ -197,6 +197,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 addrs,
                 name: args.name.clone(),
                 target: target.clone(),
+                ifname: None,
             },
             Duration::from_secs(120),
         );
