@@ -16,7 +16,10 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq-base nftables util-linux procps ethtool)
+# podman and friends: the CNI plugin's test runs real containers
+# (shared/containers.md).
+packages=(iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq-base nftables util-linux procps ethtool
+    podman runc busybox-static uidmap fuse-overlayfs containernetworking-plugins iptables tar)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg -s "$p" >/dev/null 2>&1; then
