@@ -385,7 +385,25 @@ fn podman_runs_containers_on_the_mesh_network() {
     w.launch(&h1, &range);
     w.launch(&h2, &[&range[..], &["198.18.0.1"]].concat());
     let other = w.add_container("other");
-    w.attach(&h2, &other, "198.19.7.200/24");
+    // Allocated, not fixed: a fixed address must lie in this peer's part
+    // of the range.
+    let other_cidr = h2.mesh_ok(&[
+        "attach",
+        "net:198.19.7.0/24",
+        "--name",
+        "other",
+        &other.path,
+    ]);
+    let other_ip = other_cidr
+        .trim()
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        other_ip.starts_with("198.19.7."),
+        "other got {other_cidr:?}"
+    );
     let plugin = format!(
         r#"{{"type":"mesh","socket":"{}","subnet":"net:198.19.7.0/24"}}"#,
         h1.run_dir.join("mesh.sock").display()
@@ -427,7 +445,7 @@ fn podman_runs_containers_on_the_mesh_network() {
     wait_ping(&other, &ip, DEADLINE);
     wait_until(DEADLINE, "web pings other", || {
         run(
-            &mut pm.cmd(&["exec", "web", "ping", "-c", "1", "-W", "1", "198.19.7.200"]),
+            &mut pm.cmd(&["exec", "web", "ping", "-c", "1", "-W", "1", &other_ip]),
             Duration::from_secs(10),
         )
         .status
