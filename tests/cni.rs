@@ -86,18 +86,14 @@ fn error_code(what: &str, out: &Output, v: &Value) -> u64 {
         .unwrap_or_else(|| panic!("{what}: no code in {v}"))
 }
 
-fn mac_in(c: &Container, ifname: &str) -> Option<String> {
-    let out = run(
-        Command::new("ip").args(["-n", &c.ns, "-o", "link", "show", "dev", ifname]),
-        Duration::from_secs(10),
-    );
-    if !out.status.success() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut words = text.split_whitespace();
-    words.find(|w| *w == "link/ether")?;
-    words.next().map(String::from)
+/// Two hosts sharing the range 198.19.0.0/16, h2 launched naming h1.
+fn two_hosts(w: &mut World) -> (Host, Host) {
+    let h1 = w.add_host();
+    let h2 = w.add_host();
+    let range = ["--ipalloc-range", "198.19.0.0/16"];
+    w.launch(&h1, &range);
+    w.launch(&h2, &[&range[..], &["198.18.0.1"]].concat());
+    (h1, h2)
 }
 
 #[test]
@@ -105,11 +101,7 @@ fn cni_add_check_del_across_two_hosts() {
     let Some(mut w) = World::new("cni") else {
         return;
     };
-    let h1 = w.add_host();
-    let h2 = w.add_host();
-    let range = ["--ipalloc-range", "198.19.0.0/16"];
-    w.launch(&h1, &range);
-    w.launch(&h2, &[&range[..], &["198.18.0.1"]].concat());
+    let (h1, h2) = two_hosts(&mut w);
     let c1 = w.add_container("c1");
     let c2 = w.add_container("c2");
 
@@ -137,7 +129,7 @@ fn cni_add_check_del_across_two_hosts() {
     assert_eq!(r1["cniVersion"], "1.0.0", "{r1}");
     assert_eq!(r1["interfaces"][0]["name"], "eth0", "{r1}");
     assert_eq!(r1["interfaces"][0]["sandbox"], c1.path.as_str(), "{r1}");
-    let mac1 = mac_in(&c1, "eth0").expect("c1 has eth0 after ADD");
+    let mac1 = c1.mac_of("eth0").expect("c1 has eth0 after ADD");
     assert_eq!(r1["interfaces"][0]["mac"], mac1.as_str(), "{r1}");
     let cidr1 = r1["ips"][0]["address"]
         .as_str()
@@ -228,16 +220,13 @@ fn cni_add_check_del_across_two_hosts() {
     assert_eq!(error_code("STATUS with no daemon", &out, &v), 50, "{v}");
     let (out, _) = cni("STATUS", &[], &conf1);
     assert!(out.status.success(), "STATUS: {}", show(&out));
-    assert!(
-        mac_in(&c3, "eth0").is_none(),
-        "a failed ADD left eth0 in c3"
-    );
+    assert!(c3.mac_of("eth0").is_none(), "a failed ADD left eth0 in c3");
     assert_eq!(h1.ps().len(), 1, "a failed ADD attached something on h1");
 
     // DEL: the interface goes, the address is released; again: still fine.
     let (out, _) = cni("DEL", &env1, &conf1);
     assert!(out.status.success(), "DEL c1: {}", show(&out));
-    assert!(mac_in(&c1, "eth0").is_none(), "eth0 still in c1 after DEL");
+    assert!(c1.mac_of("eth0").is_none(), "eth0 still in c1 after DEL");
     assert!(
         h1.ps().is_empty(),
         "mesh ps on h1 still lists web after DEL"
@@ -379,11 +368,7 @@ fn podman_runs_containers_on_the_mesh_network() {
     let Some(mut w) = World::new("cni-podman") else {
         return;
     };
-    let h1 = w.add_host();
-    let h2 = w.add_host();
-    let range = ["--ipalloc-range", "198.19.0.0/16"];
-    w.launch(&h1, &range);
-    w.launch(&h2, &[&range[..], &["198.18.0.1"]].concat());
+    let (h1, h2) = two_hosts(&mut w);
     let other = w.add_container("other");
     // Allocated, not fixed: a fixed address must lie in this peer's part
     // of the range.

@@ -446,8 +446,13 @@ impl Container {
 
     /// The MAC address of `ethmesh` inside the container, if it exists.
     pub fn ethmesh_mac(&self) -> Option<String> {
+        self.mac_of("ethmesh")
+    }
+
+    /// The MAC address of `ifname` inside the container, if it exists.
+    pub fn mac_of(&self, ifname: &str) -> Option<String> {
         let out = run(
-            Command::new("ip").args(["-n", &self.ns, "-o", "link", "show", "dev", "ethmesh"]),
+            Command::new("ip").args(["-n", &self.ns, "-o", "link", "show", "dev", ifname]),
             CMD_TIMEOUT,
         );
         if !out.status.success() {
