@@ -216,6 +216,10 @@ fn cni_add_check_del_across_two_hosts() {
     );
     let (out, v) = cni("ADD", &env3, &no_daemon);
     assert_eq!(error_code("ADD with no daemon", &out, &v), 11, "{v}");
+    // DEL with the daemon down succeeds: the daemon releases what vanished
+    // while it was stopped.
+    let (out, _) = cni("DEL", &env3, &no_daemon);
+    assert!(out.status.success(), "DEL with no daemon: {}", show(&out));
     let (out, v) = cni("STATUS", &[], &no_daemon);
     assert_eq!(error_code("STATUS with no daemon", &out, &v), 50, "{v}");
     let (out, _) = cni("STATUS", &[], &conf1);
