@@ -9,7 +9,7 @@
 //!   mesh's (`127.0.0.11`), its search domain the mesh domain, and, when the
 //!   request names the container and gives no hostname, its hostname the
 //!   name in the mesh domain; anything the user set is kept.
-//! - `POST /containers/{id}/start`: when the daemon answers 2xx, the
+//! - `POST /containers/{id}/start` (and `/restart`): when the daemon answers 2xx, the
 //!   container is attached by PID with the addresses of its
 //!   `MESH_CIDR`/`WEAVE_CIDR` (default `net:default`) before the client sees
 //!   the answer, so `docker run -d` returns with the container on the mesh.
@@ -260,7 +260,7 @@ pub enum Route {
         /// The container's name, if the request gives one.
         name: Option<String>,
     },
-    /// `POST /containers/{id}/start`.
+    /// `POST /containers/{id}/start` or `/restart`.
     Start(String),
     /// `DELETE /containers/{id}`.
     Delete(String),
@@ -282,7 +282,7 @@ impl Route {
             ("POST", ["containers", "create"]) => Route::Create {
                 name: query_param(query, "name").filter(|n| !n.is_empty()),
             },
-            ("POST", ["containers", id, "start"]) => Route::Start(decode(id)),
+            ("POST", ["containers", id, "start" | "restart"]) => Route::Start(decode(id)),
             ("POST", ["containers", id, "kill" | "stop"]) => Route::Stop(decode(id)),
             ("DELETE", ["containers", id]) => Route::Delete(decode(id)),
             _ => Route::Other,
@@ -919,7 +919,17 @@ async fn attach_started(id: &str, shared: &Shared) {
         target: c.pid.to_string(),
         ifname: None,
     };
-    match control(shared, req).await {
+    let mut answer = control(shared, req.clone()).await;
+    if let Ok(Response::Error { message }) = &answer {
+        if message.contains("already used by another attached container") {
+            // Its previous run (restarted, or started again before the
+            // check for vanished interfaces saw it go): release that first.
+            info!(container = %c.name, "docker proxy: releasing the container's previous run");
+            detach(&c.name, shared).await;
+            answer = control(shared, req).await;
+        }
+    }
+    match answer {
         Ok(Response::Attached { cidrs }) => {
             info!(container = %c.name, pid = c.pid, cidrs = ?cidrs, "docker proxy: attached")
         }
@@ -1014,6 +1024,10 @@ mod tests {
         );
         assert_eq!(
             Route::of("POST", "/v1.41/containers/abc/start"),
+            Route::Start("abc".into())
+        );
+        assert_eq!(
+            Route::of("POST", "/v1.41/containers/abc/restart?t=0"),
             Route::Start("abc".into())
         );
         assert_eq!(

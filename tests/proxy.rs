@@ -4,7 +4,8 @@
 //! container on the mesh (its `WEAVE_CIDR` subnet), `docker exec` (a
 //! hijacked stream through the proxy) reaches a container on h2, the
 //! container's resolv.conf names the mesh's DNS, `docker inspect` works,
-//! and `docker rm -f` releases its address. Also: `mesh env` and
+//! `docker restart` attaches it again, and `docker rm -f` releases its
+//! address. Also: `mesh env` and
 //! `--restore`, a 400 for a malformed request (the proxy goes on), and a
 //! 502 from a proxy whose Docker socket does not exist.
 
@@ -358,6 +359,21 @@ fn docker_run_through_the_proxy_attaches_and_rm_releases() {
         &["exec", "web", "ping", "-c", "1", "-W", "1", &other_ip],
     );
     assert!(out.contains("1 packets received"), "ping output: {out}");
+    wait_ping(&other, &ip, DEADLINE);
+
+    // A restart: a new namespace, attached again when docker returns.
+    docker_ok(&proxy, &config, &["restart", "-t", "0", "web"]);
+    let entry = h1
+        .ps()
+        .into_iter()
+        .find(|e| e.id == "web")
+        .expect("mesh ps on h1 lists web when docker restart returns");
+    let cidr = entry.cidrs.first().expect("web has an address").clone();
+    assert!(
+        cidr.starts_with("198.19.8."),
+        "web got {cidr} after restart"
+    );
+    let ip = cidr.split('/').next().unwrap_or_default().to_string();
     wait_ping(&other, &ip, DEADLINE);
 
     // rm -f releases.
