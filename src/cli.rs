@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Start the daemon in this network namespace and join the given peers.
-    Launch(LaunchArgs),
+    Launch(Box<LaunchArgs>),
     /// Stop the daemon (state, bridge and attached containers are kept).
     Stop,
     /// Hand our address space to a live peer, detach every container, stop,
@@ -121,6 +121,14 @@ enum Cmd {
     },
     /// List attached containers: `ID MAC CIDR...`.
     Ps,
+    /// Print the shell commands that point the `docker` CLI at the mesh's
+    /// Docker API proxy (`eval $(mesh env)`), or, with `--restore`, back
+    /// where it pointed before.
+    Env {
+        /// Restore the previous `DOCKER_HOST` (saved in `ORIG_DOCKER_HOST`).
+        #[arg(long)]
+        restore: bool,
+    },
     /// Show versions of the binary and the protocol.
     Version,
 }
@@ -243,6 +251,61 @@ pub struct LaunchArgs {
     /// it changes).
     #[arg(long, default_value = "/etc/resolv.conf")]
     pub resolv_conf: std::path::PathBuf,
+    /// The Docker daemon's API socket, behind the proxy on
+    /// `<run dir>/docker.sock` (`mesh env`).
+    #[arg(long, default_value = "unix:///var/run/docker.sock", value_parser = parse_docker_host)]
+    pub docker_host: String,
+}
+
+/// `--docker-host`: `unix:///PATH`.
+fn parse_docker_host(s: &str) -> Result<String, String> {
+    crate::proxy::parse_docker_host(s).map(|_| s.to_string())
+}
+
+/// `mesh env [--restore]`: shell commands for `eval`.
+pub fn env_commands(
+    restore: bool,
+    docker_host: Option<&str>,
+    orig: Option<&str>,
+    proxy: &str,
+) -> String {
+    let docker_host = docker_host.unwrap_or("");
+    let orig = orig.unwrap_or("");
+    if restore {
+        if docker_host != proxy {
+            // Not pointing at the proxy: nothing to restore.
+            return String::new();
+        }
+        return if orig.is_empty() {
+            "unset DOCKER_HOST ORIG_DOCKER_HOST".to_string()
+        } else {
+            format!(
+                "export DOCKER_HOST={}; unset ORIG_DOCKER_HOST",
+                shell_quote(orig)
+            )
+        };
+    }
+    // Already pointing at the proxy: keep what was saved before.
+    let saved = if docker_host == proxy {
+        orig
+    } else {
+        docker_host
+    };
+    format!(
+        "export DOCKER_HOST={} ORIG_DOCKER_HOST={}",
+        shell_quote(proxy),
+        shell_quote(saved)
+    )
+}
+
+/// A word the shell reads back as `s`.
+fn shell_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/_.:-=@%+,".contains(c);
+    if s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// `--dns-domain`: labels of letters, digits and '-', ending with a dot
@@ -368,7 +431,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         }
     };
     match cli.cmd {
-        Cmd::Launch(args) => launch(args),
+        Cmd::Launch(args) => launch(*args),
         Cmd::Stop => {
             need_root("stop")?;
             let pid = daemon_pid();
@@ -539,6 +602,16 @@ pub fn run() -> anyhow::Result<ExitCode> {
                     }
                 }
                 other => return Err(unexpected(other)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Env { restore } => {
+            let proxy = format!("unix://{}", crate::proxy::socket().display());
+            let cur = std::env::var("DOCKER_HOST").ok();
+            let orig = std::env::var("ORIG_DOCKER_HOST").ok();
+            let out = env_commands(restore, cur.as_deref(), orig.as_deref(), &proxy);
+            if !out.is_empty() {
+                println!("{out}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -909,4 +982,38 @@ pub fn format_connections(s: &api::Status) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROXY: &str = "unix:///run/mesh/docker.sock";
+
+    #[test]
+    fn env_saves_and_restores_docker_host() {
+        assert_eq!(
+            env_commands(false, None, None, PROXY),
+            "export DOCKER_HOST=unix:///run/mesh/docker.sock ORIG_DOCKER_HOST="
+        );
+        assert_eq!(
+            env_commands(false, Some("tcp://h:2375"), None, PROXY),
+            "export DOCKER_HOST=unix:///run/mesh/docker.sock ORIG_DOCKER_HOST=tcp://h:2375"
+        );
+        // Twice in a row keeps the first saved value.
+        assert_eq!(
+            env_commands(false, Some(PROXY), Some("tcp://h:2375"), PROXY),
+            "export DOCKER_HOST=unix:///run/mesh/docker.sock ORIG_DOCKER_HOST=tcp://h:2375"
+        );
+        assert_eq!(
+            env_commands(true, Some(PROXY), Some("tcp://h:2375"), PROXY),
+            "export DOCKER_HOST=tcp://h:2375; unset ORIG_DOCKER_HOST"
+        );
+        assert_eq!(
+            env_commands(true, Some(PROXY), Some(""), PROXY),
+            "unset DOCKER_HOST ORIG_DOCKER_HOST"
+        );
+        assert_eq!(env_commands(true, Some("tcp://x"), None, PROXY), "");
+        assert_eq!(shell_quote("a b'c"), r"'a b'\''c'");
+    }
 }

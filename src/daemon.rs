@@ -11,7 +11,9 @@
 
 use crate::api::{self, Request, Response};
 use crate::cli::LaunchArgs;
-use crate::{attach, connmaker, control, fastdp, host, identity, ipam, paths, router, sleeve};
+use crate::{
+    attach, connmaker, control, fastdp, host, identity, ipam, paths, proxy, router, sleeve,
+};
 use anyhow::{bail, Context};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::PermissionsExt;
@@ -101,6 +103,7 @@ pub fn spawn_background(args: &LaunchArgs) -> anyhow::Result<String> {
         cmd.arg("--dns-listen-address").arg(a.to_string());
     }
     cmd.arg("--resolv-conf").arg(&args.resolv_conf);
+    cmd.arg("--docker-host").arg(&args.docker_host);
     cmd.env_remove("MESH_PASSWORD").env_remove("WEAVE_PASSWORD");
     if let Some(p) = &args.password {
         cmd.env("MESH_PASSWORD", p);
@@ -200,6 +203,7 @@ async fn run(args: LaunchArgs) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", pid_path.display()))?;
     let result = serve(args).await;
     let _ = std::fs::remove_file(paths::socket());
+    let _ = std::fs::remove_file(proxy::socket());
     let _ = std::fs::remove_file(&pid_path);
     result
 }
@@ -268,6 +272,21 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     let api_listener = tokio::net::UnixListener::bind(&sock_path)
         .with_context(|| format!("binding control socket {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
+    let docker_host = proxy::parse_docker_host(&args.docker_host).map_err(anyhow::Error::msg)?;
+    if !docker_host.exists() {
+        warn!(docker_host = %args.docker_host, "the Docker socket does not exist (yet): the proxy answers 502 until it does");
+    }
+    let proxy_path = proxy::socket();
+    let proxy_listener = match proxy::bind(&proxy_path) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(
+                "Docker API proxy disabled: binding {}: {e}",
+                proxy_path.display()
+            );
+            None
+        }
+    };
 
     let me = Arc::new(Me {
         key,
@@ -382,6 +401,10 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         args.conn_limit,
     )?;
     tokio::spawn(maker.run(conn_rx, shutdown_rx.clone()));
+
+    if let Some(l) = proxy_listener {
+        tokio::spawn(proxy::serve(l, docker_host, sock_path.clone()));
+    }
 
     let (stop_tx, mut stop_rx) = mpsc::channel::<bool>(1);
     tokio::spawn(api_loop(

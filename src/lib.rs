@@ -9,6 +9,7 @@
 //! - [`attach`]: attached containers; [`addr`]: ADDR forms.
 //! - [`host`]: netlink plumbing (bridge, veth, netns, TAP).
 //! - [`identity`], [`persist`], [`paths`]: the files a peer keeps.
+//! - [`proxy`]: the Docker API proxy (`mesh env`); [`cni`]: the CNI plugin.
 
 pub mod addr;
 pub mod api;
@@ -25,6 +26,7 @@ pub mod identity;
 pub mod ipam;
 pub mod paths;
 pub mod persist;
+pub mod proxy;
 pub mod router;
 pub mod run;
 pub mod sleeve;
