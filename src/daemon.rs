@@ -274,7 +274,8 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
     let docker_host = proxy::parse_docker_host(&args.docker_host).map_err(anyhow::Error::msg)?;
     if !docker_host.exists() {
-        warn!(docker_host = %args.docker_host, "the Docker socket does not exist (yet): the proxy answers 502 until it does");
+        // Not a warning: hosts with no Docker (CNI, `mesh run`) are normal.
+        info!(docker_host = %args.docker_host, "no Docker socket (yet): the Docker API proxy answers 502 until there is one");
     }
     let proxy_path = proxy::socket();
     let proxy_listener = match proxy::bind(&proxy_path) {
