@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::podman::Podman;
 use common::*;
 use serde_json::Value;
 use std::io::Write;
@@ -255,114 +256,6 @@ fn cni_add_check_del_across_two_hosts() {
     assert!(r["ips"][0]["address"].as_str().is_some(), "{r}");
 }
 
-/// A private podman (its own store, run root and configuration, the CNI
-/// backend with `mesh` as a plugin): every container removed and every
-/// mount under its directory undone when dropped.
-struct Podman {
-    dir: std::path::PathBuf,
-}
-
-impl Podman {
-    /// Set up under `dir`, with the network `mesh` configured by `plugin`
-    /// (the JSON of one plugin entry).
-    fn new(dir: std::path::PathBuf, plugin: &str) -> Podman {
-        let have = Command::new("podman").arg("--version").output();
-        assert!(
-            have.is_ok_and(|o| o.status.success()),
-            "podman is not installed (scripts/test.sh installs it)"
-        );
-        let p = Podman { dir };
-        let (plugins, netconf) = (p.dir.join("plugins"), p.dir.join("netconf"));
-        for d in [&plugins, &netconf, &p.dir.join("rootfs/bin")] {
-            std::fs::create_dir_all(d).expect("mkdir");
-        }
-        std::os::unix::fs::symlink(MESH, plugins.join("mesh")).expect("link the plugin");
-        std::fs::write(
-            netconf.join("mesh.conflist"),
-            format!(r#"{{"cniVersion":"1.0.0","name":"mesh","plugins":[{plugin}]}}"#),
-        )
-        .expect("write conflist");
-        // runc, not crun (cgroups here), and ulimits the sandbox allows
-        // (shared/containers.md).
-        std::fs::write(
-            p.dir.join("containers.conf"),
-            format!(
-                "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\
-                 [engine]\nruntime = \"runc\"\n\
-                 [network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]\n\
-                 network_config_dir = \"{}\"\n",
-                plugins.display(),
-                netconf.display()
-            ),
-        )
-        .expect("write containers.conf");
-        // An image without a registry: busybox and its applets.
-        let rootfs = p.dir.join("rootfs");
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
-        let list = run_ok("/bin/busybox", &["--list"]);
-        for applet in list.split_whitespace().filter(|a| *a != "busybox") {
-            let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
-        }
-        let tar = p.dir.join("rootfs.tar").display().to_string();
-        run_ok(
-            "tar",
-            &["-C", &rootfs.display().to_string(), "-cf", &tar, "."],
-        );
-        let out = run(
-            &mut p.cmd(&[
-                "import",
-                "--change",
-                "ENV PATH=/bin",
-                &tar,
-                "localhost/bbox",
-            ]),
-            Duration::from_secs(60),
-        );
-        assert!(out.status.success(), "podman import: {}", show(&out));
-        p
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("podman");
-        c.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
-            .args(["--root", &self.dir.join("store").display().to_string()])
-            .args(["--runroot", &self.dir.join("run").display().to_string()])
-            .args(args);
-        c
-    }
-
-    #[track_caller]
-    fn ok(&self, args: &[&str]) -> String {
-        let out = run(&mut self.cmd(args), Duration::from_secs(120));
-        assert!(out.status.success(), "podman {args:?}: {}", show(&out));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = try_run(
-            &mut self.cmd(&["rm", "--all", "--force", "--time", "0"]),
-            Duration::from_secs(60),
-        );
-        // What podman leaves mounted under its store (overlay, shm).
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let dir = self.dir.display().to_string();
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4))
-            .filter(|m| m.starts_with(&dir))
-            .collect();
-        points.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in points {
-            let _ = try_run(
-                Command::new("umount").args(["-l", m]),
-                Duration::from_secs(10),
-            );
-        }
-    }
-}
-
 /// podman's CNI backend with `"type": "mesh"`: `podman run --network mesh`
 /// attaches the container through the plugin; it reaches a container on
 /// another host, podman sees its address and MAC and the mesh's DNS, and
@@ -374,30 +267,12 @@ fn podman_runs_containers_on_the_mesh_network() {
     };
     let (h1, h2) = two_hosts(&mut w);
     let other = w.add_container("other");
-    // Allocated, not fixed: a fixed address must lie in this peer's part
-    // of the range.
-    let other_cidr = h2.mesh_ok(&[
-        "attach",
-        "net:198.19.7.0/24",
-        "--name",
-        "other",
-        &other.path,
-    ]);
-    let other_ip = other_cidr
-        .trim()
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    assert!(
-        other_ip.starts_with("198.19.7."),
-        "other got {other_cidr:?}"
-    );
+    let other_ip = w.attach_net(&h2, &other, "198.19.7.0/24");
     let plugin = format!(
         r#"{{"type":"mesh","socket":"{}","subnet":"net:198.19.7.0/24"}}"#,
         h1.run_dir.join("mesh.sock").display()
     );
-    let pm = Podman::new(w.dir.join("podman"), &plugin);
+    let pm = Podman::new(w.dir.join("podman"), Some(&plugin));
 
     pm.ok(&[
         "run",

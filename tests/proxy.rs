@@ -11,152 +11,14 @@
 
 mod common;
 
+use common::podman::Podman;
 use common::*;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// A private podman (its own store, run root and configuration) serving
-/// the Docker API on `<dir>/podman.sock` from the root network namespace;
-/// when dropped: every container removed, the service and the `conmon`s of
-/// `exec`s stopped, every mount under its directory undone.
-struct Podman {
-    dir: PathBuf,
-    service: Option<Child>,
-}
-
-impl Podman {
-    fn new(dir: PathBuf) -> Podman {
-        let have = Command::new("podman").arg("--version").output();
-        assert!(
-            have.is_ok_and(|o| o.status.success()),
-            "podman is not installed (scripts/test.sh installs it)"
-        );
-        let have = Command::new("docker").arg("--version").output();
-        assert!(
-            have.is_ok_and(|o| o.status.success()),
-            "the docker CLI is not installed"
-        );
-        let mut p = Podman { dir, service: None };
-        std::fs::create_dir_all(p.dir.join("rootfs/bin")).expect("mkdir");
-        // runc, not crun (cgroups here), and ulimits the sandbox allows
-        // (shared/containers.md).
-        std::fs::write(
-            p.dir.join("containers.conf"),
-            "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\
-             [engine]\nruntime = \"runc\"\n",
-        )
-        .expect("write containers.conf");
-        // An image without a registry: busybox and its applets.
-        let rootfs = p.dir.join("rootfs");
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
-        let list = run_ok("/bin/busybox", &["--list"]);
-        for applet in list.split_whitespace().filter(|a| *a != "busybox") {
-            let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
-        }
-        let tar = p.dir.join("rootfs.tar").display().to_string();
-        run_ok(
-            "tar",
-            &["-C", &rootfs.display().to_string(), "-cf", &tar, "."],
-        );
-        let out = run(
-            &mut p.cmd(&[
-                "import",
-                "--change",
-                "ENV PATH=/bin",
-                &tar,
-                "localhost/bbox",
-            ]),
-            Duration::from_secs(60),
-        );
-        assert!(out.status.success(), "podman import: {}", show(&out));
-        // The API, in the root namespace (never under `ip netns exec`).
-        let sock = p.socket();
-        let child = p
-            .cmd(&[
-                "system",
-                "service",
-                "--time=0",
-                &format!("unix://{}", sock.display()),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start podman system service");
-        p.service = Some(child);
-        wait_until(DEADLINE, "podman's API socket appears", || sock.exists());
-        p
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("podman.sock")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("podman");
-        c.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
-            .args(["--root", &self.dir.join("store").display().to_string()])
-            .args(["--runroot", &self.dir.join("run").display().to_string()])
-            .args(args);
-        c
-    }
-
-    /// `conmon` processes of this podman (they outlive `exec`s).
-    fn conmons(&self) -> Vec<i32> {
-        let dir = self.dir.display().to_string();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let args: Vec<String> = cmdline
-                    .split(|&b| b == 0)
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect();
-                args.first().is_some_and(|a| a.ends_with("conmon"))
-                    && args.iter().any(|a| a.contains(&dir))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = try_run(
-            &mut self.cmd(&["rm", "--all", "--force", "--time", "0"]),
-            Duration::from_secs(60),
-        );
-        if let Some(mut child) = self.service.take() {
-            let _ = child.kill();
-            let _ = wait_child(&mut child, Duration::from_secs(10));
-        }
-        for pid in self.conmons() {
-            terminate(pid);
-        }
-        // What podman leaves mounted under its store (overlay, shm).
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let dir = self.dir.display().to_string();
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4))
-            .filter(|m| m.starts_with(&dir))
-            .collect();
-        points.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in points {
-            let _ = try_run(
-                Command::new("umount").args(["-l", m]),
-                Duration::from_secs(10),
-            );
-        }
-    }
-}
 
 /// The `docker` CLI talking to `sock`, with a private configuration.
 fn docker(sock: &Path, config: &Path, args: &[&str]) -> Command {
@@ -192,7 +54,13 @@ fn docker_run_through_the_proxy_attaches_and_rm_releases() {
     let h1 = w.add_host();
     let h2 = w.add_host();
     // Declared after the world, so dropped (containers gone) before it.
-    let pm = Podman::new(w.dir.join("podman"));
+    let have = Command::new("docker").arg("--version").output();
+    assert!(
+        have.is_ok_and(|o| o.status.success()),
+        "the docker CLI is not installed"
+    );
+    let mut pm = Podman::new(w.dir.join("podman"), None);
+    pm.serve_api();
     let range = ["--ipalloc-range", "198.19.0.0/16"];
     let upstream = format!("unix://{}", pm.socket().display());
     w.launch(&h1, &[&range[..], &["--docker-host", &upstream]].concat());
@@ -202,23 +70,7 @@ fn docker_run_through_the_proxy_attaches_and_rm_releases() {
         &[&range[..], &["--docker-host", &missing, "198.18.0.1"]].concat(),
     );
     let other = w.add_container("other");
-    let other_cidr = h2.mesh_ok(&[
-        "attach",
-        "net:198.19.8.0/24",
-        "--name",
-        "other",
-        &other.path,
-    ]);
-    let other_ip = other_cidr
-        .trim()
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    assert!(
-        other_ip.starts_with("198.19.8."),
-        "other got {other_cidr:?}"
-    );
+    let other_ip = w.attach_net(&h2, &other, "198.19.8.0/24");
 
     let proxy = h1.run_dir.join("docker.sock");
     let config = w.dir.join("docker-config");

@@ -18,6 +18,8 @@
 //! - only addresses from 198.18.0.0/15 are used.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod podman;
+
 use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
@@ -718,6 +720,25 @@ impl World {
             stdout.lines().any(|l| l.trim() == cidr),
             "attach printed {stdout:?}, no line {cidr:?}"
         );
+    }
+
+    /// `mesh attach net:SUBNET --name <c.name> <c.path>` on `host`, which
+    /// must succeed with an address in `subnet`; returns the address (no
+    /// prefix length). An allocated address, unlike a fixed one, need not
+    /// lie in `host`'s own part of the range.
+    #[track_caller]
+    pub fn attach_net(&self, host: &Host, c: &Container, subnet: &str) -> String {
+        let net: ipnet::Ipv4Net = subnet.parse().expect("a subnet");
+        let addr = format!("net:{subnet}");
+        let out = host.mesh_ok(&["attach", &addr, "--name", &c.name, &c.path]);
+        let ip = out.trim().split('/').next().unwrap_or_default().to_string();
+        assert!(
+            ip.parse::<Ipv4Addr>().is_ok_and(|a| net.contains(&a)),
+            "attach {addr} to {} on {} printed {out:?}",
+            c.name,
+            host.name
+        );
+        ip
     }
 
     /// `n` hosts `h1..hn`, each with one container `c1..cn` (neither
