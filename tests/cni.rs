@@ -285,14 +285,10 @@ fn podman_runs_containers_on_the_mesh_network() {
         "sleep",
         "300",
     ]);
-    let entry = h1
-        .ps()
-        .into_iter()
-        .find(|e| e.id == "web")
+    let (entry, ip) = h1
+        .attached("web")
         .expect("mesh ps on h1 lists the podman container web");
-    let cidr = entry.cidrs.first().expect("web has an address").clone();
-    assert!(cidr.starts_with("198.19.7."), "web got {cidr}");
-    let ip = cidr.split('/').next().unwrap_or_default().to_string();
+    assert!(ip.starts_with("198.19.7."), "web got {ip}");
     let seen = pm.ok(&[
         "inspect",
         "-f",

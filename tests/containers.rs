@@ -24,12 +24,8 @@ impl Drop for Proc {
     }
 }
 
-fn ip_of_ps(h: &Host, id: &str) -> Option<String> {
-    h.ps()
-        .into_iter()
-        .find(|e| e.id == id)
-        .and_then(|e| e.cidrs.first().cloned())
-        .and_then(|c| c.split('/').next().map(String::from))
+fn attached_ip(h: &Host, id: &str) -> Option<String> {
+    h.attached(id).map(|(_, ip)| ip)
 }
 
 /// `nsenter -t PID -n CMD...` (the process's network namespace only).
@@ -117,7 +113,7 @@ fn the_seed_walkthrough_on_real_namespaces() {
             .expect("mesh run"),
     );
     let r_ip = wait_for(DEADLINE, "r is attached on h3", || {
-        ip_of_ps(&hosts[2], "r").ok_or_else(|| "not yet".into())
+        attached_ip(&hosts[2], "r").ok_or_else(|| "not yet".into())
     });
     assert!(r_ip.starts_with("198.19.3."), "r at {r_ip}");
     // By IP, and by name through the mesh's DNS inside the namespace.
@@ -257,7 +253,7 @@ fn the_seed_walkthrough_on_real_namespaces() {
     let run_pid = runner.0.id() as i32;
     terminate_child(run_pid);
     wait_until(DEADLINE, "r is released on h3", || {
-        ip_of_ps(&hosts[2], "r").is_none()
+        attached_ip(&hosts[2], "r").is_none()
     });
     drop(runner);
     let out = run(

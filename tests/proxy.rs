@@ -147,14 +147,10 @@ fn docker_run_through_the_proxy_attaches_and_rm_releases() {
             "300",
         ],
     );
-    let entry = h1
-        .ps()
-        .into_iter()
-        .find(|e| e.id == "web")
+    let (_, ip) = h1
+        .attached("web")
         .expect("mesh ps on h1 lists web when docker run returns");
-    let cidr = entry.cidrs.first().expect("web has an address").clone();
-    assert!(cidr.starts_with("198.19.8."), "web got {cidr}");
-    let ip = cidr.split('/').next().unwrap_or_default().to_string();
+    assert!(ip.starts_with("198.19.8."), "web got {ip}");
 
     let seen = docker_ok(
         &proxy,
@@ -215,17 +211,10 @@ fn docker_run_through_the_proxy_attaches_and_rm_releases() {
 
     // A restart: a new namespace, attached again when docker returns.
     docker_ok(&proxy, &config, &["restart", "-t", "0", "web"]);
-    let entry = h1
-        .ps()
-        .into_iter()
-        .find(|e| e.id == "web")
+    let (_, ip) = h1
+        .attached("web")
         .expect("mesh ps on h1 lists web when docker restart returns");
-    let cidr = entry.cidrs.first().expect("web has an address").clone();
-    assert!(
-        cidr.starts_with("198.19.8."),
-        "web got {cidr} after restart"
-    );
-    let ip = cidr.split('/').next().unwrap_or_default().to_string();
+    assert!(ip.starts_with("198.19.8."), "web got {ip} after restart");
     wait_ping(&other, &ip, DEADLINE);
 
     // rm -f releases before docker returns (not 5 s later, when the daemon

@@ -405,6 +405,14 @@ impl Host {
         parse_ps(&self.mesh_ok(&["ps"]))
     }
 
+    /// The `mesh ps` entry of container `id` and its first address (no
+    /// prefix length), if it is attached with one.
+    pub fn attached(&self, id: &str) -> Option<(PsEntry, String)> {
+        let e = self.ps().into_iter().find(|e| e.id == id)?;
+        let ip = e.cidrs.first()?.split('/').next()?.to_string();
+        Some((e, ip))
+    }
+
     /// The PID in `$MESH_RUN_DIR/mesh.pid`, if any.
     pub fn daemon_pid(&self) -> Option<i32> {
         fs::read_to_string(self.run_dir.join("mesh.pid"))
