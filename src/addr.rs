@@ -82,6 +82,25 @@ pub fn parse_list(s: &str) -> Result<Vec<Addr>, String> {
     s.split_whitespace().map(parse).collect()
 }
 
+/// A space-separated ADDR list (`WEAVE_CIDR`'s value, if any) as the
+/// strings an attach request carries; `net:default` when the list is
+/// absent or empty. `["none"]` (or all `none`) means: do not attach.
+pub fn addrs_or_default(list: Option<&str>) -> Result<Vec<String>, String> {
+    let addrs: Vec<String> = parse_list(list.unwrap_or(""))?
+        .iter()
+        .map(Addr::to_string)
+        .collect();
+    if addrs.is_empty() {
+        return Ok(vec![Addr::NetDefault.to_string()]);
+    }
+    Ok(addrs)
+}
+
+/// Whether an attach with `addrs` attaches nothing (every one is `none`).
+pub fn all_none(addrs: &[String]) -> bool {
+    addrs.iter().all(|a| a == "none")
+}
+
 /// ADDRs from a process environment (`MESH_CIDR` wins over `WEAVE_CIDR`),
 /// given as NUL-separated `K=V` (the layout of `/proc/PID/environ`).
 pub fn from_environ(environ: &[u8]) -> Option<String> {

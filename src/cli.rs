@@ -606,7 +606,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Env { restore } => {
-            let proxy = format!("unix://{}", crate::proxy::socket().display());
+            let proxy = format!("unix://{}", paths::docker_socket().display());
             let cur = std::env::var("DOCKER_HOST").ok();
             let orig = std::env::var("ORIG_DOCKER_HOST").ok();
             let out = env_commands(restore, cur.as_deref(), orig.as_deref(), &proxy);
@@ -699,20 +699,15 @@ fn attach(name: Option<String>, args: Vec<String>) -> anyhow::Result<ExitCode> {
     need_root("attach")?;
     if addrs.is_empty() {
         // From the target's environment, as Weave does with WEAVE_CIDR.
+        let mut list = None;
         if target.chars().all(|c| c.is_ascii_digit()) {
             let env = std::fs::read(format!("/proc/{target}/environ"))
                 .with_context(|| format!("no such process: {target}"))?;
-            if let Some(list) = addr::from_environ(&env) {
-                for a in addr::parse_list(&list).map_err(anyhow::Error::msg)? {
-                    addrs.push(a.to_string());
-                }
-            }
+            list = addr::from_environ(&env);
         }
-        if addrs.is_empty() {
-            addrs.push("net:default".into());
-        }
+        addrs = addr::addrs_or_default(list.as_deref()).map_err(anyhow::Error::msg)?;
     }
-    if addrs.iter().all(|a| a == "none") {
+    if addr::all_none(&addrs) {
         return Ok(ExitCode::SUCCESS);
     }
     match call(&Request::Attach {

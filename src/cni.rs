@@ -31,14 +31,12 @@ use serde_json::{json, Value};
 
 use crate::addr;
 use crate::api::{self, ClientError, Request, Response};
+use crate::attach::DNS_ADDR;
 use crate::host;
 
 /// The versions whose results we write (1.0's shape; 0.3.x and 0.4.0 add
 /// `"version": "4"` to each IP).
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
-
-/// Where the daemon's DNS answers inside every container.
-const NAMESERVER: &str = "127.0.0.11";
 
 /// How long an ADD may wait for the daemon (an allocation can wait for
 /// address-space consensus).
@@ -113,21 +111,12 @@ pub fn parse_args(s: &str) -> BTreeMap<String, String> {
 /// The ADDR strings for a container: `WEAVE_CIDR`/`MESH_CIDR` from
 /// `CNI_ARGS`, else the configuration's `subnet`, else `net:default`.
 pub fn addrs_for(conf: &NetConf, args: &BTreeMap<String, String>) -> Result<Vec<String>, CniError> {
-    let (from, list) = match ["MESH_CIDR", "WEAVE_CIDR"]
+    let (from, list) = ["MESH_CIDR", "WEAVE_CIDR"]
         .iter()
-        .find_map(|k| args.get(*k).map(|v| (*k, v.clone())))
-    {
-        Some((k, v)) => (k, v),
-        None => (
-            "subnet",
-            conf.subnet.clone().unwrap_or_else(|| "net:default".into()),
-        ),
-    };
-    let parsed = addr::parse_list(&list).map_err(|e| CniError::new(7, format!("{from}: {e}")))?;
-    if parsed.is_empty() {
-        return Ok(vec!["net:default".into()]);
-    }
-    Ok(parsed.iter().map(|a| a.to_string()).collect())
+        .find_map(|k| args.get(*k).map(|v| (*k, Some(v))))
+        .unwrap_or(("subnet", conf.subnet.as_ref()));
+    addr::addrs_or_default(list.map(String::as_str))
+        .map_err(|e| CniError::new(7, format!("{from}: {e}")))
 }
 
 /// The name the daemon records the container under (and serves in DNS):
@@ -167,7 +156,7 @@ pub fn add_result(
         "ips": ips,
     });
     r["dns"] = match dns_domain {
-        Some(d) => json!({"nameservers": [NAMESERVER], "search": [d]}),
+        Some(d) => json!({"nameservers": [DNS_ADDR.ip().to_string()], "search": [d]}),
         None => json!({}),
     };
     r

@@ -58,8 +58,9 @@ enum End {
     Duplicate,
 }
 
-/// Rate limiter for warnings about misbehaving peers: at most `BURST` lines
-/// per 10-second window, shared by the whole daemon.
+/// Rate limiter for warnings that others can cause (misbehaving peers, a
+/// Docker daemon the proxy cannot reach): at most `BURST` lines per
+/// 10-second window, shared by the whole daemon.
 pub struct WarnLimit;
 static WARN_WINDOW: AtomicU64 = AtomicU64::new(0);
 static WARN_COUNT: AtomicU64 = AtomicU64::new(0);

@@ -203,7 +203,7 @@ async fn run(args: LaunchArgs) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", pid_path.display()))?;
     let result = serve(args).await;
     let _ = std::fs::remove_file(paths::socket());
-    let _ = std::fs::remove_file(proxy::socket());
+    let _ = std::fs::remove_file(paths::docker_socket());
     let _ = std::fs::remove_file(&pid_path);
     result
 }
@@ -277,7 +277,7 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
         // Not a warning: hosts with no Docker (CNI, `mesh run`) are normal.
         info!(docker_host = %args.docker_host, "no Docker socket (yet): the Docker API proxy answers 502 until there is one");
     }
-    let proxy_path = proxy::socket();
+    let proxy_path = paths::docker_socket();
     let proxy_listener = match proxy::bind(&proxy_path) {
         Ok(l) => Some(l),
         Err(e) => {

@@ -26,6 +26,11 @@ pub fn socket() -> PathBuf {
     run_dir().join("mesh.sock")
 }
 
+/// The Docker API proxy's socket (`mesh env`).
+pub fn docker_socket() -> PathBuf {
+    run_dir().join("docker.sock")
+}
+
 /// The daemon's pid file.
 pub fn pid_file() -> PathBuf {
     run_dir().join("mesh.pid")

@@ -26,13 +26,13 @@
 //! gets a 400, an unreachable upstream a 502, each with Docker's JSON
 //! `{"message": ...}`; the proxy goes on either way.
 
+use crate::addr;
 use crate::api::{self, Request, Response};
-use crate::{addr, paths};
+use crate::attach::DNS_ADDR;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
@@ -45,15 +45,6 @@ pub const MAX_BODY: usize = 8 << 20;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a call to the mesh daemon's control socket may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
-/// At most one "upstream unreachable" warning per this many seconds.
-const WARN_EVERY_SECS: u64 = 10;
-/// The DNS server inside containers.
-pub const DNS_SERVER: &str = "127.0.0.11";
-
-/// The proxy's socket in the run directory.
-pub fn socket() -> PathBuf {
-    paths::run_dir().join("docker.sock")
-}
 
 /// `--docker-host`: `unix://PATH` (the only form supported).
 pub fn parse_docker_host(s: &str) -> Result<PathBuf, String> {
@@ -381,10 +372,9 @@ pub fn rewrite_create(
     let Some(obj) = v.as_object_mut() else {
         return Err(ParseError::Json("the body is not a JSON object".into()));
     };
-    if let Some(cidr) = cidr_env(obj.get("Env")) {
-        if cidr.split_whitespace().all(|a| a == "none") && !cidr.trim().is_empty() {
-            return Ok(None);
-        }
+    let cidr = cidr_env(obj.get("Env"));
+    if addr::addrs_or_default(cidr.as_deref()).is_ok_and(|a| addr::all_none(&a)) {
+        return Ok(None);
     }
     let host_config = obj
         .entry("HostConfig")
@@ -395,8 +385,7 @@ pub fn rewrite_create(
     let Some(hc) = host_config.as_object_mut() else {
         return Err(ParseError::Json("HostConfig is not an object".into()));
     };
-    let mode = hc.get("NetworkMode").and_then(Value::as_str).unwrap_or("");
-    if mode == "host" || mode.starts_with("container:") {
+    if shares_netns(hc.get("NetworkMode")) {
         return Ok(None);
     }
     let Some(domain) = domain else {
@@ -410,7 +399,7 @@ pub fn rewrite_create(
     };
     let mut changed = false;
     if empty(hc.get("Dns")) {
-        hc.insert("Dns".into(), json!([DNS_SERVER]));
+        hc.insert("Dns".into(), json!([DNS_ADDR.ip().to_string()]));
         changed = true;
     }
     if empty(hc.get("DnsSearch")) && !domain.is_empty() {
@@ -469,36 +458,28 @@ impl Inspected {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         let cidr = cidr_env(v.get("Config").and_then(|c| c.get("Env")));
-        let mode = v
-            .get("HostConfig")
-            .and_then(|h| h.get("NetworkMode"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let shared_netns = shares_netns(v.get("HostConfig").and_then(|h| h.get("NetworkMode")));
         Some(Inspected {
             name,
             pid,
             running,
             cidr,
-            shared_netns: mode == "host" || mode.starts_with("container:"),
+            shared_netns,
         })
     }
 
     /// The ADDRs to attach it with: `None` for `none`.
     pub fn addrs(&self) -> Result<Option<Vec<String>>, String> {
-        let mut addrs = Vec::new();
-        if let Some(list) = &self.cidr {
-            for a in addr::parse_list(list)? {
-                addrs.push(a.to_string());
-            }
-        }
-        if addrs.is_empty() {
-            addrs.push("net:default".into());
-        }
-        if addrs.iter().all(|a| a == "none") {
-            return Ok(None);
-        }
-        Ok(Some(addrs))
+        let addrs = addr::addrs_or_default(self.cidr.as_deref())?;
+        Ok((!addr::all_none(&addrs)).then_some(addrs))
     }
+}
+
+/// A `NetworkMode` that shares a namespace the container does not own
+/// (`host`, `container:...`): nothing of the mesh's to set up.
+fn shares_netns(mode: Option<&Value>) -> bool {
+    let mode = mode.and_then(Value::as_str).unwrap_or("");
+    mode == "host" || mode.starts_with("container:")
 }
 
 /// A small answer of the proxy's own, in Docker's error shape.
@@ -523,8 +504,6 @@ pub fn error_response(code: u16, message: &str) -> Vec<u8> {
 struct Shared {
     upstream: PathBuf,
     control: PathBuf,
-    /// Seconds since the epoch of the last "upstream unreachable" warning.
-    last_warn: AtomicU64,
 }
 
 /// Bind the proxy's socket (mode 0600), replacing a stale one.
@@ -540,11 +519,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// and asking the mesh daemon on `control` to attach and detach.
 pub async fn serve(listener: UnixListener, upstream: PathBuf, control: PathBuf) {
     info!(upstream = %upstream.display(), "Docker API proxy listening");
-    let shared = Arc::new(Shared {
-        upstream,
-        control,
-        last_warn: AtomicU64::new(0),
-    });
+    let shared = Arc::new(Shared { upstream, control });
     loop {
         let client = match listener.accept().await {
             Ok((s, _)) => s,
@@ -668,16 +643,7 @@ async fn connect_upstream(shared: &Shared) -> Option<UnixStream> {
     match UnixStream::connect(&shared.upstream).await {
         Ok(s) => Some(s),
         Err(e) => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let last = shared.last_warn.load(Ordering::Relaxed);
-            if now >= last + WARN_EVERY_SECS
-                && shared
-                    .last_warn
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
+            if crate::control::WarnLimit::allow() {
                 warn!(upstream = %shared.upstream.display(), "docker proxy: cannot reach the Docker daemon: {e}");
             }
             None
@@ -913,23 +879,17 @@ async fn attach_started(id: &str, shared: &Shared) {
         warn!(container = %c.name, "docker proxy: started but no PID; not attached");
         return;
     }
+    // Whatever holds the name now is this container's previous run
+    // (restarted, or started again before the check for vanished
+    // interfaces saw it exit): release it, then attach the new run.
+    detach(&c.name, shared).await;
     let req = Request::Attach {
         addrs,
         name: Some(c.name.clone()),
         target: c.pid.to_string(),
         ifname: None,
     };
-    let mut answer = control(shared, req.clone()).await;
-    if let Ok(Response::Error { message }) = &answer {
-        if message.contains("already used by another attached container") {
-            // Its previous run (restarted, or started again before the
-            // check for vanished interfaces saw it go): release that first.
-            info!(container = %c.name, "docker proxy: releasing the container's previous run");
-            detach(&c.name, shared).await;
-            answer = control(shared, req).await;
-        }
-    }
-    match answer {
+    match control(shared, req).await {
         Ok(Response::Attached { cidrs }) => {
             info!(container = %c.name, pid = c.pid, cidrs = ?cidrs, "docker proxy: attached")
         }

@@ -78,14 +78,7 @@ fn addrs_for(args: &RunArgs) -> anyhow::Result<Vec<String>> {
         .or_else(|| from_e("WEAVE_CIDR"))
         .or_else(|| std::env::var("MESH_CIDR").ok())
         .or_else(|| std::env::var("WEAVE_CIDR").ok());
-    match list {
-        Some(l) if !l.trim().is_empty() => Ok(addr::parse_list(&l)
-            .map_err(anyhow::Error::msg)?
-            .into_iter()
-            .map(|a| a.to_string())
-            .collect()),
-        _ => Ok(vec!["net:default".into()]),
-    }
+    addr::addrs_or_default(list.as_deref()).map_err(anyhow::Error::msg)
 }
 
 /// Run CMD attached; returns CMD's exit status.
@@ -109,7 +102,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let addrs = addrs_for(&args)?;
-    let attach = !addrs.iter().all(|a| a == "none");
+    let attach = !addr::all_none(&addrs);
     // The daemon must answer before anything is forked.
     let status = match api::call(&paths::socket(), &Request::Status, Duration::from_secs(10))? {
         Response::Status(s) => s,
@@ -125,7 +118,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let path = paths::run_dir().join(format!("resolv.conf.{}", std::process::id()));
         std::fs::write(
             &path,
-            format!("nameserver 127.0.0.11\nsearch {domain}\noptions ndots:0\n"),
+            format!(
+                "nameserver {}\nsearch {domain}\noptions ndots:0\n",
+                crate::attach::DNS_ADDR.ip()
+            ),
         )
         .with_context(|| format!("writing {}", path.display()))?;
         Some(path)

@@ -18,8 +18,8 @@
 //!   messages are handled where they lie; the others are reassembled
 //!   ([`Reassembler`]) and then opened, relayed and/or written to the TAP in
 //!   one write per frame, so the kernel segments a super-frame only here,
-//!   at the end. After a light batch (a request, an acknowledgement) the
-//!   receiver also sends what the kernel answered during its TAP write
+//!   at the end. After a light batch (a request, an acknowledgement) that
+//!   reached the TAP the receiver also sends what the kernel answered during its TAP write
 //!   (`answer_now`), instead of waking a sender for it; each TAP queue
 //!   has a lock, held by whoever reads it, so one flow's frames leave in
 //!   order.
@@ -783,6 +783,7 @@ fn rx_loop(sh: &Shared) {
         reasm: Reassembler::new(64, Duration::from_secs(2)),
         out: Out::default(),
         relay: Vec::with_capacity(BUF),
+        wrote: false,
     };
     let mut tx = Tx::new();
     while !sh.stop.load(Ordering::Relaxed) {
@@ -819,13 +820,14 @@ fn rx_loop(sh: &Shared) {
                 continue;
             };
             if deliver_run(sh, &peer, data, seg) {
+                rx.wrote = true;
                 continue;
             }
             for d in udpio::datagrams(data, seg) {
                 rx.on_datagram(sh, &peer, d, now);
             }
         }
-        if bytes <= ANSWER_MAX {
+        if std::mem::take(&mut rx.wrote) && bytes <= ANSWER_MAX {
             answer_now(sh, &mut tx);
         }
     }
@@ -843,7 +845,8 @@ const ANSWER_MAX: usize = 4096;
 /// request's response is already queued in the TAP, and a sender thread
 /// has just been woken for it. Waking a sleeping thread costs tens of
 /// microseconds on a virtual machine (its idle vCPU halts); the receiver
-/// is awake and sends it now. Only after light batches: under bulk
+/// is awake and sends it now. Only after light batches that wrote to
+/// the TAP (heartbeats and relayed traffic leave nothing): under bulk
 /// traffic the senders are busy anyway, and a queue a sender holds is
 /// left to it.
 fn answer_now(sh: &Shared, tx: &mut Tx) {
@@ -859,6 +862,9 @@ struct Rx {
     reasm: Reassembler,
     out: Out,
     relay: Vec<u8>,
+    /// Whether frames went to the TAP since the batch began (so the kernel
+    /// may have answered: see [`answer_now`]).
+    wrote: bool,
 }
 
 impl Rx {
@@ -947,6 +953,7 @@ impl Rx {
                 self.relay(sh, &hop, &header, body);
             }
             deliver(sh, header.src, body);
+            self.wrote = true;
             return;
         } else if header.dst != sh.me {
             let hop = sh
@@ -961,6 +968,7 @@ impl Rx {
             return;
         }
         deliver(sh, header.src, body);
+        self.wrote = true;
     }
 
     fn relay(&mut self, sh: &Shared, hop: &Peer, header: &Header, body: &[u8]) {
