@@ -666,7 +666,7 @@ fn status() -> anyhow::Result<api::Status> {
     }
 }
 
-fn unexpected(r: Response) -> anyhow::Error {
+pub(crate) fn unexpected(r: Response) -> anyhow::Error {
     match r {
         Response::Error { message } => anyhow::anyhow!("{message}"),
         other => anyhow::anyhow!("unexpected answer from the daemon: {other:?}"),

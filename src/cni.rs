@@ -162,9 +162,8 @@ pub fn add_result(
     r
 }
 
-/// The environment and configuration of one invocation.
+/// The `CNI_*` environment of one invocation.
 struct Call {
-    command: String,
     container_id: String,
     netns: String,
     ifname: String,
@@ -228,10 +227,7 @@ fn run(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
         })));
     }
     let conf = parse_conf(stdin)?;
-    let socket = conf
-        .socket
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/run/mesh/mesh.sock"));
+    let socket = conf.socket.clone().unwrap_or_else(crate::paths::socket);
     match command {
         "ADD" | "DEL" | "CHECK" => {}
         "STATUS" => {
@@ -247,14 +243,13 @@ fn run(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
         other => return Err(CniError::new(4, format!("unknown CNI_COMMAND {other}"))),
     }
     let call = Call {
-        command: command.to_string(),
         container_id: need("CNI_CONTAINERID")?,
         netns: env("CNI_NETNS"),
         ifname: need("CNI_IFNAME")?,
         args: parse_args(&env("CNI_ARGS")),
     };
     let name = container_name(&call.container_id, &call.args);
-    match call.command.as_str() {
+    match command {
         "ADD" => add(&socket, &call, &conf, &name).map(Some),
         "DEL" => del(&socket, &name).map(|()| None),
         _ => check(&socket, &call, &name).map(|()| None),
@@ -262,10 +257,7 @@ fn run(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
 }
 
 fn unexpected(r: Response) -> String {
-    match r {
-        Response::Error { message } => message,
-        other => format!("unexpected answer from the daemon: {other:?}"),
-    }
+    crate::cli::unexpected(r).to_string()
 }
 
 /// A failed call to the daemon: "not running" is worth retrying later.
