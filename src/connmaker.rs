@@ -14,7 +14,7 @@ use crate::persist;
 use crate::router;
 use mesh_proto::name::PeerName;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -40,6 +40,18 @@ pub enum Cmd {
     Targets(oneshot::Sender<Vec<String>>),
     /// Peers gossip says we could dial.
     Candidates(Vec<(PeerName, Vec<SocketAddr>)>),
+}
+
+/// A target as the router sees it (for the allocator's consensus size).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// As given (`HOST[:PORT]`).
+    pub text: String,
+    /// Where it resolves to, if it does.
+    pub addr: Option<SocketAddr>,
+    /// It is this peer's own address (a host given the whole list of
+    /// peers, itself included): not a peer we were told about.
+    pub ours: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -129,6 +141,24 @@ impl ConnMaker {
         }
     }
 
+    /// Tell the router what the targets are now.
+    async fn announce(&self) {
+        let local = local_ips();
+        let list = self
+            .targets
+            .iter()
+            .map(|t| {
+                let addr = parse_peer(t, self.me.port).ok();
+                Target {
+                    text: t.clone(),
+                    addr,
+                    ours: addr.is_some_and(|a| a.port() == self.me.port && local.contains(&a.ip())),
+                }
+            })
+            .collect();
+        let _ = self.router.send(router::Cmd::Targets(list)).await;
+    }
+
     fn stop(&mut self, key: &Key) {
         if let Some(d) = self.dialers.remove(key) {
             let _ = d.stop.send(true);
@@ -137,6 +167,7 @@ impl ConnMaker {
 
     /// Serve until the channel closes or shutdown.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut shutdown: watch::Receiver<bool>) {
+        self.announce().await;
         self.start_targets();
         loop {
             let cmd = tokio::select! {
@@ -161,6 +192,7 @@ impl ConnMaker {
                     let saved = self.save().map_err(|e| format!("{e:#}"));
                     self.start_targets();
                     info!(targets = ?peers, "connect");
+                    self.announce().await;
                     let _ = reply.send(saved);
                 }
                 Cmd::Forget { peers, reply } => {
@@ -169,6 +201,7 @@ impl ConnMaker {
                         self.stop(&Key::Target(p.clone()));
                     }
                     info!(targets = ?peers, "forget");
+                    self.announce().await;
                     let _ = reply.send(self.save().map_err(|e| format!("{e:#}")));
                 }
                 Cmd::Targets(reply) => {
@@ -208,4 +241,19 @@ impl ConnMaker {
             let _ = d.stop.send(true);
         }
     }
+}
+
+/// This host's own addresses (empty when they cannot be listed).
+fn local_ips() -> BTreeSet<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return BTreeSet::new();
+    };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|s| IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+        })
+        .collect()
 }

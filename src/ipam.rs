@@ -21,7 +21,7 @@ use crate::api::{IpamPeer, IpamStatus};
 use crate::persist;
 use ipnet::Ipv4Net;
 use mesh_proto::gossip::{Gossip, GossipData, PeerSummary};
-use mesh_proto::ipam::{AllocError, Config, Ipam, Status};
+use mesh_proto::ipam::{AllocError, Config, Ipam, Note, Status, Told};
 use mesh_proto::name::PeerName;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -132,6 +132,9 @@ pub struct Driver {
     pending: Vec<Pending>,
     timeout: Duration,
     problems: Vec<String>,
+    /// How many targets are not our own address, and which of those no
+    /// connection has reached yet.
+    targets: (usize, Vec<String>),
 }
 
 impl Driver {
@@ -162,6 +165,7 @@ impl Driver {
             pending: Vec::new(),
             timeout,
             problems: Vec::new(),
+            targets: (0, Vec::new()),
         })
     }
 
@@ -170,9 +174,31 @@ impl Driver {
         gossip.add_channel(CHANNEL, Box::new(Channel(self.ring.clone())));
     }
 
+    /// The connection targets: how many are not our own address, and which
+    /// of those no connection has reached yet.
+    pub fn set_targets(&mut self, count: usize, unreached: Vec<String>) {
+        self.targets = (count, unreached);
+    }
+
+    /// Hand the ring what we were told about other peers.
+    fn tell(&self, ring: &mut Ipam, gossip: &Gossip) {
+        let me = gossip.name();
+        ring.set_told(Told {
+            targets: self.targets.0,
+            unreached: self.targets.1.clone(),
+            peers: gossip
+                .peers()
+                .into_iter()
+                .map(|p| p.name)
+                .filter(|p| *p != me)
+                .collect(),
+        });
+    }
+
     /// Handle one request. Call [`Driver::settle`] afterwards.
     pub fn command(&mut self, cmd: Cmd, gossip: &Gossip) {
         let now = Instant::now();
+        self.tell(&mut lock(&self.ring), gossip);
         match cmd {
             Cmd::Allocate { id, subnet, reply } => self.pending.push(Pending {
                 id,
@@ -247,7 +273,9 @@ impl Driver {
     /// Periodic work: drive consensus, space requests and reclaims.
     pub fn tick(&mut self, gossip: &Gossip) {
         let reachable = reachable(gossip);
-        lock(&self.ring).tick(Instant::now(), &reachable);
+        let mut ring = lock(&self.ring);
+        self.tell(&mut ring, gossip);
+        ring.tick(Instant::now(), &reachable);
     }
 
     /// A peer was garbage-collected by the topology.
@@ -292,6 +320,12 @@ impl Driver {
             }
         }
         self.pending = waiting;
+        for note in lock(&self.ring).take_notes() {
+            match note {
+                Note::Adopted(n) => info!("{n}"),
+                Note::Met(n) => warn!("{n}"),
+            }
+        }
         let persisted = self.persist();
         let delta = lock(&self.ring).take_delta();
         if let Some(d) = delta {

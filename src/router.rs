@@ -16,7 +16,7 @@ use crate::{connmaker, dns, fastdp, ipam, sleeve};
 use mesh_proto::gossip::{self, Event, Gossip};
 use mesh_proto::name::PeerName;
 use mesh_proto::seal::{Opener, Sealer};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -74,6 +74,8 @@ pub enum Cmd {
     Ipam(ipam::Cmd),
     /// A request for the name table.
     Names(dns::Cmd),
+    /// The connection targets now (from the connection maker).
+    Targets(Vec<connmaker::Target>),
 }
 
 /// A connection ready to carry traffic.
@@ -121,7 +123,14 @@ struct Router {
     ipam: ipam::Driver,
     names: dns::Driver,
     fastdp: Option<mpsc::Sender<fastdp::Cmd>>,
+    /// The targets, each with whether a connection reached it yet.
+    targets: Vec<(connmaker::Target, bool)>,
+    /// Refusals of a peer's gossip already warned about.
+    warned: BTreeSet<(PeerName, String)>,
 }
+
+/// How many refusals [`Router::warned`] remembers.
+const MAX_WARNED: usize = 64;
 
 /// The drivers of the gossip channels other than the topology.
 pub struct Channels {
@@ -168,6 +177,8 @@ pub async fn run(
         ipam,
         names,
         fastdp,
+        targets: Vec::new(),
+        warned: BTreeSet::new(),
     };
     let mut tick = tokio::time::interval(IPAM_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -233,8 +244,16 @@ impl Router {
                     return;
                 }
                 if let Err(e) = self.gossip.handle_message(Instant::now(), from, &bytes) {
-                    if WarnLimit::allow() {
+                    // Each reconnection repeats the same refusal: say it once.
+                    let said = (from, e.to_string());
+                    if self.warned.contains(&said) {
+                        info!(peer = %from, "bad gossip, disconnecting: {e}");
+                    } else if WarnLimit::allow() {
                         warn!(peer = %from, "bad gossip, disconnecting: {e}");
+                        if self.warned.len() >= MAX_WARNED {
+                            self.warned.clear();
+                        }
+                        self.warned.insert(said);
                     }
                     if let Some(c) = self.active.get_mut(&from).and_then(|a| a.close.take()) {
                         let _ = c.send(format!("bad gossip: {e}"));
@@ -268,7 +287,31 @@ impl Router {
                 self.ipam.tick(&self.gossip);
             }
             Cmd::Names(c) => self.names.command(c),
+            Cmd::Targets(list) => {
+                self.targets = list
+                    .into_iter()
+                    .map(|t| {
+                        let reached = t.addr.is_some_and(|a| {
+                            self.active.values().any(|c| c.udp.ip() == a.ip())
+                                || self.targets.iter().any(|(o, r)| *r && o.text == t.text)
+                        });
+                        (t, reached)
+                    })
+                    .collect();
+                self.told_ipam();
+            }
         }
+    }
+
+    /// Tell the allocator which targets there are and which were reached.
+    fn told_ipam(&mut self) {
+        let others = self.targets.iter().filter(|(t, _)| !t.ours);
+        let count = others.clone().count();
+        let unreached = others
+            .filter(|(_, reached)| !reached)
+            .map(|(t, _)| t.addr.map_or(t.text.clone(), |a| a.to_string()))
+            .collect();
+        self.ipam.set_targets(count, unreached);
     }
 
     async fn established(&mut self, e: Established) {
@@ -316,6 +359,16 @@ impl Router {
                 gossip: e.gossip,
             },
         );
+        let mut reached = false;
+        for (t, r) in &mut self.targets {
+            if !*r && t.addr.is_some_and(|a| a.ip() == e.udp.ip()) {
+                *r = true;
+                reached = true;
+            }
+        }
+        if reached {
+            self.told_ipam();
+        }
         self.gossip
             .handle_connection_up(Instant::now(), e.peer, e.udp);
         self.candidates_dirty = true;

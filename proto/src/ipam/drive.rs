@@ -3,7 +3,7 @@
 
 use super::paxos;
 use super::state::{net_str, Acceptor, Instance, Ring, Token};
-use super::{InitMode, Ipam, PeerSpace, Status, NEED_TTL, RETRY};
+use super::{meeting_message, InitMode, Ipam, PeerSpace, Status, MEETING_TTL, NEED_TTL, RETRY};
 use crate::gossip::digest::name_u64;
 use crate::name::PeerName;
 use std::collections::BTreeSet;
@@ -25,6 +25,15 @@ impl Ipam {
     pub fn tick(&mut self, now: Instant, reachable: &BTreeSet<PeerName>) {
         self.reachable = reachable.clone();
         self.reachable.remove(&self.me);
+        for m in self.meetings.values_mut() {
+            if std::mem::take(&mut m.fresh) || m.last_seen.is_none() {
+                m.last_seen = Some(now);
+            }
+        }
+        self.meetings.retain(|_, m| {
+            m.last_seen
+                .is_none_or(|t| now.saturating_duration_since(t) < MEETING_TTL)
+        });
         let (seen, n) = self.owners_seen();
         if 2 * seen >= n {
             self.last_quorum = Some(now);
@@ -37,6 +46,7 @@ impl Ipam {
                 self.unreachable_since.entry(*p).or_insert(now);
             }
         }
+        self.grow_consensus();
         self.react();
         for inst in self.instances() {
             let fp = paxos::fingerprint(&self.crdt.records, &inst);
@@ -184,7 +194,7 @@ impl Ipam {
         let InitMode::Consensus(n) = self.config.init else {
             return;
         };
-        if self.crdt.ring.is_some() || self.consensus_n.is_some() {
+        if self.crdt.ring.is_some() || self.consensus_n.is_some() || self.awaits_target() {
             return;
         }
         let others: Vec<u32> = self
@@ -195,7 +205,7 @@ impl Ipam {
             .map(|(_, r)| r.consensus)
             .collect();
         let n = n
-            .unwrap_or(self.reachable.len() + 1)
+            .unwrap_or_else(|| self.told_size())
             .max(others.len() + 1)
             .max(others.iter().copied().max().unwrap_or(0) as usize)
             .max(1);
@@ -211,8 +221,59 @@ impl Ipam {
         }
     }
 
+    /// With the default consensus size, while the ring is not decided: grow
+    /// our announced size with what we learn, so that a peer that started
+    /// consensus knowing few peers does not let a minority of the mesh it
+    /// has since learned decide a ring.
+    fn grow_consensus(&mut self) {
+        if self.crdt.ring.is_some() || self.config.init != InitMode::Consensus(None) {
+            return;
+        }
+        let Some(n) = self.consensus_n else { return };
+        let t = self.told_size();
+        if t > n {
+            self.consensus_n = Some(t);
+            let announced = u32::try_from(t).unwrap_or(u32::MAX);
+            self.write_record(|r| r.consensus = announced);
+        }
+    }
+
+    /// With the default consensus size: we have targets and no connection
+    /// reached any of them yet. Such a peer takes no part in creating the
+    /// ring: the peer it was told about may have created one already (it
+    /// arrives with the first connection), or be about to with others.
+    pub(super) fn awaits_target(&self) -> bool {
+        self.config.init == InitMode::Consensus(None)
+            && self.told.targets > 0
+            && self.told.unreached.len() >= self.told.targets
+    }
+
+    /// The default consensus size: us, and every peer we were told about
+    /// (targets, peers learned by gossip, reachable now, or whose records we
+    /// hold), so that a peer that was told about anyone never decides a
+    /// ring alone.
+    fn told_size(&self) -> usize {
+        let named: BTreeSet<PeerName> = self
+            .told
+            .peers
+            .iter()
+            .chain(&self.learned)
+            .chain(&self.reachable)
+            .chain(self.crdt.records.keys())
+            .filter(|p| **p != self.me)
+            .copied()
+            .collect();
+        1 + named.len().max(self.told.targets)
+    }
+
     /// Why the ring does not exist yet.
     pub(super) fn consensus_reason(&self) -> String {
+        if self.awaits_target() {
+            return format!(
+                "the ring is not agreed yet: this peer was told about other peers and takes part in creating the ring only once it has reached one of them (targets not reached yet: {})",
+                self.told.unreached.join(", ")
+            );
+        }
         let (voters, q) = self.electorate(&Instance::Ring);
         let n = self.consensus_n.unwrap_or(0);
         if voters.len() < q {
@@ -222,8 +283,16 @@ impl Ipam {
                 .filter(|p| !voters.contains(p))
                 .copied()
                 .collect();
+            let unreached = if self.told.unreached.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; targets not reached yet: {}",
+                    self.told.unreached.join(", ")
+                )
+            };
             format!(
-                "the ring is not agreed yet: waiting for {} of {n} peers to take part in consensus (taking part: {}; reachable, not yet taking part: {})",
+                "the ring is not agreed yet: waiting for {} of {n} peers to take part in consensus (taking part: {}; reachable, not yet taking part: {}{unreached})",
                 q - voters.len(),
                 names(voters),
                 names(missing)
@@ -277,6 +346,7 @@ impl Ipam {
                 matches!(self.config.init, InitMode::Consensus(_))
                     && self.consensus_n.is_some()
                     && self.crdt.ring.is_none()
+                    && !self.awaits_target()
             }
             Instance::Reclaim(p) => {
                 let owners = self.owners();
@@ -398,7 +468,9 @@ impl Ipam {
                         changed = true;
                     }
                 }
-                if self.proposing.contains(&inst) {
+                if self.proposing.contains(&inst)
+                    && !(inst == Instance::Ring && self.awaits_target())
+                {
                     let (voters, q) = self.electorate(&inst);
                     let value = self.own_value(&inst);
                     let voter = |p: PeerName| voters.contains(&p);
@@ -534,7 +606,7 @@ impl Ipam {
             (Some(_), _) => "ready".into(),
             (None, InitMode::Observer) => "observer, no ring yet".into(),
             (None, InitMode::Seed(_)) => "no ring: the seed list is empty".into(),
-            (None, InitMode::Consensus(_)) if self.consensus_n.is_none() => {
+            (None, InitMode::Consensus(_)) if self.consensus_n.is_none() && !self.awaits_target() => {
                 "no ring yet: consensus starts with the first allocation".into()
             }
             (None, InitMode::Consensus(_)) => {
@@ -585,6 +657,14 @@ impl Ipam {
                 now.saturating_duration_since(*t).as_secs(),
                 self.config.reclaim_after.as_secs()
             ));
+        }
+        if let Some(ours) = &self.crdt.ring {
+            for m in self.meetings.values() {
+                let theirs = Ring {
+                    owners: m.owners.clone(),
+                };
+                problems.push(meeting_message(ours, &theirs, self.range));
+            }
         }
         if let Some(h) = self.decided.get(&Instance::Reclaim(self.me)) {
             if h.first() != Some(&self.me) {

@@ -93,6 +93,47 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+/// What the daemon was told about other peers: the default consensus size
+/// counts them (see [`InitMode::Consensus`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Told {
+    /// How many connection targets we have (given at launch, persisted, or
+    /// added by `mesh connect`), those that are our own address excluded.
+    pub targets: usize,
+    /// Of those, the ones no connection has reached yet, for messages.
+    pub unreached: Vec<String>,
+    /// Peers learned by gossip, reachable or not.
+    pub peers: BTreeSet<PeerName>,
+}
+
+/// Another ring of the same range met on a connection (two meshes that
+/// each created their own ring, then were joined).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Meeting {
+    /// The other ring's initial owners.
+    pub owners: Vec<PeerName>,
+    /// Whether any of its peers was seen holding addresses.
+    pub holds: bool,
+    /// When it was last seen (set by `tick`; `None` until then).
+    pub last_seen: Option<Instant>,
+    /// Seen again since the last tick.
+    fresh: bool,
+}
+
+/// A line for the log, said once (see [`Ipam::take_notes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Note {
+    /// Another ring was met and stays apart: a warning, with what to do.
+    Met(String),
+    /// Another ring was adopted (ours held nothing).
+    Adopted(String),
+}
+
+/// How many other rings we remember (a member that lies cannot grow this).
+const MAX_MEETINGS: usize = 8;
+/// How long a ring met is reported after it was last seen.
+const MEETING_TTL: Duration = Duration::from_secs(120);
+
 /// How a peer takes part in IPAM.
 pub struct Config {
     /// The whole range managed by IPAM.
@@ -108,7 +149,11 @@ pub struct Config {
 /// How the ring is created.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InitMode {
-    /// Paxos among the first peers; `Some(n)`: among `n` peers.
+    /// Paxos among the first peers; `Some(n)`: among `n` peers. `None`: a
+    /// size that counts this peer and every peer it was told about
+    /// ([`Told`]: targets, peers learned by gossip, peers whose records it
+    /// holds), so a peer that was told about anyone never creates a ring
+    /// by itself; the peers adopt the largest size any of them announced.
     Consensus(Option<usize>),
     /// The ring is split among these peers.
     Seed(Vec<PeerName>),
@@ -204,17 +249,44 @@ pub struct Ipam {
     decided: BTreeMap<Instance, Vec<PeerName>>,
     /// Addresses other peers hold (derived from their records).
     foreign_held: BTreeMap<u32, PeerName>,
+    /// What the daemon was told about other peers.
+    told: Told,
+    /// Peers learned while there was no ring (persisted).
+    learned: BTreeSet<PeerName>,
+    /// Other rings met, by ring id.
+    meetings: BTreeMap<u64, Meeting>,
+    /// Lines for the log, see [`Ipam::take_notes`].
+    notes: Vec<Note>,
     rng: u64,
 }
 
-/// What `persist` writes.
+/// What `persist` wrote before peers learned were kept ([`state::FORMAT`]).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PersistedV1 {
+    state: Payload,
+    claims: Vec<(String, u32)>,
+    consensus_n: Option<u64>,
+    next_seq: u64,
+}
+
+/// The format byte of what `persist` writes now.
+const PERSIST_FORMAT: u8 = 2;
+
+/// What `persist` writes ([`PERSIST_FORMAT`]).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Persisted {
     state: Payload,
     claims: Vec<(String, u32)>,
     consensus_n: Option<u64>,
     next_seq: u64,
+    /// Peers learned while there was no ring: a restarted peer still
+    /// counts them in its default consensus size.
+    learned: Vec<PeerName>,
 }
+
+/// At most this many peers learned are kept (the size only grows with
+/// them; past this it is large enough).
+const MAX_LEARNED: usize = 10_000;
 
 impl Ipam {
     /// A fresh core.
@@ -241,6 +313,10 @@ impl Ipam {
             forgotten: BTreeMap::new(),
             decided: BTreeMap::new(),
             foreign_held: BTreeMap::new(),
+            told: Told::default(),
+            learned: BTreeSet::new(),
+            meetings: BTreeMap::new(),
+            notes: Vec::new(),
             rng: crate::gossip::digest::name_u64(me) ^ 0x2545_f491_4f6c_dd1d,
             config,
         };
@@ -259,9 +335,25 @@ impl Ipam {
     /// Restore from `persist()` bytes (ring, own record, own claims); Err on
     /// malformed bytes or another range.
     pub fn restore(me: PeerName, config: Config, bytes: &[u8]) -> Result<Ipam, String> {
-        let body = state::check_header(bytes, "persisted IPAM state")?;
-        let p: Persisted = postcard::from_bytes(body)
-            .map_err(|e| format!("malformed persisted IPAM state: {e}"))?;
+        let what = "persisted IPAM state";
+        let p = match bytes.first() {
+            Some(&PERSIST_FORMAT) if bytes.len() <= state::MAX_PAYLOAD => {
+                postcard::from_bytes::<Persisted>(&bytes[1..])
+                    .map_err(|e| format!("malformed {what}: {e}"))?
+            }
+            _ => {
+                let body = state::check_header(bytes, what)?;
+                let v1: PersistedV1 =
+                    postcard::from_bytes(body).map_err(|e| format!("malformed {what}: {e}"))?;
+                Persisted {
+                    state: v1.state,
+                    claims: v1.claims,
+                    consensus_n: v1.consensus_n,
+                    next_seq: v1.next_seq,
+                    learned: Vec::new(),
+                }
+            }
+        };
         let state_bytes = p.state.encode();
         // Re-decode to run the payload's checks.
         let state =
@@ -288,6 +380,7 @@ impl Ipam {
             ipam.by_id.entry(id).or_default().insert(a);
         }
         ipam.consensus_n = p.consensus_n.map(|n| n as usize);
+        ipam.learned = p.learned.into_iter().take(MAX_LEARNED).collect();
         ipam.next_seq = p.next_seq.max(1);
         let peers: Vec<PeerName> = ipam.crdt.records.keys().copied().collect();
         for peer in peers {
@@ -305,8 +398,9 @@ impl Ipam {
             claims: self.claims.iter().map(|(a, id)| (id.clone(), *a)).collect(),
             consensus_n: self.consensus_n.map(|n| n as u64),
             next_seq: self.next_seq,
+            learned: self.learned.iter().copied().collect(),
         };
-        let mut out = vec![state::FORMAT];
+        let mut out = vec![PERSIST_FORMAT];
         out.extend(postcard::to_allocvec(&p).unwrap_or_default());
         out
     }
@@ -347,13 +441,16 @@ impl Ipam {
                 p.tokens.push((a, *t));
             }
         }
-        if !p.tokens.is_empty() || self.dirty_ring {
-            p.ring = self.crdt.ring.clone();
-        }
         if self.dirty_record {
             if let Some(r) = self.crdt.records.get(&self.me) {
                 p.records.push((self.me, r.clone()));
             }
+        }
+        // Deltas stay small: the ring header comes with tokens only (a whole
+        // state carries it in every part, which is what a peer of another
+        // ring sees first, on a new connection).
+        if !p.tokens.is_empty() || self.dirty_ring {
+            p.ring = self.crdt.ring.clone();
         }
         self.dirty_record = false;
         self.dirty_ring = false;
@@ -388,6 +485,130 @@ impl Ipam {
         }
     }
 
+    /// What the daemon was told about other peers (call before `tick`).
+    /// While there is no ring, the peers among it are remembered (and
+    /// persisted): a restarted peer still counts them.
+    pub fn set_told(&mut self, told: Told) {
+        if self.crdt.ring.is_none() {
+            let before = self.learned.len();
+            for p in told.peers.iter().chain(&self.reachable) {
+                if self.learned.len() >= MAX_LEARNED {
+                    break;
+                }
+                if *p != self.me {
+                    self.learned.insert(*p);
+                }
+            }
+            if self.learned.len() != before {
+                self.generation += 1;
+            }
+        }
+        self.told = told;
+    }
+
+    /// The ring's initial owners, once there is a ring.
+    pub fn ring(&self) -> Option<&[PeerName]> {
+        self.crdt.ring.as_ref().map(|r| r.owners.as_slice())
+    }
+
+    /// Other rings met and still seen recently.
+    pub fn meetings(&self) -> impl Iterator<Item = &Meeting> {
+        self.meetings.values()
+    }
+
+    /// Things worth a line in the log, each said once: another ring met,
+    /// another ring adopted.
+    pub fn take_notes(&mut self) -> Vec<Note> {
+        std::mem::take(&mut self.notes)
+    }
+
+    /// Whether neither we nor any peer of our ring (as far as we know)
+    /// holds an address.
+    fn holds_nothing(&self) -> bool {
+        self.claims.is_empty() && self.crdt.records.values().all(|r| r.held.is_empty())
+    }
+
+    /// A payload of another ring of our range (its check failed): remember
+    /// the meeting, and adopt the other ring when that is safe, which is
+    /// when we hold nothing: no address of ours can then be handed out
+    /// twice. When both sides hold nothing, the larger ring (then the
+    /// greater id) wins, so that the two do not swap. Returns whether we
+    /// adopted it (the caller then merges the payload into the empty state).
+    fn meet(&mut self, p: &Payload) -> bool {
+        let (Some(ours), Some(theirs)) = (self.crdt.ring.clone(), p.ring.clone()) else {
+            return false;
+        };
+        if p.range != Some(self.range) || ours == theirs {
+            return false;
+        }
+        let id = theirs.id(self.range);
+        let holds = p.records.iter().any(|(_, r)| !r.held.is_empty());
+        if !self.meetings.contains_key(&id) {
+            if self.meetings.len() >= MAX_MEETINGS {
+                let oldest = self
+                    .meetings
+                    .iter()
+                    .filter_map(|(k, m)| m.last_seen.map(|t| (t, *k)))
+                    .min()
+                    .map(|(_, k)| k);
+                if let Some(k) = oldest.or_else(|| self.meetings.keys().next().copied()) {
+                    self.meetings.remove(&k);
+                }
+            }
+            self.notes
+                .push(Note::Met(meeting_message(&ours, &theirs, self.range)));
+        }
+        let m = self.meetings.entry(id).or_insert(Meeting {
+            owners: theirs.owners.clone(),
+            holds: false,
+            last_seen: None,
+            fresh: true,
+        });
+        m.holds |= holds;
+        m.fresh = true;
+        let theirs_wins =
+            m.holds || (theirs.owners.len(), id) > (ours.owners.len(), ours.id(self.range));
+        if !theirs_wins || !self.holds_nothing() {
+            return false;
+        }
+        self.meetings.remove(&id);
+        self.notes.push(Note::Adopted(format!(
+            "adopted the address ring created among [{}] (our own ring, created among [{}], held no address)",
+            theirs.describe(),
+            ours.describe()
+        )));
+        self.adopt_empty_state();
+        true
+    }
+
+    /// Forget our ring (it holds nothing) and start from an empty state:
+    /// our record lives on with a greater version, emptied of the old
+    /// ring's business.
+    fn adopt_empty_state(&mut self) {
+        let record = self.crdt.records.remove(&self.me);
+        self.crdt = Crdt::new(self.range);
+        self.consensus_n = None;
+        self.proposing.clear();
+        self.activity.clear();
+        self.decided.clear();
+        self.foreign_held.clear();
+        self.unreachable_since.clear();
+        self.forgotten.clear();
+        self.last_quorum = None;
+        self.dirty_tokens.clear();
+        self.dirty_ring = false;
+        if let Some(mut r) = record {
+            r.consensus = 0;
+            r.paxos.clear();
+            r.requests.clear();
+            r.held.clear();
+            self.crdt.records.insert(self.me, r);
+            self.write_record(|_| {});
+        } else {
+            self.generation += 1;
+        }
+    }
+
     /// A random number (SplitMix64 over our own state).
     fn random(&mut self) -> u64 {
         self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -408,7 +629,11 @@ impl GossipData for Ipam {
 
     fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
         let mut p = Payload::decode(payload)?;
-        self.crdt.check(&p)?;
+        if let Err(e) = self.crdt.check(&p) {
+            if !self.meet(&p) {
+                return Err(e);
+            }
+        }
         p.records
             .retain(|(peer, r)| self.forgotten.get(peer).is_none_or(|v| r.version > *v));
         let m = self.crdt.merge(p)?;
@@ -420,6 +645,13 @@ impl GossipData for Ipam {
             self.forgotten.remove(peer);
             self.reindex_held(*peer, old.as_ref());
         }
+        if !m.replaced.is_empty() {
+            // A ring met whose owners all gossip in ours now (they adopted
+            // it) is no longer a problem.
+            let records = &self.crdt.records;
+            self.meetings
+                .retain(|_, met| !met.owners.iter().all(|o| records.contains_key(o)));
+        }
         self.react();
         Ok(Some(m.news.encode()))
     }
@@ -427,6 +659,16 @@ impl GossipData for Ipam {
     fn digest(&self) -> u64 {
         self.crdt.digest()
     }
+}
+
+/// What a user is told when another ring of the range is met.
+fn meeting_message(ours: &Ring, theirs: &Ring, range: Net) -> String {
+    format!(
+        "another address ring for {} met: ours was created among [{}], the other among [{}]; the two meshes were started apart, and cannot join while both hold addresses. To join them, free every address on one side (detach or stop its containers, or `mesh reset` its hosts): that side then adopts the other ring by itself",
+        state::net_str(range),
+        ours.describe(),
+        theirs.describe()
+    )
 }
 
 /// See [`GossipData::split`] for [`Ipam`].
@@ -453,7 +695,9 @@ pub fn split_payload(payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
         out.push(
             Payload {
                 range: p.range,
-                ring: None,
+                // The ring travels with records too, so that a peer of
+                // another ring refuses them rather than mixing them in.
+                ring: p.ring.clone(),
                 tokens: Vec::new(),
                 records: run,
             }
