@@ -1,11 +1,16 @@
 //! A peer killed with SIGKILL and relaunched is a new session (issue 13,
-//! part 2): its neighbour forgets the dead session's keys and connection as
-//! soon as the new one is up, and the containers on both reach each other
-//! again within [`RECOVER`], with the addresses they had before.
+//! part 2): once its neighbour holds a connection to the new session, it
+//! seals with that session's keys only and has forgotten the dead one's;
+//! the containers on both reach each other again within [`RECOVER`], with
+//! the addresses they had before.
 //!
 //! Four cases: with and without a password, on the sleeve (`--no-fastdp`)
 //! and with the fast path allowed (the default; a password keeps the fast
-//! path off, so the encrypted cases both run on the sleeve).
+//! path off, so the encrypted cases both run on the sleeve). A fifth, with a
+//! password, loses the dead daemon's FIN and RST on h2's way out: h1 still
+//! holds the dead connection and its keys when the new one arrives (it
+//! learns of the death when the old connection next carries a heartbeat or
+//! gossip and h2's kernel answers with a reset).
 
 mod common;
 
@@ -23,8 +28,10 @@ const PASSWORD: &str = "restart-s3cret";
 /// Two hosts launched with `opts` (h2 joins h1), a container on each with
 /// an allocated address; h2's daemon is killed with SIGKILL and launched
 /// again at once; both containers must ping each other within [`RECOVER`]
-/// and keep their addresses.
-fn sigkill_and_relaunch(test: &str, range: &str, opts: &[&str]) {
+/// and keep their addresses. With `goodbye_lost`, the FIN and RST that h2's
+/// kernel sends for the dead daemon's connection are dropped, so that h1
+/// still holds the dead session when the new one arrives.
+fn sigkill_and_relaunch(test: &str, range: &str, opts: &[&str], goodbye_lost: bool) {
     let Some(mut w) = World::new(test) else {
         return;
     };
@@ -55,6 +62,11 @@ fn sigkill_and_relaunch(test: &str, range: &str, opts: &[&str]) {
     wait_ping(&c2, &ip1, SETUP);
 
     // SIGKILL: nothing of h2's daemon says goodbye.
+    if goodbye_lost {
+        let drop = "add table inet restarttest { chain out { type filter hook output priority 0; tcp flags & (fin | rst) != 0 drop; }; }";
+        let out = run(&mut h2.command("nft", &[drop]), SETUP);
+        assert!(out.status.success(), "nft on h2: {}", show(&out));
+    }
     let pid = h2.daemon_pid().expect("h2 pid");
     let kill_at = Instant::now();
     let killed = std::process::Command::new("kill")
@@ -63,6 +75,13 @@ fn sigkill_and_relaunch(test: &str, range: &str, opts: &[&str]) {
         .is_ok_and(|s| s.success());
     assert!(killed, "kill -KILL {pid}");
     wait_until(SETUP, "h2's daemon exits", || exited(pid));
+    if goodbye_lost {
+        let out = run(
+            &mut h2.command("nft", &["delete", "table", "inet", "restarttest"]),
+            SETUP,
+        );
+        assert!(out.status.success(), "nft on h2: {}", show(&out));
+    }
     w.launch(&h2, &args2);
     let relaunched = Instant::now();
     let result = std::panic::catch_unwind(|| {
@@ -100,12 +119,12 @@ fn exited(pid: i32) -> bool {
 
 #[test]
 fn sigkilled_peer_relaunched_sleeve() {
-    sigkill_and_relaunch("restart_sleeve", "198.19.40.0/24", &["--no-fastdp"]);
+    sigkill_and_relaunch("restart_sleeve", "198.19.40.0/24", &["--no-fastdp"], false);
 }
 
 #[test]
 fn sigkilled_peer_relaunched_fastdp() {
-    sigkill_and_relaunch("restart_fastdp", "198.19.41.0/24", &[]);
+    sigkill_and_relaunch("restart_fastdp", "198.19.41.0/24", &[], false);
 }
 
 #[test]
@@ -114,6 +133,7 @@ fn sigkilled_peer_relaunched_sleeve_encrypted() {
         "restart_sleeve_encrypted",
         "198.19.42.0/24",
         &["--no-fastdp", "--password", PASSWORD],
+        false,
     );
 }
 
@@ -123,5 +143,16 @@ fn sigkilled_peer_relaunched_encrypted() {
         "restart_encrypted",
         "198.19.43.0/24",
         &["--password", PASSWORD],
+        false,
+    );
+}
+
+#[test]
+fn sigkilled_peer_relaunched_goodbye_lost() {
+    sigkill_and_relaunch(
+        "restart_goodbye_lost",
+        "198.19.44.0/24",
+        &["--password", PASSWORD],
+        true,
     );
 }
