@@ -152,6 +152,9 @@ struct Peer {
     /// Milliseconds since the sleeve started, when it was last heard.
     last_rx: AtomicU64,
     silent: AtomicBool,
+    /// Set when the table lets go of it (its connection closed, or a new
+    /// session with the same peer replaced it): senders holding it drop it.
+    retired: AtomicBool,
 }
 
 impl Peer {
@@ -242,8 +245,11 @@ struct Shared {
     last_warn: Mutex<Option<Instant>>,
 }
 
-/// Small frames waiting to be sent together, per (neighbour, destination).
-type Packs = HashMap<(PeerName, PeerName), (Arc<Peer>, Vec<u8>)>;
+/// Small frames waiting to be sent together, per (neighbour's session, as
+/// its [`Peer::link`], destination). Keyed by session, not by name: a
+/// neighbour that reconnects (a restarted peer) gets new keys and a new
+/// `Peer`, and frames for it must never go out with the old one's sealer.
+type Packs = HashMap<(u64, PeerName), (Arc<Peer>, Vec<u8>)>;
 
 /// Per-thread scratch for sending.
 #[derive(Default)]
@@ -510,19 +516,21 @@ fn command(sh: &Shared, c: Cmd) {
                 probe: Mutex::new(Probe::new(Instant::now(), sh.underlay_mtu)),
                 last_rx: AtomicU64::new(sh.now_ms()),
                 silent: AtomicBool::new(false),
+                retired: AtomicBool::new(false),
             });
             sh.refresh_mtu(&peer);
             let mut t = sh.table.write().unwrap_or_else(|e| e.into_inner());
-            if let Some(old) = t.peers.get(&name).cloned() {
+            if let Some(old) = t.peers.insert(name, peer.clone()) {
                 t.by_addr.remove(&SocketAddr::V4(old.addr));
+                old.retired.store(true, Ordering::Relaxed);
             }
-            t.by_addr.insert(addr, peer.clone());
-            t.peers.insert(name, peer);
+            t.by_addr.insert(addr, peer);
         }
         Cmd::PeerDown { name } => {
             let mut t = sh.table.write().unwrap_or_else(|e| e.into_inner());
             if let Some(old) = t.peers.remove(&name) {
                 t.by_addr.remove(&SocketAddr::V4(old.addr));
+                old.retired.store(true, Ordering::Relaxed);
             }
         }
         Cmd::Routes(r) => {
@@ -733,7 +741,7 @@ fn send_frame(
     buf: &mut [u8],
     len: usize,
 ) {
-    let key = (hop.name, dst);
+    let key = (hop.link, dst);
     // Small frames ride together in one datagram.
     if len + TAG_LEN <= hop.payload() {
         let entry = packs
@@ -768,7 +776,8 @@ fn flush_packs(sh: &Shared, out: &mut Out, packs: &mut Packs) {
             send_pack(sh, out, hop, *dst, pack);
         }
     }
-    // Forget neighbours that went away.
+    // Forget sessions that ended, and destinations that went away.
+    packs.retain(|_, (hop, _)| !hop.retired.load(Ordering::Relaxed));
     if packs.len() > 64 {
         packs.clear();
     }

@@ -657,6 +657,51 @@ mod tests {
         );
     }
 
+    /// A restarted peer is a new session: new keys under the same key id
+    /// (and counters from 0 again). What the dead session still seals (far
+    /// ahead in its counters) is refused by the new opener and does not
+    /// move its replay window, so the new session's first messages open;
+    /// and the new session's messages never open with the dead one's
+    /// opener.
+    #[test]
+    fn dead_session_refused_new_session_opens() {
+        let old_key = [1; 32];
+        let new_key = [2; 32];
+        let old = Sealer::new(1, &old_key);
+        for _ in 0..5000 {
+            old.next_counter().unwrap();
+        }
+        let new = Sealer::new(1, &new_key);
+        let mut new_opener = Opener::new(1, &new_key);
+        let mut old_opener = Opener::new(1, &old_key);
+        let mut body = Vec::new();
+        push_frame(&mut body, &frame(60, 0x42)).unwrap();
+        let sealed = |s: &Sealer| {
+            let h = message_header(A, B, Some(s), 0).unwrap();
+            let mut m = body.clone();
+            seal_message(&h, Some(s), &mut m).unwrap();
+            (h, m)
+        };
+        for _ in 0..3 {
+            let (h, mut m) = sealed(&old);
+            assert!(h.counter >= 5000);
+            assert_eq!(
+                open_message(&h, &mut m, Some(&mut new_opener)),
+                Err(OpenError::Seal(SealError::Forged))
+            );
+        }
+        let (h, mut m) = sealed(&new);
+        assert_eq!(h.counter, 0);
+        assert_eq!(
+            open_message(&h, &mut m.clone(), Some(&mut old_opener)),
+            Err(OpenError::Seal(SealError::Forged))
+        );
+        assert_eq!(
+            open_message(&h, &mut m, Some(&mut new_opener)),
+            Ok(body.len())
+        );
+    }
+
     #[test]
     fn probes() {
         let d = probe_datagram(A, B, 1400);
