@@ -22,7 +22,18 @@
 //!   same list gives the same ring everywhere). `Consensus` peers run Paxos
 //!   over the records (instance [`state::Instance::Ring`]) once the first
 //!   allocation or [`Ipam::prime`] asks for it; the decided list of peers
-//!   splits the range evenly. `Observer`s never take part and learn the ring
+//!   splits the range evenly. With the default size ([`InitMode::Consensus`]
+//!   with `None`), the size counts us and every peer we were told about
+//!   ([`Told`]: targets, peers learned, also those learned before a restart),
+//!   and grows with what we learn until the ring is decided; a peer with
+//!   targets takes no part until a connection reached one of them. So only a
+//!   peer told about nobody creates a ring alone.
+//! - **Rings that meet.** Two meshes started apart have two rings. A whole
+//!   state carries the ring header in every part, so a peer of the other ring
+//!   refuses it whole (nothing is mixed in). The meeting is noted once
+//!   ([`Ipam::take_notes`]) and listed in [`Ipam::status`] with the fix. A
+//!   side that holds no address adopts the other ring (when both hold none,
+//!   the larger ring wins): nothing of its own can then be handed out twice. `Observer`s never take part and learn the ring
 //!   from the ring header that travels with the tokens. A ring has an identity
 //!   (range and initial owners); a payload with a different range or ring is
 //!   refused by `merge` with an error naming both.
@@ -542,7 +553,20 @@ impl Ipam {
             return false;
         }
         let id = theirs.id(self.range);
-        let holds = p.records.iter().any(|(_, r)| !r.held.is_empty());
+        let holds = p.records.iter().any(|(_, r)| !r.held.is_empty())
+            || self.meetings.get(&id).is_some_and(|m| m.holds);
+        let theirs_wins =
+            holds || (theirs.owners.len(), id) > (ours.owners.len(), ours.id(self.range));
+        if theirs_wins && self.holds_nothing() {
+            self.meetings.remove(&id);
+            self.notes.push(Note::Adopted(format!(
+                "adopted the address ring created among [{}] (our own ring, created among [{}], held no address)",
+                theirs.describe(),
+                ours.describe()
+            )));
+            self.adopt_empty_state();
+            return true;
+        }
         if !self.meetings.contains_key(&id) {
             if self.meetings.len() >= MAX_MEETINGS {
                 let oldest = self
@@ -566,19 +590,7 @@ impl Ipam {
         });
         m.holds |= holds;
         m.fresh = true;
-        let theirs_wins =
-            m.holds || (theirs.owners.len(), id) > (ours.owners.len(), ours.id(self.range));
-        if !theirs_wins || !self.holds_nothing() {
-            return false;
-        }
-        self.meetings.remove(&id);
-        self.notes.push(Note::Adopted(format!(
-            "adopted the address ring created among [{}] (our own ring, created among [{}], held no address)",
-            theirs.describe(),
-            ours.describe()
-        )));
-        self.adopt_empty_state();
-        true
+        false
     }
 
     /// Forget our ring (it holds nothing) and start from an empty state:

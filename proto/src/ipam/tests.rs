@@ -368,6 +368,174 @@ fn deltas_are_small() {
     assert!(p[0].take_delta().is_none());
 }
 
+/// A lone peer of the default consensus, told about `targets` peers none
+/// of which it has reached.
+fn told(i: usize, targets: usize) -> Ipam {
+    let mut p = Ipam::new(name(i), cfg(InitMode::Consensus(None)));
+    p.set_told(Told {
+        targets,
+        unreached: (0..targets)
+            .map(|t| format!("198.18.0.{}:6783", t + 1))
+            .collect(),
+        peers: BTreeSet::new(),
+    });
+    p
+}
+
+#[test]
+fn a_peer_told_about_nobody_creates_the_ring_alone() {
+    let t = Instant::now();
+    let mut p = told(0, 0);
+    assert!(p.allocate(t, "a", net("10.32.0.0/12")).is_ok());
+    assert_eq!(p.ring(), Some(&[name(0)][..]));
+}
+
+#[test]
+fn a_peer_told_about_others_never_creates_the_ring_alone() {
+    let t = Instant::now();
+    let mut p = told(1, 1);
+    for k in 0..5 {
+        let now = t + Duration::from_secs(k);
+        p.tick(now, &BTreeSet::new());
+        match p.allocate(now, "a", net("10.32.0.0/12")) {
+            Err(AllocError::Wait(why)) => {
+                assert!(why.contains("198.18.0.1:6783"), "names the target: {why}")
+            }
+            r => panic!("a told peer allocated alone: {r:?}"),
+        }
+    }
+    assert!(p.ring().is_none());
+    let s = p.status(t, &BTreeSet::new());
+    assert!(s.state.contains("198.18.0.1:6783"), "{}", s.state);
+    // Reached, but still alone with a consensus size of 2: no ring either.
+    p.set_told(Told {
+        targets: 1,
+        unreached: vec![],
+        peers: BTreeSet::new(),
+    });
+    assert!(matches!(
+        p.allocate(t, "a", net("10.32.0.0/12")),
+        Err(AllocError::Wait(_))
+    ));
+    assert!(p.ring().is_none());
+}
+
+#[test]
+fn peers_learned_before_a_restart_still_count() {
+    let t = Instant::now();
+    let mut p = told(0, 0);
+    p.set_told(Told {
+        targets: 0,
+        unreached: vec![],
+        peers: [name(1)].into(),
+    });
+    let saved = p.persist();
+    let mut q = Ipam::restore(name(0), cfg(InitMode::Consensus(None)), &saved).unwrap();
+    q.set_told(Told::default());
+    assert!(
+        matches!(
+            q.allocate(t, "a", net("10.32.0.0/12")),
+            Err(AllocError::Wait(_))
+        ),
+        "a restarted peer that had learned a peer created a ring alone"
+    );
+}
+
+#[test]
+fn the_first_persisted_format_still_restores() {
+    let t = Instant::now();
+    let mut p = seeds(2);
+    settle(&mut p, t, &all);
+    p[0].allocate(t, "a", net("10.32.0.0/12")).unwrap();
+    let old = PersistedV1 {
+        state: p[0].crdt.payload(),
+        claims: vec![("a".into(), u32::from(Ipv4Addr::new(10, 32, 0, 1)))],
+        consensus_n: None,
+        next_seq: 1,
+    };
+    let mut bytes = vec![state::FORMAT];
+    bytes.extend(postcard::to_allocvec(&old).unwrap());
+    let q = Ipam::restore(name(0), cfg(InitMode::Seed(vec![name(0), name(1)])), &bytes).unwrap();
+    assert_eq!(q.claims(), p[0].claims());
+}
+
+/// Two lone peers, each with its own ring; `holds[i]`: peer i holds an address.
+fn two_rings(holds: [bool; 2]) -> Vec<Ipam> {
+    let t = Instant::now();
+    let mut p = vec![told(0, 0), told(1, 0)];
+    for (i, q) in p.iter_mut().enumerate() {
+        q.prime(t);
+        if holds[i] {
+            q.allocate(t, "c", net("10.32.0.0/12")).unwrap();
+        }
+        let _ = q.take_delta();
+        assert_eq!(q.ring(), Some(&[name(i)][..]));
+    }
+    p
+}
+
+#[test]
+fn rings_that_meet_holding_addresses_are_reported_once_with_the_fix() {
+    let t = Instant::now();
+    let mut p = two_rings([true, true]);
+    for _ in 0..3 {
+        let e = p[1].encode();
+        let err = p[0].merge(&e).unwrap_err();
+        assert!(err.contains("foreign IPAM ring"), "{err}");
+    }
+    let notes = p[0].take_notes();
+    assert_eq!(notes.len(), 1, "said once: {notes:?}");
+    assert!(matches!(&notes[0], Note::Met(m) if m.contains("free every address on one side")));
+    let s = p[0].status(t, &BTreeSet::new());
+    assert!(
+        s.problems
+            .iter()
+            .any(|m| m.contains("another address ring")),
+        "{:?}",
+        s.problems
+    );
+    assert_eq!(p[0].ring(), Some(&[name(0)][..]));
+}
+
+#[test]
+fn a_side_that_holds_nothing_adopts_the_other_ring() {
+    let t = Instant::now();
+    let mut p = two_rings([true, false]);
+    let e = p[0].encode();
+    assert!(p[1].merge(&e).unwrap().is_some());
+    assert_eq!(p[1].ring(), Some(&[name(0)][..]));
+    assert!(matches!(&p[1].take_notes()[..], [Note::Adopted(_)]));
+    // Its record lives on with a greater version, and the other side merges it.
+    let d = p[1].take_delta().unwrap();
+    p[0].merge(&d).unwrap();
+    settle(&mut p, t, &all);
+    let a = p[0].claims()[0].1;
+    // It owns nothing yet: it asks the other side for space.
+    assert!(p[1].allocate(t, "d", net("10.32.0.0/12")).is_err());
+    settle(&mut p, t, &all);
+    let b = p[1].allocate(t, "d", net("10.32.0.0/12")).unwrap();
+    assert_ne!(a, b);
+    // The holder reported the other ring, until its owner joined ours.
+    assert!(p[0]
+        .status(t, &BTreeSet::new())
+        .problems
+        .iter()
+        .all(|m| !m.contains("another address ring")));
+}
+
+#[test]
+fn two_empty_rings_that_meet_become_one_without_swapping() {
+    let mut p = two_rings([false, false]);
+    let (e0, e1) = (p[0].encode(), p[1].encode());
+    let r0 = p[0].merge(&e1);
+    let r1 = p[1].merge(&e0);
+    assert!(
+        r0.is_ok() != r1.is_ok(),
+        "exactly one side adopts: {r0:?} {r1:?}"
+    );
+    assert_eq!(p[0].ring(), p[1].ring());
+}
+
 // ---- proptests ------------------------------------------------------------
 
 #[derive(Clone, Debug)]
