@@ -168,7 +168,9 @@ fn disagreements(
             out.push(format!("{host}: our connection to {p} is pending"));
         }
         if !conn_established(p, me) {
-            out.push(format!("{host}: {p}'s connection to us is pending or missing"));
+            out.push(format!(
+                "{host}: {p}'s connection to us is pending or missing"
+            ));
         }
     }
     let nicknames: BTreeSet<String> = report["ipam"]["peers"]
@@ -180,7 +182,9 @@ fn disagreements(
         .collect();
     for p in ipam_shares(before).intersection(&ipam_shares(report)) {
         if !nicknames.contains(p) {
-            out.push(format!("{host}: {p}'s share in status ipam has no nickname"));
+            out.push(format!(
+                "{host}: {p}'s share in status ipam has no nickname"
+            ));
         }
     }
     out
@@ -210,7 +214,8 @@ impl Watcher {
                 for (h, last) in hosts.iter().zip(&mut last) {
                     let out = h.mesh(&["report"]);
                     // Not launched yet (or mid-start): nothing to compare.
-                    let Ok(report) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+                    let Ok(report) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    else {
                         continue;
                     };
                     if !out.status.success() {
@@ -287,10 +292,14 @@ fn three_hosts_views_agree_as_soon_as_connected() {
         assert!(out.status.success(), "attach on {}: {}", h.name, show(&out));
     }
     for h in &hosts {
-        wait_until(DEADLINE, &format!("{} is connected to both others", h.name), || {
-            let r = report(h);
-            established_peers(&r).len() == 2 && ipam_shares(&r).len() == 3
-        });
+        wait_until(
+            DEADLINE,
+            &format!("{} is connected to both others", h.name),
+            || {
+                let r = report(h);
+                established_peers(&r).len() == 2 && ipam_shares(&r).len() == 3
+            },
+        );
     }
     watcher.wait_rounds(3);
     let found = watcher.finish();

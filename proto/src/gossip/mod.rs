@@ -210,7 +210,8 @@ pub struct PeerSummary {
     pub addrs: Vec<SocketAddr>,
     /// Its connections.
     pub connections: Vec<ConnectionSummary>,
-    /// We have a route to it (always true for ourselves).
+    /// We have a route to it (always true for ourselves and for direct
+    /// neighbours).
     pub reachable: bool,
     /// The next hop towards it (None for ourselves or when unreachable).
     pub next_hop: Option<PeerName>,
@@ -227,6 +228,10 @@ struct Neighbour {
     addr: SocketAddr,
     /// We sent a hello asking for a sync (it was unreachable before).
     want_sync: bool,
+    /// The version of our own entry it was sent when the connection came
+    /// up (0: none yet): the flush sends our own changes to the
+    /// neighbours they are about only when there is something newer.
+    own_sent: u32,
 }
 
 /// Leave room for the enum tags around records in one message.
@@ -346,6 +351,14 @@ impl Gossip {
 
     /// A direct connection to `peer` is established; `addr` is where `peer`
     /// can be dialed (its IP as we see it and its listen port).
+    ///
+    /// Our own entry lists the connection at once, and the first messages
+    /// on it carry everything the other end needs to show it: a hello, our
+    /// entry's change (so both halves of the connection meet in one
+    /// exchange), and every channel's state. Called again for a peer that
+    /// is already a neighbour, it means the daemon replaced the connection
+    /// (a duplicate resolved): what was sent on the old one may be lost,
+    /// so it is sent again.
     pub fn handle_connection_up(&mut self, now: Instant, peer: PeerName, addr: SocketAddr) {
         self.start(now);
         if peer == self.me {
@@ -356,33 +369,42 @@ impl Gossip {
             });
             return;
         }
-        if self.neighbours.contains_key(&peer) {
-            return;
-        }
-        // A digest sync is wanted when the neighbour is not in our part of
-        // the mesh: unknown, or known and unreachable as of the last route
-        // computation (entries learned since are from this part, their
-        // routes merely not computed yet).
         let idx = self.topo.intern(peer);
-        let known = self.topo.get(idx).is_some();
-        let reachable_before = known && !self.routes.known_unreachable(idx);
-        self.neighbours.insert(
-            peer,
-            Neighbour {
-                addr,
-                want_sync: !reachable_before,
-            },
-        );
-        self.change_own(now, |t| {
-            t.set_own_conn(idx, true);
-        });
+        let replaced = self.neighbours.contains_key(&peer);
+        let want_sync = match self.neighbours.get_mut(&peer) {
+            Some(n) => {
+                n.addr = addr;
+                n.want_sync
+            }
+            None => {
+                // A digest sync is wanted when the neighbour is not in our
+                // part of the mesh: unknown, or known and unreachable as of
+                // the last route computation (entries learned since are
+                // from this part, their routes merely not computed yet).
+                let known = self.topo.get(idx).is_some();
+                let want_sync = !(known && !self.routes.known_unreachable(idx));
+                self.neighbours.insert(
+                    peer,
+                    Neighbour {
+                        addr,
+                        want_sync,
+                        own_sent: 0,
+                    },
+                );
+                self.change_own(now, |t| {
+                    t.set_own_conn(idx, true);
+                });
+                want_sync
+            }
+        };
         let hello = Body::Hello(Hello {
             count: self.topo.count() as u32,
             root: self.topo.digest().root(),
-            want_sync: !reachable_before,
+            want_sync,
             your_addr: Some(addr),
         });
         self.send(peer, &hello);
+        self.send_own_entry(peer, replaced);
         let states: Vec<(String, Vec<u8>)> = self
             .channels
             .iter()
@@ -390,6 +412,30 @@ impl Gossip {
             .collect();
         for (name, state) in states {
             self.send_channel(peer, &name, state);
+        }
+    }
+
+    /// Push our own entry to a new neighbour now rather than at the next
+    /// flush: the changes since the version the mesh last heard (the base
+    /// of the batch not yet flushed), or the whole entry for a replaced
+    /// connection. A neighbour that lacks the base asks for the rest
+    /// ([`Applied::Want`]); either way it holds our side of the connection
+    /// one round trip after its own, and the flush does not send it the
+    /// same change again.
+    fn send_own_entry(&mut self, to: PeerName, whole: bool) {
+        let (inc, ver) = match self.pending.get(&0) {
+            Some(p) if !whole => (p.incarnation, p.version),
+            _ => (0, 0),
+        };
+        let Some(r) = self.topo.record_for(0, inc, ver) else {
+            return;
+        };
+        let version = r.version;
+        for m in self.encode_records(std::slice::from_ref(&r), true) {
+            self.send(to, &m);
+        }
+        if let Some(n) = self.neighbours.get_mut(&to) {
+            n.own_sent = version;
         }
     }
 
@@ -576,7 +622,11 @@ impl Gossip {
                     version: e.version,
                     addrs: e.card.addrs(),
                     connections,
-                    reachable: i == 0 || self.routes.hop(i).is_some(),
+                    // A neighbour is reachable from the moment it is
+                    // one, not from the next route computation.
+                    reachable: i == 0
+                        || self.routes.hop(i).is_some()
+                        || self.neighbours.contains_key(&name),
                     next_hop: if i == 0 { None } else { self.next_hop(name) },
                 })
             })
@@ -846,11 +896,17 @@ impl Gossip {
             }
         }
         if let Some(r) = own {
+            // (Unless it had this version when the connection came up.)
             let subjects: Vec<PeerName> = r
                 .add
                 .iter()
                 .map(|&i| self.topo.name(i))
-                .filter(|n| self.neighbours.contains_key(n) && !sent_own.contains(n))
+                .filter(|n| {
+                    self.neighbours
+                        .get(n)
+                        .is_some_and(|nb| nb.own_sent < r.version)
+                        && !sent_own.contains(n)
+                })
                 .collect();
             if !subjects.is_empty() {
                 let msgs = self.encode_records(std::slice::from_ref(&r), true);
@@ -1380,6 +1436,54 @@ mod tests {
         let p = net.cores[1].peers();
         let zero = p.iter().find(|s| s.name == nm(0)).unwrap();
         assert_eq!(zero.addrs, vec![addr(0)]);
+    }
+
+    /// What `a` shows of its direct neighbour `b`: listed with its
+    /// nickname, reachable directly, and the connection established in
+    /// both entries.
+    #[track_caller]
+    fn shows_neighbour(net: &Net, a: usize, b: usize) {
+        let (na, nb) = (nm(a as u8), nm(b as u8));
+        let peers = net.cores[a].peers();
+        let entry = |n: PeerName| peers.iter().find(|p| p.name == n);
+        let other = entry(nb).unwrap_or_else(|| panic!("{a} does not list {b}: {peers:?}"));
+        assert_eq!(other.nickname, format!("h{b}"));
+        assert!(other.reachable, "{a} shows {b} unreachable");
+        assert_eq!(other.next_hop, Some(nb));
+        for (from, to) in [(na, nb), (nb, na)] {
+            let e = entry(from).expect("listed");
+            assert!(
+                e.connections.iter().any(|c| c.peer == to && c.established),
+                "{a} shows {from}'s connection to {to} pending or missing: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_connection_shows_on_both_ends_after_one_exchange() {
+        // 0-1 settled; 2 joins through 0 knowing nothing (a digest sync),
+        // then 1 and 2, which know each other through 0, connect directly
+        // (no sync). Each time, what the connection itself sends (no timer
+        // fires) is enough for both ends to agree about it.
+        let mut net = Net::new(3);
+        net.connect(0, 1);
+        net.advance(Duration::from_secs(2));
+        net.connect(2, 0);
+        net.drain();
+        shows_neighbour(&net, 0, 2);
+        shows_neighbour(&net, 2, 0);
+        net.advance(Duration::from_secs(2));
+        assert!(net.cores[1].peers().iter().any(|p| p.name == nm(2)));
+        net.connect(1, 2);
+        net.drain();
+        shows_neighbour(&net, 1, 2);
+        shows_neighbour(&net, 2, 1);
+        // And the views converge as before.
+        net.advance(Duration::from_secs(2));
+        for c in &net.cores {
+            assert_eq!(c.known_count(), 3);
+            assert_eq!(c.state_hash(), net.cores[0].state_hash());
+        }
     }
 
     #[test]
