@@ -28,10 +28,16 @@
 //!   neighbours a few versions behind still get deltas from it, not the
 //!   whole entry again.
 //! - **New connections.** Both sides send a [`wire::Hello`] (peer count and
-//!   a hash of all they know). When the neighbour was not reachable before
-//!   (a joining peer, a healed partition), the two run a digest sync, which
-//!   for a peer that knows nothing amounts to the full state; when it was
-//!   reachable, deltas are already flowing and nothing more is sent.
+//!   a hash of all they know), then at once, not at the next flush, the
+//!   change of their own entry that adds the connection (for the receiver
+//!   only: the flush spreads it), then every channel's state: each end
+//!   holds both halves of the connection, and the other's nickname, one
+//!   exchange after it comes up (a neighbour that lacked the delta's base
+//!   asks for the whole entry: one round trip more). When the neighbour
+//!   was not reachable before (a joining peer, a healed partition), the
+//!   two also run a digest sync, which for a peer that knows nothing
+//!   amounts to the full state; when it was reachable, deltas are already
+//!   flowing and nothing more is sent.
 //! - **Anti-entropy.** Every [`Config::gossip_interval`] a peer sends one
 //!   random neighbour a [`wire::Summary`] (a 64-bit hash of its state, ~15
 //!   bytes). Only if the hashes differ do they exchange bucket hashes, then
@@ -49,9 +55,14 @@
 //! repairs at far greater cost (bucket hashes, versions, often whole
 //! entries) in the seconds after convergence; with 3 it misses ~5%, and
 //! 350 ms batches keep the extra pushes in check. Simulated at 1,000
-//! peers (seeds 1 and 2): converged in 4.2-4.5 s, 150-164 kB/s per peer
-//! while converging, 1.5-1.7 kB/s per peer at rest, of which ~1 kB/s is the
-//! daemon's heartbeats (100 connections × 20 bytes every 2 s).
+//! peers (seeds 1 and 2): converged in 4.5-4.7 s, 174-182 kB/s per peer
+//! while converging, 1.4-1.6 kB/s per peer at rest, of which ~1 kB/s is the
+//! daemon's heartbeats (100 connections × 20 bytes every 2 s). Sending our
+//! own entry when a connection comes up (rather than only at the flush)
+//! costs about 15% more while converging (it was 4.2-4.5 s, 150-164 kB/s):
+//! the receivers that lack its base ask for the whole entry, and the
+//! flush still sends the batch to the connection's other end when the
+//! entry changed again since.
 //!
 //! Steady state, per peer: heartbeats (the daemon's) plus one summary per
 //! interval (~15 bytes/s). Routes are recomputed at most once per [`Config::route_delay`]
@@ -382,7 +393,7 @@ impl Gossip {
                 // the last route computation (entries learned since are
                 // from this part, their routes merely not computed yet).
                 let known = self.topo.get(idx).is_some();
-                let want_sync = !(known && !self.routes.known_unreachable(idx));
+                let want_sync = !known || self.routes.known_unreachable(idx);
                 self.neighbours.insert(
                     peer,
                     Neighbour {
@@ -415,13 +426,13 @@ impl Gossip {
         }
     }
 
-    /// Push our own entry to a new neighbour now rather than at the next
+    /// Send our own entry to a new neighbour now rather than at the next
     /// flush: the changes since the version the mesh last heard (the base
     /// of the batch not yet flushed), or the whole entry for a replaced
     /// connection. A neighbour that lacks the base asks for the rest
     /// ([`Applied::Want`]); either way it holds our side of the connection
-    /// one round trip after its own, and the flush does not send it the
-    /// same change again.
+    /// within a round trip, and the flush does not send it the same change
+    /// again.
     fn send_own_entry(&mut self, to: PeerName, whole: bool) {
         let (inc, ver) = match self.pending.get(&0) {
             Some(p) if !whole => (p.incarnation, p.version),
@@ -431,7 +442,10 @@ impl Gossip {
             return;
         };
         let version = r.version;
-        for m in self.encode_records(std::slice::from_ref(&r), true) {
+        // Not pushed: the receiver does not relay it. Spreading our new
+        // version is the flush's job, once per batch of changes: a push per
+        // connection would start an epidemic per connection.
+        for m in self.encode_records(std::slice::from_ref(&r), false) {
             self.send(to, &m);
         }
         if let Some(n) = self.neighbours.get_mut(&to) {
