@@ -1501,6 +1501,38 @@ mod tests {
     }
 
     #[test]
+    fn a_replaced_connection_resends_what_the_old_one_carried() {
+        // The daemon replaced the connection 0-1 (a duplicate resolved):
+        // what 0 sent on the old one may be lost, so 0 sends its hello, its
+        // whole entry and its channels' states again; its entry is
+        // unchanged (the neighbour never went away).
+        use channel::tests::GSet;
+        let mut net = Net::new(2);
+        for c in &mut net.cores {
+            c.add_channel("test", Box::new(GSet::default()));
+        }
+        net.connect(0, 1);
+        net.advance(Duration::from_secs(1));
+        let version = net.cores[0].peers()[0].version;
+        let now = net.now;
+        net.cores[0].handle_connection_up(now, nm(1), addr(1));
+        let mut kinds = Vec::new();
+        while let Some(t) = net.cores[0].poll_transmit() {
+            assert_eq!(t.to, nm(1));
+            let body = Body::decode(&t.bytes).unwrap();
+            if let Body::Update(u) = &body {
+                assert!(u.recs.iter().any(|r| r.base == 0 && r.nickname.is_some()));
+            }
+            kinds.push(body.kind_index());
+        }
+        let kind = |name: &str| wire::KIND_NAMES.iter().position(|k| *k == name);
+        for name in ["hello", "pull", "channel"] {
+            assert!(kinds.contains(&kind(name).unwrap()), "no {name}: {kinds:?}");
+        }
+        assert_eq!(net.cores[0].peers()[0].version, version);
+    }
+
+    #[test]
     fn joiner_gets_full_state_and_relays() {
         // A line 0-1-2-3, then 4 joins via 3 and learns everyone.
         let mut net = Net::new(5);
