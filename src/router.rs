@@ -369,6 +369,8 @@ impl Router {
         if reached {
             self.told_ipam();
         }
+        // Also for a connection that replaced a duplicate: the core then
+        // resends what the old one carried (it may have been dropped).
         self.gossip
             .handle_connection_up(Instant::now(), e.peer, e.udp);
         self.candidates_dirty = true;

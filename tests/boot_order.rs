@@ -63,10 +63,16 @@ fn seed_up_late_never_duplicates() {
         let (h1, h2) = (w.add_host(), w.add_host());
         let (c1, c2) = (w.add_container("c1"), w.add_container("c2"));
         w.launch(&h2, &["--ipalloc-range", RANGE, "198.18.0.1"]);
+        let started = std::time::Instant::now();
         let early = attach_later(&h2, &c2);
         w.launch(&h1, &["--ipalloc-range", RANGE]);
         let a1 = joined(&h1, attach_later(&h1, &c1));
         let a2 = joined(&h2, early);
+        // A figure for the record, not an assertion.
+        eprintln!(
+            "round {round}: the attach on h2 waited {:?} for its seed",
+            started.elapsed()
+        );
         assert_distinct(&[a1.clone(), a2.clone()]);
         // One mesh: the containers reach each other.
         let (c1n, c2n) = (c1.clone(), c2.clone());
@@ -223,11 +229,16 @@ fn rings_that_meet_are_reported_and_an_empty_side_adopts() {
     );
     // Free h2's only address: h2 now holds nothing and adopts h1's ring.
     h2.mesh_ok(&["detach", "b"]);
+    let freed = std::time::Instant::now();
     wait_until(Duration::from_secs(120), "h2 adopts h1's ring", || {
         std::fs::read_to_string(h2.run_dir.join("mesh.log"))
             .unwrap_or_default()
             .contains("adopted the address ring")
     });
+    eprintln!(
+        "h2 adopted h1's ring {:?} after its last address was freed",
+        freed.elapsed()
+    );
     let addr_b2 = joined(&h2, attach_later(&h2, &b2));
     assert_ne!(addr_a, addr_b2);
     wait_until(DEADLINE, "b2 pings a", || ping(&b2.ns, &addr_a));

@@ -28,10 +28,16 @@
 //!   neighbours a few versions behind still get deltas from it, not the
 //!   whole entry again.
 //! - **New connections.** Both sides send a [`wire::Hello`] (peer count and
-//!   a hash of all they know). When the neighbour was not reachable before
-//!   (a joining peer, a healed partition), the two run a digest sync, which
-//!   for a peer that knows nothing amounts to the full state; when it was
-//!   reachable, deltas are already flowing and nothing more is sent.
+//!   a hash of all they know), then at once, not at the next flush, the
+//!   change of their own entry that adds the connection (for the receiver
+//!   only: the flush spreads it), then every channel's state: each end
+//!   holds both halves of the connection, and the other's nickname, one
+//!   exchange after it comes up (a neighbour that lacked the delta's base
+//!   asks for the whole entry: one round trip more). When the neighbour
+//!   was not reachable before (a joining peer, a healed partition), the
+//!   two also run a digest sync, which for a peer that knows nothing
+//!   amounts to the full state; when it was reachable, deltas are already
+//!   flowing and nothing more is sent.
 //! - **Anti-entropy.** Every [`Config::gossip_interval`] a peer sends one
 //!   random neighbour a [`wire::Summary`] (a 64-bit hash of its state, ~15
 //!   bytes). Only if the hashes differ do they exchange bucket hashes, then
@@ -49,9 +55,14 @@
 //! repairs at far greater cost (bucket hashes, versions, often whole
 //! entries) in the seconds after convergence; with 3 it misses ~5%, and
 //! 350 ms batches keep the extra pushes in check. Simulated at 1,000
-//! peers (seeds 1 and 2): converged in 4.2-4.5 s, 150-164 kB/s per peer
-//! while converging, 1.5-1.7 kB/s per peer at rest, of which ~1 kB/s is the
-//! daemon's heartbeats (100 connections × 20 bytes every 2 s).
+//! peers (seeds 1 and 2): converged in 4.5-4.7 s, 174-182 kB/s per peer
+//! while converging, 1.4-1.6 kB/s per peer at rest, of which ~1 kB/s is the
+//! daemon's heartbeats (100 connections × 20 bytes every 2 s). Sending our
+//! own entry when a connection comes up (rather than only at the flush)
+//! costs about 15% more while converging (it was 4.2-4.5 s, 150-164 kB/s):
+//! the receivers that lack its base ask for the whole entry, and the
+//! flush still sends the batch to the connection's other end when the
+//! entry changed again since.
 //!
 //! Steady state, per peer: heartbeats (the daemon's) plus one summary per
 //! interval (~15 bytes/s). Routes are recomputed at most once per [`Config::route_delay`]
@@ -210,7 +221,8 @@ pub struct PeerSummary {
     pub addrs: Vec<SocketAddr>,
     /// Its connections.
     pub connections: Vec<ConnectionSummary>,
-    /// We have a route to it (always true for ourselves).
+    /// We have a route to it (always true for ourselves and for direct
+    /// neighbours).
     pub reachable: bool,
     /// The next hop towards it (None for ourselves or when unreachable).
     pub next_hop: Option<PeerName>,
@@ -227,6 +239,10 @@ struct Neighbour {
     addr: SocketAddr,
     /// We sent a hello asking for a sync (it was unreachable before).
     want_sync: bool,
+    /// The version of our own entry it was sent when the connection came
+    /// up (0: none yet): the flush sends our own changes to the
+    /// neighbours they are about only when there is something newer.
+    own_sent: u32,
 }
 
 /// Leave room for the enum tags around records in one message.
@@ -346,6 +362,14 @@ impl Gossip {
 
     /// A direct connection to `peer` is established; `addr` is where `peer`
     /// can be dialed (its IP as we see it and its listen port).
+    ///
+    /// Our own entry lists the connection at once, and the first messages
+    /// on it carry everything the other end needs to show it: a hello, our
+    /// entry's change (so both halves of the connection meet in one
+    /// exchange), and every channel's state. Called again for a peer that
+    /// is already a neighbour, it means the daemon replaced the connection
+    /// (a duplicate resolved): what was sent on the old one may be lost,
+    /// so it is sent again.
     pub fn handle_connection_up(&mut self, now: Instant, peer: PeerName, addr: SocketAddr) {
         self.start(now);
         if peer == self.me {
@@ -356,33 +380,42 @@ impl Gossip {
             });
             return;
         }
-        if self.neighbours.contains_key(&peer) {
-            return;
-        }
-        // A digest sync is wanted when the neighbour is not in our part of
-        // the mesh: unknown, or known and unreachable as of the last route
-        // computation (entries learned since are from this part, their
-        // routes merely not computed yet).
         let idx = self.topo.intern(peer);
-        let known = self.topo.get(idx).is_some();
-        let reachable_before = known && !self.routes.known_unreachable(idx);
-        self.neighbours.insert(
-            peer,
-            Neighbour {
-                addr,
-                want_sync: !reachable_before,
-            },
-        );
-        self.change_own(now, |t| {
-            t.set_own_conn(idx, true);
-        });
+        let replaced = self.neighbours.contains_key(&peer);
+        let want_sync = match self.neighbours.get_mut(&peer) {
+            Some(n) => {
+                n.addr = addr;
+                n.want_sync
+            }
+            None => {
+                // A digest sync is wanted when the neighbour is not in our
+                // part of the mesh: unknown, or known and unreachable as of
+                // the last route computation (entries learned since are
+                // from this part, their routes merely not computed yet).
+                let known = self.topo.get(idx).is_some();
+                let want_sync = !known || self.routes.known_unreachable(idx);
+                self.neighbours.insert(
+                    peer,
+                    Neighbour {
+                        addr,
+                        want_sync,
+                        own_sent: 0,
+                    },
+                );
+                self.change_own(now, |t| {
+                    t.set_own_conn(idx, true);
+                });
+                want_sync
+            }
+        };
         let hello = Body::Hello(Hello {
             count: self.topo.count() as u32,
             root: self.topo.digest().root(),
-            want_sync: !reachable_before,
+            want_sync,
             your_addr: Some(addr),
         });
         self.send(peer, &hello);
+        self.send_own_entry(peer, replaced);
         let states: Vec<(String, Vec<u8>)> = self
             .channels
             .iter()
@@ -390,6 +423,33 @@ impl Gossip {
             .collect();
         for (name, state) in states {
             self.send_channel(peer, &name, state);
+        }
+    }
+
+    /// Send our own entry to a new neighbour now rather than at the next
+    /// flush: the changes since the version the mesh last heard (the base
+    /// of the batch not yet flushed), or the whole entry for a replaced
+    /// connection. A neighbour that lacks the base asks for the rest
+    /// ([`Applied::Want`]); either way it holds our side of the connection
+    /// within a round trip, and the flush does not send it the same change
+    /// again.
+    fn send_own_entry(&mut self, to: PeerName, whole: bool) {
+        let (inc, ver) = match self.pending.get(&0) {
+            Some(p) if !whole => (p.incarnation, p.version),
+            _ => (0, 0),
+        };
+        let Some(r) = self.topo.record_for(0, inc, ver) else {
+            return;
+        };
+        let version = r.version;
+        // Not pushed: the receiver does not relay it. Spreading our new
+        // version is the flush's job, once per batch of changes: a push per
+        // connection would start an epidemic per connection.
+        for m in self.encode_records(std::slice::from_ref(&r), false) {
+            self.send(to, &m);
+        }
+        if let Some(n) = self.neighbours.get_mut(&to) {
+            n.own_sent = version;
         }
     }
 
@@ -576,7 +636,11 @@ impl Gossip {
                     version: e.version,
                     addrs: e.card.addrs(),
                     connections,
-                    reachable: i == 0 || self.routes.hop(i).is_some(),
+                    // A neighbour is reachable from the moment it is
+                    // one, not from the next route computation.
+                    reachable: i == 0
+                        || self.routes.hop(i).is_some()
+                        || self.neighbours.contains_key(&name),
                     next_hop: if i == 0 { None } else { self.next_hop(name) },
                 })
             })
@@ -846,11 +910,17 @@ impl Gossip {
             }
         }
         if let Some(r) = own {
+            // (Unless it had this version when the connection came up.)
             let subjects: Vec<PeerName> = r
                 .add
                 .iter()
                 .map(|&i| self.topo.name(i))
-                .filter(|n| self.neighbours.contains_key(n) && !sent_own.contains(n))
+                .filter(|n| {
+                    self.neighbours
+                        .get(n)
+                        .is_some_and(|nb| nb.own_sent < r.version)
+                        && !sent_own.contains(n)
+                })
                 .collect();
             if !subjects.is_empty() {
                 let msgs = self.encode_records(std::slice::from_ref(&r), true);
@@ -1380,6 +1450,86 @@ mod tests {
         let p = net.cores[1].peers();
         let zero = p.iter().find(|s| s.name == nm(0)).unwrap();
         assert_eq!(zero.addrs, vec![addr(0)]);
+    }
+
+    /// What `a` shows of its direct neighbour `b`: listed with its
+    /// nickname, reachable directly, and the connection established in
+    /// both entries.
+    #[track_caller]
+    fn shows_neighbour(net: &Net, a: usize, b: usize) {
+        let (na, nb) = (nm(a as u8), nm(b as u8));
+        let peers = net.cores[a].peers();
+        let entry = |n: PeerName| peers.iter().find(|p| p.name == n);
+        let other = entry(nb).unwrap_or_else(|| panic!("{a} does not list {b}: {peers:?}"));
+        assert_eq!(other.nickname, format!("h{b}"));
+        assert!(other.reachable, "{a} shows {b} unreachable");
+        assert_eq!(other.next_hop, Some(nb));
+        for (from, to) in [(na, nb), (nb, na)] {
+            let e = entry(from).expect("listed");
+            assert!(
+                e.connections.iter().any(|c| c.peer == to && c.established),
+                "{a} shows {from}'s connection to {to} pending or missing: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_connection_shows_on_both_ends_after_one_exchange() {
+        // 0-1 settled; 2 joins through 0 knowing nothing (a digest sync),
+        // then 1 and 2, which know each other through 0, connect directly
+        // (no sync). Each time, what the connection itself sends (no timer
+        // fires) is enough for both ends to agree about it.
+        let mut net = Net::new(3);
+        net.connect(0, 1);
+        net.advance(Duration::from_secs(2));
+        net.connect(2, 0);
+        net.drain();
+        shows_neighbour(&net, 0, 2);
+        shows_neighbour(&net, 2, 0);
+        net.advance(Duration::from_secs(2));
+        assert!(net.cores[1].peers().iter().any(|p| p.name == nm(2)));
+        net.connect(1, 2);
+        net.drain();
+        shows_neighbour(&net, 1, 2);
+        shows_neighbour(&net, 2, 1);
+        // And the views converge as before.
+        net.advance(Duration::from_secs(2));
+        for c in &net.cores {
+            assert_eq!(c.known_count(), 3);
+            assert_eq!(c.state_hash(), net.cores[0].state_hash());
+        }
+    }
+
+    #[test]
+    fn a_replaced_connection_resends_what_the_old_one_carried() {
+        // The daemon replaced the connection 0-1 (a duplicate resolved):
+        // what 0 sent on the old one may be lost, so 0 sends its hello, its
+        // whole entry and its channels' states again; its entry is
+        // unchanged (the neighbour never went away).
+        use channel::tests::GSet;
+        let mut net = Net::new(2);
+        for c in &mut net.cores {
+            c.add_channel("test", Box::new(GSet::default()));
+        }
+        net.connect(0, 1);
+        net.advance(Duration::from_secs(1));
+        let version = net.cores[0].peers()[0].version;
+        let now = net.now;
+        net.cores[0].handle_connection_up(now, nm(1), addr(1));
+        let mut kinds = Vec::new();
+        while let Some(t) = net.cores[0].poll_transmit() {
+            assert_eq!(t.to, nm(1));
+            let body = Body::decode(&t.bytes).unwrap();
+            if let Body::Update(u) = &body {
+                assert!(u.recs.iter().any(|r| r.base == 0 && r.nickname.is_some()));
+            }
+            kinds.push(body.kind_index());
+        }
+        let kind = |name: &str| wire::KIND_NAMES.iter().position(|k| *k == name);
+        for name in ["hello", "pull", "channel"] {
+            assert!(kinds.contains(&kind(name).unwrap()), "no {name}: {kinds:?}");
+        }
+        assert_eq!(net.cores[0].peers()[0].version, version);
     }
 
     #[test]
