@@ -825,7 +825,10 @@ pub fn format_status(s: &api::Status) -> String {
                 .unwrap_or_default()
         );
     }
-    for p in &s.problems {
+    // The allocator's problems too (another ring met, a claim in space we
+    // lost): they are what a user must act on.
+    let ipam_problems = s.ipam.iter().flat_map(|i| &i.problems);
+    for p in s.problems.iter().chain(ipam_problems) {
         let _ = writeln!(o, "        Problem: {p}");
     }
     if !s.connections.is_empty() {

@@ -215,6 +215,12 @@ fn rings_that_meet_are_reported_and_an_empty_side_adopts() {
                     && ipam.contains("free every address on one side")
             },
         );
+        let status = h.status();
+        assert!(
+            status.contains("Problem: another address ring"),
+            "mesh status on {} shows the meeting: {status}",
+            h.name
+        );
     }
     // Said once in the log, however often the connection is retried.
     wait_until(DEADLINE, "h2 retries the connection", || {

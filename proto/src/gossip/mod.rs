@@ -1123,16 +1123,6 @@ impl Gossip {
                 add,
                 del,
             });
-            {
-                use std::sync::atomic::Ordering::Relaxed;
-                let k = match applied {
-                    Applied::Stale => 0,
-                    Applied::Changed { .. } => 1,
-                    Applied::Want { .. } => 2,
-                } + if r.base == 0 { 0 } else { 3 };
-                TMP_COUNTS[k].fetch_add(1, Relaxed);
-                TMP_COUNTS[6 + k].fetch_add((r.add.len() + r.del.len()) as u64, Relaxed);
-            }
             match applied {
                 Applied::Stale => {}
                 Applied::Changed { prev, new_peer } => {
@@ -1326,10 +1316,6 @@ impl Gossip {
         }
     }
 }
-
-/// TEMP
-pub static TMP_COUNTS: [std::sync::atomic::AtomicU64; 12] =
-    [const { std::sync::atomic::AtomicU64::new(0) }; 12];
 
 /// Relayed records with more connection changes than this are announced
 /// ([`wire::Body::Have`]) rather than pushed: most receivers already have
