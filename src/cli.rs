@@ -349,43 +349,11 @@ fn parse_range(s: &str) -> Result<ipnet::Ipv4Net, String> {
     Ok(n)
 }
 
-/// `--ipalloc-init`, checked; the daemon parses it again with
-/// [`ipalloc_init`].
+/// `--ipalloc-init`, checked; the daemon parses it again into an
+/// [`mesh_proto::ipam::InitMode`].
 fn parse_init(s: &str) -> Result<String, String> {
-    ipalloc_init(s).map(|_| s.to_string())
-}
-
-/// Parse `consensus[=N]`, `seed=NAME,...` or `observer`.
-pub fn ipalloc_init(s: &str) -> Result<mesh_proto::ipam::InitMode, String> {
-    use mesh_proto::ipam::InitMode;
-    if s == "consensus" {
-        return Ok(InitMode::Consensus(None));
-    }
-    if s == "observer" {
-        return Ok(InitMode::Observer);
-    }
-    if let Some(n) = s.strip_prefix("consensus=") {
-        return match n.parse::<usize>() {
-            Ok(n) if n >= 1 => Ok(InitMode::Consensus(Some(n))),
-            _ => Err(format!(
-                "{s:?}: consensus=N needs a number of peers, 1 or more"
-            )),
-        };
-    }
-    if let Some(list) = s.strip_prefix("seed=") {
-        let names = list
-            .split(',')
-            .map(|n| {
-                n.trim().parse::<mesh_proto::name::PeerName>().map_err(|_| {
-                    format!("{s:?}: {n:?} is not a peer name (aa:bb:cc:dd:ee:ff, as `mesh launch` prints)")
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        return Ok(InitMode::Seed(names));
-    }
-    Err(format!(
-        "{s:?}: expected consensus, consensus=N, seed=NAME,NAME... or observer"
-    ))
+    s.parse::<mesh_proto::ipam::InitMode>()
+        .map(|_| s.to_string())
 }
 
 /// A duration: `90`, `90s`, `5m`, `1h`, `500ms`.
@@ -726,17 +694,19 @@ fn attach(name: Option<String>, args: Vec<String>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn launch(mut args: LaunchArgs) -> anyhow::Result<ExitCode> {
+fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     need_root("launch")?;
-    if args.password.is_none() {
-        args.password = ["MESH_PASSWORD", "WEAVE_PASSWORD"]
-            .iter()
-            .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
+    let foreground = args.foreground;
+    // A background launch hands its whole configuration down (see
+    // `daemon::spawn_background`); otherwise it comes from the flags.
+    let config = match daemon::Config::inherited()? {
+        Some(c) if foreground => c,
+        _ => args.into_config(),
+    };
+    for p in &config.peers {
+        daemon::parse_peer(p, config.port).map_err(anyhow::Error::msg)?;
     }
-    for p in &args.peers {
-        daemon::parse_peer(p, args.port).map_err(anyhow::Error::msg)?;
-    }
-    daemon::ipam_config(&args)?;
+    daemon::ipam_config(&config)?;
     if let Ok(Response::Status(s)) =
         api::call(&paths::socket(), &Request::Status, Duration::from_secs(5))
     {
@@ -745,13 +715,47 @@ fn launch(mut args: LaunchArgs) -> anyhow::Result<ExitCode> {
             s.name
         );
     }
-    if args.foreground {
-        daemon::run_foreground(args)?;
+    if foreground {
+        daemon::run_foreground(config)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let name = daemon::spawn_background(&args)?;
+    let name = daemon::spawn_background(&config)?;
     println!("{name}");
     Ok(ExitCode::SUCCESS)
+}
+
+impl LaunchArgs {
+    /// The daemon's configuration from these flags (and the password from
+    /// `MESH_PASSWORD` / `WEAVE_PASSWORD` when not given).
+    pub fn into_config(self) -> daemon::Config {
+        let password = self.password.or_else(|| {
+            ["MESH_PASSWORD", "WEAVE_PASSWORD"]
+                .iter()
+                .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        });
+        daemon::Config {
+            peers: self.peers,
+            password,
+            nickname: self.nickname,
+            port: self.port,
+            mtu: self.mtu,
+            conn_limit: self.conn_limit,
+            log_level: self.log_level,
+            ipalloc_range: self.ipalloc_range,
+            ipalloc_default_subnet: self.ipalloc_default_subnet,
+            ipalloc_init: self.ipalloc_init,
+            ipalloc_reclaim_after: self.ipalloc_reclaim_after,
+            ipalloc_timeout: self.ipalloc_timeout,
+            no_fastdp: self.no_fastdp,
+            trusted_subnets: self.trusted_subnets,
+            no_dns: self.no_dns,
+            dns_domain: self.dns_domain,
+            dns_ttl: self.dns_ttl,
+            dns_listen_address: self.dns_listen_address,
+            resolv_conf: self.resolv_conf,
+            docker_host: self.docker_host,
+        }
+    }
 }
 
 /// The human form of `mesh status`.
@@ -987,6 +991,77 @@ mod tests {
     use super::*;
 
     const PROXY: &str = "unix:///run/mesh/docker.sock";
+
+    fn launch_config(args: &[&str]) -> daemon::Config {
+        let mut all = vec!["mesh", "launch"];
+        all.extend_from_slice(args);
+        match Cli::try_parse_from(all).map(|c| c.cmd) {
+            Ok(Cmd::Launch(l)) => l.into_config(),
+            Ok(_) => panic!("not a launch"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Every flag of `launch` reaches the background daemon as given: the
+    /// configuration travels whole, and this list sets every field of it
+    /// (a field added without a flag here fails the second check).
+    #[test]
+    fn launch_flags_round_trip_through_the_background_launch() {
+        let given = launch_config(&[
+            "--password",
+            "s3cret",
+            "--nickname",
+            "nick",
+            "--port",
+            "7000",
+            "--mtu",
+            "1300",
+            "--conn-limit",
+            "7",
+            "--log-level",
+            "debug",
+            "--ipalloc-range",
+            "198.19.0.0/16",
+            "--ipalloc-default-subnet",
+            "198.19.1.0/24",
+            "--ipalloc-init",
+            "consensus=3",
+            "--ipalloc-reclaim-after",
+            "90s",
+            "--ipalloc-timeout",
+            "5s",
+            "--no-fastdp",
+            "--trusted-subnets",
+            "198.18.0.0/24,198.18.1.0/24",
+            "--no-dns",
+            "--dns-domain",
+            "example.test.",
+            "--dns-ttl",
+            "9",
+            "--dns-listen-address",
+            "127.0.0.1:5353",
+            "--resolv-conf",
+            "/tmp/resolv.conf",
+            "--docker-host",
+            "unix:///tmp/docker.sock",
+            "198.18.0.1",
+            "198.18.0.2:7000",
+        ]);
+        let passed = given.to_env_value().unwrap();
+        assert_eq!(daemon::Config::from_env_value(&passed).unwrap(), given);
+        let defaults = serde_json::to_value(launch_config(&[])).unwrap();
+        let set = serde_json::to_value(&given).unwrap();
+        let (Some(defaults), Some(set)) = (defaults.as_object(), set.as_object()) else {
+            panic!("a Config is a JSON object");
+        };
+        for (field, value) in set {
+            assert_ne!(
+                defaults.get(field),
+                Some(value),
+                "the flag list above leaves {field} at its default"
+            );
+        }
+    }
 
     #[test]
     fn env_saves_and_restores_docker_host() {

@@ -10,7 +10,6 @@
 //! SIGINT, leaving the bridge and attached containers in place.
 
 use crate::api::{self, Request, Response};
-use crate::cli::LaunchArgs;
 use crate::{
     attach, connmaker, control, fastdp, host, identity, ipam, paths, proxy, router, sleeve,
 };
@@ -54,8 +53,79 @@ pub fn parse_peer(s: &str, default_port: u16) -> Result<SocketAddr, String> {
         })
 }
 
+/// What the daemon runs with: built by the CLI from `launch`'s flags (the
+/// daemon knows no CLI type), and handed whole to the background process.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Config {
+    /// Targets, `HOST` or `HOST:PORT`.
+    pub peers: Vec<String>,
+    /// The mesh's password, if any.
+    pub password: Option<String>,
+    /// This peer's nickname (default: the host name).
+    pub nickname: Option<String>,
+    /// TCP and UDP port.
+    pub port: u16,
+    /// Overlay MTU (default: from the underlay).
+    pub mtu: Option<u32>,
+    /// The most direct connections.
+    pub conn_limit: usize,
+    /// The tracing filter.
+    pub log_level: String,
+    /// The allocator's range.
+    pub ipalloc_range: ipnet::Ipv4Net,
+    /// `net:default` (default: the range).
+    pub ipalloc_default_subnet: Option<ipnet::Ipv4Net>,
+    /// How the ring is created, as given (`consensus[=N]`, `seed=…`, `observer`).
+    pub ipalloc_init: String,
+    /// Reclaim the space of a peer unreachable this long.
+    pub ipalloc_reclaim_after: Duration,
+    /// How long an allocation may wait.
+    pub ipalloc_timeout: Duration,
+    /// Every connection on the sleeve.
+    pub no_fastdp: bool,
+    /// With a password, the fast path still with peers in these.
+    pub trusted_subnets: Vec<ipnet::Ipv4Net>,
+    /// Serve no DNS.
+    pub no_dns: bool,
+    /// The containers' domain.
+    pub dns_domain: String,
+    /// The answers' TTL.
+    pub dns_ttl: u32,
+    /// Also serve DNS on the host here.
+    pub dns_listen_address: Option<SocketAddr>,
+    /// Where the upstream servers are listed.
+    pub resolv_conf: std::path::PathBuf,
+    /// The Docker daemon's API behind the proxy.
+    pub docker_host: String,
+}
+
+/// The environment variable that carries the [`Config`] to the background
+/// daemon (JSON; not the command line, where the password would show).
+const CONFIG_ENV: &str = "MESH_LAUNCH_CONFIG";
+
+impl Config {
+    /// The form [`Config::from_env_value`] reads back.
+    pub fn to_env_value(&self) -> anyhow::Result<String> {
+        Ok(serde_json::to_string(self)?)
+    }
+
+    /// Parse what [`Config::to_env_value`] wrote.
+    pub fn from_env_value(s: &str) -> anyhow::Result<Config> {
+        serde_json::from_str(s).with_context(|| format!("malformed {CONFIG_ENV}"))
+    }
+
+    /// The configuration handed down by a background launch, if this
+    /// process is one.
+    pub fn inherited() -> anyhow::Result<Option<Config>> {
+        match std::env::var(CONFIG_ENV) {
+            Ok(s) => Config::from_env_value(&s).map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+}
+
 /// Start the daemon in the background and return its peer name.
-pub fn spawn_background(args: &LaunchArgs) -> anyhow::Result<String> {
+pub fn spawn_background(config: &Config) -> anyhow::Result<String> {
     let run_dir = paths::run_dir();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("creating run directory {}", run_dir.display()))?;
@@ -67,48 +137,11 @@ pub fn spawn_background(args: &LaunchArgs) -> anyhow::Result<String> {
         .with_context(|| format!("opening log {}", log_path.display()))?;
     let exe = std::env::current_exe().context("finding the mesh binary")?;
     let mut cmd = std::process::Command::new(exe);
+    // The whole configuration travels in one variable: no flag list to
+    // keep in step with the CLI's.
     cmd.arg("launch").arg("--foreground");
-    cmd.arg("--port").arg(args.port.to_string());
-    cmd.arg("--log-level").arg(&args.log_level);
-    cmd.arg("--conn-limit").arg(args.conn_limit.to_string());
-    if let Some(n) = &args.nickname {
-        cmd.arg("--nickname").arg(n);
-    }
-    if let Some(m) = args.mtu {
-        cmd.arg("--mtu").arg(m.to_string());
-    }
-    cmd.arg("--ipalloc-range")
-        .arg(args.ipalloc_range.to_string());
-    if let Some(d) = args.ipalloc_default_subnet {
-        cmd.arg("--ipalloc-default-subnet").arg(d.to_string());
-    }
-    cmd.arg("--ipalloc-init").arg(&args.ipalloc_init);
-    cmd.arg("--ipalloc-reclaim-after")
-        .arg(format!("{}ms", args.ipalloc_reclaim_after.as_millis()));
-    cmd.arg("--ipalloc-timeout")
-        .arg(format!("{}ms", args.ipalloc_timeout.as_millis()));
-    if args.no_fastdp {
-        cmd.arg("--no-fastdp");
-    }
-    if !args.trusted_subnets.is_empty() {
-        let nets: Vec<String> = args.trusted_subnets.iter().map(|n| n.to_string()).collect();
-        cmd.arg("--trusted-subnets").arg(nets.join(","));
-    }
-    if args.no_dns {
-        cmd.arg("--no-dns");
-    }
-    cmd.arg("--dns-domain").arg(&args.dns_domain);
-    cmd.arg("--dns-ttl").arg(args.dns_ttl.to_string());
-    if let Some(a) = args.dns_listen_address {
-        cmd.arg("--dns-listen-address").arg(a.to_string());
-    }
-    cmd.arg("--resolv-conf").arg(&args.resolv_conf);
-    cmd.arg("--docker-host").arg(&args.docker_host);
     cmd.env_remove("MESH_PASSWORD").env_remove("WEAVE_PASSWORD");
-    if let Some(p) = &args.password {
-        cmd.env("MESH_PASSWORD", p);
-    }
-    cmd.args(&args.peers);
+    cmd.env(CONFIG_ENV, config.to_env_value()?);
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -149,7 +182,7 @@ pub fn spawn_background(args: &LaunchArgs) -> anyhow::Result<String> {
 }
 
 /// Run the daemon in this process until stopped.
-pub fn run_foreground(args: LaunchArgs) -> anyhow::Result<()> {
+pub fn run_foreground(args: Config) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;
     tracing_subscriber::fmt()
@@ -191,7 +224,7 @@ pub struct Me {
     pub trusted: Vec<ipnet::Ipv4Net>,
 }
 
-async fn run(args: LaunchArgs) -> anyhow::Result<()> {
+async fn run(args: Config) -> anyhow::Result<()> {
     let run_dir = paths::run_dir();
     let data_dir = paths::data_dir();
     for d in [&run_dir, &data_dir] {
@@ -208,7 +241,7 @@ async fn run(args: LaunchArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
+async fn serve(args: Config) -> anyhow::Result<()> {
     let key = identity::load_or_create(&paths::data_dir())?;
     let name = key.name();
     let psk = match args.password.clone() {
@@ -444,7 +477,7 @@ async fn serve(args: LaunchArgs) -> anyhow::Result<()> {
 }
 
 /// The allocator's configuration from `launch` options.
-pub fn ipam_config(args: &LaunchArgs) -> anyhow::Result<mesh_proto::ipam::Config> {
+pub fn ipam_config(args: &Config) -> anyhow::Result<mesh_proto::ipam::Config> {
     let range = args.ipalloc_range;
     let default_subnet = args.ipalloc_default_subnet.unwrap_or(range);
     if !range.contains(&default_subnet) {
@@ -453,7 +486,10 @@ pub fn ipam_config(args: &LaunchArgs) -> anyhow::Result<mesh_proto::ipam::Config
     Ok(mesh_proto::ipam::Config {
         range,
         default_subnet,
-        init: crate::cli::ipalloc_init(&args.ipalloc_init).map_err(anyhow::Error::msg)?,
+        init: args
+            .ipalloc_init
+            .parse::<mesh_proto::ipam::InitMode>()
+            .map_err(anyhow::Error::msg)?,
         reclaim_after: args.ipalloc_reclaim_after,
     })
 }

@@ -172,6 +172,43 @@ pub enum InitMode {
     Observer,
 }
 
+impl std::str::FromStr for InitMode {
+    type Err = String;
+
+    /// `consensus[=N]`, `seed=NAME,...` or `observer`, as `--ipalloc-init`
+    /// takes them.
+    fn from_str(s: &str) -> Result<InitMode, String> {
+        if s == "consensus" {
+            return Ok(InitMode::Consensus(None));
+        }
+        if s == "observer" {
+            return Ok(InitMode::Observer);
+        }
+        if let Some(n) = s.strip_prefix("consensus=") {
+            return match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(InitMode::Consensus(Some(n))),
+                _ => Err(format!(
+                    "{s:?}: consensus=N needs a number of peers, 1 or more"
+                )),
+            };
+        }
+        if let Some(list) = s.strip_prefix("seed=") {
+            let names = list
+                .split(',')
+                .map(|n| {
+                    n.trim().parse::<PeerName>().map_err(|_| {
+                        format!("{s:?}: {n:?} is not a peer name (aa:bb:cc:dd:ee:ff, as `mesh launch` prints)")
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(InitMode::Seed(names));
+        }
+        Err(format!(
+            "{s:?}: expected consensus, consensus=N, seed=NAME,NAME... or observer"
+        ))
+    }
+}
+
 /// Why an allocation or claim did not succeed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AllocError {
