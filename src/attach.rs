@@ -143,6 +143,34 @@ fn v4_nets<'a>(cidrs: impl IntoIterator<Item = &'a IpNet>) -> Vec<Ipv4Net> {
         .collect()
 }
 
+/// What an attach works out before it touches the kernel.
+struct Plan {
+    /// The addresses asked for.
+    parsed: Vec<Addr>,
+    /// The container's network namespace.
+    ns: std::fs::File,
+    netns: NetnsId,
+    /// Its index in the list when it is attached already.
+    existing: Option<usize>,
+    /// The addresses it holds already.
+    held: Vec<IpNet>,
+    /// Its id: `--name`, else derived from the namespace.
+    cid: String,
+    name: Option<String>,
+    target: String,
+    host_ifname: String,
+    ifname: String,
+}
+
+/// Add the addresses an attachment does not have yet.
+fn add_cidrs(a: &mut Attachment, wanted: &[IpNet]) {
+    for w in wanted {
+        if !a.cidrs.contains(w) {
+            a.cidrs.push(*w);
+        }
+    }
+}
+
 fn alloc_id(netns: NetnsId) -> String {
     format!("{:012x}", fnv(netns) & 0xffff_ffff_ffff)
 }
@@ -759,14 +787,22 @@ impl Manager {
             }
         }
         if let Err(e) = result {
-            for n in &taken {
-                self.release(id, Some(n.addr())).await;
-            }
+            self.release_taken(id, &taken).await;
             return Err(e);
         }
         out.dedup();
         Ok((out, taken))
     }
+    /// Give back addresses the allocator handed out for an attach that
+    /// failed.
+    async fn release_taken(&self, aid: &str, taken: &[Ipv4Net]) {
+        for n in taken {
+            self.release(aid, Some(n.addr())).await;
+        }
+    }
+
+    /// Attach `target` with `addrs`: work out the plan, get the addresses,
+    /// make the port, record it, then the extras (name, DNS, route).
     async fn attach(
         &mut self,
         addrs: &[String],
@@ -774,6 +810,30 @@ impl Manager {
         target: &str,
         ifname: Option<String>,
     ) -> Result<Vec<String>, String> {
+        let Some(plan) = self.plan(addrs, name, target, ifname)? else {
+            return Ok(Vec::new());
+        };
+        let aid = alloc_id(plan.netns);
+        let (wanted, taken) = self.resolve(&plan.parsed, &aid, &plan.held).await?;
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mac = self.make_port(&plan, &aid, &wanted, &taken).await?;
+        let a = self.record(&plan, &wanted, mac)?;
+        self.after_attach(&plan, &a).await;
+        info!(container = %plan.cid, addrs = ?wanted, "attached");
+        Ok(wanted.iter().map(|c| c.to_string()).collect())
+    }
+
+    /// Check an attach request against what is attached already; `None`
+    /// when there is nothing to attach.
+    fn plan(
+        &self,
+        addrs: &[String],
+        name: Option<String>,
+        target: &str,
+        ifname: Option<String>,
+    ) -> Result<Option<Plan>, String> {
         if let Some(n) = &ifname {
             host::check_ifname(n).map_err(|e| e.to_string())?;
         }
@@ -782,7 +842,7 @@ impl Manager {
             .map(|a| addr::parse(a))
             .collect::<Result<Vec<Addr>, String>>()?;
         if parsed.iter().all(|a| *a == Addr::None) {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let (ns, id) = host::open_netns(target).map_err(|e| e.to_string())?;
         let existing = self.list.iter().position(|a| a.netns == id);
@@ -824,118 +884,118 @@ impl Manager {
             Some(i) => self.list[i].ifname.clone(),
             None => ifname.unwrap_or_else(default_ifname),
         };
-        let aid = alloc_id(id);
-        let (wanted, taken) = self.resolve(&parsed, &aid, &held).await?;
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
+        Ok(Some(Plan {
+            parsed,
+            ns,
+            netns: id,
+            existing,
+            held,
+            cid,
+            name,
+            target: target.to_string(),
+            host_ifname,
+            ifname,
+        }))
+    }
+
+    /// The filter rules and the veth pair, in the order that never lets a
+    /// container send from an address it was not given; undone on failure
+    /// (addresses released). Returns the container side's MAC.
+    async fn make_port(
+        &mut self,
+        plan: &Plan,
+        aid: &str,
+        wanted: &[IpNet],
+        taken: &[Ipv4Net],
+    ) -> Result<String, String> {
         // Rules first: a new port is quarantined until its MAC is known; a
         // known one is allowed its new addresses before they exist.
-        let mut all_v4 = v4_nets(held.iter().chain(&wanted));
+        let mut all_v4 = v4_nets(plan.held.iter().chain(wanted));
         all_v4.dedup();
-        let prior_mac = existing.map(|i| self.list[i].mac.clone());
+        let prior_mac = plan.existing.map(|i| self.list[i].mac.clone());
         if let Err(e) = self
             .sync_rules(Some(host::nft::Port {
-                ifname: host_ifname.clone(),
+                ifname: plan.host_ifname.clone(),
                 mac: prior_mac,
                 addrs: all_v4.clone(),
             }))
             .await
         {
-            for n in &taken {
-                self.release(&aid, Some(n.addr())).await;
-            }
+            self.release_taken(aid, taken).await;
             return Err(e);
         }
-        if let Some(i) = existing {
+        if let Some(i) = plan.existing {
             // Record the new addresses before the kernel has them: after a
             // crash in between, the allocator keeps them (the list says
             // they are in use) rather than hand out what a container holds.
-            let a = &mut self.list[i];
-            for w in &wanted {
-                if !a.cidrs.contains(w) {
-                    a.cidrs.push(*w);
-                }
-            }
+            add_cidrs(&mut self.list[i], wanted);
             if let Err(e) = self.save() {
                 return Err(format!("{e:#}"));
             }
         }
         let cif = match host::attach_veth(
             &self.nl,
-            &ns,
+            &plan.ns,
             BRIDGE,
-            &host_ifname,
-            &ifname,
-            &wanted,
+            &plan.host_ifname,
+            &plan.ifname,
+            wanted,
             self.mtu,
         )
         .await
         {
             Ok(c) => c,
             Err(e) => {
-                if let Some(i) = existing {
+                if let Some(i) = plan.existing {
                     self.list[i]
                         .cidrs
                         .retain(|c| !matches!(c, IpNet::V4(n) if taken.contains(n)));
                     let _ = self.save();
                 }
-                for n in &taken {
-                    self.release(&aid, Some(n.addr())).await;
-                }
+                self.release_taken(aid, taken).await;
                 let _ = self.sync_rules(None).await;
-                return Err(format!("attaching {target}: {e}"));
+                return Err(format!("attaching {}: {e}", plan.target));
             }
         };
         let mac = mac_string(cif.mac);
         if let Err(e) = self
             .sync_rules(Some(host::nft::Port {
-                ifname: host_ifname.clone(),
+                ifname: plan.host_ifname.clone(),
                 mac: Some(mac.clone()),
                 addrs: all_v4,
             }))
             .await
         {
             // Quarantined and useless: undo the attachment entirely.
-            let _ = self.nl.delete_link(&host_ifname).await;
-            for n in &taken {
-                self.release(&aid, Some(n.addr())).await;
-            }
+            let _ = self.nl.delete_link(&plan.host_ifname).await;
+            self.release_taken(aid, taken).await;
             let _ = self.sync_rules(None).await;
-            return Err(format!("attaching {target}: {e}"));
+            return Err(format!("attaching {}: {e}", plan.target));
         }
-        // Its DNS name: --name, else its own hostname (a PID with a UTS
-        // namespace of its own).
-        let dns_name = name.clone().or_else(|| {
-            target
-                .parse::<u32>()
-                .ok()
-                .and_then(host::hostname_of)
-                .filter(|h| mesh_proto::names::normalize_name(h).is_ok())
-        });
-        match existing {
+        Ok(mac)
+    }
+
+    /// Record the attachment in the list, saved; returns it.
+    fn record(&mut self, plan: &Plan, wanted: &[IpNet], mac: String) -> Result<Attachment, String> {
+        match plan.existing {
             Some(i) => {
                 let a = &mut self.list[i];
-                for w in &wanted {
-                    if !a.cidrs.contains(w) {
-                        a.cidrs.push(*w);
-                    }
-                }
+                add_cidrs(a, wanted);
                 a.mac = mac;
-                if name.is_some() {
-                    a.id = cid.clone();
-                    a.name = name;
+                if plan.name.is_some() {
+                    a.id = plan.cid.clone();
+                    a.name = plan.name.clone();
                 }
             }
             None => self.list.push(Attachment {
-                id: cid.clone(),
-                name,
-                target: target.to_string(),
-                netns: id,
-                host_ifname,
-                ifname,
+                id: plan.cid.clone(),
+                name: plan.name.clone(),
+                target: plan.target.clone(),
+                netns: plan.netns,
+                host_ifname: plan.host_ifname.clone(),
+                ifname: plan.ifname.clone(),
                 mac,
-                cidrs: wanted.clone(),
+                cidrs: wanted.to_vec(),
             }),
         }
         if let Err(e) = self.save() {
@@ -944,7 +1004,21 @@ impl Manager {
             warn!("saving the container list: {e:#}");
             return Err(format!("{e:#}"));
         }
-        let a = self.list[existing.unwrap_or(self.list.len() - 1)].clone();
+        Ok(self.list[plan.existing.unwrap_or(self.list.len() - 1)].clone())
+    }
+
+    /// What an attached container gets besides its interface: its DNS name
+    /// (`--name`, else its own hostname when it has a UTS namespace of its
+    /// own), the DNS server in its namespace, a default route via an
+    /// exposed host.
+    async fn after_attach(&mut self, plan: &Plan, a: &Attachment) {
+        let dns_name = plan.name.clone().or_else(|| {
+            plan.target
+                .parse::<u32>()
+                .ok()
+                .and_then(host::hostname_of)
+                .filter(|h| mesh_proto::names::normalize_name(h).is_ok())
+        });
         if let Some(n) = dns_name {
             self.names(dns::Cmd::Add {
                 container: a.alloc_id(),
@@ -955,10 +1029,10 @@ impl Manager {
             .await;
         }
         if !self.servers.contains_key(&a.host_ifname) {
-            self.start_dns(&a.host_ifname, &ns).await;
+            self.start_dns(&a.host_ifname, &plan.ns).await;
         }
-        if let Some(gw) = self.gateway_for(&a) {
-            match Netlink::in_netns(&ns).await {
+        if let Some(gw) = self.gateway_for(a) {
+            match Netlink::in_netns(&plan.ns).await {
                 Ok(cnl) => {
                     if let Err(e) = host::add_default_route(&cnl, gw).await {
                         warn!(container = %a.id, "default route via {gw}: {e}");
@@ -967,8 +1041,6 @@ impl Manager {
                 Err(e) => warn!(container = %a.id, "default route via {gw}: {e}"),
             }
         }
-        info!(container = %cid, addrs = ?wanted, "attached");
-        Ok(wanted.iter().map(|c| c.to_string()).collect())
     }
 
     async fn detach(&mut self, addrs: &[String], target: &str) -> Result<(), String> {
