@@ -241,7 +241,8 @@ async fn run(args: Config) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(args: Config) -> anyhow::Result<()> {
+/// This peer's identity: key, name, the password's key, the nickname.
+async fn identity(args: &Config) -> anyhow::Result<Me> {
     let key = identity::load_or_create(&paths::data_dir())?;
     let name = key.name();
     let psk = match args.password.clone() {
@@ -260,8 +261,29 @@ async fn serve(args: Config) -> anyhow::Result<()> {
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "mesh".into())
     });
+    Ok(Me {
+        key,
+        name,
+        nickname,
+        psk,
+        port: args.port,
+        mtu: 0,
+        fastdp: None,
+        trusted: args.trusted_subnets.clone(),
+    })
+}
 
-    let nl = host::Netlink::current().await.context("opening netlink")?;
+/// The kernel objects of the data path.
+struct Devices {
+    underlay_mtu: u32,
+    mtu: u32,
+    tap: host::Tap,
+    fastdp: Option<fastdp::Device>,
+}
+
+/// The bridge, the sleeve's TAP and (unless `--no-fastdp` or it fails) the
+/// fast path's VXLAN device.
+async fn devices(nl: &host::Netlink, args: &Config) -> anyhow::Result<Devices> {
     let underlay = nl
         .underlay_mtu()
         .await
@@ -276,16 +298,16 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         .with_context(|| format!("creating bridge {BRIDGE}"))?;
     // One TAP queue (and sleeve sender thread) per core, up to four.
     let queues = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    let tap = host::open_tap(&nl, TAP, BRIDGE, mtu, queues)
+    let tap = host::open_tap(nl, TAP, BRIDGE, mtu, queues)
         .await
         .with_context(|| format!("creating TAP {TAP}"))?;
-    let fastdp_dev = if args.no_fastdp {
+    let fastdp = if args.no_fastdp {
         if let Err(e) = nl.delete_link(fastdp::DEVICE).await {
             warn!("removing {}: {e:#}", fastdp::DEVICE);
         }
         None
     } else {
-        match fastdp::setup(&nl, BRIDGE, TAP, underlay, args.port.wrapping_add(1)).await {
+        match fastdp::setup(nl, BRIDGE, TAP, underlay, args.port.wrapping_add(1)).await {
             Ok(d) => Some(d),
             Err(e) => {
                 warn!("fast path unavailable, using the sleeve only: {e:#}");
@@ -294,15 +316,34 @@ async fn serve(args: Config) -> anyhow::Result<()> {
             }
         }
     };
+    Ok(Devices {
+        underlay_mtu: underlay,
+        mtu,
+        tap,
+        fastdp,
+    })
+}
 
+/// The sockets the daemon serves on.
+struct Listeners {
+    tcp: tokio::net::TcpListener,
+    udp: std::net::UdpSocket,
+    api: tokio::net::UnixListener,
+    /// The Docker API proxy's socket, unless it could not be bound.
+    proxy: Option<tokio::net::UnixListener>,
+    docker_host: std::path::PathBuf,
+}
+
+/// The control port (TCP), the sleeve (UDP), the control socket and the
+/// Docker API proxy's socket.
+async fn listeners(args: &Config) -> anyhow::Result<Listeners> {
     let tcp = tokio::net::TcpListener::bind(("0.0.0.0", args.port))
         .await
         .with_context(|| format!("listening on TCP port {}", args.port))?;
     let udp = bind_udp(args.port).with_context(|| format!("binding UDP port {}", args.port))?;
-
     let sock_path = paths::socket();
     let _ = std::fs::remove_file(&sock_path);
-    let api_listener = tokio::net::UnixListener::bind(&sock_path)
+    let api = tokio::net::UnixListener::bind(&sock_path)
         .with_context(|| format!("binding control socket {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
     let docker_host = proxy::parse_docker_host(&args.docker_host).map_err(anyhow::Error::msg)?;
@@ -311,7 +352,7 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         info!(docker_host = %args.docker_host, "no Docker socket (yet): the Docker API proxy answers 502 until there is one");
     }
     let proxy_path = paths::docker_socket();
-    let proxy_listener = match proxy::bind(&proxy_path) {
+    let proxy = match proxy::bind(&proxy_path) {
         Ok(l) => Some(l),
         Err(e) => {
             warn!(
@@ -321,29 +362,94 @@ async fn serve(args: Config) -> anyhow::Result<()> {
             None
         }
     };
+    Ok(Listeners {
+        tcp,
+        udp,
+        api,
+        proxy,
+        docker_host,
+    })
+}
 
-    let me = Arc::new(Me {
-        key,
-        name,
-        nickname,
-        psk,
-        port: args.port,
-        mtu,
-        fastdp: fastdp_dev.as_ref().map(|d| d.local()),
-        trusted: args.trusted_subnets.clone(),
-    });
-    info!(peer = %name, nickname = %me.nickname, mtu, underlay_mtu = underlay, encryption = psk.is_some(), "mesh started");
+/// The DNS zone (unless `--no-dns`), served on the host too with
+/// `--dns-listen-address`.
+fn dns_zone(args: &Config) -> anyhow::Result<Option<Arc<mesh_dns::Zone>>> {
+    if args.no_dns {
+        return Ok(None);
+    }
+    let zone = Arc::new(
+        mesh_dns::Zone::new(mesh_dns::Config {
+            domain: args.dns_domain.clone(),
+            ttl: args.dns_ttl,
+            resolv_conf: args.resolv_conf.clone(),
+            ..Default::default()
+        })
+        .map_err(|e| anyhow::anyhow!("DNS: {e}"))?,
+    );
+    if let Some(addr) = args.dns_listen_address {
+        let udp =
+            std::net::UdpSocket::bind(addr).with_context(|| format!("DNS on {addr} (UDP)"))?;
+        let tcp =
+            std::net::TcpListener::bind(addr).with_context(|| format!("DNS on {addr} (TCP)"))?;
+        let zone = zone.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mesh_dns::serve(udp, tcp, zone).await {
+                warn!("DNS on {addr}: {e}");
+            }
+        });
+        info!(%addr, "serving DNS on the host");
+    }
+    Ok(Some(zone))
+}
+
+/// Until `mesh stop`/`reset`, SIGTERM or SIGINT; whether it was a reset.
+async fn wait_for_stop(mut stop_rx: mpsc::Receiver<bool>) -> anyhow::Result<bool> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            r = stop_rx.recv() => {
+                let reset = r.unwrap_or(false);
+                info!("stopping: mesh {}", if reset { "reset" } else { "stop" });
+                return Ok(reset);
+            }
+            _ = term.recv() => { info!("stopping: SIGTERM"); return Ok(false); }
+            _ = tokio::signal::ctrl_c() => { info!("stopping: SIGINT"); return Ok(false); }
+            _ = hup.recv() => { info!("SIGHUP ignored"); }
+        }
+    }
+}
+
+/// Set everything up, start the tasks, and serve until stopped. The order
+/// matters: devices and sockets first (a failure there ends the launch with
+/// its reason), then the tasks, each owning its part, wired by channels.
+async fn serve(args: Config) -> anyhow::Result<()> {
+    let mut me = identity(&args).await?;
+    let name = me.name;
+    let nl = host::Netlink::current().await.context("opening netlink")?;
+    let dev = devices(&nl, &args).await?;
+    let l = listeners(&args).await?;
+    me.mtu = dev.mtu;
+    me.fastdp = dev.fastdp.as_ref().map(|d| d.local());
+    let me = Arc::new(me);
+    info!(peer = %name, nickname = %me.nickname, mtu = dev.mtu, underlay_mtu = dev.underlay_mtu, encryption = me.psk.is_some(), "mesh started");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (sleeve_tx, sleeve_rx) = mpsc::channel(256);
     let sleeve_cfg = sleeve::Config {
         me: name,
-        encrypted: psk.is_some(),
-        underlay_mtu: underlay as usize,
+        encrypted: me.psk.is_some(),
+        underlay_mtu: dev.underlay_mtu as usize,
     };
     let (router_tx, router_rx) = mpsc::channel(1024);
     let (sleeve_ev_tx, mut sleeve_ev_rx) = mpsc::channel(64);
-    tokio::spawn(sleeve::run(sleeve_cfg, tap, udp, sleeve_rx, sleeve_ev_tx));
+    tokio::spawn(sleeve::run(
+        sleeve_cfg,
+        dev.tap,
+        l.udp,
+        sleeve_rx,
+        sleeve_ev_tx,
+    ));
     let to_router = router_tx.clone();
     tokio::spawn(async move {
         while let Some(ev) = sleeve_ev_rx.recv().await {
@@ -361,38 +467,14 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         conn_limit: args.conn_limit,
         ..Default::default()
     };
-    let zone = if args.no_dns {
-        None
-    } else {
-        let zone = mesh_dns::Zone::new(mesh_dns::Config {
-            domain: args.dns_domain.clone(),
-            ttl: args.dns_ttl,
-            resolv_conf: args.resolv_conf.clone(),
-            ..Default::default()
-        })
-        .map_err(|e| anyhow::anyhow!("DNS: {e}"))?;
-        Some(Arc::new(zone))
-    };
-    if let (Some(zone), Some(addr)) = (&zone, args.dns_listen_address) {
-        let udp =
-            std::net::UdpSocket::bind(addr).with_context(|| format!("DNS on {addr} (UDP)"))?;
-        let tcp =
-            std::net::TcpListener::bind(addr).with_context(|| format!("DNS on {addr} (TCP)"))?;
-        let zone = zone.clone();
-        tokio::spawn(async move {
-            if let Err(e) = mesh_dns::serve(udp, tcp, zone).await {
-                warn!("DNS on {addr}: {e}");
-            }
-        });
-        info!(%addr, "serving DNS on the host");
-    }
+    let zone = dns_zone(&args)?;
     let names = crate::dns::Driver::load(name, paths::data_dir(), zone.clone())?;
     let ipam_config = ipam_config(&args)?;
     let range = ipam_config.range;
     let allocator = ipam::Driver::load(name, ipam_config, paths::data_dir(), args.ipalloc_timeout)?;
-    let fastdp_tx = fastdp_dev.map(|dev| {
+    let fastdp_tx = dev.fastdp.map(|d| {
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(fastdp::run(name, dev, rx));
+        tokio::spawn(fastdp::run(name, d, rx));
         tx
     });
     tokio::spawn(router::run(
@@ -408,22 +490,20 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         },
         fastdp_tx,
     ));
-
     let (attach_tx, attach_rx) = mpsc::channel(64);
     let manager = attach::Manager::load(
         nl.clone(),
         paths::data_dir(),
-        mtu,
+        dev.mtu,
         router_tx.clone(),
         range,
         zone,
     )
     .await?;
     tokio::spawn(manager.run(attach_rx));
-
     tokio::spawn(control::accept_loop(
         me.clone(),
-        tcp,
+        l.tcp,
         router_tx.clone(),
         shutdown_rx.clone(),
     ));
@@ -435,37 +515,19 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         args.conn_limit,
     )?;
     tokio::spawn(maker.run(conn_rx, shutdown_rx.clone()));
-
-    if let Some(l) = proxy_listener {
-        tokio::spawn(proxy::serve(l, docker_host, sock_path.clone()));
+    if let Some(p) = l.proxy {
+        tokio::spawn(proxy::serve(p, l.docker_host, paths::socket()));
     }
+    let (stop_tx, stop_rx) = mpsc::channel::<bool>(1);
+    let services = Services {
+        router: router_tx,
+        attach: attach_tx,
+        connmaker: conn_tx,
+        stop: stop_tx,
+    };
+    tokio::spawn(api_loop(l.api, services));
 
-    let (stop_tx, mut stop_rx) = mpsc::channel::<bool>(1);
-    tokio::spawn(api_loop(
-        api_listener,
-        Services {
-            router: router_tx,
-            attach: attach_tx,
-            connmaker: conn_tx,
-            stop: stop_tx,
-        },
-    ));
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut reset = false;
-    loop {
-        tokio::select! {
-            r = stop_rx.recv() => {
-                reset = r.unwrap_or(false);
-                info!("stopping: mesh {}", if reset { "reset" } else { "stop" });
-                break;
-            }
-            _ = term.recv() => { info!("stopping: SIGTERM"); break; }
-            _ = tokio::signal::ctrl_c() => { info!("stopping: SIGINT"); break; }
-            _ = hup.recv() => { info!("SIGHUP ignored"); }
-        }
-    }
+    let reset = wait_for_stop(stop_rx).await?;
     let _ = shutdown_tx.send(true);
     if reset {
         if let Err(e) = remove_host_objects(&nl, &[]).await {
