@@ -362,3 +362,199 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
     }
     serde_json::from_str(&resp).context("the daemon's answer is malformed")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+    use std::collections::BTreeSet;
+
+    /// A status with every optional part present and every list non-empty.
+    fn full_status() -> Status {
+        Status {
+            version: "0.1.0".into(),
+            protocol: "2..2".into(),
+            name: "02:00:00:00:00:01".into(),
+            nickname: "host1".into(),
+            encryption: true,
+            port: 6783,
+            mtu: 1398,
+            connections: vec![ConnStatus {
+                direction: "outbound".into(),
+                address: "198.18.0.2:6783".into(),
+                state: "established".into(),
+                peer: Some("02:00:00:00:00:02".into()),
+                nickname: Some("host2".into()),
+                encrypted: true,
+                info: Some("why".into()),
+                overlay: Some("sleeve".into()),
+                overlay_info: Some("password set".into()),
+                path_mtu: Some(1500),
+            }],
+            peers: vec![PeerStatus {
+                name: "02:00:00:00:00:02".into(),
+                nickname: "host2".into(),
+                reachable: true,
+                next_hop: Some("02:00:00:00:00:02".into()),
+                connections: vec![PeerConn {
+                    peer: "02:00:00:00:00:01".into(),
+                    address: Some("198.18.0.1:6783".into()),
+                    established: true,
+                }],
+            }],
+            targets: vec!["198.18.0.2".into()],
+            sleeve: SleeveStats {
+                path_mtu: [("02:00:00:00:00:02".to_string(), 1500)]
+                    .into_iter()
+                    .collect(),
+                ..SleeveStats::default()
+            },
+            problems: vec!["a problem".into()],
+            ipam: Some(IpamStatus {
+                range: "198.19.0.0/16".into(),
+                default_subnet: "198.19.0.0/16".into(),
+                state: "ready".into(),
+                peers: vec![IpamPeer::default()],
+                pending: vec!["a request".into()],
+                problems: vec!["a problem".into()],
+            }),
+            dns: Some(DnsStatus {
+                serving: true,
+                domain: "mesh.local.".into(),
+                entries: vec![DnsEntry::default()],
+            }),
+        }
+    }
+
+    /// Maps keyed by data (peer names), not by field names: their keys are
+    /// not collected.
+    const MAPS: &[&str] = &["sleeve.path_mtu"];
+
+    /// Every field name of `v`, as a path: `a.b` for nested objects,
+    /// `a[].b` for the objects in a list.
+    fn field_paths(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    out.insert(path.clone());
+                    if !MAPS.contains(&path.as_str()) {
+                        field_paths(v, &path, out);
+                    }
+                }
+            }
+            Value::Array(a) => {
+                for v in a {
+                    field_paths(v, &format!("{prefix}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The field names of `mesh report` (and `/status`) are a stable
+    /// interface: this pins them, as the README's "`mesh report` fields"
+    /// lists them.
+    ///
+    /// The README does not list (yet) `problems`, `dns` (and its `serving`,
+    /// `domain`, `entries[].{name,addr,container,peer}`) nor
+    /// `sleeve.path_mtu`; they are pinned here as the code has them.
+    #[test]
+    fn report_field_names_are_pinned() {
+        let json = match serde_json::to_value(full_status()) {
+            Ok(v) => v,
+            Err(e) => panic!("a status serializes: {e}"),
+        };
+        let mut got = BTreeSet::new();
+        field_paths(&json, "", &mut got);
+        let want: BTreeSet<String> = [
+            // Listed in the README.
+            "version",
+            "protocol",
+            "name",
+            "nickname",
+            "encryption",
+            "port",
+            "mtu",
+            "connections",
+            "connections[].direction",
+            "connections[].address",
+            "connections[].state",
+            "connections[].peer",
+            "connections[].nickname",
+            "connections[].encrypted",
+            "connections[].info",
+            "connections[].overlay",
+            "connections[].overlay_info",
+            "connections[].path_mtu",
+            "peers",
+            "peers[].name",
+            "peers[].nickname",
+            "peers[].reachable",
+            "peers[].next_hop",
+            "peers[].connections",
+            "peers[].connections[].peer",
+            "peers[].connections[].address",
+            "peers[].connections[].established",
+            "targets",
+            "sleeve",
+            "sleeve.frames_in",
+            "sleeve.datagrams_out",
+            "sleeve.sealed_out",
+            "sleeve.datagrams_in",
+            "sleeve.relayed",
+            "sleeve.dropped",
+            "ipam",
+            "ipam.range",
+            "ipam.default_subnet",
+            "ipam.state",
+            "ipam.peers",
+            "ipam.peers[].peer",
+            "ipam.peers[].nickname",
+            "ipam.peers[].owned",
+            "ipam.peers[].free",
+            "ipam.peers[].reachable",
+            "ipam.pending",
+            "ipam.problems",
+            // In the code, not listed in the README's report section.
+            "problems",
+            "sleeve.path_mtu",
+            "dns",
+            "dns.serving",
+            "dns.domain",
+            "dns.entries",
+            "dns.entries[].name",
+            "dns.entries[].addr",
+            "dns.entries[].container",
+            "dns.entries[].peer",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        let missing: Vec<_> = want.difference(&got).collect();
+        let extra: Vec<_> = got.difference(&want).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "mesh report's fields changed: missing {missing:?}, new {extra:?}"
+        );
+    }
+
+    /// The values of the typed fields, as they appear in the JSON.
+    #[test]
+    fn report_values_keep_their_spelling() {
+        let json = match serde_json::to_value(full_status()) {
+            Ok(v) => v,
+            Err(e) => panic!("a status serializes: {e}"),
+        };
+        let c = &json["connections"][0];
+        assert_eq!(c["direction"], "outbound");
+        assert_eq!(c["state"], "established");
+        assert_eq!(c["overlay"], "sleeve");
+        assert_eq!(c["path_mtu"], 1500);
+        assert_eq!(json["sleeve"]["path_mtu"]["02:00:00:00:00:02"], 1500);
+    }
+}
