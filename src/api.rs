@@ -227,6 +227,87 @@ pub struct IpamPeer {
     pub reachable: bool,
 }
 
+/// Where a connection or connection attempt stands; in the JSON as its
+/// lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnState {
+    /// Dialling the address.
+    Connecting,
+    /// Connected; version and Noise handshake under way.
+    Handshaking,
+    /// Handshake done: gossip and frames flow.
+    Established,
+    /// Failed; a new attempt will follow.
+    Retrying,
+    /// Failed for good (e.g. refused by the peer).
+    Failed,
+}
+
+impl ConnState {
+    /// The name, as in `mesh report` and `mesh status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Connecting => "connecting",
+            ConnState::Handshaking => "handshaking",
+            ConnState::Established => "established",
+            ConnState::Retrying => "retrying",
+            ConnState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ConnState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// The state by its name, for callers that still name states with string
+/// literals (`src/control.rs`). A name that is none of
+/// [`ConnState::as_str`]'s is a programming error: taken as `Failed`.
+impl From<&str> for ConnState {
+    fn from(s: &str) -> ConnState {
+        match s {
+            "connecting" => ConnState::Connecting,
+            "handshaking" => ConnState::Handshaking,
+            "established" => ConnState::Established,
+            "retrying" => ConnState::Retrying,
+            other => {
+                debug_assert_eq!(other, "failed", "not a connection state");
+                ConnState::Failed
+            }
+        }
+    }
+}
+
+/// The overlay carrying an established connection's traffic; in the JSON
+/// as `fastdp` or `sleeve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlay {
+    /// The kernel VXLAN fast path.
+    Fastdp,
+    /// The userspace path (UDP 6783).
+    Sleeve,
+}
+
+impl Overlay {
+    /// The name, as in `mesh report` and `mesh status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overlay::Fastdp => "fastdp",
+            Overlay::Sleeve => "sleeve",
+        }
+    }
+}
+
+impl std::fmt::Display for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// One connection or connection attempt.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnStatus {
@@ -235,7 +316,7 @@ pub struct ConnStatus {
     /// Remote address.
     pub address: String,
     /// `connecting`, `handshaking`, `established`, `failed`, `retrying`.
-    pub state: String,
+    pub state: ConnState,
     /// The peer, once known.
     pub peer: Option<String>,
     /// The peer's nickname, once known.
@@ -247,7 +328,7 @@ pub struct ConnStatus {
     /// For an established connection: the overlay carrying its traffic,
     /// `fastdp` (kernel VXLAN) or `sleeve`.
     #[serde(default)]
-    pub overlay: Option<String>,
+    pub overlay: Option<Overlay>,
     /// Why the sleeve is used rather than the fast path.
     #[serde(default)]
     pub overlay_info: Option<String>,
@@ -382,12 +463,12 @@ mod tests {
             connections: vec![ConnStatus {
                 direction: "outbound".into(),
                 address: "198.18.0.2:6783".into(),
-                state: "established".into(),
+                state: ConnState::Established,
                 peer: Some("02:00:00:00:00:02".into()),
                 nickname: Some("host2".into()),
                 encrypted: true,
                 info: Some("why".into()),
-                overlay: Some("sleeve".into()),
+                overlay: Some(Overlay::Sleeve),
                 overlay_info: Some("password set".into()),
                 path_mtu: Some(1500),
             }],
@@ -556,5 +637,24 @@ mod tests {
         assert_eq!(c["overlay"], "sleeve");
         assert_eq!(c["path_mtu"], 1500);
         assert_eq!(json["sleeve"]["path_mtu"]["02:00:00:00:00:02"], 1500);
+    }
+
+    #[test]
+    fn states_and_overlays_serialize_as_their_names() {
+        use ConnState::*;
+        for s in [Connecting, Handshaking, Established, Retrying, Failed] {
+            let json = serde_json::to_string(&s).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", s.as_str()));
+            assert_eq!(serde_json::from_str::<ConnState>(&json).ok(), Some(s));
+            assert_eq!(ConnState::from(s.as_str()), s);
+            assert_eq!(format!("{s:<12}|"), format!("{:<12}|", s.as_str()));
+        }
+        for o in [Overlay::Fastdp, Overlay::Sleeve] {
+            let json = serde_json::to_string(&o).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", o.as_str()));
+            assert_eq!(serde_json::from_str::<Overlay>(&json).ok(), Some(o));
+        }
+        assert_eq!(Overlay::Fastdp.as_str(), "fastdp");
+        assert_eq!(Overlay::Sleeve.as_str(), "sleeve");
     }
 }
