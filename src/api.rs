@@ -227,6 +227,87 @@ pub struct IpamPeer {
     pub reachable: bool,
 }
 
+/// Where a connection or connection attempt stands; in the JSON as its
+/// lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnState {
+    /// Dialling the address.
+    Connecting,
+    /// Connected; version and Noise handshake under way.
+    Handshaking,
+    /// Handshake done: gossip and frames flow.
+    Established,
+    /// Failed; a new attempt will follow.
+    Retrying,
+    /// Failed for good (e.g. refused by the peer).
+    Failed,
+}
+
+impl ConnState {
+    /// The name, as in `mesh report` and `mesh status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Connecting => "connecting",
+            ConnState::Handshaking => "handshaking",
+            ConnState::Established => "established",
+            ConnState::Retrying => "retrying",
+            ConnState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ConnState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// The state by its name, for callers that still name states with string
+/// literals (`src/control.rs`). A name that is none of
+/// [`ConnState::as_str`]'s is a programming error: taken as `Failed`.
+impl From<&str> for ConnState {
+    fn from(s: &str) -> ConnState {
+        match s {
+            "connecting" => ConnState::Connecting,
+            "handshaking" => ConnState::Handshaking,
+            "established" => ConnState::Established,
+            "retrying" => ConnState::Retrying,
+            other => {
+                debug_assert_eq!(other, "failed", "not a connection state");
+                ConnState::Failed
+            }
+        }
+    }
+}
+
+/// The overlay carrying an established connection's traffic; in the JSON
+/// as `fastdp` or `sleeve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlay {
+    /// The kernel VXLAN fast path.
+    Fastdp,
+    /// The userspace path (UDP 6783).
+    Sleeve,
+}
+
+impl Overlay {
+    /// The name, as in `mesh report` and `mesh status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overlay::Fastdp => "fastdp",
+            Overlay::Sleeve => "sleeve",
+        }
+    }
+}
+
+impl std::fmt::Display for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// One connection or connection attempt.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnStatus {
@@ -235,7 +316,7 @@ pub struct ConnStatus {
     /// Remote address.
     pub address: String,
     /// `connecting`, `handshaking`, `established`, `failed`, `retrying`.
-    pub state: String,
+    pub state: ConnState,
     /// The peer, once known.
     pub peer: Option<String>,
     /// The peer's nickname, once known.
@@ -247,7 +328,7 @@ pub struct ConnStatus {
     /// For an established connection: the overlay carrying its traffic,
     /// `fastdp` (kernel VXLAN) or `sleeve`.
     #[serde(default)]
-    pub overlay: Option<String>,
+    pub overlay: Option<Overlay>,
     /// Why the sleeve is used rather than the fast path.
     #[serde(default)]
     pub overlay_info: Option<String>,
@@ -361,4 +442,219 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
         anyhow::bail!("the daemon closed the connection without answering");
     }
     serde_json::from_str(&resp).context("the daemon's answer is malformed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+    use std::collections::BTreeSet;
+
+    /// A status with every optional part present and every list non-empty.
+    fn full_status() -> Status {
+        Status {
+            version: "0.1.0".into(),
+            protocol: "2..2".into(),
+            name: "02:00:00:00:00:01".into(),
+            nickname: "host1".into(),
+            encryption: true,
+            port: 6783,
+            mtu: 1398,
+            connections: vec![ConnStatus {
+                direction: "outbound".into(),
+                address: "198.18.0.2:6783".into(),
+                state: ConnState::Established,
+                peer: Some("02:00:00:00:00:02".into()),
+                nickname: Some("host2".into()),
+                encrypted: true,
+                info: Some("why".into()),
+                overlay: Some(Overlay::Sleeve),
+                overlay_info: Some("password set".into()),
+                path_mtu: Some(1500),
+            }],
+            peers: vec![PeerStatus {
+                name: "02:00:00:00:00:02".into(),
+                nickname: "host2".into(),
+                reachable: true,
+                next_hop: Some("02:00:00:00:00:02".into()),
+                connections: vec![PeerConn {
+                    peer: "02:00:00:00:00:01".into(),
+                    address: Some("198.18.0.1:6783".into()),
+                    established: true,
+                }],
+            }],
+            targets: vec!["198.18.0.2".into()],
+            sleeve: SleeveStats {
+                path_mtu: [("02:00:00:00:00:02".to_string(), 1500)]
+                    .into_iter()
+                    .collect(),
+                ..SleeveStats::default()
+            },
+            problems: vec!["a problem".into()],
+            ipam: Some(IpamStatus {
+                range: "198.19.0.0/16".into(),
+                default_subnet: "198.19.0.0/16".into(),
+                state: "ready".into(),
+                peers: vec![IpamPeer::default()],
+                pending: vec!["a request".into()],
+                problems: vec!["a problem".into()],
+            }),
+            dns: Some(DnsStatus {
+                serving: true,
+                domain: "mesh.local.".into(),
+                entries: vec![DnsEntry::default()],
+            }),
+        }
+    }
+
+    /// Maps keyed by data (peer names), not by field names: their keys are
+    /// not collected.
+    const MAPS: &[&str] = &["sleeve.path_mtu"];
+
+    /// Every field name of `v`, as a path: `a.b` for nested objects,
+    /// `a[].b` for the objects in a list.
+    fn field_paths(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    out.insert(path.clone());
+                    if !MAPS.contains(&path.as_str()) {
+                        field_paths(v, &path, out);
+                    }
+                }
+            }
+            Value::Array(a) => {
+                for v in a {
+                    field_paths(v, &format!("{prefix}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The field names of `mesh report` (and `/status`) are a stable
+    /// interface: this pins them, as the README's "`mesh report` fields"
+    /// lists them.
+    ///
+    /// The README does not list (yet) `problems`, `dns` (and its `serving`,
+    /// `domain`, `entries[].{name,addr,container,peer}`) nor
+    /// `sleeve.path_mtu`; they are pinned here as the code has them.
+    #[test]
+    fn report_field_names_are_pinned() {
+        let json = match serde_json::to_value(full_status()) {
+            Ok(v) => v,
+            Err(e) => panic!("a status serializes: {e}"),
+        };
+        let mut got = BTreeSet::new();
+        field_paths(&json, "", &mut got);
+        let want: BTreeSet<String> = [
+            // Listed in the README.
+            "version",
+            "protocol",
+            "name",
+            "nickname",
+            "encryption",
+            "port",
+            "mtu",
+            "connections",
+            "connections[].direction",
+            "connections[].address",
+            "connections[].state",
+            "connections[].peer",
+            "connections[].nickname",
+            "connections[].encrypted",
+            "connections[].info",
+            "connections[].overlay",
+            "connections[].overlay_info",
+            "connections[].path_mtu",
+            "peers",
+            "peers[].name",
+            "peers[].nickname",
+            "peers[].reachable",
+            "peers[].next_hop",
+            "peers[].connections",
+            "peers[].connections[].peer",
+            "peers[].connections[].address",
+            "peers[].connections[].established",
+            "targets",
+            "sleeve",
+            "sleeve.frames_in",
+            "sleeve.datagrams_out",
+            "sleeve.sealed_out",
+            "sleeve.datagrams_in",
+            "sleeve.relayed",
+            "sleeve.dropped",
+            "ipam",
+            "ipam.range",
+            "ipam.default_subnet",
+            "ipam.state",
+            "ipam.peers",
+            "ipam.peers[].peer",
+            "ipam.peers[].nickname",
+            "ipam.peers[].owned",
+            "ipam.peers[].free",
+            "ipam.peers[].reachable",
+            "ipam.pending",
+            "ipam.problems",
+            // In the code, not listed in the README's report section.
+            "problems",
+            "sleeve.path_mtu",
+            "dns",
+            "dns.serving",
+            "dns.domain",
+            "dns.entries",
+            "dns.entries[].name",
+            "dns.entries[].addr",
+            "dns.entries[].container",
+            "dns.entries[].peer",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        let missing: Vec<_> = want.difference(&got).collect();
+        let extra: Vec<_> = got.difference(&want).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "mesh report's fields changed: missing {missing:?}, new {extra:?}"
+        );
+    }
+
+    /// The values of the typed fields, as they appear in the JSON.
+    #[test]
+    fn report_values_keep_their_spelling() {
+        let json = match serde_json::to_value(full_status()) {
+            Ok(v) => v,
+            Err(e) => panic!("a status serializes: {e}"),
+        };
+        let c = &json["connections"][0];
+        assert_eq!(c["direction"], "outbound");
+        assert_eq!(c["state"], "established");
+        assert_eq!(c["overlay"], "sleeve");
+        assert_eq!(c["path_mtu"], 1500);
+        assert_eq!(json["sleeve"]["path_mtu"]["02:00:00:00:00:02"], 1500);
+    }
+
+    #[test]
+    fn states_and_overlays_serialize_as_their_names() {
+        use ConnState::*;
+        for s in [Connecting, Handshaking, Established, Retrying, Failed] {
+            let json = serde_json::to_string(&s).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", s.as_str()));
+            assert_eq!(serde_json::from_str::<ConnState>(&json).ok(), Some(s));
+            assert_eq!(ConnState::from(s.as_str()), s);
+            assert_eq!(format!("{s:<12}|"), format!("{:<12}|", s.as_str()));
+        }
+        for o in [Overlay::Fastdp, Overlay::Sleeve] {
+            let json = serde_json::to_string(&o).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", o.as_str()));
+            assert_eq!(serde_json::from_str::<Overlay>(&json).ok(), Some(o));
+        }
+        assert_eq!(Overlay::Fastdp.as_str(), "fastdp");
+        assert_eq!(Overlay::Sleeve.as_str(), "sleeve");
+    }
 }

@@ -765,12 +765,12 @@ pub fn format_status(s: &api::Status) -> String {
     let established = s
         .connections
         .iter()
-        .filter(|c| c.state == "established")
+        .filter(|c| c.state == api::ConnState::Established)
         .count();
     let failed = s
         .connections
         .iter()
-        .filter(|c| c.state == "failed" || c.state == "retrying")
+        .filter(|c| matches!(c.state, api::ConnState::Failed | api::ConnState::Retrying))
         .count();
     let _ = writeln!(
         o,
@@ -957,9 +957,9 @@ pub fn format_connections(s: &api::Status) -> String {
                 _ => String::new(),
             };
             let mut line = format!("  {arrow} {:<21} {:<12}", c.address, c.state);
-            if c.state == "established" {
-                line.push_str(match (c.overlay.as_deref(), c.encrypted) {
-                    (Some("fastdp"), _) => " fastdp ",
+            if c.state == api::ConnState::Established {
+                line.push_str(match (c.overlay, c.encrypted) {
+                    (Some(api::Overlay::Fastdp), _) => " fastdp ",
                     (_, true) => " encrypted sleeve ",
                     _ => " sleeve ",
                 });
@@ -977,7 +977,7 @@ pub fn format_connections(s: &api::Status) -> String {
                 line.push_str(i);
                 line.push(')');
             }
-            if let (Some(m), Some("sleeve")) = (c.path_mtu, c.overlay.as_deref()) {
+            if let (Some(m), Some(api::Overlay::Sleeve)) = (c.path_mtu, c.overlay) {
                 let _ = write!(line, "  path MTU {m}");
             }
             let _ = writeln!(o, "{}", line.trim_end());

@@ -45,6 +45,7 @@
 //! has no password or has the peer's address in `--trusted-subnets`; the
 //! fast path is used when both offer.
 
+use crate::api;
 use crate::daemon::Me;
 use crate::host::{self, Netlink};
 use mesh_proto::control::FastdpOffer;
@@ -80,8 +81,8 @@ pub struct Local {
 /// The overlay a connection uses, for `mesh status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Overlay {
-    /// `fastdp` or `sleeve`.
-    pub overlay: &'static str,
+    /// The fast path, or the sleeve.
+    pub overlay: api::Overlay,
     /// Why, when it is the sleeve.
     pub reason: Option<String>,
 }
@@ -624,15 +625,15 @@ fn reason(v: Verdict, ours: u16, theirs: u16) -> String {
 fn overlay_of(c: &Conn, now: Instant, ours: u16) -> Overlay {
     match c {
         Conn::Sleeve(r) => Overlay {
-            overlay: "sleeve",
+            overlay: api::Overlay::Sleeve,
             reason: Some(r.clone()),
         },
         Conn::Fast(p) if p.up => Overlay {
-            overlay: "fastdp",
+            overlay: api::Overlay::Fastdp,
             reason: None,
         },
         Conn::Fast(p) => Overlay {
-            overlay: "sleeve",
+            overlay: api::Overlay::Sleeve,
             reason: Some(reason(p.health.verdict(now), ours, p.port)),
         },
     }

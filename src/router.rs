@@ -9,7 +9,7 @@
 //! the routes it computes to the sleeve, and the peers it learns to the
 //! connection maker.
 
-use crate::api::{ConnStatus, PeerConn, PeerStatus, SleeveStats, Status};
+use crate::api::{ConnState, ConnStatus, Overlay, PeerConn, PeerStatus, SleeveStats, Status};
 use crate::control::{WarnLimit, DUPLICATE};
 use crate::daemon::Me;
 use crate::{connmaker, dns, fastdp, ipam, sleeve};
@@ -464,12 +464,15 @@ impl Router {
             }
             None => Default::default(),
         };
-        for r in rows.iter_mut().filter(|r| r.state == "established") {
+        for r in rows
+            .iter_mut()
+            .filter(|r| r.state == ConnState::Established)
+        {
             let Some(peer) = r.peer.as_ref().and_then(|p| p.parse::<PeerName>().ok()) else {
                 continue;
             };
             let o = overlays.get(&peer);
-            r.overlay = Some(o.map_or("sleeve", |o| o.overlay).into());
+            r.overlay = Some(o.map_or(Overlay::Sleeve, |o| o.overlay));
             r.overlay_info = match o {
                 Some(o) => o.reason.clone(),
                 None if self.fastdp.is_none() => Some("fast path disabled here".into()),

@@ -5,8 +5,10 @@
 //!
 //! - **Senders**, one per TAP queue: read frames from the TAP (10-byte
 //!   virtio-net header + Ethernet frame, up to a 64 KB TSO super-frame),
-//!   find the peer that owns the destination MAC (or every peer, for
-//!   broadcast, multicast and unknown destinations), and send. A large frame
+//!   find the peer that owns the destination MAC (or every peer along our
+//!   broadcast tree, for broadcast, multicast and unknown destinations), and
+//!   send. Where a frame goes is decided by the pure functions of
+//!   [`mesh_proto::forward`]; this file does the I/O. A large frame
 //!   is a message of its own: it is read into place after room for its
 //!   record header, sealed in place (one seal per message), and sent as a run
 //!   of equal datagrams with one `UDP_SEGMENT` send ([`crate::udpio`]), no
@@ -44,6 +46,7 @@
 use crate::api::SleeveStats;
 use crate::host::Tap;
 use crate::udpio::{self, RecvBatch, MAX_SEGMENTS, MAX_UDP_PAYLOAD};
+use mesh_proto::forward::{self, Decision, MacTable};
 use mesh_proto::name::PeerName;
 use mesh_proto::pmtu::{Probe, MIN_MTU};
 use mesh_proto::reassembly::Reassembler;
@@ -117,13 +120,7 @@ pub struct PeerUp {
 }
 
 /// Where to send frames for peers we are not directly connected to.
-#[derive(Debug, Clone, Default)]
-pub struct Routes {
-    /// Destination peer → the neighbour to send through.
-    pub unicast: HashMap<PeerName, PeerName>,
-    /// Source peer → the neighbours its broadcasts go on to from here.
-    pub broadcast: HashMap<PeerName, Vec<PeerName>>,
-}
+pub use mesh_proto::forward::Routes;
 
 /// Fixed settings.
 pub struct Config {
@@ -183,29 +180,33 @@ struct Table {
     routes: Routes,
 }
 
-impl Table {
-    /// The neighbour to send through towards `dst`.
-    fn next_hop(&self, dst: PeerName) -> Option<&Arc<Peer>> {
-        if let Some(p) = self.peers.get(&dst) {
-            return Some(p);
-        }
-        self.routes
-            .unicast
-            .get(&dst)
-            .and_then(|h| self.peers.get(h))
-    }
+/// A [`Decision`] with its neighbours in hand, to send to once the table's
+/// lock is released.
+enum Hops {
+    /// Nowhere but, perhaps, the TAP.
+    None,
+    /// To this neighbour, for the destination peer.
+    One(Arc<Peer>, PeerName),
+    /// A copy to each of these neighbours.
+    Flood(Vec<Arc<Peer>>),
+}
 
-    /// The neighbours a broadcast from `src` goes on to from here.
-    fn broadcast_hops(&self, me: PeerName, src: PeerName) -> Vec<Arc<Peer>> {
-        match self.routes.broadcast.get(&src) {
-            Some(hops) => hops
-                .iter()
-                .filter_map(|h| self.peers.get(h).cloned())
-                .collect(),
-            // Before any routes are known: our own broadcasts go to every
-            // neighbour; others' are not forwarded.
-            None if src == me => self.peers.values().cloned().collect(),
-            None => Vec::new(),
+impl Table {
+    /// The neighbours that `d` sends to.
+    fn hops(&self, d: &Decision) -> Hops {
+        let one = |via: &PeerName, to: PeerName| match self.peers.get(via) {
+            Some(h) => Hops::One(h.clone(), to),
+            None => Hops::None,
+        };
+        match d {
+            Decision::Direct(to) => one(to, *to),
+            Decision::Relay { via, to } => one(via, *to),
+            Decision::Flood { hops, .. } => Hops::Flood(
+                hops.iter()
+                    .filter_map(|h| self.peers.get(h).cloned())
+                    .collect(),
+            ),
+            Decision::Local | Decision::Drop(_) => Hops::None,
         }
     }
 }
@@ -231,7 +232,8 @@ struct Shared {
     vnet_hdr: bool,
     underlay_mtu: usize,
     table: RwLock<Table>,
-    macs: RwLock<HashMap<[u8; 6], PeerName>>,
+    /// Taken after `table` when both are needed.
+    macs: RwLock<MacTable>,
     stats: Counters,
     sock: UdpSocket,
     gso: AtomicBool,
@@ -445,7 +447,7 @@ pub async fn run(
         vnet_hdr,
         underlay_mtu: cfg.underlay_mtu,
         table: RwLock::new(Table::default()),
-        macs: RwLock::new(HashMap::new()),
+        macs: RwLock::new(MacTable::new()),
         stats: Counters::default(),
         sock: udp,
         gso: AtomicBool::new(offloads.gso),
@@ -538,7 +540,7 @@ fn command(sh: &Shared, c: Cmd) {
             t.routes = r;
             // Forget MACs behind peers we can no longer reach.
             let mut macs = sh.macs.write().unwrap_or_else(|e| e.into_inner());
-            macs.retain(|_, p| t.peers.contains_key(p) || t.routes.unicast.contains_key(p));
+            macs.forget_unreachable(&t.peers, &t.routes);
         }
         Cmd::Stats(reply) => {
             let c = &sh.stats;
@@ -695,28 +697,21 @@ fn on_tap_frame(
     };
     buf[..FRAME_RECORD_HEADER].copy_from_slice(&rec);
     let len = FRAME_RECORD_HEADER + flen;
-    let unicast = dst_mac[0] & 1 == 0;
-    let owner = if unicast {
-        sh.macs
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&dst_mac)
-            .copied()
-    } else {
-        None
-    };
-    // Known unicast (the common case) needs no list of hops.
-    let (hop, flood) = {
+    let hops = {
         let t = sh.table();
-        match owner.and_then(|p| t.next_hop(p).map(|h| (h.clone(), p))) {
-            Some(one) => (Some(one), Vec::new()),
-            None => (None, t.broadcast_hops(sh.me, sh.me)),
-        }
+        let macs = sh.macs.read().unwrap_or_else(|e| e.into_inner());
+        t.hops(&forward::from_tap(
+            sh.me, &t.peers, &t.routes, &macs, dst_mac,
+        ))
     };
-    if let Some((hop, dst)) = hop {
-        send_frame(sh, out, packs, &hop, dst, buf, len);
-        return;
-    }
+    let flood = match hops {
+        Hops::One(hop, dst) => {
+            send_frame(sh, out, packs, &hop, dst, buf, len);
+            return;
+        }
+        Hops::Flood(flood) => flood,
+        Hops::None => return,
+    };
     let single = flood.len() == 1;
     for hop in &flood {
         if single {
@@ -946,38 +941,32 @@ impl Rx {
         };
         peer.last_rx.store(sh.now_ms(), Ordering::Relaxed);
         peer.silent.store(false, Ordering::Relaxed);
-        if header.src == sh.me {
-            bump(&sh.stats.dropped, 1);
-            return;
-        }
         let body = &msg[..n];
-        if header.dst.is_broadcast() {
-            let hops: Vec<Arc<Peer>> = sh
-                .table()
-                .broadcast_hops(sh.me, header.src)
-                .into_iter()
-                .filter(|h| h.name != peer.name && h.name != header.src)
-                .collect();
-            for hop in hops {
-                self.relay(sh, &hop, &header, body);
+        let (decision, hops) = {
+            let t = sh.table();
+            let d = forward::from_peer(
+                sh.me, &t.peers, &t.routes, peer.name, header.src, header.dst,
+            );
+            let hops = t.hops(&d);
+            (d, hops)
+        };
+        match hops {
+            Hops::One(hop, _) => self.relay(sh, &hop, &header, body),
+            Hops::Flood(hops) => {
+                for hop in hops {
+                    self.relay(sh, &hop, &header, body);
+                }
             }
-            deliver(sh, header.src, body);
-            self.wrote = true;
-            return;
-        } else if header.dst != sh.me {
-            let hop = sh
-                .table()
-                .next_hop(header.dst)
-                .filter(|h| h.name != peer.name)
-                .cloned();
-            match hop {
-                Some(hop) => self.relay(sh, &hop, &header, body),
-                None => bump(&sh.stats.dropped, 1),
-            }
-            return;
+            Hops::None => {}
         }
-        deliver(sh, header.src, body);
-        self.wrote = true;
+        match decision {
+            Decision::Local | Decision::Flood { local: true, .. } => {
+                deliver(sh, header.src, body);
+                self.wrote = true;
+            }
+            Decision::Drop(_) => bump(&sh.stats.dropped, 1),
+            Decision::Direct(_) | Decision::Relay { .. } | Decision::Flood { .. } => {}
+        }
     }
 
     fn relay(&mut self, sh: &Shared, hop: &Peer, header: &Header, body: &[u8]) {
@@ -1055,17 +1044,20 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
     true
 }
 
-/// Remember that `mac` lives behind `src` (unicast MACs only).
+/// Remember that `mac` lives behind `src` (unicast MACs of other peers
+/// only): a read lock to see whether anything changes, the write lock only
+/// when it does.
 fn learn(sh: &Shared, src: PeerName, mac: [u8; 6]) {
-    if mac[0] & 1 != 0 {
-        return;
-    }
-    let known = sh.macs.read().unwrap_or_else(|e| e.into_inner()).get(&mac) == Some(&src);
-    if !known {
+    let new = sh
+        .macs
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .would_learn(sh.me, src, &mac);
+    if new {
         sh.macs
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(mac, src);
+            .learn(sh.me, src, mac);
     }
 }
 

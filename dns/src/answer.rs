@@ -17,7 +17,7 @@
 //! domain gets NXDOMAIN; the rest, unknown single labels included, is
 //! forwarded upstream.
 
-use crate::zone::Snapshot;
+use crate::snapshot::Snapshot;
 use hickory_proto::op::{Header, Message, OpCode};
 
 use hickory_proto::op::Query;
@@ -379,17 +379,6 @@ fn reverse_addr(key: &[u8]) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::from(o))
 }
 
-/// The wire form of a dotted name (labels, then the root).
-pub(crate) fn wire_name(dotted: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(dotted.len() + 2);
-    for label in dotted.split('.').filter(|l| !l.is_empty()) {
-        out.push(label.len().min(63) as u8);
-        out.extend_from_slice(&label.as_bytes()[..label.len().min(63)]);
-    }
-    out.push(0);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::Rng;
@@ -411,12 +400,6 @@ mod tests {
         ] {
             assert_eq!(reverse_addr(bad), None);
         }
-    }
-
-    #[test]
-    fn wire_names() {
-        assert_eq!(wire_name("ab.c."), b"\x02ab\x01c\x00");
-        assert_eq!(wire_name("."), b"\x00");
     }
 
     proptest! {

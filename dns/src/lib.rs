@@ -43,6 +43,7 @@
 
 mod answer;
 mod server;
+mod snapshot;
 mod upstream;
 mod zone;
 

@@ -8,10 +8,9 @@
 //! query to finish.
 
 use crate::answer::{self, Outcome, Rng, Transport};
+use crate::snapshot::{wire_name, Snapshot};
 use crate::upstream::Upstreams;
 use mesh_proto::names::{normalize_name, NameTable};
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,64 +60,6 @@ pub enum ConfigError {
     /// The domain is not a DNS name.
     #[error("invalid DNS domain {0:?}: expected a name like mesh.local.")]
     BadDomain(String),
-}
-
-/// FNV-1a: names are short and trusted enough (they come from the mesh);
-/// SipHash's cost shows at 100k queries per second.
-#[derive(Default)]
-pub(crate) struct Fnv(u64);
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for &b in bytes {
-            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-        }
-        self.0 = h;
-    }
-}
-
-type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
-
-/// The names as the socket loops see them.
-#[derive(Debug, Default)]
-pub(crate) struct Snapshot {
-    /// The domain, lowercase, with the trailing dot (`mesh.local.`).
-    pub domain: Box<[u8]>,
-    pub ttl: u32,
-    /// Lowercase dotted FQDN → addresses.
-    pub names: FnvMap<Box<[u8]>, Vec<Ipv4Addr>>,
-    /// Address → names in wire form.
-    pub reverse: FnvMap<Ipv4Addr, Vec<Box<[u8]>>>,
-}
-
-impl Snapshot {
-    #[cfg(test)]
-    pub(crate) fn for_tests() -> Snapshot {
-        let mut s = Snapshot {
-            domain: (*b"mesh.local.").into(),
-            ttl: 1,
-            ..Default::default()
-        };
-        for i in 0..3u8 {
-            s.names
-                .entry((*b"c1.mesh.local.").into())
-                .or_default()
-                .push(Ipv4Addr::new(198, 19, 0, i));
-        }
-        s.reverse.insert(
-            Ipv4Addr::new(198, 19, 0, 1),
-            vec![answer::wire_name("c1.mesh.local.").into()],
-        );
-        s
-    }
 }
 
 /// What the server serves: the configuration and the current names.
@@ -195,7 +136,7 @@ impl Zone {
             if !addrs.contains(&addr) {
                 addrs.push(addr);
             }
-            let wire: Box<[u8]> = answer::wire_name(&fqdn).into();
+            let wire: Box<[u8]> = wire_name(&fqdn).into();
             let names = snap.reverse.entry(addr).or_default();
             if !names.contains(&wire) {
                 names.push(wire);

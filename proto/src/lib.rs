@@ -18,6 +18,8 @@
 //! - [`control`]: the messages carried inside the encrypted control channel.
 //! - [`sleeve`]: the UDP 6783 datagram format: header, frame records,
 //!   fragments of super-frames, and packing of frames into datagrams.
+//! - [`forward`]: the sleeve's forwarding decision (where a frame from the
+//!   TAP or from a neighbour goes) and MAC learning, as pure functions.
 //! - [`seal`]: ChaCha20-Poly1305 sealing of sleeve datagrams with counter
 //!   nonces and a replay window.
 //! - [`reassembly`]: reassembly of super-frames carried as fragments.
@@ -37,6 +39,7 @@
 
 pub mod control;
 pub mod fastdp;
+pub mod forward;
 pub mod frame;
 pub mod gossip;
 pub mod handshake;

@@ -1,0 +1,624 @@
+//! The sleeve's forwarding decision, apart from any I/O.
+//!
+//! Where does a frame go? A frame read from our TAP (one of our containers,
+//! or the host) is addressed by its destination MAC; a message received from
+//! a neighbour is addressed by the destination peer in its sleeve header
+//! ([`crate::sleeve`]). Given what the daemon knows, the direct neighbours,
+//! the topology's [`Routes`] and the [`MacTable`], [`from_tap`] and
+//! [`from_peer`] say where it goes, as a [`Decision`] value; the daemon's
+//! sleeve (`src/sleeve.rs`) does the sending.
+//!
+//! The rules:
+//!
+//! - From the TAP, a unicast MAC whose owner is known and reachable goes to
+//!   that peer, straight or through the next hop of the unicast route.
+//!   Everything else (broadcast, multicast, unknown MACs, MACs of peers we
+//!   can no longer reach) is flooded along our own broadcast tree.
+//! - From a neighbour, a message for us is delivered locally; one for another
+//!   peer is relayed along the unicast route, never back to the neighbour it
+//!   came from; a broadcast is delivered locally and forwarded only along
+//!   the origin's broadcast tree, never back to the neighbour it came from
+//!   nor to its origin, so it cannot loop. A message claiming to come from
+//!   us is dropped.
+//!
+//! Before the first routes arrive, our own broadcasts go to every direct
+//! neighbour and others' are not forwarded.
+//!
+//! MAC learning is a pure step too: [`MacTable::learn`] records that a
+//! unicast source MAC lives behind the peer that sent it.
+
+use crate::name::PeerName;
+use std::collections::HashMap;
+
+/// An Ethernet address.
+pub type Mac = [u8; 6];
+
+/// Whether `mac` is a unicast address (the group bit is clear).
+pub fn is_unicast(mac: &Mac) -> bool {
+    mac[0] & 1 == 0
+}
+
+/// Where to send frames for peers we are not directly connected to, as the
+/// topology computed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes {
+    /// Destination peer → the neighbour to send through.
+    pub unicast: HashMap<PeerName, PeerName>,
+    /// Source peer → the neighbours its broadcasts go on to from here.
+    pub broadcast: HashMap<PeerName, Vec<PeerName>>,
+}
+
+impl Routes {
+    /// The direct neighbour to send through towards `dst`: `dst` itself
+    /// when it is a neighbour, else the unicast route's next hop, if that is
+    /// a neighbour.
+    pub fn next_hop<V>(
+        &self,
+        neighbours: &HashMap<PeerName, V>,
+        dst: PeerName,
+    ) -> Option<PeerName> {
+        if neighbours.contains_key(&dst) {
+            return Some(dst);
+        }
+        self.unicast
+            .get(&dst)
+            .copied()
+            .filter(|h| neighbours.contains_key(h))
+    }
+
+    /// The direct neighbours a broadcast from `src` goes on to from here.
+    pub fn broadcast_hops<V>(
+        &self,
+        neighbours: &HashMap<PeerName, V>,
+        me: PeerName,
+        src: PeerName,
+    ) -> Vec<PeerName> {
+        match self.broadcast.get(&src) {
+            Some(hops) => hops
+                .iter()
+                .copied()
+                .filter(|h| neighbours.contains_key(h))
+                .collect(),
+            // Before any routes are known: our own broadcasts go to every
+            // neighbour; others' are not forwarded.
+            None if src == me => neighbours.keys().copied().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Whether `peer` is a neighbour or has a unicast route.
+    pub fn reaches<V>(&self, neighbours: &HashMap<PeerName, V>, peer: PeerName) -> bool {
+        neighbours.contains_key(&peer) || self.unicast.contains_key(&peer)
+    }
+}
+
+/// Which peer each remote MAC lives behind, learnt from frames that arrived
+/// over the overlay.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MacTable {
+    owners: HashMap<Mac, PeerName>,
+}
+
+impl MacTable {
+    /// An empty table.
+    pub fn new() -> MacTable {
+        MacTable::default()
+    }
+
+    /// The peer `mac` lives behind, if known.
+    pub fn owner(&self, mac: &Mac) -> Option<PeerName> {
+        self.owners.get(mac).copied()
+    }
+
+    /// How many MACs are known.
+    pub fn len(&self) -> usize {
+        self.owners.len()
+    }
+
+    /// Whether no MAC is known.
+    pub fn is_empty(&self) -> bool {
+        self.owners.is_empty()
+    }
+
+    /// Whether [`MacTable::learn`] would change anything: `mac` is unicast,
+    /// `src` is not us, and the table does not already say so. Lets a caller
+    /// that shares the table check under a read lock first.
+    pub fn would_learn(&self, me: PeerName, src: PeerName, mac: &Mac) -> bool {
+        is_unicast(mac) && src != me && self.owner(mac) != Some(src)
+    }
+
+    /// Remember that `mac`, the source of a frame sent by peer `src`, lives
+    /// behind `src` (unicast MACs of other peers only). Returns whether the
+    /// table changed.
+    pub fn learn(&mut self, me: PeerName, src: PeerName, mac: Mac) -> bool {
+        if !self.would_learn(me, src, &mac) {
+            return false;
+        }
+        self.owners.insert(mac, src);
+        true
+    }
+
+    /// Forget the MACs behind peers that are neither neighbours nor have a
+    /// unicast route.
+    pub fn forget_unreachable<V>(&mut self, neighbours: &HashMap<PeerName, V>, routes: &Routes) {
+        self.owners.retain(|_, p| routes.reaches(neighbours, *p));
+    }
+}
+
+/// Why a frame goes nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A neighbour sent us a message that claims to come from us.
+    FromUs,
+    /// No neighbour leads to the destination peer (other than the one the
+    /// message came from).
+    NoRoute,
+}
+
+/// Where a frame goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// To our TAP only.
+    Local,
+    /// To the neighbour that is the destination peer.
+    Direct(PeerName),
+    /// To neighbour `via`, for peer `to` further on.
+    Relay {
+        /// The neighbour to send through.
+        via: PeerName,
+        /// The destination peer.
+        to: PeerName,
+    },
+    /// Addressed to every peer: to each of `hops` (the neighbours along the
+    /// broadcast tree, possibly none), and to our TAP too when `local`.
+    Flood {
+        /// The neighbours to send a copy to.
+        hops: Vec<PeerName>,
+        /// Whether our TAP gets it too.
+        local: bool,
+    },
+    /// Nowhere.
+    Drop(DropReason),
+}
+
+/// A unicast decision: `to` itself when `via` is `to`.
+fn towards(via: PeerName, to: PeerName) -> Decision {
+    if via == to {
+        Decision::Direct(to)
+    } else {
+        Decision::Relay { via, to }
+    }
+}
+
+/// Where a frame read from our TAP, for `dst_mac`, goes.
+///
+/// `neighbours` are the directly connected peers (the values are not
+/// looked at), `routes` the topology's routes, `macs` what was learnt.
+pub fn from_tap<V>(
+    me: PeerName,
+    neighbours: &HashMap<PeerName, V>,
+    routes: &Routes,
+    macs: &MacTable,
+    dst_mac: Mac,
+) -> Decision {
+    let owner = if is_unicast(&dst_mac) {
+        macs.owner(&dst_mac)
+    } else {
+        None
+    };
+    if let Some((via, to)) = owner.and_then(|p| routes.next_hop(neighbours, p).map(|h| (h, p))) {
+        return towards(via, to);
+    }
+    Decision::Flood {
+        hops: routes.broadcast_hops(neighbours, me, me),
+        local: false,
+    }
+}
+
+/// Where a message that neighbour `from` sent us, from peer `src` for peer
+/// `dst` ([`PeerName::BROADCAST`] for a broadcast), goes.
+pub fn from_peer<V>(
+    me: PeerName,
+    neighbours: &HashMap<PeerName, V>,
+    routes: &Routes,
+    from: PeerName,
+    src: PeerName,
+    dst: PeerName,
+) -> Decision {
+    if src == me {
+        return Decision::Drop(DropReason::FromUs);
+    }
+    if dst.is_broadcast() {
+        let hops = routes
+            .broadcast_hops(neighbours, me, src)
+            .into_iter()
+            .filter(|h| *h != from && *h != src)
+            .collect();
+        return Decision::Flood { hops, local: true };
+    }
+    if dst == me {
+        return Decision::Local;
+    }
+    match routes.next_hop(neighbours, dst).filter(|h| *h != from) {
+        Some(via) => towards(via, dst),
+        None => Decision::Drop(DropReason::NoRoute),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(n: u8) -> PeerName {
+        PeerName([2, 0, 0, 0, 0, n])
+    }
+
+    fn mac(n: u8) -> Mac {
+        [0x0a, 0, 0, 0, 0, n]
+    }
+
+    const ME: u8 = 1;
+
+    /// A line `1 — 2 — 3 — 4` seen from 1, plus neighbour 5: 2 and 5 are
+    /// neighbours, 3 and 4 are reached through 2.
+    fn line() -> (HashMap<PeerName, ()>, Routes) {
+        let neighbours: HashMap<PeerName, ()> = [(p(2), ()), (p(5), ())].into_iter().collect();
+        let mut routes = Routes::default();
+        routes.unicast.insert(p(2), p(2));
+        routes.unicast.insert(p(5), p(5));
+        routes.unicast.insert(p(3), p(2));
+        routes.unicast.insert(p(4), p(2));
+        // Our broadcasts go to both neighbours; 2's to 5 through us; 5's to
+        // 2; 3's and 4's arrive through 2 and go on to 5.
+        routes.broadcast.insert(p(ME), vec![p(2), p(5)]);
+        routes.broadcast.insert(p(2), vec![p(5)]);
+        routes.broadcast.insert(p(5), vec![p(2)]);
+        routes.broadcast.insert(p(3), vec![p(5)]);
+        routes.broadcast.insert(p(4), vec![p(5)]);
+        (neighbours, routes)
+    }
+
+    fn sorted(d: Decision) -> Decision {
+        match d {
+            Decision::Flood { mut hops, local } => {
+                hops.sort();
+                Decision::Flood { hops, local }
+            }
+            d => d,
+        }
+    }
+
+    #[test]
+    fn unknown_unicast_from_tap_floods_along_our_tree() {
+        let (n, r) = line();
+        let d = from_tap(p(ME), &n, &r, &MacTable::new(), mac(9));
+        assert_eq!(
+            sorted(d),
+            Decision::Flood {
+                hops: vec![p(2), p(5)],
+                local: false
+            }
+        );
+    }
+
+    #[test]
+    fn our_tree_reaches_only_connected_neighbours() {
+        let (mut n, r) = line();
+        n.remove(&p(5));
+        let d = from_tap(p(ME), &n, &r, &MacTable::new(), mac(9));
+        assert_eq!(
+            d,
+            Decision::Flood {
+                hops: vec![p(2)],
+                local: false
+            }
+        );
+    }
+
+    #[test]
+    fn before_routes_our_broadcasts_go_to_every_neighbour() {
+        let (n, _) = line();
+        let d = from_tap(p(ME), &n, &Routes::default(), &MacTable::new(), [0xff; 6]);
+        assert_eq!(
+            sorted(d),
+            Decision::Flood {
+                hops: vec![p(2), p(5)],
+                local: false
+            }
+        );
+    }
+
+    #[test]
+    fn known_mac_of_a_neighbour_goes_direct() {
+        let (n, r) = line();
+        let mut macs = MacTable::new();
+        assert!(macs.learn(p(ME), p(5), mac(5)));
+        assert_eq!(
+            from_tap(p(ME), &n, &r, &macs, mac(5)),
+            Decision::Direct(p(5))
+        );
+    }
+
+    #[test]
+    fn known_mac_behind_a_far_peer_goes_through_the_next_hop() {
+        let (n, r) = line();
+        let mut macs = MacTable::new();
+        macs.learn(p(ME), p(4), mac(4));
+        assert_eq!(
+            from_tap(p(ME), &n, &r, &macs, mac(4)),
+            Decision::Relay {
+                via: p(2),
+                to: p(4)
+            }
+        );
+    }
+
+    #[test]
+    fn broadcast_and_multicast_from_tap_flood_even_if_learnt() {
+        let (n, r) = line();
+        let mut macs = MacTable::new();
+        let multicast = [0x01, 0x00, 0x5e, 0, 0, 1];
+        // Group addresses are never learnt ...
+        assert!(!macs.learn(p(ME), p(5), multicast));
+        assert!(!macs.learn(p(ME), p(5), [0xff; 6]));
+        assert!(macs.is_empty());
+        // ... and always flooded.
+        for dst in [multicast, [0xff; 6], [0x33, 0x33, 0, 0, 0, 1]] {
+            assert_eq!(
+                sorted(from_tap(p(ME), &n, &r, &macs, dst)),
+                Decision::Flood {
+                    hops: vec![p(2), p(5)],
+                    local: false
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn mac_of_an_unreachable_peer_floods() {
+        let (n, mut r) = line();
+        let mut macs = MacTable::new();
+        macs.learn(p(ME), p(4), mac(4));
+        // 4 is gone from the topology, its MAC not yet forgotten.
+        r.unicast.remove(&p(4));
+        assert_eq!(
+            sorted(from_tap(p(ME), &n, &r, &macs, mac(4))),
+            Decision::Flood {
+                hops: vec![p(2), p(5)],
+                local: false
+            }
+        );
+        // A route through a neighbour that is no longer connected is no
+        // route either.
+        let (mut n, r) = line();
+        n.remove(&p(2));
+        assert_eq!(
+            from_tap(p(ME), &n, &r, &macs, mac(4)),
+            Decision::Flood {
+                hops: vec![p(5)],
+                local: false
+            }
+        );
+    }
+
+    #[test]
+    fn unreachable_peers_macs_are_forgotten() {
+        let (n, mut r) = line();
+        let mut macs = MacTable::new();
+        macs.learn(p(ME), p(4), mac(4));
+        macs.learn(p(ME), p(3), mac(3));
+        macs.learn(p(ME), p(5), mac(5));
+        r.unicast.remove(&p(4));
+        macs.forget_unreachable(&n, &r);
+        assert_eq!(macs.owner(&mac(4)), None);
+        assert_eq!(macs.owner(&mac(3)), Some(p(3)));
+        assert_eq!(macs.owner(&mac(5)), Some(p(5)));
+        assert_eq!(macs.len(), 2);
+    }
+
+    #[test]
+    fn our_own_mac_is_never_learnt_so_it_floods_like_an_unknown_one() {
+        let (n, r) = line();
+        let mut macs = MacTable::new();
+        // A frame of ours that came back (a message claiming to be from us).
+        assert!(!macs.learn(p(ME), p(ME), mac(1)));
+        assert_eq!(macs.owner(&mac(1)), None);
+        assert_eq!(
+            sorted(from_tap(p(ME), &n, &r, &macs, mac(1))),
+            Decision::Flood {
+                hops: vec![p(2), p(5)],
+                local: false
+            }
+        );
+    }
+
+    #[test]
+    fn learning_moves_a_mac_to_its_new_peer_once() {
+        let mut macs = MacTable::new();
+        assert!(macs.learn(p(ME), p(3), mac(7)));
+        assert!(!macs.would_learn(p(ME), p(3), &mac(7)));
+        assert!(!macs.learn(p(ME), p(3), mac(7)));
+        // The container moved to another host.
+        assert!(macs.learn(p(ME), p(4), mac(7)));
+        assert_eq!(macs.owner(&mac(7)), Some(p(4)));
+    }
+
+    #[test]
+    fn message_for_us_is_delivered_locally() {
+        let (n, r) = line();
+        assert_eq!(from_peer(p(ME), &n, &r, p(2), p(3), p(ME)), Decision::Local);
+    }
+
+    #[test]
+    fn message_for_a_peer_behind_a_third_is_relayed() {
+        let (n, r) = line();
+        // From 5, for 4, which lies behind 2.
+        assert_eq!(
+            from_peer(p(ME), &n, &r, p(5), p(5), p(4)),
+            Decision::Relay {
+                via: p(2),
+                to: p(4)
+            }
+        );
+        // From 2 (on behalf of 3), for neighbour 5: straight to it.
+        assert_eq!(
+            from_peer(p(ME), &n, &r, p(2), p(3), p(5)),
+            Decision::Direct(p(5))
+        );
+    }
+
+    #[test]
+    fn relaying_never_goes_back_to_the_sender() {
+        let (n, r) = line();
+        // 2 sends us something for 4, but our route to 4 is through 2.
+        assert_eq!(
+            from_peer(p(ME), &n, &r, p(2), p(2), p(4)),
+            Decision::Drop(DropReason::NoRoute)
+        );
+    }
+
+    #[test]
+    fn message_for_an_unreachable_peer_is_dropped() {
+        let (n, r) = line();
+        assert_eq!(
+            from_peer(p(ME), &n, &r, p(2), p(3), p(9)),
+            Decision::Drop(DropReason::NoRoute)
+        );
+    }
+
+    #[test]
+    fn message_claiming_to_be_from_us_is_dropped() {
+        let (n, r) = line();
+        for dst in [p(ME), p(5), PeerName::BROADCAST] {
+            assert_eq!(
+                from_peer(p(ME), &n, &r, p(2), p(ME), dst),
+                Decision::Drop(DropReason::FromUs)
+            );
+        }
+    }
+
+    #[test]
+    fn broadcast_from_a_peer_follows_only_its_tree() {
+        let (n, r) = line();
+        // 3's broadcast arrives through 2: delivered, and on to 5 only.
+        assert_eq!(
+            from_peer(p(ME), &n, &r, p(2), p(3), PeerName::BROADCAST),
+            Decision::Flood {
+                hops: vec![p(5)],
+                local: true
+            }
+        );
+        // 5's broadcast goes on to 2, not back to 5.
+        assert_eq!(
+            from_peer(p(ME), &n, &r, p(5), p(5), PeerName::BROADCAST),
+            Decision::Flood {
+                hops: vec![p(2)],
+                local: true
+            }
+        );
+    }
+
+    #[test]
+    fn broadcast_never_goes_back_to_its_sender_or_origin() {
+        let (n, mut r) = line();
+        // Even with a tree that (wrongly) lists them.
+        r.broadcast.insert(p(3), vec![p(2), p(3), p(5)]);
+        assert_eq!(
+            from_peer(p(ME), &n, &r, p(2), p(3), PeerName::BROADCAST),
+            Decision::Flood {
+                hops: vec![p(5)],
+                local: true
+            }
+        );
+        // The origin itself a neighbour, its frame relayed to us by another.
+        r.broadcast.insert(p(5), vec![p(2), p(5)]);
+        assert_eq!(
+            from_peer(p(ME), &n, &r, p(2), p(5), PeerName::BROADCAST),
+            Decision::Flood {
+                hops: vec![],
+                local: true
+            }
+        );
+    }
+
+    #[test]
+    fn broadcast_of_an_origin_without_a_tree_is_only_delivered() {
+        let (n, r) = line();
+        assert_eq!(
+            from_peer(p(ME), &n, &r, p(2), p(9), PeerName::BROADCAST),
+            Decision::Flood {
+                hops: vec![],
+                local: true
+            }
+        );
+        assert_eq!(
+            from_peer(
+                p(ME),
+                &n,
+                &Routes::default(),
+                p(2),
+                p(2),
+                PeerName::BROADCAST
+            ),
+            Decision::Flood {
+                hops: vec![],
+                local: true
+            }
+        );
+    }
+
+    /// Flooding along the trees of a ring never reaches a peer twice: each
+    /// peer applies [`from_peer`] to what it receives, and the walk ends.
+    #[test]
+    fn a_broadcast_on_a_ring_reaches_everyone_once() {
+        // Ring 1-2-3-4-1; trees rooted at 1: 1→2, 1→4, 2→3.
+        let links = [(1, 2), (2, 3), (3, 4), (4, 1)];
+        let neighbours = |me: u8| -> HashMap<PeerName, ()> {
+            links
+                .iter()
+                .filter_map(|&(a, b)| match () {
+                    _ if a == me => Some((p(b), ())),
+                    _ if b == me => Some((p(a), ())),
+                    _ => None,
+                })
+                .collect()
+        };
+        let tree = |me: u8| -> Routes {
+            let mut r = Routes::default();
+            let hops = match me {
+                1 => vec![p(2), p(4)],
+                2 => vec![p(3)],
+                _ => vec![],
+            };
+            r.broadcast.insert(p(1), hops);
+            r
+        };
+        let mut delivered = vec![];
+        let mut queue: Vec<(u8, u8)> =
+            match from_tap(p(1), &neighbours(1), &tree(1), &MacTable::new(), [0xff; 6]) {
+                Decision::Flood { hops, .. } => hops.iter().map(|h| (1, h.0[5])).collect(),
+                d => panic!("{d:?}"),
+            };
+        let mut steps = 0;
+        while let Some((from, at)) = queue.pop() {
+            steps += 1;
+            assert!(steps < 100, "the broadcast loops");
+            match from_peer(
+                p(at),
+                &neighbours(at),
+                &tree(at),
+                p(from),
+                p(1),
+                PeerName::BROADCAST,
+            ) {
+                Decision::Flood { hops, local: true } => {
+                    delivered.push(at);
+                    queue.extend(hops.iter().map(|h| (at, h.0[5])));
+                }
+                d => panic!("{d:?}"),
+            }
+        }
+        delivered.sort();
+        assert_eq!(delivered, vec![2, 3, 4]);
+    }
+}
