@@ -375,9 +375,9 @@ pub struct SleeveStats {
     pub datagrams_in: u64,
     /// Datagrams dropped (malformed, forged, replayed, unknown sender).
     pub dropped: u64,
-    /// Datagrams sent sealed.
+    /// Messages sealed (a datagram carries one message of one or more frames).
     pub sealed_out: u64,
-    /// Datagrams relayed on towards other peers.
+    /// Messages relayed on towards other peers.
     pub relayed: u64,
     /// Path MTU per directly connected peer (by name). Not a counter: shown
     /// on each connection's line instead.
