@@ -444,6 +444,15 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
     serde_json::from_str(&resp).context("the daemon's answer is malformed")
 }
 
+/// A daemon's answer that is not the one asked for, as an error (its own
+/// message when it is an error).
+pub fn unexpected(r: Response) -> anyhow::Error {
+    match r {
+        Response::Error { message } => anyhow::anyhow!("{message}"),
+        other => anyhow::anyhow!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

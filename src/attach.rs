@@ -16,7 +16,7 @@
 
 use crate::addr::{self, Addr};
 use crate::api::{PsEntry, Request, Response};
-use crate::daemon::BRIDGE;
+use crate::host::BRIDGE;
 use crate::host::{self, Netlink, NetnsId};
 use crate::{dns, ipam, persist, router};
 use ipnet::{IpNet, Ipv4Net};

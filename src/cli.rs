@@ -2,7 +2,7 @@
 //! the control socket ([`crate::api`]) or, for `launch`, starts it. Errors
 //! come back as `anyhow` values and are printed by `main` as one line.
 
-use crate::api::{self, Request, Response};
+use crate::api::{self, unexpected, Request, Response};
 use crate::{addr, daemon, paths};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -631,13 +631,6 @@ fn status() -> anyhow::Result<api::Status> {
     match call(&Request::Status)? {
         Response::Status(s) => Ok(*s),
         other => Err(unexpected(other)),
-    }
-}
-
-pub(crate) fn unexpected(r: Response) -> anyhow::Error {
-    match r {
-        Response::Error { message } => anyhow::anyhow!("{message}"),
-        other => anyhow::anyhow!("unexpected answer from the daemon: {other:?}"),
     }
 }
 

@@ -257,7 +257,7 @@ fn run(command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
 }
 
 fn unexpected(r: Response) -> String {
-    crate::cli::unexpected(r).to_string()
+    crate::api::unexpected(r).to_string()
 }
 
 /// A failed call to the daemon: "not running" is worth retrying later.

@@ -14,7 +14,7 @@ use crate::{
     attach, connmaker, control, fastdp, host, identity, ipam, paths, proxy, router, sleeve,
 };
 use anyhow::{bail, Context};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::sync::Arc;
@@ -22,36 +22,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-/// The bridge containers are attached to.
-pub const BRIDGE: &str = "mesh";
-/// The sleeve's TAP on the bridge.
-pub const TAP: &str = "meshtap";
+pub use crate::host::{BRIDGE, TAP};
+pub use crate::peer::{parse_peer, Me};
 /// How long `mesh launch` waits for the daemon to answer.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Parse `HOST` or `HOST:PORT` into a socket address.
-pub fn parse_peer(s: &str, default_port: u16) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, default_port));
-    }
-    let with_port = if s.contains(':') {
-        s.to_string()
-    } else {
-        format!("{s}:{default_port}")
-    };
-    with_port
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.find(|a| a.is_ipv4()))
-        .ok_or_else(|| {
-            format!(
-                "invalid peer {s:?}: expected an IP address or host name, optionally with :PORT"
-            )
-        })
-}
 
 /// What the daemon runs with: built by the CLI from `launch`'s flags (the
 /// daemon knows no CLI type), and handed whole to the background process.
@@ -201,27 +175,6 @@ pub fn run_foreground(args: Config) -> anyhow::Result<()> {
     }
     rt.shutdown_timeout(Duration::from_secs(2));
     r
-}
-
-/// Shared, read-only facts about this peer handed to the tasks.
-pub struct Me {
-    /// Identity key.
-    pub key: mesh_proto::handshake::StaticKey,
-    /// Peer name.
-    pub name: mesh_proto::name::PeerName,
-    /// Nickname.
-    pub nickname: String,
-    /// Pre-shared key from the password.
-    pub psk: Option<[u8; 32]>,
-    /// TCP/UDP port.
-    pub port: u16,
-    /// Overlay MTU.
-    pub mtu: u32,
-    /// The fast path, unless `--no-fastdp` (or its device failed).
-    pub fastdp: Option<fastdp::Local>,
-    /// `--trusted-subnets`: with a password, the fast path is still offered
-    /// to peers in these.
-    pub trusted: Vec<ipnet::Ipv4Net>,
 }
 
 async fn run(args: Config) -> anyhow::Result<()> {

@@ -46,8 +46,8 @@
 //! fast path is used when both offer.
 
 use crate::api;
-use crate::daemon::Me;
 use crate::host::{self, Netlink};
+use crate::peer::Me;
 use mesh_proto::control::FastdpOffer;
 use mesh_proto::fastdp::{self, Health, Probe, ProbeKey, Verdict};
 use mesh_proto::name::PeerName;
@@ -67,16 +67,7 @@ pub const PORT: u16 = 6784;
 /// Its VXLAN network identifier.
 pub const VNI: u32 = 0x6d_65_73; // "mes"
 
-/// This host's fast path, as the control connections need it.
-#[derive(Debug, Clone)]
-pub struct Local {
-    /// VNI of our device.
-    pub vni: u32,
-    /// Our VXLAN port.
-    pub port: u16,
-    /// Our bridge's MAC.
-    pub mac: [u8; 6],
-}
+pub use crate::peer::FastdpLocal as Local;
 
 /// The overlay a connection uses, for `mesh status`.
 #[derive(Debug, Clone, PartialEq, Eq)]

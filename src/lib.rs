@@ -25,6 +25,7 @@ pub mod host;
 pub mod identity;
 pub mod ipam;
 pub mod paths;
+pub mod peer;
 pub mod persist;
 pub mod proxy;
 pub mod router;

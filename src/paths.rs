@@ -40,3 +40,13 @@ pub fn pid_file() -> PathBuf {
 pub fn log_file() -> PathBuf {
     run_dir().join("mesh.log")
 }
+
+/// `--docker-host`: `unix://PATH` (the only form supported).
+pub fn parse_docker_host(s: &str) -> Result<PathBuf, String> {
+    match s.strip_prefix("unix://") {
+        Some(p) if p.starts_with('/') => Ok(PathBuf::from(p)),
+        _ => Err(format!(
+            "{s:?} is not supported: give the Docker daemon's socket as unix:///PATH (e.g. unix:///var/run/docker.sock)"
+        )),
+    }
+}

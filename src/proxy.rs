@@ -46,15 +46,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a call to the mesh daemon's control socket may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `--docker-host`: `unix://PATH` (the only form supported).
-pub fn parse_docker_host(s: &str) -> Result<PathBuf, String> {
-    match s.strip_prefix("unix://") {
-        Some(p) if p.starts_with('/') => Ok(PathBuf::from(p)),
-        _ => Err(format!(
-            "{s:?} is not supported: give the Docker daemon's socket as unix:///PATH (e.g. unix:///var/run/docker.sock)"
-        )),
-    }
-}
+pub use crate::paths::parse_docker_host;
 
 /// Why a request could not be understood.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -29,6 +29,11 @@ pub mod vxlan;
 #[cfg(test)]
 mod testutil;
 
+/// The bridge containers are attached to.
+pub const BRIDGE: &str = "mesh";
+/// The sleeve's TAP on the bridge.
+pub const TAP: &str = "meshtap";
+
 pub use netlink::Netlink;
 pub use netns::{hostname_of, open_netns, run_in_netns, NetnsId};
 pub use tap::{open_tap, Tap};
