@@ -266,12 +266,62 @@ fn random_u16() -> u16 {
     u16::from_le_bytes(b)
 }
 
-/// Write one transmit, with a deadline.
-async fn write_out(w: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), String> {
-    match tokio::time::timeout(SETUP_TIMEOUT, w.write_all(bytes)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("connection lost: {e}")),
-        Err(_) => Err("connection lost: write timed out".into()),
+/// The writing half of a connection, in its own task so that reading goes
+/// on while a write waits for the peer: writes what it is given, each with
+/// a deadline, and reports the first failure.
+struct Writer {
+    tx: Option<mpsc::Sender<Vec<u8>>>,
+    failed: oneshot::Receiver<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn spawn(mut w: OwnedWriteHalf) -> Writer {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
+        let (failed_tx, failed) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            while let Some(bytes) = rx.recv().await {
+                let e = match tokio::time::timeout(SETUP_TIMEOUT, w.write_all(&bytes)).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => format!("connection lost: {e}"),
+                    Err(_) => "connection lost: write timed out".into(),
+                };
+                let _ = failed_tx.send(e);
+                return;
+            }
+        });
+        Writer {
+            tx: Some(tx),
+            failed,
+            task,
+        }
+    }
+
+    /// Queue bytes; the failure that ended the writer, if it has ended.
+    async fn send(&mut self, bytes: Vec<u8>) -> Result<(), String> {
+        let Some(tx) = &self.tx else {
+            return Err("connection lost".into());
+        };
+        if tx.send(bytes).await.is_err() {
+            return Err(self
+                .failed
+                .try_recv()
+                .unwrap_or_else(|_| "connection lost".into()));
+        }
+        Ok(())
+    }
+
+    /// Write what is queued (at most for [`SETUP_TIMEOUT`]), then stop.
+    /// (Dropping the writer stops it at once.)
+    async fn finish(&mut self) {
+        self.tx = None;
+        let _ = tokio::time::timeout(SETUP_TIMEOUT, &mut self.task).await;
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -292,7 +342,8 @@ async fn run_conn(
     } else {
         "inbound"
     };
-    let (mut r, mut w) = stream.into_split();
+    let (mut r, w) = stream.into_split();
+    let mut writer = Writer::spawn(w);
     let _ = router
         .send(router::Cmd::Update {
             id,
@@ -332,7 +383,7 @@ async fn run_conn(
     let mut registered: Option<PeerName> = None;
     loop {
         while let Some(bytes) = conn.poll_transmit() {
-            if let Err(e) = write_out(&mut w, &bytes).await {
+            if let Err(e) = writer.send(bytes).await {
                 return End::Retry(e);
             }
         }
@@ -402,14 +453,12 @@ async fn run_conn(
                         warn!(%addr, peer = ?conn.peer(), "{reason}");
                     }
                     // Best effort: a refusal or a Close the peer should see.
-                    let _ = tokio::time::timeout(SETUP_TIMEOUT, async {
-                        while let Some(bytes) = conn.poll_transmit() {
-                            if w.write_all(&bytes).await.is_err() {
-                                return;
-                            }
+                    while let Some(bytes) = conn.poll_transmit() {
+                        if writer.send(bytes).await.is_err() {
+                            break;
                         }
-                    })
-                    .await;
+                    }
+                    writer.finish().await;
                     return match kind {
                         CloseKind::Retry => End::Retry(reason),
                         CloseKind::Fatal => End::Fatal(reason),
@@ -434,6 +483,7 @@ async fn run_conn(
                 Some(bytes) => conn.send_gossip(bytes),
                 None => gossip_rx = None,
             },
+            e = &mut writer.failed => return End::Retry(e.unwrap_or_else(|_| "connection lost".into())),
             reason = async { close_rx.as_mut()?.await.ok() }, if close_rx.is_some() => {
                 close_rx = None;
                 conn.close(&reason.unwrap_or_else(|| "shutting down".into()));
