@@ -1057,4 +1057,42 @@ mod tests {
             matches!(c.poll_event(), Some(Event::Closed { reason, .. }) if reason == "reading hello: early eof")
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_chunking_completes_the_handshake(chunk in 1usize..200, password: bool) {
+            let (ka, kb) = (key(), key());
+            let psk = password.then_some(PSK_A);
+            let mut p = Pair::new(
+                config(Role::Initiator, &ka, psk),
+                config(Role::Responder, &kb, psk),
+            );
+            p.chunk = chunk;
+            p.drive();
+            p.a.conn.send_gossip(vec![3; 1000]);
+            p.drive();
+            proptest::prop_assert!(p.a.established().is_some() && p.b.established().is_some());
+            proptest::prop_assert_eq!(p.b.gossip(), vec![vec![3; 1000]]);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            after_hello: bool,
+        ) {
+            let now = Instant::now();
+            let mut c = Connection::new(config(Role::Responder, &key(), None), now);
+            if after_hello {
+                c.handle_input(now, &Hello::ours(false).emit());
+            }
+            c.handle_input(now, &garbage);
+            c.handle_timeout(now + SETUP_TIMEOUT);
+            let mut closed = 0;
+            while let Some(e) = c.poll_event() {
+                closed += usize::from(matches!(e, Event::Closed { .. }));
+            }
+            proptest::prop_assert_eq!(closed, 1);
+            while c.poll_transmit().is_some() {}
+        }
+    }
 }
