@@ -173,24 +173,26 @@ impl Connection {
         if self.is_closed() {
             return;
         }
-        self.inbuf.extend_from_slice(bytes);
+        // The buffer is taken out while its records are handled, so that
+        // they are handled in place.
+        let mut buf = std::mem::take(&mut self.inbuf);
+        buf.extend_from_slice(bytes);
         let mut used = 0;
         while !self.is_closed() {
-            let rest = &self.inbuf[used..];
+            let rest = &buf[used..];
             if let State::Hello = self.state {
-                let Some(theirs) = rest.first_chunk::<HELLO_LEN>().copied() else {
+                let Some(theirs) = rest.first_chunk::<HELLO_LEN>() else {
                     break;
                 };
                 used += HELLO_LEN;
-                self.on_hello(now, &theirs);
+                self.on_hello(now, theirs);
                 continue;
             }
             match frame::parse(rest) {
                 Ok(None) => break,
                 Ok(Some((record, n))) => {
-                    let (kind, payload) = (record.kind, record.payload.to_vec());
                     used += n;
-                    self.on_record(now, kind, &payload);
+                    self.on_record(now, record.kind, record.payload);
                 }
                 Err(e) => {
                     let what = self.step_name();
@@ -198,10 +200,9 @@ impl Connection {
                 }
             }
         }
-        if self.is_closed() {
-            self.inbuf = Vec::new();
-        } else {
-            self.inbuf.drain(..used);
+        if !self.is_closed() {
+            buf.drain(..used);
+            self.inbuf = buf;
         }
     }
 
