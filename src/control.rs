@@ -1,22 +1,22 @@
 //! Control connections on TCP 6783: dialing, accepting, and running one.
 //!
-//! A connection goes: hellos (version negotiation, password flags) →
-//! Noise handshake (`XX`, or `XXpsk3` with a password) → each side sends an
-//! [`Intro`] (nickname, sleeve port, with a password its random sleeve
-//! key, and its fast-path offer, see [`crate::fastdp`]) → the router
-//! registers it → heartbeats until it ends. Every read has a deadline;
-//! every failure ends only this connection, with one (rate-limited) log
-//! line and a reason shown by `mesh status`. Dial targets retry with
-//! exponential backoff and jitter.
+//! The protocol of a connection — hellos (version negotiation, password
+//! flags) → Noise handshake (`XX`, or `XXpsk3` with a password) → each side
+//! sends an [`Intro`](mesh_proto::control::Intro) → heartbeats, gossip and
+//! the dead decision until it ends — is the sans-IO
+//! [`Connection`] of `mesh_proto::conn`. This module is its I/O shell: it
+//! reads the TCP stream into it, writes what it transmits, drives its timer,
+//! and tells the router what it reports (the peer's intro becomes the
+//! sleeve keys and the negotiated fast path, see [`crate::fastdp`]). Every
+//! failure ends only this connection, with one (rate-limited) log line and a
+//! reason shown by `mesh status`. Dial targets retry with exponential
+//! backoff and jitter.
 
 use crate::api::ConnStatus;
 use crate::daemon::Me;
 use crate::router::{self, ConnId, Established};
-use anyhow::anyhow;
-use mesh_proto::control::{ControlMsg, Intro};
-use mesh_proto::frame::{self, RecordKind, RECORD_HEADER_LEN};
-use mesh_proto::handshake::{Handshake, HandshakeError, Role, Transport};
-use mesh_proto::hello::{Hello, HELLO_LEN};
+use mesh_proto::conn::{CloseKind, Config, Connection, Event, HEARTBEAT, SETUP_TIMEOUT};
+use mesh_proto::handshake::Role;
 use mesh_proto::name::PeerName;
 use mesh_proto::seal::{Opener, Sealer};
 use std::net::SocketAddr;
@@ -24,23 +24,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-/// Deadline for each step of setting up a connection.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a heartbeat is sent.
-const HEARTBEAT: Duration = Duration::from_secs(2);
-/// Silence after which a connection is declared dead.
-const DEAD_AFTER: Duration = Duration::from_secs(8);
 /// Backoff bounds for dial retries.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// The reason given when closing the redundant one of two connections.
-pub const DUPLICATE: &str = "duplicate connection";
+pub use mesh_proto::conn::DUPLICATE;
 
 /// The most inbound connections open at once.
 const MAX_INBOUND: usize = 512;
@@ -272,56 +266,68 @@ fn random_u16() -> u16 {
     u16::from_le_bytes(b)
 }
 
-async fn read_record(r: &mut OwnedReadHalf) -> anyhow::Result<(RecordKind, Vec<u8>)> {
-    let mut head = [0u8; RECORD_HEADER_LEN];
-    r.read_exact(&mut head).await?;
-    let (kind, len) = frame::parse_header(&head)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
-    Ok((kind, payload))
+/// The writing half of a connection, in its own task so that reading goes
+/// on while a write waits for the peer: writes what it is given, each with
+/// a deadline, and reports the first failure.
+struct Writer {
+    tx: Option<mpsc::Sender<Vec<u8>>>,
+    failed: oneshot::Receiver<String>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-async fn write_record(
-    w: &mut OwnedWriteHalf,
-    kind: RecordKind,
-    payload: &[u8],
-) -> anyhow::Result<()> {
-    let mut out = Vec::with_capacity(payload.len() + RECORD_HEADER_LEN);
-    frame::emit(kind, payload, &mut out)?;
-    w.write_all(&out).await?;
-    Ok(())
-}
+impl Writer {
+    fn spawn(mut w: OwnedWriteHalf) -> Writer {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
+        let (failed_tx, failed) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            while let Some(bytes) = rx.recv().await {
+                let e = match tokio::time::timeout(SETUP_TIMEOUT, w.write_all(&bytes)).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => format!("connection lost: {e}"),
+                    Err(_) => "connection lost: write timed out".into(),
+                };
+                let _ = failed_tx.send(e);
+                return;
+            }
+        });
+        Writer {
+            tx: Some(tx),
+            failed,
+            task,
+        }
+    }
 
-async fn deadline<T>(
-    what: &str,
-    f: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(SETUP_TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e:#}")),
-        Err(_) => Err(format!("{what}: timed out")),
+    /// Queue bytes; the failure that ended the writer, if it has ended.
+    async fn send(&mut self, bytes: Vec<u8>) -> Result<(), String> {
+        let Some(tx) = &self.tx else {
+            return Err("connection lost".into());
+        };
+        if tx.send(bytes).await.is_err() {
+            return Err(self
+                .failed
+                .try_recv()
+                .unwrap_or_else(|_| "connection lost".into()));
+        }
+        Ok(())
+    }
+
+    /// Write what is queued (at most for [`SETUP_TIMEOUT`]), then stop.
+    /// (Dropping the writer stops it at once.)
+    async fn finish(&mut self) {
+        self.tx = None;
+        let _ = tokio::time::timeout(SETUP_TIMEOUT, &mut self.task).await;
     }
 }
 
-async fn refuse(w: &mut OwnedWriteHalf, reason: &str) {
-    let mut r = reason.as_bytes().to_vec();
-    r.truncate(frame::MAX_REFUSAL);
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        write_record(w, RecordKind::Refusal, &r),
-    )
-    .await;
-}
-
-fn password_reason(ours: bool, theirs: bool) -> String {
-    match (ours, theirs) {
-        (true, false) => "password mismatch: we have a password and the peer has none".into(),
-        (false, true) => "password mismatch: the peer has a password and we have none".into(),
-        _ => "password mismatch: the handshake did not authenticate (different passwords)".into(),
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
-/// Set up and run one connection; returns how it ended.
+/// Set up and run one connection; returns how it ended. The protocol is
+/// [`Connection`]'s; this moves its bytes, drives its timer and tells the
+/// router what it reports.
 async fn run_conn(
     me: &Me,
     id: ConnId,
@@ -336,120 +342,17 @@ async fn run_conn(
     } else {
         "inbound"
     };
-    let (mut r, mut w) = stream.into_split();
-    let update = |state: &str, info: Option<String>| router::Cmd::Update {
-        id,
-        row: row(dir, addr, state, None, false, info),
-    };
-    let _ = router.send(update("handshaking", None)).await;
+    let (mut r, w) = stream.into_split();
+    let mut writer = Writer::spawn(w);
+    let _ = router
+        .send(router::Cmd::Update {
+            id,
+            row: row(dir, addr, "handshaking", None, false, None),
+        })
+        .await;
 
-    // 1. Hellos.
-    let ours = Hello::ours(me.psk.is_some());
-    let ours_bytes = ours.emit();
-    if let Err(e) = w.write_all(&ours_bytes).await {
-        return End::Retry(format!("sending hello: {e}"));
-    }
-    let mut theirs_bytes = [0u8; HELLO_LEN];
-    if let Err(e) = deadline("reading hello", async {
-        Ok(r.read_exact(&mut theirs_bytes).await?)
-    })
-    .await
-    {
-        return End::Retry(e);
-    }
-    let theirs = match Hello::parse(&theirs_bytes) {
-        Ok(h) => h,
-        Err(e) => {
-            if WarnLimit::allow() {
-                warn!(%addr, "not a mesh peer: {e}");
-            }
-            return End::Retry(format!("not a mesh peer: {e}"));
-        }
-    };
-    if let Err(e) = ours.negotiate(&theirs) {
-        warn!(%addr, "{e}");
-        refuse(&mut w, &e.to_string()).await;
-        return End::Retry(e.to_string());
-    }
-    if theirs.password != ours.password {
-        let reason = password_reason(ours.password, theirs.password);
-        if WarnLimit::allow() {
-            warn!(%addr, "refusing connection: {reason}");
-        }
-        return End::Retry(reason);
-    }
-
-    // 2. Noise handshake, with both hellos as prologue.
-    let mut prologue = Vec::with_capacity(2 * HELLO_LEN);
-    match role {
-        Role::Initiator => {
-            prologue.extend_from_slice(&ours_bytes);
-            prologue.extend_from_slice(&theirs_bytes);
-        }
-        Role::Responder => {
-            prologue.extend_from_slice(&theirs_bytes);
-            prologue.extend_from_slice(&ours_bytes);
-        }
-    }
-    let mut hs = match Handshake::new(role, &me.key, me.psk.as_ref(), &prologue) {
-        Ok(h) => h,
-        Err(e) => return End::Fatal(e.to_string()),
-    };
-    while !hs.is_finished() {
-        if hs.is_my_turn() {
-            let msg = match hs.write() {
-                Ok(m) => m,
-                Err(e) => return End::Retry(e.to_string()),
-            };
-            if let Err(e) = write_record(&mut w, RecordKind::Handshake, &msg).await {
-                return End::Retry(format!("handshake: {e:#}"));
-            }
-        } else {
-            let (kind, payload) = match deadline("handshake", read_record(&mut r)).await {
-                Ok(x) => x,
-                Err(e) => return End::Retry(e),
-            };
-            match kind {
-                RecordKind::Handshake => {}
-                RecordKind::Refusal => {
-                    return End::Retry(format!(
-                        "refused by peer: {}",
-                        String::from_utf8_lossy(&payload)
-                    ))
-                }
-                RecordKind::Transport => {
-                    return End::Retry("protocol error: transport record during handshake".into())
-                }
-            }
-            match hs.read(&payload) {
-                Ok(()) => {}
-                Err(HandshakeError::Rejected) => {
-                    let reason = password_reason(true, true);
-                    if WarnLimit::allow() {
-                        warn!(%addr, "refusing connection: {reason}");
-                    }
-                    refuse(&mut w, &reason).await;
-                    return End::Retry(reason);
-                }
-                Err(e) => {
-                    if WarnLimit::allow() {
-                        warn!(%addr, "handshake failed: {e}");
-                    }
-                    return End::Retry(format!("handshake failed: {e}"));
-                }
-            }
-        }
-    }
-    let mut transport = match hs.finish() {
-        Ok(t) => t,
-        Err(e) => return End::Retry(e.to_string()),
-    };
-    let peer = transport.remote_name();
-    if peer == me.name {
-        return End::Fatal("connected to ourselves (this address is our own)".into());
-    }
-
-    // 3. Introductions.
+    // What the connection needs from the daemon: with a password, a random
+    // key for the sleeve; the fast-path offer to this address.
     let sleeve_key = if me.psk.is_some() {
         let mut k = [0u8; 32];
         if let Err(e) = getrandom::fill(&mut k) {
@@ -460,184 +363,131 @@ async fn run_conn(
         None
     };
     let fastdp_offer = crate::fastdp::offer(me, addr.ip());
-    let intro = ControlMsg::Intro(Intro {
-        nickname: me.nickname.clone(),
-        udp_port: me.port,
-        max_frame: me.mtu + 14,
-        sleeve_key,
-        fastdp: fastdp_offer.as_ref().ok().cloned(),
-    });
-    if let Err(e) = send_msg(&mut w, &mut transport, &intro).await {
-        return End::Retry(format!("sending intro: {e:#}"));
-    }
-    let their_intro = match deadline(
-        "waiting for the peer's intro",
-        recv_msg(&mut r, &mut transport),
-    )
-    .await
-    {
-        Ok(ControlMsg::Intro(i)) => i,
-        Ok(other) => return End::Retry(format!("protocol error: expected intro, got {other:?}")),
-        Err(e) => return End::Retry(e),
-    };
-    let (sealer, opener) = match (sleeve_key, their_intro.sleeve_key) {
-        (Some((kid, k)), Some((tid, t))) => {
-            (Some(Sealer::new(kid, &k)), Some(Opener::new(tid, &t)))
-        }
-        (None, None) => (None, None),
-        _ => return End::Retry("protocol error: sleeve key missing".into()),
-    };
-    let nickname = their_intro.nickname.clone();
-    let udp = SocketAddr::new(addr.ip(), their_intro.udp_port);
-    let fastdp = crate::fastdp::negotiate(&fastdp_offer, their_intro.fastdp.as_ref(), addr.ip());
+    let mut conn = Connection::new(
+        Config {
+            role,
+            key: me.key.clone(),
+            psk: me.psk,
+            nickname: me.nickname.clone(),
+            udp_port: me.port,
+            max_frame: me.mtu + 14,
+            sleeve_key,
+            fastdp: fastdp_offer.as_ref().ok().cloned(),
+        },
+        Instant::now(),
+    );
 
-    // 4. Register with the router.
-    let (close_tx, mut close_rx) = oneshot::channel();
-    let (gossip_tx, mut gossip_rx) = mpsc::channel::<Vec<u8>>(256);
-    let (reply_tx, reply_rx) = oneshot::channel();
-    let initiator = if role == Role::Initiator {
-        me.name
-    } else {
-        peer
-    };
-    let _ = router
-        .send(router::Cmd::Established(Box::new(Established {
-            id,
-            peer,
-            initiator,
-            udp,
-            sealer,
-            opener,
-            fastdp,
-            close: close_tx,
-            gossip: gossip_tx,
-            reply: reply_tx,
-        })))
-        .await;
-    if !reply_rx.await.unwrap_or(false) {
-        let _ = send_msg(
-            &mut w,
-            &mut transport,
-            &ControlMsg::Close {
-                reason: DUPLICATE.into(),
-            },
-        )
-        .await;
-        return End::Duplicate;
-    }
-    let encrypted = me.psk.is_some();
-    let _ = router
-        .send(router::Cmd::Update {
-            id,
-            row: row(
-                dir,
-                addr,
-                "established",
-                Some((peer, &nickname)),
-                encrypted,
-                None,
-            ),
-        })
-        .await;
-
-    // 5. Heartbeats until the end. Reads run in their own task so that a
-    // partially read record is never lost to a cancelled future.
-    let (rec_tx, mut rec_rx) = mpsc::channel(16);
-    let reader = tokio::spawn(async move {
-        loop {
-            let r = read_record(&mut r).await;
-            let stop = r.is_err();
-            if rec_tx.send(r).await.is_err() || stop {
-                return;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut close_rx: Option<oneshot::Receiver<String>> = None;
+    let mut gossip_rx: Option<mpsc::Receiver<Vec<u8>>> = None;
+    let mut registered: Option<PeerName> = None;
+    loop {
+        while let Some(bytes) = conn.poll_transmit() {
+            if let Err(e) = writer.send(bytes).await {
+                return End::Retry(e);
             }
         }
-    });
-    let mut tick = tokio::time::interval(HEARTBEAT);
-    let mut last_heard = Instant::now();
-    let mut gossip_open = true;
-    let end = loop {
+        if let Some(event) = conn.poll_event() {
+            match event {
+                Event::Established { peer, intro } => {
+                    let (sealer, opener) = match (sleeve_key, intro.sleeve_key) {
+                        (Some((kid, k)), Some((tid, t))) => {
+                            (Some(Sealer::new(kid, &k)), Some(Opener::new(tid, &t)))
+                        }
+                        _ => (None, None),
+                    };
+                    let udp = SocketAddr::new(addr.ip(), intro.udp_port);
+                    let fastdp =
+                        crate::fastdp::negotiate(&fastdp_offer, intro.fastdp.as_ref(), addr.ip());
+                    let (close_tx, close) = oneshot::channel();
+                    let (gossip_tx, gossip) = mpsc::channel::<Vec<u8>>(256);
+                    let (reply_tx, reply_rx) = oneshot::channel();
+                    let initiator = if role == Role::Initiator {
+                        me.name
+                    } else {
+                        peer
+                    };
+                    let _ = router
+                        .send(router::Cmd::Established(Box::new(Established {
+                            id,
+                            peer,
+                            initiator,
+                            udp,
+                            sealer,
+                            opener,
+                            fastdp,
+                            close: close_tx,
+                            gossip: gossip_tx,
+                            reply: reply_tx,
+                        })))
+                        .await;
+                    if !reply_rx.await.unwrap_or(false) {
+                        conn.close(DUPLICATE);
+                        continue;
+                    }
+                    registered = Some(peer);
+                    close_rx = Some(close);
+                    gossip_rx = Some(gossip);
+                    let encrypted = me.psk.is_some();
+                    let _ = router
+                        .send(router::Cmd::Update {
+                            id,
+                            row: row(
+                                dir,
+                                addr,
+                                "established",
+                                Some((peer, &intro.nickname)),
+                                encrypted,
+                                None,
+                            ),
+                        })
+                        .await;
+                }
+                Event::Gossip(bytes) => {
+                    if let Some(from) = registered {
+                        let _ = router.send(router::Cmd::GossipIn { id, from, bytes }).await;
+                    }
+                }
+                Event::Closed { kind, reason, warn } => {
+                    if warn && WarnLimit::allow() {
+                        warn!(%addr, peer = ?conn.peer(), "{reason}");
+                    }
+                    // Best effort: a refusal or a Close the peer should see.
+                    while let Some(bytes) = conn.poll_transmit() {
+                        if writer.send(bytes).await.is_err() {
+                            break;
+                        }
+                    }
+                    writer.finish().await;
+                    return match kind {
+                        CloseKind::Retry => End::Retry(reason),
+                        CloseKind::Fatal => End::Fatal(reason),
+                        CloseKind::Duplicate => End::Duplicate,
+                    };
+                }
+            }
+            continue;
+        }
+        let timer = conn.poll_timeout();
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
+            timer.unwrap_or_else(|| Instant::now() + SETUP_TIMEOUT),
+        ));
         tokio::select! {
-            _ = tick.tick() => {
-                if last_heard.elapsed() > DEAD_AFTER {
-                    break End::Retry(format!("no heartbeat from {peer} for {}s", DEAD_AFTER.as_secs()));
-                }
-                if let Err(e) = send_msg(&mut w, &mut transport, &ControlMsg::Heartbeat).await {
-                    break End::Retry(format!("connection lost: {e:#}"));
-                }
-            }
-            out = gossip_rx.recv(), if gossip_open => {
-                let Some(bytes) = out else {
-                    gossip_open = false;
-                    continue;
-                };
-                if let Err(e) = send_msg(&mut w, &mut transport, &ControlMsg::Gossip(bytes)).await {
-                    break End::Retry(format!("connection lost: {e:#}"));
-                }
-            }
-            reason = &mut close_rx => {
-                let reason = reason.unwrap_or_else(|_| "shutting down".into());
-                let _ = send_msg(&mut w, &mut transport, &ControlMsg::Close { reason: reason.clone() }).await;
-                if reason == DUPLICATE {
-                    break End::Duplicate;
-                }
-                break End::Retry(reason);
-            }
-            rec = rec_rx.recv() => {
-                let (kind, payload) = match rec {
-                    Some(Ok(x)) => x,
-                    Some(Err(e)) => break End::Retry(format!("connection lost: {e:#}")),
-                    None => break End::Retry("connection lost".into()),
-                };
-                if kind != RecordKind::Transport {
-                    break End::Retry("protocol error: unexpected record".into());
-                }
-                let msg = transport.open(&payload).map_err(|e| anyhow!(e)).and_then(|b| Ok(ControlMsg::decode(&b)?));
-                match msg {
-                    Ok(ControlMsg::Heartbeat) | Ok(ControlMsg::Intro(_)) | Ok(ControlMsg::SleeveKey { .. }) => last_heard = Instant::now(),
-                    Ok(ControlMsg::Gossip(bytes)) => {
-                        last_heard = Instant::now();
-                        let _ = router.send(router::Cmd::GossipIn { id, from: peer, bytes }).await;
-                    }
-                    Ok(ControlMsg::Close { reason }) => {
-                        if reason == DUPLICATE { break End::Duplicate; }
-                        break End::Retry(format!("closed by peer: {reason}"));
-                    }
-                    Err(e) => {
-                        if WarnLimit::allow() { warn!(%peer, "malformed control message: {e:#}"); }
-                        break End::Retry(format!("malformed control message: {e:#}"));
-                    }
-                }
+            n = r.read(&mut buf) => match n {
+                Ok(0) => conn.handle_read_error(Instant::now(), "early eof"),
+                Ok(n) => conn.handle_input(Instant::now(), &buf[..n]),
+                Err(e) => conn.handle_read_error(Instant::now(), &e.to_string()),
+            },
+            _ = sleep, if timer.is_some() => conn.handle_timeout(Instant::now()),
+            out = async { gossip_rx.as_mut()?.recv().await }, if gossip_rx.is_some() => match out {
+                Some(bytes) => conn.send_gossip(bytes),
+                None => gossip_rx = None,
+            },
+            e = &mut writer.failed => return End::Retry(e.unwrap_or_else(|_| "connection lost".into())),
+            reason = async { close_rx.as_mut()?.await.ok() }, if close_rx.is_some() => {
+                close_rx = None;
+                conn.close(&reason.unwrap_or_else(|| "shutting down".into()));
             }
         }
-    };
-    reader.abort();
-    end
-}
-
-async fn send_msg(
-    w: &mut OwnedWriteHalf,
-    t: &mut Transport,
-    msg: &ControlMsg,
-) -> anyhow::Result<()> {
-    let sealed = t.seal(&msg.encode()?)?;
-    tokio::time::timeout(
-        SETUP_TIMEOUT,
-        write_record(w, RecordKind::Transport, &sealed),
-    )
-    .await
-    .map_err(|_| anyhow!("write timed out"))?
-}
-
-async fn recv_msg(r: &mut OwnedReadHalf, t: &mut Transport) -> anyhow::Result<ControlMsg> {
-    let (kind, payload) = read_record(r).await?;
-    match kind {
-        RecordKind::Transport => Ok(ControlMsg::decode(&t.open(&payload)?)?),
-        RecordKind::Refusal => Err(anyhow!(
-            "refused by peer: {}",
-            String::from_utf8_lossy(&payload)
-        )),
-        RecordKind::Handshake => Err(anyhow!(
-            "protocol error: handshake record after the handshake"
-        )),
     }
 }

@@ -15,6 +15,8 @@
 //!   transport, refusal).
 //! - [`handshake`]: the Noise (`XX` / `XXpsk3`) handshake and the encrypted
 //!   transport that follows it; the password-derived PSK.
+//! - [`conn`]: one control connection as a sans-IO state machine: hellos,
+//!   handshake, introductions, heartbeats, gossip, close.
 //! - [`control`]: the messages carried inside the encrypted control channel.
 //! - [`sleeve`]: the UDP 6783 datagram format: header, frame records,
 //!   fragments of super-frames, and packing of frames into datagrams.
@@ -37,6 +39,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod conn;
 pub mod control;
 pub mod fastdp;
 pub mod forward;
