@@ -263,23 +263,6 @@ impl std::fmt::Display for ConnState {
     }
 }
 
-/// The state by its name, for callers that still name states with string
-/// literals (`src/control.rs`). A name that is none of
-/// [`ConnState::as_str`]'s is a programming error: taken as `Failed`.
-impl From<&str> for ConnState {
-    fn from(s: &str) -> ConnState {
-        match s {
-            "connecting" => ConnState::Connecting,
-            "handshaking" => ConnState::Handshaking,
-            "established" => ConnState::Established,
-            "retrying" => ConnState::Retrying,
-            other => {
-                debug_assert_eq!(other, "failed", "not a connection state");
-                ConnState::Failed
-            }
-        }
-    }
-}
 
 /// The overlay carrying an established connection's traffic; in the JSON
 /// as `fastdp` or `sleeve`.

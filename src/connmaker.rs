@@ -9,7 +9,7 @@
 //! connected anyway.
 
 use crate::control::{self, DialSpec};
-use crate::daemon::{parse_peer, Me};
+use crate::peer::{parse_peer, Me};
 use crate::persist;
 use crate::router;
 use mesh_proto::name::PeerName;

@@ -12,8 +12,9 @@
 //! reason shown by `mesh status`. Dial targets retry with exponential
 //! backoff and jitter.
 
-use crate::api::ConnStatus;
-use crate::daemon::Me;
+use crate::api::{ConnState, ConnStatus};
+use crate::peer::Me;
+use crate::warn::WarnLimit;
 use crate::router::{self, ConnId, Established};
 use mesh_proto::conn::{CloseKind, Config, Connection, Event, HEARTBEAT, SETUP_TIMEOUT};
 use mesh_proto::handshake::Role;
@@ -52,31 +53,11 @@ enum End {
     Duplicate,
 }
 
-/// Rate limiter for warnings that others can cause (misbehaving peers, a
-/// Docker daemon the proxy cannot reach): at most `BURST` lines per
-/// 10-second window, shared by the whole daemon.
-pub struct WarnLimit;
-static WARN_WINDOW: AtomicU64 = AtomicU64::new(0);
-static WARN_COUNT: AtomicU64 = AtomicU64::new(0);
-impl WarnLimit {
-    const BURST: u64 = 10;
-    /// Whether one more warning may be logged now.
-    pub fn allow() -> bool {
-        let window = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() / 10)
-            .unwrap_or(0);
-        if WARN_WINDOW.swap(window, Ordering::Relaxed) != window {
-            WARN_COUNT.store(0, Ordering::Relaxed);
-        }
-        WARN_COUNT.fetch_add(1, Ordering::Relaxed) < Self::BURST
-    }
-}
 
 fn row(
     dir: &str,
     addr: SocketAddr,
-    state: &str,
+    state: ConnState,
     peer: Option<(PeerName, &str)>,
     encrypted: bool,
     info: Option<String>,
@@ -84,7 +65,7 @@ fn row(
     ConnStatus {
         direction: dir.into(),
         address: addr.to_string(),
-        state: state.into(),
+        state,
         peer: peer.map(|(p, _)| p.to_string()),
         nickname: peer.map(|(_, n)| n.to_string()),
         encrypted,
@@ -172,7 +153,7 @@ pub async fn dial_loop(
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut attempt = 0usize;
-    let send_row = |target: SocketAddr, state: &'static str, info: Option<String>| {
+    let send_row = |target: SocketAddr, state: ConnState, info: Option<String>| {
         let router = router.clone();
         let peer = spec.peer;
         async move {
@@ -212,7 +193,7 @@ pub async fn dial_loop(
             }
             send_row(
                 target,
-                "established",
+                ConnState::Established,
                 Some("via the connection the peer made to us".into()),
             )
             .await;
@@ -222,7 +203,7 @@ pub async fn dial_loop(
             }
             continue;
         }
-        send_row(target, "connecting", None).await;
+        send_row(target, ConnState::Connecting, None).await;
         let started = Instant::now();
         let end = match tokio::time::timeout(SETUP_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(stream)) => run_conn(&me, id, stream, target, Role::Initiator, &router).await,
@@ -233,7 +214,7 @@ pub async fn dial_loop(
         match end {
             End::Fatal(reason) => {
                 warn!(%target, "giving up on target: {reason}");
-                send_row(target, "failed", Some(reason)).await;
+                send_row(target, ConnState::Failed, Some(reason)).await;
                 return;
             }
             End::Duplicate => {
@@ -244,7 +225,7 @@ pub async fn dial_loop(
                 if WarnLimit::allow() {
                     info!(%target, "connection failed: {reason}");
                 }
-                send_row(target, "retrying", Some(reason)).await;
+                send_row(target, ConnState::Retrying, Some(reason)).await;
             }
         }
         if started.elapsed() > Duration::from_secs(60) {
@@ -347,7 +328,7 @@ async fn run_conn(
     let _ = router
         .send(router::Cmd::Update {
             id,
-            row: row(dir, addr, "handshaking", None, false, None),
+            row: row(dir, addr, ConnState::Handshaking, None, false, None),
         })
         .await;
 
@@ -435,7 +416,7 @@ async fn run_conn(
                             row: row(
                                 dir,
                                 addr,
-                                "established",
+                                ConnState::Established,
                                 Some((peer, &intro.nickname)),
                                 encrypted,
                                 None,

@@ -32,3 +32,4 @@ pub mod router;
 pub mod run;
 pub mod sleeve;
 pub mod udpio;
+pub mod warn;

@@ -635,7 +635,7 @@ async fn connect_upstream(shared: &Shared) -> Option<UnixStream> {
     match UnixStream::connect(&shared.upstream).await {
         Ok(s) => Some(s),
         Err(e) => {
-            if crate::control::WarnLimit::allow() {
+            if crate::warn::WarnLimit::allow() {
                 warn!(upstream = %shared.upstream.display(), "docker proxy: cannot reach the Docker daemon: {e}");
             }
             None

@@ -10,8 +10,9 @@
 //! connection maker.
 
 use crate::api::{ConnState, ConnStatus, Overlay, PeerConn, PeerStatus, SleeveStats, Status};
-use crate::control::{WarnLimit, DUPLICATE};
-use crate::daemon::Me;
+use crate::peer::Me;
+use crate::warn::WarnLimit;
+use mesh_proto::conn::DUPLICATE;
 use crate::{connmaker, dns, fastdp, ipam, sleeve};
 use mesh_proto::gossip::{self, Event, Gossip};
 use mesh_proto::name::PeerName;
