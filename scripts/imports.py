@@ -41,7 +41,7 @@ def expand(text):
                 out.append(m.group(1) + item)
             elif item == "self":
                 out.append(m.group(1).rstrip(":"))
-    for m in re.finditer(r"crate::((?:\w+)(?:::\w+)*)", text):
+    for m in re.finditer(r"crate::(\w+(?:::\w+)*)(?![\w:])", text):
         out.append(m.group(1))
     return out
 
@@ -49,14 +49,27 @@ graph = {}
 for m, path in mods.items():
     text = open(path).read()
     # Tests of a module may reach anywhere.
-    text = re.split(r"#\[cfg\(test\)\]\s*mod tests", text)[0]
+    text = re.split(r"#\[cfg\(test\)\]\s*(?:pub(?:\([^)]*\))?\s+)?mod \w+\s*\{", text)[0]
     # Comments (doc links included) are not imports.
     text = re.sub(r"//[^\n]*", "", text)
+    # `super::x` and `self::x` are paths from the crate's root too.
+    if "::" in m:
+        text = re.sub(r"\bsuper::", "crate::" + m.rsplit("::", 1)[0] + "::", text)
+    text = re.sub(r"\bself::(?=\w)", "crate::" + m + "::", text)
+    text = re.sub(r"use super::\{", "use crate::" + m.rsplit("::", 1)[0] + "::{", text) if "::" in m else text
     deps = set()
     for p in expand(text):
         t = resolve([x for x in p.split("::") if x])
-        if t and t != m and not t.startswith(m + "::") and not m.startswith(t + "::"):
+        if t and t != m:
             deps.add(t)
+    # A folder's mod.rs naming its own submodules (`child::Item`), and a
+    # submodule naming its parent (`super::Item`): imports too (a
+    # declaration `mod child;` is not).
+    for c in mods:
+        if c.startswith(m + "::") and "::" not in c[len(m) + 2:]:
+            child = c[len(m) + 2:]
+            if re.search(r"(?<![:\w])" + child + r"::", text):
+                deps.add(c)
     graph[m] = deps
 
 for m in sorted(graph):

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // A container runtime calls us as a CNI plugin ("type": "mesh").
     if std::env::var_os("CNI_COMMAND").is_some() {
-        return mesh::cni::main();
+        return mesh::integrations::cni::main();
     }
     match mesh::cli::run() {
         Ok(code) => code,

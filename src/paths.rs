@@ -50,3 +50,19 @@ pub fn parse_docker_host(s: &str) -> Result<PathBuf, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_host_forms() {
+        assert_eq!(
+            parse_docker_host("unix:///var/run/docker.sock"),
+            Ok(PathBuf::from("/var/run/docker.sock"))
+        );
+        assert!(parse_docker_host("tcp://1.2.3.4:2375").is_err());
+        assert!(parse_docker_host("unix://relative").is_err());
+        assert!(parse_docker_host("/var/run/docker.sock").is_err());
+    }
+}

@@ -26,8 +26,8 @@ use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteType};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, TokioSocket};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
+use super::error::{check_ifname, netlink_errno, HostError};
 use super::netns::{current_netns, run_in_netns, NetnsId};
-use super::{check_ifname, netlink_errno, HostError};
 
 const DEFAULT_MTU: u32 = 1500;
 

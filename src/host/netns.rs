@@ -13,7 +13,7 @@ use nix::sched::CloneFlags;
 use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
 use serde::{Deserialize, Serialize};
 
-use super::HostError;
+use super::error::HostError;
 
 /// Identity of a network namespace: `st_dev` and `st_ino` of its nsfs file.
 /// Two files refer to the same namespace iff their ids are equal.

@@ -21,7 +21,8 @@
 use std::os::fd::AsRawFd;
 use tun_rs::{DeviceBuilder, Layer, SyncDevice};
 
-use super::{check_ifname, HostError, Netlink};
+use super::error::{check_ifname, HostError};
+use super::netlink::Netlink;
 
 /// Length of the `virtio_net_hdr` that prefixes every frame.
 pub const VNET_HDR_LEN: usize = 10;

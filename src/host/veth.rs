@@ -19,8 +19,9 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
 
+use super::error::{check_ifname, netlink_errno, HostError};
 use super::netlink::link_mac_of;
-use super::{check_ifname, netlink_errno, HostError, Netlink};
+use super::netlink::Netlink;
 
 /// The container-facing result of an attach.
 #[derive(Debug, Clone, PartialEq, Eq)]

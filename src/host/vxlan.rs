@@ -27,8 +27,9 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{LinkBridgePort, LinkVxlan};
 
+use super::error::{netlink_errno, HostError};
 use super::netlink::link_kind;
-use super::{netlink_errno, HostError, Netlink};
+use super::netlink::Netlink;
 
 /// Create the VXLAN device `name` (VNI `vni`, UDP `port`, no learning, MTU
 /// `mtu`) as a port of `bridge`, isolated and not learning, and set it up.

@@ -4,55 +4,23 @@
 //! `mesh connect` (persisted in `$MESH_DATA_DIR/targets.json`, removed by
 //! `mesh forget`), and *candidates*, peers learned by gossip that we are not
 //! directly connected to, dialed up to `--conn-limit`. Each gets a dialer
-//! task ([`crate::control::dial_loop`]) that retries with backoff and
+//! task ([`crate::router::control::dial_loop`]) that retries with backoff and
 //! jitter; a dialer stops when told to, or when its peer turns out to be
 //! connected anyway.
 
-use crate::control::{self, DialSpec};
+use super::msg;
 use crate::peer::{parse_peer, Me};
 use crate::persist;
-use crate::router;
+use crate::router::control::{self, DialSpec};
 use mesh_proto::name::PeerName;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::info;
 
-/// Messages to the connection maker.
-pub enum Cmd {
-    /// Add targets (and dial them).
-    Connect {
-        /// `HOST[:PORT]` strings.
-        peers: Vec<String>,
-        /// Done, or why not.
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    /// Remove targets (stop redialing them).
-    Forget {
-        /// `HOST[:PORT]` strings as given to connect.
-        peers: Vec<String>,
-        /// Done, or why not.
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    /// The targets.
-    Targets(oneshot::Sender<Vec<String>>),
-    /// Peers gossip says we could dial.
-    Candidates(Vec<(PeerName, Vec<SocketAddr>)>),
-}
-
-/// A target as the router sees it (for the allocator's consensus size).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// As given (`HOST[:PORT]`).
-    pub text: String,
-    /// Where it resolves to, if it does.
-    pub addr: Option<SocketAddr>,
-    /// It is this peer's own address (a host given the whole list of
-    /// peers, itself included): not a peer we were told about.
-    pub ours: bool,
-}
+pub use super::msg::{MakerCmd as Cmd, Target};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Key {
@@ -71,7 +39,7 @@ pub struct ConnMaker {
     path: PathBuf,
     targets: BTreeSet<String>,
     dialers: BTreeMap<Key, Dialer>,
-    router: mpsc::Sender<router::Cmd>,
+    router: mpsc::Sender<msg::Cmd>,
     conn_limit: usize,
     next_id: u64,
 }
@@ -82,7 +50,7 @@ impl ConnMaker {
         me: Arc<Me>,
         data_dir: PathBuf,
         extra: &[String],
-        router: mpsc::Sender<router::Cmd>,
+        router: mpsc::Sender<msg::Cmd>,
         conn_limit: usize,
     ) -> anyhow::Result<ConnMaker> {
         let path = data_dir.join("targets.json");
@@ -156,7 +124,7 @@ impl ConnMaker {
                 }
             })
             .collect();
-        let _ = self.router.send(router::Cmd::Targets(list)).await;
+        let _ = self.router.send(msg::Cmd::Targets(list)).await;
     }
 
     fn stop(&mut self, key: &Key) {

@@ -14,7 +14,8 @@
 //! daemon notices the interface gone and releases the addresses then.
 
 use crate::api::{self, Request, Response};
-use crate::{addr, paths};
+use crate::attach::addr;
+use crate::paths;
 use anyhow::{bail, Context};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{self, SigHandler, Signal};

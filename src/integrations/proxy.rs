@@ -26,8 +26,8 @@
 //! gets a 400, an unreachable upstream a 502, each with Docker's JSON
 //! `{"message": ...}`; the proxy goes on either way.
 
-use crate::addr;
 use crate::api::{self, Request, Response};
+use crate::attach::addr;
 use crate::attach::DNS_ADDR;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -45,8 +45,6 @@ pub const MAX_BODY: usize = 8 << 20;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a call to the mesh daemon's control socket may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
-
-pub use crate::paths::parse_docker_host;
 
 /// Why a request could not be understood.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -1102,17 +1100,6 @@ mod tests {
             .expect("x");
         assert!(c.addrs().is_err());
         assert_eq!(Inspected::from_json(&json!({"State": {}})), None);
-    }
-
-    #[test]
-    fn docker_host_forms() {
-        assert_eq!(
-            parse_docker_host("unix:///var/run/docker.sock"),
-            Ok(PathBuf::from("/var/run/docker.sock"))
-        );
-        assert!(parse_docker_host("tcp://1.2.3.4:2375").is_err());
-        assert!(parse_docker_host("unix://relative").is_err());
-        assert!(parse_docker_host("/var/run/docker.sock").is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!   [`mesh_proto::forward`]; this file does the I/O. A large frame
 //!   is a message of its own: it is read into place after room for its
 //!   record header, sealed in place (one seal per message), and sent as a run
-//!   of equal datagrams with one `UDP_SEGMENT` send ([`crate::udpio`]), no
+//!   of equal datagrams with one `UDP_SEGMENT` send ([`crate::datapath::udpio`]), no
 //!   copy in between. Small frames of one burst are packed into one
 //!   datagram per destination.
 //! - **One receiver**: `recvmmsg` with `UDP_GRO` hands over runs of
@@ -44,8 +44,8 @@
 //! the limit.
 
 use crate::api::SleeveStats;
+use crate::datapath::udpio::{self, RecvBatch, MAX_SEGMENTS, MAX_UDP_PAYLOAD};
 use crate::host::Tap;
-use crate::udpio::{self, RecvBatch, MAX_SEGMENTS, MAX_UDP_PAYLOAD};
 use mesh_proto::forward::{self, Decision, MacTable};
 use mesh_proto::name::PeerName;
 use mesh_proto::pmtu::{Probe, MIN_MTU};

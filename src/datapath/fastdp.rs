@@ -67,7 +67,7 @@ pub const PORT: u16 = 6784;
 /// Its VXLAN network identifier.
 pub const VNI: u32 = 0x6d_65_73; // "mes"
 
-pub use crate::peer::FastdpLocal as Local;
+use crate::peer::FastdpLocal as Local;
 
 /// The overlay a connection uses, for `mesh status`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,16 +9,21 @@
 //! the routes it computes to the sleeve, and the peers it learns to the
 //! connection maker.
 
+pub mod connmaker;
+pub mod control;
+pub mod ipam;
+mod msg;
+pub mod names;
+
 use crate::api::{ConnState, ConnStatus, Overlay, PeerConn, PeerStatus, SleeveStats, Status};
+use crate::datapath::{fastdp, sleeve};
 use crate::peer::Me;
 use crate::warn::WarnLimit;
 use mesh_proto::conn::DUPLICATE;
-use crate::{connmaker, dns, fastdp, ipam, sleeve};
 use mesh_proto::gossip::{self, Event, Gossip};
 use mesh_proto::name::PeerName;
-use mesh_proto::seal::{Opener, Sealer};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
@@ -28,80 +33,7 @@ use tracing::{info, warn};
 /// reclaims) without other news.
 const IPAM_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Identifies a connection (or a dialer's attempts) in the table.
-pub type ConnId = u64;
-
-/// Messages to the router.
-pub enum Cmd {
-    /// A connection's visible state changed.
-    Update {
-        /// Which.
-        id: ConnId,
-        /// The row to show.
-        row: ConnStatus,
-    },
-    /// A connection finished its handshake and introductions.
-    Established(Box<Established>),
-    /// A connection ended.
-    Closed {
-        /// Which.
-        id: ConnId,
-        /// Drop its row too.
-        forget: bool,
-    },
-    /// A gossip message from a neighbour.
-    GossipIn {
-        /// The connection it came on.
-        id: ConnId,
-        /// The neighbour.
-        from: PeerName,
-        /// The message.
-        bytes: Vec<u8>,
-    },
-    /// Is this peer connected, or anyone at this IP?
-    Connected {
-        /// A peer name, if known.
-        peer: Option<PeerName>,
-        /// An IP.
-        ip: Option<IpAddr>,
-        /// The answer.
-        reply: oneshot::Sender<bool>,
-    },
-    /// The sleeve reports a neighbour silent.
-    Sleeve(sleeve::Event),
-    /// A snapshot for `mesh status` (targets are filled in by the caller).
-    Status(oneshot::Sender<Status>),
-    /// A request for the address allocator.
-    Ipam(ipam::Cmd),
-    /// A request for the name table.
-    Names(dns::Cmd),
-    /// The connection targets now (from the connection maker).
-    Targets(Vec<connmaker::Target>),
-}
-
-/// A connection ready to carry traffic.
-pub struct Established {
-    /// Which.
-    pub id: ConnId,
-    /// The peer.
-    pub peer: PeerName,
-    /// Who dialed.
-    pub initiator: PeerName,
-    /// The peer's sleeve address (also where it can be dialed).
-    pub udp: SocketAddr,
-    /// Our sealer for datagrams to it, when encrypted.
-    pub sealer: Option<Sealer>,
-    /// Our opener for its datagrams, when encrypted.
-    pub opener: Option<Opener>,
-    /// The fast path agreed for this connection, or why not.
-    pub fastdp: Result<fastdp::Agreed, String>,
-    /// Closes the connection, with a reason.
-    pub close: oneshot::Sender<String>,
-    /// Gossip to send on this connection.
-    pub gossip: mpsc::Sender<Vec<u8>>,
-    /// Whether it was accepted (false: a duplicate, closed).
-    pub reply: oneshot::Sender<bool>,
-}
+pub use msg::{Cmd, ConnId, Established};
 
 struct Active {
     id: ConnId,
@@ -122,7 +54,7 @@ struct Router {
     candidates_dirty: bool,
     problems: Vec<String>,
     ipam: ipam::Driver,
-    names: dns::Driver,
+    names: names::Driver,
     fastdp: Option<mpsc::Sender<fastdp::Cmd>>,
     /// The targets, each with whether a connection reached it yet.
     targets: Vec<(connmaker::Target, bool)>,
@@ -138,7 +70,7 @@ pub struct Channels {
     /// The address allocator.
     pub ipam: ipam::Driver,
     /// The name table.
-    pub names: dns::Driver,
+    pub names: names::Driver,
 }
 
 /// Run the router until every sender is gone.

@@ -3,7 +3,8 @@
 //! come back as `anyhow` values and are printed by `main` as one line.
 
 use crate::api::{self, unexpected, Request, Response};
-use crate::{addr, daemon, paths};
+use crate::attach::addr;
+use crate::{daemon, paths};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -259,7 +260,7 @@ pub struct LaunchArgs {
 
 /// `--docker-host`: `unix:///PATH`.
 fn parse_docker_host(s: &str) -> Result<String, String> {
-    crate::proxy::parse_docker_host(s).map(|_| s.to_string())
+    paths::parse_docker_host(s).map(|_| s.to_string())
 }
 
 /// `mesh env [--restore]`: shell commands for `eval`.
@@ -466,7 +467,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Cmd::Connect { peers } => {
             need_root("connect")?;
             for p in &peers {
-                daemon::parse_peer(p, 6783).map_err(anyhow::Error::msg)?;
+                crate::peer::parse_peer(p, 6783).map_err(anyhow::Error::msg)?;
             }
             expect_ok(call(&Request::Connect { peers })?)?;
             Ok(ExitCode::SUCCESS)
@@ -493,7 +494,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
                 addr::parse(a).map_err(anyhow::Error::msg)?;
             }
             need_root("run")?;
-            crate::run::run(crate::run::RunArgs {
+            crate::attach::run::run(crate::attach::run::RunArgs {
                 addrs,
                 name,
                 env,
@@ -697,7 +698,7 @@ fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         _ => args.into_config(),
     };
     for p in &config.peers {
-        daemon::parse_peer(p, config.port).map_err(anyhow::Error::msg)?;
+        crate::peer::parse_peer(p, config.port).map_err(anyhow::Error::msg)?;
     }
     daemon::ipam_config(&config)?;
     if let Ok(Response::Status(s)) =

@@ -10,9 +10,10 @@
 //! SIGINT, leaving the bridge and attached containers in place.
 
 use crate::api::{self, Request, Response};
-use crate::{
-    attach, connmaker, control, fastdp, host, identity, ipam, paths, proxy, router, sleeve,
-};
+use crate::datapath::{fastdp, sleeve};
+use crate::integrations::proxy;
+use crate::router::{self, connmaker, control, ipam};
+use crate::{attach, host, identity, paths};
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -22,8 +23,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-pub use crate::host::{BRIDGE, TAP};
-pub use crate::peer::{parse_peer, Me};
+use crate::host::{BRIDGE, TAP};
+use crate::peer::Me;
 /// How long `mesh launch` waits for the daemon to answer.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -299,7 +300,7 @@ async fn listeners(args: &Config) -> anyhow::Result<Listeners> {
     let api = tokio::net::UnixListener::bind(&sock_path)
         .with_context(|| format!("binding control socket {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
-    let docker_host = proxy::parse_docker_host(&args.docker_host).map_err(anyhow::Error::msg)?;
+    let docker_host = paths::parse_docker_host(&args.docker_host).map_err(anyhow::Error::msg)?;
     if !docker_host.exists() {
         // Not a warning: hosts with no Docker (CNI, `mesh run`) are normal.
         info!(docker_host = %args.docker_host, "no Docker socket (yet): the Docker API proxy answers 502 until there is one");
@@ -421,7 +422,7 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         ..Default::default()
     };
     let zone = dns_zone(&args)?;
-    let names = crate::dns::Driver::load(name, paths::data_dir(), zone.clone())?;
+    let names = crate::router::names::Driver::load(name, paths::data_dir(), zone.clone())?;
     let ipam_config = ipam_config(&args)?;
     let range = ipam_config.range;
     let allocator = ipam::Driver::load(name, ipam_config, paths::data_dir(), args.ipalloc_timeout)?;
@@ -735,7 +736,7 @@ async fn handle(req: Request, s: &Services) -> Response {
         ),
         Request::DnsLookup { name } => {
             match ask(&s.router, |reply| {
-                router::Cmd::Names(crate::dns::Cmd::Lookup { name, reply })
+                router::Cmd::Names(crate::router::names::Cmd::Lookup { name, reply })
             })
             .await
             {

@@ -7,15 +7,15 @@
 //! [`Connection`] of `mesh_proto::conn`. This module is its I/O shell: it
 //! reads the TCP stream into it, writes what it transmits, drives its timer,
 //! and tells the router what it reports (the peer's intro becomes the
-//! sleeve keys and the negotiated fast path, see [`crate::fastdp`]). Every
+//! sleeve keys and the negotiated fast path, see [`crate::datapath::fastdp`]). Every
 //! failure ends only this connection, with one (rate-limited) log line and a
 //! reason shown by `mesh status`. Dial targets retry with exponential
 //! backoff and jitter.
 
+use super::msg::{self, ConnId, Established};
 use crate::api::{ConnState, ConnStatus};
 use crate::peer::Me;
 use crate::warn::WarnLimit;
-use crate::router::{self, ConnId, Established};
 use mesh_proto::conn::{CloseKind, Config, Connection, Event, HEARTBEAT, SETUP_TIMEOUT};
 use mesh_proto::handshake::Role;
 use mesh_proto::name::PeerName;
@@ -53,7 +53,6 @@ enum End {
     Duplicate,
 }
 
-
 fn row(
     dir: &str,
     addr: SocketAddr,
@@ -80,7 +79,7 @@ fn row(
 pub async fn accept_loop(
     me: Arc<Me>,
     listener: tokio::net::TcpListener,
-    router: mpsc::Sender<router::Cmd>,
+    router: mpsc::Sender<msg::Cmd>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND));
@@ -104,7 +103,7 @@ pub async fn accept_loop(
         tokio::spawn(async move {
             let _permit = permit;
             let end = run_conn(&me, id, stream, addr, Role::Responder, &router).await;
-            let _ = router.send(router::Cmd::Closed { id, forget: true }).await;
+            let _ = router.send(msg::Cmd::Closed { id, forget: true }).await;
             match end {
                 End::Retry(reason) | End::Fatal(reason) => {
                     if WarnLimit::allow() {
@@ -128,13 +127,13 @@ pub struct DialSpec {
 }
 
 async fn is_connected(
-    router: &mpsc::Sender<router::Cmd>,
+    router: &mpsc::Sender<msg::Cmd>,
     peer: Option<PeerName>,
     ip: Option<std::net::IpAddr>,
 ) -> bool {
     let (tx, rx) = oneshot::channel();
     let _ = router
-        .send(router::Cmd::Connected {
+        .send(msg::Cmd::Connected {
             peer,
             ip,
             reply: tx,
@@ -148,7 +147,7 @@ pub async fn dial_loop(
     me: Arc<Me>,
     id: ConnId,
     spec: DialSpec,
-    router: mpsc::Sender<router::Cmd>,
+    router: mpsc::Sender<msg::Cmd>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -159,11 +158,11 @@ pub async fn dial_loop(
         async move {
             let mut r = row("outbound", target, state, None, false, info);
             r.peer = peer.map(|p| p.to_string());
-            let _ = router.send(router::Cmd::Update { id, row: r }).await;
+            let _ = router.send(msg::Cmd::Update { id, row: r }).await;
         }
     };
-    let forget = |router: mpsc::Sender<router::Cmd>| async move {
-        let _ = router.send(router::Cmd::Closed { id, forget: true }).await;
+    let forget = |router: mpsc::Sender<msg::Cmd>| async move {
+        let _ = router.send(msg::Cmd::Closed { id, forget: true }).await;
     };
     if spec.addrs.is_empty() {
         return;
@@ -210,7 +209,7 @@ pub async fn dial_loop(
             Ok(Err(e)) => End::Retry(format!("connect: {e}")),
             Err(_) => End::Retry("connect: timed out".into()),
         };
-        let _ = router.send(router::Cmd::Closed { id, forget: false }).await;
+        let _ = router.send(msg::Cmd::Closed { id, forget: false }).await;
         match end {
             End::Fatal(reason) => {
                 warn!(%target, "giving up on target: {reason}");
@@ -315,7 +314,7 @@ async fn run_conn(
     stream: TcpStream,
     addr: SocketAddr,
     role: Role,
-    router: &mpsc::Sender<router::Cmd>,
+    router: &mpsc::Sender<msg::Cmd>,
 ) -> End {
     let _ = stream.set_nodelay(true);
     let dir = if role == Role::Initiator {
@@ -326,7 +325,7 @@ async fn run_conn(
     let (mut r, w) = stream.into_split();
     let mut writer = Writer::spawn(w);
     let _ = router
-        .send(router::Cmd::Update {
+        .send(msg::Cmd::Update {
             id,
             row: row(dir, addr, ConnState::Handshaking, None, false, None),
         })
@@ -343,7 +342,7 @@ async fn run_conn(
     } else {
         None
     };
-    let fastdp_offer = crate::fastdp::offer(me, addr.ip());
+    let fastdp_offer = crate::datapath::fastdp::offer(me, addr.ip());
     let mut conn = Connection::new(
         Config {
             role,
@@ -378,8 +377,11 @@ async fn run_conn(
                         _ => (None, None),
                     };
                     let udp = SocketAddr::new(addr.ip(), intro.udp_port);
-                    let fastdp =
-                        crate::fastdp::negotiate(&fastdp_offer, intro.fastdp.as_ref(), addr.ip());
+                    let fastdp = crate::datapath::fastdp::negotiate(
+                        &fastdp_offer,
+                        intro.fastdp.as_ref(),
+                        addr.ip(),
+                    );
                     let (close_tx, close) = oneshot::channel();
                     let (gossip_tx, gossip) = mpsc::channel::<Vec<u8>>(256);
                     let (reply_tx, reply_rx) = oneshot::channel();
@@ -389,7 +391,7 @@ async fn run_conn(
                         peer
                     };
                     let _ = router
-                        .send(router::Cmd::Established(Box::new(Established {
+                        .send(msg::Cmd::Established(Box::new(Established {
                             id,
                             peer,
                             initiator,
@@ -411,7 +413,7 @@ async fn run_conn(
                     gossip_rx = Some(gossip);
                     let encrypted = me.psk.is_some();
                     let _ = router
-                        .send(router::Cmd::Update {
+                        .send(msg::Cmd::Update {
                             id,
                             row: row(
                                 dir,
@@ -426,7 +428,7 @@ async fn run_conn(
                 }
                 Event::Gossip(bytes) => {
                     if let Some(from) = registered {
-                        let _ = router.send(router::Cmd::GossipIn { id, from, bytes }).await;
+                        let _ = router.send(msg::Cmd::GossipIn { id, from, bytes }).await;
                     }
                 }
                 Event::Closed { kind, reason, warn } => {

@@ -3,7 +3,7 @@
 //! atomically), so that `mesh ps` survives a restart of the daemon. The
 //! interfaces themselves live in the kernel and outlive the daemon.
 //!
-//! Addresses inside `--ipalloc-range` come from the allocator ([`crate::ipam`],
+//! Addresses inside `--ipalloc-range` come from the allocator ([`crate::router::ipam`],
 //! through the router task): `net:` and `net:default` allocate, `ip:` claims.
 //! The allocation is made (and persisted by the allocator) before the
 //! interface is created, and released after it is removed, so after a crash
@@ -14,11 +14,15 @@
 //!
 //! Invariant: no address is held by two attached containers.
 
-use crate::addr::{self, Addr};
+pub mod addr;
+pub mod run;
+
 use crate::api::{PsEntry, Request, Response};
 use crate::host::BRIDGE;
 use crate::host::{self, Netlink, NetnsId};
-use crate::{dns, ipam, persist, router};
+use crate::persist;
+use crate::router::{self, ipam, names};
+use addr::Addr;
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -279,7 +283,7 @@ impl Manager {
         let live = m.list.iter().map(|a| a.alloc_id()).collect();
         let _ = m
             .router
-            .send(router::Cmd::Names(dns::Cmd::Reconcile { live }))
+            .send(router::Cmd::Names(names::Cmd::Reconcile { live }))
             .await;
         for a in m.list.clone() {
             match host::open_netns(&a.target) {
@@ -362,7 +366,7 @@ impl Manager {
         }
     }
 
-    async fn names(&self, cmd: dns::Cmd) {
+    async fn names(&self, cmd: names::Cmd) {
         let _ = self.router.send(router::Cmd::Names(cmd)).await;
     }
 
@@ -430,7 +434,7 @@ impl Manager {
         };
         if add {
             let (reply, rx) = oneshot::channel();
-            self.names(dns::Cmd::Add {
+            self.names(names::Cmd::Add {
                 container,
                 addrs,
                 name: name.unwrap_or_default(),
@@ -441,7 +445,7 @@ impl Manager {
                 .map_err(|_| "the daemon is shutting down".to_string())?
         } else {
             let (reply, rx) = oneshot::channel();
-            self.names(dns::Cmd::Remove {
+            self.names(names::Cmd::Remove {
                 container,
                 addrs,
                 name,
@@ -1020,7 +1024,7 @@ impl Manager {
                 .filter(|h| mesh_proto::names::normalize_name(h).is_ok())
         });
         if let Some(n) = dns_name {
-            self.names(dns::Cmd::Add {
+            self.names(names::Cmd::Add {
                 container: a.alloc_id(),
                 addrs: a.v4(),
                 name: n,
@@ -1091,7 +1095,7 @@ impl Manager {
             warn!("isolation rules after detaching {}: {e}", a.id);
         }
         let aid = a.alloc_id();
-        self.names(dns::Cmd::Remove {
+        self.names(names::Cmd::Remove {
             container: aid.clone(),
             addrs: if all {
                 Vec::new()
@@ -1150,7 +1154,7 @@ impl Manager {
             info!(container = %a.id, "container gone: addresses and names released");
             self.release(&a.alloc_id(), None).await;
             self.stop_dns(&a.host_ifname);
-            self.names(dns::Cmd::Remove {
+            self.names(names::Cmd::Remove {
                 container: a.alloc_id(),
                 addrs: Vec::new(),
                 name: None,

@@ -29,8 +29,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::addr;
 use crate::api::{self, ClientError, Request, Response};
+use crate::attach::addr;
 use crate::attach::DNS_ADDR;
 use crate::host;
 
