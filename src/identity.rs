@@ -10,7 +10,7 @@ use std::path::Path;
 
 /// Load the key, or create and store a new one.
 pub fn load_or_create(data_dir: &Path) -> anyhow::Result<StaticKey> {
-    let path = data_dir.join("identity.key");
+    let path = data_dir.join(crate::paths::IDENTITY);
     match std::fs::read(&path) {
         Ok(bytes) => StaticKey::from_bytes(&bytes)
             .with_context(|| format!("identity key {} is corrupt", path.display())),

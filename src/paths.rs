@@ -5,6 +5,21 @@
 
 use std::path::PathBuf;
 
+/// Files under the data directory ([`data_dir`], or the directory a test
+/// hands a component), one name each, kept here so that every file the
+/// daemon keeps is listed in one place.
+pub const IDENTITY: &str = "identity.key";
+/// The attached containers.
+pub const CONTAINERS: &str = "containers.json";
+/// The host's addresses on the bridge (`mesh expose`).
+pub const EXPOSED: &str = "exposed.json";
+/// The connection targets.
+pub const TARGETS: &str = "targets.json";
+/// The address ring, our claims, peers learned.
+pub const IPAM: &str = "ipam.bin";
+/// The name table.
+pub const NAMES: &str = "names.bin";
+
 /// The runtime directory.
 pub fn run_dir() -> PathBuf {
     std::env::var_os("MESH_RUN_DIR")

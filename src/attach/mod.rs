@@ -126,7 +126,7 @@ impl Attachment {
 /// The host-side interfaces of the containers recorded in `data_dir`
 /// (for `mesh reset` without a daemon).
 pub fn host_interfaces(data_dir: &std::path::Path) -> Vec<String> {
-    persist::load_json::<Vec<Attachment>>(&data_dir.join("containers.json"))
+    persist::load_json::<Vec<Attachment>>(&data_dir.join(crate::paths::CONTAINERS))
         .ok()
         .flatten()
         .unwrap_or_default()
@@ -145,6 +145,68 @@ fn v4_nets<'a>(cidrs: impl IntoIterator<Item = &'a IpNet>) -> Vec<Ipv4Net> {
             IpNet::V6(_) => None,
         })
         .collect()
+}
+
+/// The saved attachments whose interfaces still exist. Host ends of
+/// containers that are not in the list (an attach that was in flight when
+/// the daemon died: the list is saved after the interface is made, and it
+/// never answered the user) are rolled back; the reconciliation releases
+/// their addresses.
+async fn still_attached(nl: &Netlink, stored: Vec<Attachment>) -> anyhow::Result<Vec<Attachment>> {
+    let mut list = Vec::new();
+    for a in stored {
+        if nl.link_index(&a.host_ifname).await?.is_some() {
+            list.push(a);
+        } else {
+            info!(container = %a.id, "container gone while we were stopped; released");
+        }
+    }
+    let known: std::collections::BTreeSet<&str> =
+        list.iter().map(|a| a.host_ifname.as_str()).collect();
+    for link in nl.links().await? {
+        let Some(name) = host::netlink::link_name_of(&link) else {
+            continue;
+        };
+        if name.starts_with(HOST_PREFIX) && !known.contains(name) {
+            warn!(
+                interface = name,
+                "half-made attachment from before a crash: removed"
+            );
+            nl.delete_link(name).await?;
+        }
+    }
+    Ok(list)
+}
+
+impl Manager {
+    /// After a restart: the allocator keeps the addresses the attached
+    /// containers (and the exposed host) hold and releases the rest; the
+    /// name table likewise.
+    async fn reconcile(&self) {
+        let range = self.range;
+        let mut live: Vec<(String, Vec<Ipv4Net>)> = self
+            .list
+            .iter()
+            .map(|a| (a.alloc_id(), a.managed(range)))
+            .collect();
+        live.push((
+            HOST_ID.to_string(),
+            self.exposed
+                .iter()
+                .filter(|n| range.contains(&n.addr()))
+                .copied()
+                .collect(),
+        ));
+        let _ = self
+            .router
+            .send(router::Cmd::Ipam(ipam::Cmd::Reconcile { live }))
+            .await;
+        let live = self.list.iter().map(|a| a.alloc_id()).collect();
+        let _ = self
+            .router
+            .send(router::Cmd::Names(names::Cmd::Reconcile { live }))
+            .await;
+    }
 }
 
 /// What an attach works out before it touches the kernel.
@@ -211,38 +273,11 @@ impl Manager {
         range: Ipv4Net,
         zone: Option<Arc<mesh_dns::Zone>>,
     ) -> anyhow::Result<Manager> {
-        let path = data_dir.join("containers.json");
+        let path = data_dir.join(crate::paths::CONTAINERS);
         let data_dir_for_expose = data_dir.clone();
         let stored: Vec<Attachment> = persist::load_json(&path)?.unwrap_or_default();
         let before = stored.len();
-        let mut list = Vec::new();
-        for a in stored {
-            if nl.link_index(&a.host_ifname).await?.is_some() {
-                list.push(a);
-            } else {
-                info!(container = %a.id, "container gone while we were stopped; released");
-            }
-        }
-        // Host ends of containers that are not in the list: an attach that
-        // was in flight when the daemon died (the list is saved after the
-        // interface is made). It never answered the user: roll it back,
-        // and the reconciliation below releases its address.
-        let known: std::collections::BTreeSet<&str> = list
-            .iter()
-            .map(|a: &Attachment| a.host_ifname.as_str())
-            .collect();
-        for link in nl.links().await? {
-            let Some(name) = host::netlink::link_name_of(&link) else {
-                continue;
-            };
-            if name.starts_with(HOST_PREFIX) && !known.contains(name) {
-                warn!(
-                    interface = name,
-                    "half-made attachment from before a crash: removed"
-                );
-                nl.delete_link(name).await?;
-            }
-        }
+        let list = still_attached(&nl, stored).await?;
         let mut m = Manager {
             nl,
             path,
@@ -252,7 +287,7 @@ impl Manager {
             range,
             zone,
             servers: HashMap::new(),
-            exposed: persist::load_json(&data_dir_for_expose.join("exposed.json"))?
+            exposed: persist::load_json(&data_dir_for_expose.join(crate::paths::EXPOSED))?
                 .unwrap_or_default(),
         };
         if let Err(e) = host::nft::sync_nat(BRIDGE, &m.exposed).await {
@@ -262,29 +297,7 @@ impl Manager {
             m.save()?;
         }
         m.sync_rules(None).await.map_err(anyhow::Error::msg)?;
-        let live = m
-            .list
-            .iter()
-            .map(|a| (a.alloc_id(), a.managed(range)))
-            .collect();
-        let mut live: Vec<(String, Vec<Ipv4Net>)> = live;
-        live.push((
-            HOST_ID.to_string(),
-            m.exposed
-                .iter()
-                .filter(|n| range.contains(&n.addr()))
-                .copied()
-                .collect(),
-        ));
-        let _ = m
-            .router
-            .send(router::Cmd::Ipam(ipam::Cmd::Reconcile { live }))
-            .await;
-        let live = m.list.iter().map(|a| a.alloc_id()).collect();
-        let _ = m
-            .router
-            .send(router::Cmd::Names(names::Cmd::Reconcile { live }))
-            .await;
+        m.reconcile().await;
         for a in m.list.clone() {
             match host::open_netns(&a.target) {
                 Ok((ns, id)) if id == a.netns => m.start_dns(&a.host_ifname, &ns).await,
@@ -472,7 +485,8 @@ impl Manager {
 
     fn save_exposed(&self) -> Result<(), String> {
         let dir = self.path.parent().map(PathBuf::from).unwrap_or_default();
-        persist::save_json(&dir.join("exposed.json"), &self.exposed).map_err(|e| format!("{e:#}"))
+        persist::save_json(&dir.join(crate::paths::EXPOSED), &self.exposed)
+            .map_err(|e| format!("{e:#}"))
     }
 
     /// Set or remove the default route via `gw` in every container of this

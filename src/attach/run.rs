@@ -24,6 +24,7 @@ use nix::unistd::{ForkResult, Pid};
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
@@ -82,14 +83,17 @@ fn addrs_for(args: &RunArgs) -> anyhow::Result<Vec<String>> {
     addr::addrs_or_default(list.as_deref()).map_err(anyhow::Error::msg)
 }
 
-/// Run CMD attached; returns CMD's exit status.
-pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// Check what can be checked before the daemon is asked anything.
+fn check_args(args: &RunArgs) -> anyhow::Result<()> {
     if args.cmd.is_empty() {
         bail!("missing CMD: mesh run [ADDR...] [--name NAME] [-e K=V]... -- CMD...");
     }
     for kv in &args.env {
         if !kv.contains('=') || kv.starts_with('=') {
             bail!("invalid -e {kv:?}: expected KEY=VALUE");
+        }
+        if kv.contains('\0') {
+            bail!("-e {kv:?} contains a NUL byte");
         }
     }
     if let Some(n) = &args.name {
@@ -102,33 +106,79 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             bail!("invalid --name {n:?}: use letters, digits, '-', '_' or '.', at most 63");
         }
     }
+    Ok(())
+}
+
+/// The container's resolv.conf (the mesh's DNS and search domain), when
+/// the daemon serves DNS; written under the run directory.
+fn write_resolv(status: &api::Status) -> anyhow::Result<Option<PathBuf>> {
+    let Some(dns) = status.dns.as_ref().filter(|d| d.serving) else {
+        return Ok(None);
+    };
+    let domain = dns.domain.trim_end_matches('.');
+    let path = paths::run_dir().join(format!("resolv.conf.{}", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "nameserver {}\nsearch {domain}\noptions ndots:0\n",
+            crate::attach::DNS_ADDR.ip()
+        ),
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    Ok(Some(path))
+}
+
+/// Ask the daemon to attach the child's namespace; the error as a line.
+fn attach_child(args: &RunArgs, addrs: Vec<String>, target: &str) -> Result<(), String> {
+    let resp = api::call(
+        &paths::socket(),
+        &Request::Attach {
+            addrs,
+            name: args.name.clone(),
+            target: target.to_string(),
+            ifname: None,
+        },
+        Duration::from_secs(120),
+    );
+    match resp {
+        Ok(Response::Attached { .. }) => Ok(()),
+        Ok(Response::Error { message }) => Err(message),
+        Ok(other) => Err(format!("unexpected answer from the daemon: {other:?}")),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+/// Release the container's addresses once CMD has exited.
+fn detach_child(who: String) {
+    match api::call(
+        &paths::socket(),
+        &Request::Detach {
+            addrs: Vec::new(),
+            target: who,
+        },
+        Duration::from_secs(30),
+    ) {
+        Ok(Response::Ok) => {}
+        // Already released (the daemon noticed the namespace go first).
+        Ok(Response::Error { message }) if message.starts_with("no attached container") => {}
+        Ok(Response::Error { message }) => eprintln!("mesh: releasing the container: {message}"),
+        Ok(_) => {}
+        Err(e) => eprintln!("mesh: releasing the container: {e:#}"),
+    }
+}
+
+/// Run CMD attached; returns CMD's exit status. The child makes its
+/// namespaces and waits; it is attached; then it may exec CMD.
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    check_args(&args)?;
     let addrs = addrs_for(&args)?;
     let attach = !addr::all_none(&addrs);
     // The daemon must answer before anything is forked.
     let status = match api::call(&paths::socket(), &Request::Status, Duration::from_secs(10))? {
         Response::Status(s) => s,
-        Response::Error { message } => bail!("{message}"),
-        other => bail!("unexpected answer from the daemon: {other:?}"),
+        other => return Err(api::unexpected(other)),
     };
-    let resolv = if status.dns.as_ref().is_some_and(|d| d.serving) {
-        let domain = status
-            .dns
-            .as_ref()
-            .map(|d| d.domain.trim_end_matches('.').to_string())
-            .unwrap_or_default();
-        let path = paths::run_dir().join(format!("resolv.conf.{}", std::process::id()));
-        std::fs::write(
-            &path,
-            format!(
-                "nameserver {}\nsearch {domain}\noptions ndots:0\n",
-                crate::attach::DNS_ADDR.ip()
-            ),
-        )
-        .with_context(|| format!("writing {}", path.display()))?;
-        Some(path)
-    } else {
-        None
-    };
+    let resolv = write_resolv(&status)?;
     let hostname = args
         .name
         .clone()
@@ -139,11 +189,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()
         .context("CMD contains a NUL byte")?;
-    for kv in &args.env {
-        if kv.contains('\0') {
-            bail!("-e {kv:?} contains a NUL byte");
-        }
-    }
 
     let (ready_r, ready_w) = nix::unistd::pipe()?;
     let (go_r, go_w) = nix::unistd::pipe()?;
@@ -188,23 +233,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let target = child.as_raw().to_string();
     if attach {
-        let resp = api::call(
-            &paths::socket(),
-            &Request::Attach {
-                addrs,
-                name: args.name.clone(),
-                target: target.clone(),
-                ifname: None,
-            },
-            Duration::from_secs(120),
-        );
-        let err = match resp {
-            Ok(Response::Attached { .. }) => None,
-            Ok(Response::Error { message }) => Some(message),
-            Ok(other) => Some(format!("unexpected answer from the daemon: {other:?}")),
-            Err(e) => Some(format!("{e:#}")),
-        };
-        if let Some(e) = err {
+        if let Err(e) = attach_child(&args, addrs, &target) {
             let _ = signal::kill(child, Signal::SIGKILL);
             let _ = waitpid(child, None);
             cleanup_resolv();
@@ -217,24 +246,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let code = wait_child(child);
     cleanup_resolv();
     if attach {
-        let who = args.name.clone().unwrap_or(target);
-        match api::call(
-            &paths::socket(),
-            &Request::Detach {
-                addrs: Vec::new(),
-                target: who,
-            },
-            Duration::from_secs(30),
-        ) {
-            Ok(Response::Ok) => {}
-            // Already released (the daemon noticed the namespace go first).
-            Ok(Response::Error { message }) if message.starts_with("no attached container") => {}
-            Ok(Response::Error { message }) => {
-                eprintln!("mesh: releasing the container: {message}")
-            }
-            Ok(_) => {}
-            Err(e) => eprintln!("mesh: releasing the container: {e:#}"),
-        }
+        detach_child(args.name.clone().unwrap_or(target));
     }
     Ok(ExitCode::from(code))
 }

@@ -374,6 +374,70 @@ async fn wait_for_stop(mut stop_rx: mpsc::Receiver<bool>) -> anyhow::Result<bool
     }
 }
 
+/// The data path and the router: the sleeve's threads (and the task that
+/// passes its events on), the fast path, the router with the allocator and
+/// the name table. Returns the allocator's range.
+#[allow(clippy::too_many_arguments)] // the parts serve set up, handed over once
+fn start_core(
+    args: &Config,
+    me: &Arc<Me>,
+    underlay_mtu: u32,
+    tap: host::Tap,
+    fastdp_dev: Option<fastdp::Device>,
+    udp: std::net::UdpSocket,
+    (router_tx, router_rx): (mpsc::Sender<router::Cmd>, mpsc::Receiver<router::Cmd>),
+    conn_tx: mpsc::Sender<connmaker::Cmd>,
+    zone: Option<Arc<mesh_dns::Zone>>,
+) -> anyhow::Result<ipnet::Ipv4Net> {
+    let name = me.name;
+    let (sleeve_tx, sleeve_rx) = mpsc::channel(256);
+    let sleeve_cfg = sleeve::Config {
+        me: name,
+        encrypted: me.psk.is_some(),
+        underlay_mtu: underlay_mtu as usize,
+    };
+    let (sleeve_ev_tx, mut sleeve_ev_rx) = mpsc::channel(64);
+    tokio::spawn(sleeve::run(sleeve_cfg, tap, udp, sleeve_rx, sleeve_ev_tx));
+    tokio::spawn(async move {
+        while let Some(ev) = sleeve_ev_rx.recv().await {
+            if router_tx.send(router::Cmd::Sleeve(ev)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1);
+    let gossip_config = mesh_proto::gossip::Config {
+        conn_limit: args.conn_limit,
+        ..Default::default()
+    };
+    let names = crate::router::names::Driver::load(name, paths::data_dir(), zone)?;
+    let ipam_config = ipam_config(args)?;
+    let range = ipam_config.range;
+    let allocator = ipam::Driver::load(name, ipam_config, paths::data_dir(), args.ipalloc_timeout)?;
+    let fastdp_tx = fastdp_dev.map(|d| {
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(fastdp::run(name, d, rx));
+        tx
+    });
+    tokio::spawn(router::run(
+        me.clone(),
+        router_rx,
+        sleeve_tx,
+        conn_tx,
+        gossip_config,
+        incarnation,
+        router::Channels {
+            ipam: allocator,
+            names,
+        },
+        fastdp_tx,
+    ));
+    Ok(range)
+}
+
 /// Set everything up, start the tasks, and serve until stopped. The order
 /// matters: devices and sockets first (a failure there ends the launch with
 /// its reason), then the tasks, each owning its part, wired by channels.
@@ -389,61 +453,20 @@ async fn serve(args: Config) -> anyhow::Result<()> {
     info!(peer = %name, nickname = %me.nickname, mtu = dev.mtu, underlay_mtu = dev.underlay_mtu, encryption = me.psk.is_some(), "mesh started");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (sleeve_tx, sleeve_rx) = mpsc::channel(256);
-    let sleeve_cfg = sleeve::Config {
-        me: name,
-        encrypted: me.psk.is_some(),
-        underlay_mtu: dev.underlay_mtu as usize,
-    };
     let (router_tx, router_rx) = mpsc::channel(1024);
-    let (sleeve_ev_tx, mut sleeve_ev_rx) = mpsc::channel(64);
-    tokio::spawn(sleeve::run(
-        sleeve_cfg,
-        dev.tap,
-        l.udp,
-        sleeve_rx,
-        sleeve_ev_tx,
-    ));
-    let to_router = router_tx.clone();
-    tokio::spawn(async move {
-        while let Some(ev) = sleeve_ev_rx.recv().await {
-            if to_router.send(router::Cmd::Sleeve(ev)).await.is_err() {
-                return;
-            }
-        }
-    });
     let (conn_tx, conn_rx) = mpsc::channel(256);
-    let incarnation = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(1);
-    let gossip_config = mesh_proto::gossip::Config {
-        conn_limit: args.conn_limit,
-        ..Default::default()
-    };
     let zone = dns_zone(&args)?;
-    let names = crate::router::names::Driver::load(name, paths::data_dir(), zone.clone())?;
-    let ipam_config = ipam_config(&args)?;
-    let range = ipam_config.range;
-    let allocator = ipam::Driver::load(name, ipam_config, paths::data_dir(), args.ipalloc_timeout)?;
-    let fastdp_tx = dev.fastdp.map(|d| {
-        let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(fastdp::run(name, d, rx));
-        tx
-    });
-    tokio::spawn(router::run(
-        me.clone(),
-        router_rx,
-        sleeve_tx,
+    let range = start_core(
+        &args,
+        &me,
+        dev.underlay_mtu,
+        dev.tap,
+        dev.fastdp,
+        l.udp,
+        (router_tx.clone(), router_rx),
         conn_tx.clone(),
-        gossip_config,
-        incarnation,
-        router::Channels {
-            ipam: allocator,
-            names,
-        },
-        fastdp_tx,
-    ));
+        zone.clone(),
+    )?;
     let (attach_tx, attach_rx) = mpsc::channel(64);
     let manager = attach::Manager::load(
         nl.clone(),
@@ -675,6 +698,11 @@ async fn reset(s: &Services) -> Response {
     Response::Message { message }
 }
 
+/// One request on the control socket, to the task that answers it.
+///
+/// Longer than most functions, for a reason: it is the daemon's dispatch
+/// table, one short arm per request, kept whole so that every request is
+/// found in one place.
 async fn handle(req: Request, s: &Services) -> Response {
     let gone = || Response::Error {
         message: "the daemon is shutting down".into(),

@@ -111,6 +111,8 @@ fn echo_reply(request: &[u8]) -> Vec<u8> {
     out
 }
 
+// Long for a reason: one test that tells one story, step by step, on
+// real kernel objects; split, its steps would lose their order.
 #[test]
 fn tap_sees_arp_and_can_answer() {
     if !require_root() {

@@ -25,6 +25,8 @@ fn gone_in(ns: &str, ifname: &'static str) -> bool {
     })
 }
 
+// Long for a reason: one test that tells one story, step by step, on
+// real kernel objects; split, its steps would lose their order.
 #[test]
 fn attach_two_containers_ping_and_detach() {
     if !require_root() {

@@ -53,7 +53,7 @@ impl ConnMaker {
         router: mpsc::Sender<msg::Cmd>,
         conn_limit: usize,
     ) -> anyhow::Result<ConnMaker> {
-        let path = data_dir.join("targets.json");
+        let path = data_dir.join(crate::paths::TARGETS);
         let mut targets: BTreeSet<String> = persist::load_json::<Vec<String>>(&path)?
             .unwrap_or_default()
             .into_iter()

@@ -17,6 +17,7 @@ use crate::api::{ConnState, ConnStatus};
 use crate::peer::Me;
 use crate::warn::WarnLimit;
 use mesh_proto::conn::{CloseKind, Config, Connection, Event, HEARTBEAT, SETUP_TIMEOUT};
+use mesh_proto::control::{FastdpOffer, Intro};
 use mesh_proto::handshake::Role;
 use mesh_proto::name::PeerName;
 use mesh_proto::seal::{Opener, Sealer};
@@ -150,7 +151,7 @@ pub async fn dial_loop(
     router: mpsc::Sender<msg::Cmd>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff(BACKOFF_MIN);
     let mut attempt = 0usize;
     let send_row = |target: SocketAddr, state: ConnState, info: Option<String>| {
         let router = router.clone();
@@ -175,17 +176,8 @@ pub async fn dial_loop(
         let target = spec.addrs[attempt % spec.addrs.len()];
         attempt += 1;
         // Already connected (e.g. the peer dialed us): nothing to do.
-        if is_connected(
-            &router,
-            spec.peer,
-            if spec.peer.is_some() {
-                None
-            } else {
-                Some(target.ip())
-            },
-        )
-        .await
-        {
+        let ip = spec.peer.is_none().then_some(target.ip());
+        if is_connected(&router, spec.peer, ip).await {
             if spec.peer.is_some() {
                 forget(router.clone()).await;
                 return;
@@ -217,7 +209,7 @@ pub async fn dial_loop(
                 return;
             }
             End::Duplicate => {
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 continue;
             }
             End::Retry(reason) => {
@@ -228,15 +220,31 @@ pub async fn dial_loop(
             }
         }
         if started.elapsed() > Duration::from_secs(60) {
-            backoff = BACKOFF_MIN;
+            backoff.reset();
         }
-        let jitter =
-            Duration::from_millis(u64::from(random_u16()) % (backoff.as_millis() as u64 / 2 + 1));
         tokio::select! {
-            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = tokio::time::sleep(backoff.next()) => {}
             _ = stop.changed() => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Exponential backoff with jitter, from [`BACKOFF_MIN`] to [`BACKOFF_MAX`].
+struct Backoff(Duration);
+
+impl Backoff {
+    fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+
+    /// The next wait: the delay plus up to half of it again; the delay
+    /// doubles.
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        let jitter =
+            Duration::from_millis(u64::from(random_u16()) % (d.as_millis() as u64 / 2 + 1));
+        self.0 = (d * 2).min(BACKOFF_MAX);
+        d + jitter
     }
 }
 
@@ -305,6 +313,149 @@ impl Drop for Writer {
     }
 }
 
+/// What a connection task knows about its connection, to register it.
+struct Link<'a> {
+    me: &'a Me,
+    id: ConnId,
+    addr: SocketAddr,
+    role: Role,
+    dir: &'static str,
+    router: &'a mpsc::Sender<msg::Cmd>,
+}
+
+impl Link<'_> {
+    /// The handshake is done: derive the sleeve keys and the fast path, and
+    /// hand the connection to the router. `None` when the router keeps
+    /// another connection to this peer (a duplicate); otherwise the
+    /// channels the router closes it and sends gossip on.
+    async fn register(
+        &self,
+        peer: PeerName,
+        intro: &Intro,
+        sleeve_key: Option<(u8, [u8; 32])>,
+        fastdp_offer: &Result<FastdpOffer, String>,
+    ) -> Option<(oneshot::Receiver<String>, mpsc::Receiver<Vec<u8>>)> {
+        let (sealer, opener) = match (sleeve_key, intro.sleeve_key) {
+            (Some((kid, k)), Some((tid, t))) => {
+                (Some(Sealer::new(kid, &k)), Some(Opener::new(tid, &t)))
+            }
+            _ => (None, None),
+        };
+        let udp = SocketAddr::new(self.addr.ip(), intro.udp_port);
+        let fastdp =
+            crate::datapath::fastdp::negotiate(fastdp_offer, intro.fastdp.as_ref(), self.addr.ip());
+        let (close_tx, close) = oneshot::channel();
+        let (gossip_tx, gossip) = mpsc::channel::<Vec<u8>>(256);
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let initiator = if self.role == Role::Initiator {
+            self.me.name
+        } else {
+            peer
+        };
+        let _ = self
+            .router
+            .send(msg::Cmd::Established(Box::new(Established {
+                id: self.id,
+                peer,
+                initiator,
+                udp,
+                sealer,
+                opener,
+                fastdp,
+                close: close_tx,
+                gossip: gossip_tx,
+                reply: reply_tx,
+            })))
+            .await;
+        if !reply_rx.await.unwrap_or(false) {
+            return None;
+        }
+        let row = row(
+            self.dir,
+            self.addr,
+            ConnState::Established,
+            Some((peer, &intro.nickname)),
+            self.me.psk.is_some(),
+            None,
+        );
+        let _ = self
+            .router
+            .send(msg::Cmd::Update { id: self.id, row })
+            .await;
+        Some((close, gossip))
+    }
+}
+
+/// What a connection needs from the daemon: with a password, a random key
+/// for the sleeve; the fast-path offer to this address. Returns the
+/// connection, the sleeve key and the offer (both needed again once it is
+/// established).
+#[allow(clippy::type_complexity)] // three parts, used once by run_conn
+fn connection(
+    me: &Me,
+    role: Role,
+    addr: SocketAddr,
+) -> Result<
+    (
+        Connection,
+        Option<(u8, [u8; 32])>,
+        Result<FastdpOffer, String>,
+    ),
+    End,
+> {
+    let sleeve_key = if me.psk.is_some() {
+        let mut k = [0u8; 32];
+        if let Err(e) = getrandom::fill(&mut k) {
+            return Err(End::Fatal(format!("no randomness for a sleeve key: {e}")));
+        }
+        Some((1u8, k))
+    } else {
+        None
+    };
+    let fastdp_offer = crate::datapath::fastdp::offer(me, addr.ip());
+    let conn = Connection::new(
+        Config {
+            role,
+            key: me.key.clone(),
+            psk: me.psk,
+            nickname: me.nickname.clone(),
+            udp_port: me.port,
+            max_frame: me.mtu + 14,
+            sleeve_key,
+            fastdp: fastdp_offer.as_ref().ok().cloned(),
+        },
+        Instant::now(),
+    );
+    Ok((conn, sleeve_key, fastdp_offer))
+}
+
+/// The connection closed: say why (rate-limited), send what it still has
+/// for the peer (a refusal, a Close), and end.
+async fn closed(
+    conn: &mut Connection,
+    mut writer: Writer,
+    addr: SocketAddr,
+    kind: CloseKind,
+    reason: String,
+    warn: bool,
+) -> End {
+    if warn && WarnLimit::allow() {
+        warn!(%addr, peer = ?conn.peer(), "{reason}");
+    }
+    // Best effort: a refusal or a Close the peer should see.
+    while let Some(bytes) = conn.poll_transmit() {
+        if writer.send(bytes).await.is_err() {
+            break;
+        }
+    }
+    writer.finish().await;
+    match kind {
+        CloseKind::Retry => End::Retry(reason),
+        CloseKind::Fatal => End::Fatal(reason),
+        CloseKind::Duplicate => End::Duplicate,
+    }
+}
+
 /// Set up and run one connection; returns how it ended. The protocol is
 /// [`Connection`]'s; this moves its bytes, drives its timer and tells the
 /// router what it reports.
@@ -331,31 +482,10 @@ async fn run_conn(
         })
         .await;
 
-    // What the connection needs from the daemon: with a password, a random
-    // key for the sleeve; the fast-path offer to this address.
-    let sleeve_key = if me.psk.is_some() {
-        let mut k = [0u8; 32];
-        if let Err(e) = getrandom::fill(&mut k) {
-            return End::Fatal(format!("no randomness for a sleeve key: {e}"));
-        }
-        Some((1u8, k))
-    } else {
-        None
+    let (mut conn, sleeve_key, fastdp_offer) = match connection(me, role, addr) {
+        Ok(c) => c,
+        Err(end) => return end,
     };
-    let fastdp_offer = crate::datapath::fastdp::offer(me, addr.ip());
-    let mut conn = Connection::new(
-        Config {
-            role,
-            key: me.key.clone(),
-            psk: me.psk,
-            nickname: me.nickname.clone(),
-            udp_port: me.port,
-            max_frame: me.mtu + 14,
-            sleeve_key,
-            fastdp: fastdp_offer.as_ref().ok().cloned(),
-        },
-        Instant::now(),
-    );
 
     let mut buf = vec![0u8; 64 * 1024];
     let mut close_rx: Option<oneshot::Receiver<String>> = None;
@@ -370,61 +500,22 @@ async fn run_conn(
         if let Some(event) = conn.poll_event() {
             match event {
                 Event::Established { peer, intro } => {
-                    let (sealer, opener) = match (sleeve_key, intro.sleeve_key) {
-                        (Some((kid, k)), Some((tid, t))) => {
-                            (Some(Sealer::new(kid, &k)), Some(Opener::new(tid, &t)))
+                    let link = Link {
+                        me,
+                        id,
+                        addr,
+                        role,
+                        dir,
+                        router,
+                    };
+                    match link.register(peer, &intro, sleeve_key, &fastdp_offer).await {
+                        Some((close, gossip)) => {
+                            registered = Some(peer);
+                            close_rx = Some(close);
+                            gossip_rx = Some(gossip);
                         }
-                        _ => (None, None),
-                    };
-                    let udp = SocketAddr::new(addr.ip(), intro.udp_port);
-                    let fastdp = crate::datapath::fastdp::negotiate(
-                        &fastdp_offer,
-                        intro.fastdp.as_ref(),
-                        addr.ip(),
-                    );
-                    let (close_tx, close) = oneshot::channel();
-                    let (gossip_tx, gossip) = mpsc::channel::<Vec<u8>>(256);
-                    let (reply_tx, reply_rx) = oneshot::channel();
-                    let initiator = if role == Role::Initiator {
-                        me.name
-                    } else {
-                        peer
-                    };
-                    let _ = router
-                        .send(msg::Cmd::Established(Box::new(Established {
-                            id,
-                            peer,
-                            initiator,
-                            udp,
-                            sealer,
-                            opener,
-                            fastdp,
-                            close: close_tx,
-                            gossip: gossip_tx,
-                            reply: reply_tx,
-                        })))
-                        .await;
-                    if !reply_rx.await.unwrap_or(false) {
-                        conn.close(DUPLICATE);
-                        continue;
+                        None => conn.close(DUPLICATE),
                     }
-                    registered = Some(peer);
-                    close_rx = Some(close);
-                    gossip_rx = Some(gossip);
-                    let encrypted = me.psk.is_some();
-                    let _ = router
-                        .send(msg::Cmd::Update {
-                            id,
-                            row: row(
-                                dir,
-                                addr,
-                                ConnState::Established,
-                                Some((peer, &intro.nickname)),
-                                encrypted,
-                                None,
-                            ),
-                        })
-                        .await;
                 }
                 Event::Gossip(bytes) => {
                     if let Some(from) = registered {
@@ -432,21 +523,7 @@ async fn run_conn(
                     }
                 }
                 Event::Closed { kind, reason, warn } => {
-                    if warn && WarnLimit::allow() {
-                        warn!(%addr, peer = ?conn.peer(), "{reason}");
-                    }
-                    // Best effort: a refusal or a Close the peer should see.
-                    while let Some(bytes) = conn.poll_transmit() {
-                        if writer.send(bytes).await.is_err() {
-                            break;
-                        }
-                    }
-                    writer.finish().await;
-                    return match kind {
-                        CloseKind::Retry => End::Retry(reason),
-                        CloseKind::Fatal => End::Fatal(reason),
-                        CloseKind::Duplicate => End::Duplicate,
-                    };
+                    return closed(&mut conn, writer, addr, kind, reason, warn).await;
                 }
             }
             continue;

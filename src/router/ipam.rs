@@ -145,7 +145,7 @@ impl Driver {
         data_dir: PathBuf,
         timeout: Duration,
     ) -> anyhow::Result<Driver> {
-        let path = data_dir.join("ipam.bin");
+        let path = data_dir.join(crate::paths::IPAM);
         let range = config.range;
         let ring = match std::fs::read(&path) {
             Ok(bytes) => Ipam::restore(me, config, &bytes).map_err(|e| {

@@ -150,49 +150,8 @@ impl Router {
                 self.rows.insert(id, row);
             }
             Cmd::Established(e) => self.established(*e).await,
-            Cmd::Closed { id, forget } => {
-                if forget {
-                    self.rows.remove(&id);
-                }
-                let gone: Vec<PeerName> = self
-                    .active
-                    .iter()
-                    .filter(|(_, a)| a.id == id)
-                    .map(|(p, _)| *p)
-                    .collect();
-                for p in gone {
-                    self.active.remove(&p);
-                    info!(peer = %p, "connection lost");
-                    self.gossip.handle_connection_down(Instant::now(), p);
-                    let _ = self.sleeve.send(sleeve::Cmd::PeerDown { name: p }).await;
-                    if let Some(f) = &self.fastdp {
-                        let _ = f.send(fastdp::Cmd::PeerDown { name: p }).await;
-                    }
-                    self.candidates_dirty = true;
-                }
-            }
-            Cmd::GossipIn { id, from, bytes } => {
-                // Only from the connection currently serving that peer.
-                if self.active.get(&from).is_none_or(|a| a.id != id) {
-                    return;
-                }
-                if let Err(e) = self.gossip.handle_message(Instant::now(), from, &bytes) {
-                    // Each reconnection repeats the same refusal: say it once.
-                    let said = (from, e.to_string());
-                    if self.warned.contains(&said) {
-                        info!(peer = %from, "bad gossip, disconnecting: {e}");
-                    } else if WarnLimit::allow() {
-                        warn!(peer = %from, "bad gossip, disconnecting: {e}");
-                        if self.warned.len() >= MAX_WARNED {
-                            self.warned.clear();
-                        }
-                        self.warned.insert(said);
-                    }
-                    if let Some(c) = self.active.get_mut(&from).and_then(|a| a.close.take()) {
-                        let _ = c.send(format!("bad gossip: {e}"));
-                    }
-                }
-            }
+            Cmd::Closed { id, forget } => self.closed(id, forget).await,
+            Cmd::GossipIn { id, from, bytes } => self.gossip_in(id, from, &bytes),
             Cmd::Connected { peer, ip, reply } => {
                 let yes = self
                     .active
@@ -220,20 +179,71 @@ impl Router {
                 self.ipam.tick(&self.gossip);
             }
             Cmd::Names(c) => self.names.command(c),
-            Cmd::Targets(list) => {
-                self.targets = list
-                    .into_iter()
-                    .map(|t| {
-                        let reached = t.addr.is_some_and(|a| {
-                            self.active.values().any(|c| c.udp.ip() == a.ip())
-                                || self.targets.iter().any(|(o, r)| *r && o.text == t.text)
-                        });
-                        (t, reached)
-                    })
-                    .collect();
-                self.told_ipam();
-            }
+            Cmd::Targets(list) => self.set_targets(list),
         }
+    }
+
+    /// A connection ended: forget its row if asked, and the peer it served.
+    async fn closed(&mut self, id: ConnId, forget: bool) {
+        if forget {
+            self.rows.remove(&id);
+        }
+        let gone: Vec<PeerName> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.id == id)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in gone {
+            self.active.remove(&p);
+            info!(peer = %p, "connection lost");
+            self.gossip.handle_connection_down(Instant::now(), p);
+            let _ = self.sleeve.send(sleeve::Cmd::PeerDown { name: p }).await;
+            if let Some(f) = &self.fastdp {
+                let _ = f.send(fastdp::Cmd::PeerDown { name: p }).await;
+            }
+            self.candidates_dirty = true;
+        }
+    }
+
+    /// Gossip from a neighbour, on the connection that serves it; bad
+    /// gossip closes that connection (said once per peer and reason).
+    fn gossip_in(&mut self, id: ConnId, from: PeerName, bytes: &[u8]) {
+        if self.active.get(&from).is_none_or(|a| a.id != id) {
+            return;
+        }
+        let Err(e) = self.gossip.handle_message(Instant::now(), from, bytes) else {
+            return;
+        };
+        // Each reconnection repeats the same refusal: say it once.
+        let said = (from, e.to_string());
+        if self.warned.contains(&said) {
+            info!(peer = %from, "bad gossip, disconnecting: {e}");
+        } else if WarnLimit::allow() {
+            warn!(peer = %from, "bad gossip, disconnecting: {e}");
+            if self.warned.len() >= MAX_WARNED {
+                self.warned.clear();
+            }
+            self.warned.insert(said);
+        }
+        if let Some(c) = self.active.get_mut(&from).and_then(|a| a.close.take()) {
+            let _ = c.send(format!("bad gossip: {e}"));
+        }
+    }
+
+    /// The connection maker's targets now; those already reached stay so.
+    fn set_targets(&mut self, list: Vec<connmaker::Target>) {
+        self.targets = list
+            .into_iter()
+            .map(|t| {
+                let reached = t.addr.is_some_and(|a| {
+                    self.active.values().any(|c| c.udp.ip() == a.ip())
+                        || self.targets.iter().any(|(o, r)| *r && o.text == t.text)
+                });
+                (t, reached)
+            })
+            .collect();
+        self.told_ipam();
     }
 
     /// Tell the allocator which targets there are and which were reached.

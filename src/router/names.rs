@@ -86,7 +86,7 @@ impl Driver {
         data_dir: PathBuf,
         zone: Option<Arc<Zone>>,
     ) -> anyhow::Result<Driver> {
-        let path = data_dir.join("names.bin");
+        let path = data_dir.join(crate::paths::NAMES);
         let table = match std::fs::read(&path) {
             Ok(bytes) => NameTable::restore(me, &bytes)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?,
