@@ -41,6 +41,8 @@ def expand(text):
                 out.append(m.group(1) + item)
             elif item == "self":
                 out.append(m.group(1).rstrip(":"))
+    for m in re.finditer(r"crate::(\w+(?:::\w+)*)::\*", text):
+        out.append(m.group(1))
     for m in re.finditer(r"crate::(\w+(?:::\w+)*)(?![\w:])", text):
         out.append(m.group(1))
     return out

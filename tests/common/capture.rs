@@ -1,6 +1,7 @@
 //! Packet capture on a host's underlay, and reading the pcap.
 
-use super::*;
+use super::consts::*;
+use super::process::*;
 
 // ---------------------------------------------------------------------------
 // Packet capture

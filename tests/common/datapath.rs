@@ -1,6 +1,9 @@
 //! The data path: overlays, bulk transfers.
 
-use super::*;
+use super::capture::*;
+use super::consts::*;
+use super::hosts::*;
+use super::process::*;
 
 // ---------------------------------------------------------------------------
 // The data path: overlays, bulk transfers

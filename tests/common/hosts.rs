@@ -1,6 +1,7 @@
 //! Hosts and containers: the `mesh` CLI on a host, a container namespace.
 
-use super::*;
+use super::consts::*;
+use super::process::*;
 
 // ---------------------------------------------------------------------------
 // Hosts and containers

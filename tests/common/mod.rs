@@ -19,6 +19,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 mod capture;
+mod consts;
 mod datapath;
 mod hosts;
 pub mod podman;
@@ -29,6 +30,8 @@ mod world;
 #[allow(unused_imports)]
 pub use capture::*;
 #[allow(unused_imports)]
+pub use consts::*;
+#[allow(unused_imports)]
 pub use datapath::*;
 #[allow(unused_imports)]
 pub use hosts::*;
@@ -36,40 +39,3 @@ pub use hosts::*;
 pub use process::*;
 #[allow(unused_imports)]
 pub use world::*;
-
-use std::cell::RefCell;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
-use std::net::{Ipv4Addr, UdpSocket};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-use nix::sched::CloneFlags;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
-/// The `mesh` binary under test.
-pub const MESH: &str = env!("CARGO_BIN_EXE_mesh");
-/// The control (TCP) and sleeve (UDP) port.
-pub const PORT: u16 = 6783;
-/// Default deadline of a `mesh` command.
-pub const CMD_TIMEOUT: Duration = Duration::from_secs(30);
-/// Deadline of `mesh launch` (key generation, password derivation).
-pub const LAUNCH_TIMEOUT: Duration = Duration::from_secs(90);
-/// Lines of `mesh.log` printed per host when a test fails.
-const LOG_TAIL_LINES: usize = 60;
-
-/// Serialises `ip netns add`: the first ones on a fresh machine race to set up
-/// the shared `/run/netns` mount.
-static NETNS_LOCK: Mutex<()> = Mutex::new(());
-/// Makes scratch file names unique within this process.
-static SCRATCH: AtomicU64 = AtomicU64::new(0);
-
-/// Whether the tests run as root (they need it).
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}

@@ -6,7 +6,8 @@
 //! removed, the API service and the `conmon`s of `exec`s stopped, every
 //! mount under its directory undone.
 
-use super::*;
+use super::consts::*;
+use super::process::*;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Running commands with deadlines, bounded waits, processes and namespaces.
 
-use super::*;
+use super::consts::*;
 
 // ---------------------------------------------------------------------------
 // Running commands with deadlines
@@ -265,4 +265,9 @@ pub fn random_below(n: usize) -> usize {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).expect("getrandom");
     (u64::from_le_bytes(b) % n as u64) as usize
+}
+
+/// Whether the tests run as root (they need it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }

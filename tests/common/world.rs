@@ -1,6 +1,9 @@
 //! The world: one test's underlay, its hosts and containers, and the clean-up.
 
-use super::*;
+use super::capture::*;
+use super::consts::*;
+use super::hosts::*;
+use super::process::*;
 
 // ---------------------------------------------------------------------------
 // The world
