@@ -17,6 +17,7 @@
 //! tick, until their deadline; then they fail with the ring's own account of
 //! what it waits for. Nothing hangs.
 
+use super::channel::ChannelDriver;
 use crate::api::{IpamPeer, IpamStatus};
 use crate::persist;
 use ipnet::Ipv4Net;
@@ -169,11 +170,6 @@ impl Driver {
         })
     }
 
-    /// Plug the ring into the gossip core as the `ipam` channel.
-    pub fn register(&self, gossip: &mut Gossip) {
-        gossip.add_channel(CHANNEL, Box::new(Channel(self.ring.clone())));
-    }
-
     /// The connection targets: how many are not our own address, and which
     /// of those no connection has reached yet.
     pub fn set_targets(&mut self, count: usize, unreached: Vec<String>) {
@@ -270,76 +266,6 @@ impl Driver {
         }
     }
 
-    /// Periodic work: drive consensus, space requests and reclaims.
-    pub fn tick(&mut self, gossip: &Gossip) {
-        let reachable = reachable(gossip);
-        let mut ring = lock(&self.ring);
-        self.tell(&mut ring, gossip);
-        ring.tick(Instant::now(), &reachable);
-    }
-
-    /// A peer was garbage-collected by the topology.
-    pub fn forget_peer(&mut self, peer: PeerName) {
-        lock(&self.ring).forget_peer(peer);
-    }
-
-    /// After anything that may have changed the ring: persist, gossip our
-    /// changes, retry waiting requests, fail those past their deadline.
-    /// Persisting comes first: nothing is answered or sent that a crash
-    /// could take back.
-    pub fn settle(&mut self, gossip: &mut Gossip) {
-        let now = Instant::now();
-        // Serve what can be served; each success changes the ring.
-        let mut waiting = Vec::new();
-        let mut answers = Vec::new();
-        {
-            let mut ring = lock(&self.ring);
-            for p in self.pending.drain(..) {
-                let r = match &p.want {
-                    Want::Alloc(subnet) => {
-                        let subnet = subnet.unwrap_or(ring.config().default_subnet);
-                        ring.allocate(now, &p.id, subnet)
-                            .map(|a| Ipv4Net::new(a, subnet.prefix_len()).unwrap_or(subnet))
-                    }
-                    Want::Claim(addr) => ring
-                        .claim(now, &p.id, addr.addr(), addr.trunc())
-                        .map(|()| *addr),
-                };
-                match r {
-                    Ok(a) => answers.push((p.reply, Ok(a))),
-                    Err(AllocError::Refused(e)) => answers.push((p.reply, Err(e))),
-                    Err(AllocError::Wait(why)) if now >= p.deadline => answers.push((
-                        p.reply,
-                        Err(format!(
-                            "no address after {}s: {why} (see `mesh status ipam`)",
-                            self.timeout.as_secs()
-                        )),
-                    )),
-                    Err(AllocError::Wait(_)) => waiting.push(p),
-                }
-            }
-        }
-        self.pending = waiting;
-        for note in lock(&self.ring).take_notes() {
-            match note {
-                Note::Adopted(n) => info!("{n}"),
-                Note::Met(n) => warn!("{n}"),
-            }
-        }
-        let persisted = self.persist();
-        let delta = lock(&self.ring).take_delta();
-        if let Some(d) = delta {
-            gossip.channel_broadcast(CHANNEL, d);
-        }
-        for (reply, r) in answers {
-            let r = match (&persisted, r) {
-                (Err(e), Ok(_)) => Err(format!("could not save the allocation: {e}")),
-                (_, r) => r,
-            };
-            let _ = reply.send(r);
-        }
-    }
-
     fn persist(&mut self) -> Result<(), String> {
         let (generation, bytes) = {
             let ring = lock(&self.ring);
@@ -394,6 +320,83 @@ impl Driver {
                 .into_iter()
                 .chain(self.problems.iter().cloned())
                 .collect(),
+        }
+    }
+}
+
+impl ChannelDriver for Driver {
+    /// Plug the ring into the gossip core as the `ipam` channel.
+    fn register(&self, gossip: &mut Gossip) {
+        gossip.add_channel(CHANNEL, Box::new(Channel(self.ring.clone())));
+    }
+
+    /// Periodic work: drive consensus, space requests and reclaims.
+    fn tick(&mut self, gossip: &Gossip) {
+        let reachable = reachable(gossip);
+        let mut ring = lock(&self.ring);
+        self.tell(&mut ring, gossip);
+        ring.tick(Instant::now(), &reachable);
+    }
+
+    /// A peer was garbage-collected by the topology.
+    fn forget_peer(&mut self, peer: PeerName) {
+        lock(&self.ring).forget_peer(peer);
+    }
+
+    /// After anything that may have changed the ring: persist, gossip our
+    /// changes, retry waiting requests, fail those past their deadline.
+    /// Persisting comes first: nothing is answered or sent that a crash
+    /// could take back.
+    fn settle(&mut self, gossip: &mut Gossip) {
+        let now = Instant::now();
+        // Serve what can be served; each success changes the ring.
+        let mut waiting = Vec::new();
+        let mut answers = Vec::new();
+        {
+            let mut ring = lock(&self.ring);
+            for p in self.pending.drain(..) {
+                let r = match &p.want {
+                    Want::Alloc(subnet) => {
+                        let subnet = subnet.unwrap_or(ring.config().default_subnet);
+                        ring.allocate(now, &p.id, subnet)
+                            .map(|a| Ipv4Net::new(a, subnet.prefix_len()).unwrap_or(subnet))
+                    }
+                    Want::Claim(addr) => ring
+                        .claim(now, &p.id, addr.addr(), addr.trunc())
+                        .map(|()| *addr),
+                };
+                match r {
+                    Ok(a) => answers.push((p.reply, Ok(a))),
+                    Err(AllocError::Refused(e)) => answers.push((p.reply, Err(e))),
+                    Err(AllocError::Wait(why)) if now >= p.deadline => answers.push((
+                        p.reply,
+                        Err(format!(
+                            "no address after {}s: {why} (see `mesh status ipam`)",
+                            self.timeout.as_secs()
+                        )),
+                    )),
+                    Err(AllocError::Wait(_)) => waiting.push(p),
+                }
+            }
+        }
+        self.pending = waiting;
+        for note in lock(&self.ring).take_notes() {
+            match note {
+                Note::Adopted(n) => info!("{n}"),
+                Note::Met(n) => warn!("{n}"),
+            }
+        }
+        let persisted = self.persist();
+        let delta = lock(&self.ring).take_delta();
+        if let Some(d) = delta {
+            gossip.channel_broadcast(CHANNEL, d);
+        }
+        for (reply, r) in answers {
+            let r = match (&persisted, r) {
+                (Err(e), Ok(_)) => Err(format!("could not save the allocation: {e}")),
+                (_, r) => r,
+            };
+            let _ = reply.send(r);
         }
     }
 }

@@ -9,6 +9,7 @@
 //! the routes it computes to the sleeve, and the peers it learns to the
 //! connection maker.
 
+mod channel;
 pub mod connmaker;
 pub mod control;
 pub mod ipam;
@@ -19,6 +20,7 @@ use crate::api::{ConnState, ConnStatus, Overlay, PeerConn, PeerStatus, SleeveSta
 use crate::datapath::{fastdp, sleeve};
 use crate::peer::Me;
 use crate::warn::WarnLimit;
+use channel::ChannelDriver;
 use mesh_proto::conn::DUPLICATE;
 use mesh_proto::gossip::{self, Event, Gossip};
 use mesh_proto::name::PeerName;
@@ -95,8 +97,9 @@ pub async fn run(
         config,
         u64::from_le_bytes(seed),
     );
-    ipam.register(&mut gossip);
-    names.register(&mut gossip);
+    for c in [&ipam as &dyn ChannelDriver, &names] {
+        c.register(&mut gossip);
+    }
     let mut r = Router {
         me,
         rows: BTreeMap::new(),
@@ -133,17 +136,36 @@ pub async fn run(
             },
             _ = timer => r.gossip.handle_timeout(Instant::now()),
             _ = tick.tick() => {
-                r.ipam.tick(&r.gossip);
-                r.names.tick();
+                r.tick_channels();
             }
         }
-        r.ipam.settle(&mut r.gossip);
-        r.names.settle(&mut r.gossip);
+        r.settle();
         r.pump().await;
     }
 }
 
 impl Router {
+    /// The drivers of the gossip channels other than the topology.
+    fn channels(&mut self) -> [&mut dyn ChannelDriver; 2] {
+        [&mut self.ipam, &mut self.names]
+    }
+
+    /// Drive every channel with time.
+    fn tick_channels(&mut self) {
+        let gossip = &self.gossip;
+        for c in [&mut self.ipam as &mut dyn ChannelDriver, &mut self.names] {
+            c.tick(gossip);
+        }
+    }
+
+    /// Settle every channel: persist, gossip, answer.
+    fn settle(&mut self) {
+        let gossip = &mut self.gossip;
+        for c in [&mut self.ipam as &mut dyn ChannelDriver, &mut self.names] {
+            c.settle(gossip);
+        }
+    }
+
     async fn command(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Update { id, row } => {
@@ -332,8 +354,9 @@ impl Router {
                 }
                 Event::PeerRemoved { name } => {
                     info!(peer = %name, "peer forgotten");
-                    self.ipam.forget_peer(name);
-                    self.names.forget_peer(name);
+                    for c in self.channels() {
+                        c.forget_peer(name);
+                    }
                     self.candidates_dirty = true;
                 }
                 Event::NameCollision {

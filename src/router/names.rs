@@ -11,6 +11,7 @@
 //! in the container's namespace, UDP and TCP, as Docker's embedded DNS) and
 //! on the host at `--dns-listen-address`; they never touch the table.
 
+use super::channel::ChannelDriver;
 use crate::api::{DnsEntry, DnsStatus};
 use crate::persist;
 use mesh_dns::Zone;
@@ -104,11 +105,6 @@ impl Driver {
         })
     }
 
-    /// Plug the table into the gossip core as the `dns` channel.
-    pub fn register(&self, gossip: &mut Gossip) {
-        gossip.add_channel(names::CHANNEL, Box::new(self.table.clone()));
-    }
-
     /// Handle one request. Call [`Driver::settle`] afterwards.
     pub fn command(&mut self, cmd: Cmd) {
         match cmd {
@@ -172,46 +168,6 @@ impl Driver {
         }
     }
 
-    /// Periodic work: purge our old tombstones.
-    pub fn tick(&mut self) {
-        let now = Instant::now();
-        if now.duration_since(self.last_purge) >= PURGE_EVERY {
-            self.last_purge = now;
-            self.table.lock().purge(now);
-        }
-    }
-
-    /// A peer was garbage-collected by the topology: its names go.
-    pub fn forget_peer(&mut self, peer: PeerName) {
-        self.table.lock().drop_peer(peer);
-    }
-
-    /// After anything that may have changed the table: persist, gossip our
-    /// changes, refresh what the servers answer.
-    pub fn settle(&mut self, gossip: &mut Gossip) {
-        let (generation, delta, bytes) = {
-            let mut t = self.table.lock();
-            let g = t.generation();
-            let bytes = (g != self.saved).then(|| t.persist());
-            (g, t.take_delta(), bytes)
-        };
-        if let Some(bytes) = bytes {
-            match persist::write_atomic(&self.path, &bytes, 0o600) {
-                Ok(()) => self.saved = generation,
-                Err(e) => warn!("saving the name table: {e:#}"),
-            }
-        }
-        if let Some(d) = delta {
-            gossip.channel_broadcast(names::CHANNEL, d);
-        }
-        if generation != self.served {
-            self.served = generation;
-            if let Some(z) = &self.zone {
-                z.set_table(&self.table.lock());
-            }
-        }
-    }
-
     /// For `mesh status dns` and `mesh report`.
     pub fn status(&self) -> DnsStatus {
         let t = self.table.lock();
@@ -233,6 +189,53 @@ impl Driver {
                 .map(|z| z.domain().to_string())
                 .unwrap_or_default(),
             entries,
+        }
+    }
+}
+
+impl ChannelDriver for Driver {
+    /// Plug the table into the gossip core as the `dns` channel.
+    fn register(&self, gossip: &mut Gossip) {
+        gossip.add_channel(names::CHANNEL, Box::new(self.table.clone()));
+    }
+
+    /// Periodic work: purge our old tombstones.
+    fn tick(&mut self, _gossip: &Gossip) {
+        let now = Instant::now();
+        if now.duration_since(self.last_purge) >= PURGE_EVERY {
+            self.last_purge = now;
+            self.table.lock().purge(now);
+        }
+    }
+
+    /// A peer was garbage-collected by the topology: its names go.
+    fn forget_peer(&mut self, peer: PeerName) {
+        self.table.lock().drop_peer(peer);
+    }
+
+    /// After anything that may have changed the table: persist, gossip our
+    /// changes, refresh what the servers answer.
+    fn settle(&mut self, gossip: &mut Gossip) {
+        let (generation, delta, bytes) = {
+            let mut t = self.table.lock();
+            let g = t.generation();
+            let bytes = (g != self.saved).then(|| t.persist());
+            (g, t.take_delta(), bytes)
+        };
+        if let Some(bytes) = bytes {
+            match persist::write_atomic(&self.path, &bytes, 0o600) {
+                Ok(()) => self.saved = generation,
+                Err(e) => warn!("saving the name table: {e:#}"),
+            }
+        }
+        if let Some(d) = delta {
+            gossip.channel_broadcast(names::CHANNEL, d);
+        }
+        if generation != self.served {
+            self.served = generation;
+            if let Some(z) = &self.zone {
+                z.set_table(&self.table.lock());
+            }
         }
     }
 }
