@@ -302,7 +302,7 @@ impl Driver {
         IpamStatus {
             range: s.range,
             default_subnet: s.default_subnet,
-            state: s.state,
+            state: s.state.to_string(),
             peers: s
                 .peers
                 .into_iter()

@@ -3,7 +3,9 @@
 
 use super::paxos;
 use super::state::{net_str, Acceptor, Instance, Ring, Token};
-use super::{meeting_message, InitMode, Ipam, PeerSpace, Status, MEETING_TTL, NEED_TTL, RETRY};
+use super::{
+    meeting_message, InitMode, Ipam, PeerSpace, RingState, Status, MEETING_TTL, NEED_TTL, RETRY,
+};
 use crate::gossip::digest::name_u64;
 use crate::name::PeerName;
 use std::collections::BTreeSet;
@@ -598,20 +600,20 @@ impl Ipam {
             .filter(|o| **o == self.me || reachable.contains(o))
             .count();
         let state = match (&self.crdt.ring, &self.config.init) {
-            (Some(_), _) if 2 * seen < owners.len() => format!(
-                "ready, but only {seen} of {} owners are reachable: allocation stops once the lease of {}s runs out",
-                owners.len(),
-                (self.config.reclaim_after / 2).as_secs()
-            ),
-            (Some(_), _) => "ready".into(),
-            (None, InitMode::Observer) => "observer, no ring yet".into(),
-            (None, InitMode::Seed(_)) => "no ring: the seed list is empty".into(),
-            (None, InitMode::Consensus(_)) if self.consensus_n.is_none() && !self.awaits_target() => {
-                "no ring yet: consensus starts with the first allocation".into()
+            (Some(_), _) if 2 * seen < owners.len() => RingState::ReadyFewOwners {
+                seen,
+                owners: owners.len(),
+                lease_secs: (self.config.reclaim_after / 2).as_secs(),
+            },
+            (Some(_), _) => RingState::Ready,
+            (None, InitMode::Observer) => RingState::Observer,
+            (None, InitMode::Seed(_)) => RingState::EmptySeed,
+            (None, InitMode::Consensus(_))
+                if self.consensus_n.is_none() && !self.awaits_target() =>
+            {
+                RingState::NotStarted
             }
-            (None, InitMode::Consensus(_)) => {
-                format!("awaiting consensus ({})", self.consensus_reason())
-            }
+            (None, InitMode::Consensus(_)) => RingState::Awaiting(self.consensus_reason()),
         };
         let mut peers: BTreeSet<PeerName> = owners.clone();
         peers.extend(self.crdt.records.keys().copied());

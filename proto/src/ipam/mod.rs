@@ -236,14 +236,69 @@ pub struct Status {
     pub range: String,
     /// The default subnet.
     pub default_subnet: String,
-    /// "ready", "awaiting consensus (…)", "observer, no ring yet", …
-    pub state: String,
+    /// Whether the ring can be used, or what it waits for.
+    pub state: RingState,
     /// Every peer known to IPAM.
     pub peers: Vec<PeerSpace>,
     /// What we are waiting for.
     pub pending: Vec<String>,
     /// What is wrong.
     pub problems: Vec<String>,
+}
+
+/// Whether the ring can be used, or what it waits for. Shown (and in
+/// `mesh report`, serialized) as a sentence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RingState {
+    /// Allocations can be served.
+    Ready,
+    /// Ready, but fewer than half of the owners are reachable: allocation
+    /// stops when the lease runs out.
+    ReadyFewOwners {
+        /// Owners reachable, us included.
+        seen: usize,
+        /// All owners.
+        owners: usize,
+        /// The lease, `--ipalloc-reclaim-after / 2`.
+        lease_secs: u64,
+    },
+    /// An observer that has not learned the ring yet.
+    Observer,
+    /// `seed=` with no names.
+    EmptySeed,
+    /// No ring, and consensus has not started (it does on the first
+    /// allocation).
+    NotStarted,
+    /// Consensus runs or waits: for what.
+    Awaiting(String),
+}
+
+impl fmt::Display for RingState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RingState::Ready => f.write_str("ready"),
+            RingState::ReadyFewOwners {
+                seen,
+                owners,
+                lease_secs,
+            } => write!(
+                f,
+                "ready, but only {seen} of {owners} owners are reachable: allocation stops once the lease of {lease_secs}s runs out"
+            ),
+            RingState::Observer => f.write_str("observer, no ring yet"),
+            RingState::EmptySeed => f.write_str("no ring: the seed list is empty"),
+            RingState::NotStarted => {
+                f.write_str("no ring yet: consensus starts with the first allocation")
+            }
+            RingState::Awaiting(why) => write!(f, "awaiting consensus ({why})"),
+        }
+    }
+}
+
+impl serde::Serialize for RingState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// One peer's share of the ring.

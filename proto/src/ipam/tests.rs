@@ -107,7 +107,8 @@ fn seed_ring_splits_evenly_and_allocates_lowest() {
     assert_eq!(p[0].allocate(t, "a", d), Ok("10.32.0.1".parse().unwrap()));
     assert_eq!(p[1].allocate(t, "c", d), Ok("10.40.0.0".parse().unwrap()));
     let s = p[0].status(t, &[name(1)].into());
-    assert_eq!(s.state, "ready");
+    assert_eq!(s.state, RingState::Ready);
+    assert_eq!(s.state.to_string(), "ready");
     assert_eq!(s.peers.len(), 2);
     assert_eq!(s.peers[0].owned, 1 << 19);
     assert_eq!(s.peers[0].free, (1 << 19) - 2);
@@ -209,10 +210,9 @@ fn consensus_creates_one_ring_and_says_what_it_waits_for() {
         AllocError::Wait(m) => assert!(m.contains("waiting for 1 of 3 peers"), "{m}"),
         _ => panic!("{e:?}"),
     }
-    assert!(p[0]
-        .status(t, &BTreeSet::new())
-        .state
-        .starts_with("awaiting consensus"));
+    let state = p[0].status(t, &BTreeSet::new()).state;
+    assert!(matches!(state, RingState::Awaiting(_)), "{state}");
+    assert!(state.to_string().starts_with("awaiting consensus"));
     // Peer 2 is away: a quorum of 2 of 3 is enough.
     settle(&mut p[..2], t, &all);
     settle(&mut p[..2], t + Duration::from_secs(5), &all);
@@ -406,7 +406,8 @@ fn a_peer_told_about_others_never_creates_the_ring_alone() {
     }
     assert!(p.ring().is_none());
     let s = p.status(t, &BTreeSet::new());
-    assert!(s.state.contains("198.18.0.1:6783"), "{}", s.state);
+    let state = s.state.to_string();
+    assert!(state.contains("198.18.0.1:6783"), "{state}");
     // Reached, but still alone with a consensus size of 2: no ring either.
     p.set_told(Told {
         targets: 1,
