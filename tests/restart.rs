@@ -46,14 +46,7 @@ fn sigkill_and_relaunch(test: &str, range: &str, opts: &[&str], goodbye_lost: bo
     w.launch(&h1, &args1);
     w.launch(&h2, &args2);
     for (h, c) in [(&h1, &c1), (&h2, &c2)] {
-        let out = h.mesh_timeout(&["attach", "--name", &c.name, &c.path], SETUP);
-        assert!(
-            out.status.success(),
-            "attach {} on {}: {}",
-            c.name,
-            h.name,
-            show(&out)
-        );
+        w.attach_net(h, c, range);
     }
     let (e1, ip1) = h1.attached(&c1.name).expect("c1 attached with an address");
     let (e2, ip2) = h2.attached(&c2.name).expect("c2 attached with an address");
