@@ -634,6 +634,30 @@ impl Manager {
         persist::save_json(&self.path, &self.list)
     }
 
+    /// `mesh ps`: the exposed host first, then every container.
+    async fn ps(&self) -> Response {
+        let mut containers: Vec<PsEntry> = Vec::new();
+        if !self.exposed.is_empty() {
+            let mac = self
+                .nl
+                .link_mac(BRIDGE)
+                .await
+                .map(mac_string)
+                .unwrap_or_default();
+            containers.push(PsEntry {
+                id: "mesh:expose".into(),
+                mac,
+                cidrs: self.exposed.iter().map(|c| c.to_string()).collect(),
+            });
+        }
+        containers.extend(self.list.iter().map(|a| PsEntry {
+            id: a.id.clone(),
+            mac: a.mac.clone(),
+            cidrs: a.cidrs.iter().map(|c| c.to_string()).collect(),
+        }));
+        Response::Ps { containers }
+    }
+
     /// Serve requests until the channel closes.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut check = tokio::time::interval(GONE_CHECK);
@@ -687,28 +711,7 @@ impl Manager {
                     Ok(()) => Response::Ok,
                     Err(message) => Response::Error { message },
                 },
-                Request::Ps => {
-                    let mut containers: Vec<PsEntry> = Vec::new();
-                    if !self.exposed.is_empty() {
-                        let mac = self
-                            .nl
-                            .link_mac(BRIDGE)
-                            .await
-                            .map(mac_string)
-                            .unwrap_or_default();
-                        containers.push(PsEntry {
-                            id: "mesh:expose".into(),
-                            mac,
-                            cidrs: self.exposed.iter().map(|c| c.to_string()).collect(),
-                        });
-                    }
-                    containers.extend(self.list.iter().map(|a| PsEntry {
-                        id: a.id.clone(),
-                        mac: a.mac.clone(),
-                        cidrs: a.cidrs.iter().map(|c| c.to_string()).collect(),
-                    }));
-                    Response::Ps { containers }
-                }
+                Request::Ps => self.ps().await,
                 _ => Response::Error {
                     message: "not an attachment request".into(),
                 },

@@ -167,6 +167,17 @@ fn detach_child(who: String) {
     }
 }
 
+/// From now on, the signals `mesh run` gets go to CMD.
+fn forward_signals_to(child: Pid) {
+    CHILD.store(child.as_raw(), Ordering::Relaxed);
+    for sig in FORWARDED {
+        // SAFETY: the handler only calls kill(2).
+        unsafe {
+            let _ = signal::signal(sig, SigHandler::Handler(forward));
+        }
+    }
+}
+
 /// Run CMD attached; returns CMD's exit status. The child makes its
 /// namespaces and waits; it is attached; then it may exec CMD.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -212,13 +223,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     drop(ready_w);
     drop(go_r);
-    CHILD.store(child.as_raw(), Ordering::Relaxed);
-    for sig in FORWARDED {
-        // SAFETY: the handler only calls kill(2).
-        unsafe {
-            let _ = signal::signal(sig, SigHandler::Handler(forward));
-        }
-    }
+    forward_signals_to(child);
     let cleanup_resolv = || {
         if let Some(p) = &resolv {
             let _ = std::fs::remove_file(p);

@@ -475,12 +475,16 @@ async fn run_conn(
     };
     let (mut r, w) = stream.into_split();
     let mut writer = Writer::spawn(w);
-    let _ = router
-        .send(msg::Cmd::Update {
-            id,
-            row: row(dir, addr, ConnState::Handshaking, None, false, None),
-        })
-        .await;
+    let link = Link {
+        me,
+        id,
+        addr,
+        role,
+        dir,
+        router,
+    };
+    let row = row(dir, addr, ConnState::Handshaking, None, false, None);
+    let _ = router.send(msg::Cmd::Update { id, row }).await;
 
     let (mut conn, sleeve_key, fastdp_offer) = match connection(me, role, addr) {
         Ok(c) => c,
@@ -500,14 +504,6 @@ async fn run_conn(
         if let Some(event) = conn.poll_event() {
             match event {
                 Event::Established { peer, intro } => {
-                    let link = Link {
-                        me,
-                        id,
-                        addr,
-                        role,
-                        dir,
-                        router,
-                    };
                     match link.register(peer, &intro, sleeve_key, &fastdp_offer).await {
                         Some((close, gossip)) => {
                             registered = Some(peer);
