@@ -39,14 +39,18 @@ impl PeerName {
     }
 }
 
+/// A MAC address (or a peer name) as `aa:bb:cc:dd:ee:ff`: the one
+/// formatter of six bytes in the workspace.
+pub fn mac_string(b: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4], b[5]
+    )
+}
+
 impl fmt::Display for PeerName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
+        f.write_str(&mac_string(self.0))
     }
 }
 

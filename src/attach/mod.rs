@@ -24,6 +24,7 @@ use crate::persist;
 use crate::router::{self, ipam, names};
 use addr::Addr;
 use ipnet::{IpNet, Ipv4Net};
+use mesh_proto::name::mac_string;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -253,13 +254,6 @@ fn fnv(netns: NetnsId) -> u64 {
         h = h.wrapping_mul(0x100000001b3);
     }
     h
-}
-
-fn mac_string(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 impl Manager {

@@ -18,6 +18,7 @@
 //! forwards between them, and the VXLAN port does not learn: only what the
 //! daemon programs sends traffic into the fast path.
 
+use mesh_proto::name::mac_string as mac_str;
 use std::net::{IpAddr, Ipv4Addr};
 
 use rtnetlink::packet_route::link::InfoKind;
@@ -110,13 +111,6 @@ fn fdb_message(index: u32, mac: [u8; 6], flags: NeighbourFlags) -> NeighbourMess
     m.attributes
         .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
     m
-}
-
-fn mac_str(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// `bridge fdb replace MAC dev VX self permanent dst IP port PORT`.

@@ -392,11 +392,7 @@ fn interface_mac(netns: &str, ifname: &str) -> Result<String, CniError> {
             .link_mac(ifname)
             .await
             .map_err(|e| CniError::new(3, format!("{ifname} in {netns}: {e}")))?;
-        Ok(mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":"))
+        Ok(mesh_proto::name::mac_string(mac))
     })
 }
 
