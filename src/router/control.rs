@@ -182,12 +182,8 @@ pub async fn dial_loop(
                 forget(router.clone()).await;
                 return;
             }
-            send_row(
-                target,
-                ConnState::Established,
-                Some("via the connection the peer made to us".into()),
-            )
-            .await;
+            let info = Some("via the connection the peer made to us".into());
+            send_row(target, ConnState::Established, info).await;
             tokio::select! {
                 _ = tokio::time::sleep(HEARTBEAT) => {}
                 _ = stop.changed() => {}
@@ -323,7 +319,38 @@ struct Link<'a> {
     router: &'a mpsc::Sender<msg::Cmd>,
 }
 
-impl Link<'_> {
+/// A connection the router took: the peer, and the channels the router
+/// closes it and sends gossip on.
+#[derive(Default)]
+struct Registered {
+    peer: Option<PeerName>,
+    close: Option<oneshot::Receiver<String>>,
+    gossip: Option<mpsc::Receiver<Vec<u8>>>,
+}
+
+impl<'a> Link<'a> {
+    fn new(
+        me: &'a Me,
+        id: ConnId,
+        addr: SocketAddr,
+        role: Role,
+        router: &'a mpsc::Sender<msg::Cmd>,
+    ) -> Link<'a> {
+        let dir = if role == Role::Initiator {
+            "outbound"
+        } else {
+            "inbound"
+        };
+        Link {
+            me,
+            id,
+            addr,
+            role,
+            dir,
+            router,
+        }
+    }
+
     /// The handshake is done: derive the sleeve keys and the fast path, and
     /// hand the connection to the router. `None` when the router keeps
     /// another connection to this peer (a duplicate); otherwise the
@@ -334,7 +361,7 @@ impl Link<'_> {
         intro: &Intro,
         sleeve_key: Option<(u8, [u8; 32])>,
         fastdp_offer: &Result<FastdpOffer, String>,
-    ) -> Option<(oneshot::Receiver<String>, mpsc::Receiver<Vec<u8>>)> {
+    ) -> Option<Registered> {
         let (sealer, opener) = match (sleeve_key, intro.sleeve_key) {
             (Some((kid, k)), Some((tid, t))) => {
                 (Some(Sealer::new(kid, &k)), Some(Opener::new(tid, &t)))
@@ -382,7 +409,11 @@ impl Link<'_> {
             .router
             .send(msg::Cmd::Update { id: self.id, row })
             .await;
-        Some((close, gossip))
+        Some(Registered {
+            peer: Some(peer),
+            close: Some(close),
+            gossip: Some(gossip),
+        })
     }
 }
 
@@ -468,22 +499,10 @@ async fn run_conn(
     router: &mpsc::Sender<msg::Cmd>,
 ) -> End {
     let _ = stream.set_nodelay(true);
-    let dir = if role == Role::Initiator {
-        "outbound"
-    } else {
-        "inbound"
-    };
     let (mut r, w) = stream.into_split();
     let mut writer = Writer::spawn(w);
-    let link = Link {
-        me,
-        id,
-        addr,
-        role,
-        dir,
-        router,
-    };
-    let row = row(dir, addr, ConnState::Handshaking, None, false, None);
+    let link = Link::new(me, id, addr, role, router);
+    let row = row(link.dir, addr, ConnState::Handshaking, None, false, None);
     let _ = router.send(msg::Cmd::Update { id, row }).await;
 
     let (mut conn, sleeve_key, fastdp_offer) = match connection(me, role, addr) {
@@ -492,9 +511,7 @@ async fn run_conn(
     };
 
     let mut buf = vec![0u8; 64 * 1024];
-    let mut close_rx: Option<oneshot::Receiver<String>> = None;
-    let mut gossip_rx: Option<mpsc::Receiver<Vec<u8>>> = None;
-    let mut registered: Option<PeerName> = None;
+    let mut reg = Registered::default();
     loop {
         while let Some(bytes) = conn.poll_transmit() {
             if let Err(e) = writer.send(bytes).await {
@@ -505,16 +522,12 @@ async fn run_conn(
             match event {
                 Event::Established { peer, intro } => {
                     match link.register(peer, &intro, sleeve_key, &fastdp_offer).await {
-                        Some((close, gossip)) => {
-                            registered = Some(peer);
-                            close_rx = Some(close);
-                            gossip_rx = Some(gossip);
-                        }
+                        Some(r) => reg = r,
                         None => conn.close(DUPLICATE),
                     }
                 }
                 Event::Gossip(bytes) => {
-                    if let Some(from) = registered {
+                    if let Some(from) = reg.peer {
                         let _ = router.send(msg::Cmd::GossipIn { id, from, bytes }).await;
                     }
                 }
@@ -535,13 +548,13 @@ async fn run_conn(
                 Err(e) => conn.handle_read_error(Instant::now(), &e.to_string()),
             },
             _ = sleep, if timer.is_some() => conn.handle_timeout(Instant::now()),
-            out = async { gossip_rx.as_mut()?.recv().await }, if gossip_rx.is_some() => match out {
+            out = async { reg.gossip.as_mut()?.recv().await }, if reg.gossip.is_some() => match out {
                 Some(bytes) => conn.send_gossip(bytes),
-                None => gossip_rx = None,
+                None => reg.gossip = None,
             },
             e = &mut writer.failed => return End::Retry(e.unwrap_or_else(|_| "connection lost".into())),
-            reason = async { close_rx.as_mut()?.await.ok() }, if close_rx.is_some() => {
-                close_rx = None;
+            reason = async { reg.close.as_mut()?.await.ok() }, if reg.close.is_some() => {
+                reg.close = None;
                 conn.close(&reason.unwrap_or_else(|| "shutting down".into()));
             }
         }
