@@ -179,12 +179,7 @@ enum Conn {
 
 struct Fastdp {
     me: PeerName,
-    nl: Netlink,
-    local: Local,
-    vx_index: u32,
-    bridge_index: u32,
-    overlay_ports: Vec<u32>,
-    udp: UdpSocket,
+    dev: Ports,
     conns: HashMap<PeerName, Conn>,
     /// MAC → the peer whose entry currently holds it.
     owner: HashMap<[u8; 6], PeerName>,
@@ -194,19 +189,25 @@ struct Fastdp {
 
 /// Everything set up at start: the device and the sockets.
 pub struct Device {
+    ports: Ports,
+    rx: AsyncFd<OwnedFd>,
+}
+
+/// The device, the bridge's ports and the probe socket the fast path
+/// works with.
+struct Ports {
     nl: Netlink,
     local: Local,
     vx_index: u32,
     bridge_index: u32,
     overlay_ports: Vec<u32>,
     udp: UdpSocket,
-    rx: AsyncFd<OwnedFd>,
 }
 
 impl Device {
     /// Our side of the offer.
     pub fn local(&self) -> Local {
-        self.local.clone()
+        self.ports.local.clone()
     }
 }
 
@@ -255,16 +256,18 @@ pub async fn setup(
         .context("binding the probe socket")?;
     let rx = packet_socket(bridge_index).context("opening the probe packet socket")?;
     Ok(Device {
-        nl: nl.clone(),
-        local: Local {
-            vni: VNI,
-            port,
-            mac,
+        ports: Ports {
+            nl: nl.clone(),
+            local: Local {
+                vni: VNI,
+                port,
+                mac,
+            },
+            vx_index,
+            bridge_index,
+            overlay_ports: vec![vx_index, tap_index],
+            udp,
         },
-        vx_index,
-        bridge_index,
-        overlay_ports: vec![vx_index, tap_index],
-        udp,
         rx,
     })
 }
@@ -327,23 +330,10 @@ fn recv_probe(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Run the fast path until the command channel closes. Removes every
 /// entry it programmed on the way out.
 pub async fn run(me: PeerName, dev: Device, mut rx: mpsc::Receiver<Cmd>) {
-    let Device {
-        nl,
-        local,
-        vx_index,
-        bridge_index,
-        overlay_ports,
-        udp,
-        rx: sock,
-    } = dev;
+    let Device { ports, rx: sock } = dev;
     let mut f = Fastdp {
         me,
-        nl,
-        local,
-        vx_index,
-        bridge_index,
-        overlay_ports,
-        udp,
+        dev: ports,
         conns: HashMap::new(),
         owner: HashMap::new(),
         local_macs: Vec::new(),
@@ -425,7 +415,7 @@ impl Fastdp {
                 let map = self
                     .conns
                     .iter()
-                    .map(|(p, c)| (*p, overlay_of(c, now, self.local.port)))
+                    .map(|(p, c)| (*p, overlay_of(c, now, self.dev.local.port)))
                     .collect();
                 let _ = reply.send(map);
             }
@@ -433,9 +423,11 @@ impl Fastdp {
     }
 
     async fn tick(&mut self) {
-        match host::vxlan::local_macs(&self.nl, self.bridge_index, &self.overlay_ports).await {
+        match host::vxlan::local_macs(&self.dev.nl, self.dev.bridge_index, &self.dev.overlay_ports)
+            .await
+        {
             Ok(mut macs) => {
-                macs.push(self.local.mac);
+                macs.push(self.dev.local.mac);
                 macs.sort();
                 macs.dedup();
                 if macs.len() > fastdp::MAX_MACS {
@@ -468,15 +460,15 @@ impl Fastdp {
             macs: self.local_macs.clone(),
         };
         fastdp::emit_vxlan_probe(
-            self.local.vni,
+            self.dev.local.vni,
             peer.mac,
-            self.local.mac,
+            self.dev.local.mac,
             &probe,
             &peer.our_key,
             &mut self.out,
         );
         let to = SocketAddr::new(IpAddr::V4(peer.ip), peer.port);
-        if let Err(e) = self.udp.send_to(&self.out, to).await {
+        if let Err(e) = self.dev.udp.send_to(&self.out, to).await {
             debug!(peer = %name, "probe: {e}");
         }
     }
@@ -514,7 +506,7 @@ impl Fastdp {
         let verdict = peer.health.verdict(now);
         if verdict != Verdict::Up {
             if peer.up {
-                let why = reason(verdict, self.local.port, peer.port);
+                let why = reason(verdict, self.dev.local.port, peer.port);
                 warn!(peer = %name, "fast path down, using the sleeve: {why}");
                 self.set_down(name, &why).await;
             }
@@ -532,8 +524,9 @@ impl Fastdp {
         let mut added = BTreeSet::new();
         for &mac in want.difference(&have) {
             let r = async {
-                host::vxlan::vxlan_fdb_replace(&self.nl, self.vx_index, mac, ip, port).await?;
-                host::vxlan::bridge_fdb_replace(&self.nl, self.vx_index, mac).await
+                host::vxlan::vxlan_fdb_replace(&self.dev.nl, self.dev.vx_index, mac, ip, port)
+                    .await?;
+                host::vxlan::bridge_fdb_replace(&self.dev.nl, self.dev.vx_index, mac).await
             }
             .await;
             match r {
@@ -542,9 +535,13 @@ impl Fastdp {
                         if old != name {
                             if let Some(Conn::Fast(o)) = self.conns.get_mut(&old) {
                                 o.programmed.remove(&mac);
-                                let _ =
-                                    host::vxlan::vxlan_fdb_del(&self.nl, self.vx_index, mac, o.ip)
-                                        .await;
+                                let _ = host::vxlan::vxlan_fdb_del(
+                                    &self.dev.nl,
+                                    self.dev.vx_index,
+                                    mac,
+                                    o.ip,
+                                )
+                                .await;
                             }
                         }
                     }
@@ -570,10 +567,11 @@ impl Fastdp {
     }
 
     async fn remove_entry(&mut self, name: PeerName, mac: [u8; 6], ip: Ipv4Addr) {
-        let _ = host::vxlan::vxlan_fdb_del(&self.nl, self.vx_index, mac, ip).await;
+        let _ = host::vxlan::vxlan_fdb_del(&self.dev.nl, self.dev.vx_index, mac, ip).await;
         if self.owner.get(&mac) == Some(&name) {
             self.owner.remove(&mac);
-            if let Err(e) = host::vxlan::bridge_fdb_del(&self.nl, self.vx_index, mac).await {
+            if let Err(e) = host::vxlan::bridge_fdb_del(&self.dev.nl, self.dev.vx_index, mac).await
+            {
                 debug!(peer = %name, "removing a bridge entry: {e}");
             }
         }
