@@ -10,8 +10,12 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-/// The largest request or response line accepted.
+/// The largest request line the daemon accepts.
 pub const MAX_LINE: usize = 1 << 20;
+/// The largest answer the CLI reads: far beyond any table the
+/// configuration allows (a status is never cut short of it, and an answer
+/// past it is an error, not a truncated parse).
+pub const MAX_ANSWER: usize = 256 << 20;
 
 /// What the CLI asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -416,12 +420,21 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
     line.push(b'\n');
     s.write_all(&line)
         .with_context(|| format!("sending request to {p}"))?;
-    let mut r = BufReader::new(s).take(MAX_LINE as u64);
+    let mut r = BufReader::new(s).take(MAX_ANSWER as u64 + 1);
     let mut resp = String::new();
     r.read_line(&mut resp)
         .with_context(|| format!("waiting for the daemon on {p}"))?;
     if resp.is_empty() {
         anyhow::bail!("the daemon closed the connection without answering");
+    }
+    if resp.len() > MAX_ANSWER {
+        anyhow::bail!("the daemon's answer is larger than {MAX_ANSWER} bytes");
+    }
+    if !resp.ends_with('\n') {
+        anyhow::bail!(
+            "the daemon's answer was cut after {} bytes (did it stop?)",
+            resp.len()
+        );
     }
     serde_json::from_str(&resp).context("the daemon's answer is malformed")
 }
@@ -438,6 +451,60 @@ pub fn unexpected(r: Response) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon that answers every request with `answer` (a real socket).
+    fn fake_daemon(answer: Vec<u8>) -> (std::path::PathBuf, std::thread::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!(
+            "mesh-api-test-{}-{}",
+            std::process::id(),
+            answer.len()
+        ));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("mesh.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let t = std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                let mut line = String::new();
+                let _ = BufReader::new(&s).read_line(&mut line);
+                let _ = s.write_all(&answer);
+            }
+        });
+        (path, t)
+    }
+
+    /// A status far over the daemon's request limit is read whole.
+    #[test]
+    fn a_large_answer_is_read_whole_and_a_cut_one_is_an_error() {
+        let peers: Vec<PeerStatus> = (0..20_000)
+            .map(|i| PeerStatus {
+                name: format!("02:00:00:00:{:02x}:{:02x}", i >> 8 & 0xff, i & 0xff),
+                nickname: format!("host-with-a-long-nickname-{i}"),
+                reachable: true,
+                next_hop: None,
+                connections: Vec::new(),
+            })
+            .collect();
+        let status = Response::Status(Box::new(Status {
+            peers,
+            ..full_status()
+        }));
+        let mut line = serde_json::to_vec(&status).expect("json");
+        assert!(line.len() > 2 * MAX_LINE, "{}", line.len());
+        line.push(b'\n');
+        let (path, t) = fake_daemon(line.clone());
+        match call(&path, &Request::Status, Duration::from_secs(10)) {
+            Ok(Response::Status(s)) => assert_eq!(s.peers.len(), 20_000),
+            other => panic!("{other:?}"),
+        }
+        let _ = t.join();
+        line.truncate(line.len() / 2);
+        let (path, t) = fake_daemon(line);
+        let e = call(&path, &Request::Status, Duration::from_secs(10)).expect_err("cut");
+        assert!(e.to_string().contains("was cut"), "{e}");
+        let _ = t.join();
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
     use serde_json::Value;
     use std::collections::BTreeSet;
 
