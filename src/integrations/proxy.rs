@@ -633,7 +633,7 @@ async fn connect_upstream(shared: &Shared) -> Option<UnixStream> {
     match UnixStream::connect(&shared.upstream).await {
         Ok(s) => Some(s),
         Err(e) => {
-            if crate::warn::WarnLimit::allow() {
+            if crate::warn::WarnLimit::allow(crate::warn::Kind::Docker) {
                 warn!(upstream = %shared.upstream.display(), "docker proxy: cannot reach the Docker daemon: {e}");
             }
             None

@@ -15,7 +15,7 @@
 use super::msg::{self, ConnId, Established};
 use crate::api::{ConnState, ConnStatus};
 use crate::peer::Me;
-use crate::warn::WarnLimit;
+use crate::warn::{Kind, WarnLimit};
 use mesh_proto::conn::{CloseKind, Config, Connection, Event, HEARTBEAT, SETUP_TIMEOUT};
 use mesh_proto::control::{FastdpOffer, Intro};
 use mesh_proto::handshake::Role;
@@ -94,7 +94,7 @@ pub async fn accept_loop(
         };
         // Bounded: a flood of connections cannot exhaust the daemon.
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            if WarnLimit::allow() {
+            if WarnLimit::allow(Kind::Inbound) {
                 warn!(%addr, "too many inbound connections; refused");
             }
             continue;
@@ -107,7 +107,7 @@ pub async fn accept_loop(
             let _ = router.send(msg::Cmd::Closed { id, forget: true }).await;
             match end {
                 End::Retry(reason) | End::Fatal(reason) => {
-                    if WarnLimit::allow() {
+                    if WarnLimit::allow(Kind::Inbound) {
                         info!(%addr, "inbound connection ended: {reason}");
                     }
                 }
@@ -209,7 +209,7 @@ pub async fn dial_loop(
                 continue;
             }
             End::Retry(reason) => {
-                if WarnLimit::allow() {
+                if WarnLimit::allow(Kind::Dial) {
                     info!(%target, "connection failed: {reason}");
                 }
                 send_row(target, ConnState::Retrying, Some(reason)).await;
@@ -470,7 +470,7 @@ async fn closed(
     reason: String,
     warn: bool,
 ) -> End {
-    if warn && WarnLimit::allow() {
+    if warn && WarnLimit::allow(Kind::Handshake) {
         warn!(%addr, peer = ?conn.peer(), "{reason}");
     }
     // Best effort: a refusal or a Close the peer should see.

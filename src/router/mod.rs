@@ -19,7 +19,7 @@ pub mod names;
 use crate::api::{ConnState, ConnStatus, Overlay, PeerConn, PeerStatus, SleeveStats, Status};
 use crate::datapath::{fastdp, sleeve};
 use crate::peer::Me;
-use crate::warn::WarnLimit;
+use crate::warn::{Kind, WarnLimit};
 use channel::ChannelDriver;
 use mesh_proto::conn::DUPLICATE;
 use mesh_proto::gossip::{self, Event, Gossip};
@@ -241,7 +241,7 @@ impl Router {
         let said = (from, e.to_string());
         if self.warned.contains(&said) {
             info!(peer = %from, "bad gossip, disconnecting: {e}");
-        } else if WarnLimit::allow() {
+        } else if WarnLimit::allow(Kind::Gossip) {
             warn!(peer = %from, "bad gossip, disconnecting: {e}");
             if self.warned.len() >= MAX_WARNED {
                 self.warned.clear();
@@ -367,7 +367,7 @@ impl Router {
                     let p = format!(
                         "another peer claims our name {name} (nickname {nickname}, incarnation {incarnation}): do two hosts share one identity key? Remove identity.key on the clone and relaunch it"
                     );
-                    if WarnLimit::allow() {
+                    if WarnLimit::allow(Kind::Identity) {
                         warn!("{p}");
                     }
                     if !self.problems.contains(&p) {
