@@ -84,6 +84,7 @@ pub async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND));
+    let sources = PerSource::default();
     loop {
         let (stream, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -99,10 +100,18 @@ pub async fn accept_loop(
             }
             continue;
         };
+        // And per source: one address cannot take every slot.
+        let Some(source) = sources.acquire(addr.ip()) else {
+            if WarnLimit::allow(Kind::Inbound) {
+                warn!(%addr, "too many inbound connections from {}; refused", addr.ip());
+            }
+            continue;
+        };
         let id = NEXT_INBOUND.fetch_add(1, Ordering::Relaxed);
         let (me, router) = (me.clone(), router.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            let _source = source;
             let end = run_conn(&me, id, stream, addr, Role::Responder, &router).await;
             let _ = router.send(msg::Cmd::Closed { id, forget: true }).await;
             match end {
@@ -114,6 +123,49 @@ pub async fn accept_loop(
                 End::Duplicate => {}
             }
         });
+    }
+}
+
+/// The most inbound connections open at once from one address (a host
+/// has one or two connections to a peer; the rest is a flood).
+const MAX_INBOUND_PER_SOURCE: usize = 16;
+
+/// Inbound connections open per source address.
+#[derive(Clone, Default)]
+struct PerSource(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+/// One inbound connection counted against its source; uncounted on drop.
+struct SourceSlot {
+    sources: PerSource,
+    ip: std::net::IpAddr,
+}
+
+impl PerSource {
+    /// A slot for one more connection from `ip`, unless it has
+    /// [`MAX_INBOUND_PER_SOURCE`] open already.
+    fn acquire(&self, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_INBOUND_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            sources: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.sources.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -558,5 +610,28 @@ async fn run_conn(
                 conn.close(&reason.unwrap_or_else(|| "shutting down".into()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One source gets at most its share; a slot comes back on drop; other
+    /// sources are not affected.
+    #[test]
+    fn one_source_cannot_take_every_slot() {
+        let s = PerSource::default();
+        let a: std::net::IpAddr = "198.18.0.3".parse().expect("ip");
+        let b: std::net::IpAddr = "198.18.0.2".parse().expect("ip");
+        let mut held: Vec<SourceSlot> = (0..MAX_INBOUND_PER_SOURCE)
+            .map(|_| s.acquire(a).expect("a slot"))
+            .collect();
+        assert!(s.acquire(a).is_none());
+        assert!(s.acquire(b).is_some());
+        held.pop();
+        assert!(s.acquire(a).is_some());
+        drop(held);
+        assert!(s.0.lock().expect("lock").get(&a).is_none());
     }
 }
