@@ -195,10 +195,9 @@ async fn run(args: Config) -> anyhow::Result<()> {
     result
 }
 
-/// This peer's identity: key, name, the password's key, the nickname.
-async fn identity(args: &Config) -> anyhow::Result<Me> {
+/// This peer's identity: its key, the password's key, the nickname.
+async fn identity(args: &Config) -> anyhow::Result<Identity> {
     let key = identity::load_or_create(&paths::data_dir())?;
-    let name = key.name();
     let psk = match args.password.clone() {
         Some(p) => Some(
             tokio::task::spawn_blocking(move || {
@@ -215,16 +214,14 @@ async fn identity(args: &Config) -> anyhow::Result<Me> {
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "mesh".into())
     });
-    Ok(Me {
-        key,
-        name,
-        nickname,
-        psk,
-        port: args.port,
-        mtu: 0,
-        fastdp: None,
-        trusted: args.trusted_subnets.clone(),
-    })
+    Ok(Identity { key, psk, nickname })
+}
+
+/// Who this peer is, before any device exists.
+struct Identity {
+    key: mesh_proto::handshake::StaticKey,
+    psk: Option<[u8; 32]>,
+    nickname: String,
 }
 
 /// The kernel objects of the data path.
@@ -442,14 +439,21 @@ fn start_core(
 /// matters: devices and sockets first (a failure there ends the launch with
 /// its reason), then the tasks, each owning its part, wired by channels.
 async fn serve(args: Config) -> anyhow::Result<()> {
-    let mut me = identity(&args).await?;
-    let name = me.name;
+    let id = identity(&args).await?;
+    let name = id.key.name();
     let nl = host::Netlink::current().await.context("opening netlink")?;
     let dev = devices(&nl, &args).await?;
     let l = listeners(&args).await?;
-    me.mtu = dev.mtu;
-    me.fastdp = dev.fastdp.as_ref().map(|d| d.local());
-    let me = Arc::new(me);
+    let me = Arc::new(Me {
+        key: id.key,
+        name,
+        nickname: id.nickname,
+        psk: id.psk,
+        port: args.port,
+        mtu: dev.mtu,
+        fastdp: dev.fastdp.as_ref().map(|d| d.local()),
+        trusted: args.trusted_subnets.clone(),
+    });
     info!(peer = %name, nickname = %me.nickname, mtu = dev.mtu, underlay_mtu = dev.underlay_mtu, encryption = me.psk.is_some(), "mesh started");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -176,8 +176,12 @@ impl Driver {
         self.targets = (count, unreached);
     }
 
-    /// Hand the ring what we were told about other peers.
+    /// Hand the ring what we were told about other peers. Only the
+    /// creation of the ring needs it: once there is one, nothing is done.
     fn tell(&self, ring: &mut Ipam, gossip: &Gossip) {
+        if ring.ring().is_some() {
+            return;
+        }
         let me = gossip.name();
         ring.set_told(Told {
             targets: self.targets.0,

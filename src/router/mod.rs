@@ -145,23 +145,24 @@ pub async fn run(
 }
 
 impl Router {
-    /// The drivers of the gossip channels other than the topology.
-    fn channels(&mut self) -> [&mut dyn ChannelDriver; 2] {
-        [&mut self.ipam, &mut self.names]
+    /// The gossip core and the drivers of its channels other than the
+    /// topology, borrowed apart.
+    fn channels(&mut self) -> (&mut Gossip, [&mut dyn ChannelDriver; 2]) {
+        (&mut self.gossip, [&mut self.ipam, &mut self.names])
     }
 
     /// Drive every channel with time.
     fn tick_channels(&mut self) {
-        let gossip = &self.gossip;
-        for c in [&mut self.ipam as &mut dyn ChannelDriver, &mut self.names] {
+        let (gossip, drivers) = self.channels();
+        for c in drivers {
             c.tick(gossip);
         }
     }
 
     /// Settle every channel: persist, gossip, answer.
     fn settle(&mut self) {
-        let gossip = &mut self.gossip;
-        for c in [&mut self.ipam as &mut dyn ChannelDriver, &mut self.names] {
+        let (gossip, drivers) = self.channels();
+        for c in drivers {
             c.settle(gossip);
         }
     }
@@ -354,7 +355,7 @@ impl Router {
                 }
                 Event::PeerRemoved { name } => {
                     info!(peer = %name, "peer forgotten");
-                    for c in self.channels() {
+                    for c in self.channels().1 {
                         c.forget_peer(name);
                     }
                     self.candidates_dirty = true;

@@ -28,7 +28,7 @@ impl Ipam {
         self.reachable = reachable.clone();
         self.reachable.remove(&self.me);
         for m in self.meetings.values_mut() {
-            if std::mem::take(&mut m.fresh) || m.last_seen.is_none() {
+            if std::mem::take(&mut m.fresh) {
                 m.last_seen = Some(now);
             }
         }
@@ -256,10 +256,8 @@ impl Ipam {
     /// ring alone.
     fn told_size(&self) -> usize {
         let named: BTreeSet<PeerName> = self
-            .told
-            .peers
+            .learned
             .iter()
-            .chain(&self.learned)
             .chain(&self.reachable)
             .chain(self.crdt.records.keys())
             .filter(|p| **p != self.me)

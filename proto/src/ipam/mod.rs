@@ -120,13 +120,13 @@ pub struct Told {
 /// Another ring of the same range met on a connection (two meshes that
 /// each created their own ring, then were joined).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Meeting {
+struct Meeting {
     /// The other ring's initial owners.
-    pub owners: Vec<PeerName>,
+    owners: Vec<PeerName>,
     /// Whether any of its peers was seen holding addresses.
-    pub holds: bool,
+    holds: bool,
     /// When it was last seen (set by `tick`; `None` until then).
-    pub last_seen: Option<Instant>,
+    last_seen: Option<Instant>,
     /// Seen again since the last tick.
     fresh: bool,
 }
@@ -612,11 +612,6 @@ impl Ipam {
     /// The ring's initial owners, once there is a ring.
     pub fn ring(&self) -> Option<&[PeerName]> {
         self.crdt.ring.as_ref().map(|r| r.owners.as_slice())
-    }
-
-    /// Other rings met and still seen recently.
-    pub fn meetings(&self) -> impl Iterator<Item = &Meeting> {
-        self.meetings.values()
     }
 
     /// Things worth a line in the log, each said once: another ring met,
