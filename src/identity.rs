@@ -1,24 +1,82 @@
-//! The peer's persistent identity: an X25519 static key in
+//! The peer's persistent identity: a 32-byte Ed25519 seed in
 //! `$MESH_DATA_DIR/identity.key` (mode 0600), created on first launch. The
-//! peer name is derived from it, so it survives restarts and differs on a
-//! cloned machine that generates its own key.
+//! signing key, the Noise key and the peer name all come from it (see
+//! `mesh_proto::sign`), so they survive restarts and differ on a cloned
+//! machine that generates its own.
+//!
+//! Stored form: the 8 bytes `MESHID2\n` then the seed. A file of release
+//! 0.1's form (a 64-byte X25519 key pair, which cannot sign) is moved aside
+//! to `identity.key.v1` and a new identity made: the peer gets a new name,
+//! which is part of the documented upgrade (README, "Upgrading").
 
 use crate::persist::write_atomic;
 use anyhow::Context;
-use mesh_proto::handshake::StaticKey;
+use mesh_proto::sign::Identity;
 use std::path::Path;
 
-/// Load the key, or create and store a new one.
-pub fn load_or_create(data_dir: &Path) -> anyhow::Result<StaticKey> {
+const MAGIC: &[u8; 8] = b"MESHID2\n";
+
+/// Load the identity, or create and store a new one.
+pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Identity> {
     let path = data_dir.join(crate::paths::IDENTITY);
     match std::fs::read(&path) {
-        Ok(bytes) => StaticKey::from_bytes(&bytes)
-            .with_context(|| format!("identity key {} is corrupt", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = StaticKey::generate().context("generating identity key")?;
-            write_atomic(&path, &key.to_bytes(), 0o600)?;
-            Ok(key)
+        Ok(bytes) if bytes.len() == 64 => {
+            let aside = path.with_extension("key.v1");
+            std::fs::rename(&path, &aside)
+                .with_context(|| format!("moving {} aside", path.display()))?;
+            tracing::warn!(
+                "{} is a key of mesh 0.1, which cannot sign gossip: moved to {}; this peer gets a new identity (and name)",
+                path.display(),
+                aside.display()
+            );
+            create(&path)
         }
+        Ok(bytes) => {
+            decode(&bytes).with_context(|| format!("identity key {} is corrupt", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(&path),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn create(path: &Path) -> anyhow::Result<Identity> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("generating identity key: {e}"))?;
+    let id = Identity::from_seed(&seed);
+    let mut bytes = MAGIC.to_vec();
+    bytes.extend_from_slice(&seed);
+    write_atomic(path, &bytes, 0o600)?;
+    Ok(id)
+}
+
+fn decode(bytes: &[u8]) -> anyhow::Result<Identity> {
+    let seed = bytes
+        .strip_prefix(MAGIC)
+        .and_then(|s| <[u8; 32]>::try_from(s).ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!("expected {} bytes, found {}", MAGIC.len() + 32, bytes.len())
+        })?;
+    Ok(Identity::from_seed(&seed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_then_loaded_and_an_old_key_is_moved_aside() {
+        let dir = std::env::temp_dir().join(format!("mesh-id-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = load_or_create(&dir).expect("create");
+        let b = load_or_create(&dir).expect("load");
+        assert_eq!(a.public(), b.public());
+        let path = dir.join(crate::paths::IDENTITY);
+        std::fs::write(&path, [7u8; 64]).expect("old key");
+        let c = load_or_create(&dir).expect("replace");
+        assert_ne!(c.public(), a.public());
+        assert!(path.with_extension("key.v1").exists());
+        std::fs::write(&path, b"junk").expect("junk");
+        assert!(load_or_create(&dir).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,7 +6,9 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
 /// Shared, read-only facts about this peer handed to the tasks.
 pub struct Me {
-    /// Identity key.
+    /// Identity: signs what we gossip.
+    pub id: mesh_proto::sign::Identity,
+    /// The Noise key derived from it.
     pub key: mesh_proto::handshake::StaticKey,
     /// Peer name.
     pub name: mesh_proto::name::PeerName,

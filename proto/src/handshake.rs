@@ -77,6 +77,15 @@ impl StaticKey {
         Self::from_parts(&kp.private, &kp.public)
     }
 
+    /// The X25519 key of an [`Identity`](crate::sign::Identity) (the
+    /// handshake then proves the identity's key: see [`crate::sign`]).
+    pub fn from_identity(id: &crate::sign::Identity) -> StaticKey {
+        StaticKey {
+            private: id.x25519_private(),
+            public: id.public().x25519(),
+        }
+    }
+
     /// From stored private and public halves.
     pub fn from_parts(private: &[u8], public: &[u8]) -> Result<StaticKey, HandshakeError> {
         let (Ok(private), Ok(public)) = (private.try_into(), public.try_into()) else {
@@ -271,6 +280,24 @@ mod tests {
         assert_eq!(ta.remote_name(), kb.name());
         assert_eq!(tb.remote_name(), ka.name());
         Ok((ta, tb))
+    }
+
+    #[test]
+    fn an_identitys_key_is_what_the_handshake_proves() {
+        let (ia, ib) = (
+            crate::sign::Identity::from_seed(&[5; 32]),
+            crate::sign::Identity::from_seed(&[6; 32]),
+        );
+        let (ka, kb) = (StaticKey::from_identity(&ia), StaticKey::from_identity(&ib));
+        let mut a = Handshake::new(Role::Initiator, &ka, None, b"p").unwrap();
+        let mut b = Handshake::new(Role::Responder, &kb, None, b"p").unwrap();
+        b.read(&a.write().unwrap()).unwrap();
+        a.read(&b.write().unwrap()).unwrap();
+        b.read(&a.write().unwrap()).unwrap();
+        let (ta, tb) = (a.finish().unwrap(), b.finish().unwrap());
+        assert_eq!(*ta.remote_key(), ib.public().x25519());
+        assert_eq!(*tb.remote_key(), ia.public().x25519());
+        assert_eq!(ta.remote_name(), ib.name());
     }
 
     #[test]

@@ -25,6 +25,9 @@
 //! - [`seal`]: ChaCha20-Poly1305 sealing of sleeve datagrams with counter
 //!   nonces and a replay window.
 //! - [`reassembly`]: reassembly of super-frames carried as fragments.
+//! - [`sign`]: peer identities (one Ed25519 seed gives the signing key,
+//!   the Noise key and the name), signatures on replicated state, and the
+//!   book of pinned keys.
 //! - [`gossip`]: the gossip and topology core: peers, connections, routes,
 //!   broadcast trees, named channels for IPAM and DNS.
 //! - [`ipam`]: the IP address allocator: a ring of address pieces shared as
@@ -53,6 +56,7 @@ pub mod names;
 pub mod pmtu;
 pub mod reassembly;
 pub mod seal;
+pub mod sign;
 pub mod sim;
 pub mod sleeve;
 

@@ -47,6 +47,7 @@
 use crate::gossip::digest::mix;
 use crate::gossip::GossipData;
 use crate::name::PeerName;
+use crate::sign::KeyBook;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -712,7 +713,8 @@ impl GossipData for NameTable {
         encode_payload(&self.groups())
     }
 
-    fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    fn merge(&mut self, payload: &[u8], keys: &mut KeyBook) -> Result<Option<Vec<u8>>, String> {
+        let _ = keys;
         let groups = decode_payload(payload).map_err(|e| e.to_string())?;
         let out = self.merge_groups(groups);
         Ok((!out.is_empty()).then(|| encode_payload(&out)))
@@ -773,8 +775,8 @@ impl GossipData for SharedNameTable {
     fn split(&self, payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
         split_payload(payload, max)
     }
-    fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
-        self.lock().merge(payload)
+    fn merge(&mut self, payload: &[u8], keys: &mut KeyBook) -> Result<Option<Vec<u8>>, String> {
+        self.lock().merge(payload, keys)
     }
     fn digest(&self) -> u64 {
         self.lock().digest()
@@ -795,7 +797,9 @@ mod tests {
 
     /// Merge `from`'s full state into `to`.
     fn sync(to: &mut NameTable, from: &NameTable) -> bool {
-        to.merge(&from.encode()).unwrap().is_some()
+        to.merge(&from.encode(), &mut crate::sign::KeyBook::new())
+            .unwrap()
+            .is_some()
     }
 
     #[test]
@@ -814,7 +818,7 @@ mod tests {
         let mut other = NameTable::new(pn(2));
         for p in &parts {
             assert!(p.len() <= 60_000, "part of {} bytes", p.len());
-            other.merge(p).unwrap();
+            other.merge(p, &mut crate::sign::KeyBook::new()).unwrap();
         }
         assert_eq!(other.digest(), t.digest());
         assert_eq!(other.lookup("name-9"), t.lookup("name-9"));
@@ -847,12 +851,13 @@ mod tests {
         a.add("c1", ip(1), "web").unwrap();
         let d = a.take_delta().unwrap();
         assert!(a.take_delta().is_none());
-        let relayed = b.merge(&d).unwrap();
+        let relayed = b.merge(&d, &mut crate::sign::KeyBook::new()).unwrap();
         assert!(relayed.is_some());
-        assert_eq!(b.merge(&d).unwrap(), None);
+        assert_eq!(b.merge(&d, &mut crate::sign::KeyBook::new()).unwrap(), None);
         assert_eq!(b.lookup("web"), vec![ip(1)]);
         a.remove_container("c1");
-        b.merge(&a.take_delta().unwrap()).unwrap();
+        b.merge(&a.take_delta().unwrap(), &mut crate::sign::KeyBook::new())
+            .unwrap();
         assert!(b.lookup("web").is_empty());
         assert_eq!(a.digest(), b.digest());
         assert_eq!(a.encode(), b.encode());
@@ -866,11 +871,15 @@ mod tests {
         let old_add = a.take_delta().unwrap();
         a.remove_container("c1");
         let del = a.take_delta().unwrap();
-        c.merge(&del).unwrap();
-        assert_eq!(c.merge(&old_add).unwrap(), None);
+        c.merge(&del, &mut crate::sign::KeyBook::new()).unwrap();
+        assert_eq!(
+            c.merge(&old_add, &mut crate::sign::KeyBook::new()).unwrap(),
+            None
+        );
         assert!(c.lookup("web").is_empty());
         a.add("c1", ip(1), "web").unwrap();
-        c.merge(&a.take_delta().unwrap()).unwrap();
+        c.merge(&a.take_delta().unwrap(), &mut crate::sign::KeyBook::new())
+            .unwrap();
         assert_eq!(c.lookup("web"), vec![ip(1)]);
     }
 
@@ -888,16 +897,21 @@ mod tests {
         assert_eq!(a.purge(t0 + Duration::from_secs(5)), 0);
         assert_eq!(a.purge(t0 + Duration::from_secs(11)), 1);
         assert_eq!(a.tombstones(), 0);
-        b.merge(&a.take_delta().unwrap()).unwrap();
+        b.merge(&a.take_delta().unwrap(), &mut crate::sign::KeyBook::new())
+            .unwrap();
         assert_eq!(b.tombstones(), 0);
         assert_eq!(a.digest(), b.digest());
         // A stale copy of the deleted entry resurfaces at b, then reaches a:
         // a answers with a newer tombstone that wins at b.
-        assert!(b.merge(&stale).unwrap().is_some());
+        assert!(b
+            .merge(&stale, &mut crate::sign::KeyBook::new())
+            .unwrap()
+            .is_some());
         assert_eq!(b.lookup("web"), vec![ip(1)]);
         sync(&mut a, &b);
         assert!(a.lookup("web").is_empty());
-        b.merge(&a.take_delta().unwrap()).unwrap();
+        b.merge(&a.take_delta().unwrap(), &mut crate::sign::KeyBook::new())
+            .unwrap();
         assert!(b.lookup("web").is_empty());
     }
 
@@ -915,7 +929,8 @@ mod tests {
         sync(&mut a, &b);
         assert!(a.lookup("web").is_empty());
         assert_eq!(a.lookup("db"), vec![ip(9)]);
-        b.merge(&a.take_delta().unwrap()).unwrap();
+        b.merge(&a.take_delta().unwrap(), &mut crate::sign::KeyBook::new())
+            .unwrap();
         assert!(b.lookup("web").is_empty());
         assert_eq!(b.lookup("db"), vec![ip(9)]);
         sync(&mut a, &b);
@@ -953,7 +968,8 @@ mod tests {
         assert_eq!(r.encode(), a.encode());
         assert!(r.take_delta().is_none());
         r.add("c3", ip(3), "new").unwrap();
-        b.merge(&r.take_delta().unwrap()).unwrap();
+        b.merge(&r.take_delta().unwrap(), &mut crate::sign::KeyBook::new())
+            .unwrap();
         assert_eq!(b.lookup("new"), vec![ip(3)]);
         assert!(NameTable::restore(pn(1), &[]).is_err());
         assert!(NameTable::restore(pn(1), &[9, 0]).is_err());
@@ -976,7 +992,9 @@ mod tests {
             }],
         }];
         let mut t = NameTable::new(pn(1));
-        assert!(t.merge(&encode_payload(&g)).is_err());
+        assert!(t
+            .merge(&encode_payload(&g), &mut crate::sign::KeyBook::new())
+            .is_err());
         assert_eq!(t.entries().count(), 0);
     }
 
@@ -986,7 +1004,9 @@ mod tests {
         let mut boxed: Box<dyn GossipData> = Box::new(h.clone());
         let mut b = NameTable::new(pn(2));
         b.add("c2", ip(2), "db").unwrap();
-        boxed.merge(&b.encode()).unwrap();
+        boxed
+            .merge(&b.encode(), &mut crate::sign::KeyBook::new())
+            .unwrap();
         h.lock().add("c1", ip(1), "web").unwrap();
         assert_eq!(h.lock().lookup("db"), vec![ip(2)]);
         assert_eq!(boxed.digest(), h.lock().digest());
@@ -1035,7 +1055,7 @@ mod tests {
     fn merged(order: impl Iterator<Item = Vec<u8>>) -> NameTable {
         let mut t = NameTable::new(pn(1));
         for p in order {
-            t.merge(&p).unwrap();
+            t.merge(&p, &mut crate::sign::KeyBook::new()).unwrap();
         }
         t
     }
@@ -1062,7 +1082,7 @@ mod tests {
             // Idempotent: merging everything again changes nothing.
             let mut again = forward.clone();
             for p in &ps {
-                prop_assert_eq!(again.merge(p).unwrap(), None);
+                prop_assert_eq!(again.merge(p, &mut crate::sign::KeyBook::new()).unwrap(), None);
             }
             prop_assert_eq!(again.encode(), forward.encode());
         }
@@ -1078,12 +1098,12 @@ mod tests {
             let y = merged(ps[a..b].iter().cloned());
             let z = merged(ps[b..].iter().cloned());
             let mut xy = x.clone();
-            xy.merge(&y.encode()).unwrap();
-            xy.merge(&z.encode()).unwrap();
+            xy.merge(&y.encode(), &mut crate::sign::KeyBook::new()).unwrap();
+            xy.merge(&z.encode(), &mut crate::sign::KeyBook::new()).unwrap();
             let mut yz = y.clone();
-            yz.merge(&z.encode()).unwrap();
+            yz.merge(&z.encode(), &mut crate::sign::KeyBook::new()).unwrap();
             let mut x_yz = x.clone();
-            x_yz.merge(&yz.encode()).unwrap();
+            x_yz.merge(&yz.encode(), &mut crate::sign::KeyBook::new()).unwrap();
             prop_assert_eq!(xy.encode(), x_yz.encode());
         }
 
@@ -1094,8 +1114,8 @@ mod tests {
             let mut mid = NameTable::new(pn(1));
             let mut far = NameTable::new(pn(2));
             for p in &ps {
-                if let Some(relay) = mid.merge(p).unwrap() {
-                    far.merge(&relay).unwrap();
+                if let Some(relay) = mid.merge(p, &mut crate::sign::KeyBook::new()).unwrap() {
+                    far.merge(&relay, &mut crate::sign::KeyBook::new()).unwrap();
                 }
             }
             prop_assert_eq!(mid.digest(), far.digest());
@@ -1104,10 +1124,10 @@ mod tests {
         #[test]
         fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut t = NameTable::new(pn(1));
-            let _ = t.merge(&bytes);
+            let _ = t.merge(&bytes, &mut crate::sign::KeyBook::new());
             let mut b = bytes.clone();
             b.insert(0, FORMAT);
-            let _ = t.merge(&b);
+            let _ = t.merge(&b, &mut crate::sign::KeyBook::new());
             let _ = NameTable::restore(pn(1), &bytes);
             b[0] = PERSIST_FORMAT;
             let _ = NameTable::restore(pn(1), &b);
@@ -1117,12 +1137,12 @@ mod tests {
         fn truncated_payloads_are_errors(ops in proptest::collection::vec(op(), 1..20), cut in any::<prop::sample::Index>()) {
             let ps = payloads(&ops);
             let mut w = NameTable::new(pn(1));
-            for p in &ps { w.merge(p).unwrap(); }
+            for p in &ps { w.merge(p, &mut crate::sign::KeyBook::new()).unwrap(); }
             let full = w.encode();
             let n = cut.index(full.len());
             let mut t = NameTable::new(pn(3));
             if n < full.len() {
-                prop_assert!(t.merge(&full[..n]).is_err() || n == full.len());
+                prop_assert!(t.merge(&full[..n], &mut crate::sign::KeyBook::new()).is_err() || n == full.len());
             }
         }
     }

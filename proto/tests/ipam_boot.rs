@@ -402,7 +402,7 @@ impl Sim {
                 let Some(core) = self.peers[to].core.as_mut() else {
                     break;
                 };
-                match core.merge(&bytes) {
+                match core.merge(&bytes, &mut mesh_proto::sign::KeyBook::new()) {
                     Ok(Some(news)) => {
                         for j in self.neighbours(to) {
                             if j != from {

@@ -101,7 +101,7 @@ impl Sim {
             self.peers[to]
                 .as_mut()
                 .unwrap()
-                .merge(&bytes)
+                .merge(&bytes, &mut mesh_proto::sign::KeyBook::new())
                 .expect("merge of a peer's payload");
             self.flush(to);
         }
@@ -202,14 +202,19 @@ impl Sim {
             let mut news = false;
             for i in 1..N {
                 let e = self.peers[i].as_ref().unwrap().encode();
-                news |= self.peers[0].as_mut().unwrap().merge(&e).unwrap().is_some();
+                news |= self.peers[0]
+                    .as_mut()
+                    .unwrap()
+                    .merge(&e, &mut mesh_proto::sign::KeyBook::new())
+                    .unwrap()
+                    .is_some();
             }
             let hub = self.peers[0].as_ref().unwrap().encode();
             for j in 1..N {
                 news |= self.peers[j]
                     .as_mut()
                     .unwrap()
-                    .merge(&hub)
+                    .merge(&hub, &mut mesh_proto::sign::KeyBook::new())
                     .unwrap()
                     .is_some();
             }
@@ -231,7 +236,11 @@ impl Sim {
         let (due, rest): (Vec<_>, Vec<_>) = self.flight.drain(..).partition(|m| m.0 <= now);
         self.flight = rest;
         for (_, _, to, bytes) in due {
-            self.peers[to].as_mut().unwrap().merge(&bytes).unwrap();
+            self.peers[to]
+                .as_mut()
+                .unwrap()
+                .merge(&bytes, &mut mesh_proto::sign::KeyBook::new())
+                .unwrap();
             let _ = self.peers[to].as_mut().unwrap().take_delta();
         }
         let all: BTreeSet<PeerName> = (0..N).map(name).collect();

@@ -197,7 +197,7 @@ async fn run(args: Config) -> anyhow::Result<()> {
 
 /// This peer's identity: its key, the password's key, the nickname.
 async fn identity(args: &Config) -> anyhow::Result<Identity> {
-    let key = identity::load_or_create(&paths::data_dir())?;
+    let id = identity::load_or_create(&paths::data_dir())?;
     let psk = match args.password.clone() {
         Some(p) => Some(
             tokio::task::spawn_blocking(move || {
@@ -214,12 +214,12 @@ async fn identity(args: &Config) -> anyhow::Result<Identity> {
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "mesh".into())
     });
-    Ok(Identity { key, psk, nickname })
+    Ok(Identity { id, psk, nickname })
 }
 
 /// Who this peer is, before any device exists.
 struct Identity {
-    key: mesh_proto::handshake::StaticKey,
+    id: mesh_proto::sign::Identity,
     psk: Option<[u8; 32]>,
     nickname: String,
 }
@@ -440,12 +440,13 @@ fn start_core(
 /// its reason), then the tasks, each owning its part, wired by channels.
 async fn serve(args: Config) -> anyhow::Result<()> {
     let id = identity(&args).await?;
-    let name = id.key.name();
+    let name = id.id.name();
     let nl = host::Netlink::current().await.context("opening netlink")?;
     let dev = devices(&nl, &args).await?;
     let l = listeners(&args).await?;
     let me = Arc::new(Me {
-        key: id.key,
+        key: mesh_proto::handshake::StaticKey::from_identity(&id.id),
+        id: id.id,
         name,
         nickname: id.nickname,
         psk: id.psk,

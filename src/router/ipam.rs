@@ -102,8 +102,12 @@ impl GossipData for Channel {
     fn encode(&self) -> Vec<u8> {
         lock(&self.0).encode()
     }
-    fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
-        lock(&self.0).merge(payload)
+    fn merge(
+        &mut self,
+        payload: &[u8],
+        keys: &mut mesh_proto::sign::KeyBook,
+    ) -> Result<Option<Vec<u8>>, String> {
+        lock(&self.0).merge(payload, keys)
     }
     fn digest(&self) -> u64 {
         lock(&self.0).digest()

@@ -91,7 +91,7 @@ pub async fn run(
     let mut seed = [0u8; 8];
     let _ = getrandom::fill(&mut seed);
     let mut gossip = Gossip::new(
-        me.name,
+        me.id.clone(),
         me.nickname.clone(),
         incarnation,
         config,

@@ -13,6 +13,8 @@
 //! its state is too large to flood, so it has its own deltas and bucketed
 //! digests (see [`super::topology`], [`super::digest`]).
 
+use crate::sign::KeyBook;
+
 /// The state of one named channel.
 pub trait GossipData: Send {
     /// The whole state, encoded (its own versioned format).
@@ -20,7 +22,12 @@ pub trait GossipData: Send {
     /// Merge an encoded state or delta from a neighbour. Returns the encoded
     /// part that was new to us (relayed to the other neighbours), or `None`
     /// when we knew it all. Malformed input is an error, never a panic.
-    fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String>;
+    ///
+    /// Signed content is verified with `keys` (pinned keys per peer; a
+    /// channel pins a key offered with data once its signature verifies)
+    /// before anything is merged: a channel merges only what each peer
+    /// signed of its own state.
+    fn merge(&mut self, payload: &[u8], keys: &mut KeyBook) -> Result<Option<Vec<u8>>, String>;
     /// A digest of the whole state: equal digests mean equal states.
     fn digest(&self) -> u64;
     /// Cut an encoded state or delta that is too large for one gossip
@@ -73,7 +80,11 @@ pub(crate) mod tests {
         fn encode(&self) -> Vec<u8> {
             self.0.iter().copied().collect()
         }
-        fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        fn merge(
+            &mut self,
+            payload: &[u8],
+            _keys: &mut KeyBook,
+        ) -> Result<Option<Vec<u8>>, String> {
             if payload.len() > 256 {
                 return Err("too long".into());
             }

@@ -83,6 +83,7 @@ pub mod wire;
 pub use channel::{chunks, GossipData};
 
 use crate::name::PeerName;
+use crate::sign::{Identity, KeyBook};
 use crate::WireError;
 use digest::{fine_bucket, Digest};
 use rng::Rng;
@@ -251,6 +252,10 @@ const MESSAGE_BUDGET: usize = wire::MAX_MESSAGE - 1_000;
 /// The gossip and topology core of one peer.
 pub struct Gossip {
     me: PeerName,
+    /// Signs our own entry.
+    id: Identity,
+    /// Every peer's key, pinned on its first valid signature.
+    keys: KeyBook,
     config: Config,
     rng: Rng,
     topo: Topology,
@@ -286,7 +291,7 @@ impl Gossip {
     /// the daemon (e.g. a persisted counter, or seconds since the epoch at
     /// start-up); `seed` seeds its random choices.
     pub fn new(
-        me: PeerName,
+        id: Identity,
         nickname: String,
         incarnation: u64,
         config: Config,
@@ -294,8 +299,14 @@ impl Gossip {
     ) -> Self {
         let mut nickname = nickname;
         truncate_utf8(&mut nickname, wire::MAX_NICKNAME);
+        let me = id.name();
+        let mut keys = KeyBook::new();
+        // Our own key gives our name: pinning it cannot fail.
+        let _ = keys.pin(me, id.public());
         Gossip {
             me,
+            id,
+            keys,
             config,
             rng: Rng::new(seed),
             topo: Topology::new(me, nickname, incarnation),
@@ -1196,12 +1207,12 @@ impl Gossip {
         let Some(ch) = self.channels.get_mut(&c.channel) else {
             return Ok(());
         };
-        let delta = ch
-            .merge(&c.payload)
-            .map_err(|reason| GossipError::Channel {
-                channel: c.channel.clone(),
-                reason,
-            })?;
+        let delta =
+            ch.merge(&c.payload, &mut self.keys)
+                .map_err(|reason| GossipError::Channel {
+                    channel: c.channel.clone(),
+                    reason,
+                })?;
         if let Some(delta) = delta {
             self.events.push_back(Event::ChannelUpdated {
                 channel: c.channel.clone(),
@@ -1341,8 +1352,12 @@ mod tests {
     use super::*;
     use std::collections::VecDeque;
 
+    fn id(i: u8) -> Identity {
+        Identity::from_seed(&[i.wrapping_add(1); 32])
+    }
+
     fn nm(i: u8) -> PeerName {
-        PeerName([2, 0, 0, 0, 9, i])
+        id(i).name()
     }
 
     fn addr(i: u8) -> SocketAddr {
@@ -1360,7 +1375,7 @@ mod tests {
         fn new(n: u8) -> Net {
             Net {
                 cores: (0..n)
-                    .map(|i| Gossip::new(nm(i), format!("h{i}"), 1, Config::default(), i as u64))
+                    .map(|i| Gossip::new(id(i), format!("h{i}"), 1, Config::default(), i as u64))
                     .collect(),
                 now: Instant::now(),
             }
@@ -1582,7 +1597,7 @@ mod tests {
             ..Config::default()
         };
         for (i, c) in net.cores.iter_mut().enumerate() {
-            *c = Gossip::new(nm(i as u8), format!("h{i}"), 1, config.clone(), i as u64);
+            *c = Gossip::new(id(i as u8), format!("h{i}"), 1, config.clone(), i as u64);
         }
         for (a, b) in [(0, 1), (1, 2), (2, 3), (2, 4)] {
             net.connect(a, b);
@@ -1605,7 +1620,7 @@ mod tests {
         // 0 restarts with the same incarnation (a daemon bug): 1 still holds
         // a newer version of 0's entry, which 0 must supersede.
         net.disconnect(0, 1);
-        net.cores[0] = Gossip::new(nm(0), "h0".into(), 1, Config::default(), 9);
+        net.cores[0] = Gossip::new(id(0), "h0".into(), 1, Config::default(), 9);
         net.connect(0, 1);
         net.advance(Duration::from_secs(3));
         let v0 = net.cores[0].peers()[0].version;
@@ -1662,7 +1677,7 @@ mod tests {
         net.cores[0]
             .channel_mut("test")
             .unwrap()
-            .merge(&delta)
+            .merge(&delta, &mut KeyBook::new())
             .unwrap();
         net.cores[0].channel_broadcast("test", delta);
         net.drain();
@@ -1673,7 +1688,7 @@ mod tests {
         net.cores[2]
             .channel_mut("test")
             .unwrap()
-            .merge(&[9])
+            .merge(&[9], &mut KeyBook::new())
             .unwrap();
         net.advance(Duration::from_secs(5));
         assert_eq!(net.cores[0].channel("test").unwrap().encode(), vec![5, 9]);

@@ -97,6 +97,7 @@ mod tests;
 
 use crate::gossip::GossipData;
 use crate::name::PeerName;
+use crate::sign::KeyBook;
 use ipnet::Ipv4Net;
 use state::{Crdt, Instance, Net, Payload, Record, Ring};
 use std::collections::{BTreeMap, BTreeSet};
@@ -726,7 +727,8 @@ impl GossipData for Ipam {
         split_payload(payload, max)
     }
 
-    fn merge(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    fn merge(&mut self, payload: &[u8], keys: &mut KeyBook) -> Result<Option<Vec<u8>>, String> {
+        let _ = keys;
         let mut p = Payload::decode(payload)?;
         if let Err(e) = self.crdt.check(&p) {
             if !self.meet(&p) {

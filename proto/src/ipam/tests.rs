@@ -49,7 +49,13 @@ fn settle(peers: &mut [Ipam], now: Instant, group: &dyn Fn(usize) -> u8) {
         for i in 0..peers.len() {
             let e = peers[i].encode();
             for j in 0..peers.len() {
-                if i != j && group(i) == group(j) && peers[j].merge(&e).unwrap().is_some() {
+                if i != j
+                    && group(i) == group(j)
+                    && peers[j]
+                        .merge(&e, &mut crate::sign::KeyBook::new())
+                        .unwrap()
+                        .is_some()
+                {
                     changed = true;
                 }
             }
@@ -82,7 +88,9 @@ fn a_large_state_splits_into_parts_that_merge_alone() {
     }
     let mut whole = Ipam::new(name(999), cfg(InitMode::Observer));
     for peer in &p {
-        whole.merge(&peer.encode()).unwrap();
+        whole
+            .merge(&peer.encode(), &mut crate::sign::KeyBook::new())
+            .unwrap();
     }
     let bytes = whole.encode();
     assert!(bytes.len() > 20_000, "{} bytes", bytes.len());
@@ -91,7 +99,7 @@ fn a_large_state_splits_into_parts_that_merge_alone() {
     let mut other = Ipam::new(name(998), cfg(InitMode::Observer));
     for part in &parts {
         assert!(part.len() <= 4_000, "part of {} bytes", part.len());
-        other.merge(part).unwrap();
+        other.merge(part, &mut crate::sign::KeyBook::new()).unwrap();
     }
     assert_eq!(other.digest(), whole.digest());
 }
@@ -172,7 +180,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         &[1, 0xff, 0xff, 0xff][..],
         &[1][..],
     ] {
-        assert!(p[0].merge(bad).is_err());
+        assert!(p[0].merge(bad, &mut crate::sign::KeyBook::new()).is_err());
         assert!(Ipam::restore(name(0), cfg(InitMode::Observer), bad).is_err());
     }
     assert_eq!(before, (p[0].persist(), p[0].generation(), p[0].digest()));
@@ -184,14 +192,18 @@ fn foreign_rings_are_refused_naming_both_ranges() {
     let mut other = cfg(InitMode::Seed(vec![name(1)]));
     other.range = net("10.64.0.0/16");
     let b = Ipam::new(name(1), other);
-    let e = a.merge(&b.encode()).unwrap_err();
+    let e = a
+        .merge(&b.encode(), &mut crate::sign::KeyBook::new())
+        .unwrap_err();
     assert!(
         e.contains("10.32.0.0/12") && e.contains("10.64.0.0/16"),
         "{e}"
     );
     let c = Ipam::new(name(1), cfg(InitMode::Seed(vec![name(1)])));
     let before = a.digest();
-    let e = a.merge(&c.encode()).unwrap_err();
+    let e = a
+        .merge(&c.encode(), &mut crate::sign::KeyBook::new())
+        .unwrap_err();
     assert!(
         e.contains("10.32.0.0/12") && e.contains(&name(1).to_string()),
         "{e}"
@@ -227,7 +239,8 @@ fn consensus_creates_one_ring_and_says_what_it_waits_for() {
         obs.allocate(t, "o", net("10.32.0.0/12")),
         Err(AllocError::Wait(_))
     ));
-    obs.merge(&p[1].encode()).unwrap();
+    obs.merge(&p[1].encode(), &mut crate::sign::KeyBook::new())
+        .unwrap();
     assert_eq!(obs.digest(), p[1].digest());
 }
 
@@ -334,7 +347,7 @@ fn leave_hands_everything_on() {
     p[1].forget_peer(name(2));
     assert!(!p[0].crdt.records.contains_key(&name(2)));
     let e = p[2].encode();
-    p[0].merge(&e).unwrap();
+    p[0].merge(&e, &mut crate::sign::KeyBook::new()).unwrap();
     assert!(!p[0].crdt.records.contains_key(&name(2)));
 }
 
@@ -481,7 +494,9 @@ fn rings_that_meet_holding_addresses_are_reported_once_with_the_fix() {
     let mut p = two_rings([true, true]);
     for _ in 0..3 {
         let e = p[1].encode();
-        let err = p[0].merge(&e).unwrap_err();
+        let err = p[0]
+            .merge(&e, &mut crate::sign::KeyBook::new())
+            .unwrap_err();
         assert!(err.contains("foreign IPAM ring"), "{err}");
     }
     let notes = p[0].take_notes();
@@ -503,12 +518,15 @@ fn a_side_that_holds_nothing_adopts_the_other_ring() {
     let t = Instant::now();
     let mut p = two_rings([true, false]);
     let e = p[0].encode();
-    assert!(p[1].merge(&e).unwrap().is_some());
+    assert!(p[1]
+        .merge(&e, &mut crate::sign::KeyBook::new())
+        .unwrap()
+        .is_some());
     assert_eq!(p[1].ring(), Some(&[name(0)][..]));
     assert!(matches!(&p[1].take_notes()[..], [Note::Adopted(_)]));
     // Its record lives on with a greater version, and the other side merges it.
     let d = p[1].take_delta().unwrap();
-    p[0].merge(&d).unwrap();
+    p[0].merge(&d, &mut crate::sign::KeyBook::new()).unwrap();
     settle(&mut p, t, &all);
     let a = p[0].claims()[0].1;
     // It owns nothing yet: it asks the other side for space.
@@ -528,8 +546,8 @@ fn a_side_that_holds_nothing_adopts_the_other_ring() {
 fn two_empty_rings_that_meet_become_one_without_swapping() {
     let mut p = two_rings([false, false]);
     let (e0, e1) = (p[0].encode(), p[1].encode());
-    let r0 = p[0].merge(&e1);
-    let r1 = p[1].merge(&e0);
+    let r0 = p[0].merge(&e1, &mut crate::sign::KeyBook::new());
+    let r1 = p[1].merge(&e0, &mut crate::sign::KeyBook::new());
     assert!(
         r0.is_ok() != r1.is_ok(),
         "exactly one side adopts: {r0:?} {r1:?}"
@@ -644,7 +662,7 @@ impl World {
             return;
         }
         let p = self.peers[to].as_mut().unwrap();
-        if let Some(news) = p.merge(&bytes).unwrap() {
+        if let Some(news) = p.merge(&bytes, &mut crate::sign::KeyBook::new()).unwrap() {
             for j in 0..self.peers.len() {
                 if j != to && j != from {
                     self.queue.push((to, j, news.clone()));
@@ -766,7 +784,12 @@ impl World {
                 let e = self.peers[i].as_ref().unwrap().encode();
                 for &j in &live {
                     if i != j {
-                        news |= self.peers[j].as_mut().unwrap().merge(&e).unwrap().is_some();
+                        news |= self.peers[j]
+                            .as_mut()
+                            .unwrap()
+                            .merge(&e, &mut crate::sign::KeyBook::new())
+                            .unwrap()
+                            .is_some();
                     }
                 }
             }
@@ -816,8 +839,8 @@ proptest! {
         let fold = |order: &[usize]| {
             let mut x = Ipam::new(name(99), cfg(InitMode::Observer));
             for &k in order {
-                x.merge(&states[k]).unwrap();
-                x.merge(&states[k]).unwrap();
+                x.merge(&states[k], &mut crate::sign::KeyBook::new()).unwrap();
+                x.merge(&states[k], &mut crate::sign::KeyBook::new()).unwrap();
             }
             x.digest()
         };
@@ -828,17 +851,17 @@ proptest! {
         // (a ⊔ b) ⊔ c == a ⊔ (b ⊔ c): merge the encoding of a merge.
         if n >= 3 {
             let mut ab = Ipam::new(name(98), cfg(InitMode::Observer));
-            ab.merge(&states[0]).unwrap();
-            ab.merge(&states[1]).unwrap();
+            ab.merge(&states[0], &mut crate::sign::KeyBook::new()).unwrap();
+            ab.merge(&states[1], &mut crate::sign::KeyBook::new()).unwrap();
             let mut bc = Ipam::new(name(97), cfg(InitMode::Observer));
-            bc.merge(&states[1]).unwrap();
-            bc.merge(&states[2]).unwrap();
+            bc.merge(&states[1], &mut crate::sign::KeyBook::new()).unwrap();
+            bc.merge(&states[2], &mut crate::sign::KeyBook::new()).unwrap();
             let mut left = Ipam::new(name(96), cfg(InitMode::Observer));
-            left.merge(&ab.encode()).unwrap();
-            left.merge(&states[2]).unwrap();
+            left.merge(&ab.encode(), &mut crate::sign::KeyBook::new()).unwrap();
+            left.merge(&states[2], &mut crate::sign::KeyBook::new()).unwrap();
             let mut right = Ipam::new(name(95), cfg(InitMode::Observer));
-            right.merge(&states[0]).unwrap();
-            right.merge(&bc.encode()).unwrap();
+            right.merge(&states[0], &mut crate::sign::KeyBook::new()).unwrap();
+            right.merge(&bc.encode(), &mut crate::sign::KeyBook::new()).unwrap();
             prop_assert_eq!(left.digest(), right.digest());
         }
     }
@@ -846,7 +869,7 @@ proptest! {
     #[test]
     fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)) {
         let mut p = seeds(3).remove(0);
-        let _ = p.merge(&bytes);
+        let _ = p.merge(&bytes, &mut crate::sign::KeyBook::new());
         let _ = Ipam::restore(name(0), cfg(InitMode::Observer), &bytes);
         let mut good = p.encode();
         good.extend(bytes.iter().take(3));
@@ -857,7 +880,7 @@ proptest! {
             let l = persisted.len();
             persisted[i % l] ^= b;
         }
-        let _ = p.merge(&good);
+        let _ = p.merge(&good, &mut crate::sign::KeyBook::new());
         let _ = Ipam::restore(name(0), cfg(InitMode::Seed((0..3).map(name).collect())), &persisted);
     }
 }

@@ -246,8 +246,8 @@ impl Sim {
             cfg,
         };
         for (i, &at) in starts.iter().enumerate() {
-            let name =
-                PeerName::from_public_key(&(i as u64 ^ sim.cfg.seed.rotate_left(17)).to_le_bytes());
+            let id = sim_identity(i, sim.cfg.seed);
+            let name = id.name();
             let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 6783));
             let seed = (i > 0).then(|| sim.rng.below(i) as u32);
             sim.by_name.insert(name, i as u32);
@@ -567,7 +567,7 @@ impl Sim {
         p.life += 1;
         let seed = self.cfg.seed ^ (i as u64).wrapping_mul(0x9e37_79b9) ^ p.incarnation << 48;
         let mut core = Gossip::new(
-            p.name,
+            sim_identity(i as usize, self.cfg.seed),
             format!("host{i}"),
             p.incarnation,
             self.cfg.gossip.clone(),
@@ -890,4 +890,13 @@ pub fn run(cfg: SimConfig) -> Report {
         bytes_per_peer_s: at_conv as f64 / n as f64 / t.as_secs_f64().max(1e-9),
         steady_bytes_per_peer_s: steady as f64 / n as f64 / 60.0,
     }
+}
+
+/// Peer `i`'s identity in a simulation with `seed` (deterministic).
+pub fn sim_identity(i: usize, seed: u64) -> crate::sign::Identity {
+    let mut b = [0u8; 32];
+    b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    b[8..16].copy_from_slice(&seed.to_le_bytes());
+    b[16] = 0x5e;
+    crate::sign::Identity::from_seed(&b)
 }
