@@ -337,6 +337,13 @@ pub struct PeerStatus {
     pub next_hop: Option<String>,
     /// Its connections, as it reports them.
     pub connections: Vec<PeerConn>,
+    /// Its key's fingerprint (16 hex digits of a BLAKE2s hash of its
+    /// Ed25519 public key), when we hold the key.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// A second key that gives the same name, refused (a collision).
+    #[serde(default)]
+    pub refused_key: Option<String>,
 }
 
 /// One connection a peer reports.
@@ -483,6 +490,8 @@ mod tests {
                 reachable: true,
                 next_hop: None,
                 connections: Vec::new(),
+                key: None,
+                refused_key: None,
             })
             .collect();
         let status = Response::Status(Box::new(Status {
@@ -540,6 +549,8 @@ mod tests {
                     address: Some("198.18.0.1:6783".into()),
                     established: true,
                 }],
+                key: Some("00112233aabbccdd".into()),
+                refused_key: None,
             }],
             targets: vec!["198.18.0.2".into()],
             sleeve: SleeveStats {

@@ -34,7 +34,7 @@ pub struct Hello {
 
 /// No version in common.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no common protocol version: we speak {ours_min}..={ours_max}, peer speaks {theirs_min}..={theirs_max}")]
+#[error("no common protocol version: we speak {ours_min}..={ours_max} ({}), peer speaks {theirs_min}..={theirs_max} ({}); every peer of a mesh must run a release that shares one (README: Upgrading)", releases(*.ours_min, *.ours_max), releases(*.theirs_min, *.theirs_max))]
 pub struct VersionMismatch {
     /// Our oldest.
     pub ours_min: u8,
@@ -44,6 +44,20 @@ pub struct VersionMismatch {
     pub theirs_min: u8,
     /// Their newest.
     pub theirs_max: u8,
+}
+
+/// The mesh releases that speak protocol versions `lo..=hi`, for messages.
+pub fn releases(lo: u8, hi: u8) -> String {
+    let of = |v: u8| match v {
+        0..=2 => "0.1",
+        3 => "0.2",
+        _ => "a later release",
+    };
+    if of(lo) == of(hi) {
+        format!("mesh {}", of(lo))
+    } else {
+        format!("mesh {} to {}", of(lo), of(hi))
+    }
 }
 
 impl Hello {

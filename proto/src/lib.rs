@@ -61,10 +61,12 @@ pub mod sim;
 pub mod sleeve;
 
 /// The newest protocol version this build speaks (2: the `Intro` carries
-/// the fast-path offer).
-pub const PROTOCOL_VERSION: u8 = 2;
-/// The oldest protocol version this build still speaks.
-pub const PROTOCOL_MIN_VERSION: u8 = 2;
+/// the fast-path offer; 3, mesh 0.2: identities are Ed25519 keys and
+/// gossiped state is signed by its writer).
+pub const PROTOCOL_VERSION: u8 = 3;
+/// The oldest protocol version this build still speaks (a 0.1 peer cannot
+/// sign its state, so it is refused, with both releases named).
+pub const PROTOCOL_MIN_VERSION: u8 = 3;
 
 /// Why bytes from the network were rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -196,6 +196,11 @@ pub struct LaunchArgs {
     /// are relayed.
     #[arg(long, default_value_t = 100)]
     pub conn_limit: usize,
+    /// The most peers this daemon holds state for (topology entries; the
+    /// names of peers it has not seen are kept up to four times this): what
+    /// other members announce beyond it is refused and logged.
+    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+    pub max_peers: u64,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     pub log_level: String,

@@ -176,7 +176,11 @@ pub fn format_peers(s: &api::Status) -> String {
                 _ => "unreachable".to_string(),
             }
         };
-        let _ = writeln!(o, "{}({})  {}", p.name, p.nickname, route);
+        let key = p.key.as_deref().unwrap_or("-");
+        let _ = writeln!(o, "{}({})  {}  key {}", p.name, p.nickname, route, key);
+        if let Some(k) = &p.refused_key {
+            let _ = writeln!(o, "   !! another key claims this name: {k} (refused)");
+        }
         for c in &p.connections {
             let _ = writeln!(
                 o,

@@ -386,6 +386,7 @@ impl LaunchArgs {
             port: self.port,
             mtu: self.mtu,
             conn_limit: self.conn_limit,
+            max_peers: self.max_peers as usize,
             log_level: self.log_level,
             ipalloc_range: self.ipalloc_range,
             ipalloc_default_subnet: self.ipalloc_default_subnet,

@@ -44,6 +44,9 @@ pub struct Config {
     pub mtu: Option<u32>,
     /// The most direct connections.
     pub conn_limit: usize,
+    /// The most peers held (`--max-peers`).
+    #[serde(default = "default_max_peers")]
+    pub max_peers: usize,
     /// The tracing filter.
     pub log_level: String,
     /// The allocator's range.
@@ -193,6 +196,10 @@ async fn run(args: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(paths::docker_socket());
     let _ = std::fs::remove_file(&pid_path);
     result
+}
+
+fn default_max_peers() -> usize {
+    mesh_proto::gossip::Config::default().max_peers
 }
 
 /// This peer's identity: its key, the password's key, the nickname.
@@ -408,6 +415,7 @@ fn start_core(
         .unwrap_or(1);
     let gossip_config = mesh_proto::gossip::Config {
         conn_limit: args.conn_limit,
+        max_peers: args.max_peers,
         ..Default::default()
     };
     let names = crate::router::names::Driver::load(name, paths::data_dir(), zone)?;

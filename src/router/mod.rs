@@ -376,6 +376,23 @@ impl Router {
                         self.problems.insert(0, p);
                     }
                 }
+                Event::Refused {
+                    from,
+                    peer,
+                    reason,
+                    collision,
+                } => {
+                    if WarnLimit::allow(Kind::Gossip) {
+                        warn!(%from, %peer, "gossip refused: {reason}");
+                    }
+                    if collision {
+                        let p = format!("{reason}: two peers hold keys that give one name; the first seen is kept and the other is never merged");
+                        if !self.problems.contains(&p) {
+                            self.problems.truncate(9);
+                            self.problems.insert(0, p);
+                        }
+                    }
+                }
                 // The name table needs nothing more than the settle that
                 // follows every command; the ring may have to answer.
                 Event::ChannelUpdated { channel } => {
@@ -461,11 +478,15 @@ impl Router {
         for c in &mut connections {
             c.path_mtu = c.peer.as_ref().and_then(|p| mtus.get(p)).copied();
         }
+        let keys = self.gossip.keys();
+        let refused: std::collections::HashMap<_, _> = keys.collisions().collect();
         let peers = self
             .gossip
             .peers()
             .into_iter()
             .map(|p| PeerStatus {
+                key: keys.get(p.name).map(|k| k.fingerprint()),
+                refused_key: refused.get(&p.name).map(|k| k.fingerprint()),
                 name: p.name.to_string(),
                 nickname: p.nickname,
                 reachable: p.reachable,

@@ -83,7 +83,7 @@ pub mod wire;
 pub use channel::{chunks, GossipData};
 
 use crate::name::PeerName;
-use crate::sign::{Identity, KeyBook};
+use crate::sign::{Identity, KeyBook, KeyError};
 use crate::WireError;
 use digest::{fine_bucket, Digest};
 use rng::Rng;
@@ -115,6 +115,10 @@ pub struct Config {
     pub route_delay: Duration,
     /// Unreachable, unreferenced peers are forgotten after this long.
     pub gc_grace: Duration,
+    /// The most peers held (`--max-peers`): entries of further new peers
+    /// are refused, and names mentioned only by them are not interned past
+    /// four times this many.
+    pub max_peers: usize,
 }
 
 impl Default for Config {
@@ -128,6 +132,7 @@ impl Default for Config {
             relay_fanout: 3,
             route_delay: Duration::from_millis(100),
             gc_grace: Duration::from_secs(120),
+            max_peers: 16_384,
         }
     }
 }
@@ -168,6 +173,20 @@ pub enum Event {
         nickname: String,
         /// Its incarnation.
         incarnation: u64,
+    },
+    /// A record was refused: a signature that does not verify, a key that
+    /// collides with the one pinned for its name, or a bound. The daemon
+    /// logs it (rate-limited); nothing changed.
+    Refused {
+        /// The neighbour that sent it.
+        from: PeerName,
+        /// The peer the record is about.
+        peer: PeerName,
+        /// Why.
+        reason: String,
+        /// Two keys claim the peer's name (the second was refused): worth
+        /// showing in `mesh status`.
+        collision: bool,
     },
     /// A named channel learned something from a neighbour.
     ChannelUpdated {
@@ -284,6 +303,7 @@ pub struct Gossip {
     channels: BTreeMap<String, Box<dyn GossipData>>,
     bytes_sent: u64,
     sent_by_kind: [u64; wire::KINDS],
+    refused: u64,
 }
 
 impl Gossip {
@@ -303,7 +323,7 @@ impl Gossip {
         let mut keys = KeyBook::new();
         // Our own key gives our name: pinning it cannot fail.
         let _ = keys.pin(me, id.public());
-        Gossip {
+        let mut g = Gossip {
             me,
             id,
             keys,
@@ -326,7 +346,28 @@ impl Gossip {
             channels: BTreeMap::new(),
             bytes_sent: 0,
             sent_by_kind: [0; wire::KINDS],
+            refused: 0,
+        };
+        g.sign_own();
+        g
+    }
+
+    /// Sign our own entry's current version.
+    fn sign_own(&mut self) {
+        if let Some(m) = self.topo.entry_message(0) {
+            let sig = self.id.sign(topology::SIGN_DOMAIN, &m);
+            self.topo.set_sig(0, sig);
         }
+    }
+
+    /// The key book: every peer's pinned key, and the collisions seen.
+    pub fn keys(&self) -> &KeyBook {
+        &self.keys
+    }
+
+    /// Records refused so far (bad signature, key collision, bounds).
+    pub fn refused_count(&self) -> u64 {
+        self.refused
     }
 
     /// Our name.
@@ -752,6 +793,7 @@ impl Gossip {
             .get(0)
             .map_or((0, 0), |e| (e.incarnation, e.version));
         f(&mut self.topo);
+        self.sign_own();
         self.mark_pending(now, 0, before, None);
         self.routes_dirty(now);
     }
@@ -837,6 +879,12 @@ impl Gossip {
                 addrs: r.addrs.clone(),
                 add,
                 del,
+                sig: r.sig,
+                key: if r.base == 0 {
+                    self.keys.get(self.topo.name(r.peer))
+                } else {
+                    None
+                },
             });
         }
         if !upd.recs.is_empty() {
@@ -954,6 +1002,9 @@ impl Gossip {
             let mine = idx
                 .and_then(|i| self.topo.get(i))
                 .map_or((0, 0), |e| (e.incarnation, e.version));
+            if idx.is_none() && self.topo.slots() >= self.config.max_peers.saturating_mul(4) {
+                continue;
+            }
             if (h.incarnation, h.version) > mine && want.len() < MESSAGE_BUDGET / 24 {
                 let i = idx.unwrap_or_else(|| self.topo.intern(h.name));
                 let patience = self.config.flush_interval * 2;
@@ -1101,17 +1152,35 @@ impl Gossip {
     }
 
     fn on_update(&mut self, now: Instant, from: PeerName, u: Update) -> Result<(), GossipError> {
-        // Resolve names lazily: a name is interned only when a record uses it.
+        // Resolve names lazily: a name is interned only when a record uses
+        // it, and not at all past the bound on names (then only records
+        // about names we know are taken).
         let mut local: Vec<Option<Idx>> = vec![None; u.names.len()];
         let mut want = Vec::new();
         let mut changed = false;
+        let max_slots = self.config.max_peers.saturating_mul(4);
         for r in u.recs {
             let name = u.names[r.peer as usize];
             if r.add.iter().chain(&r.del).any(|&i| i == r.peer) {
                 return Err(GossipError::Protocol("a peer connected to itself"));
             }
             if name == self.me {
-                self.on_own_entry(now, &r);
+                self.on_own_entry(now, from, &u.names, &r);
+                continue;
+            }
+            let unknown = std::iter::once(&r.peer)
+                .chain(&r.add)
+                .chain(&r.del)
+                .filter(|&&i| {
+                    local[i as usize].is_none() && self.topo.lookup(u.names[i as usize]).is_none()
+                })
+                .count();
+            if unknown > 0 && self.topo.slots() + unknown > max_slots {
+                self.refuse(
+                    from,
+                    name,
+                    "the table of peer names is full (--max-peers)".into(),
+                );
                 continue;
             }
             let mut res = |i: u32, topo: &mut Topology| -> Idx {
@@ -1124,18 +1193,75 @@ impl Gossip {
                 .topo
                 .get(peer)
                 .map_or((0, 0), |e| (e.incarnation, e.version));
-            let applied = self.topo.apply(LocalRecord {
-                peer,
-                incarnation: r.incarnation,
-                base: r.base,
-                version: r.version,
-                nickname: r.nickname,
-                addrs: r.addrs,
-                add,
-                del,
-            });
+            let whole = r.base == 0;
+            let keys = &mut self.keys;
+            let mut key_err = None;
+            let applied = self.topo.apply(
+                LocalRecord {
+                    peer,
+                    incarnation: r.incarnation,
+                    base: r.base,
+                    version: r.version,
+                    nickname: r.nickname,
+                    addrs: r.addrs,
+                    add,
+                    del,
+                    sig: r.sig,
+                    key: r.key,
+                },
+                self.config.max_peers,
+                |m, sig, key| match keys.verify(name, key, topology::SIGN_DOMAIN, m, sig) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        key_err = Some(e);
+                        false
+                    }
+                },
+            );
             match applied {
                 Applied::Stale => {}
+                Applied::Refused => {
+                    let reason = format!(
+                        "version {}.{} is out of bounds (a step of more than {} versions, or a new peer past --max-peers {})",
+                        r.incarnation,
+                        r.version,
+                        topology::MAX_VERSION_STEP,
+                        self.config.max_peers
+                    );
+                    self.refuse(from, name, reason);
+                }
+                Applied::BadSignature => {
+                    let collision = matches!(key_err, Some(KeyError::Collision { .. }));
+                    let reason = key_err.map_or_else(
+                        || "its signature does not match the entry".to_string(),
+                        |e| e.to_string(),
+                    );
+                    // A delta may not lead to what its signer signed when
+                    // our copy is not the one it was made for: the whole
+                    // entry settles it (asked once per flush round).
+                    let patience = self.config.flush_interval * 2;
+                    let asked = self.wanted.get(&peer).is_some_and(|&(inc, ver, at)| {
+                        (inc, ver) == (r.incarnation, r.version) && now < at + patience
+                    });
+                    if collision {
+                        self.refused += 1;
+                        self.events.push_back(Event::Refused {
+                            from,
+                            peer: name,
+                            reason,
+                            collision,
+                        });
+                    } else if !whole && !asked && self.topo.get(peer).is_some() {
+                        self.wanted.insert(peer, (r.incarnation, r.version, now));
+                        want.push(VersionRec {
+                            name,
+                            incarnation: 0,
+                            version: 0,
+                        });
+                    } else {
+                        self.refuse(from, name, reason);
+                    }
+                }
                 Applied::Changed { prev, new_peer } => {
                     if new_peer {
                         self.events.push_back(Event::PeerAdded { name });
@@ -1170,14 +1296,58 @@ impl Gossip {
         Ok(())
     }
 
+    fn refuse(&mut self, from: PeerName, peer: PeerName, reason: String) {
+        self.refused += 1;
+        self.events.push_back(Event::Refused {
+            from,
+            peer,
+            reason,
+            collision: false,
+        });
+    }
+
     /// A record about ourselves: if it is newer than what we hold (our own
     /// earlier life, or someone else with our name), supersede it.
-    fn on_own_entry(&mut self, now: Instant, r: &Record) {
+    ///
+    /// Only a record signed with our own key counts (our earlier life, or
+    /// a clone of our identity): anything else is refused. A newer delta is
+    /// answered by asking for the whole entry, which can be checked.
+    fn on_own_entry(&mut self, now: Instant, from: PeerName, names: &[PeerName], r: &Record) {
         let Some(mine) = self.topo.get(0) else { return };
         let (inc, ver) = (mine.incarnation, mine.version);
         if (r.incarnation, r.version) <= (inc, ver) {
             return;
         }
+        if r.base != 0 {
+            self.send(
+                from,
+                &Body::Want(vec![VersionRec {
+                    name: self.me,
+                    incarnation: 0,
+                    version: 0,
+                }]),
+            );
+            return;
+        }
+        let mut addrs = r.addrs.clone().unwrap_or_default();
+        addrs.truncate(wire::MAX_ADDRS);
+        let card = topology::Card::new(r.nickname.as_deref().unwrap_or_default(), &addrs);
+        let mut conns: Vec<PeerName> = r.add.iter().map(|&i| names[i as usize]).collect();
+        conns.sort_unstable();
+        conns.dedup();
+        let m = topology::signed_message(self.me, r.incarnation, r.version, &card, &mut conns);
+        if !self.id.public().verify(topology::SIGN_DOMAIN, &m, &r.sig) {
+            self.refuse(
+                from,
+                self.me,
+                format!(
+                    "an entry for our own name at {}.{} not signed by our key",
+                    r.incarnation, r.version
+                ),
+            );
+            return;
+        }
+        let Some(mine) = self.topo.get(0) else { return };
         if r.incarnation > inc
             || r.nickname
                 .as_ref()
@@ -1190,6 +1360,7 @@ impl Gossip {
             });
         }
         self.topo.supersede_own(r.incarnation, r.version);
+        self.sign_own();
         self.pending.insert(
             0,
             Pending {
@@ -1316,6 +1487,7 @@ impl Gossip {
                 self.unreachable_since.remove(&i);
                 self.topo.remove(i);
                 self.pending.remove(&i);
+                self.keys.forget(self.topo.name(i));
                 self.events.push_back(Event::PeerRemoved {
                     name: self.topo.name(i),
                 });
@@ -1411,7 +1583,9 @@ mod tests {
                 };
                 n += 1;
                 assert!(n < 100_000, "gossip does not quiesce");
-                let to = t.to.0[5] as usize;
+                let to = (0..self.cores.len())
+                    .find(|&i| nm(i as u8) == t.to)
+                    .expect("a core of this net");
                 let now = self.now;
                 self.cores[to]
                     .handle_message(now, nm(from as u8), &t.bytes)
@@ -1612,6 +1786,102 @@ mod tests {
         assert_eq!(cands, vec![nm(3), nm(4)]);
     }
 
+    /// A forged whole entry for `victim` at the highest incarnation, with
+    /// no connections, signed by `signer`.
+    fn forged(victim: PeerName, signer: &Identity, offer: bool) -> Vec<u8> {
+        let card = topology::Card::new("pwned", &[]);
+        let m = topology::signed_message(victim, u64::MAX, u32::MAX, &card, &mut []);
+        Body::Update(Update {
+            push: true,
+            names: vec![victim],
+            recs: vec![Record {
+                peer: 0,
+                incarnation: u64::MAX,
+                base: 0,
+                version: u32::MAX,
+                nickname: Some("pwned".into()),
+                addrs: None,
+                add: vec![],
+                del: vec![],
+                sig: signer.sign(topology::SIGN_DOMAIN, &m),
+                key: offer.then(|| signer.public()),
+            }],
+        })
+        .encode()
+    }
+
+    #[test]
+    fn a_member_cannot_write_another_peers_entry_or_ours() {
+        // 0 - 1 - 2; 2 is the rogue: it forges 1's entry (to 0 and to 1)
+        // and 0's entry (to 1), as a member that passed the handshake.
+        let mut net = Net::new(3);
+        net.connect(0, 1);
+        net.connect(1, 2);
+        net.connect(0, 2);
+        net.advance(Duration::from_secs(2));
+        let view = |net: &Net, at: usize, of: u8| {
+            net.cores[at]
+                .peers()
+                .into_iter()
+                .find(|p| p.name == nm(of))
+                .map(|p| (p.nickname, p.incarnation, p.connections.len()))
+        };
+        let before = (view(&net, 0, 1), view(&net, 1, 1), view(&net, 1, 0));
+        assert_eq!(before.0.as_ref().map(|v| v.2), Some(2));
+        let now = net.now;
+        let rogue = id(2);
+        for (to, victim, offer) in [(0, 1, true), (0, 1, false), (1, 1, true), (1, 0, true)] {
+            net.cores[to]
+                .handle_message(now, nm(2), &forged(nm(victim), &rogue, offer))
+                .expect("refused quietly, not a protocol error");
+        }
+        // The victim's own key signing a forged entry is what it takes;
+        // a key that gives another name is refused too.
+        net.drain();
+        net.advance(Duration::from_secs(3));
+        assert_eq!(
+            (view(&net, 0, 1), view(&net, 1, 1), view(&net, 1, 0)),
+            before
+        );
+        assert!(net.cores[0].refused_count() >= 2);
+        assert!(net.cores[1].refused_count() >= 2);
+        // 1 and 0 can still change their entries, and everyone sees it.
+        net.disconnect(0, 2);
+        net.advance(Duration::from_secs(3));
+        assert_eq!(view(&net, 1, 0).map(|v| v.2), Some(1));
+        assert_eq!(view(&net, 2, 0).map(|v| v.2), Some(1));
+    }
+
+    #[test]
+    fn a_second_key_for_a_known_name_is_a_collision() {
+        let mut net = Net::new(2);
+        net.connect(0, 1);
+        net.advance(Duration::from_secs(1));
+        // Find a key whose name collides with 1's would take 2^48 tries;
+        // the negated point of 1's key gives the same name (and cannot
+        // sign), which exercises the same path: refused, nothing merged.
+        use ed25519_dalek::VerifyingKey;
+        let k1 = id(1).public();
+        let p = VerifyingKey::from_bytes(k1.as_bytes())
+            .expect("point")
+            .to_edwards();
+        let neg = crate::sign::PublicKey::from_bytes(&(-p).compress().to_bytes()).expect("neg");
+        assert_eq!(neg.name(), nm(1));
+        let mut msg = forged(nm(1), &id(2), true);
+        // Swap the offered key for the negated one (the last 32 bytes
+        // before the end: `Some(key)` is encoded last).
+        let n = msg.len();
+        msg[n - 32..].copy_from_slice(neg.as_bytes());
+        let now = net.now;
+        net.cores[0]
+            .handle_message(now, nm(1), &msg)
+            .expect("quiet");
+        assert_eq!(net.cores[0].keys().get(nm(1)), Some(k1));
+        assert!(net.cores[0].refused_count() >= 1);
+        let seen = net.cores[0].peers().into_iter().find(|p| p.name == nm(1));
+        assert_ne!(seen.map(|p| p.nickname), Some("pwned".to_string()));
+    }
+
     #[test]
     fn stale_own_entry_is_superseded() {
         let mut net = Net::new(2);
@@ -1655,6 +1925,8 @@ mod tests {
                 addrs: None,
                 add: vec![0],
                 del: vec![],
+                sig: crate::sign::Sig::NONE,
+                key: None,
             }],
         });
         assert_eq!(

@@ -321,7 +321,7 @@ mod tests {
             }
             let peer = t.intern(nm(p));
             let add = conns.iter().map(|&c| t.intern(nm(c))).collect();
-            t.apply(LocalRecord {
+            t.apply_trusted(LocalRecord {
                 peer,
                 incarnation: 1,
                 base: 0,
@@ -330,6 +330,8 @@ mod tests {
                 addrs: None,
                 add,
                 del: vec![],
+                sig: crate::sign::Sig::NONE,
+                key: None,
             });
         }
         t
@@ -459,7 +461,7 @@ mod tests {
                     version[p] += 1;
                     let peer = t.intern(nm(p));
                     let add = adj[p].iter().map(|&c| t.intern(nm(c))).collect();
-                    t.apply(LocalRecord {
+                    t.apply_trusted(LocalRecord {
                         peer,
                         incarnation: 1,
                         base: 0,
@@ -468,6 +470,8 @@ mod tests {
                         addrs: None,
                         add,
                         del: vec![],
+                        sig: crate::sign::Sig::NONE,
+                        key: None,
                     });
                 }
                 // Some changes pile up (as between two recomputations), so

@@ -28,10 +28,19 @@
 //! an older version `v` of the same incarnation keeps its history, then a
 //! hole marker at `v`, then the difference (stamped with the new version):
 //! that serves bases up to `v`; a base inside the hole gets the whole entry.
+//!
+//! Signatures: every entry carries its owner's signature of its content at
+//! its version ([`signed_message`]: name, incarnation, version, card and
+//! the *names* of its connections, sorted), never of a delta. A receiver
+//! applies a delta to its copy, and [`Topology::apply`] checks the
+//! signature against the entry that results before changing anything, so
+//! deltas made by any relayer from its history stay verifiable end to end,
+//! and no member can write another's entry.
 
 use super::digest::{entry_hash, Digest};
 use super::wire::MAX_ADDRS;
 use crate::name::PeerName;
+use crate::sign::{PublicKey, Sig};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
@@ -414,6 +423,8 @@ pub struct Entry {
     /// (but for holes). At most [`MAX_RECENT`], dropped once the entry
     /// settles.
     pub recent: History,
+    /// The owner's signature of this version ([`signed_message`]).
+    pub sig: Sig,
 }
 
 impl Entry {
@@ -443,6 +454,41 @@ pub struct LocalRecord {
     pub add: Vec<Idx>,
     /// Connections removed.
     pub del: Vec<Idx>,
+    /// The owner's signature of the entry this record leads to.
+    pub sig: Sig,
+    /// The owner's key (sent with whole entries, for receivers that do not
+    /// know the peer yet).
+    pub key: Option<PublicKey>,
+}
+
+/// The domain of topology signatures.
+pub const SIGN_DOMAIN: &[u8] = b"mesh/topology/entry/v1";
+
+/// Versions may jump by at most this much within an incarnation: a value
+/// further ahead is not one its writer could have reached by changes.
+pub const MAX_VERSION_STEP: u32 = 1 << 20;
+
+/// The bytes a peer signs for its entry: name, incarnation, version, the
+/// card's canonical bytes, and its connections' names in ascending order.
+pub fn signed_message(
+    name: PeerName,
+    incarnation: u64,
+    version: u32,
+    card: &Card,
+    conns: &mut [PeerName],
+) -> Vec<u8> {
+    conns.sort_unstable();
+    let mut m = Vec::with_capacity(6 + 8 + 4 + 2 + card.0.len() + 4 + 6 * conns.len());
+    m.extend_from_slice(&name.0);
+    m.extend_from_slice(&incarnation.to_le_bytes());
+    m.extend_from_slice(&version.to_le_bytes());
+    m.extend_from_slice(&(card.0.len() as u16).to_le_bytes());
+    m.extend_from_slice(&card.0);
+    m.extend_from_slice(&(conns.len() as u32).to_le_bytes());
+    for c in conns.iter() {
+        m.extend_from_slice(&c.0);
+    }
+    m
 }
 
 /// What merging a record did.
@@ -458,6 +504,13 @@ pub enum Applied {
         /// The peer was not known before.
         new_peer: bool,
     },
+    /// The signature does not match the entry the record leads to (or no
+    /// key is known for the peer): nothing changed. For a delta, a whole
+    /// entry may still verify.
+    BadSignature,
+    /// Refused by a bound: a version step past [`MAX_VERSION_STEP`], or a
+    /// new peer while the table is full.
+    Refused,
     /// A delta we cannot apply: we need the changes from this version
     /// (incarnation 0: we know nothing of the peer).
     Want {
@@ -529,9 +582,74 @@ impl Topology {
                 recent: History::default(),
                 floor: 1,
                 settled: 0,
+                sig: Sig::NONE,
             }),
         );
         t
+    }
+
+    /// The message the owner of entry `i` signs for its current version.
+    pub fn entry_message(&self, i: Idx) -> Option<Vec<u8>> {
+        let e = self.get(i)?;
+        let mut conns: Vec<PeerName> = e.conns.iter().map(|c| self.name(c)).collect();
+        Some(signed_message(
+            self.name(i),
+            e.incarnation,
+            e.version,
+            &e.card,
+            &mut conns,
+        ))
+    }
+
+    /// Set the signature of entry `i` (our own, after a change).
+    pub fn set_sig(&mut self, i: Idx, sig: Sig) {
+        if let Some(Some(e)) = self.entries.get_mut(i as usize) {
+            e.sig = sig;
+        }
+    }
+
+    /// The message signed for the entry `r` leads to (applied to ours for
+    /// a delta); `None` if `r` is a delta that does not apply.
+    fn record_message(&self, r: &LocalRecord) -> Option<Vec<u8>> {
+        let (card, conns) = if r.base == 0 {
+            let mut addrs = r.addrs.clone().unwrap_or_default();
+            addrs.truncate(MAX_ADDRS);
+            let card = Card::new(r.nickname.as_deref().unwrap_or_default(), &addrs);
+            let mut conns = r.add.clone();
+            conns.sort_unstable();
+            conns.dedup();
+            (card, conns)
+        } else {
+            let e = self.get(r.peer)?;
+            let card = match &r.addrs {
+                Some(a) => {
+                    let mut addrs = a.clone();
+                    addrs.truncate(MAX_ADDRS);
+                    Card::new(e.card.nickname(), &addrs)
+                }
+                None => e.card.clone(),
+            };
+            let mut conns = e.conns.to_vec();
+            for d in &r.del {
+                if let Ok(p) = conns.binary_search(d) {
+                    conns.remove(p);
+                }
+            }
+            for a in &r.add {
+                if let Err(p) = conns.binary_search(a) {
+                    conns.insert(p, *a);
+                }
+            }
+            (card, conns)
+        };
+        let mut names: Vec<PeerName> = conns.iter().map(|&c| self.name(c)).collect();
+        Some(signed_message(
+            self.name(r.peer),
+            r.incarnation,
+            r.version,
+            &card,
+            &mut names,
+        ))
     }
 
     /// Make room for `peers` entries in all (a hint: a simulator holding
@@ -693,11 +811,39 @@ impl Topology {
         self.set(i, None);
     }
 
-    /// Merge one record. The caller handles records about ourselves.
-    pub fn apply(&mut self, r: LocalRecord) -> Applied {
+    /// Merge one record whose signature `verify(message, &sig, key)`
+    /// accepts, if no more than `max_peers` entries are then known. The
+    /// caller handles records about ourselves.
+    pub fn apply(
+        &mut self,
+        r: LocalRecord,
+        max_peers: usize,
+        verify: impl FnOnce(&[u8], &Sig, Option<PublicKey>) -> bool,
+    ) -> Applied {
         let i = r.peer;
         let cur = self.get(i).map(|e| (e.incarnation, e.version));
         let whole = r.base == 0;
+        let applies = match cur {
+            None => whole,
+            Some((inc, _)) if r.incarnation < inc => false,
+            Some((inc, _)) if r.incarnation > inc => whole,
+            Some((_, ver)) => r.version > ver && (whole || r.base <= ver),
+        };
+        if applies {
+            if let Some((inc, ver)) = cur {
+                if inc == r.incarnation && r.version - ver > MAX_VERSION_STEP {
+                    return Applied::Refused;
+                }
+            } else if self.count >= max_peers {
+                return Applied::Refused;
+            }
+            let ok = self
+                .record_message(&r)
+                .is_some_and(|m| verify(&m, &r.sig, r.key));
+            if !ok {
+                return Applied::BadSignature;
+            }
+        }
         match cur {
             None if !whole => Applied::Want {
                 incarnation: 0,
@@ -760,6 +906,7 @@ impl Topology {
             recent: History::default(),
             floor: r.version,
             settled: 0,
+            sig: r.sig,
         };
         if let Some(old) = self.get(r.peer) {
             let (gone, added) = sorted_diff(old.conns.iter(), conns.iter().copied());
@@ -782,6 +929,12 @@ impl Topology {
             }
         }
         self.set(r.peer, Some(e));
+    }
+
+    /// [`Topology::apply`] without checks (tests of the merge itself).
+    #[cfg(test)]
+    pub fn apply_trusted(&mut self, r: LocalRecord) -> Applied {
+        self.apply(r, usize::MAX, |_, _, _| true)
     }
 
     fn apply_delta(&mut self, r: LocalRecord) {
@@ -816,6 +969,7 @@ impl Topology {
                 e.addrs_version = v;
             }
             e.version = v;
+            e.sig = r.sig;
         });
     }
 
@@ -838,6 +992,8 @@ impl Topology {
                 addrs: Some(e.card.addrs()),
                 add: e.conns.to_vec(),
                 del: vec![],
+                sig: e.sig,
+                key: None,
             });
         }
         // A base inside a hole gets the whole entry.
@@ -872,6 +1028,8 @@ impl Topology {
             addrs: (e.addrs_version > version).then(|| e.card.addrs()),
             add: last.iter().filter(|(_, a)| *a).map(|(p, _)| *p).collect(),
             del: last.iter().filter(|(_, a)| !*a).map(|(p, _)| *p).collect(),
+            sig: e.sig,
+            key: None,
         })
     }
 
@@ -882,7 +1040,7 @@ impl Topology {
                 if !e.conns.set(peer, up) {
                     return false;
                 }
-                e.version += 1;
+                e.version = e.version.saturating_add(1);
                 let v = e.version;
                 push_ops(e, std::iter::once(Op::new(v, peer, up)));
                 true
@@ -902,7 +1060,7 @@ impl Topology {
     /// Change our own addresses.
     pub fn set_own_addrs(&mut self, addrs: Vec<SocketAddr>) {
         self.modify(0, |e| {
-            e.version += 1;
+            e.version = e.version.saturating_add(1);
             e.card = Card::new(e.card.nickname(), &addrs);
             e.addrs_version = e.version;
         });
@@ -913,7 +1071,7 @@ impl Topology {
     pub fn supersede_own(&mut self, incarnation: u64, version: u32) {
         self.modify(0, |e| {
             e.incarnation = incarnation.max(e.incarnation);
-            e.version = version.saturating_add(1).max(e.version + 1);
+            e.version = version.saturating_add(1).max(e.version.saturating_add(1));
             e.recent = History::default();
             e.floor = e.version;
             e.addrs_version = e.version;
@@ -1018,6 +1176,8 @@ mod tests {
             addrs: Some(vec![SocketAddr::from(([198, 18, 0, owner], 6783))]),
             add,
             del: vec![],
+            sig: crate::sign::Sig::NONE,
+            key: None,
         }
     }
 
@@ -1042,7 +1202,7 @@ mod tests {
         let mut t = Topology::new(nm(0), "me".into(), 1);
         for &(o, i, v) in recs {
             let r = honest(&mut t, o, i, v);
-            t.apply(r);
+            t.apply_trusted(r);
         }
         t
     }
@@ -1053,7 +1213,7 @@ mod tests {
             let r = b.record_for(i, 0, 0).unwrap();
             let peer = a.intern(b.name(r.peer));
             let add = r.add.iter().map(|&j| a.intern(b.name(j))).collect();
-            a.apply(LocalRecord { peer, add, ..r });
+            a.apply_trusted(LocalRecord { peer, add, ..r });
         }
     }
 
@@ -1117,12 +1277,12 @@ mod tests {
                 ..r.clone()
             };
             let r = tr(&mut rx, old);
-            rx.apply(r);
+            rx.apply_trusted(r);
             let me = rx.lookup(nm(1)).unwrap();
             let have = rx.get(me).unwrap().version;
             if let Some(d) = owner.record_for(0, 1, have) {
                 let d = tr(&mut rx, &d);
-                let applied = matches!(rx.apply(d), Applied::Changed { .. });
+                let applied = matches!(rx.apply_trusted(d), Applied::Changed { .. });
                 prop_assert!(applied);
             }
             let want: Vec<PeerName> = owner.get(0).unwrap().conns.iter().map(|j| owner.name(j)).collect();
@@ -1169,7 +1329,7 @@ mod tests {
                 };
                 if let Some(rec) = rec {
                     let r = tr(&owner, &mut relay, &rec);
-                    relay.apply(r);
+                    relay.apply_trusted(r);
                 }
             }
             let Some(m) = relay.lookup(nm(1)).filter(|&m| relay.get(m).is_some()) else {
@@ -1181,10 +1341,10 @@ mod tests {
             let snap = held[have % held.len()];
             let mut rx = Topology::new(nm(2), "rx".into(), 1);
             let r = tr(&owner, &mut rx, snap);
-            rx.apply(r);
+            rx.apply_trusted(r);
             if let Some(d) = relay.record_for(m, 1, snap.version) {
                 let d = tr(&relay, &mut rx, &d);
-                let applied = matches!(rx.apply(d), Applied::Changed { .. });
+                let applied = matches!(rx.apply_trusted(d), Applied::Changed { .. });
                 prop_assert!(applied);
             }
             let names = |t: &Topology, i: Idx| {
@@ -1270,9 +1430,11 @@ mod tests {
             addrs: None,
             add: vec![],
             del: vec![],
+            sig: crate::sign::Sig::NONE,
+            key: None,
         };
         assert_eq!(
-            t.apply(r.clone()),
+            t.apply_trusted(r.clone()),
             Applied::Want {
                 incarnation: 0,
                 version: 0
@@ -1281,11 +1443,11 @@ mod tests {
         let mut whole = honest(&mut t, 5, 1, 2);
         whole.peer = p;
         assert!(matches!(
-            t.apply(whole),
+            t.apply_trusted(whole),
             Applied::Changed { new_peer: true, .. }
         ));
         assert_eq!(
-            t.apply(r),
+            t.apply_trusted(r),
             Applied::Want {
                 incarnation: 1,
                 version: 2
@@ -1294,9 +1456,9 @@ mod tests {
         // A new incarnation supersedes any version of the old one.
         let mut next = honest(&mut t, 5, 2, 1);
         next.peer = p;
-        assert!(matches!(t.apply(next), Applied::Changed { .. }));
+        assert!(matches!(t.apply_trusted(next), Applied::Changed { .. }));
         let mut stale = honest(&mut t, 5, 1, 9);
         stale.peer = p;
-        assert_eq!(t.apply(stale), Applied::Stale);
+        assert_eq!(t.apply_trusted(stale), Applied::Stale);
     }
 }

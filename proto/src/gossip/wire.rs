@@ -18,12 +18,13 @@
 //! error, never a panic.
 
 use crate::name::PeerName;
+use crate::sign::{PublicKey, Sig};
 use crate::WireError;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
-/// The format byte this build writes and reads.
-pub const FORMAT: u8 = 1;
+/// The format byte this build writes and reads (2: records are signed).
+pub const FORMAT: u8 = 2;
 /// The largest message this build sends (the daemon puts each in one
 /// encrypted control record).
 pub const MAX_MESSAGE: usize = 60_000;
@@ -143,6 +144,11 @@ pub struct Record {
     pub add: Vec<u32>,
     /// Connections removed, as name indices.
     pub del: Vec<u32>,
+    /// The peer's signature of the entry this record leads to (see
+    /// [`super::topology::signed_message`]).
+    pub sig: Sig,
+    /// The peer's public key (with whole entries).
+    pub key: Option<PublicKey>,
 }
 
 /// A named channel's message.
@@ -159,7 +165,7 @@ impl Record {
     pub fn size_bound(&self) -> usize {
         let addrs = self.addrs.as_ref().map_or(0, |a| a.len() * 20) + 2;
         let nick = self.nickname.as_ref().map_or(0, |n| n.len() + 3) + 1;
-        5 + 10 + 5 + 5 + nick + addrs + 5 + 5 * (self.add.len() + self.del.len()) + 10
+        5 + 10 + 5 + 5 + nick + addrs + 5 + 5 * (self.add.len() + self.del.len()) + 10 + 64 + 33
     }
 }
 
@@ -203,7 +209,7 @@ impl Body {
                     .recs
                     .iter()
                     .map(|r| {
-                        40 + 3 * (r.add.len() + r.del.len())
+                        140 + 3 * (r.add.len() + r.del.len())
                             + r.nickname.as_ref().map_or(0, |n| n.len())
                             + r.addrs.as_ref().map_or(0, |a| 20 * a.len())
                     })
@@ -328,31 +334,31 @@ mod tests {
             root: 0x0102,
             channels: vec![],
         });
-        // format 1, variant 1, count 3, root varint 0x82 0x02, no channels
-        assert_eq!(b.encode(), vec![1, 1, 3, 0x82, 0x02, 0]);
-        assert_eq!(Body::decode(&[1, 1, 3, 0x82, 0x02, 0]).unwrap(), b);
+        // format 2, variant 1, count 3, root varint 0x82 0x02, no channels
+        assert_eq!(b.encode(), vec![2, 1, 3, 0x82, 0x02, 0]);
+        assert_eq!(Body::decode(&[2, 1, 3, 0x82, 0x02, 0]).unwrap(), b);
         let w = Body::Want(vec![VersionRec {
             name: n(7),
             incarnation: 1,
             version: 2,
         }]);
-        assert_eq!(w.encode(), vec![1, 5, 1, 2, 0, 0, 0, 0, 7, 1, 2]);
+        assert_eq!(w.encode(), vec![2, 5, 1, 2, 0, 0, 0, 0, 7, 1, 2]);
     }
 
     #[test]
     fn malformed() {
         assert!(Body::decode(&[]).is_err());
         assert!(matches!(
-            Body::decode(&[2, 1, 3, 0, 0]),
+            Body::decode(&[1, 1, 3, 0, 0]),
             Err(WireError::Unknown { .. })
         ));
         assert!(matches!(
-            Body::decode(&[1, 1, 3, 0, 0, 9]),
+            Body::decode(&[2, 1, 3, 0, 0, 9]),
             Err(WireError::Trailing(1))
         ));
-        assert!(Body::decode(&[1, 42]).is_err());
+        assert!(Body::decode(&[2, 42]).is_err());
         // A vector length far beyond the buffer.
-        assert!(Body::decode(&[1, 2, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+        assert!(Body::decode(&[2, 2, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
         // Bucket count not a power of two.
         assert!(Body::decode(&Body::Buckets(vec![1, 2, 3]).encode()).is_err());
         assert!(Body::decode(&vec![0u8; MAX_INBOUND + 1]).is_err());
@@ -368,6 +374,8 @@ mod tests {
                 addrs: None,
                 add: vec![1],
                 del: vec![],
+                sig: Sig::NONE,
+                key: None,
             }],
         });
         assert_eq!(
@@ -386,6 +394,8 @@ mod tests {
                 addrs: None,
                 add: vec![],
                 del: vec![],
+                sig: Sig::NONE,
+                key: None,
             }],
         });
         assert!(Body::decode(&bad_version.encode()).is_err());
@@ -422,6 +432,8 @@ mod tests {
                     addrs,
                     add,
                     del: if whole { vec![] } else { del },
+                    sig: Sig([7; 64]),
+                    key: None,
                 }
             })
     }
