@@ -400,6 +400,8 @@ impl LaunchArgs {
             dns_listen_address: self.dns_listen_address,
             resolv_conf: self.resolv_conf,
             docker_host: self.docker_host,
+            rekey_after_messages: self.rekey_after_messages,
+            rekey_after_secs: self.rekey_after_secs,
         }
     }
 }
