@@ -10,6 +10,11 @@
 //! advanced by several rekeys, and the other side's newest key for it
 //! following. Without rekeying the key ids stay at 1 (and the report has no
 //! `sleeve_keys`), and the test fails.
+//!
+//! Three hosts in a chain (h1 and h3 cut off from each other, both reach
+//! h2), every key replaced after 20 messages or 2 s: a continuous ping and
+//! bulk TCP from c1 to c3, relayed by h2 and so sealed under two
+//! connections' keys each way, come through the rekeys of both hops.
 
 mod common;
 
@@ -29,27 +34,64 @@ const MAX_LOST: u32 = 2;
 /// Rekeys each direction must have made by the end.
 const MIN_REKEYS: u64 = 3;
 
-/// `connections[].sleeve_keys` of `host`'s one established connection:
-/// (our sending key id, the peer's newest key id, rekeys).
+/// `connections[].sleeve_keys` of each of `host`'s established
+/// connections: (our sending key id, the peer's newest key id, rekeys).
 #[track_caller]
-fn keys(host: &Host) -> (u64, u64, u64) {
+fn all_keys(host: &Host) -> Vec<(u64, u64, u64)> {
     let r = report(host);
     let conns: Vec<&serde_json::Value> = r["connections"]
         .as_array()
         .map(|a| a.iter().filter(|c| c["state"] == "established").collect())
         .unwrap_or_default();
-    let [c] = conns.as_slice() else {
-        panic!("{}: not one established connection: {r}", host.name);
-    };
-    let k = &c["sleeve_keys"];
-    match (
-        k["send_key_id"].as_u64(),
-        k["recv_key_id"].as_u64(),
-        k["rekeys"].as_u64(),
-    ) {
-        (Some(s), Some(r), Some(n)) => (s, r, n),
-        _ => panic!("{}: no sleeve key ids in {c}", host.name),
+    conns
+        .iter()
+        .map(|c| {
+            let k = &c["sleeve_keys"];
+            match (
+                k["send_key_id"].as_u64(),
+                k["recv_key_id"].as_u64(),
+                k["rekeys"].as_u64(),
+            ) {
+                (Some(s), Some(r), Some(n)) => (s, r, n),
+                _ => panic!("{}: no sleeve key ids in {c}", host.name),
+            }
+        })
+        .collect()
+}
+
+/// [`all_keys`] of `host`'s one established connection.
+#[track_caller]
+fn keys(host: &Host) -> (u64, u64, u64) {
+    match all_keys(host).as_slice() {
+        [k] => *k,
+        other => panic!("{}: not one established connection: {other:?}", host.name),
     }
+}
+
+/// `ping` from `from` to `ip`, [`PINGS`] echoes 0.1 s apart; asserts at
+/// most [`MAX_LOST`] were lost.
+#[track_caller]
+fn continuous_ping(from: &Container, ip: &str) {
+    let count = PINGS.to_string();
+    let out = from.exec(
+        "ping",
+        &["-n", "-q", "-c", &count, "-i", "0.1", "-W", "2", ip],
+        Duration::from_secs(60),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (sent, received) =
+        ping_counts(&text).unwrap_or_else(|| panic!("no ping summary: {}", show(&out)));
+    eprintln!(
+        "rekey: continuous ping {} -> {ip}: {received} of {sent} echoes answered",
+        from.name
+    );
+    assert_eq!(sent, PINGS, "{}", show(&out));
+    assert!(
+        sent - received <= MAX_LOST,
+        "{} of {sent} echoes lost through rekeys (at most {MAX_LOST}): {}",
+        sent - received,
+        show(&out)
+    );
 }
 
 /// Key ids count 1..=255 and wrap: how far `to` is ahead of `from`.
@@ -90,33 +132,7 @@ fn sleeve_rekeys_under_traffic() {
     let (s2, _, n2) = keys(&h2);
     eprintln!("rekey: before the ping, h1 seals with key {s1} ({n1} rekeys), h2 with {s2} ({n2})");
 
-    let count = PINGS.to_string();
-    let out = c1.exec(
-        "ping",
-        &[
-            "-n",
-            "-q",
-            "-c",
-            &count,
-            "-i",
-            "0.1",
-            "-W",
-            "2",
-            "198.19.1.2",
-        ],
-        Duration::from_secs(60),
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (sent, received) =
-        ping_counts(&text).unwrap_or_else(|| panic!("no ping summary: {}", show(&out)));
-    eprintln!("rekey: continuous ping: {received} of {sent} echoes answered");
-    assert_eq!(sent, PINGS, "{}", show(&out));
-    assert!(
-        sent - received <= MAX_LOST,
-        "{} of {sent} echoes lost through rekeys (at most {MAX_LOST}): {}",
-        sent - received,
-        show(&out)
-    );
+    continuous_ping(&c1, "198.19.1.2");
 
     bulk_tcp(&c1, &c2, "198.19.1.2:5201", 16 << 20);
     bulk_tcp(&c2, &c1, "198.19.1.1:5202", 16 << 20);
@@ -148,4 +164,46 @@ fn sleeve_rekeys_under_traffic() {
         m1 >= n1 + 2 * MIN_REKEYS && m2 >= n2 + 2 * MIN_REKEYS,
         "rekeys {m1}, {m2}"
     );
+}
+
+#[test]
+fn relayed_sleeve_rekeys_on_both_hops() {
+    let Some(mut w) = World::new("rekey_relayed") else {
+        return;
+    };
+    let h1 = w.add_host();
+    let h2 = w.add_host();
+    let h3 = w.add_host();
+    let c1 = w.add_container("c1");
+    let c3 = w.add_container("c3");
+    w.partition(&h1, &[h3.ip]);
+    let args = [
+        "--no-fastdp",
+        "--password",
+        PASSWORD,
+        "--rekey-after-messages",
+        "20",
+        "--rekey-after-secs",
+        "2",
+    ];
+    w.launch(&h2, &args);
+    for h in [&h1, &h3] {
+        let mut a = args.to_vec();
+        a.push("198.18.0.2");
+        w.launch(h, &a);
+    }
+    w.attach(&h1, &c1, "198.19.1.1/24");
+    w.attach(&h3, &c3, "198.19.1.3/24");
+    wait_ping(&c1, "198.19.1.3", SETUP);
+    wait_ping(&c3, "198.19.1.1", SETUP);
+    let before = all_keys(&h2);
+    assert_eq!(before.len(), 2, "h2's connections: {before:?}");
+    continuous_ping(&c1, "198.19.1.3");
+    bulk_tcp(&c1, &c3, "198.19.1.3:5201", 16 << 20);
+    let after = all_keys(&h2);
+    eprintln!("rekey: h2's keys before {before:?}, after {after:?}");
+    assert_eq!(after.len(), 2, "h2's connections: {after:?}");
+    for ((_, _, n0), (_, _, n1)) in before.iter().zip(&after) {
+        assert!(n1 >= &(n0 + 2 * MIN_REKEYS), "h2: rekeys {n0} -> {n1}");
+    }
 }

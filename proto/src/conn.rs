@@ -9,17 +9,21 @@
 //!    its prologue, in [`RecordKind::Handshake`] records;
 //! 3. **introductions**: each side sends an [`Intro`] as its first encrypted
 //!    message; when the peer's arrives, [`Event::Established`] carries it out;
-//! 4. **established**: gossip both ways, a heartbeat every [`HEARTBEAT`], and
+//! 4. **established**: gossip both ways, with a password the sleeve rekey
+//!    messages (offers and acknowledgements, [`crate::rekey`]; the caller
+//!    decides when and draws the keys), a heartbeat every [`HEARTBEAT`], and
 //!    the connection is declared dead after [`DEAD_AFTER`] of silence;
 //! 5. **closed**: once, with [`Event::Closed`], by either side, a refusal,
 //!    a protocol error or a timer. Nothing happens after that.
 //!
 //! Its methods come in the kinds quinn-proto documents: `handle_*` for
 //! inputs (bytes read from the stream in any chunking, the time, the end of
-//! the stream), commands ([`Connection::send_gossip`], [`Connection::close`]),
+//! the stream), commands ([`Connection::send_gossip`], [`Connection::close`],
+//! the rekey messages),
 //! and `poll_*` for outputs (bytes to write, events, the next deadline).
 //! It reads no clock and draws no randomness: `now` is an argument, and the
-//! only random value it sends (the sleeve key) comes in its [`Config`].
+//! random values it sends (sleeve keys) come from its caller: the first in
+//! its [`Config`], the next ones with [`Connection::offer_sleeve_key`].
 //!
 //! Invariants: every reason it gives is the text the daemon has always shown
 //! (tests match some of them); exactly one [`Event::Closed`] is emitted, and

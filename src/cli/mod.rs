@@ -462,6 +462,10 @@ mod tests {
             "/tmp/resolv.conf",
             "--docker-host",
             "unix:///tmp/docker.sock",
+            "--rekey-after-messages",
+            "20",
+            "--rekey-after-secs",
+            "2",
             "198.18.0.1",
             "198.18.0.2:7000",
         ]);

@@ -9,7 +9,7 @@
 //! and tells the router what it reports (the peer's intro becomes the
 //! sleeve keys and the negotiated fast path, see [`crate::datapath::fastdp`]).
 //! With a password it also rekeys the sleeve ([`mesh_proto::rekey`]): every
-//! [`REKEY_CHECK`] it asks whether our sending key is due (by the messages
+//! second it asks whether our sending key is due (by the messages
 //! sealed under it or its age) and offers a fresh random one; it seals with
 //! it once the peer acknowledges; a key the peer offers goes into the key
 //! ring before it is acknowledged. Every
