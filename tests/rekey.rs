@@ -137,8 +137,28 @@ fn sleeve_rekeys_under_traffic() {
     bulk_tcp(&c1, &c2, "198.19.1.2:5201", 16 << 20);
     bulk_tcp(&c2, &c1, "198.19.1.1:5202", 16 << 20);
 
-    let (e1, r1, m1) = keys(&h1);
-    let (e2, r2, m2) = keys(&h2);
+    let dropped = |h: &Host| report(h)["sleeve"]["dropped"].as_u64().unwrap_or(0);
+    eprintln!(
+        "rekey: sleeve datagrams dropped: h1 {}, h2 {}",
+        dropped(&h1),
+        dropped(&h2)
+    );
+    // Each side opens the other's sending key, or the one it offers next.
+    // The two reports are not one snapshot (a rekey may fall between
+    // them): polled until they agree, as they do between rekeys.
+    let ((e1, r1, m1), (e2, r2, m2)) = wait_for(
+        Duration::from_secs(15),
+        "each side opening the other's sending key",
+        || {
+            let (k1, k2) = (keys(&h1), keys(&h2));
+            let ((e1, r1, _), (e2, r2, _)) = (k1, k2);
+            if advanced(e2, r1) <= 1 && advanced(e1, r2) <= 1 {
+                Ok((k1, k2))
+            } else {
+                Err(format!("h1 {k1:?}, h2 {k2:?}"))
+            }
+        },
+    );
     eprintln!(
         "rekey: after: h1 seals with key {e1}, opens h2's {r1}, {m1} rekeys; h2 seals with {e2}, opens h1's {r2}, {m2} rekeys"
     );
@@ -150,15 +170,6 @@ fn sleeve_rekeys_under_traffic() {
     assert!(
         advanced(s2, e2) >= MIN_REKEYS,
         "h2's sending key went from {s2} to {e2} only"
-    );
-    // Each side opens the other's newest key, or the one offered next.
-    assert!(
-        advanced(e2, r1) <= 1,
-        "h1 opens h2's key {r1}, h2 seals with {e2}"
-    );
-    assert!(
-        advanced(e1, r2) <= 1,
-        "h2 opens h1's key {r2}, h1 seals with {e1}"
     );
     assert!(
         m1 >= n1 + 2 * MIN_REKEYS && m2 >= n2 + 2 * MIN_REKEYS,
