@@ -162,6 +162,12 @@ fn sleeve_rekeys_under_traffic() {
     eprintln!(
         "rekey: after: h1 seals with key {e1}, opens h2's {r1}, {m1} rekeys; h2 seals with {e2}, opens h1's {r2}, {m2} rekeys"
     );
+    let text = h1.mesh_ok(&["status", "connections"]);
+    eprintln!("rekey: h1's mesh status connections:\n{text}");
+    assert!(
+        text.contains(" keys ") && text.contains(" rekeys)"),
+        "h1's status does not show its sleeve keys: {text}"
+    );
     // h1 by count (20 messages: the ping alone needs 150), h2 by age.
     assert!(
         advanced(s1, e1) >= MIN_REKEYS,
