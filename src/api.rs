@@ -322,6 +322,21 @@ pub struct ConnStatus {
     /// segments are cut to), as the kernel and the probes found it.
     #[serde(default)]
     pub path_mtu: Option<usize>,
+    /// With a password, for an established connection: the sleeve key ids
+    /// in use each way and how often they were replaced (rekeying).
+    #[serde(default)]
+    pub sleeve_keys: Option<KeyStatus>,
+}
+
+/// A connection's sleeve keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyStatus {
+    /// The id of the key we seal our datagrams to the peer with.
+    pub send_key_id: u8,
+    /// The id of the peer's newest key, for its datagrams to us.
+    pub recv_key_id: u8,
+    /// How many times either key was replaced on this connection.
+    pub rekeys: u64,
 }
 
 /// A peer as gossip knows it.
@@ -376,6 +391,10 @@ pub struct SleeveStats {
     /// on each connection's line instead.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub path_mtu: std::collections::BTreeMap<String, usize>,
+    /// Sleeve keys per directly connected peer (by name), with a password.
+    /// Not a counter: shown on each connection instead.
+    #[serde(skip)]
+    pub keys: std::collections::BTreeMap<String, KeyStatus>,
 }
 
 /// One line of `mesh ps`.
@@ -538,6 +557,11 @@ mod tests {
                 overlay: Some(Overlay::Sleeve),
                 overlay_info: Some("password set".into()),
                 path_mtu: Some(1500),
+                sleeve_keys: Some(KeyStatus {
+                    send_key_id: 3,
+                    recv_key_id: 2,
+                    rekeys: 3,
+                }),
             }],
             peers: vec![PeerStatus {
                 name: "02:00:00:00:00:02".into(),
@@ -670,8 +694,13 @@ mod tests {
             "ipam.peers[].reachable",
             "ipam.pending",
             "ipam.problems",
-            // In the code, not listed in the README's report section.
+            // In the code, not listed in the README's report section
+            // (`sleeve_keys` is, in the sleeve's encryption paragraph).
             "problems",
+            "connections[].sleeve_keys",
+            "connections[].sleeve_keys.send_key_id",
+            "connections[].sleeve_keys.recv_key_id",
+            "connections[].sleeve_keys.rekeys",
             "sleeve.path_mtu",
             "dns",
             "dns.serving",
@@ -705,6 +734,8 @@ mod tests {
         assert_eq!(c["state"], "established");
         assert_eq!(c["overlay"], "sleeve");
         assert_eq!(c["path_mtu"], 1500);
+        assert_eq!(c["sleeve_keys"]["send_key_id"], 3);
+        assert_eq!(c["sleeve_keys"]["rekeys"], 3);
         assert_eq!(json["sleeve"]["path_mtu"]["02:00:00:00:00:02"], 1500);
     }
 

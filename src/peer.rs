@@ -25,6 +25,8 @@ pub struct Me {
     /// `--trusted-subnets`: with a password, the fast path is still offered
     /// to peers in these.
     pub trusted: Vec<ipnet::Ipv4Net>,
+    /// When a sleeve key is replaced (with a password).
+    pub rekey: mesh_proto::rekey::Policy,
 }
 
 /// This host's fast path, as the control connections need it.

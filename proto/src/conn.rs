@@ -9,17 +9,21 @@
 //!    its prologue, in [`RecordKind::Handshake`] records;
 //! 3. **introductions**: each side sends an [`Intro`] as its first encrypted
 //!    message; when the peer's arrives, [`Event::Established`] carries it out;
-//! 4. **established**: gossip both ways, a heartbeat every [`HEARTBEAT`], and
+//! 4. **established**: gossip both ways, with a password the sleeve rekey
+//!    messages (offers and acknowledgements, [`crate::rekey`]; the caller
+//!    decides when and draws the keys), a heartbeat every [`HEARTBEAT`], and
 //!    the connection is declared dead after [`DEAD_AFTER`] of silence;
 //! 5. **closed**: once, with [`Event::Closed`], by either side, a refusal,
 //!    a protocol error or a timer. Nothing happens after that.
 //!
 //! Its methods come in the kinds quinn-proto documents: `handle_*` for
 //! inputs (bytes read from the stream in any chunking, the time, the end of
-//! the stream), commands ([`Connection::send_gossip`], [`Connection::close`]),
+//! the stream), commands ([`Connection::send_gossip`], [`Connection::close`],
+//! the rekey messages),
 //! and `poll_*` for outputs (bytes to write, events, the next deadline).
 //! It reads no clock and draws no randomness: `now` is an argument, and the
-//! only random value it sends (the sleeve key) comes in its [`Config`].
+//! random values it sends (sleeve keys) come from its caller: the first in
+//! its [`Config`], the next ones with [`Connection::offer_sleeve_key`].
 //!
 //! Invariants: every reason it gives is the text the daemon has always shown
 //! (tests match some of them); exactly one [`Event::Closed`] is emitted, and
@@ -91,6 +95,21 @@ pub enum Event {
     },
     /// A gossip message from the peer, opaque at this layer.
     Gossip(Vec<u8>),
+    /// With sleeve keys: the peer offers a new key for its datagrams to us.
+    /// Install it, then acknowledge it ([`Connection::ack_sleeve_key`]);
+    /// see [`crate::rekey`].
+    SleeveKey {
+        /// Its id in datagram headers.
+        key_id: u8,
+        /// The key.
+        key: [u8; 32],
+    },
+    /// With sleeve keys: the peer installed the key we offered as `key_id`
+    /// ([`Connection::offer_sleeve_key`]); we may seal with it.
+    SleeveKeyAck {
+        /// The id of our offer.
+        key_id: u8,
+    },
     /// The connection is over; write what [`Connection::poll_transmit`]
     /// still gives (a refusal, a `Close`) and drop the stream.
     Closed {
@@ -254,6 +273,22 @@ impl Connection {
     pub fn send_gossip(&mut self, bytes: Vec<u8>) {
         if matches!(self.state, State::Established(_) | State::Intro(_)) {
             self.send_msg(&ControlMsg::Gossip(bytes));
+        }
+    }
+
+    /// Offer the peer a new key for our sleeve datagrams to it (ignored
+    /// unless established with sleeve keys).
+    pub fn offer_sleeve_key(&mut self, key_id: u8, key: [u8; 32]) {
+        if self.config.sleeve_key.is_some() && self.is_established() {
+            self.send_msg(&ControlMsg::SleeveKey { key_id, key });
+        }
+    }
+
+    /// Tell the peer its offered key `key_id` is installed (ignored unless
+    /// established with sleeve keys).
+    pub fn ack_sleeve_key(&mut self, key_id: u8) {
+        if self.config.sleeve_key.is_some() && self.is_established() {
+            self.send_msg(&ControlMsg::SleeveKeyAck { key_id });
         }
     }
 
@@ -496,10 +531,20 @@ impl Connection {
                     .map_err(|e| e.to_string())
                     .and_then(|b| ControlMsg::decode(&b).map_err(|e| e.to_string()));
                 match msg {
-                    Ok(
-                        ControlMsg::Heartbeat | ControlMsg::Intro(_) | ControlMsg::SleeveKey { .. },
-                    ) => {
+                    Ok(ControlMsg::Heartbeat | ControlMsg::Intro(_)) => {
                         self.last_heard = now;
+                    }
+                    Ok(ControlMsg::SleeveKey { key_id, key }) => {
+                        self.last_heard = now;
+                        if self.config.sleeve_key.is_some() {
+                            self.events.push_back(Event::SleeveKey { key_id, key });
+                        }
+                    }
+                    Ok(ControlMsg::SleeveKeyAck { key_id }) => {
+                        self.last_heard = now;
+                        if self.config.sleeve_key.is_some() {
+                            self.events.push_back(Event::SleeveKeyAck { key_id });
+                        }
                     }
                     Ok(ControlMsg::Gossip(bytes)) => {
                         self.last_heard = now;
@@ -741,6 +786,37 @@ mod tests {
         assert_eq!(p.a.conn.peer(), Some(kb.name()));
         assert_eq!(p.a.closed(), None);
         assert_eq!(p.b.closed(), None);
+    }
+
+    /// A key offer reaches the peer as an event, its acknowledgement comes
+    /// back as one; without a password both are ignored.
+    #[test]
+    fn sleeve_key_offer_and_ack_are_events() {
+        let (ka, kb) = (key(), key());
+        let mut p = Pair::connect(&ka, &kb, Some(PSK_A), Some(PSK_A));
+        p.a.conn.offer_sleeve_key(2, [5; 32]);
+        p.drive();
+        assert!(p.b.events.contains(&Event::SleeveKey {
+            key_id: 2,
+            key: [5; 32]
+        }));
+        p.b.conn.ack_sleeve_key(2);
+        p.drive();
+        assert!(p.a.events.contains(&Event::SleeveKeyAck { key_id: 2 }));
+        assert_eq!(p.a.closed(), None);
+        assert_eq!(p.b.closed(), None);
+
+        let mut p = Pair::connect(&ka, &kb, None, None);
+        let before = p.a.sent.len();
+        p.a.conn.offer_sleeve_key(2, [5; 32]);
+        p.a.conn.ack_sleeve_key(2);
+        p.drive();
+        assert_eq!(p.a.sent.len(), before);
+        assert!(!p
+            .b
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::SleeveKey { .. } | Event::SleeveKeyAck { .. })));
     }
 
     #[test]

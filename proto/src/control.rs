@@ -16,7 +16,8 @@ pub enum ControlMsg {
     Intro(Intro),
     /// Liveness, sent periodically.
     Heartbeat,
-    /// A new sleeve key: the sender seals with it from now on.
+    /// A new sleeve key offered by the sender of that direction: it seals
+    /// with it once the receiver acknowledged it (see [`crate::rekey`]).
     SleeveKey {
         /// The key id carried in sealed datagram headers.
         key_id: u8,
@@ -30,6 +31,14 @@ pub enum ControlMsg {
     },
     /// A gossip message (the topology and other channels), opaque at this layer.
     Gossip(Vec<u8>),
+    /// The receiver of a direction installed the offered key `key_id`: the
+    /// sender may seal with it. Appended after the version-2 layout and
+    /// sent only in answer to a `SleeveKey`, which builds that do not know
+    /// this variant never send, so the protocol version stays 2.
+    SleeveKeyAck {
+        /// The id of the key installed.
+        key_id: u8,
+    },
 }
 
 /// What a peer tells about itself once the handshake is done.
@@ -112,6 +121,15 @@ mod tests {
         // Heartbeat is variant 1: a single varint byte.
         assert_eq!(ControlMsg::Heartbeat.encode().unwrap(), vec![1]);
         assert_eq!(ControlMsg::decode(&[1]).unwrap(), ControlMsg::Heartbeat);
+        // The rekey acknowledgement is variant 5, after the older ones.
+        let ack = ControlMsg::SleeveKeyAck { key_id: 7 };
+        assert_eq!(ack.encode().unwrap(), vec![5, 7]);
+        assert_eq!(ControlMsg::decode(&[5, 7]).unwrap(), ack);
+        let offer = ControlMsg::SleeveKey {
+            key_id: 2,
+            key: [3; 32],
+        };
+        assert_eq!(&offer.encode().unwrap()[..3], &[2, 2, 3]);
         let intro = ControlMsg::Intro(Intro {
             nickname: "h1".into(),
             udp_port: 6783,
@@ -175,6 +193,7 @@ mod tests {
                 ControlMsg::SleeveKey { key_id: port as u8, key: [port as u8; 32] },
                 ControlMsg::Close { reason: reason.clone() },
                 ControlMsg::Gossip(reason.clone().into_bytes()),
+                ControlMsg::SleeveKeyAck { key_id: port as u8 },
             ] {
                 prop_assert_eq!(ControlMsg::decode(&m.encode().unwrap()).unwrap(), m);
             }

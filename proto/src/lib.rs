@@ -24,6 +24,8 @@
 //!   TAP or from a neighbour goes) and MAC learning, as pure functions.
 //! - [`seal`]: ChaCha20-Poly1305 sealing of sleeve datagrams with counter
 //!   nonces and a replay window.
+//! - [`rekey`]: replacing sleeve keys (when, and which keys a receiver
+//!   still accepts during the overlap).
 //! - [`reassembly`]: reassembly of super-frames carried as fragments.
 //! - [`sign`]: peer identities (one Ed25519 seed gives the signing key,
 //!   the Noise key and the name), signatures on replicated state, and the
@@ -55,6 +57,7 @@ pub mod name;
 pub mod names;
 pub mod pmtu;
 pub mod reassembly;
+pub mod rekey;
 pub mod seal;
 pub mod sign;
 pub mod sim;

@@ -6,9 +6,10 @@
 //! counter (little-endian, after four zero bytes, as WireGuard does); the
 //! datagram header is the associated data, so names and counter cannot be
 //! altered. A [`Sealer`] never reuses a counter and refuses to go past
-//! [`REJECT_AFTER`]; the daemon sends a fresh key once [`Sealer::needs_rekey`].
+//! [`REJECT_AFTER`]; long before that (by count or by age) the sender
+//! replaces its key with a fresh one, see [`crate::rekey`].
 //! An [`Opener`] accepts each counter at most once, within a window of
-//! [`WINDOW`] counters behind the highest seen.
+//! [`WINDOW`] counters behind the highest seen; each key has its own.
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
@@ -18,8 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const TAG_LEN: usize = 16;
 /// Counters at or beyond this are never used.
 pub const REJECT_AFTER: u64 = 1 << 60;
-/// Rekey once this many datagrams have been sealed under one key.
-pub const REKEY_AFTER: u64 = 1 << 48;
 /// How far behind the highest counter a datagram may arrive.
 pub const WINDOW: u64 = 2048;
 
@@ -69,9 +68,9 @@ impl Sealer {
         self.key_id
     }
 
-    /// Whether it is time to replace this key.
-    pub fn needs_rekey(&self) -> bool {
-        self.next.load(Ordering::Relaxed) >= REKEY_AFTER
+    /// How many counters were taken (messages sealed) under this key.
+    pub fn sealed(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
     }
 
     /// Take the next counter.
@@ -257,9 +256,9 @@ mod tests {
     fn exhaustion() {
         let s = Sealer::new(0, &[0; 32]);
         s.next.store(REJECT_AFTER - 1, Ordering::Relaxed);
-        assert!(s.needs_rekey());
         assert!(s.next_counter().is_ok());
         assert_eq!(s.next_counter(), Err(SealError::Exhausted));
+        assert_eq!(s.sealed(), REJECT_AFTER);
     }
 
     #[test]

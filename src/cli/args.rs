@@ -253,6 +253,14 @@ pub struct LaunchArgs {
     /// `<run dir>/docker.sock` (`mesh env`).
     #[arg(long, default_value = "unix:///var/run/docker.sock", value_parser = parse_docker_host)]
     pub docker_host: String,
+    /// Test only (hidden): replace each sleeve key after this many messages
+    /// sealed under it, instead of 2^32.
+    #[arg(long, hide = true, value_name = "N")]
+    pub rekey_after_messages: Option<u64>,
+    /// Test only (hidden): replace each sleeve key after this many seconds,
+    /// instead of 120.
+    #[arg(long, hide = true, value_name = "SECS")]
+    pub rekey_after_secs: Option<u64>,
 }
 
 /// `--docker-host`: `unix:///PATH`.

@@ -234,6 +234,13 @@ pub fn format_connections(s: &api::Status) -> String {
             if let (Some(m), Some(api::Overlay::Sleeve)) = (c.path_mtu, c.overlay) {
                 let _ = write!(line, "  path MTU {m}");
             }
+            if let Some(k) = c.sleeve_keys {
+                let _ = write!(
+                    line,
+                    "  keys {}/{} ({} rekeys)",
+                    k.send_key_id, k.recv_key_id, k.rekeys
+                );
+            }
             let _ = writeln!(o, "{}", line.trim_end());
         }
     }

@@ -401,6 +401,8 @@ impl LaunchArgs {
             dns_listen_address: self.dns_listen_address,
             resolv_conf: self.resolv_conf,
             docker_host: self.docker_host,
+            rekey_after_messages: self.rekey_after_messages,
+            rekey_after_secs: self.rekey_after_secs,
         }
     }
 }
@@ -461,6 +463,10 @@ mod tests {
             "/tmp/resolv.conf",
             "--docker-host",
             "unix:///tmp/docker.sock",
+            "--rekey-after-messages",
+            "20",
+            "--rekey-after-secs",
+            "2",
             "198.18.0.1",
             "198.18.0.2:7000",
         ]);

@@ -75,6 +75,14 @@ pub struct Config {
     pub resolv_conf: std::path::PathBuf,
     /// The Docker daemon's API behind the proxy.
     pub docker_host: String,
+    /// Test only: replace a sleeve key after this many messages sealed
+    /// under it (default [`mesh_proto::rekey::REKEY_AFTER_MESSAGES`]).
+    #[serde(default)]
+    pub rekey_after_messages: Option<u64>,
+    /// Test only: replace a sleeve key after this many seconds (default
+    /// [`mesh_proto::rekey::REKEY_AFTER_TIME`]).
+    #[serde(default)]
+    pub rekey_after_secs: Option<u64>,
 }
 
 /// The environment variable that carries the [`Config`] to the background
@@ -99,6 +107,20 @@ impl Config {
             Ok(s) => Config::from_env_value(&s).map(Some),
             Err(_) => Ok(None),
         }
+    }
+}
+
+/// When sleeve keys are replaced: the defaults, unless the test-only flags
+/// say otherwise (at least one message, at least one second).
+fn rekey_policy(args: &Config) -> mesh_proto::rekey::Policy {
+    let d = mesh_proto::rekey::Policy::default();
+    mesh_proto::rekey::Policy {
+        after_messages: args
+            .rekey_after_messages
+            .map_or(d.after_messages, |n| n.max(1)),
+        after: args
+            .rekey_after_secs
+            .map_or(d.after, |s| Duration::from_secs(s.max(1))),
     }
 }
 
@@ -462,6 +484,7 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         mtu: dev.mtu,
         fastdp: dev.fastdp.as_ref().map(|d| d.local()),
         trusted: args.trusted_subnets.clone(),
+        rekey: rekey_policy(&args),
     });
     info!(peer = %name, nickname = %me.nickname, mtu = dev.mtu, underlay_mtu = dev.underlay_mtu, encryption = me.psk.is_some(), "mesh started");
 

@@ -32,8 +32,10 @@
 //!
 //! The shared state is a read-mostly table (neighbours, routes) and the MAC
 //! table, behind `RwLock`s taken for a lookup and released before any system
-//! call. Per-neighbour counters, sealers (atomic counters) and openers (a
-//! mutex only the receiver takes) live in `Arc<Peer>`.
+//! call. Per-neighbour counters and, with a password, the connection's
+//! [`SleeveKeys`] (a sealer with an atomic counter, swapped whole when the
+//! key is replaced; the key ring under a mutex that the receiver takes, and
+//! the control task when the peer sends a new key) live in `Arc<Peer>`.
 //!
 //! Path MTU: datagrams leave with don't-fragment set; each neighbour's
 //! segment size follows the kernel's path MTU towards it (re-read every
@@ -43,14 +45,15 @@
 //! super-frame is cut to fit whatever the path takes; containers never see
 //! the limit.
 
-use crate::api::SleeveStats;
+use crate::api::{KeyStatus, SleeveStats};
+use crate::datapath::keys::SleeveKeys;
 use crate::datapath::udpio::{self, RecvBatch, MAX_SEGMENTS, MAX_UDP_PAYLOAD};
 use crate::host::Tap;
 use mesh_proto::forward::{self, Decision, MacTable};
 use mesh_proto::name::PeerName;
 use mesh_proto::pmtu::{Probe, MIN_MTU};
 use mesh_proto::reassembly::Reassembler;
-use mesh_proto::seal::{Opener, Sealer, TAG_LEN};
+use mesh_proto::seal::TAG_LEN;
 use mesh_proto::sleeve::{
     self, Header, Kind, Segment, DATAGRAM_HEADER_LEN, FRAME_RECORD_HEADER, HEADER_LEN, IP_UDP_V4,
     MAX_FRAME, VNET_HDR_LEN,
@@ -113,10 +116,9 @@ pub struct PeerUp {
     pub name: PeerName,
     /// Its UDP address.
     pub addr: SocketAddr,
-    /// Sealer for our messages to it (with a password).
-    pub sealer: Option<Sealer>,
-    /// Opener for its messages (with a password).
-    pub opener: Option<Opener>,
+    /// With a password: the keys for our messages to it and its to us,
+    /// which its connection's control task replaces (rekeying).
+    pub keys: Option<Arc<SleeveKeys>>,
 }
 
 /// Where to send frames for peers we are not directly connected to.
@@ -139,8 +141,7 @@ struct Peer {
     addr: SocketAddrV4,
     /// Numbers this connection for reassembly.
     link: u64,
-    sealer: Option<Sealer>,
-    opener: Mutex<Option<Opener>>,
+    keys: Option<Arc<SleeveKeys>>,
     seq: AtomicU64,
     /// Path MTU towards it (an IP datagram's size), as `probe` says.
     mtu: AtomicUsize,
@@ -316,7 +317,9 @@ impl Shared {
         len: usize,
     ) {
         let seq = hop.seq.fetch_add(1, Ordering::Relaxed);
-        let header = match sleeve::message_header(src, dst, hop.sealer.as_ref(), seq) {
+        // One sealer for the whole message, even if a rekey swaps it now.
+        let sealer = hop.keys.as_ref().map(|k| k.sealer());
+        let header = match sleeve::message_header(src, dst, sealer.as_deref(), seq) {
             Ok(h) => h,
             Err(e) => {
                 self.warn_limited(format_args!("cannot seal for {}: {e}", hop.name));
@@ -325,7 +328,7 @@ impl Shared {
         };
         let h = header.emit();
         let mut total = len;
-        if let (Kind::Sealed, Some(s)) = (header.kind, hop.sealer.as_ref()) {
+        if let (Kind::Sealed, Some(s)) = (header.kind, sealer.as_deref()) {
             if buf.len() < len + TAG_LEN {
                 return;
             }
@@ -497,12 +500,7 @@ pub async fn run(
 fn command(sh: &Shared, c: Cmd) {
     match c {
         Cmd::PeerUp(up) => {
-            let PeerUp {
-                name,
-                addr,
-                sealer,
-                opener,
-            } = *up;
+            let PeerUp { name, addr, keys } = *up;
             let SocketAddr::V4(v4) = addr else {
                 warn!(peer = %name, %addr, "the sleeve carries IPv4 only; not using this peer");
                 return;
@@ -511,8 +509,7 @@ fn command(sh: &Shared, c: Cmd) {
                 name,
                 addr: v4,
                 link: sh.next_link.fetch_add(1, Ordering::Relaxed),
-                sealer,
-                opener: Mutex::new(opener),
+                keys,
                 seq: AtomicU64::new(0),
                 mtu: AtomicUsize::new(sh.underlay_mtu),
                 probe: Mutex::new(Probe::new(Instant::now(), sh.underlay_mtu)),
@@ -557,6 +554,20 @@ fn command(sh: &Shared, c: Cmd) {
                     .peers
                     .values()
                     .map(|p| (p.name.to_string(), p.mtu.load(Ordering::Relaxed)))
+                    .collect(),
+                keys: sh
+                    .table()
+                    .peers
+                    .values()
+                    .filter_map(|p| {
+                        let ids = p.keys.as_ref()?.ids();
+                        let status = KeyStatus {
+                            send_key_id: ids.send,
+                            recv_key_id: ids.recv,
+                            rekeys: ids.rekeys,
+                        };
+                        Some((p.name.to_string(), status))
+                    })
                     .collect(),
             });
         }
@@ -898,15 +909,15 @@ impl Rx {
             Kind::Frames | Kind::Sealed => {}
         }
         if seg.count == 1 {
-            self.on_message(sh, peer, header, &mut d[range]);
+            self.on_message(sh, peer, header, &mut d[range], now);
             return;
         }
-        match self
-            .reasm
-            .push(now, peer.link, header.counter, seg, &d[range])
-        {
+        // Counters start again at 0 under each new key: the key id is part
+        // of what a message is reassembled by.
+        let link = peer.link ^ (u64::from(header.key_id) << 56);
+        match self.reasm.push(now, link, header.counter, seg, &d[range]) {
             Ok(Some(mut m)) => {
-                self.on_message(sh, peer, header, &mut m);
+                self.on_message(sh, peer, header, &mut m, now);
                 self.reasm.recycle(m);
             }
             Ok(None) => {}
@@ -919,21 +930,21 @@ impl Rx {
 
     /// A whole message from neighbour `peer`: open it, then deliver it,
     /// relay it, or both.
-    fn on_message(&mut self, sh: &Shared, peer: &Arc<Peer>, header: Header, msg: &mut [u8]) {
-        let opened = {
-            let mut o = peer.opener.lock().unwrap_or_else(|e| e.into_inner());
-            let opener = if sh.encrypted {
-                match o.as_mut() {
-                    Some(o) => Some(o),
-                    None => {
-                        bump(&sh.stats.dropped, 1);
-                        return;
-                    }
-                }
-            } else {
-                None
-            };
-            sleeve::open_message(&header, msg, opener)
+    fn on_message(
+        &mut self,
+        sh: &Shared,
+        peer: &Arc<Peer>,
+        header: Header,
+        msg: &mut [u8],
+        now: Instant,
+    ) {
+        let opened = match (sh.encrypted, peer.keys.as_ref()) {
+            (true, Some(k)) => k.open(now, &header, msg),
+            (true, None) => {
+                bump(&sh.stats.dropped, 1);
+                return;
+            }
+            (false, _) => sleeve::open_message(&header, msg, None),
         };
         let n = match opened {
             Ok(n) => n,

@@ -7,19 +7,26 @@
 //! [`Connection`] of `mesh_proto::conn`. This module is its I/O shell: it
 //! reads the TCP stream into it, writes what it transmits, drives its timer,
 //! and tells the router what it reports (the peer's intro becomes the
-//! sleeve keys and the negotiated fast path, see [`crate::datapath::fastdp`]). Every
+//! sleeve keys and the negotiated fast path, see [`crate::datapath::fastdp`]).
+//! With a password it also rekeys the sleeve ([`mesh_proto::rekey`]): every
+//! second it asks whether our sending key is due (by the messages
+//! sealed under it or its age) and offers a fresh random one; it seals with
+//! it once the peer acknowledges; a key the peer offers goes into the key
+//! ring before it is acknowledged. Every
 //! failure ends only this connection, with one (rate-limited) log line and a
 //! reason shown by `mesh status`. Dial targets retry with exponential
 //! backoff and jitter.
 
 use super::msg::{self, ConnId, Established};
 use crate::api::{ConnState, ConnStatus};
+use crate::datapath::keys::SleeveKeys;
 use crate::peer::Me;
 use crate::warn::{Kind, WarnLimit};
 use mesh_proto::conn::{CloseKind, Config, Connection, Event, HEARTBEAT, SETUP_TIMEOUT};
 use mesh_proto::control::{FastdpOffer, Intro};
 use mesh_proto::handshake::Role;
 use mesh_proto::name::PeerName;
+use mesh_proto::rekey::Sending;
 use mesh_proto::seal::{Opener, Sealer};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Backoff bounds for dial retries.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -40,6 +47,9 @@ pub use mesh_proto::conn::DUPLICATE;
 
 /// The most inbound connections open at once.
 const MAX_INBOUND: usize = 512;
+
+/// How often a connection asks whether its sending sleeve key is due.
+const REKEY_CHECK: Duration = Duration::from_secs(1);
 
 /// Ids for inbound connections start high, clear of dial targets' ids.
 static NEXT_INBOUND: AtomicU64 = AtomicU64::new(1 << 32);
@@ -73,6 +83,7 @@ fn row(
         overlay: None,
         overlay_info: None,
         path_mtu: None,
+        sleeve_keys: None,
     }
 }
 
@@ -378,6 +389,9 @@ struct Registered {
     peer: Option<PeerName>,
     close: Option<oneshot::Receiver<String>>,
     gossip: Option<mpsc::Receiver<Vec<u8>>>,
+    /// With a password: the keys the sleeve uses, and our sending key's
+    /// rekey state.
+    keys: Option<(Arc<SleeveKeys>, Sending)>,
 }
 
 impl<'a> Link<'a> {
@@ -414,11 +428,12 @@ impl<'a> Link<'a> {
         sleeve_key: Option<(u8, [u8; 32])>,
         fastdp_offer: &Result<FastdpOffer, String>,
     ) -> Option<Registered> {
-        let (sealer, opener) = match (sleeve_key, intro.sleeve_key) {
-            (Some((kid, k)), Some((tid, t))) => {
-                (Some(Sealer::new(kid, &k)), Some(Opener::new(tid, &t)))
-            }
-            _ => (None, None),
+        let keys = match (sleeve_key, intro.sleeve_key) {
+            (Some((kid, k)), Some((tid, t))) => Some((
+                SleeveKeys::new(Sealer::new(kid, &k), Opener::new(tid, &t)),
+                Sending::new(Instant::now(), kid, self.me.rekey),
+            )),
+            _ => None,
         };
         let udp = SocketAddr::new(self.addr.ip(), intro.udp_port);
         let fastdp =
@@ -438,8 +453,7 @@ impl<'a> Link<'a> {
                 peer,
                 initiator,
                 udp,
-                sealer,
-                opener,
+                keys: keys.as_ref().map(|(k, _)| k.clone()),
                 fastdp,
                 close: close_tx,
                 gossip: gossip_tx,
@@ -465,6 +479,7 @@ impl<'a> Link<'a> {
             peer: Some(peer),
             close: Some(close),
             gossip: Some(gossip),
+            keys,
         })
     }
 }
@@ -487,10 +502,8 @@ fn connection(
     End,
 > {
     let sleeve_key = if me.psk.is_some() {
-        let mut k = [0u8; 32];
-        if let Err(e) = getrandom::fill(&mut k) {
-            return Err(End::Fatal(format!("no randomness for a sleeve key: {e}")));
-        }
+        let k =
+            fresh_key().map_err(|e| End::Fatal(format!("no randomness for a sleeve key: {e}")))?;
         Some((1u8, k))
     } else {
         None
@@ -510,6 +523,13 @@ fn connection(
         Instant::now(),
     );
     Ok((conn, sleeve_key, fastdp_offer))
+}
+
+/// A fresh random sleeve key.
+fn fresh_key() -> Result<[u8; 32], getrandom::Error> {
+    let mut k = [0u8; 32];
+    getrandom::fill(&mut k)?;
+    Ok(k)
 }
 
 /// The connection closed: say why (rate-limited), send what it still has
@@ -564,6 +584,8 @@ async fn run_conn(
 
     let mut buf = vec![0u8; 64 * 1024];
     let mut reg = Registered::default();
+    let mut rekey = tokio::time::interval(REKEY_CHECK);
+    rekey.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         while let Some(bytes) = conn.poll_transmit() {
             if let Err(e) = writer.send(bytes).await {
@@ -581,6 +603,31 @@ async fn run_conn(
                 Event::Gossip(bytes) => {
                     if let Some(from) = reg.peer {
                         let _ = router.send(msg::Cmd::GossipIn { id, from, bytes }).await;
+                    }
+                }
+                Event::SleeveKey { key_id, key } => {
+                    if let Some((keys, _)) = &reg.keys {
+                        // Installed before acknowledged: whatever the peer
+                        // seals with it once it hears the ack opens.
+                        match keys.install(Instant::now(), key_id, &key) {
+                            Ok(()) => {
+                                conn.ack_sleeve_key(key_id);
+                                debug!(%addr, key_id, "peer's sleeve key replaced");
+                            }
+                            Err(e) => {
+                                if WarnLimit::allow(Kind::Handshake) {
+                                    warn!(%addr, peer = ?reg.peer, "sleeve key refused: {e}");
+                                }
+                            }
+                        }
+                    }
+                }
+                Event::SleeveKeyAck { key_id } => {
+                    if let Some((keys, sending)) = &mut reg.keys {
+                        if let Some((kid, k)) = sending.handle_ack(Instant::now(), key_id) {
+                            keys.set_sealer(Sealer::new(kid, &k));
+                            debug!(%addr, key_id = kid, "our sleeve key replaced");
+                        }
                     }
                 }
                 Event::Closed { kind, reason, warn } => {
@@ -605,6 +652,19 @@ async fn run_conn(
                 None => reg.gossip = None,
             },
             e = &mut writer.failed => return End::Retry(e.unwrap_or_else(|_| "connection lost".into())),
+            _ = rekey.tick(), if reg.keys.is_some() => {
+                if let Some((keys, sending)) = &mut reg.keys {
+                    if sending.due(Instant::now(), keys.sealed()) {
+                        match fresh_key() {
+                            Ok(k) => {
+                                let key_id = sending.offer(k);
+                                conn.offer_sleeve_key(key_id, k);
+                            }
+                            Err(e) => warn!(%addr, "no randomness for a sleeve key: {e}"),
+                        }
+                    }
+                }
+            }
             reason = async { reg.close.as_mut()?.await.ok() }, if reg.close.is_some() => {
                 reg.close = None;
                 conn.close(&reason.unwrap_or_else(|| "shutting down".into()));

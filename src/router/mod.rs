@@ -311,8 +311,7 @@ impl Router {
             .send(sleeve::Cmd::PeerUp(Box::new(sleeve::PeerUp {
                 name: e.peer,
                 addr: e.udp,
-                sealer: e.sealer,
-                opener: e.opener,
+                keys: e.keys,
             })))
             .await;
         self.active.insert(
@@ -474,9 +473,13 @@ impl Router {
             SleeveStats::default()
         };
         let mtus = std::mem::take(&mut stats.path_mtu);
+        let keys = std::mem::take(&mut stats.keys);
         let mut connections = self.connection_rows().await;
         for c in &mut connections {
             c.path_mtu = c.peer.as_ref().and_then(|p| mtus.get(p)).copied();
+            if c.state == ConnState::Established {
+                c.sleeve_keys = c.peer.as_ref().and_then(|p| keys.get(p)).copied();
+            }
         }
         let keys = self.gossip.keys();
         let refused: std::collections::HashMap<_, _> = keys.collisions().collect();

@@ -6,10 +6,11 @@
 
 use super::{ipam, names};
 use crate::api::{ConnStatus, Status};
+use crate::datapath::keys::SleeveKeys;
 use crate::datapath::{fastdp, sleeve};
 use mesh_proto::name::PeerName;
-use mesh_proto::seal::{Opener, Sealer};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// Identifies a connection (or a dialer's attempts) in the table.
@@ -73,10 +74,9 @@ pub struct Established {
     pub initiator: PeerName,
     /// The peer's sleeve address (also where it can be dialed).
     pub udp: SocketAddr,
-    /// Our sealer for datagrams to it, when encrypted.
-    pub sealer: Option<Sealer>,
-    /// Our opener for its datagrams, when encrypted.
-    pub opener: Option<Opener>,
+    /// The sleeve keys both ways, when encrypted (its control task
+    /// replaces them: rekeying).
+    pub keys: Option<Arc<SleeveKeys>>,
     /// The fast path agreed for this connection, or why not.
     pub fastdp: Result<fastdp::Agreed, String>,
     /// Closes the connection, with a reason.
