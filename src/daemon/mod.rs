@@ -410,7 +410,7 @@ fn start_core(
         conn_limit: args.conn_limit,
         ..Default::default()
     };
-    let names = crate::router::names::Driver::load(name, paths::data_dir(), zone)?;
+    let names = crate::router::names::Driver::load(me.id.clone(), paths::data_dir(), zone)?;
     let ipam_config = ipam_config(args)?;
     let range = ipam_config.range;
     let allocator = ipam::Driver::load(name, ipam_config, paths::data_dir(), args.ipalloc_timeout)?;
