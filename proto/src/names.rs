@@ -128,13 +128,15 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The defaults: 1,024 entries per peer, 1,024 other peers, 32,768
-    /// entries of other peers (at most ~20 MB of memory, ~15 MB on the
-    /// wire for a full state; typical entries are a quarter of that).
+    /// The defaults: 4,096 entries per peer, 1,024 other peers, 65,536
+    /// entries of other peers in all: at most ~36 MB of memory with the
+    /// longest names (~17 MB with 64-character container ids and
+    /// 20-character names), and a full state of at most ~31 MB on the wire
+    /// (sent in parts).
     pub const DEFAULT: Limits = Limits {
-        per_peer: 1024,
+        per_peer: 4096,
         peers: 1024,
-        entries: 32 * 1024,
+        entries: 64 * 1024,
     };
 }
 
@@ -786,7 +788,8 @@ impl NameTable {
 
     /// Our own entries and version counter, for the data directory (other
     /// peers' entries come back by gossip). At most [`Limits::per_peer`]
-    /// entries: about 470 KB at the default limit and the longest names.
+    /// entries (plus, briefly, healed ones): about 1.9 MB at the default
+    /// limit with the longest names, ~0.6 MB with typical ones.
     pub fn persist(&self) -> Vec<u8> {
         let st = self.own();
         let p = Persisted {
@@ -1133,7 +1136,7 @@ fn verify_group(
 /// entries of some peers (with their keys and floors), which merge and
 /// verify on their own.
 fn split_payload(payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
-    let Ok(groups) = decode_payload(&payload) else {
+    let Ok(groups) = decode_any(&payload) else {
         return vec![payload];
     };
     type Head = (PeerName, PublicKey, u64, Sig);
@@ -1225,12 +1228,17 @@ fn validate(groups: &[WirePeer]) -> Result<(), DecodeError> {
 
 /// Decode a gossip payload of the `dns` channel.
 fn decode_payload(payload: &[u8]) -> Result<Vec<WirePeer>, DecodeError> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(DecodeError::TooLarge(payload.len()));
+    }
+    decode_any(payload)
+}
+
+/// Decode a payload of any size (our own full state, to split it).
+fn decode_any(payload: &[u8]) -> Result<Vec<WirePeer>, DecodeError> {
     let (&fmt, body) = payload.split_first().ok_or(DecodeError::Empty)?;
     if fmt != FORMAT {
         return Err(DecodeError::Format(fmt));
-    }
-    if payload.len() > MAX_PAYLOAD {
-        return Err(DecodeError::TooLarge(payload.len()));
     }
     let groups: Vec<WirePeer> = from_bytes_exact(body)?;
     validate(&groups)?;
