@@ -1712,7 +1712,10 @@ mod tests {
             // Alone, and next to a valid group of Mallory's own: the whole
             // payload is refused.
             let own = signed(&mallory, 0, &[("m", 66, "mallory", 1, false)]);
-            for p in [encode_payload(&[g.clone()]), encode_payload(&[own, g])] {
+            for p in [
+                encode_payload(std::slice::from_ref(&g)),
+                encode_payload(&[own, g]),
+            ] {
                 assert!(h1.merge(&p, &mut kb1).is_err());
                 assert!(h1.merge(&p, &mut KeyBook::new()).is_err());
                 assert!(h2.merge(&p, &mut KeyBook::new()).is_err());
@@ -1813,7 +1816,10 @@ mod tests {
         let mut h2 = NameTable::new(h2_id.clone());
         let stale = signed(&h2_id, 0, &[("c", 2, "web", 40, false)]);
         let out = h2
-            .merge(&encode_payload(&[stale.clone()]), &mut KeyBook::new())
+            .merge(
+                &encode_payload(std::slice::from_ref(&stale)),
+                &mut KeyBook::new(),
+            )
             .unwrap();
         assert!(out.is_none());
         assert_eq!(h2.counter(), 41);
