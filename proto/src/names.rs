@@ -2123,6 +2123,44 @@ mod tests {
         }
 
         #[test]
+        fn limits_hold_at_their_boundaries(
+            per_peer in 1usize..5,
+            peers in 1usize..4,
+            entries in 1usize..9,
+            sends in proptest::collection::vec((0u8..5, 0usize..7), 1..10),
+        ) {
+            // Whatever arrives: no peer above per_peer, no more than `peers`
+            // others, no more than `entries` of theirs; below the limits,
+            // nothing is refused; a refusal is counted, never an error.
+            let l = Limits { per_peer, peers, entries };
+            let mut t = NameTable::new(id(1)).with_limits(l);
+            let mut kb = KeyBook::new();
+            let mut sent: BTreeMap<PeerName, BTreeSet<usize>> = BTreeMap::new();
+            for (w, n) in sends {
+                let writer = id(30 + w);
+                let names: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
+                let es: Vec<(&str, u8, &str, u64, bool)> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, nm)| ("c", 1, nm.as_str(), i as u64 + 1, false))
+                    .collect();
+                prop_assert!(t.merge(&encode_payload(&[signed(&writer, 0, &es)]), &mut kb).is_ok());
+                sent.entry(writer.name()).or_default().extend(0..n);
+                let held: BTreeMap<PeerName, usize> = t.holders().map(|p| (p, t.count(p))).collect();
+                prop_assert!(held.len() <= peers);
+                prop_assert!(held.values().all(|&c| c <= per_peer));
+                prop_assert!(held.values().sum::<usize>() <= entries);
+                let wanted: usize = sent.values().map(|s| s.len().min(per_peer)).sum();
+                let fits = sent.len() <= peers && sent.values().map(|s| s.len()).sum::<usize>() <= entries
+                    && sent.values().all(|s| s.len() <= per_peer);
+                if fits {
+                    prop_assert_eq!(held.values().sum::<usize>(), wanted);
+                    prop_assert!(t.take_refusals().is_none());
+                }
+            }
+        }
+
+        #[test]
         fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut t = NameTable::new(id(1));
             let _ = t.merge(&bytes, &mut crate::sign::KeyBook::new());
