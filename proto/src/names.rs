@@ -401,6 +401,9 @@ pub struct NameTable {
     /// Our floor as of the last [`NameTable::take_delta`].
     floor_sent: u64,
     generation: u64,
+    /// Moves whenever our own entries or floor change (what
+    /// [`NameTable::persist`] saves).
+    own_generation: u64,
     grace: Duration,
     limits: Limits,
     refused: u64,
@@ -423,6 +426,7 @@ impl NameTable {
             sent: 0,
             floor_sent: 0,
             generation: 0,
+            own_generation: 0,
             grace: DEFAULT_GRACE,
             limits: Limits::DEFAULT,
             refused: 0,
@@ -457,6 +461,13 @@ impl NameTable {
     /// (for the driver to rebuild its DNS snapshot).
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// A counter that changes whenever our own entries or floor may have
+    /// changed (for the driver to save them; other peers' changes leave it
+    /// alone, so a flood of theirs writes nothing to disk).
+    pub fn own_generation(&self) -> u64 {
+        self.own_generation
     }
 
     /// Our version counter: the highest version of ours written or seen.
@@ -521,6 +532,7 @@ impl NameTable {
         let sig = sign_entry(&self.id, &key, val);
         self.entries.insert(key, Held { val, sig });
         self.generation += 1;
+        self.own_generation += 1;
         Ok(())
     }
 
@@ -685,6 +697,7 @@ impl NameTable {
         if peer == self.me {
             self.deleted_at
                 .retain(|k, _| self.entries.get(k).is_some_and(|h| h.val.tombstone));
+            self.own_generation += 1;
         }
         true
     }
@@ -891,6 +904,7 @@ impl NameTable {
         t.sent = st.max;
         t.floor_sent = st.floor;
         t.generation = 1;
+        t.own_generation = 1;
         Ok(t)
     }
 
@@ -1067,6 +1081,7 @@ impl NameTable {
         } else {
             self.deleted_at.insert(key.clone(), None);
             self.entries.insert(key, incoming);
+            self.own_generation += 1;
             Ok(())
         };
         if let Err(e) = r {
@@ -1872,7 +1887,15 @@ mod tests {
         let r = h1.take_refusals().unwrap();
         assert!(r.count >= 110_000 - l.entries as u64, "{r:?}");
         // Our own names are unaffected, and names.bin holds only ours.
+        let saved = h1.own_generation();
+        h1.merge(
+            &encode_payload(&[signed(&id(8), 0, &[("c", 8, "z", 1, false)])]),
+            &mut kb,
+        )
+        .unwrap();
+        assert_eq!(h1.own_generation(), saved, "others' names are not saved");
         assert!(h1.add("c2", ip(2), "db").unwrap());
+        assert!(h1.own_generation() > saved);
         assert!(h1.persist().len() < 1_000);
         // A single peer is held to its own limit; dropping it frees it all.
         let mut h3 = NameTable::new(id(3)).with_limits(Limits {

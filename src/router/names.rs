@@ -107,7 +107,7 @@ impl Driver {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => NameTable::new(id),
             Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
         };
-        let saved = table.generation();
+        let saved = table.own_generation();
         Ok(Driver {
             table: SharedNameTable::new(table),
             zone,
@@ -241,23 +241,24 @@ impl ChannelDriver for Driver {
         self.table.lock().drop_peer(peer);
     }
 
-    /// After anything that may have changed the table: persist, gossip our
-    /// changes, refresh what the servers answer.
+    /// After anything that may have changed the table: persist our own
+    /// entries when they changed, gossip our changes, refresh what the
+    /// servers answer.
     fn settle(&mut self, gossip: &mut Gossip) {
         let (generation, delta, bytes, refused) = {
             let mut t = self.table.lock();
-            let g = t.generation();
-            let bytes = (g != self.saved).then(|| t.persist());
-            (g, t.take_delta(), bytes, t.take_refusals())
+            let own = t.own_generation();
+            let bytes = (own != self.saved).then(|| (own, t.persist()));
+            (t.generation(), t.take_delta(), bytes, t.take_refusals())
         };
         if let Some(r) = refused {
             if WarnLimit::allow(Kind::Gossip) {
                 warn!(count = r.count, "name entries refused: {}", r.last);
             }
         }
-        if let Some(bytes) = bytes {
+        if let Some((own, bytes)) = bytes {
             match persist::write_atomic(&self.path, &bytes, 0o600) {
-                Ok(()) => self.saved = generation,
+                Ok(()) => self.saved = own,
                 Err(e) => warn!("saving the name table: {e:#}"),
             }
         }
