@@ -32,7 +32,7 @@
 //! let tcp = std::net::TcpListener::bind("127.0.0.11:53")?;
 //! let server = tokio::spawn(serve(udp, tcp, zone.clone()));
 //! // Whenever the name table's generation moves:
-//! # let table = mesh_proto::names::NameTable::new(mesh_proto::name::PeerName([2,0,0,0,0,1]));
+//! # let table = mesh_proto::names::NameTable::new(mesh_proto::sign::Identity::from_seed(&[1; 32]));
 //! zone.set_table(&table);
 //! // One zone may back many servers; abort the task to stop one.
 //! server.abort();

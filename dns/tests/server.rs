@@ -6,7 +6,6 @@
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use mesh_dns::{serve, Config, Zone};
-use mesh_proto::name::PeerName;
 use mesh_proto::names::NameTable;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -234,7 +233,7 @@ fn other_types_for_our_names_are_empty_and_unknown_is_nxdomain() {
 #[test]
 fn names_follow_the_table() {
     let h = Harness::with_names(&[]);
-    let mut t = NameTable::new(PeerName([2, 0, 0, 0, 0, 1]));
+    let mut t = NameTable::new(mesh_proto::sign::Identity::from_seed(&[1; 32]));
     t.add("c1", ip(5), "app").unwrap();
     t.add("c2", ip(6), "other.mesh.local.").unwrap();
     h.zone.set_table(&t);

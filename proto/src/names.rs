@@ -8,37 +8,70 @@
 //!
 //! Invariants and rules:
 //!
-//! - **Single writer.** Only peer P creates, changes or deletes P's entries.
-//!   Every local change takes the next value of P's version counter, so P's
-//!   versions are totally ordered in time.
+//! - **Single writer, signed.** Only peer P creates, changes or deletes P's
+//!   entries, and P signs each one (Ed25519, domain [`ENTRY_DOMAIN`], over
+//!   the peer, the key tuple, the version and the tombstone flag). P's
+//!   public key travels with every group of P's entries, so any receiver,
+//!   however far along a relay chain, verifies each entry before merging it
+//!   and pins the key in its [`KeyBook`]; a relay cannot alter what it
+//!   passes on. A payload with one entry or floor that does not verify
+//!   (forged, another peer's key, a second key for a pinned name) is refused
+//!   whole with an error and changes nothing. Per-entry signatures are what
+//!   survives deltas, [`GossipData::split`] and partial merges: any subset
+//!   of a peer's entries is still verifiable on its own.
+//! - **Checked versions.** Every local change takes the next value of P's
+//!   version counter (steps of one), so P's versions are totally ordered in
+//!   time. Versions live in `1..=`[`MAX_VERSION`] (2^48: a million changes a
+//!   second for nine years); a signed version or floor outside that range
+//!   is an impossible value and the payload is refused. Counter arithmetic
+//!   is checked: at [`MAX_VERSION`] our own writes fail with
+//!   [`NameError::Exhausted`], nothing wraps and nothing panics. Only
+//!   entries signed by us move our own counter, so no other peer can push
+//!   it.
 //! - **Merge.** For one key the higher `(version, tombstone)` wins (at equal
 //!   versions a tombstone wins, which only matters for corrupted input). This
 //!   is a join on a per-key lattice, hence commutative, associative and
 //!   idempotent; [`GossipData::merge`] returns the entries that won (and
-//!   nothing when there were none), which is what stops the flood.
+//!   nothing when there were none), which is what stops the flood. Entries
+//!   we already hold at that version or newer are skipped unverified: a
+//!   repeated full state costs no signature checks.
 //! - **Deletes are tombstones**, so that an older add that arrives late by
 //!   another path cannot bring a deleted name back.
 //! - **Purging tombstones** is the owner's decision: [`NameTable::purge`]
 //!   drops our own tombstones older than a grace period
 //!   ([`DEFAULT_GRACE`], ten minutes: far longer than gossip needs to reach
 //!   everyone) and raises our *floor*, the version at or below which none of
-//!   our tombstones are kept any more. The floor travels with our entries;
-//!   every peer that learns it drops our tombstones at or below it and
-//!   ignores such tombstones arriving afterwards. Everyone therefore forgets
-//!   the same tombstones and digests agree again.
-//! - **The owner heals.** If one of our own entries comes back to us live
-//!   while we do not hold it live (a stale copy after its tombstone was
-//!   purged, or our state from before a restart without persisted state), we
-//!   answer with a fresh tombstone at a higher version, which wins
-//!   everywhere; our version counter jumps past any version of ours we see.
+//!   our tombstones are kept any more. The floor is signed (domain
+//!   [`FLOOR_DOMAIN`]) and travels with our entries; every peer that learns
+//!   it drops our tombstones at or below it and ignores such tombstones
+//!   arriving afterwards. Everyone therefore forgets the same tombstones and
+//!   digests agree again.
+//! - **The owner heals.** If one of our own entries, signed by us, comes
+//!   back to us live while we do not hold it live (a stale copy after its
+//!   tombstone was purged, or our state from before a restart without
+//!   persisted state), we answer with a fresh tombstone one step above the
+//!   highest version of ours we have seen, which wins everywhere.
+//! - **Bounds** ([`Limits`]): at most `per_peer` entries (live and
+//!   tombstones) of one peer, entries of at most `peers` other peers, and at
+//!   most `entries` entries of other peers in all. Entries beyond a limit
+//!   are refused (not merged, not verified, counted, and reported by
+//!   [`NameTable::take_refusals`]) while the rest of the payload merges:
+//!   an honest relay may forward another peer's flood, so it is not cut
+//!   off for it. Our own entries count against `per_peer` only, so a flood
+//!   cannot stop us naming our containers.
 //! - **Dead peers.** [`NameTable::drop_peer`] removes everything of a peer
-//!   the topology has garbage-collected.
+//!   the topology has garbage-collected, its key included.
 //!
-//! Wire format (gossip payloads): one format byte ([`FORMAT`]), then postcard
-//! of a list of `(peer, floor, entries)` groups. Persisted form
-//! ([`NameTable::persist`]): one byte [`PERSIST_FORMAT`], then postcard of
-//! the same groups plus our version counter. Every decoder checks lengths
-//! and names and returns an error for malformed input, never panics.
+//! Wire format (gossip payloads, [`FORMAT`] 2): one format byte, then
+//! postcard of a list of groups `(peer, public key, floor, floor signature,
+//! entries)`, each entry `(container, address, name, version, tombstone,
+//! signature)`. Persisted form ([`NameTable::persist`], [`PERSIST_FORMAT`]
+//! 2): one format byte, then postcard of our version counter and our own
+//! group only (other peers' entries come back by gossip, verified). A
+//! format-1 file (unsigned) is migrated on [`NameTable::restore`]: our own
+//! entries are kept and signed afresh, other peers' are dropped. Every
+//! decoder checks lengths, names and versions and returns an error for
+//! malformed input, never panics.
 //!
 //! Outputs are values: [`NameTable::take_delta`] hands the encoded changes
 //! of our own entries since the last call to the driver, which passes them
@@ -47,16 +80,18 @@
 use crate::gossip::digest::mix;
 use crate::gossip::GossipData;
 use crate::name::PeerName;
-use crate::sign::KeyBook;
+use crate::sign::{Identity, KeyBook, KeyError, PublicKey, Sig};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-/// Format byte of gossip payloads of the `dns` channel.
-pub const FORMAT: u8 = 1;
-/// Format byte of the persisted table.
-pub const PERSIST_FORMAT: u8 = 1;
+/// Format byte of gossip payloads of the `dns` channel (2: signed).
+pub const FORMAT: u8 = 2;
+/// Format byte of the persisted table (2: signed, our own entries only).
+pub const PERSIST_FORMAT: u8 = 2;
+/// The unsigned persisted format of earlier versions, migrated on restore.
+pub const PERSIST_FORMAT_V1: u8 = 1;
 /// The gossip channel's name.
 pub const CHANNEL: &str = "dns";
 /// Longest container id accepted.
@@ -65,11 +100,53 @@ pub const MAX_CONTAINER: usize = 128;
 pub const MAX_NAME: usize = 253;
 /// Largest payload or persisted table accepted.
 pub const MAX_PAYLOAD: usize = 16 << 20;
+/// Highest version (and floor) any peer may sign: 2^48. A writer that
+/// takes one step per change cannot get there (a million changes a second
+/// for nine years); anything above is refused, and our own counter stops
+/// there instead of wrapping.
+pub const MAX_VERSION: u64 = 1 << 48;
+/// Signature domain of an entry.
+pub const ENTRY_DOMAIN: &[u8] = b"mesh/names/entry/v1";
+/// Signature domain of a floor.
+pub const FLOOR_DOMAIN: &[u8] = b"mesh/names/floor/v1";
 /// How long our own tombstones are kept before [`NameTable::purge`] drops
 /// them.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
 
-/// A caller's mistake in a name or container id.
+/// How much of other peers' data the table holds (see the module
+/// documentation). Memory and `names.bin` follow from these: an entry takes
+/// at most about 470 bytes on the wire (a 128-byte container id, a
+/// 253-byte name, a 64-byte signature) and 600 in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Entries (live and tombstones) of one peer, ours included.
+    pub per_peer: usize,
+    /// Other peers with entries or a floor here.
+    pub peers: usize,
+    /// Entries of other peers, in all.
+    pub entries: usize,
+}
+
+impl Limits {
+    /// The defaults: 4,096 entries per peer, 1,024 other peers, 65,536
+    /// entries of other peers in all: at most ~36 MB of memory with the
+    /// longest names (~17 MB with 64-character container ids and
+    /// 20-character names), and a full state of at most ~31 MB on the wire
+    /// (sent in parts).
+    pub const DEFAULT: Limits = Limits {
+        per_peer: 4096,
+        peers: 1024,
+        entries: 64 * 1024,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::DEFAULT
+    }
+}
+
+/// A caller's mistake in a name or container id, or a local limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
     /// Not a DNS name: labels of 1–63 letters, digits, `-` or `_`, at most
@@ -81,6 +158,12 @@ pub enum NameError {
     /// Empty or longer than [`MAX_CONTAINER`].
     #[error("invalid container id {0:?}")]
     BadContainer(String),
+    /// We already hold [`Limits::per_peer`] entries of our own.
+    #[error("this peer already has {0} DNS entries (live and recently deleted), the limit")]
+    Full(usize),
+    /// Our version counter reached [`MAX_VERSION`].
+    #[error("the name table's version counter is exhausted")]
+    Exhausted,
 }
 
 /// Why a payload or persisted table was rejected.
@@ -101,6 +184,30 @@ pub enum DecodeError {
     /// A decoded entry holds an invalid name or container id.
     #[error("invalid entry in name-table payload: {0}")]
     Invalid(#[from] NameError),
+    /// A version or floor of 0 (for a version) or above [`MAX_VERSION`].
+    #[error("peer {peer} signed version {version}, outside 1..={MAX_VERSION}")]
+    Version {
+        /// The writer.
+        peer: PeerName,
+        /// The value.
+        version: u64,
+    },
+    /// A signature that does not verify, or a key that is not the peer's.
+    #[error("refused entries of peer {peer}: {reason}")]
+    Signature {
+        /// The peer the data claims to be of.
+        peer: PeerName,
+        /// Why.
+        reason: String,
+    },
+    /// A persisted table written by another peer.
+    #[error("the name table was written by peer {found}, not by this peer ({me}); move it aside")]
+    NotOurs {
+        /// This peer.
+        me: PeerName,
+        /// The writer of the file.
+        found: PeerName,
+    },
 }
 
 /// Lowercase and check a DNS name (a label like `web` or a FQDN like
@@ -145,12 +252,34 @@ struct Val {
     tombstone: bool,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    val: Val,
+    /// The owner's signature of the key and `val`.
+    sig: Sig,
+}
+
+#[derive(Debug, Clone, Copy)]
 struct PeerState {
+    /// The peer's public key (ours for us).
+    key: PublicKey,
     /// Highest version of this peer seen (for us: our counter).
     max: u64,
     /// Tombstones at or below this version are forgotten.
     floor: u64,
+    /// The owner's signature of `floor` (unused while it is 0).
+    floor_sig: Sig,
+}
+
+impl PeerState {
+    fn new(key: PublicKey) -> PeerState {
+        PeerState {
+            key,
+            max: 0,
+            floor: 0,
+            floor_sig: Sig::NONE,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,19 +289,76 @@ struct WireEntry {
     name: String,
     version: u64,
     tombstone: bool,
+    sig: Sig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct WirePeer {
     peer: PeerName,
+    key: PublicKey,
     floor: u64,
+    floor_sig: Sig,
     entries: Vec<WireEntry>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Persisted {
     counter: u64,
-    peers: Vec<WirePeer>,
+    own: WirePeer,
+}
+
+/// The unsigned format 1, for migration.
+#[derive(Deserialize)]
+struct PersistedV1 {
+    counter: u64,
+    peers: Vec<WirePeerV1>,
+}
+
+#[derive(Deserialize)]
+struct WirePeerV1 {
+    peer: PeerName,
+    floor: u64,
+    entries: Vec<WireEntryV1>,
+}
+
+#[derive(Deserialize)]
+struct WireEntryV1 {
+    container: String,
+    addr: Ipv4Addr,
+    name: String,
+    version: u64,
+    tombstone: bool,
+}
+
+/// What an entry's signature covers.
+fn entry_msg(peer: PeerName, container: &str, addr: Ipv4Addr, name: &str, val: Val) -> Vec<u8> {
+    let mut m = Vec::with_capacity(6 + 8 + 1 + 4 + 2 + container.len() + name.len());
+    m.extend_from_slice(&peer.0);
+    m.extend_from_slice(&val.version.to_be_bytes());
+    m.push(val.tombstone as u8);
+    m.extend_from_slice(&addr.octets());
+    // Both lengths are checked (at most 253) before anything is signed or
+    // verified; one byte each keeps the fields apart.
+    m.push(container.len().min(255) as u8);
+    m.extend_from_slice(container.as_bytes());
+    m.push(name.len().min(255) as u8);
+    m.extend_from_slice(name.as_bytes());
+    m
+}
+
+/// What a floor's signature covers.
+fn floor_msg(peer: PeerName, floor: u64) -> Vec<u8> {
+    let mut m = Vec::with_capacity(14);
+    m.extend_from_slice(&peer.0);
+    m.extend_from_slice(&floor.to_be_bytes());
+    m
+}
+
+fn sign_entry(id: &Identity, key: &Key, val: Val) -> Sig {
+    id.sign(
+        ENTRY_DOMAIN,
+        &entry_msg(key.peer, &key.container, key.addr, &key.name, val),
+    )
 }
 
 /// A live entry, for status and lookups.
@@ -190,11 +376,22 @@ pub struct Entry<'a> {
     pub version: u64,
 }
 
+/// Entries refused for a limit (or our own that could not be healed) since
+/// the last [`NameTable::take_refusals`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusals {
+    /// How many.
+    pub count: u64,
+    /// The last reason.
+    pub last: String,
+}
+
 /// The mesh-wide name table (see the module documentation).
 #[derive(Debug, Clone)]
 pub struct NameTable {
+    id: Identity,
     me: PeerName,
-    entries: BTreeMap<Key, Val>,
+    entries: BTreeMap<Key, Held>,
     peers: BTreeMap<PeerName, PeerState>,
     /// Our own tombstones and when we first saw them as such (`None` until
     /// the next [`NameTable::purge`] after a restore or a heal).
@@ -204,21 +401,36 @@ pub struct NameTable {
     /// Our floor as of the last [`NameTable::take_delta`].
     floor_sent: u64,
     generation: u64,
+    /// Moves whenever our own entries or floor change (what
+    /// [`NameTable::persist`] saves).
+    own_generation: u64,
     grace: Duration,
+    limits: Limits,
+    refused: u64,
+    refused_last: String,
 }
 
 impl NameTable {
-    /// An empty table owned by peer `me`.
-    pub fn new(me: PeerName) -> NameTable {
+    /// An empty table owned by the peer of identity `id`, which signs our
+    /// entries.
+    pub fn new(id: Identity) -> NameTable {
+        let me = id.name();
+        let mut peers = BTreeMap::new();
+        peers.insert(me, PeerState::new(id.public()));
         NameTable {
+            id,
             me,
             entries: BTreeMap::new(),
-            peers: BTreeMap::new(),
+            peers,
             deleted_at: BTreeMap::new(),
             sent: 0,
             floor_sent: 0,
             generation: 0,
+            own_generation: 0,
             grace: DEFAULT_GRACE,
+            limits: Limits::DEFAULT,
+            refused: 0,
+            refused_last: String::new(),
         }
     }
 
@@ -228,9 +440,21 @@ impl NameTable {
         self
     }
 
+    /// Change the limits (default [`Limits::DEFAULT`]); applies to what
+    /// arrives from now on.
+    pub fn with_limits(mut self, limits: Limits) -> NameTable {
+        self.limits = limits;
+        self
+    }
+
     /// The owning peer.
     pub fn me(&self) -> PeerName {
         self.me
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// A counter that changes whenever the live entries may have changed
@@ -239,21 +463,85 @@ impl NameTable {
         self.generation
     }
 
-    fn next_version(&mut self) -> u64 {
-        let st = self.peers.entry(self.me).or_default();
-        st.max += 1;
-        st.max
+    /// A counter that changes whenever our own entries or floor may have
+    /// changed (for the driver to save them; other peers' changes leave it
+    /// alone, so a flood of theirs writes nothing to disk).
+    pub fn own_generation(&self) -> u64 {
+        self.own_generation
     }
 
-    fn write_own(&mut self, key: Key, tombstone: bool) {
-        let version = self.next_version();
+    /// Our version counter: the highest version of ours written or seen.
+    pub fn counter(&self) -> u64 {
+        self.own().max
+    }
+
+    /// Entries refused since the last call (for the driver to log), if any.
+    pub fn take_refusals(&mut self) -> Option<Refusals> {
+        if self.refused == 0 {
+            return None;
+        }
+        let r = Refusals {
+            count: self.refused,
+            last: std::mem::take(&mut self.refused_last),
+        };
+        self.refused = 0;
+        Some(r)
+    }
+
+    fn refuse(&mut self, n: u64, why: impl FnOnce() -> String) {
+        if n > 0 {
+            self.refused = self.refused.saturating_add(n);
+            self.refused_last = why();
+        }
+    }
+
+    fn own(&self) -> PeerState {
+        self.peers
+            .get(&self.me)
+            .copied()
+            .unwrap_or_else(|| PeerState::new(self.id.public()))
+    }
+
+    fn own_mut(&mut self) -> &mut PeerState {
+        let key = self.id.public();
+        self.peers
+            .entry(self.me)
+            .or_insert_with(|| PeerState::new(key))
+    }
+
+    /// The next version of ours: one step up, never past [`MAX_VERSION`].
+    fn next_version(&mut self) -> Result<u64, NameError> {
+        let st = self.own_mut();
+        let v = st
+            .max
+            .checked_add(1)
+            .filter(|v| *v <= MAX_VERSION)
+            .ok_or(NameError::Exhausted)?;
+        st.max = v;
+        Ok(v)
+    }
+
+    fn write_own(&mut self, key: Key, tombstone: bool) -> Result<(), NameError> {
+        let version = self.next_version()?;
         if tombstone {
             self.deleted_at.insert(key.clone(), None);
         } else {
             self.deleted_at.remove(&key);
         }
-        self.entries.insert(key, Val { version, tombstone });
+        let val = Val { version, tombstone };
+        let sig = sign_entry(&self.id, &key, val);
+        self.entries.insert(key, Held { val, sig });
         self.generation += 1;
+        self.own_generation += 1;
+        Ok(())
+    }
+
+    /// How many entries (live and tombstones) of `peer` are held.
+    fn count(&self, peer: PeerName) -> usize {
+        self.entries
+            .range(Self::peer_range(peer))
+            .take_while(|(k, _)| k.peer == peer)
+            .count()
     }
 
     /// Name our container `container` at `addr`. Returns whether this was a
@@ -267,32 +555,45 @@ impl NameTable {
             addr,
             name,
         };
-        if matches!(self.entries.get(&key), Some(v) if !v.tombstone) {
-            return Ok(false);
+        match self.entries.get(&key) {
+            Some(h) if !h.val.tombstone => return Ok(false),
+            Some(_) => {}
+            None => {
+                if self.count(self.me) >= self.limits.per_peer {
+                    return Err(NameError::Full(self.limits.per_peer));
+                }
+            }
         }
-        self.write_own(key, false);
+        self.write_own(key, false)?;
         Ok(true)
     }
 
     /// Delete our entries of `container`, narrowed to one address and/or
-    /// one name when given. Returns how many entries were deleted.
+    /// one name when given. Returns how many entries were deleted (fewer
+    /// than matched only when our version counter is exhausted).
     pub fn remove(&mut self, container: &str, addr: Option<Ipv4Addr>, name: Option<&str>) -> usize {
         let name = name.map(|n| n.to_ascii_lowercase());
         let doomed: Vec<Key> = self
             .entries
-            .iter()
-            .filter(|(k, v)| {
-                !v.tombstone
-                    && k.peer == self.me
+            .range(Self::peer_range(self.me))
+            .take_while(|(k, _)| k.peer == self.me)
+            .filter(|(k, h)| {
+                !h.val.tombstone
                     && k.container == container
                     && addr.is_none_or(|a| a == k.addr)
                     && name.as_deref().is_none_or(|n| n == k.name)
             })
             .map(|(k, _)| k.clone())
             .collect();
-        let n = doomed.len();
+        self.tombstone_all(doomed)
+    }
+
+    fn tombstone_all(&mut self, doomed: Vec<Key>) -> usize {
+        let mut n = 0;
         for k in doomed {
-            self.write_own(k, true);
+            if self.write_own(k, true).is_ok() {
+                n += 1;
+            }
         }
         n
     }
@@ -307,19 +608,16 @@ impl NameTable {
     pub fn remove_addr(&mut self, addr: Ipv4Addr) -> usize {
         let doomed: Vec<Key> = self
             .entries
-            .iter()
-            .filter(|(k, v)| !v.tombstone && k.peer == self.me && k.addr == addr)
+            .range(Self::peer_range(self.me))
+            .take_while(|(k, _)| k.peer == self.me)
+            .filter(|(k, h)| !h.val.tombstone && k.addr == addr)
             .map(|(k, _)| k.clone())
             .collect();
-        let n = doomed.len();
-        for k in doomed {
-            self.write_own(k, true);
-        }
-        n
+        self.tombstone_all(doomed)
     }
 
-    /// Forget everything of `peer` (after the topology garbage-collected
-    /// it). Returns whether anything was removed.
+    /// Forget everything of `peer`, its key included (after the topology
+    /// garbage-collected it). Returns whether anything was removed.
     pub fn drop_peer(&mut self, peer: PeerName) -> bool {
         if peer == self.me {
             return false;
@@ -339,12 +637,27 @@ impl NameTable {
         self.entries.keys().map(|k| k.peer).collect()
     }
 
+    /// The other peers we hold anything of (entries or a floor).
+    pub fn holders(&self) -> impl Iterator<Item = PeerName> + '_ {
+        self.peers.keys().copied().filter(move |p| *p != self.me)
+    }
+
+    /// How many entries (live and tombstones) are held, ours included.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// No entries at all.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Drop our tombstones older than the grace period and raise our floor,
     /// so that every peer drops them too. Call it now and then (every
     /// minute is plenty); the raised floor goes out with the next
     /// [`NameTable::take_delta`].
     pub fn purge(&mut self, now: Instant) -> usize {
-        let mut floor = self.peers.get(&self.me).map_or(0, |s| s.floor);
+        let mut floor = self.own().floor;
         let mut purged = Vec::new();
         for (key, at) in self.deleted_at.iter_mut() {
             match at {
@@ -357,29 +670,34 @@ impl NameTable {
         }
         for key in &purged {
             self.deleted_at.remove(key);
-            if let Some(v) = self.entries.remove(key) {
-                floor = floor.max(v.version);
+            if let Some(h) = self.entries.remove(key) {
+                floor = floor.max(h.val.version);
             }
         }
         if !purged.is_empty() {
-            self.set_floor(self.me, floor);
+            let sig = self.id.sign(FLOOR_DOMAIN, &floor_msg(self.me, floor));
+            self.set_floor(self.me, floor, sig);
         }
         purged.len()
     }
 
     /// Raise `peer`'s floor and drop its tombstones at or below it.
-    fn set_floor(&mut self, peer: PeerName, floor: u64) -> bool {
-        let st = self.peers.entry(peer).or_default();
+    fn set_floor(&mut self, peer: PeerName, floor: u64, sig: Sig) -> bool {
+        let Some(st) = self.peers.get_mut(&peer) else {
+            return false;
+        };
         if floor <= st.floor {
             return false;
         }
         st.floor = floor;
+        st.floor_sig = sig;
         st.max = st.max.max(floor);
         self.entries
-            .retain(|k, v| !(k.peer == peer && v.tombstone && v.version <= floor));
+            .retain(|k, h| !(k.peer == peer && h.val.tombstone && h.val.version <= floor));
         if peer == self.me {
             self.deleted_at
-                .retain(|k, _| self.entries.get(k).is_some_and(|v| v.tombstone));
+                .retain(|k, _| self.entries.get(k).is_some_and(|h| h.val.tombstone));
+            self.own_generation += 1;
         }
         true
     }
@@ -409,39 +727,42 @@ impl NameTable {
     pub fn entries(&self) -> impl Iterator<Item = Entry<'_>> + '_ {
         self.entries
             .iter()
-            .filter(|(_, v)| !v.tombstone)
-            .map(|(k, v)| Entry {
+            .filter(|(_, h)| !h.val.tombstone)
+            .map(|(k, h)| Entry {
                 peer: k.peer,
                 container: &k.container,
                 addr: k.addr,
                 name: &k.name,
-                version: v.version,
+                version: h.val.version,
             })
     }
 
     /// How many tombstones are held.
     pub fn tombstones(&self) -> usize {
-        self.entries.values().filter(|v| v.tombstone).count()
+        self.entries.values().filter(|h| h.val.tombstone).count()
     }
 
     /// Our changes since the last call, encoded for
     /// `Gossip::channel_broadcast`; `None` when there were none.
     pub fn take_delta(&mut self) -> Option<Vec<u8>> {
-        let st = self.peers.get(&self.me).copied().unwrap_or_default();
+        let st = self.own();
         if st.max <= self.sent && st.floor <= self.floor_sent {
             return None;
         }
         let entries: Vec<WireEntry> = self
             .entries
             .range(Self::peer_range(self.me))
-            .filter(|(_, v)| v.version > self.sent)
-            .map(|(k, v)| wire_entry(k, v))
+            .take_while(|(k, _)| k.peer == self.me)
+            .filter(|(_, h)| h.val.version > self.sent)
+            .map(|(k, h)| wire_entry(k, h))
             .collect();
         self.sent = st.max;
         self.floor_sent = st.floor;
         Some(encode_payload(&[WirePeer {
             peer: self.me,
+            key: st.key,
             floor: st.floor,
+            floor_sig: st.floor_sig,
             entries,
         }]))
     }
@@ -455,111 +776,267 @@ impl NameTable {
         }..
     }
 
-    fn groups(&self) -> Vec<WirePeer> {
-        let mut out: Vec<WirePeer> = Vec::new();
-        let mut peers: BTreeSet<PeerName> = self.peers.keys().copied().collect();
-        peers.extend(self.entries.keys().map(|k| k.peer));
-        for peer in peers {
-            let entries: Vec<WireEntry> = self
+    fn group(&self, peer: PeerName, st: &PeerState) -> WirePeer {
+        WirePeer {
+            peer,
+            key: st.key,
+            floor: st.floor,
+            floor_sig: st.floor_sig,
+            entries: self
                 .entries
                 .range(Self::peer_range(peer))
                 .take_while(|(k, _)| k.peer == peer)
-                .map(|(k, v)| wire_entry(k, v))
-                .collect();
-            let floor = self.peers.get(&peer).map_or(0, |s| s.floor);
-            if entries.is_empty() && floor == 0 {
-                continue;
-            }
-            out.push(WirePeer {
-                peer,
-                floor,
-                entries,
-            });
+                .map(|(k, h)| wire_entry(k, h))
+                .collect(),
         }
-        out
     }
 
-    /// The whole table with our version counter, for the data directory.
+    fn groups(&self) -> Vec<WirePeer> {
+        self.peers
+            .iter()
+            .map(|(p, st)| self.group(*p, st))
+            .filter(|g| !g.entries.is_empty() || g.floor > 0)
+            .collect()
+    }
+
+    /// Our own entries and version counter, for the data directory (other
+    /// peers' entries come back by gossip). At most [`Limits::per_peer`]
+    /// entries (plus, briefly, healed ones): about 1.9 MB at the default
+    /// limit with the longest names, ~0.6 MB with typical ones.
     pub fn persist(&self) -> Vec<u8> {
+        let st = self.own();
         let p = Persisted {
-            counter: self.peers.get(&self.me).map_or(0, |s| s.max),
-            peers: self.groups(),
+            counter: st.max,
+            own: self.group(self.me, &st),
         };
         let mut out = vec![PERSIST_FORMAT];
         out.extend(postcard::to_allocvec(&p).unwrap_or_default());
         out
     }
 
-    /// A table from [`NameTable::persist`] output, owned by `me`.
-    pub fn restore(me: PeerName, bytes: &[u8]) -> Result<NameTable, DecodeError> {
+    /// A table from [`NameTable::persist`] output, owned by `id`. Our own
+    /// signatures are checked (a file of another peer, or one altered, is
+    /// an error). A format-1 file is migrated: our own entries are kept and
+    /// signed now, other peers' dropped.
+    pub fn restore(id: Identity, bytes: &[u8]) -> Result<NameTable, DecodeError> {
         let (&fmt, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
-        if fmt != PERSIST_FORMAT {
-            return Err(DecodeError::Format(fmt));
-        }
         if bytes.len() > MAX_PAYLOAD {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
-        let p: Persisted = from_bytes_exact(body)?;
-        validate(&p.peers)?;
-        let mut t = NameTable::new(me);
-        for g in p.peers {
-            let st = t.peers.entry(g.peer).or_default();
-            st.floor = g.floor;
-            st.max = st.max.max(g.floor);
-            for e in g.entries {
-                st.max = st.max.max(e.version);
-                let key = Key {
-                    peer: g.peer,
-                    container: e.container,
-                    addr: e.addr,
-                    name: e.name,
-                };
-                if g.peer == me && e.tombstone {
-                    t.deleted_at.insert(key.clone(), None);
+        let mut t = NameTable::new(id);
+        let me = t.me;
+        let key = t.id.public();
+        let (counter, own) = match fmt {
+            PERSIST_FORMAT => {
+                let p: Persisted = from_bytes_exact(body)?;
+                if p.own.peer != me || p.own.key != key {
+                    return Err(DecodeError::NotOurs {
+                        me,
+                        found: p.own.peer,
+                    });
                 }
-                t.entries.insert(
-                    key,
-                    Val {
-                        version: e.version,
-                        tombstone: e.tombstone,
-                    },
-                );
+                validate(std::slice::from_ref(&p.own))?;
+                verify_group(&p.own, Some(key), &mut KeyBook::new(), true)?;
+                (p.counter, p.own)
             }
+            PERSIST_FORMAT_V1 => {
+                let p: PersistedV1 = from_bytes_exact(body)?;
+                let mut own = WirePeer {
+                    peer: me,
+                    key,
+                    floor: 0,
+                    floor_sig: Sig::NONE,
+                    entries: Vec::new(),
+                };
+                for g in p.peers.into_iter().filter(|g| g.peer == me) {
+                    own.floor = g.floor;
+                    own.floor_sig = t.id.sign(FLOOR_DOMAIN, &floor_msg(me, g.floor));
+                    for e in g.entries {
+                        let k = Key {
+                            peer: me,
+                            container: e.container,
+                            addr: e.addr,
+                            name: e.name,
+                        };
+                        let val = Val {
+                            version: e.version,
+                            tombstone: e.tombstone,
+                        };
+                        let sig = sign_entry(&t.id, &k, val);
+                        own.entries.push(wire_entry(&k, &Held { val, sig }));
+                    }
+                }
+                validate(std::slice::from_ref(&own))?;
+                (p.counter, own)
+            }
+            other => return Err(DecodeError::Format(other)),
+        };
+        if counter > MAX_VERSION {
+            return Err(DecodeError::Version {
+                peer: me,
+                version: counter,
+            });
         }
-        let st = t.peers.entry(me).or_default();
-        st.max = st.max.max(p.counter);
+        let st = t.own_mut();
+        st.floor = own.floor;
+        st.floor_sig = own.floor_sig;
+        st.max = counter.max(own.floor);
+        for e in own.entries {
+            let val = Val {
+                version: e.version,
+                tombstone: e.tombstone,
+            };
+            let k = Key {
+                peer: me,
+                container: e.container,
+                addr: e.addr,
+                name: e.name,
+            };
+            if val.tombstone {
+                t.deleted_at.insert(k.clone(), None);
+            }
+            let st = t.own_mut();
+            st.max = st.max.max(val.version);
+            t.entries.insert(k, Held { val, sig: e.sig });
+        }
         // Everything restored is "sent": the mesh learns it by anti-entropy.
+        let st = t.own();
         t.sent = st.max;
         t.floor_sent = st.floor;
         t.generation = 1;
+        t.own_generation = 1;
         Ok(t)
     }
 
-    /// Merge decoded groups; returns the groups of what was new to us.
-    fn merge_groups(&mut self, groups: Vec<WirePeer>) -> Vec<WirePeer> {
+    /// Choose what of `groups` to merge: entries newer than ours, within
+    /// the limits (the rest is counted as refused). Nothing changes yet.
+    fn select(&mut self, groups: Vec<WirePeer>) -> Result<Vec<WirePeer>, DecodeError> {
+        let own_count = self.count(self.me);
+        let mut foreign = self.entries.len().saturating_sub(own_count);
+        let mut others = self.peers.len().saturating_sub(1);
+        let mut refused = 0u64;
+        let mut why = String::new();
+        let mut plan = Vec::new();
+        for mut g in groups {
+            let known = self.peers.get(&g.peer).copied();
+            if g.peer == self.me && g.key != self.id.public() {
+                return Err(DecodeError::Signature {
+                    peer: g.peer,
+                    reason: "not our key".into(),
+                });
+            }
+            if let Some(st) = known {
+                if st.key != g.key {
+                    return Err(DecodeError::Signature {
+                        peer: g.peer,
+                        reason: format!(
+                            "key {} differs from the key {} it signed with before",
+                            g.key.fingerprint(),
+                            st.key.fingerprint()
+                        ),
+                    });
+                }
+            }
+            let old_floor = known.map_or(0, |s| s.floor);
+            let raises = g.floor > old_floor;
+            let entries = std::mem::take(&mut g.entries);
+            let fresh: Vec<WireEntry> = entries
+                .into_iter()
+                .filter(|e| {
+                    let incoming = Val {
+                        version: e.version,
+                        tombstone: e.tombstone,
+                    };
+                    match self.entries.get(&wire_key(g.peer, e)) {
+                        Some(h) => h.val < incoming,
+                        // A tombstone under the floor of something we do
+                        // not hold has no effect left.
+                        None => !(e.tombstone && e.version <= old_floor),
+                    }
+                })
+                .collect();
+            if fresh.is_empty() && !raises {
+                continue;
+            }
+            let ours = g.peer == self.me;
+            if known.is_none() && !ours {
+                if others >= self.limits.peers {
+                    refused += fresh.len().max(1) as u64;
+                    why = format!(
+                        "entries of {} other peers held, the limit: peer {} refused",
+                        self.limits.peers, g.peer
+                    );
+                    continue;
+                }
+                others += 1;
+            }
+            let mut n = self.count(g.peer);
+            for e in fresh {
+                let new_key = !self.entries.contains_key(&wire_key(g.peer, &e));
+                // Our own entries coming back are healed, whatever the
+                // count: each is one we signed.
+                if new_key && !ours {
+                    if n >= self.limits.per_peer {
+                        refused += 1;
+                        why = format!(
+                            "{} entries of peer {} held, the limit",
+                            self.limits.per_peer, g.peer
+                        );
+                        continue;
+                    }
+                    if foreign >= self.limits.entries {
+                        refused += 1;
+                        why = format!(
+                            "{} entries of other peers held, the limit",
+                            self.limits.entries
+                        );
+                        continue;
+                    }
+                    n += 1;
+                    foreign += 1;
+                }
+                g.entries.push(e);
+            }
+            if !raises {
+                g.floor = old_floor;
+            }
+            if g.entries.is_empty() && !raises {
+                continue;
+            }
+            plan.push(g);
+        }
+        self.refuse(refused, || why);
+        Ok(plan)
+    }
+
+    /// Merge verified groups; returns the groups of what was new to us.
+    fn apply(&mut self, plan: Vec<WirePeer>) -> Vec<WirePeer> {
         let mut out = Vec::new();
-        for g in groups {
-            let old_floor = self.peers.get(&g.peer).map_or(0, |s| s.floor);
+        for g in plan {
+            let old_floor = {
+                let st = self
+                    .peers
+                    .entry(g.peer)
+                    .or_insert_with(|| PeerState::new(g.key));
+                st.floor
+            };
             let mut fresh = Vec::new();
             for e in g.entries {
                 let incoming = Val {
                     version: e.version,
                     tombstone: e.tombstone,
                 };
-                let key = Key {
-                    peer: g.peer,
-                    container: e.container,
-                    addr: e.addr,
-                    name: e.name,
-                };
+                let key = wire_key(g.peer, &e);
                 let held = self.entries.get(&key).copied();
-                if held.is_some_and(|h| h >= incoming) {
+                if held.is_some_and(|h| h.val >= incoming) {
                     continue;
                 }
-                let st = self.peers.entry(g.peer).or_default();
-                st.max = st.max.max(incoming.version);
+                if let Some(st) = self.peers.get_mut(&g.peer) {
+                    st.max = st.max.max(incoming.version);
+                }
+                let sig = e.sig;
                 if g.peer == self.me {
-                    self.heal_own(key, held, incoming);
+                    self.heal_own(key, held, Held { val: incoming, sig });
                     continue;
                 }
                 if incoming.tombstone && incoming.version <= old_floor {
@@ -569,18 +1046,22 @@ impl NameTable {
                     }
                     continue;
                 }
-                self.entries.insert(key.clone(), incoming);
+                let h = Held { val: incoming, sig };
+                self.entries.insert(key.clone(), h);
                 self.generation += 1;
-                fresh.push(wire_entry(&key, &incoming));
+                fresh.push(wire_entry(&key, &h));
             }
-            let raised = g.floor > old_floor && self.set_floor(g.peer, g.floor);
+            let raised = g.floor > old_floor && self.set_floor(g.peer, g.floor, g.floor_sig);
             if raised {
                 self.generation += 1;
             }
             if !fresh.is_empty() || raised {
+                let st = self.peers.get(&g.peer).copied();
                 out.push(WirePeer {
                     peer: g.peer,
-                    floor: self.peers.get(&g.peer).map_or(0, |s| s.floor),
+                    key: g.key,
+                    floor: st.map_or(0, |s| s.floor),
+                    floor_sig: st.map_or(Sig::NONE, |s| s.floor_sig),
                     entries: fresh,
                 });
             }
@@ -588,60 +1069,123 @@ impl NameTable {
         out
     }
 
-    /// One of our own entries came back newer than what we hold: we are
-    /// the authority, so we re-assert our state at a higher version (it
-    /// goes out with the next delta).
-    fn heal_own(&mut self, key: Key, held: Option<Val>, incoming: Val) {
-        let live_here = held.is_some_and(|h| !h.tombstone);
-        if live_here {
-            self.write_own(key, false);
-        } else if !incoming.tombstone {
-            self.write_own(key, true);
+    /// One of our own entries, signed by us, came back newer than what we
+    /// hold: we are the authority, so we re-assert our state one step above
+    /// (it goes out with the next delta).
+    fn heal_own(&mut self, key: Key, held: Option<Held>, incoming: Held) {
+        let live_here = held.is_some_and(|h| !h.val.tombstone);
+        let r = if live_here {
+            self.write_own(key, false)
+        } else if !incoming.val.tombstone {
+            self.write_own(key, true)
         } else {
             self.deleted_at.insert(key.clone(), None);
             self.entries.insert(key, incoming);
+            self.own_generation += 1;
+            Ok(())
+        };
+        if let Err(e) = r {
+            self.refuse(1, || format!("could not heal an entry of ours: {e}"));
         }
     }
 }
 
-fn wire_entry(k: &Key, v: &Val) -> WireEntry {
+fn wire_key(peer: PeerName, e: &WireEntry) -> Key {
+    Key {
+        peer,
+        container: e.container.clone(),
+        addr: e.addr,
+        name: e.name.clone(),
+    }
+}
+
+fn wire_entry(k: &Key, h: &Held) -> WireEntry {
     WireEntry {
         container: k.container.clone(),
         addr: k.addr,
         name: k.name.clone(),
-        version: v.version,
-        tombstone: v.tombstone,
+        version: h.val.version,
+        tombstone: h.val.tombstone,
+        sig: h.sig,
     }
 }
 
+/// Check the floor (when `check_floor`) and the entries of `g` against the
+/// peer's key: `own` for our own, else the key book (which pins `g.key`
+/// once it has signed).
+fn verify_group(
+    g: &WirePeer,
+    own: Option<PublicKey>,
+    keys: &mut KeyBook,
+    check_floor: bool,
+) -> Result<(), DecodeError> {
+    let refuse = |e: KeyError| DecodeError::Signature {
+        peer: g.peer,
+        reason: e.to_string(),
+    };
+    let mut check = |domain: &[u8], msg: &[u8], sig: &Sig| match own {
+        Some(k) if k.verify(domain, msg, sig) => Ok(()),
+        Some(_) => Err(refuse(KeyError::BadSignature(g.peer))),
+        None => keys
+            .verify(g.peer, Some(g.key), domain, msg, sig)
+            .map_err(refuse),
+    };
+    if check_floor && g.floor > 0 {
+        check(FLOOR_DOMAIN, &floor_msg(g.peer, g.floor), &g.floor_sig)?;
+    }
+    for e in &g.entries {
+        let val = Val {
+            version: e.version,
+            tombstone: e.tombstone,
+        };
+        check(
+            ENTRY_DOMAIN,
+            &entry_msg(g.peer, &e.container, e.addr, &e.name, val),
+            &e.sig,
+        )?;
+    }
+    Ok(())
+}
+
 /// Cut a payload into payloads of about `max` bytes: each carries some
-/// entries of some peers (and their floors), which merge on their own.
+/// entries of some peers (with their keys and floors), which merge and
+/// verify on their own.
 fn split_payload(payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
-    let Ok(groups) = decode_payload(&payload) else {
+    let Ok(groups) = decode_any(&payload) else {
         return vec![payload];
     };
-    let mut flat: Vec<(PeerName, u64, WireEntry)> = Vec::new();
+    type Head = (PeerName, PublicKey, u64, Sig);
+    let mut flat: Vec<(Head, bool, WireEntry)> = Vec::new();
     let mut floors_only = Vec::new();
     for g in groups {
         if g.entries.is_empty() {
             floors_only.push(g);
             continue;
         }
-        for e in g.entries {
-            flat.push((g.peer, g.floor, e));
+        let head = (g.peer, g.key, g.floor, g.floor_sig);
+        for (i, e) in g.entries.into_iter().enumerate() {
+            flat.push((head, i == 0, e));
         }
     }
-    let size = |(_, _, e): &(PeerName, u64, WireEntry)| e.container.len() + e.name.len() + 40;
-    let mut out: Vec<Vec<u8>> = crate::gossip::chunks(flat, max, 64, size)
+    // A group's head (name, key, floor, signature, lengths) is ~120 bytes:
+    // counted on a group's first entry, and once per run for a group that
+    // goes on from the previous run.
+    const HEAD: usize = 120;
+    let size = |(_, first, e): &(Head, bool, WireEntry)| {
+        e.container.len() + e.name.len() + 40 + 64 + if *first { HEAD } else { 0 }
+    };
+    let mut out: Vec<Vec<u8>> = crate::gossip::chunks(flat, max, 64 + HEAD, size)
         .into_iter()
         .map(|run| {
             let mut groups: Vec<WirePeer> = Vec::new();
-            for (peer, floor, e) in run {
+            for ((peer, key, floor, floor_sig), _, e) in run {
                 match groups.last_mut() {
                     Some(g) if g.peer == peer => g.entries.push(e),
                     _ => groups.push(WirePeer {
                         peer,
+                        key,
                         floor,
+                        floor_sig,
                         entries: vec![e],
                     }),
                 }
@@ -675,10 +1219,22 @@ fn from_bytes_exact<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeE
 
 fn validate(groups: &[WirePeer]) -> Result<(), DecodeError> {
     for g in groups {
+        if g.floor > MAX_VERSION {
+            return Err(DecodeError::Version {
+                peer: g.peer,
+                version: g.floor,
+            });
+        }
         for e in &g.entries {
             check_container(&e.container)?;
             if normalize_name(&e.name)? != e.name {
                 return Err(NameError::BadName(e.name.clone()).into());
+            }
+            if e.version == 0 || e.version > MAX_VERSION {
+                return Err(DecodeError::Version {
+                    peer: g.peer,
+                    version: e.version,
+                });
             }
         }
     }
@@ -687,12 +1243,17 @@ fn validate(groups: &[WirePeer]) -> Result<(), DecodeError> {
 
 /// Decode a gossip payload of the `dns` channel.
 fn decode_payload(payload: &[u8]) -> Result<Vec<WirePeer>, DecodeError> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(DecodeError::TooLarge(payload.len()));
+    }
+    decode_any(payload)
+}
+
+/// Decode a payload of any size (our own full state, to split it).
+fn decode_any(payload: &[u8]) -> Result<Vec<WirePeer>, DecodeError> {
     let (&fmt, body) = payload.split_first().ok_or(DecodeError::Empty)?;
     if fmt != FORMAT {
         return Err(DecodeError::Format(fmt));
-    }
-    if payload.len() > MAX_PAYLOAD {
-        return Err(DecodeError::TooLarge(payload.len()));
     }
     let groups: Vec<WirePeer> = from_bytes_exact(body)?;
     validate(&groups)?;
@@ -708,15 +1269,36 @@ fn hash_bytes(h: u64, b: &[u8]) -> u64 {
     mix(x)
 }
 
+impl NameTable {
+    /// Decode, select within the limits, verify every selected entry and
+    /// floor, then merge; a signature that fails refuses the whole payload
+    /// before anything changed.
+    fn merge_payload(
+        &mut self,
+        payload: &[u8],
+        keys: &mut KeyBook,
+    ) -> Result<Vec<WirePeer>, DecodeError> {
+        let groups = decode_payload(payload)?;
+        let plan = self.select(groups)?;
+        let own = self.id.public();
+        for g in &plan {
+            let own = (g.peer == self.me).then_some(own);
+            let old_floor = self.peers.get(&g.peer).map_or(0, |s| s.floor);
+            verify_group(g, own, keys, g.floor > old_floor)?;
+        }
+        Ok(self.apply(plan))
+    }
+}
+
 impl GossipData for NameTable {
     fn encode(&self) -> Vec<u8> {
         encode_payload(&self.groups())
     }
 
     fn merge(&mut self, payload: &[u8], keys: &mut KeyBook) -> Result<Option<Vec<u8>>, String> {
-        let _ = keys;
-        let groups = decode_payload(payload).map_err(|e| e.to_string())?;
-        let out = self.merge_groups(groups);
+        let out = self
+            .merge_payload(payload, keys)
+            .map_err(|e| e.to_string())?;
         Ok((!out.is_empty()).then(|| encode_payload(&out)))
     }
 
@@ -726,7 +1308,8 @@ impl GossipData for NameTable {
 
     fn digest(&self) -> u64 {
         let mut h = 0u64;
-        for (k, v) in &self.entries {
+        for (k, held) in &self.entries {
+            let v = held.val;
             h = hash_bytes(h, &k.peer.0);
             h = hash_bytes(h, k.container.as_bytes());
             h = hash_bytes(h, &k.addr.octets());
@@ -786,10 +1369,14 @@ impl GossipData for SharedNameTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sign::{KeyBook, PublicKey};
     use proptest::prelude::*;
 
+    fn id(i: u8) -> Identity {
+        Identity::from_seed(&[i; 32])
+    }
     fn pn(i: u8) -> PeerName {
-        PeerName([2, 0, 0, 0, 0, i])
+        id(i).name()
     }
     fn ip(i: u8) -> Ipv4Addr {
         Ipv4Addr::new(198, 19, 0, i)
@@ -804,7 +1391,11 @@ mod tests {
 
     #[test]
     fn a_large_table_splits_into_parts_that_merge_alone() {
-        let mut t = NameTable::new(pn(1));
+        let big = Limits {
+            per_peer: 4096,
+            ..Limits::DEFAULT
+        };
+        let mut t = NameTable::new(id(1)).with_limits(big);
         for i in 0..3000u32 {
             let a = Ipv4Addr::from(0xc613_0000 + i);
             t.add(&format!("{i:064x}"), a, &format!("name-{i}"))
@@ -815,7 +1406,7 @@ mod tests {
         assert!(whole.len() > 200_000);
         let parts = t.split(whole, 60_000);
         assert!(parts.len() > 3);
-        let mut other = NameTable::new(pn(2));
+        let mut other = NameTable::new(id(2)).with_limits(big);
         for p in &parts {
             assert!(p.len() <= 60_000, "part of {} bytes", p.len());
             other.merge(p, &mut crate::sign::KeyBook::new()).unwrap();
@@ -826,7 +1417,7 @@ mod tests {
 
     #[test]
     fn add_lookup_reverse_remove() {
-        let mut t = NameTable::new(pn(1));
+        let mut t = NameTable::new(id(1));
         assert!(t.add("c1", ip(1), "Web").unwrap());
         assert!(!t.add("c1", ip(1), "web").unwrap());
         assert!(t.add("c2", ip(2), "web").unwrap());
@@ -845,8 +1436,8 @@ mod tests {
 
     #[test]
     fn deltas_carry_only_new_changes() {
-        let mut a = NameTable::new(pn(1));
-        let mut b = NameTable::new(pn(2));
+        let mut a = NameTable::new(id(1));
+        let mut b = NameTable::new(id(2));
         assert!(a.take_delta().is_none());
         a.add("c1", ip(1), "web").unwrap();
         let d = a.take_delta().unwrap();
@@ -865,8 +1456,8 @@ mod tests {
 
     #[test]
     fn tombstone_beats_late_add_and_readd_works() {
-        let mut a = NameTable::new(pn(1));
-        let mut c = NameTable::new(pn(3));
+        let mut a = NameTable::new(id(1));
+        let mut c = NameTable::new(id(3));
         a.add("c1", ip(1), "web").unwrap();
         let old_add = a.take_delta().unwrap();
         a.remove_container("c1");
@@ -886,8 +1477,8 @@ mod tests {
     #[test]
     fn purge_spreads_by_floor_and_owner_heals() {
         let t0 = Instant::now();
-        let mut a = NameTable::new(pn(1)).with_grace(Duration::from_secs(10));
-        let mut b = NameTable::new(pn(2));
+        let mut a = NameTable::new(id(1)).with_grace(Duration::from_secs(10));
+        let mut b = NameTable::new(id(2));
         a.add("c1", ip(1), "web").unwrap();
         let stale = a.encode();
         a.remove_container("c1");
@@ -917,14 +1508,14 @@ mod tests {
 
     #[test]
     fn restart_without_state_counter_jumps() {
-        let mut a = NameTable::new(pn(1));
-        let mut b = NameTable::new(pn(2));
+        let mut a = NameTable::new(id(1));
+        let mut b = NameTable::new(id(2));
         for i in 0..5 {
             a.add("c1", ip(i), "web").unwrap();
         }
         sync(&mut b, &a);
         // a restarts with nothing and re-adds one container.
-        let mut a = NameTable::new(pn(1));
+        let mut a = NameTable::new(id(1));
         a.add("c9", ip(9), "db").unwrap();
         sync(&mut a, &b);
         assert!(a.lookup("web").is_empty());
@@ -939,8 +1530,8 @@ mod tests {
 
     #[test]
     fn drop_peer_forgets_it() {
-        let mut a = NameTable::new(pn(1));
-        let mut b = NameTable::new(pn(2));
+        let mut a = NameTable::new(id(1));
+        let mut b = NameTable::new(id(2));
         a.add("c1", ip(1), "web").unwrap();
         b.add("c2", ip(2), "web").unwrap();
         sync(&mut b, &a);
@@ -954,8 +1545,8 @@ mod tests {
 
     #[test]
     fn persist_restore_round_trip() {
-        let mut a = NameTable::new(pn(1));
-        let mut b = NameTable::new(pn(2));
+        let mut a = NameTable::new(id(1));
+        let mut b = NameTable::new(id(2));
         b.add("x", ip(7), "other").unwrap();
         sync(&mut a, &b);
         a.add("c1", ip(1), "web").unwrap();
@@ -963,7 +1554,13 @@ mod tests {
         a.remove_container("c2");
         let bytes = a.persist();
         assert_eq!(bytes[0], PERSIST_FORMAT);
-        let mut r = NameTable::restore(pn(1), &bytes).unwrap();
+        let mut r = NameTable::restore(id(1), &bytes).unwrap();
+        // Our own entries only: b's come back by gossip.
+        assert!(r.lookup("other").is_empty());
+        assert_eq!(r.lookup("web"), vec![ip(1)]);
+        assert_eq!(r.tombstones(), 1);
+        assert_eq!(r.counter(), a.counter());
+        sync(&mut r, &b);
         assert_eq!(r.digest(), a.digest());
         assert_eq!(r.encode(), a.encode());
         assert!(r.take_delta().is_none());
@@ -971,38 +1568,377 @@ mod tests {
         b.merge(&r.take_delta().unwrap(), &mut crate::sign::KeyBook::new())
             .unwrap();
         assert_eq!(b.lookup("new"), vec![ip(3)]);
-        assert!(NameTable::restore(pn(1), &[]).is_err());
-        assert!(NameTable::restore(pn(1), &[9, 0]).is_err());
+        assert!(NameTable::restore(id(1), &[]).is_err());
+        assert!(NameTable::restore(id(1), &[9, 0]).is_err());
         let mut trailing = bytes.clone();
         trailing.push(0);
-        assert!(NameTable::restore(pn(1), &trailing).is_err());
+        assert!(NameTable::restore(id(1), &trailing).is_err());
+        // Another peer's file, or one altered, is refused.
+        assert!(matches!(
+            NameTable::restore(id(2), &bytes),
+            Err(DecodeError::NotOurs { .. })
+        ));
+        let mut bad = bytes.clone();
+        let at = bad.windows(3).position(|w| w == b"web").unwrap();
+        bad[at] = b'x';
+        assert!(matches!(
+            NameTable::restore(id(1), &bad),
+            Err(DecodeError::Signature { .. })
+        ));
+    }
+
+    #[test]
+    fn a_format_1_file_is_migrated_keeping_our_own_entries() {
+        type E = (String, Ipv4Addr, String, u64, bool);
+        let e =
+            |c: &str, a: u8, n: &str, v: u64, t: bool| -> E { (c.into(), ip(a), n.into(), v, t) };
+        let v1: (u64, Vec<(PeerName, u64, Vec<E>)>) = (
+            9,
+            vec![
+                (
+                    pn(1),
+                    3,
+                    vec![e("c1", 1, "web", 5, false), e("c2", 2, "db", 7, true)],
+                ),
+                (pn(4), 0, vec![e("x", 4, "theirs", 2, false)]),
+            ],
+        );
+        let mut bytes = vec![PERSIST_FORMAT_V1];
+        bytes.extend(postcard::to_allocvec(&v1).unwrap());
+        let mut a = NameTable::restore(id(1), &bytes).unwrap();
+        assert_eq!(a.lookup("web"), vec![ip(1)]);
+        assert!(a.lookup("theirs").is_empty());
+        assert_eq!(a.tombstones(), 1);
+        assert_eq!(a.counter(), 9);
+        // Signed afresh: another peer verifies and merges them.
+        let mut b = NameTable::new(id(2));
+        sync(&mut b, &a);
+        assert_eq!(b.lookup("web"), vec![ip(1)]);
+        a.add("c3", ip(3), "new").unwrap();
+        assert_eq!(a.counter(), 10);
+        // And the next save is format 2.
+        assert_eq!(a.persist()[0], PERSIST_FORMAT);
     }
 
     #[test]
     fn rejects_invalid_entries() {
-        let g = vec![WirePeer {
-            peer: pn(5),
-            floor: 0,
-            entries: vec![WireEntry {
-                container: "c".into(),
-                addr: ip(1),
-                name: "UPPER".into(),
-                version: 1,
-                tombstone: false,
-            }],
-        }];
-        let mut t = NameTable::new(pn(1));
+        let w = id(5);
+        let mut g = signed(&w, 0, &[("c", 1, "web", 1, false)]);
+        g.entries[0].name = "UPPER".into();
+        let mut t = NameTable::new(id(1));
         assert!(t
-            .merge(&encode_payload(&g), &mut crate::sign::KeyBook::new())
+            .merge(&encode_payload(&[g]), &mut crate::sign::KeyBook::new())
             .is_err());
         assert_eq!(t.entries().count(), 0);
     }
 
+    /// `who`'s entries `(container, address, name, version, tombstone)` and
+    /// floor as `who` signs them, at any version (tests need impossible
+    /// ones too).
+    fn signed(who: &Identity, floor: u64, es: &[(&str, u8, &str, u64, bool)]) -> WirePeer {
+        forged(who.name(), who.public(), who, floor, es)
+    }
+
+    /// Entries claimed for `peer` with key `key`, signed by `signer`.
+    fn forged(
+        peer: PeerName,
+        key: PublicKey,
+        signer: &Identity,
+        floor: u64,
+        es: &[(&str, u8, &str, u64, bool)],
+    ) -> WirePeer {
+        WirePeer {
+            peer,
+            key,
+            floor,
+            floor_sig: signer.sign(FLOOR_DOMAIN, &floor_msg(peer, floor)),
+            entries: es
+                .iter()
+                .map(|&(c, a, n, version, tombstone)| {
+                    let val = Val { version, tombstone };
+                    WireEntry {
+                        container: c.into(),
+                        addr: ip(a),
+                        name: n.into(),
+                        version,
+                        tombstone,
+                        sig: signer.sign(ENTRY_DOMAIN, &entry_msg(peer, c, ip(a), n, val)),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn forged_entries_in_another_peers_name_are_refused_and_change_nothing() {
+        let mallory = id(66);
+        let mut h1 = NameTable::new(id(1));
+        let mut h2 = NameTable::new(id(2));
+        let mut kb1 = KeyBook::new();
+        h2.add("c2", ip(2), "web").unwrap();
+        h1.merge(&h2.take_delta().unwrap(), &mut kb1).unwrap();
+        let before = (h1.digest(), h2.digest(), h2.counter());
+        let top = h2.counter() + 1;
+        let attempts = [
+            // Mallory's key for h2's name.
+            forged(
+                pn(2),
+                mallory.public(),
+                &mallory,
+                0,
+                &[("c9", 9, "evil", top, false)],
+            ),
+            // h2's key, Mallory's signature.
+            forged(
+                pn(2),
+                id(2).public(),
+                &mallory,
+                0,
+                &[("c9", 9, "evil", top, false)],
+            ),
+            // h2's entry deleted, at the highest version, unsigned.
+            WirePeer {
+                entries: vec![WireEntry {
+                    sig: Sig::NONE,
+                    ..forged(
+                        pn(2),
+                        id(2).public(),
+                        &id(2),
+                        0,
+                        &[("c2", 2, "web", MAX_VERSION, true)],
+                    )
+                    .entries[0]
+                        .clone()
+                }],
+                ..forged(pn(2), id(2).public(), &mallory, 0, &[])
+            },
+            // A floor that would wipe h2's tombstones, signed by Mallory.
+            forged(pn(2), id(2).public(), &mallory, MAX_VERSION, &[]),
+            // The counter attack of issue 15: u64::MAX in h2's name.
+            forged(
+                pn(2),
+                id(2).public(),
+                &mallory,
+                0,
+                &[("c2", 2, "web", u64::MAX, true)],
+            ),
+        ];
+        for g in attempts {
+            // Alone, and next to a valid group of Mallory's own: the whole
+            // payload is refused.
+            let own = signed(&mallory, 0, &[("m", 66, "mallory", 1, false)]);
+            for p in [
+                encode_payload(std::slice::from_ref(&g)),
+                encode_payload(&[own, g]),
+            ] {
+                assert!(h1.merge(&p, &mut kb1).is_err());
+                assert!(h1.merge(&p, &mut KeyBook::new()).is_err());
+                assert!(h2.merge(&p, &mut KeyBook::new()).is_err());
+            }
+        }
+        assert_eq!((h1.digest(), h2.digest(), h2.counter()), before);
+        assert!(h1.lookup("evil").is_empty() && h1.lookup("mallory").is_empty());
+        assert_eq!(h1.lookup("web"), vec![ip(2)]);
+        // The owner still changes its names, and they still reach h1.
+        assert_eq!(h2.remove_container("c2"), 1);
+        h2.add("c3", ip(3), "web").unwrap();
+        h1.merge(&h2.take_delta().unwrap(), &mut kb1).unwrap();
+        assert_eq!(h1.lookup("web"), vec![ip(3)]);
+        assert_eq!(h1.digest(), h2.digest());
+    }
+
+    #[test]
+    fn a_relay_cannot_alter_what_it_passes_on() {
+        let mut h1 = NameTable::new(id(1));
+        let mut h2 = NameTable::new(id(2));
+        let mut h3 = NameTable::new(id(3));
+        h1.add("c1", ip(1), "web").unwrap();
+        let relayed = h2
+            .merge(&h1.take_delta().unwrap(), &mut KeyBook::new())
+            .unwrap()
+            .unwrap();
+        // Verified end to end: h3 never met h1.
+        let mut tampered = decode_payload(&relayed).unwrap();
+        tampered[0].entries[0].addr = ip(66);
+        assert!(h3
+            .merge(&encode_payload(&tampered), &mut KeyBook::new())
+            .is_err());
+        let mut tampered = decode_payload(&relayed).unwrap();
+        tampered[0].entries[0].tombstone = true;
+        assert!(h3
+            .merge(&encode_payload(&tampered), &mut KeyBook::new())
+            .is_err());
+        assert!(h3.is_empty());
+        let mut kb3 = KeyBook::new();
+        h3.merge(&relayed, &mut kb3).unwrap();
+        assert_eq!(h3.lookup("web"), vec![ip(1)]);
+        assert_eq!(kb3.get(pn(1)), Some(id(1).public()));
+        // Once pinned, another key for h1's name is refused.
+        let mut other = decode_payload(&relayed).unwrap();
+        other[0].key = id(4).public();
+        assert!(h3.merge(&encode_payload(&other), &mut kb3).is_err());
+    }
+
+    #[test]
+    fn inflated_counters_cannot_wrap_or_lock_the_owner() {
+        let mallory = id(66);
+        let mut h1 = NameTable::new(id(1));
+        let mut h2 = NameTable::new(id(2));
+        h2.add("c2", ip(2), "web").unwrap();
+        sync(&mut h1, &h2);
+        // Mallory's own entries: at the bound they are accepted (its own
+        // business), beyond it refused; nothing of h2 moves.
+        let ok = signed(&mallory, 0, &[("m", 66, "m", MAX_VERSION, false)]);
+        assert!(h1
+            .merge(&encode_payload(&[ok]), &mut KeyBook::new())
+            .is_ok());
+        for v in [0, MAX_VERSION + 1, u64::MAX - 1, u64::MAX] {
+            let g = signed(&mallory, 0, &[("m", 66, "m2", v, false)]);
+            assert!(matches!(
+                h1.merge_payload(&encode_payload(&[g]), &mut KeyBook::new()),
+                Err(DecodeError::Version { .. })
+            ));
+            let g = signed(&mallory, v.max(1), &[]);
+            if v > MAX_VERSION {
+                assert!(h1
+                    .merge(&encode_payload(&[g]), &mut KeyBook::new())
+                    .is_err());
+            }
+        }
+        // h2's own counter near the top: the last step succeeds, then writes
+        // fail cleanly; nothing wraps, nothing panics.
+        h2.own_mut().max = MAX_VERSION - 1;
+        assert!(h2.add("c3", ip(3), "db").unwrap());
+        assert_eq!(h2.counter(), MAX_VERSION);
+        assert_eq!(h2.add("c4", ip(4), "x"), Err(NameError::Exhausted));
+        assert_eq!(h2.remove_container("c2"), 0);
+        assert_eq!(h2.counter(), MAX_VERSION);
+        assert_eq!(h2.lookup("web"), vec![ip(2)]);
+        // An entry of ours we do not hold, signed by us at the top: the heal
+        // cannot step above it, which is reported, not a panic.
+        let stale = signed(&id(2), 0, &[("old", 9, "old", MAX_VERSION, false)]);
+        h2.merge(&encode_payload(&[stale]), &mut KeyBook::new())
+            .unwrap();
+        assert!(h2.take_refusals().is_some());
+        assert_eq!(h2.counter(), MAX_VERSION);
+    }
+
+    #[test]
+    fn an_own_entry_we_lost_is_healed_one_step_above() {
+        // h2 restarted without state; a signed copy of an old entry at
+        // version 40 comes back: the tombstone is at 41, not further.
+        let h2_id = id(2);
+        let mut h2 = NameTable::new(h2_id.clone());
+        let stale = signed(&h2_id, 0, &[("c", 2, "web", 40, false)]);
+        let out = h2
+            .merge(
+                &encode_payload(std::slice::from_ref(&stale)),
+                &mut KeyBook::new(),
+            )
+            .unwrap();
+        assert!(out.is_none());
+        assert_eq!(h2.counter(), 41);
+        assert!(h2.lookup("web").is_empty());
+        let mut h1 = NameTable::new(id(1));
+        h1.merge(&encode_payload(&[stale]), &mut KeyBook::new())
+            .unwrap();
+        assert_eq!(h1.lookup("web"), vec![ip(2)]);
+        h1.merge(&h2.take_delta().unwrap(), &mut KeyBook::new())
+            .unwrap();
+        assert!(h1.lookup("web").is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_entries_for_invented_peers_is_bounded() {
+        // Issue 15: 200 messages, 110,000 entries of 2,000 invented peers,
+        // every one validly signed by its (invented) key.
+        let mut h1 = NameTable::new(id(1));
+        h1.add("c1", ip(1), "web").unwrap();
+        let mut kb = KeyBook::new();
+        let names: Vec<String> = (0..55).map(|i| format!("n{i}")).collect();
+        let mut relayed = 0;
+        for msg in 0..200u32 {
+            let groups: Vec<WirePeer> = (0..10u32)
+                .map(|j| {
+                    let k = msg * 10 + j;
+                    let mut seed = [7u8; 32];
+                    seed[..4].copy_from_slice(&k.to_be_bytes());
+                    let w = Identity::from_seed(&seed);
+                    let es: Vec<(&str, u8, &str, u64, bool)> = names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| ("c", i as u8, n.as_str(), i as u64 + 1, false))
+                        .collect();
+                    signed(&w, 0, &es)
+                })
+                .collect();
+            if h1
+                .merge(&encode_payload(&groups), &mut kb)
+                .unwrap()
+                .is_some()
+            {
+                relayed += 1;
+            }
+        }
+        let l = Limits::DEFAULT;
+        assert!(h1.len() <= l.entries + 1, "{} entries held", h1.len());
+        assert!(h1.peers().len() <= l.peers + 1);
+        assert!(relayed > 0);
+        let r = h1.take_refusals().unwrap();
+        assert!(r.count >= 110_000 - l.entries as u64, "{r:?}");
+        // Our own names are unaffected, and names.bin holds only ours.
+        let saved = h1.own_generation();
+        h1.merge(
+            &encode_payload(&[signed(&id(8), 0, &[("c", 8, "z", 1, false)])]),
+            &mut kb,
+        )
+        .unwrap();
+        assert_eq!(h1.own_generation(), saved, "others' names are not saved");
+        assert!(h1.add("c2", ip(2), "db").unwrap());
+        assert!(h1.own_generation() > saved);
+        assert!(h1.persist().len() < 1_000);
+        // A single peer is held to its own limit; dropping it frees it all.
+        let mut h3 = NameTable::new(id(3)).with_limits(Limits {
+            per_peer: 100,
+            peers: 2,
+            entries: 150,
+        });
+        let w = id(9);
+        let names: Vec<String> = (0..300).map(|i| format!("x{i}")).collect();
+        let es: Vec<(&str, u8, &str, u64, bool)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| ("c", 1, n.as_str(), i as u64 + 1, false))
+            .collect();
+        h3.merge(&encode_payload(&[signed(&w, 0, &es)]), &mut KeyBook::new())
+            .unwrap();
+        assert_eq!(h3.len(), 100);
+        let w2 = id(10);
+        h3.merge(&encode_payload(&[signed(&w2, 0, &es)]), &mut KeyBook::new())
+            .unwrap();
+        assert_eq!(h3.len(), 150);
+        let w3 = id(11);
+        h3.merge(&encode_payload(&[signed(&w3, 0, &es)]), &mut KeyBook::new())
+            .unwrap();
+        assert_eq!(h3.peers().len(), 2);
+        assert!(h3.drop_peer(w.name()));
+        assert!(h3.drop_peer(w2.name()));
+        assert!(h3.is_empty());
+        h3.merge(&encode_payload(&[signed(&w3, 0, &es)]), &mut KeyBook::new())
+            .unwrap();
+        assert_eq!(h3.len(), 100);
+        // Our own: the per-peer limit, then a clear error.
+        for i in 0..100 {
+            h3.add("c", ip(1), &format!("o{i}")).unwrap();
+        }
+        assert_eq!(h3.add("c", ip(1), "one-more"), Err(NameError::Full(100)));
+    }
+
     #[test]
     fn shared_handle_is_the_same_table() {
-        let h = SharedNameTable::new(NameTable::new(pn(1)));
+        let h = SharedNameTable::new(NameTable::new(id(1)));
         let mut boxed: Box<dyn GossipData> = Box::new(h.clone());
-        let mut b = NameTable::new(pn(2));
+        let mut b = NameTable::new(id(2));
         b.add("c2", ip(2), "db").unwrap();
         boxed
             .merge(&b.encode(), &mut crate::sign::KeyBook::new())
@@ -1032,7 +1968,7 @@ mod tests {
     /// Run ops on three writers; return the payloads captured along the
     /// way (full states and deltas).
     fn payloads(ops: &[Op]) -> Vec<Vec<u8>> {
-        let mut w: Vec<NameTable> = (0..3).map(|i| NameTable::new(pn(i + 10))).collect();
+        let mut w: Vec<NameTable> = (0..3).map(|i| NameTable::new(id(i + 10))).collect();
         let mut out = Vec::new();
         for op in ops {
             match *op {
@@ -1053,7 +1989,7 @@ mod tests {
     }
 
     fn merged(order: impl Iterator<Item = Vec<u8>>) -> NameTable {
-        let mut t = NameTable::new(pn(1));
+        let mut t = NameTable::new(id(1));
         for p in order {
             t.merge(&p, &mut crate::sign::KeyBook::new()).unwrap();
         }
@@ -1111,8 +2047,8 @@ mod tests {
         fn relayed_deltas_converge(ops in proptest::collection::vec(op(), 0..40)) {
             // What merge returns is enough for a third peer to catch up.
             let ps = payloads(&ops);
-            let mut mid = NameTable::new(pn(1));
-            let mut far = NameTable::new(pn(2));
+            let mut mid = NameTable::new(id(1));
+            let mut far = NameTable::new(id(2));
             for p in &ps {
                 if let Some(relay) = mid.merge(p, &mut crate::sign::KeyBook::new()).unwrap() {
                     far.merge(&relay, &mut crate::sign::KeyBook::new()).unwrap();
@@ -1122,25 +2058,151 @@ mod tests {
         }
 
         #[test]
+        fn boundary_versions_merge_the_same_in_any_order(
+            picks in proptest::collection::vec((0usize..8, 0usize..8, any::<bool>(), 0u8..3), 1..12),
+            floors in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            // Versions and floors at 0, 1, MAX-1, MAX, MAX+1, u64::MAX-1,
+            // u64::MAX (all validly signed by their writer): accepted iff in
+            // range, the same result in any order, idempotent, no panic.
+            // Versions compete for a few keys; floors (which make a late
+            // add of a key whose tombstone went under the floor new again,
+            // until its owner heals it) come with keys of their own.
+            const B: [u64; 8] = [0, 1, 2, MAX_VERSION - 1, MAX_VERSION, MAX_VERSION + 1, u64::MAX - 1, u64::MAX];
+            let w = id(20);
+            let ps: Vec<(bool, Vec<u8>)> = picks
+                .iter()
+                .enumerate()
+                .map(|(i, &(v, f, t, n))| {
+                    let (name, floor) = if floors {
+                        (format!("f{i}"), B[f])
+                    } else {
+                        (format!("n{n}"), 0)
+                    };
+                    let g = signed(&w, floor, &[("c", n, name.as_str(), B[v], t)]);
+                    let valid = (1..=MAX_VERSION).contains(&B[v]) && floor <= MAX_VERSION;
+                    (valid, encode_payload(&[g]))
+                })
+                .collect();
+            let run = |order: &[(bool, Vec<u8>)]| {
+                let mut t = NameTable::new(id(1));
+                let mut kb = KeyBook::new();
+                for (valid, p) in order {
+                    let r = t.merge(p, &mut kb);
+                    assert_eq!(r.is_ok(), *valid);
+                }
+                t
+            };
+            let fwd = run(&ps);
+            let mut rev = ps.clone();
+            rev.reverse();
+            let bwd = run(&rev);
+            let mut shuf = ps.clone();
+            let mut s = seed | 1;
+            for i in (1..shuf.len()).rev() {
+                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+                shuf.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            let sh = run(&shuf);
+            prop_assert_eq!(fwd.digest(), bwd.digest());
+            prop_assert_eq!(fwd.digest(), sh.digest());
+            prop_assert_eq!(fwd.encode(), sh.encode());
+            let mut again = fwd.clone();
+            for (_, p) in &ps {
+                if let Ok(r) = again.merge(p, &mut KeyBook::new()) {
+                    prop_assert_eq!(r, None);
+                }
+            }
+            prop_assert_eq!(again.digest(), fwd.digest());
+            for p in fwd.peers.values() {
+                prop_assert!(p.max <= MAX_VERSION && p.floor <= MAX_VERSION);
+            }
+        }
+
+        #[test]
+        fn our_counter_at_its_boundaries(start in prop_oneof![Just(0u64), Just(MAX_VERSION - 1), Just(MAX_VERSION), 0..MAX_VERSION], ops in 1usize..4) {
+            // From a counter at 0, MAX-1, MAX or anywhere: each write takes
+            // one step or fails with Exhausted; never past MAX, never wraps.
+            let mut t = NameTable::new(id(1));
+            t.own_mut().max = start;
+            for i in 0..ops {
+                let before = t.counter();
+                let r = t.add("c", ip(i as u8), "web");
+                if before < MAX_VERSION {
+                    prop_assert_eq!(r, Ok(true));
+                    prop_assert_eq!(t.counter(), before + 1);
+                } else {
+                    prop_assert_eq!(r, Err(NameError::Exhausted));
+                    prop_assert_eq!(t.counter(), MAX_VERSION);
+                }
+                // Another peer's signed copy of our state cannot move us.
+                let before = t.counter();
+                let mallory = id(66);
+                let g = forged(t.me(), t.id.public(), &mallory, 0, &[("c", 9, "x", MAX_VERSION, false)]);
+                prop_assert!(t.merge(&encode_payload(&[g]), &mut KeyBook::new()).is_err());
+                prop_assert_eq!(t.counter(), before);
+            }
+        }
+
+        #[test]
+        fn limits_hold_at_their_boundaries(
+            per_peer in 1usize..5,
+            peers in 1usize..4,
+            entries in 1usize..9,
+            sends in proptest::collection::vec((0u8..5, 0usize..7), 1..10),
+        ) {
+            // Whatever arrives: no peer above per_peer, no more than `peers`
+            // others, no more than `entries` of theirs; below the limits,
+            // nothing is refused; a refusal is counted, never an error.
+            let l = Limits { per_peer, peers, entries };
+            let mut t = NameTable::new(id(1)).with_limits(l);
+            let mut kb = KeyBook::new();
+            let mut sent: BTreeMap<PeerName, BTreeSet<usize>> = BTreeMap::new();
+            for (w, n) in sends {
+                let writer = id(30 + w);
+                let names: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
+                let es: Vec<(&str, u8, &str, u64, bool)> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, nm)| ("c", 1, nm.as_str(), i as u64 + 1, false))
+                    .collect();
+                prop_assert!(t.merge(&encode_payload(&[signed(&writer, 0, &es)]), &mut kb).is_ok());
+                sent.entry(writer.name()).or_default().extend(0..n);
+                let held: BTreeMap<PeerName, usize> = t.holders().map(|p| (p, t.count(p))).collect();
+                prop_assert!(held.len() <= peers);
+                prop_assert!(held.values().all(|&c| c <= per_peer));
+                prop_assert!(held.values().sum::<usize>() <= entries);
+                let wanted: usize = sent.values().map(|s| s.len().min(per_peer)).sum();
+                let fits = sent.len() <= peers && sent.values().map(|s| s.len()).sum::<usize>() <= entries
+                    && sent.values().all(|s| s.len() <= per_peer);
+                if fits {
+                    prop_assert_eq!(held.values().sum::<usize>(), wanted);
+                    prop_assert!(t.take_refusals().is_none());
+                }
+            }
+        }
+
+        #[test]
         fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let mut t = NameTable::new(pn(1));
+            let mut t = NameTable::new(id(1));
             let _ = t.merge(&bytes, &mut crate::sign::KeyBook::new());
             let mut b = bytes.clone();
             b.insert(0, FORMAT);
             let _ = t.merge(&b, &mut crate::sign::KeyBook::new());
-            let _ = NameTable::restore(pn(1), &bytes);
+            let _ = NameTable::restore(id(1), &bytes);
             b[0] = PERSIST_FORMAT;
-            let _ = NameTable::restore(pn(1), &b);
+            let _ = NameTable::restore(id(1), &b);
         }
 
         #[test]
         fn truncated_payloads_are_errors(ops in proptest::collection::vec(op(), 1..20), cut in any::<prop::sample::Index>()) {
             let ps = payloads(&ops);
-            let mut w = NameTable::new(pn(1));
+            let mut w = NameTable::new(id(1));
             for p in &ps { w.merge(p, &mut crate::sign::KeyBook::new()).unwrap(); }
             let full = w.encode();
             let n = cut.index(full.len());
-            let mut t = NameTable::new(pn(3));
+            let mut t = NameTable::new(id(3));
             if n < full.len() {
                 prop_assert!(t.merge(&full[..n], &mut crate::sign::KeyBook::new()).is_err() || n == full.len());
             }

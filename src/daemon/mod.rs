@@ -440,7 +440,7 @@ fn start_core(
         max_peers: args.max_peers,
         ..Default::default()
     };
-    let names = crate::router::names::Driver::load(name, paths::data_dir(), zone)?;
+    let names = crate::router::names::Driver::load(me.id.clone(), paths::data_dir(), zone)?;
     let ipam_config = ipam_config(args)?;
     let range = ipam_config.range;
     let allocator = ipam::Driver::load(name, ipam_config, paths::data_dir(), args.ipalloc_timeout)?;

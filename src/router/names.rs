@@ -10,14 +10,24 @@
 //! listen inside each attached container at `127.0.0.11:53` (sockets opened
 //! in the container's namespace, UDP and TCP, as Docker's embedded DNS) and
 //! on the host at `--dns-listen-address`; they never touch the table.
+//!
+//! The table signs our entries with the daemon's identity and verifies
+//! everyone else's (see [`mesh_proto::names`] for the bounds).
+//! `names.bin` holds our own entries only. Entries the table refused for a
+//! limit are logged (rate-limited) at each settle; the names of peers the
+//! topology did not know at two purges in a row (a minute apart) are
+//! dropped, as are those of peers it garbage-collects.
 
 use super::channel::ChannelDriver;
 use crate::api::{DnsEntry, DnsStatus};
 use crate::persist;
+use crate::warn::{Kind, WarnLimit};
 use mesh_dns::Zone;
 use mesh_proto::gossip::Gossip;
 use mesh_proto::name::PeerName;
-use mesh_proto::names::{self, NameTable, SharedNameTable};
+use mesh_proto::names::{self, NameError, NameTable, SharedNameTable};
+use mesh_proto::sign::Identity;
+use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -76,6 +86,9 @@ pub struct Driver {
     saved: u64,
     served: u64,
     last_purge: Instant,
+    /// Peers we hold names of that the topology did not know at the last
+    /// purge.
+    unknown: BTreeSet<PeerName>,
 }
 
 impl Driver {
@@ -83,18 +96,18 @@ impl Driver {
     /// `zone` is `None` with `--no-dns`: names are still gossiped (other
     /// peers may serve them), just not served here.
     pub fn load(
-        me: PeerName,
+        id: Identity,
         data_dir: PathBuf,
         zone: Option<Arc<Zone>>,
     ) -> anyhow::Result<Driver> {
         let path = data_dir.join(crate::paths::NAMES);
         let table = match std::fs::read(&path) {
-            Ok(bytes) => NameTable::restore(me, &bytes)
+            Ok(bytes) => NameTable::restore(id, &bytes)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => NameTable::new(me),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => NameTable::new(id),
             Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
         };
-        let saved = table.generation();
+        let saved = table.own_generation();
         Ok(Driver {
             table: SharedNameTable::new(table),
             zone,
@@ -102,6 +115,7 @@ impl Driver {
             saved,
             served: u64::MAX,
             last_purge: Instant::now(),
+            unknown: BTreeSet::new(),
         })
     }
 
@@ -118,7 +132,12 @@ impl Driver {
                 let mut r = Ok(());
                 for a in addrs {
                     if let Err(e) = t.add(&container, a, &name) {
-                        r = Err(format!("invalid name {name:?}: {e}"));
+                        r = Err(match e {
+                            NameError::BadName(_) | NameError::BadContainer(_) => {
+                                format!("invalid name {name:?}: {e}")
+                            }
+                            _ => format!("cannot add name {name:?}: {e}"),
+                        });
                         break;
                     }
                 }
@@ -199,12 +218,21 @@ impl ChannelDriver for Driver {
         gossip.add_channel(names::CHANNEL, Box::new(self.table.clone()));
     }
 
-    /// Periodic work: purge our old tombstones.
-    fn tick(&mut self, _gossip: &Gossip) {
+    /// Periodic work: purge our old tombstones, and drop the names of
+    /// peers the topology did not know at two purges in a row (names of
+    /// invented peers, which the topology never garbage-collects).
+    fn tick(&mut self, gossip: &Gossip) {
         let now = Instant::now();
         if now.duration_since(self.last_purge) >= PURGE_EVERY {
             self.last_purge = now;
-            self.table.lock().purge(now);
+            let known: HashSet<PeerName> = gossip.peers().into_iter().map(|p| p.name).collect();
+            let mut t = self.table.lock();
+            t.purge(now);
+            let absent: BTreeSet<PeerName> = t.holders().filter(|p| !known.contains(p)).collect();
+            for p in absent.intersection(&self.unknown) {
+                t.drop_peer(*p);
+            }
+            self.unknown = absent.difference(&self.unknown).copied().collect();
         }
     }
 
@@ -213,18 +241,24 @@ impl ChannelDriver for Driver {
         self.table.lock().drop_peer(peer);
     }
 
-    /// After anything that may have changed the table: persist, gossip our
-    /// changes, refresh what the servers answer.
+    /// After anything that may have changed the table: persist our own
+    /// entries when they changed, gossip our changes, refresh what the
+    /// servers answer.
     fn settle(&mut self, gossip: &mut Gossip) {
-        let (generation, delta, bytes) = {
+        let (generation, delta, bytes, refused) = {
             let mut t = self.table.lock();
-            let g = t.generation();
-            let bytes = (g != self.saved).then(|| t.persist());
-            (g, t.take_delta(), bytes)
+            let own = t.own_generation();
+            let bytes = (own != self.saved).then(|| (own, t.persist()));
+            (t.generation(), t.take_delta(), bytes, t.take_refusals())
         };
-        if let Some(bytes) = bytes {
+        if let Some(r) = refused {
+            if WarnLimit::allow(Kind::Gossip) {
+                warn!(count = r.count, "name entries refused: {}", r.last);
+            }
+        }
+        if let Some((own, bytes)) = bytes {
             match persist::write_atomic(&self.path, &bytes, 0o600) {
-                Ok(()) => self.saved = generation,
+                Ok(()) => self.saved = own,
                 Err(e) => warn!("saving the name table: {e:#}"),
             }
         }
