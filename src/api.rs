@@ -674,6 +674,8 @@ mod tests {
             "peers[].connections[].peer",
             "peers[].connections[].address",
             "peers[].connections[].established",
+            "peers[].key",
+            "peers[].refused_key",
             "targets",
             "sleeve",
             "sleeve.frames_in",

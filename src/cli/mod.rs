@@ -437,6 +437,8 @@ mod tests {
             "1300",
             "--conn-limit",
             "7",
+            "--max-peers",
+            "99",
             "--log-level",
             "debug",
             "--ipalloc-range",
