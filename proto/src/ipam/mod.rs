@@ -97,9 +97,9 @@ mod tests;
 
 use crate::gossip::GossipData;
 use crate::name::PeerName;
-use crate::sign::KeyBook;
+use crate::sign::{Identity, KeyBook};
 use ipnet::Ipv4Net;
-use state::{Crdt, Instance, Net, Payload, Record, Ring};
+use state::{Crdt, Instance, Net, Payload, Record, Ring, Signed};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -139,7 +139,13 @@ pub enum Note {
     Met(String),
     /// Another ring was adopted (ours held nothing).
     Adopted(String),
+    /// A peer sent records we refused (bad signature, counters out of
+    /// bounds, rewritten history): a warning.
+    Refused(String),
 }
+
+/// How many notes wait at most (a member that lies cannot grow this).
+const MAX_NOTES: usize = 64;
 
 /// How many other rings we remember (a member that lies cannot grow this).
 const MAX_MEETINGS: usize = 8;
@@ -322,6 +328,7 @@ const NEED_TTL: Duration = Duration::from_secs(60);
 
 /// The IPAM core of one peer.
 pub struct Ipam {
+    id: Identity,
     me: PeerName,
     config: Config,
     range: Net,
@@ -331,7 +338,6 @@ pub struct Ipam {
     /// Our claims by id.
     by_id: BTreeMap<String, BTreeSet<u32>>,
     generation: u64,
-    dirty_tokens: BTreeSet<u32>,
     dirty_record: bool,
     dirty_ring: bool,
     /// Reachable peers as of the last tick.
@@ -351,8 +357,10 @@ pub struct Ipam {
     forgotten: BTreeMap<PeerName, u64>,
     /// Decided instances (derived from the records, never undone).
     decided: BTreeMap<Instance, Vec<PeerName>>,
-    /// Addresses other peers hold (derived from their records).
-    foreign_held: BTreeMap<u32, PeerName>,
+    /// Addresses other peers hold (derived from their records, clipped to
+    /// the space of each peer or of its heir), as disjoint runs: first →
+    /// (last, peer).
+    foreign_held: BTreeMap<u32, (u32, PeerName)>,
     /// What the daemon was told about other peers.
     told: Told,
     /// Peers learned while there was no ring (persisted).
@@ -364,17 +372,10 @@ pub struct Ipam {
     rng: u64,
 }
 
-/// What `persist` wrote before peers learned were kept ([`state::FORMAT`]).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct PersistedV1 {
-    state: Payload,
-    claims: Vec<(String, u32)>,
-    consensus_n: Option<u64>,
-    next_seq: u64,
-}
-
-/// The format byte of what `persist` writes now.
-const PERSIST_FORMAT: u8 = 2;
+/// The format byte of what `persist` writes now. Formats 1 and 2 (before
+/// records were signed and ownership moved into grants) are refused with
+/// an error that says what to do: their tokens cannot be proven.
+const PERSIST_FORMAT: u8 = 3;
 
 /// What `persist` writes ([`PERSIST_FORMAT`]).
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -393,17 +394,18 @@ struct Persisted {
 const MAX_LEARNED: usize = 10_000;
 
 impl Ipam {
-    /// A fresh core.
-    pub fn new(me: PeerName, config: Config) -> Ipam {
+    /// A fresh core, signing with `id` (our name is its name).
+    pub fn new(id: Identity, config: Config) -> Ipam {
         let range = Net::from_ipnet(config.range);
+        let me = id.name();
         let mut ipam = Ipam {
+            id,
             me,
             range,
             crdt: Crdt::new(range),
             claims: BTreeMap::new(),
             by_id: BTreeMap::new(),
             generation: 0,
-            dirty_tokens: BTreeSet::new(),
             dirty_record: false,
             dirty_ring: false,
             reachable: BTreeSet::new(),
@@ -431,41 +433,65 @@ impl Ipam {
             if !owners.is_empty() {
                 // A fresh state has no ring: this cannot conflict.
                 let _ = ipam.crdt.install_ring(Ring { owners });
+                ipam.refresh();
             }
         }
         ipam
     }
 
-    /// Restore from `persist()` bytes (ring, own record, own claims); Err on
-    /// malformed bytes or another range.
-    pub fn restore(me: PeerName, config: Config, bytes: &[u8]) -> Result<Ipam, String> {
+    /// Restore from `persist()` bytes (ring, records, own claims); Err on
+    /// malformed bytes, another range, a record whose signature does not
+    /// verify, or a format written before records were signed.
+    pub fn restore(id: Identity, config: Config, bytes: &[u8]) -> Result<Ipam, String> {
         let what = "persisted IPAM state";
         let p = match bytes.first() {
             Some(&PERSIST_FORMAT) if bytes.len() <= state::MAX_PAYLOAD => {
                 postcard::from_bytes::<Persisted>(&bytes[1..])
                     .map_err(|e| format!("malformed {what}: {e}"))?
             }
-            _ => {
-                let body = state::check_header(bytes, what)?;
-                let v1: PersistedV1 =
-                    postcard::from_bytes(body).map_err(|e| format!("malformed {what}: {e}"))?;
-                Persisted {
-                    state: v1.state,
-                    claims: v1.claims,
-                    consensus_n: v1.consensus_n,
-                    next_seq: v1.next_seq,
-                    learned: Vec::new(),
-                }
+            Some(v @ 1..=2) => {
+                return Err(format!(
+                    "{what} has format {v}, written by a version of mesh before IPAM records were signed; its ownership cannot be proven to the mesh. Detach this host's containers and `mesh reset` it (or remove the file) to start it afresh"
+                ))
             }
+            Some(v) => return Err(format!("{what} has unknown format {v}")),
+            None => return Err(format!("empty {what}")),
         };
         let state_bytes = p.state.encode();
         // Re-decode to run the payload's checks.
-        let state =
+        let mut state =
             Payload::decode(&state_bytes).map_err(|e| format!("persisted IPAM state: {e}"))?;
-        let mut ipam = Ipam::new(me, config);
+        let mut ipam = Ipam::new(id, config);
         ipam.crdt
-            .merge(state)
+            .check(&state)
             .map_err(|e| format!("persisted IPAM state does not fit this configuration: {e}"))?;
+        // Our own record: it must be ours, signed by us.
+        let me = ipam.me;
+        if let Some(pos) = state.records.iter().position(|s| s.peer == me) {
+            let s = state.records.swap_remove(pos);
+            let msg = state::record_message(ipam.range, me, &s.record);
+            if s.key != ipam.id.public() || !s.key.verify(state::RECORD_DOMAIN, &msg, &s.sig) {
+                return Err(format!(
+                    "{what} holds a record of this peer that this peer's key did not sign (the identity changed?)"
+                ));
+            }
+            ipam.crdt.records.insert(me, s.record);
+            ipam.crdt.sigs.insert(me, (s.key, s.sig));
+        }
+        if ipam.crdt.ring.is_none() {
+            if let Some(r) = state.ring.take() {
+                // Our own ring, as we wrote it.
+                let _ = ipam.crdt.install_ring(r);
+            }
+        }
+        let mut keys = KeyBook::new();
+        let m = ipam
+            .crdt
+            .merge(state, &mut keys, me)
+            .map_err(|e| format!("persisted IPAM state does not fit this configuration: {e}"))?;
+        if let Some((peer, why)) = m.refused.first() {
+            return Err(format!("{what}: the record of peer {peer} is refused: {why}"));
+        }
         let (lo, hi) = ipam.range.bounds();
         for (id, a) in p.claims {
             if a < lo || a > hi {
@@ -486,10 +512,7 @@ impl Ipam {
         ipam.consensus_n = p.consensus_n.map(|n| n as usize);
         ipam.learned = p.learned.into_iter().take(MAX_LEARNED).collect();
         ipam.next_seq = p.next_seq.max(1);
-        let peers: Vec<PeerName> = ipam.crdt.records.keys().copied().collect();
-        for peer in peers {
-            ipam.reindex_held(peer, None);
-        }
+        ipam.refresh();
         ipam.react();
         ipam.dirty_record = ipam.crdt.records.contains_key(&me);
         Ok(ipam)
@@ -507,6 +530,11 @@ impl Ipam {
         let mut out = vec![PERSIST_FORMAT];
         out.extend(postcard::to_allocvec(&p).unwrap_or_default());
         out
+    }
+
+    /// Our public key (what other peers verify our records with).
+    pub fn public(&self) -> crate::sign::PublicKey {
+        self.id.public()
     }
 
     /// Increments on every change that must be persisted before anything is
@@ -533,27 +561,22 @@ impl Ipam {
 
     /// Our own changes since the last call, as a delta for the channel.
     pub fn take_delta(&mut self) -> Option<Vec<u8>> {
-        if !self.dirty_record && self.dirty_tokens.is_empty() && !self.dirty_ring {
+        if !self.dirty_record && !self.dirty_ring {
             return None;
         }
         let mut p = Payload {
             range: Some(self.range),
             ..Payload::default()
         };
-        for a in std::mem::take(&mut self.dirty_tokens) {
-            if let Some(t) = self.crdt.tokens.get(&a) {
-                p.tokens.push((a, *t));
-            }
-        }
         if self.dirty_record {
-            if let Some(r) = self.crdt.records.get(&self.me) {
-                p.records.push((self.me, r.clone()));
+            if let Some(s) = self.crdt.signed(self.me) {
+                p.records.push(s);
             }
         }
-        // Deltas stay small: the ring header comes with tokens only (a whole
-        // state carries it in every part, which is what a peer of another
-        // ring sees first, on a new connection).
-        if !p.tokens.is_empty() || self.dirty_ring {
+        // Deltas stay small: the ring header comes only when it was just
+        // decided (a whole state carries it in every part, which is what a
+        // peer of another ring sees first, on a new connection).
+        if self.dirty_ring {
             p.ring = self.crdt.ring.clone();
         }
         self.dirty_record = false;
@@ -561,32 +584,103 @@ impl Ipam {
         (!p.is_empty()).then(|| p.encode())
     }
 
-    /// Change our own record (bumps its version).
+    /// Change our own record (bumps its version, signs it). A record at the
+    /// largest version cannot change any more (it would take 2^48 changes).
     fn write_record(&mut self, f: impl FnOnce(&mut Record)) {
         let r = self.crdt.records.entry(self.me).or_default();
+        let before = r.clone();
         f(r);
-        r.version += 1;
+        let Some(v) = r.version.checked_add(1).filter(|v| *v <= state::MAX_VERSION) else {
+            *r = before;
+            return;
+        };
+        r.version = v;
+        let grants_changed = r.grants.len() != before.grants.len();
+        let msg = state::record_message(self.range, self.me, r);
+        let sig = self.id.sign(state::RECORD_DOMAIN, &msg);
+        self.crdt.sigs.insert(self.me, (self.id.public(), sig));
         self.dirty_record = true;
         self.generation += 1;
+        if grants_changed {
+            self.refresh();
+        }
     }
 
-    /// Rebuild the index of what `peer` holds, given its previous record.
-    fn reindex_held(&mut self, peer: PeerName, old: Option<&Record>) {
-        if peer == self.me {
-            return;
-        }
-        if let Some(old) = old {
-            for a in old.held_addrs() {
-                if self.foreign_held.get(&a) == Some(&peer) {
-                    self.foreign_held.remove(&a);
+    /// Rederive the pieces (from the ring, the grants and the decided
+    /// reclaims) and the index of what other peers hold.
+    fn refresh(&mut self) {
+        let heirs: BTreeMap<PeerName, PeerName> = self
+            .decided
+            .iter()
+            .filter_map(|(i, v)| match (i, v.first()) {
+                (Instance::Reclaim(d), Some(h)) => Some((*d, *h)),
+                _ => None,
+            })
+            .collect();
+        self.crdt.rederive(&heirs);
+        self.reindex_held();
+    }
+
+    /// Rebuild the index of what other peers hold: each peer's held runs,
+    /// clipped to the pieces of that peer or of its heir (a peer's word
+    /// about addresses in someone else's space is not taken), as disjoint
+    /// runs. Never expanded address by address.
+    fn reindex_held(&mut self) {
+        let mut runs: Vec<(u32, u32, PeerName)> = Vec::new();
+        for (p, r) in &self.crdt.records {
+            if *p == self.me {
+                continue;
+            }
+            let whose = self.eff(*p);
+            for (a, b) in r.held_runs() {
+                for (_, s, e, t) in self.crdt.pieces_in(a, b) {
+                    if self.eff(t.owner) == whose {
+                        runs.push((s, e, *p));
+                    }
                 }
             }
         }
-        if let Some(r) = self.crdt.records.get(&peer) {
-            for a in r.held_addrs() {
-                self.foreign_held.entry(a).or_insert(peer);
+        runs.sort_unstable();
+        let mut out: BTreeMap<u32, (u32, PeerName)> = BTreeMap::new();
+        let mut cur: Option<(u32, u32, PeerName)> = None;
+        for (s, e, p) in runs {
+            match &mut cur {
+                Some((_, ce, _)) if s as u64 <= *ce as u64 + 1 => *ce = (*ce).max(e),
+                _ => {
+                    if let Some((cs, ce, cp)) = cur.take() {
+                        out.insert(cs, (ce, cp));
+                    }
+                    cur = Some((s, e, p));
+                }
             }
         }
+        if let Some((cs, ce, cp)) = cur {
+            out.insert(cs, (ce, cp));
+        }
+        self.foreign_held = out;
+    }
+
+    /// The peer another record says holds `a`.
+    pub(super) fn held_by_other(&self, a: u32) -> Option<PeerName> {
+        self.foreign_held
+            .range(..=a)
+            .next_back()
+            .filter(|(_, (e, _))| *e >= a)
+            .map(|(_, (_, p))| *p)
+    }
+
+    /// The runs others hold that overlap `[s, e]`, clipped to it.
+    pub(super) fn held_runs_in(&self, s: u32, e: u32) -> Vec<(u32, u32)> {
+        let from = self
+            .foreign_held
+            .range(..=s)
+            .next_back()
+            .map_or(s, |(a, _)| *a);
+        self.foreign_held
+            .range(from..=e)
+            .filter(|(_, (l, _))| *l >= s)
+            .map(|(a, (l, _))| ((*a).max(s), (*l).min(e)))
+            .collect()
     }
 
     /// What the daemon was told about other peers (call before `tick`).
@@ -633,19 +727,32 @@ impl Ipam {
     /// twice. When both sides hold nothing, the larger ring (then the
     /// greater id) wins, so that the two do not swap. Returns whether we
     /// adopted it (the caller then merges the payload into the empty state).
-    fn meet(&mut self, p: &Payload) -> bool {
+    fn meet(&mut self, p: &Payload, keys: &mut KeyBook) -> bool {
         let (Some(ours), Some(theirs)) = (self.crdt.ring.clone(), p.ring.clone()) else {
             return false;
         };
         if p.range != Some(self.range) || ours == theirs {
             return false;
         }
+        // Only what the other ring's peers signed counts: their records,
+        // verified, and the ring only if a quorum of them decided it.
+        let verified: BTreeMap<PeerName, &Record> = p
+            .records
+            .iter()
+            .filter(|s| {
+                let msg = state::record_message(self.range, s.peer, &s.record);
+                keys.verify(s.peer, Some(s.key), state::RECORD_DOMAIN, &msg, &s.sig)
+                    .is_ok()
+            })
+            .map(|s| (s.peer, &s.record))
+            .collect();
         let id = theirs.id(self.range);
-        let holds = p.records.iter().any(|(_, r)| !r.held.is_empty())
+        let holds = verified.values().any(|r| !r.held.is_empty())
             || self.meetings.get(&id).is_some_and(|m| m.holds);
+        let justified = ring_justified(&theirs, verified.iter().map(|(p, r)| (*p, *r)));
         let theirs_wins =
             holds || (theirs.owners.len(), id) > (ours.owners.len(), ours.id(self.range));
-        if theirs_wins && self.holds_nothing() {
+        if theirs_wins && justified && self.holds_nothing() {
             self.meetings.remove(&id);
             self.notes.push(Note::Adopted(format!(
                 "adopted the address ring created among [{}] (our own ring, created among [{}], held no address)",
@@ -695,13 +802,13 @@ impl Ipam {
         self.unreachable_since.clear();
         self.forgotten.clear();
         self.last_quorum = None;
-        self.dirty_tokens.clear();
         self.dirty_ring = false;
         if let Some(mut r) = record {
             r.consensus = 0;
             r.paxos.clear();
             r.requests.clear();
             r.held.clear();
+            r.grants.clear();
             self.crdt.records.insert(self.me, r);
             self.write_record(|_| {});
         } else {
@@ -728,23 +835,44 @@ impl GossipData for Ipam {
     }
 
     fn merge(&mut self, payload: &[u8], keys: &mut KeyBook) -> Result<Option<Vec<u8>>, String> {
-        let _ = keys;
         let mut p = Payload::decode(payload)?;
         if let Err(e) = self.crdt.check(&p) {
-            if !self.meet(&p) {
+            if !self.meet(&p, keys) {
                 return Err(e);
             }
         }
         p.records
-            .retain(|(peer, r)| self.forgotten.get(peer).is_none_or(|v| r.version > *v));
-        let m = self.crdt.merge(p)?;
-        if m.news.is_empty() {
-            return Ok(None);
+            .retain(|s| self.forgotten.get(&s.peer).is_none_or(|v| s.record.version > *v));
+        let ring = p.ring.take();
+        let m = self.crdt.merge(p, keys, self.me)?;
+        let mut news = m.news;
+        // A ring header is taken only when the records we hold show a
+        // quorum of its owners deciding it.
+        let mut new_ring = false;
+        if let (None, Some(r)) = (&self.crdt.ring, ring) {
+            if ring_justified(&r, self.crdt.records.iter().map(|(p, r)| (*p, r)))
+                && self.crdt.install_ring(r.clone()).is_ok()
+            {
+                news.ring = Some(r);
+                new_ring = true;
+            }
+        }
+        for (peer, why) in &m.refused {
+            if self.notes.len() < MAX_NOTES {
+                self.notes.push(Note::Refused(format!(
+                    "refused an IPAM record of peer {peer}: {why}"
+                )));
+            }
+        }
+        if news.is_empty() {
+            return match m.refused.first() {
+                Some((peer, why)) => Err(format!("refused the IPAM record of peer {peer}: {why}")),
+                None => Ok(None),
+            };
         }
         self.generation += 1;
-        for (peer, old) in &m.replaced {
+        for (peer, _) in &m.replaced {
             self.forgotten.remove(peer);
-            self.reindex_held(*peer, old.as_ref());
         }
         if !m.replaced.is_empty() {
             // A ring met whose owners all gossip in ours now (they adopted
@@ -753,8 +881,12 @@ impl GossipData for Ipam {
             self.meetings
                 .retain(|_, met| !met.owners.iter().all(|o| records.contains_key(o)));
         }
+        if new_ring || !m.replaced.is_empty() {
+            self.refresh();
+        }
         self.react();
-        Ok(Some(m.news.encode()))
+        news.range = Some(self.range);
+        Ok(Some(news.encode()))
     }
 
     fn digest(&self) -> u64 {
@@ -772,34 +904,59 @@ fn meeting_message(ours: &Ring, theirs: &Ring, range: Net) -> String {
     )
 }
 
+/// Whether `ring` was decided by its owners: a quorum of them accepted
+/// it, with one ballot, in their records. The quorum counts the largest
+/// consensus size those owners announced (and at least the ring's size).
+pub(crate) fn ring_justified<'a>(
+    ring: &Ring,
+    records: impl Iterator<Item = (PeerName, &'a Record)>,
+) -> bool {
+    let owners: BTreeSet<PeerName> = ring.owners.iter().copied().collect();
+    let mut n = ring.owners.len();
+    let mut votes: BTreeMap<state::Ballot, usize> = BTreeMap::new();
+    for (p, r) in records {
+        if !owners.contains(&p) {
+            continue;
+        }
+        n = n.max(r.consensus as usize);
+        if let Some((b, v)) = r
+            .paxos
+            .get(&Instance::Ring)
+            .and_then(|a| a.accepted.as_ref())
+        {
+            let mut v = v.clone();
+            v.sort();
+            v.dedup();
+            if v == ring.owners {
+                *votes.entry(*b).or_default() += 1;
+            }
+        }
+    }
+    votes.values().any(|c| *c >= paxos::quorum(n))
+}
+
 /// See [`GossipData::split`] for [`Ipam`].
 pub fn split_payload(payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
     let Ok(p) = Payload::decode(&payload) else {
         return vec![payload];
     };
     let mut out = Vec::new();
-    for run in crate::gossip::chunks(p.tokens, max, 512, |_| 24) {
-        out.push(
-            Payload {
-                range: p.range,
-                ring: p.ring.clone(),
-                tokens: run,
-                records: Vec::new(),
-            }
-            .encode(),
-        );
-    }
-    let size = |(_, r): &(PeerName, Record)| {
-        64 + 16 * (r.held.len() + r.requests.len() + r.served.len() + r.paxos.len())
+    let size = |s: &Signed| {
+        192 + 16
+            * (s.record.held.len()
+                + s.record.requests.len()
+                + s.record.served.len()
+                + s.record.paxos.len())
+            + 24 * s.record.grants.len()
     };
-    for run in crate::gossip::chunks(p.records, max, 64, size) {
+    let overhead = 64 + 8 * p.ring.as_ref().map_or(0, |r| r.owners.len());
+    for run in crate::gossip::chunks(p.records, max, overhead, size) {
         out.push(
             Payload {
                 range: p.range,
-                // The ring travels with records too, so that a peer of
+                // The ring travels with every part, so that a peer of
                 // another ring refuses them rather than mixing them in.
                 ring: p.ring.clone(),
-                tokens: Vec::new(),
                 records: run,
             }
             .encode(),
