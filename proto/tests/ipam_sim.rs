@@ -9,7 +9,7 @@ use mesh_proto::gossip::rng::Rng;
 use mesh_proto::gossip::GossipData;
 use mesh_proto::ipam::{AllocError, Config, InitMode, Ipam};
 use mesh_proto::name::PeerName;
-use mesh_proto::sign::Identity;
+use mesh_proto::sign::{Identity, KeyBook};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -48,6 +48,8 @@ struct Sim {
     /// (deliver at, from, to, bytes)
     flight: Vec<(Instant, usize, usize, Vec<u8>)>,
     ids: u64,
+    /// Each peer's key book (the gossip core keeps one per daemon).
+    keys: Vec<KeyBook>,
     allocated: u64,
     waits: u64,
 }
@@ -109,7 +111,7 @@ impl Sim {
             self.peers[to]
                 .as_mut()
                 .unwrap()
-                .merge(&bytes, &mut mesh_proto::sign::KeyBook::new())
+                .merge(&bytes, &mut self.keys[to])
                 .expect("merge of a peer's payload");
             self.flush(to);
         }
@@ -213,7 +215,7 @@ impl Sim {
                 news |= self.peers[0]
                     .as_mut()
                     .unwrap()
-                    .merge(&e, &mut mesh_proto::sign::KeyBook::new())
+                    .merge(&e, &mut self.keys[0])
                     .unwrap()
                     .is_some();
             }
@@ -222,7 +224,7 @@ impl Sim {
                 news |= self.peers[j]
                     .as_mut()
                     .unwrap()
-                    .merge(&hub, &mut mesh_proto::sign::KeyBook::new())
+                    .merge(&hub, &mut self.keys[j])
                     .unwrap()
                     .is_some();
             }
@@ -247,7 +249,7 @@ impl Sim {
             self.peers[to]
                 .as_mut()
                 .unwrap()
-                .merge(&bytes, &mut mesh_proto::sign::KeyBook::new())
+                .merge(&bytes, &mut self.keys[to])
                 .unwrap();
             let _ = self.peers[to].as_mut().unwrap().take_delta();
         }
@@ -272,6 +274,7 @@ fn run(seed: u64) {
         heal_at: None,
         flight: Vec::new(),
         ids: 0,
+        keys: (0..N).map(|_| KeyBook::new()).collect(),
         allocated: 0,
         waits: 0,
     };

@@ -470,7 +470,8 @@ impl Ipam {
         if let Some(pos) = state.records.iter().position(|s| s.peer == me) {
             let s = state.records.swap_remove(pos);
             let msg = state::record_message(ipam.range, me, &s.record);
-            if s.key != ipam.id.public() || !s.key.verify(state::RECORD_DOMAIN, &msg, &s.sig) {
+            let public = ipam.id.public();
+            if s.key != *public.as_bytes() || !public.verify(state::RECORD_DOMAIN, &msg, &s.sig) {
                 return Err(format!(
                     "{what} holds a record of this peer that this peer's key did not sign (the identity changed?)"
                 ));
@@ -598,7 +599,7 @@ impl Ipam {
         let grants_changed = r.grants.len() != before.grants.len();
         let msg = state::record_message(self.range, self.me, r);
         let sig = self.id.sign(state::RECORD_DOMAIN, &msg);
-        self.crdt.sigs.insert(self.me, (self.id.public(), sig));
+        self.crdt.sigs.insert(self.me, (*self.id.public().as_bytes(), sig));
         self.dirty_record = true;
         self.generation += 1;
         if grants_changed {
@@ -739,11 +740,7 @@ impl Ipam {
         let verified: BTreeMap<PeerName, &Record> = p
             .records
             .iter()
-            .filter(|s| {
-                let msg = state::record_message(self.range, s.peer, &s.record);
-                keys.verify(s.peer, Some(s.key), state::RECORD_DOMAIN, &msg, &s.sig)
-                    .is_ok()
-            })
+            .filter(|s| state::verify(keys, self.range, s).is_ok())
             .map(|s| (s.peer, &s.record))
             .collect();
         let id = theirs.id(self.range);
@@ -881,8 +878,20 @@ impl GossipData for Ipam {
             self.meetings
                 .retain(|_, met| !met.owners.iter().all(|o| records.contains_key(o)));
         }
-        if new_ring || !m.replaced.is_empty() {
+        // The pieces change only with grants (or the ring); the index of
+        // what others hold also with held runs.
+        let records = &self.crdt.records;
+        let grants = m.replaced.iter().any(|(p, old)| {
+            let new = records.get(p).map(|r| r.grants.len());
+            old.as_ref().map(|r| r.grants.len()) != new && new != Some(0)
+        });
+        let held = m.replaced.iter().any(|(p, old)| {
+            old.as_ref().map(|r| &r.held) != records.get(p).map(|r| &r.held)
+        });
+        if new_ring || grants {
             self.refresh();
+        } else if held {
+            self.reindex_held();
         }
         self.react();
         news.range = Some(self.range);

@@ -320,7 +320,7 @@ impl Ipam {
     }
 
     /// Addresses owned by `peer` in the whole range.
-    pub(super) fn owned_by(&self, peer: PeerName) -> u64 {
+    pub fn owned_by(&self, peer: PeerName) -> u64 {
         self.crdt
             .pieces()
             .filter(|(_, _, t)| self.eff(t.owner) == peer)

@@ -23,7 +23,7 @@ use crate::name::PeerName;
 use crate::sign::{KeyBook, PublicKey, Sig};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 /// The version byte in front of every encoding of this module.
@@ -232,12 +232,25 @@ pub fn record_message(range: Net, peer: PeerName, r: &Record) -> Vec<u8> {
 pub struct Signed {
     /// The writer.
     pub peer: PeerName,
-    /// The writer's public key (gives `peer`).
-    pub key: PublicKey,
+    /// The writer's public key (gives `peer`), as bytes: checked (and
+    /// decompressed, which costs) only for a record we are about to merge.
+    pub key: [u8; 32],
     /// The record.
     pub record: Record,
     /// The writer's signature over [`record_message`].
     pub sig: Sig,
+}
+
+/// Verify a signed record with the key book: the key pinned for its peer,
+/// or the key it carries (pinned once it verified).
+pub fn verify(keys: &mut KeyBook, range: Net, s: &Signed) -> Result<(), String> {
+    let offered = match keys.get(s.peer) {
+        Some(k) if *k.as_bytes() == s.key => None,
+        _ => Some(PublicKey::from_bytes(&s.key).map_err(|e| e.to_string())?),
+    };
+    let msg = record_message(range, s.peer, &s.record);
+    keys.verify(s.peer, offered, RECORD_DOMAIN, &msg, &s.sig)
+        .map_err(|e| e.to_string())
 }
 
 /// The largest record version accepted (2^48: a peer that changed its
@@ -405,8 +418,8 @@ pub struct Crdt {
     pub tokens: BTreeMap<u32, Token>,
     /// Records by peer.
     pub records: BTreeMap<PeerName, Record>,
-    /// Each record's key and signature.
-    pub sigs: BTreeMap<PeerName, (PublicKey, Sig)>,
+    /// Each record's key (bytes) and signature.
+    pub sigs: BTreeMap<PeerName, ([u8; 32], Sig)>,
 }
 
 /// What a merge changed.
@@ -557,9 +570,8 @@ impl Crdt {
                     .push((s.peer, format!("more than {MAX_RECORDS} peers")));
                 continue;
             }
-            let msg = record_message(self.range, s.peer, &s.record);
-            if let Err(e) = keys.verify(s.peer, Some(s.key), RECORD_DOMAIN, &msg, &s.sig) {
-                m.refused.push((s.peer, e.to_string()));
+            if let Err(e) = verify(keys, self.range, &s) {
+                m.refused.push((s.peer, e));
                 continue;
             }
             if let Err(e) = self.admissible(&s, &rounds) {
@@ -729,23 +741,32 @@ pub fn derive(
     }
     let total: usize = records.values().map(|r| r.grants.len()).sum();
     let passes = total.saturating_add(heirs.len()).saturating_add(2).min(1 << 16);
+    // A grant can take effect only when its writer gained a piece: after
+    // the first pass, only those writers' grants are looked at again.
+    let mut gained: Option<BTreeSet<PeerName>> = None;
     for _ in 0..passes {
-        let mut changed = false;
+        let mut now_gained: BTreeSet<PeerName> = BTreeSet::new();
         for (o, r) in records {
+            if gained.as_ref().is_some_and(|g| !g.contains(o)) {
+                continue;
+            }
             for g in &r.grants {
-                changed |= apply(&mut pieces, *o, g);
+                if apply(&mut pieces, *o, g) {
+                    now_gained.insert(g.to);
+                }
             }
         }
         for (_, t) in pieces.values_mut() {
             if let Some(h) = heir_of(heirs, t.owner) {
                 t.owner = h;
                 t.at = t.at.saturating_add(1);
-                changed = true;
+                now_gained.insert(h);
             }
         }
-        if !changed {
+        if now_gained.is_empty() {
             break;
         }
+        gained = Some(now_gained);
     }
     // Adjacent pieces of one owner at one counter are one piece.
     let mut out: BTreeMap<u32, Token> = BTreeMap::new();
