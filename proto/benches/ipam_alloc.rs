@@ -12,7 +12,11 @@ fn main() {
         mesh_proto::sim::sim_identity(2, 0),
     );
     // The /16 below lies in the first half of the ring: ours.
-    let (id, other) = if a.name() < b.name() { (a, b.name()) } else { (b, a.name()) };
+    let (id, other) = if a.name() < b.name() {
+        (a, b.name())
+    } else {
+        (b, a.name())
+    };
     let me = id.name();
     let mut ipam = Ipam::new(
         id,

@@ -113,12 +113,7 @@ impl World {
             .map(|viewer| {
                 (0..N)
                     .filter(|i| *i != ROGUE)
-                    .map(|i| {
-                        (
-                            self.peers[viewer].owned_by(name(i)),
-                            self.peers[i].claims(),
-                        )
-                    })
+                    .map(|i| (self.peers[viewer].owned_by(name(i)), self.peers[i].claims()))
                     .collect()
             })
             .collect()
@@ -279,7 +274,9 @@ fn a_rogue_member_cannot_touch_honest_state() {
     assert!(!w.attack(&huge));
     let runs = Record {
         version: MAX_VERSION,
-        held: (0..(state::MAX_RUNS as u32 + 1)).map(|i| (lo + 2 * i, 1)).collect(),
+        held: (0..(state::MAX_RUNS as u32 + 1))
+            .map(|i| (lo + 2 * i, 1))
+            .collect(),
         ..Record::default()
     };
     assert!(!w.attack(&payload(vec![signed(name(ROGUE), own_key, runs, &rogue)])));
@@ -344,13 +341,22 @@ fn a_rogue_cannot_rewrite_its_grants_or_jump_its_counters() {
     };
     assert!(w.attack(&payload(vec![signed(name(ROGUE), own_key, gift, &rogue)])));
     let given = w.peers[0].owned_by(name(7));
-    assert_eq!(given, w.peers[ROGUE].owned_by(name(ROGUE)), "it gave its own fifth");
+    assert_eq!(
+        given,
+        w.peers[ROGUE].owned_by(name(ROGUE)),
+        "it gave its own fifth"
+    );
     // Now it rewrites its history: a newer version, the grant gone.
     let rewritten = Record {
         version: v + 2,
         ..Record::default()
     };
-    assert!(!w.attack(&payload(vec![signed(name(ROGUE), own_key, rewritten, &rogue)])));
+    assert!(!w.attack(&payload(vec![signed(
+        name(ROGUE),
+        own_key,
+        rewritten,
+        &rogue
+    )])));
     assert_eq!(w.peers[0].owned_by(name(7)), given);
     // A version far ahead of the one held, and a Paxos round far above
     // every round known, are refused.

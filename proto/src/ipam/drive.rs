@@ -194,8 +194,16 @@ impl Ipam {
         if peer == self.me || self.owners().contains(&peer) {
             return;
         }
-        if self.crdt.ring.as_ref().is_some_and(|r| r.owners.contains(&peer))
-            || self.crdt.records.get(&peer).is_some_and(|r| !r.grants.is_empty())
+        if self
+            .crdt
+            .ring
+            .as_ref()
+            .is_some_and(|r| r.owners.contains(&peer))
+            || self
+                .crdt
+                .records
+                .get(&peer)
+                .is_some_and(|r| !r.grants.is_empty())
         {
             return;
         }

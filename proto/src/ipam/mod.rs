@@ -10,13 +10,19 @@
 //!
 //! # The state
 //!
-//! The channel's state ([`state`]) is a CRDT: the range is split into
-//! contiguous *pieces*, each starting at a *token* that names its owner; only
-//! the owner rewrites its tokens, and the greater `(epoch, version)` of a
-//! token wins a merge. Each peer also has a *record*, written only by itself:
-//! its Paxos acceptor state per instance ([`paxos`]), its outstanding
-//! requests for space, the requests it served, and the addresses it holds
-//! (as runs). There is no unicast: every exchange is state that floods.
+//! The channel's state ([`state`]) is one signed record per peer, written
+//! only by that peer and verified (Ed25519, with the key book the gossip
+//! core passes to [`GossipData::merge`]) before it is merged. The range is
+//! split into contiguous *pieces*, each with an owner; who owns what is not
+//! written by anyone but derived from the ring, the *grants* in the
+//! records (a peer gives space it owns; a grant of space its writer does not
+//! own has no effect) and the decided reclaims: the same records give the
+//! same pieces everywhere, whatever order they arrived in (see
+//! [`state::derive`]). Each record also holds its peer's Paxos acceptor
+//! state per instance ([`paxos`]), so every vote is signed by its voter;
+//! its outstanding requests for space, the requests it served, and the
+//! addresses it holds (as runs). There is no unicast: every exchange is
+//! state that floods.
 //!
 //! - **Creation.** `Seed` peers compute the ring from the seed list (the
 //!   same list gives the same ring everywhere). `Consensus` peers run Paxos
@@ -34,32 +40,36 @@
 //!   ([`Ipam::take_notes`]) and listed in [`Ipam::status`] with the fix. A
 //!   side that holds no address adopts the other ring (when both hold none,
 //!   the larger ring wins): nothing of its own can then be handed out twice. `Observer`s never take part and learn the ring
-//!   from the ring header that travels with the tokens. A ring has an identity
+//!   from the ring header of a whole state, taken once the records show a
+//!   quorum of its owners deciding it. A ring has an identity
 //!   (range and initial owners); a payload with a different range or ring is
 //!   refused by `merge` with an error naming both.
 //! - **Allocation** takes the lowest free address of our own pieces inside
 //!   the subnet, never the subnet's first or last address, and never an
-//!   address another peer's record says it holds. When we have none, we
-//!   write a request naming a donor (a reachable peer with free space in the
-//!   subnet, chosen at random weighted by its free space, as computed from
-//!   the ring and its held runs); the donor sees it, gives the upper half of
-//!   its largest free run by rewriting the tokens, and marks the request
-//!   served.
+//!   address another peer's record says it holds (inside that peer's space,
+//!   or its heir's: a peer cannot block others' space by claiming to hold
+//!   it). When we have none, we write a request naming a donor (a reachable
+//!   peer with free space in the subnet, chosen at random weighted by its
+//!   free space, as computed from the ring and its held runs); the donor
+//!   sees it, gives the upper half of its largest free run by a grant in its
+//!   record, and marks the request served.
 //! - **Reclaim.** A dead peer's pieces pass to an heir decided by Paxos
 //!   (instance [`state::Instance::Reclaim`]), with the current owners of the
 //!   ring as voters: a majority of them must accept. An acceptor takes part
 //!   only while the dead peer is not reachable from it. `rmpeer` proposes us
 //!   as heir; `tick` does so once an owner has been unreachable for
-//!   `reclaim_after`. Once decided, everyone treats the dead peer's tokens as
-//!   the heir's, and the heir rewrites them with `epoch + 1`, a version the
-//!   old owner cannot reach by writing in its own epoch. Two `rmpeer`s for
-//!   the same peer are two proposers of one Paxos instance: one heir.
+//!   `reclaim_after`. Once decided, the derivation passes the dead peer's
+//!   pieces to the heir (after the dead peer's own grants). The decision
+//!   is made of the voters' signed records: a member alone cannot decide a
+//!   reclaim. Two `rmpeer`s for the same peer are two proposers of one
+//!   Paxos instance: one heir.
 //!
 //! # Why two sides of a partition do not hand out one address twice
 //!
 //! 1. Two live owners never hold the same piece: a piece changes owner only
-//!    by its owner's write (a donation, a `leave`) or by a decided reclaim,
-//!    and a decided reclaim has one heir (Paxos).
+//!    by its owner's grant (a donation, a `leave`) or by a decided reclaim,
+//!    and a decided reclaim has one heir (Paxos); the derivation is the
+//!    same on every peer that holds the same records.
 //! 2. A peer allocates from, or donates, its pieces only while it sees at
 //!    least half of the ring's owners (itself included) reachable, or within
 //!    a lease of `reclaim_after / 2` since it last did. A reclaim needs more
@@ -81,6 +91,19 @@
 //! gossip; an allocation in the lease window behind a partition) when its
 //! space is then reclaimed. `rmpeer` is the user's assertion that the peer
 //! is dead with its containers; the automatic reclaim waits `reclaim_after`.
+//!
+//! # Trust
+//!
+//! A member that lies can write only its own record. Its grants move only
+//! space it owns; its held runs count only in its own space; its votes are
+//! one vote; its counters are bounded (see [`state`]), and arithmetic on
+//! them is checked or saturating. What it can still do: give its own space
+//! to anyone; stall a consensus it takes part in (announce a large
+//! consensus size, or compete as a proposer); and equivocate about its own
+//! grant history to a peer that never saw the earlier version (a peer that
+//! did refuses the rewrite), which can only concern space it owned. A ring
+//! met from another mesh is adopted only if its owners' signed records
+//! decided it.
 //!
 //! The Paxos electorate of a reclaim is "the owners of the ring" as each peer
 //! sees it; if the set of owners changes (a first donation to a new peer)
@@ -374,7 +397,7 @@ pub struct Ipam {
 
 /// The format byte of what `persist` writes now. Formats 1 and 2 (before
 /// records were signed and ownership moved into grants) are refused with
-/// an error that says what to do: their tokens cannot be proven.
+/// an error that says what to do: their unsigned tokens prove nothing.
 const PERSIST_FORMAT: u8 = 3;
 
 /// What `persist` writes ([`PERSIST_FORMAT`]).
@@ -491,7 +514,9 @@ impl Ipam {
             .merge(state, &mut keys, me)
             .map_err(|e| format!("persisted IPAM state does not fit this configuration: {e}"))?;
         if let Some((peer, why)) = m.refused.first() {
-            return Err(format!("{what}: the record of peer {peer} is refused: {why}"));
+            return Err(format!(
+                "{what}: the record of peer {peer} is refused: {why}"
+            ));
         }
         let (lo, hi) = ipam.range.bounds();
         for (id, a) in p.claims {
@@ -591,7 +616,11 @@ impl Ipam {
         let r = self.crdt.records.entry(self.me).or_default();
         let before = r.clone();
         f(r);
-        let Some(v) = r.version.checked_add(1).filter(|v| *v <= state::MAX_VERSION) else {
+        let Some(v) = r
+            .version
+            .checked_add(1)
+            .filter(|v| *v <= state::MAX_VERSION)
+        else {
             *r = before;
             return;
         };
@@ -599,7 +628,9 @@ impl Ipam {
         let grants_changed = r.grants.len() != before.grants.len();
         let msg = state::record_message(self.range, self.me, r);
         let sig = self.id.sign(state::RECORD_DOMAIN, &msg);
-        self.crdt.sigs.insert(self.me, (*self.id.public().as_bytes(), sig));
+        self.crdt
+            .sigs
+            .insert(self.me, (*self.id.public().as_bytes(), sig));
         self.dirty_record = true;
         self.generation += 1;
         if grants_changed {
@@ -838,8 +869,11 @@ impl GossipData for Ipam {
                 return Err(e);
             }
         }
-        p.records
-            .retain(|s| self.forgotten.get(&s.peer).is_none_or(|v| s.record.version > *v));
+        p.records.retain(|s| {
+            self.forgotten
+                .get(&s.peer)
+                .is_none_or(|v| s.record.version > *v)
+        });
         let ring = p.ring.take();
         let m = self.crdt.merge(p, keys, self.me)?;
         let mut news = m.news;
@@ -885,9 +919,10 @@ impl GossipData for Ipam {
             let new = records.get(p).map(|r| r.grants.len());
             old.as_ref().map(|r| r.grants.len()) != new && new != Some(0)
         });
-        let held = m.replaced.iter().any(|(p, old)| {
-            old.as_ref().map(|r| &r.held) != records.get(p).map(|r| &r.held)
-        });
+        let held = m
+            .replaced
+            .iter()
+            .any(|(p, old)| old.as_ref().map(|r| &r.held) != records.get(p).map(|r| &r.held));
         if new_ring || grants {
             self.refresh();
         } else if held {
@@ -913,22 +948,23 @@ fn meeting_message(ours: &Ring, theirs: &Ring, range: Net) -> String {
     )
 }
 
-/// Whether `ring` was decided by its owners: a quorum of them accepted
-/// it, with one ballot, in their records. The quorum counts the largest
-/// consensus size those owners announced (and at least the ring's size).
+/// Whether `ring` was decided: a quorum of peers accepted it in their
+/// signed records. Counted by value, not by ballot: once a value is chosen,
+/// every higher ballot carries it, so the latest accepts of the peers that
+/// chose it (which may have moved to a higher ballot since) still name it.
+/// The quorum is of the ring's size: the consensus size a voter announces
+/// may grow after it accepted (it learns more peers before it learns the
+/// decision), so the size at the time of the decision is not in the
+/// records; the value, the list of voters the proposer saw, is at most
+/// that size.
 pub(crate) fn ring_justified<'a>(
     ring: &Ring,
     records: impl Iterator<Item = (PeerName, &'a Record)>,
 ) -> bool {
-    let owners: BTreeSet<PeerName> = ring.owners.iter().copied().collect();
-    let mut n = ring.owners.len();
-    let mut votes: BTreeMap<state::Ballot, usize> = BTreeMap::new();
-    for (p, r) in records {
-        if !owners.contains(&p) {
-            continue;
-        }
-        n = n.max(r.consensus as usize);
-        if let Some((b, v)) = r
+    let n = ring.owners.len();
+    let mut votes = 0usize;
+    for (_, r) in records {
+        if let Some((_, v)) = r
             .paxos
             .get(&Instance::Ring)
             .and_then(|a| a.accepted.as_ref())
@@ -937,11 +973,11 @@ pub(crate) fn ring_justified<'a>(
             v.sort();
             v.dedup();
             if v == ring.owners {
-                *votes.entry(*b).or_default() += 1;
+                votes += 1;
             }
         }
     }
-    votes.values().any(|c| *c >= paxos::quorum(n))
+    votes >= paxos::quorum(n)
 }
 
 /// See [`GossipData::split`] for [`Ipam`].

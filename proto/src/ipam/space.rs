@@ -243,7 +243,7 @@ impl Ipam {
     }
 
     /// The effective owner of an address.
-    pub(super) fn owner_of(&self, a: u32) -> Option<PeerName> {
+    pub fn owner_of(&self, a: u32) -> Option<PeerName> {
         self.crdt
             .tokens
             .range(..=a)

@@ -1,19 +1,46 @@
 //! The replicated state of the IPAM channel and its wire format.
 //!
-//! Three parts, each a join-semilattice, so that merging is commutative,
-//! associative and idempotent:
+//! Everything replicated is a **record**, one per peer, written only by that
+//! peer and carrying its Ed25519 signature ([`Signed`], domain
+//! [`RECORD_DOMAIN`], over the range, the peer's name and the record) and
+//! its public key, so that a peer that never met the writer verifies it
+//! (and pins the key in its [`KeyBook`]). The greater `version` wins a
+//! merge, and only after the signature verified: a member can write only its
+//! own record, and a relayed record stays verifiable end to end.
 //!
-//! - the **ring header** ([`Ring`]): the initial owners, set once (by seed or
-//!   by consensus) and identical everywhere; a different header is a foreign
-//!   ring and is refused;
-//! - the **tokens**: a token at address `a` says "the piece from `a` up to the
-//!   next token belongs to `owner`". Tokens are never removed. Each carries an
-//!   `(epoch, version)` and the greater wins. Only the owner of a piece writes
-//!   its tokens (bumping `version`); an heir that took a piece over by a
-//!   decided reclaim writes it with `epoch + 1`, which beats anything the old
-//!   owner could still write in its own epoch;
-//! - the **records**: one per peer, written only by that peer, the greater
-//!   `version` wins (the content is a function of peer and version).
+//! - the **ring header** ([`Ring`]): the initial owners. A seed ring comes
+//!   from the configuration; a ring decided by consensus is taken from a
+//!   payload only when the records show a quorum of its owners accepting it
+//!   (their signed Paxos votes, see `ring_justified` in the parent module);
+//!   a different header is a foreign ring and is refused;
+//! - **ownership** is not written by anyone as such: it is derived
+//!   ([`derive`]) from the ring's initial split, the **grants** in the
+//!   records, and the decided reclaims. A grant says "the space
+//!   `[first, last]`, which I own, I give to `to`"; each grant carries a
+//!   counter `at`, one above the counter at which the writer got that space.
+//!   A grant takes effect only on space its writer owns (in the derivation)
+//!   at a lower counter; a peer's grants are append-only and apply in the
+//!   order written. So no peer can take or change space it does not own,
+//!   whatever it signs: its grants of others' space have no effect. And
+//!   because every grant stays in its writer's latest record (records are
+//!   never superseded by anyone else's writes), a peer that missed any
+//!   number of intermediate hand-overs (P gives to Q, Q gives to R) still
+//!   derives the same owner as everyone else once it has the latest record
+//!   of each peer: the derivation is a function of the set of latest records,
+//!   not of the order they came in. This replaces the tokens of format 1,
+//!   whose `(epoch, version)` anyone could raise.
+//! - a record also holds the peer's Paxos acceptor state, its requests for
+//!   space, the requests it served, and the addresses it holds (as runs,
+//!   never expanded address by address).
+//!
+//! Bounds ([`validate_record`], [`Crdt::merge`]): versions at most
+//! [`MAX_VERSION`] and at most [`MAX_VERSION_STEP`] ahead of the one held;
+//! grant counters at most [`MAX_AT`]; Paxos rounds at most [`MAX_ROUND`] and
+//! at most [`MAX_ROUND_STEP`] above every round another peer has shown; at
+//! most [`MAX_GRANTS`] grants, [`MAX_RUNS`] held runs, [`MAX_REQUESTS`]
+//! requests and [`MAX_INSTANCES`] Paxos instances per record, at most
+//! [`MAX_RECORDS`] records; a payload at most [`MAX_PAYLOAD`] bytes. A
+//! newer record that drops or changes a grant we hold is refused.
 //!
 //! Encoding: one version byte ([`FORMAT`]) then postcard. Full states,
 //! deltas and relayed news all use the same [`Payload`] shape.
@@ -210,9 +237,12 @@ impl Record {
 
     /// The held runs as inclusive `(first, last)`.
     pub fn held_runs(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
-        self.held
-            .iter()
-            .map(|&(a, n)| (a, (a as u64 + (n as u64).max(1) - 1).min(u32::MAX as u64) as u32))
+        self.held.iter().map(|&(a, n)| {
+            (
+                a,
+                (a as u64 + (n as u64).max(1) - 1).min(u32::MAX as u64) as u32,
+            )
+        })
     }
 }
 
@@ -347,7 +377,10 @@ pub fn validate_record(range: Net, r: &Record) -> Result<(), String> {
         return Err(format!("version {} out of bounds", r.version));
     }
     if r.consensus > MAX_CONSENSUS {
-        return Err(format!("consensus size {} over {MAX_CONSENSUS}", r.consensus));
+        return Err(format!(
+            "consensus size {} over {MAX_CONSENSUS}",
+            r.consensus
+        ));
     }
     if r.held.len() > MAX_RUNS {
         return Err("too many held runs".into());
@@ -370,7 +403,10 @@ pub fn validate_record(range: Net, r: &Record) -> Result<(), String> {
         return Err("bad subnet in a request".into());
     }
     for a in r.paxos.values() {
-        if a.accepted.as_ref().is_some_and(|(_, v)| v.len() > MAX_RECORDS) {
+        if a.accepted
+            .as_ref()
+            .is_some_and(|(_, v)| v.len() > MAX_RECORDS)
+        {
             return Err("Paxos value too long".into());
         }
         let rounds = [a.promised, a.accepted.as_ref().map(|(b, _)| *b)];
@@ -740,7 +776,10 @@ pub fn derive(
         pieces.insert(*a, (last, *t));
     }
     let total: usize = records.values().map(|r| r.grants.len()).sum();
-    let passes = total.saturating_add(heirs.len()).saturating_add(2).min(1 << 16);
+    let passes = total
+        .saturating_add(heirs.len())
+        .saturating_add(2)
+        .min(1 << 16);
     // A grant can take effect only when its writer gained a piece: after
     // the first pass, only those writers' grants are looked at again.
     let mut gained: Option<BTreeSet<PeerName>> = None;

@@ -477,7 +477,10 @@ fn formats_before_signing_are_refused_saying_what_to_do() {
         let e = Ipam::restore(id(0), cfg(InitMode::Observer), &[v, 0, 0])
             .err()
             .unwrap();
-        assert!(e.contains("before IPAM records were signed") && e.contains("mesh reset"), "{e}");
+        assert!(
+            e.contains("before IPAM records were signed") && e.contains("mesh reset"),
+            "{e}"
+        );
     }
 }
 
@@ -890,5 +893,187 @@ proptest! {
         }
         let _ = p.merge(&good, &mut crate::sign::KeyBook::new());
         let _ = Ipam::restore(id(0), cfg(InitMode::Seed((0..3).map(name).collect())), &persisted);
+    }
+}
+
+// ---- signatures, grants and bounds ---------------------------------------
+
+/// A record of `i`, signed by `i`.
+fn signed_by(i: usize, record: Record) -> state::Signed {
+    let range = Net::from_ipnet(net("10.32.0.0/12"));
+    let msg = state::record_message(range, name(i), &record);
+    state::Signed {
+        peer: name(i),
+        key: *id(i).public().as_bytes(),
+        sig: id(i).sign(state::RECORD_DOMAIN, &msg),
+        record,
+    }
+}
+
+fn payload_of(records: Vec<state::Signed>) -> Vec<u8> {
+    Payload {
+        range: Some(Net::from_ipnet(net("10.32.0.0/12"))),
+        ring: None,
+        records,
+    }
+    .encode()
+}
+
+#[test]
+fn a_receiver_that_missed_hand_overs_derives_the_latest_owner() {
+    // Peer 0 gives a piece to 1, 1 gives it to 2, 2 gives part of it to 3.
+    let t = Instant::now();
+    let mut p = seeds(4);
+    settle(&mut p, t, &all);
+    let a = u32::from(Ipv4Addr::new(10, 33, 0, 0));
+    let g = |first: u32, last: u32, to: usize, at: u64| state::Grant {
+        first,
+        last,
+        to: name(to),
+        at,
+    };
+    let rec = |i: usize, v: u64, grants: Vec<state::Grant>| {
+        signed_by(
+            i,
+            Record {
+                version: v,
+                grants,
+                ..Record::default()
+            },
+        )
+    };
+    let chain = [
+        rec(0, 100, vec![g(a, a + 255, 1, 1)]),
+        rec(1, 100, vec![g(a, a + 255, 2, 2)]),
+        rec(2, 100, vec![g(a + 128, a + 255, 3, 3)]),
+    ];
+    // Every order, and an observer that holds an older record of 0 (from
+    // before its grant) and then sees only the latest ones.
+    let orders: [[usize; 3]; 4] = [[0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]];
+    let mut results = BTreeSet::new();
+    for order in orders {
+        let mut obs = Ipam::new(id(900), cfg(InitMode::Seed((0..4).map(name).collect())));
+        let mut keys = crate::sign::KeyBook::new();
+        obs.merge(&payload_of(vec![rec(0, 50, vec![])]), &mut keys)
+            .unwrap();
+        for k in order {
+            obs.merge(&payload_of(vec![chain[k].clone()]), &mut keys)
+                .unwrap();
+        }
+        assert_eq!(obs.owner_of(a), Some(name(2)));
+        assert_eq!(obs.owner_of(a + 200), Some(name(3)));
+        assert_eq!(obs.owner_of(a + 256), Some(name(0)));
+        results.insert(format!("{:?}", obs.crdt.tokens));
+    }
+    assert_eq!(results.len(), 1);
+    // Peer 1 appends a grant of the same piece again (it gave it away
+    // already): nothing moves.
+    let mut obs = Ipam::new(id(900), cfg(InitMode::Seed((0..4).map(name).collect())));
+    let mut keys = crate::sign::KeyBook::new();
+    let late = rec(1, 101, vec![g(a, a + 255, 2, 2), g(a, a + 255, 1, 3)]);
+    for s in [chain[0].clone(), chain[2].clone(), late, chain[1].clone()] {
+        let _ = obs.merge(&payload_of(vec![s]), &mut keys);
+    }
+    assert_eq!(obs.owner_of(a), Some(name(2)));
+}
+
+#[test]
+fn forged_and_unsigned_records_are_refused_and_change_nothing() {
+    let t = Instant::now();
+    let mut p = seeds(3);
+    settle(&mut p, t, &all);
+    let before = p[0].digest();
+    let whole = Record {
+        version: 10,
+        grants: vec![state::Grant {
+            first: u32::from(Ipv4Addr::new(10, 32, 0, 0)),
+            last: u32::from(Ipv4Addr::new(10, 47, 255, 255)),
+            to: name(2),
+            at: 1,
+        }],
+        ..Record::default()
+    };
+    // Signed by 2, presented as 1's (with 2's key, then with 1's).
+    let mut forged = signed_by(2, whole.clone());
+    forged.peer = name(1);
+    let mut keys = crate::sign::KeyBook::new();
+    assert!(p[0]
+        .merge(&payload_of(vec![forged.clone()]), &mut keys)
+        .is_err());
+    forged.key = *id(1).public().as_bytes();
+    assert!(p[0].merge(&payload_of(vec![forged]), &mut keys).is_err());
+    // Not a curve point.
+    let mut bad = signed_by(1, whole);
+    bad.key = [0xff; 32];
+    assert!(p[0].merge(&payload_of(vec![bad]), &mut keys).is_err());
+    assert_eq!(p[0].digest(), before);
+    // Our own record, even well signed by us, is never taken from outside.
+    let mine = signed_by(
+        0,
+        Record {
+            version: 1 << 30,
+            ..Record::default()
+        },
+    );
+    let r = p[0].merge(&payload_of(vec![mine]), &mut keys);
+    assert!(matches!(r, Ok(None)), "{r:?}");
+    assert_eq!(p[0].digest(), before);
+}
+
+/// Values at and around a bound.
+fn edges(max: u64) -> Vec<u64> {
+    vec![0, 1, max - 1, max, max + 1, u64::MAX - 1, u64::MAX]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Counters at 0, max-1, max and past it, in every field a peer sends:
+    /// merging never panics, takes a record only within the bounds, and
+    /// the result does not depend on the order.
+    #[test]
+    fn counters_at_their_bounds(
+        v in proptest::sample::select(edges(state::MAX_VERSION)),
+        at in proptest::sample::select(edges(state::MAX_AT)),
+        round in proptest::sample::select(edges(state::MAX_ROUND)),
+        consensus in proptest::sample::select(vec![0u32, 1, state::MAX_CONSENSUS, state::MAX_CONSENSUS + 1, u32::MAX]),
+        run in proptest::sample::select(vec![(0u32, 1u32), (0, 1 << 20), (1 << 20, 1), ((1 << 20) - 1, 1), ((1 << 20) - 1, 2), (0, u32::MAX), (u32::MAX, u32::MAX)]),
+    ) {
+        let (lo, hi) = Net::from_ipnet(net("10.32.0.0/12")).bounds();
+        let b = state::Ballot { round, proposer: name(1) };
+        let r = Record {
+            version: v,
+            consensus,
+            held: vec![(lo.wrapping_add(run.0), run.1)],
+            grants: vec![state::Grant { first: hi - 10, last: hi, to: name(0), at }],
+            paxos: [(Instance::Reclaim(name(2)), state::Acceptor { promised: Some(b), accepted: Some((b, vec![name(1)])) })].into(),
+            ..Record::default()
+        };
+        let in_bounds = v >= 1 && v <= state::MAX_VERSION
+            && at >= 1 && at <= state::MAX_AT
+            && round <= state::MAX_ROUND_STEP
+            && consensus <= state::MAX_CONSENSUS
+            && run.1 >= 1 && run.0 as u64 + run.1 as u64 <= (hi - lo) as u64 + 1;
+        let other = signed_by(3, Record { version: 7, consensus: 1, ..Record::default() });
+        let one = signed_by(1, r);
+        let mut digests = BTreeSet::new();
+        for order in [[one.clone(), other.clone()], [other, one]] {
+            let mut p = seeds(4).remove(0);
+            let mut keys = crate::sign::KeyBook::new();
+            let mut took = false;
+            for s in order {
+                let bytes = payload_of(vec![s.clone()]);
+                if let Ok(Some(_)) = p.merge(&bytes, &mut keys) {
+                    took |= s.peer == name(1);
+                }
+            }
+            prop_assert_eq!(took, in_bounds);
+            digests.insert(p.digest());
+            // Peer 1's grant is of space it does not own (the end of the
+            // range is peer 3's): peer 0 gets nothing from it.
+            prop_assert_eq!(p.owned_by(name(0)), 1 << 18);
+            let _ = p.tick(Instant::now(), &BTreeSet::new());
+        }
+        prop_assert_eq!(digests.len(), 1);
     }
 }
