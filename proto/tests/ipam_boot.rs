@@ -29,7 +29,7 @@ const STEPS: usize = 400;
 
 /// Peer `i`'s identity (deterministic).
 fn id(i: usize) -> Identity {
-    mesh_proto::sim::sim_identity(i, 0x00b0_07)
+    mesh_proto::sim::sim_identity(i, 0xb007)
 }
 
 /// Peer `i`'s name (cached: deriving a key takes a while).
@@ -60,6 +60,8 @@ enum Launch {
 struct Peer {
     /// `None` before boot and while crashed.
     core: Option<Ipam>,
+    /// The key book of its gossip core.
+    keys: mesh_proto::sign::KeyBook,
     booted: bool,
     /// Persisted bytes while crashed, and when it comes back.
     crashed: Option<(Vec<u8>, Instant)>,
@@ -113,6 +115,7 @@ impl Sim {
         let peers: Vec<Peer> = (0..n)
             .map(|i| Peer {
                 core: None,
+                keys: mesh_proto::sign::KeyBook::new(),
                 booted: false,
                 crashed: None,
                 targets: match launch {
@@ -407,10 +410,11 @@ impl Sim {
                     self.peers[to].reached.insert(from);
                 }
                 self.tell(to);
-                let Some(core) = self.peers[to].core.as_mut() else {
+                let peer = &mut self.peers[to];
+                let Some(core) = peer.core.as_mut() else {
                     break;
                 };
-                match core.merge(&bytes, &mut mesh_proto::sign::KeyBook::new()) {
+                match core.merge(&bytes, &mut peer.keys) {
                     Ok(Some(news)) => {
                         for j in self.neighbours(to) {
                             if j != from {

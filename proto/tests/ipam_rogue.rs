@@ -47,6 +47,9 @@ fn config(init: InitMode) -> Config {
     }
 }
 
+/// A peer's space as one peer sees it, and that peer's own claims.
+type View = (u64, Vec<(String, Ipv4Addr)>);
+
 struct World {
     peers: Vec<Ipam>,
     keys: Vec<KeyBook>,
@@ -107,7 +110,7 @@ impl World {
     }
 
     /// (space owned, claims) of every honest peer, as every honest peer sees it.
-    fn honest_view(&self) -> Vec<Vec<(u64, Vec<(String, Ipv4Addr)>)>> {
+    fn honest_view(&self) -> Vec<Vec<View>> {
         (0..N)
             .filter(|i| *i != ROGUE)
             .map(|viewer| {

@@ -1049,8 +1049,8 @@ proptest! {
             paxos: [(Instance::Reclaim(name(2)), state::Acceptor { promised: Some(b), accepted: Some((b, vec![name(1)])) })].into(),
             ..Record::default()
         };
-        let in_bounds = v >= 1 && v <= state::MAX_VERSION
-            && at >= 1 && at <= state::MAX_AT
+        let in_bounds = (1..=state::MAX_VERSION).contains(&v)
+            && (1..=state::MAX_AT).contains(&at)
             && round <= state::MAX_ROUND_STEP
             && consensus <= state::MAX_CONSENSUS
             && run.1 >= 1 && run.0 as u64 + run.1 as u64 <= (hi - lo) as u64 + 1;
@@ -1072,7 +1072,7 @@ proptest! {
             // Peer 1's grant is of space it does not own (the end of the
             // range is peer 3's): peer 0 gets nothing from it.
             prop_assert_eq!(p.owned_by(name(0)), 1 << 18);
-            let _ = p.tick(Instant::now(), &BTreeSet::new());
+            p.tick(Instant::now(), &BTreeSet::new());
         }
         prop_assert_eq!(digests.len(), 1);
     }
