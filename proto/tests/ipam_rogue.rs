@@ -192,8 +192,10 @@ fn a_rogue_member_cannot_touch_honest_state() {
     //    the largest counters: signed by the rogue with its own key (which
     //    does not give the victim's name), then carrying the victim's key
     //    with the rogue's signature.
+    // (One version above the victim's: only the signature stands in the way;
+    // at MAX_VERSION the version bound would refuse it as well.)
     let forged = Record {
-        version: MAX_VERSION,
+        version: version_of(&w, VICTIM) + 1,
         grants: vec![Grant {
             first: lo,
             last: hi,
@@ -214,6 +216,16 @@ fn a_rogue_member_cannot_touch_honest_state() {
         name(VICTIM),
         victims_key,
         forged.clone(),
+        &rogue
+    )])));
+    let at_max = Record {
+        version: MAX_VERSION,
+        ..forged.clone()
+    };
+    assert!(!w.attack(&payload(vec![signed(
+        name(VICTIM),
+        victims_key,
+        at_max,
         &rogue
     )])));
 
@@ -399,11 +411,16 @@ fn a_rogue_cannot_rewrite_its_grants_or_jump_its_counters() {
     assert!(!w.attack(&payload(vec![signed(name(ROGUE), own_key, noise, &rogue)])));
 }
 
-/// The version of the rogue's record, as it gossips it.
-fn rogue_version(w: &World) -> u64 {
-    let p = Payload::decode(&w.peers[ROGUE].encode()).expect("decode");
+/// The version of peer `i`'s record, as it gossips it.
+fn version_of(w: &World, i: usize) -> u64 {
+    let p = Payload::decode(&w.peers[i].encode()).expect("decode");
     p.records
         .iter()
-        .find(|s| s.peer == name(ROGUE))
+        .find(|s| s.peer == name(i))
         .map_or(0, |s| s.record.version)
+}
+
+/// The version of the rogue's record.
+fn rogue_version(w: &World) -> u64 {
+    version_of(w, ROGUE)
 }
