@@ -3,15 +3,23 @@
 //! Prints p50/p99/max in µs. `cargo bench -p mesh-proto --bench ipam_alloc`.
 
 use mesh_proto::ipam::{Config, InitMode, Ipam};
-use mesh_proto::name::PeerName;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 fn main() {
-    let me = PeerName([2, 0, 0, 0, 0, 1]);
-    let other = PeerName([2, 0, 0, 0, 0, 2]);
+    let (a, b) = (
+        mesh_proto::sim::sim_identity(1, 0),
+        mesh_proto::sim::sim_identity(2, 0),
+    );
+    // The /16 below lies in the first half of the ring: ours.
+    let (id, other) = if a.name() < b.name() {
+        (a, b.name())
+    } else {
+        (b, a.name())
+    };
+    let me = id.name();
     let mut ipam = Ipam::new(
-        me,
+        id,
         Config {
             range: "10.32.0.0/12".parse().unwrap(),
             default_subnet: "10.32.0.0/12".parse().unwrap(),

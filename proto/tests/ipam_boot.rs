@@ -18,6 +18,7 @@ use mesh_proto::gossip::rng::Rng;
 use mesh_proto::gossip::GossipData;
 use mesh_proto::ipam::{AllocError, Config, InitMode, Ipam, Told};
 use mesh_proto::name::PeerName;
+use mesh_proto::sign::Identity;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -26,8 +27,15 @@ const STEP: Duration = Duration::from_millis(100);
 /// Steps of activity (boots, attaches, faults), then the settling.
 const STEPS: usize = 400;
 
+/// Peer `i`'s identity (deterministic).
+fn id(i: usize) -> Identity {
+    mesh_proto::sim::sim_identity(i, 0xb007)
+}
+
+/// Peer `i`'s name (cached: deriving a key takes a while).
 fn name(i: usize) -> PeerName {
-    PeerName([4, 0, 0, 0, 0, i as u8])
+    static NAMES: std::sync::OnceLock<Vec<PeerName>> = std::sync::OnceLock::new();
+    NAMES.get_or_init(|| (0..256).map(|i| id(i).name()).collect())[i]
 }
 
 fn config() -> Config {
@@ -52,6 +60,8 @@ enum Launch {
 struct Peer {
     /// `None` before boot and while crashed.
     core: Option<Ipam>,
+    /// The key book of its gossip core.
+    keys: mesh_proto::sign::KeyBook,
     booted: bool,
     /// Persisted bytes while crashed, and when it comes back.
     crashed: Option<(Vec<u8>, Instant)>,
@@ -105,6 +115,7 @@ impl Sim {
         let peers: Vec<Peer> = (0..n)
             .map(|i| Peer {
                 core: None,
+                keys: mesh_proto::sign::KeyBook::new(),
                 booted: false,
                 crashed: None,
                 targets: match launch {
@@ -273,12 +284,12 @@ impl Sim {
         for i in 0..n {
             if !self.peers[i].booted && self.boot_at[i] <= now {
                 self.peers[i].booted = true;
-                self.peers[i].core = Some(Ipam::new(name(i), config()));
+                self.peers[i].core = Some(Ipam::new(id(i), config()));
                 self.trace.push(format!("boot {i}"));
             }
             if let Some((bytes, t)) = self.peers[i].crashed.clone() {
                 if t <= now {
-                    match Ipam::restore(name(i), config(), &bytes) {
+                    match Ipam::restore(id(i), config(), &bytes) {
                         Ok(c) => self.peers[i].core = Some(c),
                         Err(e) => self.fail(format!("restore of {i}: {e}")),
                     }
@@ -399,10 +410,11 @@ impl Sim {
                     self.peers[to].reached.insert(from);
                 }
                 self.tell(to);
-                let Some(core) = self.peers[to].core.as_mut() else {
+                let peer = &mut self.peers[to];
+                let Some(core) = peer.core.as_mut() else {
                     break;
                 };
-                match core.merge(&bytes, &mut mesh_proto::sign::KeyBook::new()) {
+                match core.merge(&bytes, &mut peer.keys) {
                     Ok(Some(news)) => {
                         for j in self.neighbours(to) {
                             if j != from {
@@ -497,7 +509,7 @@ impl Sim {
         for (i, p) in self.peers.iter().enumerate() {
             let claims = match (&p.core, &p.crashed) {
                 (Some(c), _) => c.claims(),
-                (None, Some((bytes, _))) => match Ipam::restore(name(i), config(), bytes) {
+                (None, Some((bytes, _))) => match Ipam::restore(id(i), config(), bytes) {
                     Ok(c) => c.claims(),
                     Err(e) => self.fail(format!("restore of {i}: {e}")),
                 },

@@ -9,6 +9,7 @@ use mesh_proto::gossip::rng::Rng;
 use mesh_proto::gossip::GossipData;
 use mesh_proto::ipam::{AllocError, Config, InitMode, Ipam};
 use mesh_proto::name::PeerName;
+use mesh_proto::sign::{Identity, KeyBook};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -16,8 +17,15 @@ use std::time::{Duration, Instant};
 const N: usize = 100;
 const STEP: Duration = Duration::from_millis(500);
 
+/// Peer `i`'s identity (deterministic).
+fn id(i: usize) -> Identity {
+    mesh_proto::sim::sim_identity(i, 0x5111)
+}
+
+/// Peer `i`'s name (cached: deriving a key takes a while).
 fn name(i: usize) -> PeerName {
-    PeerName([2, 0, 0, 0, (i >> 8) as u8, i as u8])
+    static NAMES: std::sync::OnceLock<Vec<PeerName>> = std::sync::OnceLock::new();
+    NAMES.get_or_init(|| (0..256).map(|i| id(i).name()).collect())[i]
 }
 
 fn config() -> Config {
@@ -40,6 +48,8 @@ struct Sim {
     /// (deliver at, from, to, bytes)
     flight: Vec<(Instant, usize, usize, Vec<u8>)>,
     ids: u64,
+    /// Each peer's key book (the gossip core keeps one per daemon).
+    keys: Vec<KeyBook>,
     allocated: u64,
     waits: u64,
 }
@@ -76,7 +86,7 @@ impl Sim {
             .enumerate()
             .filter_map(|(i, p)| p.as_ref().map(|p| (i, p.claims())));
         let crashed = self.crashed.iter().map(|(i, (b, _))| {
-            let p = Ipam::restore(name(*i), config(), b).unwrap();
+            let p = Ipam::restore(id(*i), config(), b).unwrap();
             (*i, p.claims())
         });
         for (i, claims) in held.chain(crashed) {
@@ -101,7 +111,7 @@ impl Sim {
             self.peers[to]
                 .as_mut()
                 .unwrap()
-                .merge(&bytes, &mut mesh_proto::sign::KeyBook::new())
+                .merge(&bytes, &mut self.keys[to])
                 .expect("merge of a peer's payload");
             self.flush(to);
         }
@@ -129,7 +139,7 @@ impl Sim {
             .collect();
         for i in back {
             let (bytes, _) = self.crashed.remove(&i).unwrap();
-            self.peers[i] = Some(Ipam::restore(name(i), config(), &bytes).unwrap());
+            self.peers[i] = Some(Ipam::restore(id(i), config(), &bytes).unwrap());
         }
         if self.rng.chance(0.05) {
             let i = self.rng.below(N);
@@ -205,7 +215,7 @@ impl Sim {
                 news |= self.peers[0]
                     .as_mut()
                     .unwrap()
-                    .merge(&e, &mut mesh_proto::sign::KeyBook::new())
+                    .merge(&e, &mut self.keys[0])
                     .unwrap()
                     .is_some();
             }
@@ -214,7 +224,7 @@ impl Sim {
                 news |= self.peers[j]
                     .as_mut()
                     .unwrap()
-                    .merge(&hub, &mut mesh_proto::sign::KeyBook::new())
+                    .merge(&hub, &mut self.keys[j])
                     .unwrap()
                     .is_some();
             }
@@ -231,7 +241,7 @@ impl Sim {
         let back: Vec<usize> = self.crashed.keys().copied().collect();
         for i in back {
             let (bytes, _) = self.crashed.remove(&i).unwrap();
-            self.peers[i] = Some(Ipam::restore(name(i), config(), &bytes).unwrap());
+            self.peers[i] = Some(Ipam::restore(id(i), config(), &bytes).unwrap());
         }
         let (due, rest): (Vec<_>, Vec<_>) = self.flight.drain(..).partition(|m| m.0 <= now);
         self.flight = rest;
@@ -239,7 +249,7 @@ impl Sim {
             self.peers[to]
                 .as_mut()
                 .unwrap()
-                .merge(&bytes, &mut mesh_proto::sign::KeyBook::new())
+                .merge(&bytes, &mut self.keys[to])
                 .unwrap();
             let _ = self.peers[to].as_mut().unwrap().take_delta();
         }
@@ -258,12 +268,13 @@ fn run(seed: u64) {
     let mut sim = Sim {
         rng: Rng::new(seed),
         now: Instant::now(),
-        peers: (0..N).map(|i| Some(Ipam::new(name(i), config()))).collect(),
+        peers: (0..N).map(|i| Some(Ipam::new(id(i), config()))).collect(),
         crashed: BTreeMap::new(),
         group: vec![0; N],
         heal_at: None,
         flight: Vec::new(),
         ids: 0,
+        keys: (0..N).map(|_| KeyBook::new()).collect(),
         allocated: 0,
         waits: 0,
     };

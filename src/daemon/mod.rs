@@ -443,7 +443,12 @@ fn start_core(
     let names = crate::router::names::Driver::load(me.id.clone(), paths::data_dir(), zone)?;
     let ipam_config = ipam_config(args)?;
     let range = ipam_config.range;
-    let allocator = ipam::Driver::load(name, ipam_config, paths::data_dir(), args.ipalloc_timeout)?;
+    let allocator = ipam::Driver::load(
+        me.id.clone(),
+        ipam_config,
+        paths::data_dir(),
+        args.ipalloc_timeout,
+    )?;
     let fastdp_tx = fastdp_dev.map(|d| {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(fastdp::run(name, d, rx));

@@ -145,7 +145,7 @@ pub struct Driver {
 impl Driver {
     /// Load the persisted ring, or start a new one.
     pub fn load(
-        me: PeerName,
+        me: mesh_proto::sign::Identity,
         config: Config,
         data_dir: PathBuf,
         timeout: Duration,
@@ -153,7 +153,7 @@ impl Driver {
         let path = data_dir.join(crate::paths::IPAM);
         let range = config.range;
         let ring = match std::fs::read(&path) {
-            Ok(bytes) => Ipam::restore(me, config, &bytes).map_err(|e| {
+            Ok(bytes) => Ipam::restore(me.clone(), config, &bytes).map_err(|e| {
                 anyhow::anyhow!(
                     "cannot use the saved address ring {} for --ipalloc-range {range}: {e} (to start over, `mesh reset` or remove the file)",
                     path.display()
@@ -392,6 +392,11 @@ impl ChannelDriver for Driver {
             match note {
                 Note::Adopted(n) => info!("{n}"),
                 Note::Met(n) => warn!("{n}"),
+                Note::Refused(n) => {
+                    if crate::warn::WarnLimit::allow(crate::warn::Kind::Gossip) {
+                        warn!("{n}");
+                    }
+                }
             }
         }
         let persisted = self.persist();

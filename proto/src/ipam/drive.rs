@@ -2,7 +2,7 @@
 //! and donations, `rmpeer`, `leave`, `forget_peer`, and the status.
 
 use super::paxos;
-use super::state::{net_str, Acceptor, Instance, Ring, Token};
+use super::state::{net_str, Acceptor, Grant, Instance, Ring, MAX_AT, MAX_GRANTS};
 use super::{
     meeting_message, InitMode, Ipam, PeerSpace, RingState, Status, MEETING_TTL, NEED_TTL, RETRY,
 };
@@ -130,12 +130,11 @@ impl Ipam {
         self.reachable = reachable.clone();
         self.reachable.remove(&self.me);
         self.react();
-        let mine: Vec<(u32, Token)> = self
+        let mine: Vec<(u32, u32, u64)> = self
             .crdt
-            .tokens
-            .iter()
-            .filter(|(_, t)| self.eff(t.owner) == self.me)
-            .map(|(a, t)| (*a, *t))
+            .pieces()
+            .filter(|(_, _, t)| self.eff(t.owner) == self.me)
+            .map(|(s, e, t)| (s, e, t.at))
             .collect();
         if mine.is_empty() {
             return Ok(None);
@@ -159,33 +158,59 @@ impl Ipam {
                 self.owned_by(self.me)
             ));
         };
-        for (a, t) in mine {
-            let (epoch, version) = if t.owner == self.me {
-                (t.epoch, t.version + 1)
-            } else {
-                (t.epoch + 1, 0)
-            };
-            self.set_token(
-                a,
-                Token {
-                    owner: heir,
-                    epoch,
-                    version,
-                },
-            );
+        let grants: Vec<Grant> = mine
+            .into_iter()
+            .filter_map(|(first, last, at)| {
+                let at = at.checked_add(1).filter(|a| *a <= MAX_AT)?;
+                Some(Grant {
+                    first,
+                    last,
+                    to: heir,
+                    at,
+                })
+            })
+            .collect();
+        let room = self
+            .crdt
+            .records
+            .get(&self.me)
+            .map_or(MAX_GRANTS, |r| MAX_GRANTS.saturating_sub(r.grants.len()));
+        if grants.len() > room {
+            return Err(format!(
+                "our record has room for {room} more grants and {} are needed: hand the space on with `mesh rmpeer` from another peer once this one is stopped",
+                grants.len()
+            ));
         }
+        self.write_record(|r| r.grants.extend(grants));
         Ok(Some(heir))
     }
 
     /// Drop the record of a peer that owns nothing and that the topology
     /// garbage-collected.
+    /// A peer that gave space away, or an initial owner of the ring, is
+    /// kept: its grants (and its vote for the ring) are what prove who owns
+    /// what now.
     pub fn forget_peer(&mut self, peer: PeerName) {
         if peer == self.me || self.owners().contains(&peer) {
             return;
         }
+        if self
+            .crdt
+            .ring
+            .as_ref()
+            .is_some_and(|r| r.owners.contains(&peer))
+            || self
+                .crdt
+                .records
+                .get(&peer)
+                .is_some_and(|r| !r.grants.is_empty())
+        {
+            return;
+        }
         if let Some(old) = self.crdt.records.remove(&peer) {
+            self.crdt.sigs.remove(&peer);
             self.forgotten.insert(peer, old.version);
-            self.reindex_held(peer, Some(&old));
+            self.refresh();
             self.generation += 1;
         }
         self.unreachable_since.remove(&peer);
@@ -430,6 +455,7 @@ impl Ipam {
             if !new {
                 break;
             }
+            self.refresh();
         }
         any
     }
@@ -444,6 +470,7 @@ impl Ipam {
                     owners.sort();
                     owners.dedup();
                     if self.crdt.install_ring(Ring { owners }).is_ok() {
+                        self.refresh();
                         self.dirty_ring = true;
                         self.generation += 1;
                         changed = true;
@@ -484,33 +511,10 @@ impl Ipam {
                     }
                 }
             }
-            changed |= self.adopt_reclaimed();
             if !changed {
                 break;
             }
         }
-    }
-
-    /// As heir, rewrite the pieces we inherited with a higher epoch.
-    fn adopt_reclaimed(&mut self) -> bool {
-        let inherited: Vec<(u32, Token)> = self
-            .crdt
-            .tokens
-            .iter()
-            .filter(|(_, t)| t.owner != self.me && self.eff(t.owner) == self.me)
-            .map(|(a, t)| (*a, *t))
-            .collect();
-        for (a, t) in &inherited {
-            self.set_token(
-                *a,
-                Token {
-                    owner: self.me,
-                    epoch: t.epoch + 1,
-                    version: 0,
-                },
-            );
-        }
-        !inherited.is_empty()
     }
 
     /// As requester: drop served or stale requests, ask for what we need.
@@ -683,7 +687,7 @@ impl Ipam {
                     o.map_or("nobody".into(), |o| o.to_string())
                 )),
             }
-            if let Some(p) = self.foreign_held.get(a) {
+            if let Some(p) = self.held_by_other(*a) {
                 problems.push(format!(
                     "{} of {id} is also held by peer {p}",
                     Ipv4Addr::from(*a)

@@ -10,13 +10,19 @@
 //!
 //! # The state
 //!
-//! The channel's state ([`state`]) is a CRDT: the range is split into
-//! contiguous *pieces*, each starting at a *token* that names its owner; only
-//! the owner rewrites its tokens, and the greater `(epoch, version)` of a
-//! token wins a merge. Each peer also has a *record*, written only by itself:
-//! its Paxos acceptor state per instance ([`paxos`]), its outstanding
-//! requests for space, the requests it served, and the addresses it holds
-//! (as runs). There is no unicast: every exchange is state that floods.
+//! The channel's state ([`state`]) is one signed record per peer, written
+//! only by that peer and verified (Ed25519, with the key book the gossip
+//! core passes to [`GossipData::merge`]) before it is merged. The range is
+//! split into contiguous *pieces*, each with an owner; who owns what is not
+//! written by anyone but derived from the ring, the *grants* in the
+//! records (a peer gives space it owns; a grant of space its writer does not
+//! own has no effect) and the decided reclaims: the same records give the
+//! same pieces everywhere, whatever order they arrived in (see
+//! [`state::derive`]). Each record also holds its peer's Paxos acceptor
+//! state per instance ([`paxos`]), so every vote is signed by its voter;
+//! its outstanding requests for space, the requests it served, and the
+//! addresses it holds (as runs). There is no unicast: every exchange is
+//! state that floods.
 //!
 //! - **Creation.** `Seed` peers compute the ring from the seed list (the
 //!   same list gives the same ring everywhere). `Consensus` peers run Paxos
@@ -34,32 +40,36 @@
 //!   ([`Ipam::take_notes`]) and listed in [`Ipam::status`] with the fix. A
 //!   side that holds no address adopts the other ring (when both hold none,
 //!   the larger ring wins): nothing of its own can then be handed out twice. `Observer`s never take part and learn the ring
-//!   from the ring header that travels with the tokens. A ring has an identity
+//!   from the ring header of a whole state, taken once the records show a
+//!   quorum of its owners deciding it. A ring has an identity
 //!   (range and initial owners); a payload with a different range or ring is
 //!   refused by `merge` with an error naming both.
 //! - **Allocation** takes the lowest free address of our own pieces inside
 //!   the subnet, never the subnet's first or last address, and never an
-//!   address another peer's record says it holds. When we have none, we
-//!   write a request naming a donor (a reachable peer with free space in the
-//!   subnet, chosen at random weighted by its free space, as computed from
-//!   the ring and its held runs); the donor sees it, gives the upper half of
-//!   its largest free run by rewriting the tokens, and marks the request
-//!   served.
+//!   address another peer's record says it holds (inside that peer's space,
+//!   or its heir's: a peer cannot block others' space by claiming to hold
+//!   it). When we have none, we write a request naming a donor (a reachable
+//!   peer with free space in the subnet, chosen at random weighted by its
+//!   free space, as computed from the ring and its held runs); the donor
+//!   sees it, gives the upper half of its largest free run by a grant in its
+//!   record, and marks the request served.
 //! - **Reclaim.** A dead peer's pieces pass to an heir decided by Paxos
 //!   (instance [`state::Instance::Reclaim`]), with the current owners of the
 //!   ring as voters: a majority of them must accept. An acceptor takes part
 //!   only while the dead peer is not reachable from it. `rmpeer` proposes us
 //!   as heir; `tick` does so once an owner has been unreachable for
-//!   `reclaim_after`. Once decided, everyone treats the dead peer's tokens as
-//!   the heir's, and the heir rewrites them with `epoch + 1`, a version the
-//!   old owner cannot reach by writing in its own epoch. Two `rmpeer`s for
-//!   the same peer are two proposers of one Paxos instance: one heir.
+//!   `reclaim_after`. Once decided, the derivation passes the dead peer's
+//!   pieces to the heir (after the dead peer's own grants). The decision
+//!   is made of the voters' signed records: a member alone cannot decide a
+//!   reclaim. Two `rmpeer`s for the same peer are two proposers of one
+//!   Paxos instance: one heir.
 //!
 //! # Why two sides of a partition do not hand out one address twice
 //!
 //! 1. Two live owners never hold the same piece: a piece changes owner only
-//!    by its owner's write (a donation, a `leave`) or by a decided reclaim,
-//!    and a decided reclaim has one heir (Paxos).
+//!    by its owner's grant (a donation, a `leave`) or by a decided reclaim,
+//!    and a decided reclaim has one heir (Paxos); the derivation is the
+//!    same on every peer that holds the same records.
 //! 2. A peer allocates from, or donates, its pieces only while it sees at
 //!    least half of the ring's owners (itself included) reachable, or within
 //!    a lease of `reclaim_after / 2` since it last did. A reclaim needs more
@@ -82,6 +92,19 @@
 //! space is then reclaimed. `rmpeer` is the user's assertion that the peer
 //! is dead with its containers; the automatic reclaim waits `reclaim_after`.
 //!
+//! # Trust
+//!
+//! A member that lies can write only its own record. Its grants move only
+//! space it owns; its held runs count only in its own space; its votes are
+//! one vote; its counters are bounded (see [`state`]), and arithmetic on
+//! them is checked or saturating. What it can still do: give its own space
+//! to anyone; stall a consensus it takes part in (announce a large
+//! consensus size, or compete as a proposer); and equivocate about its own
+//! grant history to a peer that never saw the earlier version (a peer that
+//! did refuses the rewrite), which can only concern space it owned. A ring
+//! met from another mesh is adopted only if its owners' signed records
+//! decided it.
+//!
 //! The Paxos electorate of a reclaim is "the owners of the ring" as each peer
 //! sees it; if the set of owners changes (a first donation to a new peer)
 //! while a reclaim is running, two peers may count different electorates.
@@ -97,9 +120,9 @@ mod tests;
 
 use crate::gossip::GossipData;
 use crate::name::PeerName;
-use crate::sign::KeyBook;
+use crate::sign::{Identity, KeyBook};
 use ipnet::Ipv4Net;
-use state::{Crdt, Instance, Net, Payload, Record, Ring};
+use state::{Crdt, Instance, Net, Payload, Record, Ring, Signed};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -139,7 +162,13 @@ pub enum Note {
     Met(String),
     /// Another ring was adopted (ours held nothing).
     Adopted(String),
+    /// A peer sent records we refused (bad signature, counters out of
+    /// bounds, rewritten history): a warning.
+    Refused(String),
 }
+
+/// How many notes wait at most (a member that lies cannot grow this).
+const MAX_NOTES: usize = 64;
 
 /// How many other rings we remember (a member that lies cannot grow this).
 const MAX_MEETINGS: usize = 8;
@@ -322,6 +351,7 @@ const NEED_TTL: Duration = Duration::from_secs(60);
 
 /// The IPAM core of one peer.
 pub struct Ipam {
+    id: Identity,
     me: PeerName,
     config: Config,
     range: Net,
@@ -331,7 +361,6 @@ pub struct Ipam {
     /// Our claims by id.
     by_id: BTreeMap<String, BTreeSet<u32>>,
     generation: u64,
-    dirty_tokens: BTreeSet<u32>,
     dirty_record: bool,
     dirty_ring: bool,
     /// Reachable peers as of the last tick.
@@ -351,8 +380,10 @@ pub struct Ipam {
     forgotten: BTreeMap<PeerName, u64>,
     /// Decided instances (derived from the records, never undone).
     decided: BTreeMap<Instance, Vec<PeerName>>,
-    /// Addresses other peers hold (derived from their records).
-    foreign_held: BTreeMap<u32, PeerName>,
+    /// Addresses other peers hold (derived from their records, clipped to
+    /// the space of each peer or of its heir), as disjoint runs: first →
+    /// (last, peer).
+    foreign_held: BTreeMap<u32, (u32, PeerName)>,
     /// What the daemon was told about other peers.
     told: Told,
     /// Peers learned while there was no ring (persisted).
@@ -364,17 +395,10 @@ pub struct Ipam {
     rng: u64,
 }
 
-/// What `persist` wrote before peers learned were kept ([`state::FORMAT`]).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct PersistedV1 {
-    state: Payload,
-    claims: Vec<(String, u32)>,
-    consensus_n: Option<u64>,
-    next_seq: u64,
-}
-
-/// The format byte of what `persist` writes now.
-const PERSIST_FORMAT: u8 = 2;
+/// The format byte of what `persist` writes now. Formats 1 and 2 (before
+/// records were signed and ownership moved into grants) are refused with
+/// an error that says what to do: their unsigned tokens prove nothing.
+const PERSIST_FORMAT: u8 = 3;
 
 /// What `persist` writes ([`PERSIST_FORMAT`]).
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -393,17 +417,18 @@ struct Persisted {
 const MAX_LEARNED: usize = 10_000;
 
 impl Ipam {
-    /// A fresh core.
-    pub fn new(me: PeerName, config: Config) -> Ipam {
+    /// A fresh core, signing with `id` (our name is its name).
+    pub fn new(id: Identity, config: Config) -> Ipam {
         let range = Net::from_ipnet(config.range);
+        let me = id.name();
         let mut ipam = Ipam {
+            id,
             me,
             range,
             crdt: Crdt::new(range),
             claims: BTreeMap::new(),
             by_id: BTreeMap::new(),
             generation: 0,
-            dirty_tokens: BTreeSet::new(),
             dirty_record: false,
             dirty_ring: false,
             reachable: BTreeSet::new(),
@@ -431,41 +456,68 @@ impl Ipam {
             if !owners.is_empty() {
                 // A fresh state has no ring: this cannot conflict.
                 let _ = ipam.crdt.install_ring(Ring { owners });
+                ipam.refresh();
             }
         }
         ipam
     }
 
-    /// Restore from `persist()` bytes (ring, own record, own claims); Err on
-    /// malformed bytes or another range.
-    pub fn restore(me: PeerName, config: Config, bytes: &[u8]) -> Result<Ipam, String> {
+    /// Restore from `persist()` bytes (ring, records, own claims); Err on
+    /// malformed bytes, another range, a record whose signature does not
+    /// verify, or a format written before records were signed.
+    pub fn restore(id: Identity, config: Config, bytes: &[u8]) -> Result<Ipam, String> {
         let what = "persisted IPAM state";
         let p = match bytes.first() {
             Some(&PERSIST_FORMAT) if bytes.len() <= state::MAX_PAYLOAD => {
                 postcard::from_bytes::<Persisted>(&bytes[1..])
                     .map_err(|e| format!("malformed {what}: {e}"))?
             }
-            _ => {
-                let body = state::check_header(bytes, what)?;
-                let v1: PersistedV1 =
-                    postcard::from_bytes(body).map_err(|e| format!("malformed {what}: {e}"))?;
-                Persisted {
-                    state: v1.state,
-                    claims: v1.claims,
-                    consensus_n: v1.consensus_n,
-                    next_seq: v1.next_seq,
-                    learned: Vec::new(),
-                }
+            Some(v @ 1..=2) => {
+                return Err(format!(
+                    "{what} has format {v}, written by a version of mesh before IPAM records were signed; its ownership cannot be proven to the mesh. Detach this host's containers and `mesh reset` it (or remove the file) to start it afresh"
+                ))
             }
+            Some(v) => return Err(format!("{what} has unknown format {v}")),
+            None => return Err(format!("empty {what}")),
         };
         let state_bytes = p.state.encode();
         // Re-decode to run the payload's checks.
-        let state =
+        let mut state =
             Payload::decode(&state_bytes).map_err(|e| format!("persisted IPAM state: {e}"))?;
-        let mut ipam = Ipam::new(me, config);
+        let mut ipam = Ipam::new(id, config);
         ipam.crdt
-            .merge(state)
+            .check(&state)
             .map_err(|e| format!("persisted IPAM state does not fit this configuration: {e}"))?;
+        // Our own record: it must be ours, signed by us.
+        let me = ipam.me;
+        if let Some(pos) = state.records.iter().position(|s| s.peer == me) {
+            let s = state.records.swap_remove(pos);
+            let msg = state::record_message(ipam.range, me, &s.record);
+            let public = ipam.id.public();
+            if s.key != *public.as_bytes() || !public.verify(state::RECORD_DOMAIN, &msg, &s.sig) {
+                return Err(format!(
+                    "{what} holds a record of this peer that this peer's key did not sign (the identity changed?)"
+                ));
+            }
+            ipam.crdt.records.insert(me, s.record);
+            ipam.crdt.sigs.insert(me, (s.key, s.sig));
+        }
+        if ipam.crdt.ring.is_none() {
+            if let Some(r) = state.ring.take() {
+                // Our own ring, as we wrote it.
+                let _ = ipam.crdt.install_ring(r);
+            }
+        }
+        let mut keys = KeyBook::new();
+        let m = ipam
+            .crdt
+            .merge(state, &mut keys, me)
+            .map_err(|e| format!("persisted IPAM state does not fit this configuration: {e}"))?;
+        if let Some((peer, why)) = m.refused.first() {
+            return Err(format!(
+                "{what}: the record of peer {peer} is refused: {why}"
+            ));
+        }
         let (lo, hi) = ipam.range.bounds();
         for (id, a) in p.claims {
             if a < lo || a > hi {
@@ -486,10 +538,7 @@ impl Ipam {
         ipam.consensus_n = p.consensus_n.map(|n| n as usize);
         ipam.learned = p.learned.into_iter().take(MAX_LEARNED).collect();
         ipam.next_seq = p.next_seq.max(1);
-        let peers: Vec<PeerName> = ipam.crdt.records.keys().copied().collect();
-        for peer in peers {
-            ipam.reindex_held(peer, None);
-        }
+        ipam.refresh();
         ipam.react();
         ipam.dirty_record = ipam.crdt.records.contains_key(&me);
         Ok(ipam)
@@ -507,6 +556,11 @@ impl Ipam {
         let mut out = vec![PERSIST_FORMAT];
         out.extend(postcard::to_allocvec(&p).unwrap_or_default());
         out
+    }
+
+    /// Our public key (what other peers verify our records with).
+    pub fn public(&self) -> crate::sign::PublicKey {
+        self.id.public()
     }
 
     /// Increments on every change that must be persisted before anything is
@@ -533,27 +587,22 @@ impl Ipam {
 
     /// Our own changes since the last call, as a delta for the channel.
     pub fn take_delta(&mut self) -> Option<Vec<u8>> {
-        if !self.dirty_record && self.dirty_tokens.is_empty() && !self.dirty_ring {
+        if !self.dirty_record && !self.dirty_ring {
             return None;
         }
         let mut p = Payload {
             range: Some(self.range),
             ..Payload::default()
         };
-        for a in std::mem::take(&mut self.dirty_tokens) {
-            if let Some(t) = self.crdt.tokens.get(&a) {
-                p.tokens.push((a, *t));
-            }
-        }
         if self.dirty_record {
-            if let Some(r) = self.crdt.records.get(&self.me) {
-                p.records.push((self.me, r.clone()));
+            if let Some(s) = self.crdt.signed(self.me) {
+                p.records.push(s);
             }
         }
-        // Deltas stay small: the ring header comes with tokens only (a whole
-        // state carries it in every part, which is what a peer of another
-        // ring sees first, on a new connection).
-        if !p.tokens.is_empty() || self.dirty_ring {
+        // Deltas stay small: the ring header comes only when it was just
+        // decided (a whole state carries it in every part, which is what a
+        // peer of another ring sees first, on a new connection).
+        if self.dirty_ring {
             p.ring = self.crdt.ring.clone();
         }
         self.dirty_record = false;
@@ -561,32 +610,109 @@ impl Ipam {
         (!p.is_empty()).then(|| p.encode())
     }
 
-    /// Change our own record (bumps its version).
+    /// Change our own record (bumps its version, signs it). A record at the
+    /// largest version cannot change any more (it would take 2^48 changes).
     fn write_record(&mut self, f: impl FnOnce(&mut Record)) {
         let r = self.crdt.records.entry(self.me).or_default();
+        let before = r.clone();
         f(r);
-        r.version += 1;
+        let Some(v) = r
+            .version
+            .checked_add(1)
+            .filter(|v| *v <= state::MAX_VERSION)
+        else {
+            *r = before;
+            return;
+        };
+        r.version = v;
+        let grants_changed = r.grants.len() != before.grants.len();
+        let msg = state::record_message(self.range, self.me, r);
+        let sig = self.id.sign(state::RECORD_DOMAIN, &msg);
+        self.crdt
+            .sigs
+            .insert(self.me, (*self.id.public().as_bytes(), sig));
         self.dirty_record = true;
         self.generation += 1;
+        if grants_changed {
+            self.refresh();
+        }
     }
 
-    /// Rebuild the index of what `peer` holds, given its previous record.
-    fn reindex_held(&mut self, peer: PeerName, old: Option<&Record>) {
-        if peer == self.me {
-            return;
-        }
-        if let Some(old) = old {
-            for a in old.held_addrs() {
-                if self.foreign_held.get(&a) == Some(&peer) {
-                    self.foreign_held.remove(&a);
+    /// Rederive the pieces (from the ring, the grants and the decided
+    /// reclaims) and the index of what other peers hold.
+    fn refresh(&mut self) {
+        let heirs: BTreeMap<PeerName, PeerName> = self
+            .decided
+            .iter()
+            .filter_map(|(i, v)| match (i, v.first()) {
+                (Instance::Reclaim(d), Some(h)) => Some((*d, *h)),
+                _ => None,
+            })
+            .collect();
+        self.crdt.rederive(&heirs);
+        self.reindex_held();
+    }
+
+    /// Rebuild the index of what other peers hold: each peer's held runs,
+    /// clipped to the pieces of that peer or of its heir (a peer's word
+    /// about addresses in someone else's space is not taken), as disjoint
+    /// runs. Never expanded address by address.
+    fn reindex_held(&mut self) {
+        let mut runs: Vec<(u32, u32, PeerName)> = Vec::new();
+        for (p, r) in &self.crdt.records {
+            if *p == self.me {
+                continue;
+            }
+            let whose = self.eff(*p);
+            for (a, b) in r.held_runs() {
+                for (_, s, e, t) in self.crdt.pieces_in(a, b) {
+                    if self.eff(t.owner) == whose {
+                        runs.push((s, e, *p));
+                    }
                 }
             }
         }
-        if let Some(r) = self.crdt.records.get(&peer) {
-            for a in r.held_addrs() {
-                self.foreign_held.entry(a).or_insert(peer);
+        runs.sort_unstable();
+        let mut out: BTreeMap<u32, (u32, PeerName)> = BTreeMap::new();
+        let mut cur: Option<(u32, u32, PeerName)> = None;
+        for (s, e, p) in runs {
+            match &mut cur {
+                Some((_, ce, _)) if s as u64 <= *ce as u64 + 1 => *ce = (*ce).max(e),
+                _ => {
+                    if let Some((cs, ce, cp)) = cur.take() {
+                        out.insert(cs, (ce, cp));
+                    }
+                    cur = Some((s, e, p));
+                }
             }
         }
+        if let Some((cs, ce, cp)) = cur {
+            out.insert(cs, (ce, cp));
+        }
+        self.foreign_held = out;
+    }
+
+    /// The peer another record says holds `a`.
+    pub(super) fn held_by_other(&self, a: u32) -> Option<PeerName> {
+        self.foreign_held
+            .range(..=a)
+            .next_back()
+            .filter(|(_, (e, _))| *e >= a)
+            .map(|(_, (_, p))| *p)
+    }
+
+    /// The runs others hold that overlap `[s, e]`, clipped to it.
+    pub(super) fn held_runs_in(&self, s: u32, e: u32) -> Vec<(u32, u32)> {
+        let from = self
+            .foreign_held
+            .range(..=s)
+            .next_back()
+            .map_or(s, |(a, _)| *a);
+        self.foreign_held
+            .range(from..=e)
+            .filter(|(_, (l, _))| *l >= s)
+            .map(|(a, (l, _))| ((*a).max(s), (*l).min(e)))
+            .collect()
     }
 
     /// What the daemon was told about other peers (call before `tick`).
@@ -633,19 +759,28 @@ impl Ipam {
     /// twice. When both sides hold nothing, the larger ring (then the
     /// greater id) wins, so that the two do not swap. Returns whether we
     /// adopted it (the caller then merges the payload into the empty state).
-    fn meet(&mut self, p: &Payload) -> bool {
+    fn meet(&mut self, p: &Payload, keys: &mut KeyBook) -> bool {
         let (Some(ours), Some(theirs)) = (self.crdt.ring.clone(), p.ring.clone()) else {
             return false;
         };
         if p.range != Some(self.range) || ours == theirs {
             return false;
         }
+        // Only what the other ring's peers signed counts: their records,
+        // verified, and the ring only if a quorum of them decided it.
+        let verified: BTreeMap<PeerName, &Record> = p
+            .records
+            .iter()
+            .filter(|s| state::verify(keys, self.range, s).is_ok())
+            .map(|s| (s.peer, &s.record))
+            .collect();
         let id = theirs.id(self.range);
-        let holds = p.records.iter().any(|(_, r)| !r.held.is_empty())
+        let holds = verified.values().any(|r| !r.held.is_empty())
             || self.meetings.get(&id).is_some_and(|m| m.holds);
+        let justified = ring_justified(&theirs, verified.iter().map(|(p, r)| (*p, *r)));
         let theirs_wins =
             holds || (theirs.owners.len(), id) > (ours.owners.len(), ours.id(self.range));
-        if theirs_wins && self.holds_nothing() {
+        if theirs_wins && justified && self.holds_nothing() {
             self.meetings.remove(&id);
             self.notes.push(Note::Adopted(format!(
                 "adopted the address ring created among [{}] (our own ring, created among [{}], held no address)",
@@ -695,13 +830,13 @@ impl Ipam {
         self.unreachable_since.clear();
         self.forgotten.clear();
         self.last_quorum = None;
-        self.dirty_tokens.clear();
         self.dirty_ring = false;
         if let Some(mut r) = record {
             r.consensus = 0;
             r.paxos.clear();
             r.requests.clear();
             r.held.clear();
+            r.grants.clear();
             self.crdt.records.insert(self.me, r);
             self.write_record(|_| {});
         } else {
@@ -728,23 +863,47 @@ impl GossipData for Ipam {
     }
 
     fn merge(&mut self, payload: &[u8], keys: &mut KeyBook) -> Result<Option<Vec<u8>>, String> {
-        let _ = keys;
         let mut p = Payload::decode(payload)?;
         if let Err(e) = self.crdt.check(&p) {
-            if !self.meet(&p) {
+            if !self.meet(&p, keys) {
                 return Err(e);
             }
         }
-        p.records
-            .retain(|(peer, r)| self.forgotten.get(peer).is_none_or(|v| r.version > *v));
-        let m = self.crdt.merge(p)?;
-        if m.news.is_empty() {
-            return Ok(None);
+        p.records.retain(|s| {
+            self.forgotten
+                .get(&s.peer)
+                .is_none_or(|v| s.record.version > *v)
+        });
+        let ring = p.ring.take();
+        let m = self.crdt.merge(p, keys, self.me)?;
+        let mut news = m.news;
+        // A ring header is taken only when the records we hold show a
+        // quorum of its owners deciding it.
+        let mut new_ring = false;
+        if let (None, Some(r)) = (&self.crdt.ring, ring) {
+            if ring_justified(&r, self.crdt.records.iter().map(|(p, r)| (*p, r)))
+                && self.crdt.install_ring(r.clone()).is_ok()
+            {
+                news.ring = Some(r);
+                new_ring = true;
+            }
+        }
+        for (peer, why) in &m.refused {
+            if self.notes.len() < MAX_NOTES {
+                self.notes.push(Note::Refused(format!(
+                    "refused an IPAM record of peer {peer}: {why}"
+                )));
+            }
+        }
+        if news.is_empty() {
+            return match m.refused.first() {
+                Some((peer, why)) => Err(format!("refused the IPAM record of peer {peer}: {why}")),
+                None => Ok(None),
+            };
         }
         self.generation += 1;
-        for (peer, old) in &m.replaced {
+        for (peer, _) in &m.replaced {
             self.forgotten.remove(peer);
-            self.reindex_held(*peer, old.as_ref());
         }
         if !m.replaced.is_empty() {
             // A ring met whose owners all gossip in ours now (they adopted
@@ -753,8 +912,25 @@ impl GossipData for Ipam {
             self.meetings
                 .retain(|_, met| !met.owners.iter().all(|o| records.contains_key(o)));
         }
+        // The pieces change only with grants (or the ring); the index of
+        // what others hold also with held runs.
+        let records = &self.crdt.records;
+        let grants = m.replaced.iter().any(|(p, old)| {
+            let new = records.get(p).map(|r| r.grants.len());
+            old.as_ref().map(|r| r.grants.len()) != new && new != Some(0)
+        });
+        let held = m
+            .replaced
+            .iter()
+            .any(|(p, old)| old.as_ref().map(|r| &r.held) != records.get(p).map(|r| &r.held));
+        if new_ring || grants {
+            self.refresh();
+        } else if held {
+            self.reindex_held();
+        }
         self.react();
-        Ok(Some(m.news.encode()))
+        news.range = Some(self.range);
+        Ok(Some(news.encode()))
     }
 
     fn digest(&self) -> u64 {
@@ -772,34 +948,60 @@ fn meeting_message(ours: &Ring, theirs: &Ring, range: Net) -> String {
     )
 }
 
+/// Whether `ring` was decided: a quorum of peers accepted it in their
+/// signed records. Counted by value, not by ballot: once a value is chosen,
+/// every higher ballot carries it, so the latest accepts of the peers that
+/// chose it (which may have moved to a higher ballot since) still name it.
+/// The quorum is of the ring's size: the consensus size a voter announces
+/// may grow after it accepted (it learns more peers before it learns the
+/// decision), so the size at the time of the decision is not in the
+/// records; the value, the list of voters the proposer saw, is at most
+/// that size.
+pub(crate) fn ring_justified<'a>(
+    ring: &Ring,
+    records: impl Iterator<Item = (PeerName, &'a Record)>,
+) -> bool {
+    let n = ring.owners.len();
+    let mut votes = 0usize;
+    for (_, r) in records {
+        if let Some((_, v)) = r
+            .paxos
+            .get(&Instance::Ring)
+            .and_then(|a| a.accepted.as_ref())
+        {
+            let mut v = v.clone();
+            v.sort();
+            v.dedup();
+            if v == ring.owners {
+                votes += 1;
+            }
+        }
+    }
+    votes >= paxos::quorum(n)
+}
+
 /// See [`GossipData::split`] for [`Ipam`].
 pub fn split_payload(payload: Vec<u8>, max: usize) -> Vec<Vec<u8>> {
     let Ok(p) = Payload::decode(&payload) else {
         return vec![payload];
     };
     let mut out = Vec::new();
-    for run in crate::gossip::chunks(p.tokens, max, 512, |_| 24) {
-        out.push(
-            Payload {
-                range: p.range,
-                ring: p.ring.clone(),
-                tokens: run,
-                records: Vec::new(),
-            }
-            .encode(),
-        );
-    }
-    let size = |(_, r): &(PeerName, Record)| {
-        64 + 16 * (r.held.len() + r.requests.len() + r.served.len() + r.paxos.len())
+    let size = |s: &Signed| {
+        192 + 16
+            * (s.record.held.len()
+                + s.record.requests.len()
+                + s.record.served.len()
+                + s.record.paxos.len())
+            + 24 * s.record.grants.len()
     };
-    for run in crate::gossip::chunks(p.records, max, 64, size) {
+    let overhead = 64 + 8 * p.ring.as_ref().map_or(0, |r| r.owners.len());
+    for run in crate::gossip::chunks(p.records, max, overhead, size) {
         out.push(
             Payload {
                 range: p.range,
-                // The ring travels with records too, so that a peer of
+                // The ring travels with every part, so that a peer of
                 // another ring refuses them rather than mixing them in.
                 ring: p.ring.clone(),
-                tokens: Vec::new(),
                 records: run,
             }
             .encode(),

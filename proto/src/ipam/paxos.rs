@@ -80,7 +80,8 @@ pub fn fingerprint(records: &BTreeMap<PeerName, Record>, inst: &Instance) -> u64
 
 /// A new ballot for `me`, above everything seen: our own entry with it promised.
 pub fn prepare(records: &BTreeMap<PeerName, Record>, me: PeerName, inst: &Instance) -> Acceptor {
-    let round = max_ballot(records, inst).map_or(1, |b| b.round + 1);
+    // Rounds are bounded on the wire (`MAX_ROUND`): this cannot wrap.
+    let round = max_ballot(records, inst).map_or(1, |b| b.round.saturating_add(1));
     let mut mine = records
         .get(&me)
         .and_then(|r| entry(r, inst))

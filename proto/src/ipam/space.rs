@@ -1,6 +1,6 @@
 //! Allocation from our own pieces, and questions about who owns what.
 
-use super::state::{net_str, Instance, Net, Request, Token};
+use super::state::{net_str, Grant, Instance, Net, Request, Token, MAX_AT, MAX_GRANTS};
 use super::{AllocError, InitMode, Ipam};
 use crate::name::PeerName;
 use ipnet::Ipv4Net;
@@ -83,7 +83,7 @@ impl Ipam {
                 "{addr} lies in the space of peer {owner}: claim it on that peer, or let IPAM allocate"
             )));
         }
-        if let Some(p) = self.foreign_held.get(&a) {
+        if let Some(p) = self.held_by_other(a) {
             return Err(AllocError::Refused(format!(
                 "{addr} is held by peer {p} (our space was taken over from it)"
             )));
@@ -243,7 +243,7 @@ impl Ipam {
     }
 
     /// The effective owner of an address.
-    pub(super) fn owner_of(&self, a: u32) -> Option<PeerName> {
+    pub fn owner_of(&self, a: u32) -> Option<PeerName> {
         self.crdt
             .tokens
             .range(..=a)
@@ -262,21 +262,25 @@ impl Ipam {
 
     /// The first address of `[s, e]` neither claimed by us nor held by others.
     fn first_free_in(&self, s: u32, e: u32) -> Option<u32> {
-        let mut own = self.claims.range(s..=e).map(|(a, _)| *a).peekable();
-        let mut other = self.foreign_held.range(s..=e).map(|(a, _)| *a).peekable();
-        let mut a = s;
-        loop {
-            while own.next_if(|x| *x < a).is_some() {}
-            while other.next_if(|x| *x < a).is_some() {}
-            if own.peek() == Some(&a) || other.peek() == Some(&a) {
-                if a == e {
-                    return None;
-                }
+        let mut a = s as u64;
+        while a <= e as u64 {
+            let x = a as u32;
+            if self.claims.contains_key(&x) {
                 a += 1;
                 continue;
             }
-            return Some(a);
+            if let Some((_, (last, _))) = self
+                .foreign_held
+                .range(..=x)
+                .next_back()
+                .filter(|(_, (l, _))| *l >= x)
+            {
+                a = *last as u64 + 1;
+                continue;
+            }
+            return Some(x);
         }
+        None
     }
 
     /// The lowest free address of our space in `[lo, hi]`.
@@ -304,15 +308,19 @@ impl Ipam {
             // Whoever holds them: in a peer's space there may be addresses
             // held by a peer whose space it inherited, which it will not
             // hand out again.
-            let used =
-                (self.claims.range(s..=e).count() + self.foreign_held.range(s..=e).count()) as u64;
+            let held: u64 = self
+                .held_runs_in(s, e)
+                .iter()
+                .map(|(a, b)| *b as u64 - *a as u64 + 1)
+                .sum();
+            let used = self.claims.range(s..=e).count() as u64 + held;
             free += size.saturating_sub(used);
         }
         free
     }
 
     /// Addresses owned by `peer` in the whole range.
-    pub(super) fn owned_by(&self, peer: PeerName) -> u64 {
+    pub fn owned_by(&self, peer: PeerName) -> u64 {
         self.crdt
             .pieces()
             .filter(|(_, _, t)| self.eff(t.owner) == peer)
@@ -403,74 +411,62 @@ impl Ipam {
         });
     }
 
-    /// Give `to` the upper half of our largest free run in `net`.
+    /// Give `to` the upper half of our largest free run in `net`: a grant
+    /// in our record.
     pub(super) fn donate(&mut self, to: PeerName, net: Net) -> bool {
         let (lo, hi) = net.bounds();
-        let mut best: Option<(u32, u32, u32)> = None; // (token start, first, last)
-        for (start, s, e, t) in self.crdt.pieces_in(lo, hi) {
-            if t.owner != self.me {
+        let mut best: Option<(u64, u32, u32)> = None; // (piece counter, first, last)
+        for (_, s, e, t) in self.crdt.pieces_in(lo, hi) {
+            if self.eff(t.owner) != self.me {
                 continue;
             }
-            let mut used: Vec<u32> = self
+            let mut used: Vec<(u32, u32)> = self
                 .claims
                 .range(s..=e)
-                .map(|(a, _)| *a)
-                .chain(self.foreign_held.range(s..=e).map(|(a, _)| *a))
+                .map(|(a, _)| (*a, *a))
+                .chain(self.held_runs_in(s, e))
                 .collect();
             used.sort_unstable();
-            used.dedup();
             let mut from = s as u64;
             let mut consider = |f: u64, l: u64| {
                 if l >= f && best.is_none_or(|(_, bf, bl)| l - f > (bl - bf) as u64) {
-                    best = Some((start, f as u32, l as u32));
+                    best = Some((t.at, f as u32, l as u32));
                 }
             };
-            for u in used {
-                if u as u64 > from {
-                    consider(from, u as u64 - 1);
+            for (us, ue) in used {
+                if us as u64 > from {
+                    consider(from, us as u64 - 1);
                 }
-                from = u as u64 + 1;
+                from = from.max(ue as u64 + 1);
             }
             if from <= e as u64 {
                 consider(from, e as u64);
             }
         }
-        let Some((start, first, last)) = best else {
+        let Some((at, first, last)) = best else {
             return false;
         };
-        let Some(container) = self.crdt.tokens.get(&start).copied() else {
+        let Some(at) = at.checked_add(1).filter(|a| *a <= MAX_AT) else {
             return false;
         };
+        if self
+            .crdt
+            .records
+            .get(&self.me)
+            .is_some_and(|r| r.grants.len() >= MAX_GRANTS)
+        {
+            return false;
+        }
         let len = last - first + 1;
         let gift = if len == 1 { first } else { first + len / 2 };
-        let (_, rhi) = self.range.bounds();
-        // Close the gift at `last + 1` unless a token already does.
-        if last < rhi && !self.crdt.tokens.contains_key(&(last + 1)) {
-            self.set_token(
-                last + 1,
-                Token {
-                    owner: self.me,
-                    epoch: container.epoch,
-                    version: container.version + 1,
-                },
-            );
-        }
-        let old = self.crdt.tokens.get(&gift).copied().unwrap_or(container);
-        self.set_token(
-            gift,
-            Token {
-                owner: to,
-                epoch: old.epoch,
-                version: old.version + 1,
-            },
-        );
+        self.write_record(|r| {
+            r.grants.push(Grant {
+                first: gift,
+                last,
+                to,
+                at,
+            })
+        });
         true
-    }
-
-    /// Write one token of ours.
-    pub(super) fn set_token(&mut self, a: u32, t: Token) {
-        self.crdt.tokens.insert(a, t);
-        self.dirty_tokens.insert(a);
-        self.generation += 1;
     }
 }

@@ -5,8 +5,25 @@ use super::*;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
+/// 1,024 identities, sorted by name, so that `name(i) < name(i + 1)` (the
+/// ring splits in the order of the names).
+fn ids() -> &'static [Identity] {
+    static IDS: std::sync::OnceLock<Vec<Identity>> = std::sync::OnceLock::new();
+    IDS.get_or_init(|| {
+        let mut v: Vec<Identity> = (0..1024).map(|i| crate::sim::sim_identity(i, 7)).collect();
+        v.sort_by_key(|i| i.name());
+        v
+    })
+}
+
+/// Peer `i`'s identity.
+pub(crate) fn id(i: usize) -> Identity {
+    ids()[i].clone()
+}
+
+/// Peer `i`'s name.
 pub(crate) fn name(i: usize) -> PeerName {
-    PeerName([2, 0, 0, 0, (i >> 8) as u8, i as u8])
+    ids()[i].name()
 }
 
 fn net(s: &str) -> Ipv4Net {
@@ -25,7 +42,7 @@ fn cfg(init: InitMode) -> Config {
 fn seeds(n: usize) -> Vec<Ipam> {
     let list: Vec<PeerName> = (0..n).map(name).collect();
     (0..n)
-        .map(|i| Ipam::new(name(i), cfg(InitMode::Seed(list.clone()))))
+        .map(|i| Ipam::new(id(i), cfg(InitMode::Seed(list.clone()))))
         .collect()
 }
 
@@ -86,7 +103,7 @@ fn a_large_state_splits_into_parts_that_merge_alone() {
             peer.release(&format!("c{i}-{k}"), None);
         }
     }
-    let mut whole = Ipam::new(name(999), cfg(InitMode::Observer));
+    let mut whole = Ipam::new(id(999), cfg(InitMode::Observer));
     for peer in &p {
         whole
             .merge(&peer.encode(), &mut crate::sign::KeyBook::new())
@@ -96,7 +113,7 @@ fn a_large_state_splits_into_parts_that_merge_alone() {
     assert!(bytes.len() > 20_000, "{} bytes", bytes.len());
     let parts = whole.split(bytes, 4_000);
     assert!(parts.len() > 5, "{} parts", parts.len());
-    let mut other = Ipam::new(name(998), cfg(InitMode::Observer));
+    let mut other = Ipam::new(id(998), cfg(InitMode::Observer));
     for part in &parts {
         assert!(part.len() <= 4_000, "part of {} bytes", part.len());
         other.merge(part, &mut crate::sign::KeyBook::new()).unwrap();
@@ -181,17 +198,17 @@ fn bad_input_is_refused_and_changes_nothing() {
         &[1][..],
     ] {
         assert!(p[0].merge(bad, &mut crate::sign::KeyBook::new()).is_err());
-        assert!(Ipam::restore(name(0), cfg(InitMode::Observer), bad).is_err());
+        assert!(Ipam::restore(id(0), cfg(InitMode::Observer), bad).is_err());
     }
     assert_eq!(before, (p[0].persist(), p[0].generation(), p[0].digest()));
 }
 
 #[test]
 fn foreign_rings_are_refused_naming_both_ranges() {
-    let mut a = Ipam::new(name(0), cfg(InitMode::Seed(vec![name(0)])));
+    let mut a = Ipam::new(id(0), cfg(InitMode::Seed(vec![name(0)])));
     let mut other = cfg(InitMode::Seed(vec![name(1)]));
     other.range = net("10.64.0.0/16");
-    let b = Ipam::new(name(1), other);
+    let b = Ipam::new(id(1), other);
     let e = a
         .merge(&b.encode(), &mut crate::sign::KeyBook::new())
         .unwrap_err();
@@ -199,7 +216,7 @@ fn foreign_rings_are_refused_naming_both_ranges() {
         e.contains("10.32.0.0/12") && e.contains("10.64.0.0/16"),
         "{e}"
     );
-    let c = Ipam::new(name(1), cfg(InitMode::Seed(vec![name(1)])));
+    let c = Ipam::new(id(1), cfg(InitMode::Seed(vec![name(1)])));
     let before = a.digest();
     let e = a
         .merge(&c.encode(), &mut crate::sign::KeyBook::new())
@@ -215,7 +232,7 @@ fn foreign_rings_are_refused_naming_both_ranges() {
 fn consensus_creates_one_ring_and_says_what_it_waits_for() {
     let t = Instant::now();
     let mut p: Vec<Ipam> = (0..3)
-        .map(|i| Ipam::new(name(i), cfg(InitMode::Consensus(Some(3)))))
+        .map(|i| Ipam::new(id(i), cfg(InitMode::Consensus(Some(3)))))
         .collect();
     let e = p[0].allocate(t, "a", net("10.32.0.0/12")).unwrap_err();
     match &e {
@@ -234,7 +251,7 @@ fn consensus_creates_one_ring_and_says_what_it_waits_for() {
     settle(&mut p, t + Duration::from_secs(6), &all);
     assert!(p.iter().all(|x| x.digest() == p[0].digest()));
     assert!(p[2].crdt.ring.is_some());
-    let mut obs = Ipam::new(name(9), cfg(InitMode::Observer));
+    let mut obs = Ipam::new(id(9), cfg(InitMode::Observer));
     assert!(matches!(
         obs.allocate(t, "o", net("10.32.0.0/12")),
         Err(AllocError::Wait(_))
@@ -343,12 +360,10 @@ fn leave_hands_everything_on() {
     assert_eq!(p[0].owners().len(), 2);
     assert_eq!(p[0].owned_by(heir), 699051);
     assert_eq!(p[2].leave(t, &r), Ok(None));
+    // Its record stays: its grants are what prove the heir's ownership.
     p[0].forget_peer(name(2));
-    p[1].forget_peer(name(2));
-    assert!(!p[0].crdt.records.contains_key(&name(2)));
-    let e = p[2].encode();
-    p[0].merge(&e, &mut crate::sign::KeyBook::new()).unwrap();
-    assert!(!p[0].crdt.records.contains_key(&name(2)));
+    assert!(p[0].crdt.records.contains_key(&name(2)));
+    assert_eq!(p[0].owned_by(heir), 699051);
 }
 
 #[test]
@@ -358,12 +373,12 @@ fn persist_restore_round_trip() {
     settle(&mut p, t, &all);
     p[0].allocate(t, "a", net("10.32.0.0/12")).unwrap();
     let bytes = p[0].persist();
-    let q = Ipam::restore(name(0), cfg(InitMode::Seed(vec![name(0), name(1)])), &bytes).unwrap();
+    let q = Ipam::restore(id(0), cfg(InitMode::Seed(vec![name(0), name(1)])), &bytes).unwrap();
     assert_eq!(q.digest(), p[0].digest());
     assert_eq!(q.claims(), p[0].claims());
     let mut other = cfg(InitMode::Observer);
     other.range = net("10.64.0.0/16");
-    let e = Ipam::restore(name(0), other, &bytes).err().unwrap();
+    let e = Ipam::restore(id(0), other, &bytes).err().unwrap();
     assert!(e.contains("10.64.0.0/16"), "{e}");
 }
 
@@ -377,14 +392,15 @@ fn deltas_are_small() {
     let _ = p[0].take_delta();
     p[0].allocate(t, "a", net("10.32.0.0/12")).unwrap();
     let d = p[0].take_delta().unwrap();
-    assert!(d.len() < 64, "{}", d.len());
+    // One signed record: name, key, signature and a few fields.
+    assert!(d.len() < 256, "{}", d.len());
     assert!(p[0].take_delta().is_none());
 }
 
 /// A lone peer of the default consensus, told about `targets` peers none
 /// of which it has reached.
 fn told(i: usize, targets: usize) -> Ipam {
-    let mut p = Ipam::new(name(i), cfg(InitMode::Consensus(None)));
+    let mut p = Ipam::new(id(i), cfg(InitMode::Consensus(None)));
     p.set_told(Told {
         targets,
         unreached: (0..targets)
@@ -444,7 +460,7 @@ fn peers_learned_before_a_restart_still_count() {
         peers: [name(1)].into(),
     });
     let saved = p.persist();
-    let mut q = Ipam::restore(name(0), cfg(InitMode::Consensus(None)), &saved).unwrap();
+    let mut q = Ipam::restore(id(0), cfg(InitMode::Consensus(None)), &saved).unwrap();
     q.set_told(Told::default());
     assert!(
         matches!(
@@ -456,21 +472,16 @@ fn peers_learned_before_a_restart_still_count() {
 }
 
 #[test]
-fn the_first_persisted_format_still_restores() {
-    let t = Instant::now();
-    let mut p = seeds(2);
-    settle(&mut p, t, &all);
-    p[0].allocate(t, "a", net("10.32.0.0/12")).unwrap();
-    let old = PersistedV1 {
-        state: p[0].crdt.payload(),
-        claims: vec![("a".into(), u32::from(Ipv4Addr::new(10, 32, 0, 1)))],
-        consensus_n: None,
-        next_seq: 1,
-    };
-    let mut bytes = vec![state::FORMAT];
-    bytes.extend(postcard::to_allocvec(&old).unwrap());
-    let q = Ipam::restore(name(0), cfg(InitMode::Seed(vec![name(0), name(1)])), &bytes).unwrap();
-    assert_eq!(q.claims(), p[0].claims());
+fn formats_before_signing_are_refused_saying_what_to_do() {
+    for v in [1u8, 2] {
+        let e = Ipam::restore(id(0), cfg(InitMode::Observer), &[v, 0, 0])
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("before IPAM records were signed") && e.contains("mesh reset"),
+            "{e}"
+        );
+    }
 }
 
 /// Two lone peers, each with its own ring; `holds[i]`: peer i holds an address.
@@ -616,7 +627,7 @@ impl World {
             })
             .collect();
         let peers = (0..n)
-            .map(|i| Some(Ipam::new(name(i), cfg(init[i].clone()))))
+            .map(|i| Some(Ipam::new(id(i), cfg(init[i].clone()))))
             .collect();
         World {
             peers,
@@ -729,7 +740,7 @@ impl World {
                 if let Some(p) = self.peers[i % n].take() {
                     let bytes = p.persist();
                     let q =
-                        Ipam::restore(name(i % n), cfg(self.init[i % n].clone()), &bytes).unwrap();
+                        Ipam::restore(id(i % n), cfg(self.init[i % n].clone()), &bytes).unwrap();
                     assert_eq!(q.digest(), p.digest());
                     self.peers[i % n] = Some(q);
                     self.flush(i % n);
@@ -837,7 +848,7 @@ proptest! {
         }
         let states: Vec<Vec<u8>> = w.peers.iter().flatten().map(|p| p.encode()).collect();
         let fold = |order: &[usize]| {
-            let mut x = Ipam::new(name(99), cfg(InitMode::Observer));
+            let mut x = Ipam::new(id(99), cfg(InitMode::Observer));
             for &k in order {
                 x.merge(&states[k], &mut crate::sign::KeyBook::new()).unwrap();
                 x.merge(&states[k], &mut crate::sign::KeyBook::new()).unwrap();
@@ -850,16 +861,16 @@ proptest! {
         prop_assert_eq!(fold(&fwd), fold(&rev));
         // (a ⊔ b) ⊔ c == a ⊔ (b ⊔ c): merge the encoding of a merge.
         if n >= 3 {
-            let mut ab = Ipam::new(name(98), cfg(InitMode::Observer));
+            let mut ab = Ipam::new(id(98), cfg(InitMode::Observer));
             ab.merge(&states[0], &mut crate::sign::KeyBook::new()).unwrap();
             ab.merge(&states[1], &mut crate::sign::KeyBook::new()).unwrap();
-            let mut bc = Ipam::new(name(97), cfg(InitMode::Observer));
+            let mut bc = Ipam::new(id(97), cfg(InitMode::Observer));
             bc.merge(&states[1], &mut crate::sign::KeyBook::new()).unwrap();
             bc.merge(&states[2], &mut crate::sign::KeyBook::new()).unwrap();
-            let mut left = Ipam::new(name(96), cfg(InitMode::Observer));
+            let mut left = Ipam::new(id(96), cfg(InitMode::Observer));
             left.merge(&ab.encode(), &mut crate::sign::KeyBook::new()).unwrap();
             left.merge(&states[2], &mut crate::sign::KeyBook::new()).unwrap();
-            let mut right = Ipam::new(name(95), cfg(InitMode::Observer));
+            let mut right = Ipam::new(id(95), cfg(InitMode::Observer));
             right.merge(&states[0], &mut crate::sign::KeyBook::new()).unwrap();
             right.merge(&bc.encode(), &mut crate::sign::KeyBook::new()).unwrap();
             prop_assert_eq!(left.digest(), right.digest());
@@ -870,7 +881,7 @@ proptest! {
     fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)) {
         let mut p = seeds(3).remove(0);
         let _ = p.merge(&bytes, &mut crate::sign::KeyBook::new());
-        let _ = Ipam::restore(name(0), cfg(InitMode::Observer), &bytes);
+        let _ = Ipam::restore(id(0), cfg(InitMode::Observer), &bytes);
         let mut good = p.encode();
         good.extend(bytes.iter().take(3));
         let mut persisted = p.persist();
@@ -881,6 +892,188 @@ proptest! {
             persisted[i % l] ^= b;
         }
         let _ = p.merge(&good, &mut crate::sign::KeyBook::new());
-        let _ = Ipam::restore(name(0), cfg(InitMode::Seed((0..3).map(name).collect())), &persisted);
+        let _ = Ipam::restore(id(0), cfg(InitMode::Seed((0..3).map(name).collect())), &persisted);
+    }
+}
+
+// ---- signatures, grants and bounds ---------------------------------------
+
+/// A record of `i`, signed by `i`.
+fn signed_by(i: usize, record: Record) -> state::Signed {
+    let range = Net::from_ipnet(net("10.32.0.0/12"));
+    let msg = state::record_message(range, name(i), &record);
+    state::Signed {
+        peer: name(i),
+        key: *id(i).public().as_bytes(),
+        sig: id(i).sign(state::RECORD_DOMAIN, &msg),
+        record,
+    }
+}
+
+fn payload_of(records: Vec<state::Signed>) -> Vec<u8> {
+    Payload {
+        range: Some(Net::from_ipnet(net("10.32.0.0/12"))),
+        ring: None,
+        records,
+    }
+    .encode()
+}
+
+#[test]
+fn a_receiver_that_missed_hand_overs_derives_the_latest_owner() {
+    // Peer 0 gives a piece to 1, 1 gives it to 2, 2 gives part of it to 3.
+    let t = Instant::now();
+    let mut p = seeds(4);
+    settle(&mut p, t, &all);
+    let a = u32::from(Ipv4Addr::new(10, 33, 0, 0));
+    let g = |first: u32, last: u32, to: usize, at: u64| state::Grant {
+        first,
+        last,
+        to: name(to),
+        at,
+    };
+    let rec = |i: usize, v: u64, grants: Vec<state::Grant>| {
+        signed_by(
+            i,
+            Record {
+                version: v,
+                grants,
+                ..Record::default()
+            },
+        )
+    };
+    let chain = [
+        rec(0, 100, vec![g(a, a + 255, 1, 1)]),
+        rec(1, 100, vec![g(a, a + 255, 2, 2)]),
+        rec(2, 100, vec![g(a + 128, a + 255, 3, 3)]),
+    ];
+    // Every order, and an observer that holds an older record of 0 (from
+    // before its grant) and then sees only the latest ones.
+    let orders: [[usize; 3]; 4] = [[0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]];
+    let mut results = BTreeSet::new();
+    for order in orders {
+        let mut obs = Ipam::new(id(900), cfg(InitMode::Seed((0..4).map(name).collect())));
+        let mut keys = crate::sign::KeyBook::new();
+        obs.merge(&payload_of(vec![rec(0, 50, vec![])]), &mut keys)
+            .unwrap();
+        for k in order {
+            obs.merge(&payload_of(vec![chain[k].clone()]), &mut keys)
+                .unwrap();
+        }
+        assert_eq!(obs.owner_of(a), Some(name(2)));
+        assert_eq!(obs.owner_of(a + 200), Some(name(3)));
+        assert_eq!(obs.owner_of(a + 256), Some(name(0)));
+        results.insert(format!("{:?}", obs.crdt.tokens));
+    }
+    assert_eq!(results.len(), 1);
+    // Peer 1 appends a grant of the same piece again (it gave it away
+    // already): nothing moves.
+    let mut obs = Ipam::new(id(900), cfg(InitMode::Seed((0..4).map(name).collect())));
+    let mut keys = crate::sign::KeyBook::new();
+    let late = rec(1, 101, vec![g(a, a + 255, 2, 2), g(a, a + 255, 1, 3)]);
+    for s in [chain[0].clone(), chain[2].clone(), late, chain[1].clone()] {
+        let _ = obs.merge(&payload_of(vec![s]), &mut keys);
+    }
+    assert_eq!(obs.owner_of(a), Some(name(2)));
+}
+
+#[test]
+fn forged_and_unsigned_records_are_refused_and_change_nothing() {
+    let t = Instant::now();
+    let mut p = seeds(3);
+    settle(&mut p, t, &all);
+    let before = p[0].digest();
+    let whole = Record {
+        version: 10,
+        grants: vec![state::Grant {
+            first: u32::from(Ipv4Addr::new(10, 32, 0, 0)),
+            last: u32::from(Ipv4Addr::new(10, 47, 255, 255)),
+            to: name(2),
+            at: 1,
+        }],
+        ..Record::default()
+    };
+    // Signed by 2, presented as 1's (with 2's key, then with 1's).
+    let mut forged = signed_by(2, whole.clone());
+    forged.peer = name(1);
+    let mut keys = crate::sign::KeyBook::new();
+    assert!(p[0]
+        .merge(&payload_of(vec![forged.clone()]), &mut keys)
+        .is_err());
+    forged.key = *id(1).public().as_bytes();
+    assert!(p[0].merge(&payload_of(vec![forged]), &mut keys).is_err());
+    // Not a curve point.
+    let mut bad = signed_by(1, whole);
+    bad.key = [0xff; 32];
+    assert!(p[0].merge(&payload_of(vec![bad]), &mut keys).is_err());
+    assert_eq!(p[0].digest(), before);
+    // Our own record, even well signed by us, is never taken from outside.
+    let mine = signed_by(
+        0,
+        Record {
+            version: 1 << 30,
+            ..Record::default()
+        },
+    );
+    let r = p[0].merge(&payload_of(vec![mine]), &mut keys);
+    assert!(matches!(r, Ok(None)), "{r:?}");
+    assert_eq!(p[0].digest(), before);
+}
+
+/// Values at and around a bound.
+fn edges(max: u64) -> Vec<u64> {
+    vec![0, 1, max - 1, max, max + 1, u64::MAX - 1, u64::MAX]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Counters at 0, max-1, max and past it, in every field a peer sends:
+    /// merging never panics, takes a record only within the bounds, and
+    /// the result does not depend on the order.
+    #[test]
+    fn counters_at_their_bounds(
+        v in proptest::sample::select(edges(state::MAX_VERSION)),
+        at in proptest::sample::select(edges(state::MAX_AT)),
+        round in proptest::sample::select(edges(state::MAX_ROUND)),
+        consensus in proptest::sample::select(vec![0u32, 1, state::MAX_CONSENSUS, state::MAX_CONSENSUS + 1, u32::MAX]),
+        run in proptest::sample::select(vec![(0u32, 1u32), (0, 1 << 20), (1 << 20, 1), ((1 << 20) - 1, 1), ((1 << 20) - 1, 2), (0, u32::MAX), (u32::MAX, u32::MAX)]),
+    ) {
+        let (lo, hi) = Net::from_ipnet(net("10.32.0.0/12")).bounds();
+        let b = state::Ballot { round, proposer: name(1) };
+        let r = Record {
+            version: v,
+            consensus,
+            held: vec![(lo.wrapping_add(run.0), run.1)],
+            grants: vec![state::Grant { first: hi - 10, last: hi, to: name(0), at }],
+            paxos: [(Instance::Reclaim(name(2)), state::Acceptor { promised: Some(b), accepted: Some((b, vec![name(1)])) })].into(),
+            ..Record::default()
+        };
+        let in_bounds = (1..=state::MAX_VERSION).contains(&v)
+            && (1..=state::MAX_AT).contains(&at)
+            && round <= state::MAX_ROUND_STEP
+            && consensus <= state::MAX_CONSENSUS
+            && run.1 >= 1 && run.0 as u64 + run.1 as u64 <= (hi - lo) as u64 + 1;
+        let other = signed_by(3, Record { version: 7, consensus: 1, ..Record::default() });
+        let one = signed_by(1, r);
+        let mut digests = BTreeSet::new();
+        for order in [[one.clone(), other.clone()], [other, one]] {
+            let mut p = seeds(4).remove(0);
+            let mut keys = crate::sign::KeyBook::new();
+            let mut took = false;
+            for s in order {
+                let bytes = payload_of(vec![s.clone()]);
+                if let Ok(Some(_)) = p.merge(&bytes, &mut keys) {
+                    took |= s.peer == name(1);
+                }
+            }
+            prop_assert_eq!(took, in_bounds);
+            digests.insert(p.digest());
+            // Peer 1's grant is of space it does not own (the end of the
+            // range is peer 3's): peer 0 gets nothing from it.
+            prop_assert_eq!(p.owned_by(name(0)), 1 << 18);
+            p.tick(Instant::now(), &BTreeSet::new());
+        }
+        prop_assert_eq!(digests.len(), 1);
     }
 }
