@@ -134,20 +134,7 @@ impl PublicKey {
     /// remembered (see [`VerifiedCache`]): one version of a peer's entry
     /// reaches us from several neighbours, and is checked once.
     pub fn verify(&self, domain: &[u8], msg: &[u8], sig: &Sig) -> bool {
-        let m = tagged(domain, msg);
-        let fp = triple_hash(&self.0, &m, sig);
-        if VERIFIED.contains(&fp) {
-            return true;
-        }
-        let Ok(k) = VerifyingKey::from_bytes(&self.0) else {
-            return false;
-        };
-        let s = ed25519_dalek::Signature::from_bytes(&sig.0);
-        let ok = k.verify_strict(&m, &s).is_ok();
-        if ok {
-            VERIFIED.insert(fp);
-        }
-        ok
+        verify_cached(&self.0, None, domain, msg, sig)
     }
 }
 
@@ -155,6 +142,39 @@ impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PublicKey({})", self.fingerprint())
     }
+}
+
+/// Verify through the memo of valid triples ([`VerifiedCache`]), with the
+/// key decompressed already (`point`) or from its bytes.
+fn verify_cached(
+    key: &[u8; KEY_LEN],
+    point: Option<&VerifyingKey>,
+    domain: &[u8],
+    msg: &[u8],
+    sig: &Sig,
+) -> bool {
+    let m = tagged(domain, msg);
+    let fp = triple_hash(key, &m, sig);
+    if VERIFIED.contains(&fp) {
+        return true;
+    }
+    let owned;
+    let k = match point {
+        Some(p) => p,
+        None => match VerifyingKey::from_bytes(key) {
+            Ok(p) => {
+                owned = p;
+                &owned
+            }
+            Err(_) => return false,
+        },
+    };
+    let s = ed25519_dalek::Signature::from_bytes(&sig.0);
+    let ok = k.verify_strict(&m, &s).is_ok();
+    if ok {
+        VERIFIED.insert(fp);
+    }
+    ok
 }
 
 /// A 128-bit hash of (key, tagged message, signature).
@@ -370,8 +390,7 @@ impl KeyBook {
                     return Err(KeyError::BadSignature(name));
                 };
                 self.points.insert(name, point);
-                let s = ed25519_dalek::Signature::from_bytes(&sig.0);
-                if point.verify_strict(&tagged(domain, msg), &s).is_ok() {
+                if verify_cached(k.as_bytes(), Some(&point), domain, msg, sig) {
                     Ok(())
                 } else {
                     Err(KeyError::BadSignature(name))
