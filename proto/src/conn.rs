@@ -38,8 +38,9 @@ use crate::name::PeerName;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// Deadline for each step of setting up a connection (hello, handshake,
-/// introduction).
+/// Deadline for the whole setup of a connection (hello, handshake and
+/// introduction together, from the moment it opened): a peer that dribbles
+/// its handshake holds an unauthenticated slot this long at most.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a heartbeat is sent.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -387,12 +388,11 @@ impl Connection {
             Err(e) => return self.fail(CloseKind::Fatal, e.to_string(), false),
         };
         self.state = State::Handshake(Box::new(hs));
-        self.setup_deadline = now + SETUP_TIMEOUT;
-        self.advance_handshake(now);
+        self.advance_handshake();
     }
 
     /// Write our handshake messages while it is our turn; finish when done.
-    fn advance_handshake(&mut self, now: Instant) {
+    fn advance_handshake(&mut self) {
         loop {
             let State::Handshake(hs) = &mut self.state else {
                 return;
@@ -430,7 +430,6 @@ impl Connection {
         }
         self.peer = Some(peer);
         self.state = State::Intro(Box::new(transport));
-        self.setup_deadline = now + SETUP_TIMEOUT;
         let intro = ControlMsg::Intro(Intro {
             nickname: self.config.nickname.clone(),
             udp_port: self.config.udp_port,
@@ -461,7 +460,7 @@ impl Connection {
                     }
                 }
                 match hs.read(payload) {
-                    Ok(()) => self.advance_handshake(now),
+                    Ok(()) => self.advance_handshake(),
                     Err(HandshakeError::Rejected) => {
                         let reason = password_reason(true, true);
                         self.refuse(&reason);
@@ -1123,6 +1122,17 @@ mod tests {
         // A responder that got a hello but no handshake message.
         let mut c = Connection::new(config(Role::Responder, &key(), None), now);
         c.handle_input(now, &Hello::ours(false).emit());
+        c.handle_timeout(now + SETUP_TIMEOUT);
+        assert!(
+            matches!(c.poll_event(), Some(Event::Closed { reason, .. }) if reason == "handshake: timed out")
+        );
+        // The deadline covers the whole setup: a hello sent just before it
+        // does not buy the handshake another ten seconds.
+        let mut c = Connection::new(config(Role::Responder, &key(), None), now);
+        c.handle_input(
+            now + SETUP_TIMEOUT - Duration::from_millis(10),
+            &Hello::ours(false).emit(),
+        );
         c.handle_timeout(now + SETUP_TIMEOUT);
         assert!(
             matches!(c.poll_event(), Some(Event::Closed { reason, .. }) if reason == "handshake: timed out")

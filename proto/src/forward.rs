@@ -93,13 +93,23 @@ impl Routes {
 }
 
 /// Which peer each remote MAC lives behind, learnt from frames that arrived
-/// over the overlay.
+/// over the overlay. Bounded: at most [`MacTable::PER_PEER`] MACs behind
+/// one peer and [`MacTable::TOTAL`] in all (a peer sending from ever new
+/// source MACs stops being learnt, and frames to MACs not learnt are
+/// flooded along the broadcast tree, which still delivers them); the MACs
+/// of peers that become unreachable are forgotten.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MacTable {
     owners: HashMap<Mac, PeerName>,
+    per_peer: HashMap<PeerName, u32>,
 }
 
 impl MacTable {
+    /// The most MACs learnt behind one peer.
+    pub const PER_PEER: u32 = 4_096;
+    /// The most MACs learnt in all.
+    pub const TOTAL: usize = 65_536;
+
     /// An empty table.
     pub fn new() -> MacTable {
         MacTable::default()
@@ -124,7 +134,11 @@ impl MacTable {
     /// `src` is not us, and the table does not already say so. Lets a caller
     /// that shares the table check under a read lock first.
     pub fn would_learn(&self, me: PeerName, src: PeerName, mac: &Mac) -> bool {
-        is_unicast(mac) && src != me && self.owner(mac) != Some(src)
+        is_unicast(mac)
+            && src != me
+            && self.owner(mac) != Some(src)
+            && self.per_peer.get(&src).copied().unwrap_or(0) < Self::PER_PEER
+            && (self.owners.len() < Self::TOTAL || self.owners.contains_key(mac))
     }
 
     /// Remember that `mac`, the source of a frame sent by peer `src`, lives
@@ -134,7 +148,12 @@ impl MacTable {
         if !self.would_learn(me, src, &mac) {
             return false;
         }
-        self.owners.insert(mac, src);
+        if let Some(old) = self.owners.insert(mac, src) {
+            if let Some(n) = self.per_peer.get_mut(&old) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        *self.per_peer.entry(src).or_insert(0) += 1;
         true
     }
 
@@ -142,6 +161,10 @@ impl MacTable {
     /// unicast route.
     pub fn forget_unreachable<V>(&mut self, neighbours: &HashMap<PeerName, V>, routes: &Routes) {
         self.owners.retain(|_, p| routes.reaches(neighbours, *p));
+        self.per_peer.clear();
+        for p in self.owners.values() {
+            *self.per_peer.entry(*p).or_insert(0) += 1;
+        }
     }
 }
 
@@ -326,6 +349,33 @@ mod tests {
                 local: false
             }
         );
+    }
+
+    #[test]
+    fn mac_learning_is_bounded_per_peer_and_in_all() {
+        let mut macs = MacTable::new();
+        let m = |i: u32| -> Mac {
+            let b = i.to_be_bytes();
+            [2, 0, b[0], b[1], b[2], b[3]]
+        };
+        for i in 0..MacTable::PER_PEER + 10 {
+            macs.learn(p(ME), p(5), m(i));
+        }
+        assert_eq!(macs.len(), MacTable::PER_PEER as usize);
+        // Another peer still learns, and a MAC that moves is counted once.
+        assert!(macs.learn(p(ME), p(6), m(0)));
+        assert!(macs.learn(p(ME), p(5), m(MacTable::PER_PEER + 20)));
+        assert_eq!(macs.len(), MacTable::PER_PEER as usize + 1);
+        let mut n = 7u8;
+        let mut i = 100_000u32;
+        while macs.len() < MacTable::TOTAL {
+            if !macs.learn(p(ME), p(n), m(i)) {
+                n += 1;
+            }
+            i += 1;
+        }
+        assert!(!macs.learn(p(ME), p(n + 1), m(i + 1)));
+        assert_eq!(macs.len(), MacTable::TOTAL);
     }
 
     #[test]

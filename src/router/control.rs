@@ -582,7 +582,9 @@ async fn run_conn(
         Err(end) => return end,
     };
 
-    let mut buf = vec![0u8; 64 * 1024];
+    // Small until the peer is authenticated: an unauthenticated connection
+    // costs a few KB, not the 64 KB an established one reads with.
+    let mut buf = vec![0u8; 4 * 1024];
     let mut reg = Registered::default();
     let mut rekey = tokio::time::interval(REKEY_CHECK);
     rekey.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -595,6 +597,7 @@ async fn run_conn(
         if let Some(event) = conn.poll_event() {
             match event {
                 Event::Established { peer, intro } => {
+                    buf.resize(64 * 1024, 0);
                     match link.register(peer, &intro, sleeve_key, &fastdp_offer).await {
                         Some(r) => reg = r,
                         None => conn.close(DUPLICATE),
