@@ -205,7 +205,7 @@ impl Connection {
                     break;
                 };
                 used += HELLO_LEN;
-                self.on_hello(now, theirs);
+                self.on_hello(theirs);
                 continue;
             }
             match frame::parse(rest) {
@@ -350,7 +350,7 @@ impl Connection {
         }
     }
 
-    fn on_hello(&mut self, now: Instant, theirs_bytes: &[u8; HELLO_LEN]) {
+    fn on_hello(&mut self, theirs_bytes: &[u8; HELLO_LEN]) {
         let theirs = match Hello::parse(theirs_bytes) {
             Ok(h) => h,
             Err(e) => {
