@@ -8,7 +8,9 @@
 //! - pushes a name entry in h2's name (its own signed entry with the peer
 //!   name bytes replaced by h2's);
 //! - floods validly signed entries of 3,000 invented peers (each with its
-//!   own key) at a daemon launched with `--max-peers 200`.
+//!   own key) at a daemon launched with `--max-peers 200`;
+//! - in a second session, relays h2's IPAM record back at the top version
+//!   with its claims and grants emptied.
 //!
 //! Honest hosts keep their entries (nickname, connections), their
 //! container's name and address, their ping; h1 holds at most its bound of
@@ -27,6 +29,7 @@ use mesh_proto::gossip::topology::{signed_message, Card, SIGN_DOMAIN};
 use mesh_proto::gossip::wire::{Body, ChannelMsg, Record, Update};
 use mesh_proto::handshake::Role;
 use mesh_proto::handshake::{psk_from_password, StaticKey};
+use mesh_proto::ipam::state::Payload;
 use mesh_proto::name::PeerName;
 use mesh_proto::names::NameTable;
 use mesh_proto::sign::Identity;
@@ -45,6 +48,8 @@ struct Rogue {
     peer: Option<PeerName>,
     /// Why h1 closed the connection, once it did.
     closed: Option<String>,
+    /// The gossip messages h1 sent us.
+    heard: Vec<Vec<u8>>,
 }
 
 impl Rogue {
@@ -77,6 +82,7 @@ impl Rogue {
             conn,
             peer: None,
             closed: None,
+            heard: Vec::new(),
         };
         let until = Instant::now() + DEADLINE;
         while r.peer.is_none() {
@@ -113,6 +119,7 @@ impl Rogue {
         while let Some(ev) = self.conn.poll_event() {
             match ev {
                 Event::Established { peer, .. } => self.peer = Some(peer),
+                Event::Gossip(bytes) => self.heard.push(bytes),
                 Event::Closed { reason, .. } => {
                     self.closed.get_or_insert(reason);
                 }
@@ -310,10 +317,61 @@ fn a_lying_member_changes_no_one_elses_state_and_its_flood_is_bounded() {
     assert!(ping(&c1.ns, &ip2), "c1 still reaches c2");
     let peers = report(&h1)["peers"].as_array().map_or(0, |p| p.len());
     assert!(peers <= 200, "h1 holds {peers} peers, over --max-peers 200");
+
+    // A second session: h2's genuine IPAM record, as h1 relays it, taken
+    // over at the top version with its claims and grants emptied (what
+    // made h2 own nothing before), under h2's own signature.
+    let owned = |h: &Host| -> Option<u64> {
+        report(h)["ipam"]["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["peer"] == n2.as_str())?["owned"]
+            .as_u64()
+    };
+    let owned_before = (owned(&h1), owned(&h2));
+    assert!(owned_before.0.is_some_and(|o| o > 0), "{owned_before:?}");
+    let mut rogue = Rogue::join(&h3.ns, "198.18.0.1");
+    let until = Instant::now() + DEADLINE;
+    let state = loop {
+        assert!(Instant::now() < until, "h1 sends its IPAM state");
+        rogue.pump();
+        let found = rogue.heard.iter().find_map(|m| match Body::decode(m) {
+            Ok(Body::Channel(c)) if c.channel == "ipam" => Payload::decode(&c.payload)
+                .ok()
+                .filter(|p| p.records.iter().any(|r| r.peer == victim)),
+            _ => None,
+        });
+        if let Some(p) = found {
+            break p;
+        }
+    };
+    let mut forged = state.clone();
+    forged.records.retain(|r| r.peer == victim);
+    for r in &mut forged.records {
+        r.record.version = u64::MAX / 2;
+        r.record.held.clear();
+        r.record.grants.clear();
+    }
+    rogue.send(&Body::Channel(ChannelMsg {
+        channel: "ipam".into(),
+        payload: forged.encode(),
+    }));
+    let until = Instant::now() + DEADLINE;
+    while rogue.closed.is_none() && Instant::now() < until {
+        rogue.pump();
+    }
+    assert!(
+        rogue.closed.is_some(),
+        "h1 ends the connection of a member that forges IPAM records"
+    );
+    assert_eq!((owned(&h1), owned(&h2)), owned_before, "h2's space");
+    let c3 = w.add_container("c3");
+    let ip3 = w.attach_net(&h2, &c3, "10.32.0.0/12");
+    wait_ping(&c1, &ip3, DEADLINE);
+
     let pid = h1.daemon_pid().expect("h1's daemon");
     let rss = rss_kib(pid);
     assert!(rss < 100 * 1024, "h1's RSS is {rss} KiB after the flood");
     assert!(h1.try_status().is_ok(), "mesh status on h1");
     eprintln!("h1 after the flood: {peers} peers, RSS {rss} KiB");
-    drop(rogue);
 }
