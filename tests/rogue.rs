@@ -142,19 +142,19 @@ impl Rogue {
     }
 }
 
-/// A whole entry for `victim` at the top of the counters, no connections,
+/// A whole entry for `victim` far ahead of its own, no connections,
 /// signed by `signer`.
 fn forged_entry(victim: PeerName, signer: &Identity, offer: bool) -> Body {
     let card = Card::new("pwned", &[]);
-    let m = signed_message(victim, u64::MAX, u32::MAX, &card, &mut []);
+    let m = signed_message(victim, 1 << 40, 1_000_000, &card, &mut []);
     Body::Update(Update {
         push: true,
         names: vec![victim],
         recs: vec![Record {
             peer: 0,
-            incarnation: u64::MAX,
+            incarnation: 1 << 40,
             base: 0,
-            version: u32::MAX,
+            version: 1_000_000,
             nickname: Some("pwned".into()),
             addrs: None,
             add: vec![],

@@ -1222,11 +1222,8 @@ impl Gossip {
                 Applied::Stale => {}
                 Applied::Refused => {
                     let reason = format!(
-                        "version {}.{} is out of bounds (a step of more than {} versions, or a new peer past --max-peers {})",
-                        r.incarnation,
-                        r.version,
-                        topology::MAX_VERSION_STEP,
-                        self.config.max_peers
+                        "version {}.{} is out of bounds (incarnation over 2^48 or version over 2^31), or a new peer past --max-peers {}",
+                        r.incarnation, r.version, self.config.max_peers
                     );
                     self.refuse(from, name, reason);
                 }
@@ -1786,19 +1783,19 @@ mod tests {
         assert_eq!(cands, vec![nm(3), nm(4)]);
     }
 
-    /// A forged whole entry for `victim` at the highest incarnation, with
+    /// A forged whole entry for `victim` far ahead of its own, with
     /// no connections, signed by `signer`.
     fn forged(victim: PeerName, signer: &Identity, offer: bool) -> Vec<u8> {
         let card = topology::Card::new("pwned", &[]);
-        let m = topology::signed_message(victim, u64::MAX, u32::MAX, &card, &mut []);
+        let m = topology::signed_message(victim, 1 << 40, 1_000_000, &card, &mut []);
         Body::Update(Update {
             push: true,
             names: vec![victim],
             recs: vec![Record {
                 peer: 0,
-                incarnation: u64::MAX,
+                incarnation: 1 << 40,
                 base: 0,
-                version: u32::MAX,
+                version: 1_000_000,
                 nickname: Some("pwned".into()),
                 addrs: None,
                 add: vec![],

@@ -464,9 +464,16 @@ pub struct LocalRecord {
 /// The domain of topology signatures.
 pub const SIGN_DOMAIN: &[u8] = b"mesh/topology/entry/v1";
 
-/// Versions may jump by at most this much within an incarnation: a value
-/// further ahead is not one its writer could have reached by changes.
-pub const MAX_VERSION_STEP: u32 = 1 << 20;
+/// The highest incarnation accepted: the daemon's is the time of its start
+/// in milliseconds (2^48 ms is the year 10889), so anything above is not a
+/// value its writer could have produced. An absolute bound, not a step from
+/// what we hold, so that every peer refuses the same records whatever
+/// order they arrive in (a step bound would leave peers that saw an entry
+/// at different times disagreeing on it for good).
+pub const MAX_INCARNATION: u64 = 1 << 48;
+/// The highest version accepted (one per change of an entry: 2^31 changes
+/// is more than a peer makes in its life).
+pub const MAX_VERSION: u32 = 1 << 31;
 
 /// The bytes a peer signs for its entry: name, incarnation, version, the
 /// card's canonical bytes, and its connections' names in ascending order.
@@ -508,8 +515,9 @@ pub enum Applied {
     /// key is known for the peer): nothing changed. For a delta, a whole
     /// entry may still verify.
     BadSignature,
-    /// Refused by a bound: a version step past [`MAX_VERSION_STEP`], or a
-    /// new peer while the table is full.
+    /// Refused by a bound: an incarnation or version past
+    /// [`MAX_INCARNATION`] or [`MAX_VERSION`], or a new peer while the
+    /// table is full.
     Refused,
     /// A delta we cannot apply: we need the changes from this version
     /// (incarnation 0: we know nothing of the peer).
@@ -830,11 +838,10 @@ impl Topology {
             Some((_, ver)) => r.version > ver && (whole || r.base <= ver),
         };
         if applies {
-            if let Some((inc, ver)) = cur {
-                if inc == r.incarnation && r.version - ver > MAX_VERSION_STEP {
-                    return Applied::Refused;
-                }
-            } else if self.count >= max_peers {
+            if r.incarnation > MAX_INCARNATION
+                || r.version > MAX_VERSION
+                || (cur.is_none() && self.count >= max_peers)
+            {
                 return Applied::Refused;
             }
             let ok = self
@@ -1460,5 +1467,62 @@ mod tests {
         let mut stale = honest(&mut t, 5, 1, 9);
         stale.peer = p;
         assert_eq!(t.apply_trusted(stale), Applied::Stale);
+    }
+
+    proptest::proptest! {
+        /// Whole entries at the counters' boundaries merge to the same
+        /// state in any order, never panic, and past the bounds are refused.
+        #[test]
+        fn boundary_counters_merge_the_same_in_any_order(
+            picks in proptest::collection::vec((0usize..6, 0usize..6), 1..8),
+            seed in 0u64..1000,
+        ) {
+            let incs = [0u64, 1, MAX_INCARNATION - 1, MAX_INCARNATION, MAX_INCARNATION + 1, u64::MAX];
+            let vers = [0u32, 1, MAX_VERSION - 1, MAX_VERSION, MAX_VERSION + 1, u32::MAX];
+            let mut a = Topology::new(nm(0), "me".into(), 1);
+            let mut b = Topology::new(nm(0), "me".into(), 1);
+            let recs: Vec<(u64, u32)> = picks
+                .iter()
+                .map(|&(i, v)| (incs[i], vers[v]))
+                .filter(|&(i, v)| i > 0 && v > 0)
+                .collect();
+            let mut order: Vec<usize> = (0..recs.len()).collect();
+            let mut x = seed;
+            for k in (1..order.len()).rev() {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                order.swap(k, (x >> 33) as usize % (k + 1));
+            }
+            let rec = |t: &mut Topology, (inc, ver): (u64, u32)| {
+                let peer = t.intern(nm(7));
+                let r = LocalRecord {
+                    peer,
+                    incarnation: inc,
+                    base: 0,
+                    version: ver,
+                    nickname: Some("p".into()),
+                    addrs: None,
+                    add: vec![],
+                    del: vec![],
+                    sig: crate::sign::Sig::NONE,
+                    key: None,
+                };
+                let out = t.apply(r, usize::MAX, |_, _, _| true);
+                if inc > MAX_INCARNATION || ver > MAX_VERSION {
+                    proptest::prop_assert!(matches!(out, Applied::Refused | Applied::Stale));
+                }
+                Ok(())
+            };
+            for &r in &recs {
+                rec(&mut a, r)?;
+            }
+            for &k in &order {
+                rec(&mut b, recs[k])?;
+            }
+            let get = |t: &Topology| t.lookup(nm(7)).and_then(|i| t.get(i)).map(|e| (e.incarnation, e.version));
+            proptest::prop_assert_eq!(get(&a), get(&b));
+            if let Some((i, v)) = get(&a) {
+                proptest::prop_assert!(i <= MAX_INCARNATION && v <= MAX_VERSION);
+            }
+        }
     }
 }
