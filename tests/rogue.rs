@@ -25,8 +25,7 @@ mod common;
 
 use common::*;
 use mesh_proto::conn::{Config, Connection, Event};
-use mesh_proto::gossip::topology::{signed_message, Card, SIGN_DOMAIN};
-use mesh_proto::gossip::wire::{Body, ChannelMsg, Record, Update};
+use mesh_proto::gossip::wire::{Body, ChannelMsg, Update};
 use mesh_proto::handshake::Role;
 use mesh_proto::handshake::{psk_from_password, StaticKey};
 use mesh_proto::ipam::state::Payload;
@@ -145,63 +144,32 @@ impl Rogue {
 /// A whole entry for `victim` far ahead of its own, no connections,
 /// signed by `signer`.
 fn forged_entry(victim: PeerName, signer: &Identity, offer: bool) -> Body {
-    let card = Card::new("pwned", &[]);
-    let m = signed_message(victim, 1 << 40, 1_000_000, &card, &mut []);
-    Body::Update(Update {
+    let mut u = Update {
         push: true,
-        names: vec![victim],
-        recs: vec![Record {
-            peer: 0,
-            incarnation: 1 << 40,
-            base: 0,
-            version: 1_000_000,
-            nickname: Some("pwned".into()),
-            addrs: None,
-            add: vec![],
-            del: vec![],
-            sig: signer.sign(SIGN_DOMAIN, &m),
-            key: offer.then(|| signer.public()),
-        }],
-    })
+        names: vec![],
+        recs: vec![],
+    };
+    u.push_whole_signed(victim, 1 << 40, 1_000_000, "pwned", &[], signer, offer);
+    Body::Update(u)
 }
 
 /// Validly signed whole entries of `n` invented peers, each listing a
 /// connection to `hub`, in messages of 100.
 fn invented_peers(n: usize, hub: PeerName) -> Vec<Body> {
-    let mut out = Vec::new();
-    let mut upd = Update {
+    let new = || Update {
         push: true,
-        names: vec![hub],
+        names: vec![],
         recs: vec![],
     };
+    let mut out = Vec::new();
+    let mut upd = new();
     for i in 0..n {
         let mut seed = [0x77u8; 32];
         seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
         let id = Identity::from_seed(&seed);
-        let card = Card::new(&format!("fake{i}"), &[]);
-        let m = signed_message(id.name(), 1, 1, &card, &mut [hub]);
-        upd.names.push(id.name());
-        upd.recs.push(Record {
-            peer: (upd.names.len() - 1) as u32,
-            incarnation: 1,
-            base: 0,
-            version: 1,
-            nickname: Some(format!("fake{i}")),
-            addrs: None,
-            add: vec![0],
-            del: vec![],
-            sig: id.sign(SIGN_DOMAIN, &m),
-            key: Some(id.public()),
-        });
+        upd.push_whole_signed(id.name(), 1, 1, &format!("fake{i}"), &[hub], &id, true);
         if upd.recs.len() == 100 {
-            out.push(Body::Update(std::mem::replace(
-                &mut upd,
-                Update {
-                    push: true,
-                    names: vec![hub],
-                    recs: vec![],
-                },
-            )));
+            out.push(Body::Update(std::mem::replace(&mut upd, new())));
         }
     }
     if !upd.recs.is_empty() {

@@ -1786,25 +1786,13 @@ mod tests {
     /// A forged whole entry for `victim` far ahead of its own, with
     /// no connections, signed by `signer`.
     fn forged(victim: PeerName, signer: &Identity, offer: bool) -> Vec<u8> {
-        let card = topology::Card::new("pwned", &[]);
-        let m = topology::signed_message(victim, 1 << 40, 1_000_000, &card, &mut []);
-        Body::Update(Update {
+        let mut u = Update {
             push: true,
-            names: vec![victim],
-            recs: vec![Record {
-                peer: 0,
-                incarnation: 1 << 40,
-                base: 0,
-                version: 1_000_000,
-                nickname: Some("pwned".into()),
-                addrs: None,
-                add: vec![],
-                del: vec![],
-                sig: signer.sign(topology::SIGN_DOMAIN, &m),
-                key: offer.then(|| signer.public()),
-            }],
-        })
-        .encode()
+            names: vec![],
+            recs: vec![],
+        };
+        u.push_whole_signed(victim, 1 << 40, 1_000_000, "pwned", &[], signer, offer);
+        Body::Update(u).encode()
     }
 
     #[test]

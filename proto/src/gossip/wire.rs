@@ -287,6 +287,53 @@ impl Body {
 }
 
 impl Update {
+    /// Append a whole entry of `subject` (no addresses, connections to
+    /// `conns`), signed by `signer`, whose key goes with it when `offer`.
+    /// What a peer sends of its own entry; the tests forge with it.
+    #[allow(clippy::too_many_arguments)] // an entry's fields, one by one
+    pub fn push_whole_signed(
+        &mut self,
+        subject: PeerName,
+        incarnation: u64,
+        version: u32,
+        nickname: &str,
+        conns: &[PeerName],
+        signer: &crate::sign::Identity,
+        offer: bool,
+    ) {
+        let index = |n: PeerName, names: &mut Vec<PeerName>| -> u32 {
+            match names.iter().position(|x| *x == n) {
+                Some(i) => i as u32,
+                None => {
+                    names.push(n);
+                    (names.len() - 1) as u32
+                }
+            }
+        };
+        let peer = index(subject, &mut self.names);
+        let add = conns.iter().map(|&c| index(c, &mut self.names)).collect();
+        let card = super::topology::Card::new(nickname, &[]);
+        let m = super::topology::signed_message(
+            subject,
+            incarnation,
+            version,
+            &card,
+            &mut conns.to_vec(),
+        );
+        self.recs.push(Record {
+            peer,
+            incarnation,
+            base: 0,
+            version,
+            nickname: Some(nickname.to_string()),
+            addrs: None,
+            add,
+            del: vec![],
+            sig: signer.sign(super::topology::SIGN_DOMAIN, &m),
+            key: offer.then(|| signer.public()),
+        });
+    }
+
     fn validate(&self) -> Result<(), WireError> {
         let n = self.names.len();
         for r in &self.recs {
