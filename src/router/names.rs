@@ -13,12 +13,18 @@
 //!
 //! The table signs our entries with the daemon's identity and verifies
 //! everyone else's (see [`mesh_proto::names`] for the bounds).
-//! `names.bin` holds our own entries only. Entries the table refused for a
+//! `names.bin` holds our own entries only, sealed with a checksum. It is
+//! written by a saver thread ([`super::saver`]); our delta is gossiped, and
+//! `mesh dns-add` / an attach answered, only once the write that holds it
+//! is on disk (a failed write is said once, and retried each second). A
+//! corrupt `names.bin` is moved aside and the table starts without our
+//! entries: the peers hold them, signed by our key, and gossip them back. Entries the table refused for a
 //! limit are logged (rate-limited) at each settle; the names of peers the
 //! topology did not know at two purges in a row (a minute apart) are
 //! dropped, as are those of peers it garbage-collects.
 
 use super::channel::ChannelDriver;
+use super::saver::{File, Saved, Saver};
 use crate::api::{DnsEntry, DnsStatus};
 use crate::persist;
 use crate::warn::{Kind, WarnLimit};
@@ -32,8 +38,8 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
-use tracing::warn;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
 
 /// How often our old tombstones are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
@@ -78,12 +84,30 @@ pub enum Cmd {
     },
 }
 
+/// What waits for our own entries of a generation to be on disk.
+enum Held {
+    /// Our delta, to gossip.
+    Delta(Vec<u8>),
+    /// The answer to an `Add`.
+    Reply(oneshot::Sender<Result<(), String>>),
+}
+
 /// The driver, owned by the router.
 pub struct Driver {
     table: SharedNameTable,
     zone: Option<Arc<Zone>>,
     path: PathBuf,
+    /// The newest own generation on disk.
     saved: u64,
+    /// The newest handed to the saver, and the newest it reported on.
+    submitted: u64,
+    reported: u64,
+    saver: Option<Saver>,
+    held: Vec<(u64, Held)>,
+    /// Answers to `Add` of this round, sent at the settle.
+    replies: Vec<(oneshot::Sender<Result<(), String>>, Result<(), String>)>,
+    /// The last save failed, with this cause (said once).
+    save_error: Option<String>,
     served: u64,
     last_purge: Instant,
     /// Peers we hold names of that the topology did not know at the last
@@ -101,11 +125,15 @@ impl Driver {
         zone: Option<Arc<Zone>>,
     ) -> anyhow::Result<Driver> {
         let path = data_dir.join(crate::paths::NAMES);
-        let table = match std::fs::read(&path) {
-            Ok(bytes) => NameTable::restore(id, &bytes)
-                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => NameTable::new(id),
-            Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
+        let next = "starting without this peer's own names: the peers hold them (signed by our key) and gossip them back";
+        let loaded = persist::load_or_move_aside(&path, next, |bytes, _| {
+            NameTable::restore(id.clone(), bytes)
+                .map(Ok::<_, std::convert::Infallible>)
+                .map_err(|e| persist::Corrupt::Payload(e.to_string()))
+        })?;
+        let table = match loaded {
+            Ok(persist::Loaded::Found(t)) => t,
+            _ => NameTable::new(id),
         };
         let saved = table.own_generation();
         Ok(Driver {
@@ -113,6 +141,12 @@ impl Driver {
             zone,
             path,
             saved,
+            submitted: saved,
+            reported: saved,
+            saver: None,
+            held: Vec::new(),
+            replies: Vec::new(),
+            save_error: None,
             served: u64::MAX,
             last_purge: Instant::now(),
             unknown: BTreeSet::new(),
@@ -141,8 +175,9 @@ impl Driver {
                         break;
                     }
                 }
+                drop(t);
                 if let Some(reply) = reply {
-                    let _ = reply.send(r);
+                    self.replies.push((reply, r));
                 }
             }
             Cmd::Remove {
@@ -222,6 +257,7 @@ impl ChannelDriver for Driver {
     /// peers the topology did not know at two purges in a row (names of
     /// invented peers, which the topology never garbage-collects).
     fn tick(&mut self, gossip: &Gossip) {
+        self.retry_save();
         let now = Instant::now();
         if now.duration_since(self.last_purge) >= PURGE_EVERY {
             self.last_purge = now;
@@ -245,31 +281,142 @@ impl ChannelDriver for Driver {
     /// entries when they changed, gossip our changes, refresh what the
     /// servers answer.
     fn settle(&mut self, gossip: &mut Gossip) {
-        let (generation, delta, bytes, refused) = {
+        let (generation, own, delta, bytes, refused) = {
             let mut t = self.table.lock();
             let own = t.own_generation();
-            let bytes = (own != self.saved).then(|| (own, t.persist()));
-            (t.generation(), t.take_delta(), bytes, t.take_refusals())
+            let bytes = (own != self.submitted).then(|| t.persist());
+            (
+                t.generation(),
+                own,
+                t.take_delta(),
+                bytes,
+                t.take_refusals(),
+            )
         };
         if let Some(r) = refused {
             if WarnLimit::allow(Kind::Gossip) {
                 warn!(count = r.count, "name entries refused: {}", r.last);
             }
         }
-        if let Some((own, bytes)) = bytes {
-            match persist::write_atomic(&self.path, &bytes, 0o600) {
-                Ok(()) => self.saved = own,
-                Err(e) => warn!("saving the name table: {e:#}"),
+        if let Some(bytes) = bytes {
+            self.submit(own, bytes);
+        }
+        // Our delta and the answers wait for our entries to be on disk.
+        if let Some(d) = delta {
+            self.promise(gossip, own, Held::Delta(d));
+        }
+        for (reply, r) in std::mem::take(&mut self.replies) {
+            match r {
+                Ok(()) => self.promise(gossip, own, Held::Reply(reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
             }
         }
-        if let Some(d) = delta {
-            gossip.channel_broadcast(names::CHANNEL, d);
+        if self.save_error.is_some() && self.reported >= own {
+            self.release_held(gossip, Some(own));
         }
         if generation != self.served {
             self.served = generation;
             if let Some(z) = &self.zone {
                 z.set_table(&self.table.lock());
             }
+        }
+    }
+
+    fn start_saver(&mut self, done: mpsc::UnboundedSender<Saved>) {
+        self.saver = Some(Saver::spawn(File::Names, self.path.clone(), done));
+    }
+
+    fn saved(&mut self, gossip: &mut Gossip, s: Saved) {
+        let failed = s.result.is_err().then_some(s.generation);
+        self.on_saved(s.generation, s.result);
+        self.release_held(gossip, failed);
+    }
+}
+
+impl Driver {
+    /// Hand our entries of own generation `own` to the saver (or write
+    /// them here, before the router started one).
+    fn submit(&mut self, own: u64, bytes: Vec<u8>) {
+        self.submitted = own;
+        let queued = self
+            .saver
+            .as_ref()
+            .is_some_and(|s| s.submit(own, bytes.clone()));
+        if !queued {
+            let r = persist::save_sealed(&self.path, &bytes).map_err(|e| format!("{e:#}"));
+            self.on_saved(own, r);
+        }
+    }
+
+    fn on_saved(&mut self, own: u64, result: Result<(), String>) {
+        self.reported = self.reported.max(own);
+        match result {
+            Ok(()) => {
+                self.saved = self.saved.max(own);
+                if let Some(e) = self.save_error.take() {
+                    info!(file = %self.path.display(), "name table saved again (the last failure was: {e})");
+                }
+            }
+            Err(e) => {
+                if self.save_error.is_none() {
+                    warn!(
+                        file = %self.path.display(),
+                        "cannot save the name table: {e}; names added are refused and not gossiped until it can be written (retried every second)"
+                    );
+                }
+                self.save_error = Some(e);
+            }
+        }
+    }
+
+    /// Send what is now on disk; refuse the answers a failed save carried
+    /// (their deltas wait for a save that succeeds).
+    fn release_held(&mut self, gossip: &mut Gossip, failed_upto: Option<u64>) {
+        let saved = self.saved;
+        let mut keep = Vec::new();
+        for (g, h) in std::mem::take(&mut self.held) {
+            match h {
+                _ if g <= saved => self.fulfil(gossip, h),
+                Held::Reply(reply) if failed_upto.is_some_and(|f| g <= f) => {
+                    let e = self.save_error.clone().unwrap_or_default();
+                    let _ = reply.send(Err(format!(
+                        "could not save the name to {}: {e}",
+                        self.path.display()
+                    )));
+                }
+                h => keep.push((g, h)),
+            }
+        }
+        self.held = keep;
+    }
+
+    fn fulfil(&self, gossip: &mut Gossip, h: Held) {
+        match h {
+            Held::Delta(d) => gossip.channel_broadcast(names::CHANNEL, d),
+            Held::Reply(reply) => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    fn promise(&mut self, gossip: &mut Gossip, own: u64, h: Held) {
+        if own <= self.saved {
+            self.fulfil(gossip, h);
+        } else {
+            self.held.push((own, h));
+        }
+    }
+
+    /// Retry a failed save (each tick).
+    fn retry_save(&mut self) {
+        if self.save_error.is_some() && self.reported >= self.submitted {
+            let (own, bytes) = {
+                let t = self.table.lock();
+                (t.own_generation(), t.persist())
+            };
+            self.submit(own, bytes);
         }
     }
 }
