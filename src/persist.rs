@@ -20,9 +20,9 @@
 //! mortem, never read again), one line says so and what happens next, and
 //! the caller starts without it.
 //!
-//! Test hook: `MESH_TEST_SAVE_DELAY_MS` delays every [`write_atomic`] by
-//! that many milliseconds (a slow disk), for the tests that prove no task
-//! that must stay responsive waits on a save.
+//! Test hook: `MESH_TEST_SAVE_DELAY_MS` delays every [`write_atomic`] of
+//! `ipam.bin` and `names.bin` by that many milliseconds (a slow disk), for
+//! the tests that prove no task that must stay responsive waits on a save.
 
 use anyhow::Context;
 use blake2::{Blake2s256, Digest};
@@ -141,7 +141,7 @@ pub fn open(bytes: &[u8]) -> Result<Opened<'_>, Corrupt> {
 
 /// Write `bytes` to `path` atomically with the given mode.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    test_delay();
+    test_delay(path);
     let dir = path
         .parent()
         .context("persisted file has no parent directory")?;
@@ -174,8 +174,15 @@ pub fn save_sealed(path: &Path, payload: &[u8]) -> anyhow::Result<()> {
     write_atomic(path, &seal(payload), 0o600)
 }
 
-/// `MESH_TEST_SAVE_DELAY_MS`: sleep that long before a write (tests only).
-fn test_delay() {
+/// `MESH_TEST_SAVE_DELAY_MS`: sleep that long before a write of the ring
+/// or the name table (tests only).
+fn test_delay(path: &Path) {
+    let slow = [crate::paths::IPAM, crate::paths::NAMES]
+        .iter()
+        .any(|f| path.file_name().is_some_and(|n| n == *f));
+    if !slow {
+        return;
+    }
     let ms = std::env::var("MESH_TEST_SAVE_DELAY_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())

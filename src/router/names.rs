@@ -92,6 +92,21 @@ enum Held {
     Reply(oneshot::Sender<Result<(), String>>),
 }
 
+/// After a corrupt `names.bin`: our entries are adopted as the peers gossip
+/// them back, until a neighbour has been connected for [`RECOVERY_FOR`]
+/// (or [`RECOVERY_MAX`] passed); then those of containers gone are removed.
+struct Recovery {
+    until: Instant,
+    connected_since: Option<Instant>,
+    /// The reconcile asked for meanwhile.
+    live: Option<Vec<String>>,
+}
+
+/// How long a neighbour must have been connected to end a recovery.
+const RECOVERY_FOR: Duration = Duration::from_secs(5);
+/// A recovery ends after this in any case.
+const RECOVERY_MAX: Duration = Duration::from_secs(120);
+
 /// The driver, owned by the router.
 pub struct Driver {
     table: SharedNameTable,
@@ -108,6 +123,8 @@ pub struct Driver {
     replies: Vec<(oneshot::Sender<Result<(), String>>, Result<(), String>)>,
     /// The last save failed, with this cause (said once).
     save_error: Option<String>,
+    /// After a corrupt `names.bin`: taking our entries back from the peers.
+    recovery: Option<Recovery>,
     served: u64,
     last_purge: Instant,
     /// Peers we hold names of that the topology did not know at the last
@@ -131,9 +148,19 @@ impl Driver {
                 .map(Ok::<_, std::convert::Infallible>)
                 .map_err(|e| persist::Corrupt::Payload(e.to_string()))
         })?;
-        let table = match loaded {
-            Ok(persist::Loaded::Found(t)) => t,
-            _ => NameTable::new(id),
+        let (table, recovery) = match loaded {
+            Ok(persist::Loaded::Found(t)) => (t, None),
+            Ok(persist::Loaded::MovedAside { .. }) => {
+                let mut t = NameTable::new(id);
+                t.set_adopting(true);
+                let r = Recovery {
+                    until: Instant::now() + RECOVERY_MAX,
+                    connected_since: None,
+                    live: None,
+                };
+                (t, Some(r))
+            }
+            _ => (NameTable::new(id), None),
         };
         let saved = table.own_generation();
         Ok(Driver {
@@ -147,6 +174,7 @@ impl Driver {
             held: Vec::new(),
             replies: Vec::new(),
             save_error: None,
+            recovery,
             served: u64::MAX,
             last_purge: Instant::now(),
             unknown: BTreeSet::new(),
@@ -199,19 +227,10 @@ impl Driver {
                     let _ = reply.send(n);
                 }
             }
-            Cmd::Reconcile { live } => {
-                let mut t = self.table.lock();
-                let me = t.me();
-                let ours: Vec<String> = t
-                    .entries()
-                    .filter(|e| e.peer == me && e.container != "-")
-                    .map(|e| e.container.to_string())
-                    .filter(|c| !live.contains(c))
-                    .collect();
-                for c in ours {
-                    t.remove_container(&c);
-                }
-            }
+            Cmd::Reconcile { live } => match &mut self.recovery {
+                Some(r) => r.live = Some(live),
+                None => self.reconcile(&live),
+            },
             Cmd::Lookup { name, reply } => {
                 let found = match &self.zone {
                     Some(z) => z.lookup(&name),
@@ -259,6 +278,7 @@ impl ChannelDriver for Driver {
     fn tick(&mut self, gossip: &Gossip) {
         self.retry_save();
         let now = Instant::now();
+        self.recover(now, gossip);
         if now.duration_since(self.last_purge) >= PURGE_EVERY {
             self.last_purge = now;
             let known: HashSet<PeerName> = gossip.peers().into_iter().map(|p| p.name).collect();
@@ -336,6 +356,54 @@ impl ChannelDriver for Driver {
 }
 
 impl Driver {
+    /// Drop our entries of containers no longer attached.
+    fn reconcile(&mut self, live: &[String]) {
+        let mut t = self.table.lock();
+        let me = t.me();
+        let ours: Vec<String> = t
+            .entries()
+            .filter(|e| e.peer == me && e.container != "-")
+            .map(|e| e.container.to_string())
+            .filter(|c| !live.contains(c))
+            .collect();
+        for c in ours {
+            t.remove_container(&c);
+        }
+    }
+
+    /// During a recovery: end it once a neighbour had time to give our
+    /// entries back.
+    fn recover(&mut self, now: Instant, gossip: &Gossip) {
+        let Some(r) = &mut self.recovery else {
+            return;
+        };
+        if gossip.neighbours().next().is_none() {
+            r.connected_since = None;
+        } else if r.connected_since.is_none() {
+            r.connected_since = Some(now);
+        }
+        let synced = r.connected_since.is_some_and(|t| now >= t + RECOVERY_FOR);
+        if !synced && now < r.until {
+            return;
+        }
+        let Some(r) = self.recovery.take() else {
+            return;
+        };
+        let own = {
+            let mut t = self.table.lock();
+            t.set_adopting(false);
+            let me = t.me();
+            t.entries().filter(|e| e.peer == me).count()
+        };
+        if let Some(live) = r.live {
+            self.reconcile(&live);
+        }
+        info!(
+            entries = own,
+            "own names taken back from the mesh after the corrupt names.bin"
+        );
+    }
+
     /// Hand our entries of own generation `own` to the saver (or write
     /// them here, before the router started one).
     fn submit(&mut self, own: u64, bytes: Vec<u8>) {
