@@ -240,6 +240,17 @@ fn a_slow_save_does_not_stall_the_router_or_heartbeats() {
     }
 }
 
+/// The free addresses of this peer, from `mesh status ipam`
+/// (`... N IPs (..), M free  (this peer)`).
+fn own_free(h: &Host) -> String {
+    let ipam = h.mesh_ok(&["status", "ipam"]);
+    ipam.lines()
+        .find(|l| l.contains("(this peer)"))
+        .and_then(|l| l.split(',').nth(1))
+        .map(|s| s.trim().split(' ').next().unwrap_or_default().to_string())
+        .unwrap_or_else(|| panic!("no line of this peer in {ipam}"))
+}
+
 /// Unmounts the tmpfs data dir when the test ends, however it ends.
 struct Unmount(std::path::PathBuf);
 
@@ -272,6 +283,11 @@ fn a_full_disk_fails_the_allocation_clearly_and_loses_nothing() {
     w.launch(&h1, &args);
     let ip1 = w.attach_net(&h1, &c1, range);
 
+    let free_before = own_free(&h1);
+    assert!(
+        free_before.parse::<u32>().is_ok(),
+        "free count {free_before:?}"
+    );
     // Fill the disk.
     let filler = h1.data_dir.join("filler");
     {
