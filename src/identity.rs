@@ -101,7 +101,10 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         std::fs::write(&path, &bad).expect("flip");
-        let e = format!("{:#}", load_or_create(&dir).err().expect("refused"));
+        let e = match load_or_create(&dir) {
+            Ok(_) => panic!("a corrupt key was accepted"),
+            Err(e) => format!("{e:#}"),
+        };
         assert!(e.contains("checksum") && e.contains("mv "), "{e}");
         std::fs::write(&path, b"junk").expect("junk");
         assert!(load_or_create(&dir).is_err());

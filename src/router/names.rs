@@ -89,8 +89,11 @@ enum Held {
     /// Our delta, to gossip.
     Delta(Vec<u8>),
     /// The answer to an `Add`.
-    Reply(oneshot::Sender<Result<(), String>>),
+    Reply(AddReply),
 }
+
+/// Where the answer to an `Add` goes.
+type AddReply = oneshot::Sender<Result<(), String>>;
 
 /// After a corrupt `names.bin`: our entries are adopted as the peers gossip
 /// them back, until a neighbour has been connected for [`RECOVERY_FOR`]
@@ -120,7 +123,7 @@ pub struct Driver {
     saver: Option<Saver>,
     held: Vec<(u64, Held)>,
     /// Answers to `Add` of this round, sent at the settle.
-    replies: Vec<(oneshot::Sender<Result<(), String>>, Result<(), String>)>,
+    replies: Vec<(AddReply, Result<(), String>)>,
     /// The last save failed, with this cause (said once).
     save_error: Option<String>,
     /// After a corrupt `names.bin`: taking our entries back from the peers.
