@@ -178,6 +178,7 @@ fn a_slow_save_does_not_stall_the_router_or_heartbeats() {
     let h2 = w.add_host();
     let c1 = w.add_container("c1");
     let c2 = w.add_container("c2");
+    let c3 = w.add_container("c3");
     w.launch(&h1, &["--ipalloc-range", range]);
     // h2's disk takes 6 s per write of ipam.bin and names.bin.
     let delay = Duration::from_secs(6);
@@ -195,41 +196,22 @@ fn a_slow_save_does_not_stall_the_router_or_heartbeats() {
 
     // An allocation on h2: its answer waits for the slow save, while the
     // router goes on serving status and the connection its heartbeats.
-    let attach = {
-        let h2 = h2.clone();
-        let c2 = c2.clone();
-        std::thread::spawn(move || try_attach(&h2, &c2, range))
-    };
-    let started = Instant::now();
-    let mut answered = 0;
-    while !attach.is_finished() && started.elapsed() < DEADLINE {
-        let t = Instant::now();
-        let status = try_run(
-            &mut h2.command(MESH, &["status", "connections"]),
-            Duration::from_secs(3),
-        );
-        assert!(
-            status.as_ref().is_ok_and(|o| o.status.success()),
-            "h2's router did not answer status within 3 s while saving ({:?} into the attach): {status:?}",
-            t.duration_since(started)
-        );
-        answered += 1;
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let out = attach.join().expect("attach thread");
-    assert!(out.status.success(), "attach on h2: {}", show(&out));
-    assert!(
-        answered >= 3,
-        "the attach was not slow: the hook did not apply"
-    );
-    let ip2 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let ip2 = slow_attach(&h2, &c2, range, || {});
     wait_ping(&c1, &ip2, DEADLINE);
     wait_ping(&c2, &ip1, DEADLINE);
+    // Another, while traffic flows between c1 and c2.
+    let mut lost = 0;
+    let mut sent = 0;
+    slow_attach(&h2, &c3, range, || {
+        sent += 1;
+        if !ping(&c1.ns, &ip2) {
+            lost += 1;
+        }
+    });
+    assert!(
+        lost * 2 < sent,
+        "{lost} of {sent} pings c1 -> c2 lost while h2 saved"
+    );
     for (h, other) in [(&h1, "h2"), (&h2, "h1")] {
         assert!(
             !log(h).contains("connection lost"),
@@ -238,6 +220,48 @@ fn a_slow_save_does_not_stall_the_router_or_heartbeats() {
             h.log_tail(40)
         );
     }
+}
+
+/// Attach `c` on `h` (whose saves are slow) in the background; until it
+/// is answered, `h`'s router must answer `mesh status connections` within
+/// 3 s each time, and `each` runs between. Returns the address.
+fn slow_attach(h: &Host, c: &Container, range: &str, mut each: impl FnMut()) -> String {
+    let attach = {
+        let (h, c, range) = (h.clone(), c.clone(), range.to_string());
+        std::thread::spawn(move || try_attach(&h, &c, &range))
+    };
+    let started = Instant::now();
+    let mut answered = 0;
+    while !attach.is_finished() && started.elapsed() < DEADLINE {
+        let t = Instant::now();
+        let status = try_run(
+            &mut h.command(MESH, &["status", "connections"]),
+            Duration::from_secs(3),
+        );
+        assert!(
+            status
+                .as_ref()
+                .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("established")),
+            "{}'s router did not answer status within 3 s, or lost its connection, while saving ({:?} into the attach): {status:?}",
+            h.name,
+            t.duration_since(started)
+        );
+        answered += 1;
+        each();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = attach.join().expect("attach thread");
+    assert!(out.status.success(), "attach on {}: {}", h.name, show(&out));
+    assert!(
+        answered >= 3,
+        "the attach was not slow: the hook did not apply"
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// The free addresses of this peer, from `mesh status ipam`

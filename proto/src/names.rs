@@ -1862,6 +1862,27 @@ mod tests {
     }
 
     #[test]
+    fn an_own_entry_we_lost_is_adopted_while_adopting() {
+        // h2 lost names.bin: while adopting, a signed copy of its live
+        // entry is taken back (one step above), and spreads as live.
+        let h2_id = id(2);
+        let mut h2 = NameTable::new(h2_id.clone());
+        h2.set_adopting(true);
+        let held = signed(&h2_id, 0, &[("c", 2, "web", 40, false)]);
+        h2.merge(&encode_payload(&[held]), &mut KeyBook::new())
+            .unwrap();
+        assert_eq!(h2.counter(), 41);
+        assert_eq!(h2.lookup("web"), vec![ip(2)]);
+        assert!(h2.own_generation() > 0, "taken back entries are saved");
+        h2.set_adopting(false);
+        let gone = signed(&h2_id, 0, &[("d", 2, "old", 50, false)]);
+        h2.merge(&encode_payload(&[gone]), &mut KeyBook::new())
+            .unwrap();
+        assert!(h2.lookup("old").is_empty(), "healed as before once off");
+        assert_eq!(h2.lookup("web"), vec![ip(2)]);
+    }
+
+    #[test]
     fn a_flood_of_entries_for_invented_peers_is_bounded() {
         // Issue 15: 200 messages, 110,000 entries of 2,000 invented peers,
         // every one validly signed by its (invented) key.
