@@ -31,6 +31,7 @@ use super::channel::ChannelDriver;
 use super::saver::{File, Saved, Saver};
 use crate::api::{IpamPeer, IpamStatus};
 use crate::persist;
+use durable::{Held, Recovery};
 use ipnet::Ipv4Net;
 use mesh_proto::gossip::{Gossip, GossipData, PeerSummary};
 use mesh_proto::ipam::{AllocError, Config, Ipam, Note, Status, Told};
@@ -42,6 +43,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
+
+mod durable;
 
 /// The gossip channel's name.
 pub const CHANNEL: &str = "ipam";
@@ -139,37 +142,6 @@ struct Pending {
     deadline: Instant,
     reply: AllocReply,
 }
-
-/// What waits for the ring's state of a generation to be on disk.
-enum Held {
-    /// Our delta, to gossip.
-    Delta(Vec<u8>),
-    /// An address to hand out.
-    Answer {
-        reply: AllocReply,
-        id: String,
-        addr: Ipv4Net,
-    },
-}
-
-/// After a corrupt `ipam.bin`: re-learning our claims from the mesh.
-struct Recovery {
-    /// Where the corrupt file went.
-    aside: PathBuf,
-    /// Allocation waits at most until then with no peer to sync with.
-    until: Instant,
-    /// The ring's generation when last looked at, and when it last moved
-    /// while a neighbour was connected.
-    generation: u64,
-    news: Option<Instant>,
-    /// The reconcile and prime asked for meanwhile, done on recovery.
-    reconcile: Option<Vec<(String, Vec<Ipv4Net>)>>,
-    prime: bool,
-}
-
-/// Recovery ends this long after the last news from a neighbour (its whole
-/// state arrives in a burst of messages when the connection comes up).
-const RECOVERY_QUIET: Duration = Duration::from_secs(2);
 
 /// The driver, owned by the router.
 pub struct Driver {
@@ -365,142 +337,6 @@ impl Driver {
                     self.problems.push(p);
                 }
             }
-        }
-    }
-
-    /// Hand the ring's state to the saver when it changed since the last
-    /// submission (or `again`, to retry after a failure); returns the
-    /// current generation. Without a saver (before the router started
-    /// one), the write happens here.
-    fn persist(&mut self, again: bool) -> u64 {
-        let (generation, bytes) = {
-            let ring = lock(&self.ring);
-            let g = ring.generation();
-            if g == self.submitted && !again {
-                return g;
-            }
-            (g, ring.persist())
-        };
-        self.submitted = generation;
-        let submitted = self
-            .saver
-            .as_ref()
-            .is_some_and(|s| s.submit(generation, bytes.clone()));
-        if !submitted {
-            let result = persist::save_sealed(&self.path, &bytes).map_err(|e| format!("{e:#}"));
-            self.on_saved(generation, result);
-        }
-        generation
-    }
-
-    /// A save of `generation` finished.
-    fn on_saved(&mut self, generation: u64, result: Result<(), String>) {
-        self.reported = self.reported.max(generation);
-        match result {
-            Ok(()) => {
-                self.saved = self.saved.max(generation);
-                if let Some(e) = self.save_error.take() {
-                    info!(file = %self.path.display(), "address ring saved again (the last failure was: {e})");
-                }
-            }
-            Err(e) => {
-                if self.save_error.is_none() {
-                    warn!(
-                        file = %self.path.display(),
-                        "cannot save the address ring: {e}; allocations fail and our changes are not gossiped until it can be written (retried every second)"
-                    );
-                }
-                self.save_error = Some(e);
-            }
-        }
-    }
-
-    /// Send what waited for the disk and is now on it; fail the answers a
-    /// failed save carried (their addresses are released again, so that
-    /// nothing unsaved is handed out).
-    fn release_held(&mut self, gossip: &mut Gossip, failed_upto: Option<u64>) {
-        let saved = self.saved;
-        let mut keep = Vec::new();
-        for (g, h) in std::mem::take(&mut self.held) {
-            match h {
-                _ if g <= saved => self.fulfil(gossip, h),
-                Held::Answer { reply, id, addr } if failed_upto.is_some_and(|f| g <= f) => {
-                    lock(&self.ring).release(&id, Some(addr.addr()));
-                    let e = self.save_error.clone().unwrap_or_default();
-                    let _ = reply.send(Err(format!(
-                        "could not save the allocation to {}: {e}",
-                        self.path.display()
-                    )));
-                }
-                h => keep.push((g, h)),
-            }
-        }
-        self.held = keep;
-    }
-
-    fn fulfil(&self, gossip: &mut Gossip, h: Held) {
-        match h {
-            Held::Delta(d) => gossip.channel_broadcast(CHANNEL, d),
-            Held::Answer { reply, addr, .. } => {
-                let _ = reply.send(Ok(addr));
-            }
-        }
-    }
-
-    /// Do `h` now if the state of `generation` is on disk, else once it is.
-    fn promise(&mut self, gossip: &mut Gossip, generation: u64, h: Held) {
-        if generation <= self.saved {
-            self.fulfil(gossip, h);
-        } else {
-            self.held.push((generation, h));
-        }
-    }
-
-    /// Why nothing is allocated during recovery.
-    fn recovering_why(&self) -> String {
-        match &self.recovery {
-            Some(r) => format!(
-                "ipam.bin was corrupt (moved to {}): re-learning this peer's claims from the mesh; nothing is allocated until a peer has synced with us, or {}s without one",
-                r.aside.display(),
-                r.until.saturating_duration_since(Instant::now()).as_secs()
-            ),
-            None => String::new(),
-        }
-    }
-
-    /// During recovery: end it once a neighbour's news has settled (or at
-    /// the deadline with none), then do what was deferred.
-    fn recover(&mut self, now: Instant, gossip: &Gossip) {
-        let Some(r) = &mut self.recovery else {
-            return;
-        };
-        let generation = lock(&self.ring).generation();
-        let connected = gossip.neighbours().next().is_some();
-        if generation != r.generation {
-            r.generation = generation;
-            if connected {
-                r.news = Some(now);
-            }
-        }
-        let synced = connected && r.news.is_some_and(|t| now >= t + RECOVERY_QUIET);
-        if !synced && now < r.until {
-            return;
-        }
-        let Some(r) = self.recovery.take() else {
-            return;
-        };
-        if synced {
-            info!("address ring re-learned from the mesh after the corrupt ipam.bin: allocating again");
-        } else {
-            warn!(
-                "no peer synced with us within --ipalloc-timeout after the corrupt ipam.bin: allocating from what is known (a peer that rejoins later restores our claims)"
-            );
-        }
-        if let Some(live) = r.reconcile {
-            self.reconcile(now, live);
-        }
-        if r.prime {
-            lock(&self.ring).prime(now);
         }
     }
 
