@@ -3,7 +3,11 @@
 //! - A corrupt `ipam.bin` and a truncated `names.bin`: the daemon moves
 //!   both aside (one log line each), starts, re-learns its claims and names
 //!   from its peer, and its attached container keeps its address; a new
-//!   container gets another one (nothing handed out twice).
+//!   container gets another one (nothing handed out twice). Alone, with a
+//!   truncated `ipam.bin`, it allocates nothing until `--ipalloc-timeout`
+//!   (`mesh status ipam` says why), then claims its containers' addresses
+//!   again before handing out any.
+//! - A corrupt `identity.key`: the launch is refused with the `mv` command.
 //! - A slow disk (`MESH_TEST_SAVE_DELAY_MS`): while the ring's save takes
 //!   seconds, the router still answers, the connection stays up, and the
 //!   allocation is answered once the save is done.
@@ -143,6 +147,44 @@ fn corrupt_ipam_and_truncated_names_are_moved_aside_and_relearned() {
     assert_eq!(h2.attached(&c2.name).map(|(_, ip)| ip), Some(ip2.clone()));
     assert_eq!(h2.attached(&c3.name).map(|(_, ip)| ip), Some(ip3));
     wait_ping(&c1, &ip2, DEADLINE);
+}
+
+#[test]
+fn alone_after_a_corrupt_ipam_bin_allocation_waits_then_skips_held_addresses() {
+    let Some(mut w) = World::new("persist_alone") else {
+        return;
+    };
+    let range = "198.19.64.0/24";
+    let h1 = w.add_host();
+    let c1 = w.add_container("c1");
+    let c2 = w.add_container("c2");
+    let args = ["--ipalloc-range", range, "--ipalloc-timeout", "8s"];
+    w.launch(&h1, &args);
+    let ip1 = w.attach_net(&h1, &c1, range);
+    kill9(&h1);
+    let ipam = h1.data_dir.join("ipam.bin");
+    let bytes = std::fs::read(&ipam).expect("ipam.bin");
+    std::fs::write(&ipam, &bytes[..bytes.len() - 3]).expect("truncate ipam.bin");
+    w.launch(&h1, &args);
+    assert_eq!(
+        moved_aside(&h1, "ipam.bin").len(),
+        1,
+        "ipam.bin moved aside"
+    );
+    // No peer to sync with: allocation waits for --ipalloc-timeout, and
+    // `mesh status ipam` says why.
+    let status = h1.mesh_ok(&["status", "ipam"]);
+    assert!(
+        status.contains("recovering") && status.contains("corrupt"),
+        "mesh status ipam does not say why nothing is allocated: {status}"
+    );
+    wait_until(DEADLINE, "h1 ends its recovery", || {
+        !h1.mesh_ok(&["status", "ipam"]).contains("recovering")
+    });
+    // c1's address was claimed again before anything was handed out.
+    let ip2 = w.attach_net(&h1, &c2, range);
+    assert_ne!(ip2, ip1, "c2 got c1's address after the corrupt ipam.bin");
+    assert_eq!(h1.attached(&c1.name).map(|(_, ip)| ip), Some(ip1));
 }
 
 #[test]
