@@ -4,12 +4,16 @@
 //! `mesh_proto::sign`), so they survive restarts and differ on a cloned
 //! machine that generates its own.
 //!
-//! Stored form: the 8 bytes `MESHID2\n` then the seed. A file of release
+//! Stored form: the 8 bytes `MESHID2\n` then the seed, sealed in the
+//! checksummed container of [`crate::persist`] (files written before it,
+//! unsealed, still load). A corrupt key is never replaced silently: a new
+//! identity is a new peer, so the daemon refuses to start and prints the
+//! command that moves the file aside. A file of release
 //! 0.1's form (a 64-byte X25519 key pair, which cannot sign) is moved aside
 //! to `identity.key.v1` and a new identity made: the peer gets a new name,
 //! which is part of the documented upgrade (README, "Upgrading").
 
-use crate::persist::write_atomic;
+use crate::persist::{self, write_atomic};
 use anyhow::Context;
 use mesh_proto::sign::Identity;
 use std::path::Path;
@@ -31,9 +35,18 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Identity> {
             );
             create(&path)
         }
-        Ok(bytes) => {
-            decode(&bytes).with_context(|| format!("identity key {} is corrupt", path.display()))
-        }
+        Ok(bytes) => persist::open(&bytes)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|o| decode(o.payload()))
+            .map_err(|e| {
+                let aside = persist::aside_path(&path);
+                anyhow::anyhow!(
+                    "identity key {} is corrupt ({e}). This peer's name comes from it: a new key makes this host a new peer (its addresses come back only by `mesh rmpeer` of the old name from another peer). To start with a new identity, move the file aside and launch again: mv {} {}",
+                    path.display(),
+                    path.display(),
+                    aside.display()
+                )
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(&path),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -45,7 +58,7 @@ fn create(path: &Path) -> anyhow::Result<Identity> {
     let id = Identity::from_seed(&seed);
     let mut bytes = MAGIC.to_vec();
     bytes.extend_from_slice(&seed);
-    write_atomic(path, &bytes, 0o600)?;
+    write_atomic(path, &persist::seal(&bytes), 0o600)?;
     Ok(id)
 }
 
@@ -75,6 +88,24 @@ mod tests {
         let c = load_or_create(&dir).expect("replace");
         assert_ne!(c.public(), a.public());
         assert!(path.with_extension("key.v1").exists());
+        // A key of before the checksum still loads.
+        let d = load_or_create(&dir).expect("load sealed");
+        assert_eq!(d.public(), c.public());
+        let sealed = std::fs::read(&path).expect("read");
+        let mut unsealed = MAGIC.to_vec();
+        unsealed.extend_from_slice(&sealed[sealed.len() - 32..]);
+        std::fs::write(&path, &unsealed).expect("legacy");
+        assert_eq!(load_or_create(&dir).expect("legacy").public(), c.public());
+        // A flipped bit is refused, with the command to move it aside.
+        let mut bad = sealed.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        std::fs::write(&path, &bad).expect("flip");
+        let e = match load_or_create(&dir) {
+            Ok(_) => panic!("a corrupt key was accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(e.contains("checksum") && e.contains("mv "), "{e}");
         std::fs::write(&path, b"junk").expect("junk");
         assert!(load_or_create(&dir).is_err());
         let _ = std::fs::remove_dir_all(&dir);

@@ -408,6 +408,9 @@ pub struct NameTable {
     limits: Limits,
     refused: u64,
     refused_last: String,
+    /// Our own entries coming back live are kept, not tombstoned (after
+    /// our saved entries were lost: see [`NameTable::set_adopting`]).
+    adopting: bool,
 }
 
 impl NameTable {
@@ -431,7 +434,16 @@ impl NameTable {
             limits: Limits::DEFAULT,
             refused: 0,
             refused_last: String::new(),
+            adopting: false,
         }
+    }
+
+    /// While on, an entry of ours that comes back live (signed by us, held
+    /// by a peer) is re-asserted live rather than tombstoned: for a daemon
+    /// whose saved entries were lost, which takes the peers' word until it
+    /// reconciles them with its containers and turns this off.
+    pub fn set_adopting(&mut self, on: bool) {
+        self.adopting = on;
     }
 
     /// Change how long our tombstones are kept (default [`DEFAULT_GRACE`]).
@@ -1073,7 +1085,8 @@ impl NameTable {
     /// hold: we are the authority, so we re-assert our state one step above
     /// (it goes out with the next delta).
     fn heal_own(&mut self, key: Key, held: Option<Held>, incoming: Held) {
-        let live_here = held.is_some_and(|h| !h.val.tombstone);
+        let live_here =
+            held.is_some_and(|h| !h.val.tombstone) || (self.adopting && !incoming.val.tombstone);
         let r = if live_here {
             self.write_own(key, false)
         } else if !incoming.val.tombstone {
@@ -1846,6 +1859,27 @@ mod tests {
         h1.merge(&h2.take_delta().unwrap(), &mut KeyBook::new())
             .unwrap();
         assert!(h1.lookup("web").is_empty());
+    }
+
+    #[test]
+    fn an_own_entry_we_lost_is_adopted_while_adopting() {
+        // h2 lost names.bin: while adopting, a signed copy of its live
+        // entry is taken back (one step above), and spreads as live.
+        let h2_id = id(2);
+        let mut h2 = NameTable::new(h2_id.clone());
+        h2.set_adopting(true);
+        let held = signed(&h2_id, 0, &[("c", 2, "web", 40, false)]);
+        h2.merge(&encode_payload(&[held]), &mut KeyBook::new())
+            .unwrap();
+        assert_eq!(h2.counter(), 41);
+        assert_eq!(h2.lookup("web"), vec![ip(2)]);
+        assert!(h2.own_generation() > 0, "taken back entries are saved");
+        h2.set_adopting(false);
+        let gone = signed(&h2_id, 0, &[("d", 2, "old", 50, false)]);
+        h2.merge(&encode_payload(&[gone]), &mut KeyBook::new())
+            .unwrap();
+        assert!(h2.lookup("old").is_empty(), "healed as before once off");
+        assert_eq!(h2.lookup("web"), vec![ip(2)]);
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! core; its driver plugs it in, drives it with time, makes its changes
 //! durable and sends them, and forgets the peers the topology forgot.
 
+use super::saver::Saved;
 use mesh_proto::gossip::Gossip;
 use mesh_proto::name::PeerName;
+use tokio::sync::mpsc;
 
 /// A gossip channel's driver, as the router drives it.
 pub trait ChannelDriver {
@@ -19,4 +21,8 @@ pub trait ChannelDriver {
     fn settle(&mut self, gossip: &mut Gossip);
     /// A peer the topology garbage-collected.
     fn forget_peer(&mut self, peer: PeerName);
+    /// Save off the router's task from now on, reporting to `done`.
+    fn start_saver(&mut self, done: mpsc::UnboundedSender<Saved>);
+    /// A save finished: send and answer what waited for it (or fail it).
+    fn saved(&mut self, gossip: &mut Gossip, saved: Saved);
 }

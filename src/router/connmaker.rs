@@ -54,10 +54,16 @@ impl ConnMaker {
         conn_limit: usize,
     ) -> anyhow::Result<ConnMaker> {
         let path = data_dir.join(crate::paths::TARGETS);
-        let mut targets: BTreeSet<String> = persist::load_json::<Vec<String>>(&path)?
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        let next = "starting without the saved targets (those given to `mesh launch` are still dialed; add others again with `mesh connect`)";
+        let loaded = persist::load_or_move_aside(&path, next, |b, _| {
+            Ok(Ok::<_, std::convert::Infallible>(persist::decode_json::<
+                Vec<String>,
+            >(b)?))
+        })?;
+        let mut targets: BTreeSet<String> = match loaded {
+            Ok(persist::Loaded::Found(t)) => t.into_iter().collect(),
+            _ => BTreeSet::new(),
+        };
         targets.extend(extra.iter().cloned());
         let m = ConnMaker {
             me,

@@ -8,9 +8,19 @@
 //!
 //! Ordering is what keeps addresses unique across crashes: every change the
 //! ring makes on our behalf (an allocation, a donation, a reclaim) is written
-//! to `$MESH_DATA_DIR/ipam.bin` (atomically, fsynced) before it is answered
-//! or gossiped. A SIGKILL at any instant therefore loses nothing anyone else
-//! has seen.
+//! to `$MESH_DATA_DIR/ipam.bin` (sealed with a checksum, atomically, fsynced)
+//! before it is answered or its delta gossiped. The write runs on a saver
+//! thread ([`super::saver`]), so a slow disk holds back only what waits for
+//! it; a failed write fails the allocations it carried (their addresses are
+//! released again, said once in the log and in `mesh status ipam`) and their
+//! deltas wait for a write that succeeds. A SIGKILL at any instant therefore
+//! loses nothing anyone else was promised.
+//!
+//! A corrupt `ipam.bin` is moved aside and the ring starts empty, in
+//! *recovery*: our record (what we hold) and the ring come back from the
+//! peers' gossip, and until a peer has synced with us (or, with no peer,
+//! until `--ipalloc-timeout`) nothing is allocated, claimed, reconciled or
+//! donated; `mesh status ipam` says why.
 //!
 //! Requests that cannot be satisfied yet (ring not agreed, space asked of
 //! another peer) are kept here and retried after every change and every
@@ -18,8 +28,10 @@
 //! what it waits for. Nothing hangs.
 
 use super::channel::ChannelDriver;
+use super::saver::{File, Saved, Saver};
 use crate::api::{IpamPeer, IpamStatus};
 use crate::persist;
+use durable::{Held, Recovery};
 use ipnet::Ipv4Net;
 use mesh_proto::gossip::{Gossip, GossipData, PeerSummary};
 use mesh_proto::ipam::{AllocError, Config, Ipam, Note, Status, Told};
@@ -29,8 +41,10 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
+
+mod durable;
 
 /// The gossip channel's name.
 pub const CHANNEL: &str = "ipam";
@@ -133,7 +147,17 @@ struct Pending {
 pub struct Driver {
     ring: Arc<Mutex<Ipam>>,
     path: PathBuf,
+    /// The newest generation on disk.
     saved: u64,
+    /// The newest generation handed to the saver, and the newest it
+    /// reported on.
+    submitted: u64,
+    reported: u64,
+    saver: Option<Saver>,
+    held: Vec<(u64, Held)>,
+    /// The last save failed, with this cause (said once).
+    save_error: Option<String>,
+    recovery: Option<Recovery>,
     pending: Vec<Pending>,
     timeout: Duration,
     problems: Vec<String>,
@@ -152,21 +176,51 @@ impl Driver {
     ) -> anyhow::Result<Driver> {
         let path = data_dir.join(crate::paths::IPAM);
         let range = config.range;
-        let ring = match std::fs::read(&path) {
-            Ok(bytes) => Ipam::restore(me.clone(), config, &bytes).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot use the saved address ring {} for --ipalloc-range {range}: {e} (to start over, `mesh reset` or remove the file)",
-                    path.display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ipam::new(me, config),
-            Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
+        let next = "starting with an empty ring and re-learning this peer's claims from the mesh; nothing is allocated until a peer has synced with us (see `mesh status ipam`)";
+        let loaded = persist::load_or_move_aside(&path, next, |bytes, sealed| {
+            match Ipam::restore(me.clone(), copy(&config), bytes) {
+                Ok(ring) => Ok(Ok(ring)),
+                // Bytes of before the checksum that do not decode are
+                // damaged; a sound file for another range is the user's
+                // to settle.
+                Err(e) if !sealed && e.starts_with("malformed") => {
+                    Err(persist::Corrupt::Payload(e))
+                }
+                Err(e) => Ok(Err(e)),
+            }
+        })?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot use the saved address ring {} for --ipalloc-range {range}: {e} (to start over, `mesh reset` or remove the file)",
+                path.display()
+            )
+        })?;
+        let (ring, recovery) = match loaded {
+            persist::Loaded::Found(ring) => (ring, None),
+            persist::Loaded::Missing => (Ipam::new(me, config), None),
+            persist::Loaded::MovedAside { aside } => (
+                Ipam::new(me, config),
+                Some(Recovery {
+                    aside,
+                    until: Instant::now() + timeout,
+                    generation: 0,
+                    news: None,
+                    reconcile: None,
+                    prime: false,
+                }),
+            ),
         };
         let saved = ring.generation();
         Ok(Driver {
             ring: Arc::new(Mutex::new(ring)),
             path,
             saved,
+            submitted: saved,
+            reported: saved,
+            saver: None,
+            held: Vec::new(),
+            save_error: None,
+            recovery,
             pending: Vec::new(),
             timeout,
             problems: Vec::new(),
@@ -222,8 +276,20 @@ impl Driver {
                     info!(container = %id, addrs = ?freed, "addresses released");
                 }
             }
-            Cmd::Reconcile { live } => self.reconcile(now, live),
-            Cmd::Prime => lock(&self.ring).prime(now),
+            Cmd::Reconcile { live } => match &mut self.recovery {
+                Some(r) => r.reconcile = Some(live),
+                None => self.reconcile(now, live),
+            },
+            Cmd::Prime => match &mut self.recovery {
+                Some(r) => r.prime = true,
+                None => lock(&self.ring).prime(now),
+            },
+            Cmd::RmPeer { reply, .. } if self.recovery.is_some() => {
+                let _ = reply.send(Err(self.recovering_why()));
+            }
+            Cmd::Leave { reply } if self.recovery.is_some() => {
+                let _ = reply.send(Err(self.recovering_why()));
+            }
             Cmd::RmPeer { peer, reply } => {
                 let r = resolve(gossip, &peer).and_then(|name| {
                     if name == gossip.name() {
@@ -274,26 +340,6 @@ impl Driver {
         }
     }
 
-    fn persist(&mut self) -> Result<(), String> {
-        let (generation, bytes) = {
-            let ring = lock(&self.ring);
-            if ring.generation() == self.saved {
-                return Ok(());
-            }
-            (ring.generation(), ring.persist())
-        };
-        match persist::write_atomic(&self.path, &bytes, 0o600) {
-            Ok(()) => {
-                self.saved = generation;
-                Ok(())
-            }
-            Err(e) => {
-                warn!("saving the address ring: {e:#}");
-                Err(format!("{e:#}"))
-            }
-        }
-    }
-
     /// The earliest deadline of a waiting request.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.pending.iter().map(|p| p.deadline).min()
@@ -310,7 +356,10 @@ impl Driver {
         IpamStatus {
             range: s.range,
             default_subnet: s.default_subnet,
-            state: s.state.to_string(),
+            state: match &self.recovery {
+                Some(_) => format!("recovering: {}", self.recovering_why()),
+                None => s.state.to_string(),
+            },
             peers: s
                 .peers
                 .into_iter()
@@ -327,6 +376,13 @@ impl Driver {
                 .problems
                 .into_iter()
                 .chain(self.problems.iter().cloned())
+                .chain(self.save_error.iter().map(|e| {
+                    format!(
+                        "cannot save {}: {e}; allocations fail until it can be written",
+                        self.path.display()
+                    )
+                }))
+                .chain(self.recovery.is_some().then(|| self.recovering_why()))
                 .collect(),
         }
     }
@@ -340,10 +396,19 @@ impl ChannelDriver for Driver {
 
     /// Periodic work: drive consensus, space requests and reclaims.
     fn tick(&mut self, gossip: &Gossip) {
+        let now = Instant::now();
+        self.recover(now, gossip);
+        if self.recovery.is_some() {
+            // Nothing of ours is known yet: no donation, no vote.
+            return;
+        }
+        if self.save_error.is_some() && self.reported >= self.submitted {
+            self.persist(true);
+        }
         let reachable = reachable(gossip);
         let mut ring = lock(&self.ring);
         self.tell(&mut ring, gossip);
-        ring.tick(Instant::now(), &reachable);
+        ring.tick(now, &reachable);
     }
 
     /// A peer was garbage-collected by the topology.
@@ -360,9 +425,19 @@ impl ChannelDriver for Driver {
         // Serve what can be served; each success changes the ring.
         let mut waiting = Vec::new();
         let mut answers = Vec::new();
+        let recovering = self.recovery.as_ref().map(|_| self.recovering_why());
         {
             let mut ring = lock(&self.ring);
             for p in self.pending.drain(..) {
+                if let Some(why) = &recovering {
+                    if now >= p.deadline {
+                        let e = format!("no address after {}s: {why}", self.timeout.as_secs());
+                        answers.push((p.reply, p.id, Err(e)));
+                    } else {
+                        waiting.push(p);
+                    }
+                    continue;
+                }
                 let r = match &p.want {
                     Want::Alloc(subnet) => {
                         let subnet = subnet.unwrap_or(ring.config().default_subnet);
@@ -374,10 +449,11 @@ impl ChannelDriver for Driver {
                         .map(|()| *addr),
                 };
                 match r {
-                    Ok(a) => answers.push((p.reply, Ok(a))),
-                    Err(AllocError::Refused(e)) => answers.push((p.reply, Err(e))),
+                    Ok(a) => answers.push((p.reply, p.id, Ok(a))),
+                    Err(AllocError::Refused(e)) => answers.push((p.reply, p.id, Err(e))),
                     Err(AllocError::Wait(why)) if now >= p.deadline => answers.push((
                         p.reply,
+                        p.id,
                         Err(format!(
                             "no address after {}s: {why} (see `mesh status ipam`)",
                             self.timeout.as_secs()
@@ -399,18 +475,44 @@ impl ChannelDriver for Driver {
                 }
             }
         }
-        let persisted = self.persist();
+        // Each success, and our delta, waits for its state to be on disk.
+        let generation = self.persist(false);
         let delta = lock(&self.ring).take_delta();
         if let Some(d) = delta {
-            gossip.channel_broadcast(CHANNEL, d);
+            self.promise(gossip, generation, Held::Delta(d));
         }
-        for (reply, r) in answers {
-            let r = match (&persisted, r) {
-                (Err(e), Ok(_)) => Err(format!("could not save the allocation: {e}")),
-                (_, r) => r,
-            };
-            let _ = reply.send(r);
+        for (reply, id, r) in answers {
+            match r {
+                Ok(addr) => self.promise(gossip, generation, Held::Answer { reply, id, addr }),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
         }
+        if self.save_error.is_some() && self.reported >= generation {
+            // Saved here, without a saver, and it failed.
+            self.release_held(gossip, Some(generation));
+        }
+    }
+
+    fn start_saver(&mut self, done: mpsc::UnboundedSender<Saved>) {
+        self.saver = Some(Saver::spawn(File::Ipam, self.path.clone(), done));
+    }
+
+    fn saved(&mut self, gossip: &mut Gossip, s: Saved) {
+        let failed = s.result.is_err().then_some(s.generation);
+        self.on_saved(s.generation, s.result);
+        self.release_held(gossip, failed);
+    }
+}
+
+/// A copy of the ring's configuration (which is not `Clone`).
+fn copy(c: &Config) -> Config {
+    Config {
+        range: c.range,
+        default_subnet: c.default_subnet,
+        init: c.init.clone(),
+        reclaim_after: c.reclaim_after,
     }
 }
 

@@ -8,6 +8,11 @@
 //! the sans-IO [`Gossip`] core, sends what it emits to the neighbours, pushes
 //! the routes it computes to the sleeve, and the peers it learns to the
 //! connection maker.
+//!
+//! State files are written by saver threads ([`saver`]), never on this
+//! task: a slow disk cannot stall connections, heartbeats or status. Their
+//! reports come back here, and only then is what depended on them gossiped
+//! or answered.
 
 mod channel;
 pub mod connmaker;
@@ -15,6 +20,7 @@ pub mod control;
 pub mod ipam;
 mod msg;
 pub mod names;
+mod saver;
 
 use crate::api::{ConnState, ConnStatus, Overlay, PeerConn, PeerStatus, SleeveStats, Status};
 use crate::datapath::{fastdp, sleeve};
@@ -87,7 +93,15 @@ pub async fn run(
     channels: Channels,
     fastdp: Option<mpsc::Sender<fastdp::Cmd>>,
 ) {
-    let Channels { ipam, names } = channels;
+    let Channels {
+        mut ipam,
+        mut names,
+    } = channels;
+    let (saved_tx, mut saved_rx) = mpsc::unbounded_channel();
+    for c in [&mut ipam as &mut dyn ChannelDriver, &mut names] {
+        c.start_saver(saved_tx.clone());
+    }
+    drop(saved_tx);
     let mut seed = [0u8; 8];
     let _ = getrandom::fill(&mut seed);
     let mut gossip = Gossip::new(
@@ -138,6 +152,7 @@ pub async fn run(
             _ = tick.tick() => {
                 r.tick_channels();
             }
+            Some(s) = saved_rx.recv() => r.saved(s),
         }
         r.settle();
         r.pump().await;
@@ -156,6 +171,14 @@ impl Router {
         let (gossip, drivers) = self.channels();
         for c in drivers {
             c.tick(gossip);
+        }
+    }
+
+    /// A saver's report: hand it to its file's driver.
+    fn saved(&mut self, s: saver::Saved) {
+        match s.file {
+            saver::File::Ipam => self.ipam.saved(&mut self.gossip, s),
+            saver::File::Names => self.names.saved(&mut self.gossip, s),
         }
     }
 

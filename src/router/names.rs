@@ -13,12 +13,18 @@
 //!
 //! The table signs our entries with the daemon's identity and verifies
 //! everyone else's (see [`mesh_proto::names`] for the bounds).
-//! `names.bin` holds our own entries only. Entries the table refused for a
+//! `names.bin` holds our own entries only, sealed with a checksum. It is
+//! written by a saver thread ([`super::saver`]); our delta is gossiped, and
+//! `mesh dns-add` / an attach answered, only once the write that holds it
+//! is on disk (a failed write is said once, and retried each second). A
+//! corrupt `names.bin` is moved aside and the table starts without our
+//! entries: the peers hold them, signed by our key, and gossip them back. Entries the table refused for a
 //! limit are logged (rate-limited) at each settle; the names of peers the
 //! topology did not know at two purges in a row (a minute apart) are
 //! dropped, as are those of peers it garbage-collects.
 
 use super::channel::ChannelDriver;
+use super::saver::{File, Saved, Saver};
 use crate::api::{DnsEntry, DnsStatus};
 use crate::persist;
 use crate::warn::{Kind, WarnLimit};
@@ -32,8 +38,8 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
-use tracing::warn;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
 
 /// How often our old tombstones are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
@@ -78,12 +84,50 @@ pub enum Cmd {
     },
 }
 
+/// What waits for our own entries of a generation to be on disk.
+enum Held {
+    /// Our delta, to gossip.
+    Delta(Vec<u8>),
+    /// The answer to an `Add`.
+    Reply(AddReply),
+}
+
+/// Where the answer to an `Add` goes.
+type AddReply = oneshot::Sender<Result<(), String>>;
+
+/// After a corrupt `names.bin`: our entries are adopted as the peers gossip
+/// them back, until a neighbour has been connected for [`RECOVERY_FOR`]
+/// (or [`RECOVERY_MAX`] passed); then those of containers gone are removed.
+struct Recovery {
+    until: Instant,
+    connected_since: Option<Instant>,
+    /// The reconcile asked for meanwhile.
+    live: Option<Vec<String>>,
+}
+
+/// How long a neighbour must have been connected to end a recovery.
+const RECOVERY_FOR: Duration = Duration::from_secs(5);
+/// A recovery ends after this in any case.
+const RECOVERY_MAX: Duration = Duration::from_secs(120);
+
 /// The driver, owned by the router.
 pub struct Driver {
     table: SharedNameTable,
     zone: Option<Arc<Zone>>,
     path: PathBuf,
+    /// The newest own generation on disk.
     saved: u64,
+    /// The newest handed to the saver, and the newest it reported on.
+    submitted: u64,
+    reported: u64,
+    saver: Option<Saver>,
+    held: Vec<(u64, Held)>,
+    /// Answers to `Add` of this round, sent at the settle.
+    replies: Vec<(AddReply, Result<(), String>)>,
+    /// The last save failed, with this cause (said once).
+    save_error: Option<String>,
+    /// After a corrupt `names.bin`: taking our entries back from the peers.
+    recovery: Option<Recovery>,
     served: u64,
     last_purge: Instant,
     /// Peers we hold names of that the topology did not know at the last
@@ -101,11 +145,25 @@ impl Driver {
         zone: Option<Arc<Zone>>,
     ) -> anyhow::Result<Driver> {
         let path = data_dir.join(crate::paths::NAMES);
-        let table = match std::fs::read(&path) {
-            Ok(bytes) => NameTable::restore(id, &bytes)
-                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => NameTable::new(id),
-            Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
+        let next = "starting without this peer's own names: the peers hold them (signed by our key) and gossip them back";
+        let loaded = persist::load_or_move_aside(&path, next, |bytes, _| {
+            NameTable::restore(id.clone(), bytes)
+                .map(Ok::<_, std::convert::Infallible>)
+                .map_err(|e| persist::Corrupt::Payload(e.to_string()))
+        })?;
+        let (table, recovery) = match loaded {
+            Ok(persist::Loaded::Found(t)) => (t, None),
+            Ok(persist::Loaded::MovedAside { .. }) => {
+                let mut t = NameTable::new(id);
+                t.set_adopting(true);
+                let r = Recovery {
+                    until: Instant::now() + RECOVERY_MAX,
+                    connected_since: None,
+                    live: None,
+                };
+                (t, Some(r))
+            }
+            _ => (NameTable::new(id), None),
         };
         let saved = table.own_generation();
         Ok(Driver {
@@ -113,6 +171,13 @@ impl Driver {
             zone,
             path,
             saved,
+            submitted: saved,
+            reported: saved,
+            saver: None,
+            held: Vec::new(),
+            replies: Vec::new(),
+            save_error: None,
+            recovery,
             served: u64::MAX,
             last_purge: Instant::now(),
             unknown: BTreeSet::new(),
@@ -141,8 +206,9 @@ impl Driver {
                         break;
                     }
                 }
+                drop(t);
                 if let Some(reply) = reply {
-                    let _ = reply.send(r);
+                    self.replies.push((reply, r));
                 }
             }
             Cmd::Remove {
@@ -164,19 +230,10 @@ impl Driver {
                     let _ = reply.send(n);
                 }
             }
-            Cmd::Reconcile { live } => {
-                let mut t = self.table.lock();
-                let me = t.me();
-                let ours: Vec<String> = t
-                    .entries()
-                    .filter(|e| e.peer == me && e.container != "-")
-                    .map(|e| e.container.to_string())
-                    .filter(|c| !live.contains(c))
-                    .collect();
-                for c in ours {
-                    t.remove_container(&c);
-                }
-            }
+            Cmd::Reconcile { live } => match &mut self.recovery {
+                Some(r) => r.live = Some(live),
+                None => self.reconcile(&live),
+            },
             Cmd::Lookup { name, reply } => {
                 let found = match &self.zone {
                     Some(z) => z.lookup(&name),
@@ -222,7 +279,9 @@ impl ChannelDriver for Driver {
     /// peers the topology did not know at two purges in a row (names of
     /// invented peers, which the topology never garbage-collects).
     fn tick(&mut self, gossip: &Gossip) {
+        self.retry_save();
         let now = Instant::now();
+        self.recover(now, gossip);
         if now.duration_since(self.last_purge) >= PURGE_EVERY {
             self.last_purge = now;
             let known: HashSet<PeerName> = gossip.peers().into_iter().map(|p| p.name).collect();
@@ -245,31 +304,190 @@ impl ChannelDriver for Driver {
     /// entries when they changed, gossip our changes, refresh what the
     /// servers answer.
     fn settle(&mut self, gossip: &mut Gossip) {
-        let (generation, delta, bytes, refused) = {
+        let (generation, own, delta, bytes, refused) = {
             let mut t = self.table.lock();
             let own = t.own_generation();
-            let bytes = (own != self.saved).then(|| (own, t.persist()));
-            (t.generation(), t.take_delta(), bytes, t.take_refusals())
+            let bytes = (own != self.submitted).then(|| t.persist());
+            (
+                t.generation(),
+                own,
+                t.take_delta(),
+                bytes,
+                t.take_refusals(),
+            )
         };
         if let Some(r) = refused {
             if WarnLimit::allow(Kind::Gossip) {
                 warn!(count = r.count, "name entries refused: {}", r.last);
             }
         }
-        if let Some((own, bytes)) = bytes {
-            match persist::write_atomic(&self.path, &bytes, 0o600) {
-                Ok(()) => self.saved = own,
-                Err(e) => warn!("saving the name table: {e:#}"),
+        if let Some(bytes) = bytes {
+            self.submit(own, bytes);
+        }
+        // Our delta and the answers wait for our entries to be on disk.
+        if let Some(d) = delta {
+            self.promise(gossip, own, Held::Delta(d));
+        }
+        for (reply, r) in std::mem::take(&mut self.replies) {
+            match r {
+                Ok(()) => self.promise(gossip, own, Held::Reply(reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
             }
         }
-        if let Some(d) = delta {
-            gossip.channel_broadcast(names::CHANNEL, d);
+        if self.save_error.is_some() && self.reported >= own {
+            self.release_held(gossip, Some(own));
         }
         if generation != self.served {
             self.served = generation;
             if let Some(z) = &self.zone {
                 z.set_table(&self.table.lock());
             }
+        }
+    }
+
+    fn start_saver(&mut self, done: mpsc::UnboundedSender<Saved>) {
+        self.saver = Some(Saver::spawn(File::Names, self.path.clone(), done));
+    }
+
+    fn saved(&mut self, gossip: &mut Gossip, s: Saved) {
+        let failed = s.result.is_err().then_some(s.generation);
+        self.on_saved(s.generation, s.result);
+        self.release_held(gossip, failed);
+    }
+}
+
+impl Driver {
+    /// Drop our entries of containers no longer attached.
+    fn reconcile(&mut self, live: &[String]) {
+        let mut t = self.table.lock();
+        let me = t.me();
+        let ours: Vec<String> = t
+            .entries()
+            .filter(|e| e.peer == me && e.container != "-")
+            .map(|e| e.container.to_string())
+            .filter(|c| !live.contains(c))
+            .collect();
+        for c in ours {
+            t.remove_container(&c);
+        }
+    }
+
+    /// During a recovery: end it once a neighbour had time to give our
+    /// entries back.
+    fn recover(&mut self, now: Instant, gossip: &Gossip) {
+        let Some(r) = &mut self.recovery else {
+            return;
+        };
+        if gossip.neighbours().next().is_none() {
+            r.connected_since = None;
+        } else if r.connected_since.is_none() {
+            r.connected_since = Some(now);
+        }
+        let synced = r.connected_since.is_some_and(|t| now >= t + RECOVERY_FOR);
+        if !synced && now < r.until {
+            return;
+        }
+        let Some(r) = self.recovery.take() else {
+            return;
+        };
+        let own = {
+            let mut t = self.table.lock();
+            t.set_adopting(false);
+            let me = t.me();
+            t.entries().filter(|e| e.peer == me).count()
+        };
+        if let Some(live) = r.live {
+            self.reconcile(&live);
+        }
+        info!(
+            entries = own,
+            "own names taken back from the mesh after the corrupt names.bin"
+        );
+    }
+
+    /// Hand our entries of own generation `own` to the saver (or write
+    /// them here, before the router started one).
+    fn submit(&mut self, own: u64, bytes: Vec<u8>) {
+        self.submitted = own;
+        let queued = self
+            .saver
+            .as_ref()
+            .is_some_and(|s| s.submit(own, bytes.clone()));
+        if !queued {
+            let r = persist::save_sealed(&self.path, &bytes).map_err(|e| format!("{e:#}"));
+            self.on_saved(own, r);
+        }
+    }
+
+    fn on_saved(&mut self, own: u64, result: Result<(), String>) {
+        self.reported = self.reported.max(own);
+        match result {
+            Ok(()) => {
+                self.saved = self.saved.max(own);
+                if let Some(e) = self.save_error.take() {
+                    info!(file = %self.path.display(), "name table saved again (the last failure was: {e})");
+                }
+            }
+            Err(e) => {
+                if self.save_error.is_none() {
+                    warn!(
+                        file = %self.path.display(),
+                        "cannot save the name table: {e}; names added are refused and not gossiped until it can be written (retried every second)"
+                    );
+                }
+                self.save_error = Some(e);
+            }
+        }
+    }
+
+    /// Send what is now on disk; refuse the answers a failed save carried
+    /// (their deltas wait for a save that succeeds).
+    fn release_held(&mut self, gossip: &mut Gossip, failed_upto: Option<u64>) {
+        let saved = self.saved;
+        let mut keep = Vec::new();
+        for (g, h) in std::mem::take(&mut self.held) {
+            match h {
+                _ if g <= saved => self.fulfil(gossip, h),
+                Held::Reply(reply) if failed_upto.is_some_and(|f| g <= f) => {
+                    let e = self.save_error.clone().unwrap_or_default();
+                    let _ = reply.send(Err(format!(
+                        "could not save the name to {}: {e}",
+                        self.path.display()
+                    )));
+                }
+                h => keep.push((g, h)),
+            }
+        }
+        self.held = keep;
+    }
+
+    fn fulfil(&self, gossip: &mut Gossip, h: Held) {
+        match h {
+            Held::Delta(d) => gossip.channel_broadcast(names::CHANNEL, d),
+            Held::Reply(reply) => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    fn promise(&mut self, gossip: &mut Gossip, own: u64, h: Held) {
+        if own <= self.saved {
+            self.fulfil(gossip, h);
+        } else {
+            self.held.push((own, h));
+        }
+    }
+
+    /// Retry a failed save (each tick).
+    fn retry_save(&mut self) {
+        if self.save_error.is_some() && self.reported >= self.submitted {
+            let (own, bytes) = {
+                let t = self.table.lock();
+                (t.own_generation(), t.persist())
+            };
+            self.submit(own, bytes);
         }
     }
 }
