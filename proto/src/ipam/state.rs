@@ -578,9 +578,12 @@ impl Crdt {
 
     /// Merge a decoded payload (already [`Crdt::check`]ed): every newer
     /// record whose signature verifies (with `keys`) and whose counters are
-    /// in bounds replaces ours. `me` is never replaced from outside. The
-    /// ring header is not taken from the payload: the caller decides
-    /// whether it is justified.
+    /// in bounds replaces ours. Our own record (`me`) is taken from outside
+    /// only when it is signed by our key and newer than ours: that is our
+    /// own writing from before we lost our state (a corrupt or removed
+    /// `ipam.bin`), which the mesh kept for us; anything else about us is
+    /// ignored. The ring header is not taken from the payload: the caller
+    /// decides whether it is justified.
     pub fn merge(
         &mut self,
         p: Payload,
@@ -592,6 +595,16 @@ impl Crdt {
         let rounds = self.rounds(&p.records);
         for s in p.records {
             if s.peer == me {
+                let newer = self
+                    .records
+                    .get(&me)
+                    .is_none_or(|old| s.record.version > old.version);
+                if newer && verify(keys, self.range, &s).is_ok() {
+                    let old = self.records.insert(me, s.record.clone());
+                    self.sigs.insert(me, (s.key, s.sig));
+                    m.replaced.push((me, old));
+                    m.news.records.push(s);
+                }
                 continue;
             }
             let newer = match self.records.get(&s.peer) {
