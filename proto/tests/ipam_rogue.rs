@@ -373,10 +373,10 @@ fn a_rogue_cannot_rewrite_its_grants_or_jump_its_counters() {
         &rogue
     )])));
     assert_eq!(w.peers[0].owned_by(name(7)), given);
-    // A version far ahead of the one held, and a Paxos round far above
+    // A version past the absolute bound, and a Paxos round far above
     // every round known, are refused.
     let ahead = Record {
-        version: v + 2 + state::MAX_VERSION_STEP,
+        version: state::MAX_VERSION + 1,
         grants: vec![Grant {
             first: lo,
             last: hi,

@@ -34,7 +34,9 @@
 //!   never expanded address by address).
 //!
 //! Bounds ([`validate_record`], [`Crdt::merge`]): versions at most
-//! [`MAX_VERSION`] and at most [`MAX_VERSION_STEP`] ahead of the one held;
+//! [`MAX_VERSION`] (an absolute bound: a step bound from the version held
+//! would make peers that saw a record at different times disagree on it
+//! for good, and anti-entropy resend it forever);
 //! grant counters at most [`MAX_AT`]; Paxos rounds at most [`MAX_ROUND`] and
 //! at most [`MAX_ROUND_STEP`] above every round another peer has shown; at
 //! most [`MAX_GRANTS`] grants, [`MAX_RUNS`] held runs, [`MAX_REQUESTS`]
@@ -286,8 +288,6 @@ pub fn verify(keys: &mut KeyBook, range: Net, s: &Signed) -> Result<(), String> 
 /// The largest record version accepted (2^48: a peer that changed its
 /// record a million times a second would need nine years).
 pub const MAX_VERSION: u64 = 1 << 48;
-/// How far ahead of the version we hold a peer's new record may be.
-pub const MAX_VERSION_STEP: u64 = 1 << 32;
 /// The largest grant counter ([`Grant::at`]): each hand-over of a piece
 /// adds one.
 pub const MAX_AT: u64 = 1 << 48;
@@ -549,12 +549,6 @@ impl Crdt {
     /// not too far ahead, grants only appended.
     fn admissible(&self, s: &Signed, rounds: &BTreeMap<Instance, Rounds>) -> Result<(), String> {
         if let Some(old) = self.records.get(&s.peer) {
-            if s.record.version > old.version.saturating_add(MAX_VERSION_STEP) {
-                return Err(format!(
-                    "version {} is more than {MAX_VERSION_STEP} ahead of {}",
-                    s.record.version, old.version
-                ));
-            }
             if s.record.grants.len() < old.grants.len()
                 || s.record.grants[..old.grants.len()] != old.grants[..]
             {
