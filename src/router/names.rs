@@ -422,24 +422,18 @@ impl Driver {
     }
 
     fn on_saved(&mut self, own: u64, result: Result<(), String>) {
-        self.reported = self.reported.max(own);
-        match result {
-            Ok(()) => {
-                self.saved = self.saved.max(own);
-                if let Some(e) = self.save_error.take() {
-                    info!(file = %self.path.display(), "name table saved again (the last failure was: {e})");
-                }
-            }
-            Err(e) => {
-                if self.save_error.is_none() {
-                    warn!(
-                        file = %self.path.display(),
-                        "cannot save the name table: {e}; names added are refused and not gossiped until it can be written (retried every second)"
-                    );
-                }
-                self.save_error = Some(e);
-            }
+        crate::router::saver::Progress {
+            saved: &mut self.saved,
+            reported: &mut self.reported,
+            error: &mut self.save_error,
         }
+        .record(
+            own,
+            result,
+            &self.path,
+            "the name table",
+            "names added are refused and not gossiped",
+        );
     }
 
     /// Send what is now on disk; refuse the answers a failed save carried

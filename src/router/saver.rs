@@ -11,7 +11,7 @@
 //! failing disk therefore delays promises, never heartbeats.
 
 use crate::persist;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use tokio::sync::mpsc;
 
@@ -78,5 +78,50 @@ impl Saver {
     /// Returns false when the thread is gone.
     pub fn submit(&self, generation: u64, bytes: Vec<u8>) -> bool {
         self.tx.send((generation, bytes)).is_ok()
+    }
+}
+
+/// Where a driver's saves of one file stand: the newest generation on
+/// disk, the newest with an outcome, and the last failure if the newest
+/// outcome was one.
+pub struct Progress<'a> {
+    /// Newest generation on disk.
+    pub saved: &'a mut u64,
+    /// Newest generation whose save has an outcome.
+    pub reported: &'a mut u64,
+    /// The failure of the newest outcome, if it failed.
+    pub error: &'a mut Option<String>,
+}
+
+impl Progress<'_> {
+    /// The save of `generation` of `file` (`what`: "the address ring")
+    /// ended with `result`: the first failure is logged with what happens
+    /// `meanwhile`, and so is the recovery.
+    pub fn record(
+        self,
+        generation: u64,
+        result: Result<(), String>,
+        file: &Path,
+        what: &str,
+        meanwhile: &str,
+    ) {
+        *self.reported = (*self.reported).max(generation);
+        match result {
+            Ok(()) => {
+                *self.saved = (*self.saved).max(generation);
+                if let Some(e) = self.error.take() {
+                    tracing::info!(file = %file.display(), "{what} saved again (the last failure was: {e})");
+                }
+            }
+            Err(e) => {
+                if self.error.is_none() {
+                    tracing::warn!(
+                        file = %file.display(),
+                        "cannot save {what}: {e}; {meanwhile} until it can be written (retried every second)"
+                    );
+                }
+                *self.error = Some(e);
+            }
+        }
     }
 }

@@ -80,24 +80,18 @@ impl Driver {
 
     /// A save of `generation` finished.
     pub(super) fn on_saved(&mut self, generation: u64, result: Result<(), String>) {
-        self.reported = self.reported.max(generation);
-        match result {
-            Ok(()) => {
-                self.saved = self.saved.max(generation);
-                if let Some(e) = self.save_error.take() {
-                    info!(file = %self.path.display(), "address ring saved again (the last failure was: {e})");
-                }
-            }
-            Err(e) => {
-                if self.save_error.is_none() {
-                    warn!(
-                        file = %self.path.display(),
-                        "cannot save the address ring: {e}; allocations fail and our changes are not gossiped until it can be written (retried every second)"
-                    );
-                }
-                self.save_error = Some(e);
-            }
+        crate::router::saver::Progress {
+            saved: &mut self.saved,
+            reported: &mut self.reported,
+            error: &mut self.save_error,
         }
+        .record(
+            generation,
+            result,
+            &self.path,
+            "the address ring",
+            "allocations fail and our changes are not gossiped",
+        );
     }
 
     /// Send what waited for the disk and is now on it; fail the answers a
