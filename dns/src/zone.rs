@@ -104,12 +104,17 @@ impl Zone {
         &self.domain
     }
 
-    /// The full name served for a table name: a name without a trailing
-    /// dot is a label (or a relative name) in our domain.
+    /// The full name served for a table name: a name with a trailing dot,
+    /// or one that already ends in our domain (`web.mesh.local`, as
+    /// `mesh dns-add -h` takes it), is absolute; any other is a label (or
+    /// a relative name) in our domain.
     pub fn fqdn(&self, name: &str) -> String {
         let name = name.to_ascii_lowercase();
+        let bare = self.domain.trim_end_matches('.');
         if name.ends_with('.') {
             name
+        } else if name == bare || name.ends_with(&format!(".{bare}")) {
+            format!("{name}.")
         } else {
             format!("{name}.{}", self.domain)
         }
@@ -157,14 +162,7 @@ impl Zone {
     /// The addresses served for `name` (a single label gets the domain).
     pub fn lookup(&self, name: &str) -> Vec<Ipv4Addr> {
         let snap = self.snapshot();
-        let n = name.to_ascii_lowercase();
-        let key = if n.ends_with('.') {
-            n
-        } else if n.contains('.') {
-            format!("{n}.")
-        } else {
-            format!("{n}.{}", self.domain)
-        };
+        let key = self.fqdn(name);
         snap.names.get(key.as_bytes()).cloned().unwrap_or_default()
     }
 
@@ -246,5 +244,16 @@ mod tests {
         assert_eq!(z.lookup("web"), vec![a]);
         assert_eq!(z.lookup("web.mesh.local."), vec![a]);
         assert_eq!(z.lookup("x.example."), vec![a]);
+        // `mesh dns-add -h web2.mesh.local` (no trailing dot): absolute,
+        // served and looked up as web2.mesh.local., not under the domain
+        // twice; a dotted name outside the domain is relative.
+        let b = Ipv4Addr::new(198, 19, 0, 2);
+        z.set_names([("web2.mesh.local", b), ("db.rack1", b)]);
+        assert_eq!(z.lookup("web2.mesh.local"), vec![b]);
+        assert_eq!(z.lookup("web2"), vec![b]);
+        assert!(z.lookup("web2.mesh.local.mesh.local").is_empty());
+        assert_eq!(z.lookup("db.rack1"), vec![b]);
+        assert_eq!(z.lookup("db.rack1.mesh.local."), vec![b]);
+        assert_eq!(z.fqdn("mesh.local"), "mesh.local.");
     }
 }
