@@ -254,11 +254,6 @@ impl Identity {
         Identity { key, public }
     }
 
-    /// The seed (the stored form).
-    pub fn seed(&self) -> [u8; 32] {
-        self.key.to_bytes()
-    }
-
     /// The public key.
     pub fn public(&self) -> PublicKey {
         self.public

@@ -28,7 +28,7 @@
 //! what it waits for. Nothing hangs.
 
 use super::channel::ChannelDriver;
-use super::saver::{File, Saved, Saver};
+use super::saver::{Durable, File, Saved};
 use crate::api::{IpamPeer, IpamStatus};
 use crate::persist;
 use durable::{Held, Recovery};
@@ -146,17 +146,8 @@ struct Pending {
 /// The driver, owned by the router.
 pub struct Driver {
     ring: Arc<Mutex<Ipam>>,
-    path: PathBuf,
-    /// The newest generation on disk.
-    saved: u64,
-    /// The newest generation handed to the saver, and the newest it
-    /// reported on.
-    submitted: u64,
-    reported: u64,
-    saver: Option<Saver>,
-    held: Vec<(u64, Held)>,
-    /// The last save failed, with this cause (said once).
-    save_error: Option<String>,
+    /// `ipam.bin`, and what waits for it to be written.
+    disk: Durable<Held>,
     recovery: Option<Recovery>,
     pending: Vec<Pending>,
     timeout: Duration,
@@ -210,16 +201,16 @@ impl Driver {
                 }),
             ),
         };
-        let saved = ring.generation();
+        let disk = Durable::new(
+            File::Ipam,
+            path,
+            ring.generation(),
+            "the address ring",
+            "allocations fail and our changes are not gossiped",
+        );
         Ok(Driver {
             ring: Arc::new(Mutex::new(ring)),
-            path,
-            saved,
-            submitted: saved,
-            reported: saved,
-            saver: None,
-            held: Vec::new(),
-            save_error: None,
+            disk,
             recovery,
             pending: Vec::new(),
             timeout,
@@ -376,10 +367,10 @@ impl Driver {
                 .problems
                 .into_iter()
                 .chain(self.problems.iter().cloned())
-                .chain(self.save_error.iter().map(|e| {
+                .chain(self.disk.error().map(|e| {
                     format!(
                         "cannot save {}: {e}; allocations fail until it can be written",
-                        self.path.display()
+                        self.disk.path().display()
                     )
                 }))
                 .chain(self.recovery.is_some().then(|| self.recovering_why()))
@@ -402,7 +393,7 @@ impl ChannelDriver for Driver {
             // Nothing of ours is known yet: no donation, no vote.
             return;
         }
-        if self.save_error.is_some() && self.reported >= self.submitted {
+        if self.disk.retry_due() {
             self.persist(true);
         }
         let reachable = reachable(gossip);
@@ -489,19 +480,19 @@ impl ChannelDriver for Driver {
                 }
             }
         }
-        if self.save_error.is_some() && self.reported >= generation {
+        if let Some(failed) = self.disk.failed(generation) {
             // Saved here, without a saver, and it failed.
-            self.release_held(gossip, Some(generation));
+            self.release_held(gossip, Some(failed));
         }
     }
 
     fn start_saver(&mut self, done: mpsc::UnboundedSender<Saved>) {
-        self.saver = Some(Saver::spawn(File::Ipam, self.path.clone(), done));
+        self.disk.start(done);
     }
 
     fn saved(&mut self, gossip: &mut Gossip, s: Saved) {
         let failed = s.result.is_err().then_some(s.generation);
-        self.on_saved(s.generation, s.result);
+        self.disk.record(s.generation, s.result);
         self.release_held(gossip, failed);
     }
 }

@@ -24,7 +24,7 @@
 //! dropped, as are those of peers it garbage-collects.
 
 use super::channel::ChannelDriver;
-use super::saver::{File, Saved, Saver};
+use super::saver::{Durable, File, Saved};
 use crate::api::{DnsEntry, DnsStatus};
 use crate::persist;
 use crate::warn::{Kind, WarnLimit};
@@ -114,18 +114,11 @@ const RECOVERY_MAX: Duration = Duration::from_secs(120);
 pub struct Driver {
     table: SharedNameTable,
     zone: Option<Arc<Zone>>,
-    path: PathBuf,
-    /// The newest own generation on disk.
-    saved: u64,
-    /// The newest handed to the saver, and the newest it reported on.
-    submitted: u64,
-    reported: u64,
-    saver: Option<Saver>,
-    held: Vec<(u64, Held)>,
+    /// `names.bin` (our own entries, by own generation), and what waits
+    /// for it to be written.
+    disk: Durable<Held>,
     /// Answers to `Add` of this round, sent at the settle.
     replies: Vec<(AddReply, Result<(), String>)>,
-    /// The last save failed, with this cause (said once).
-    save_error: Option<String>,
     /// After a corrupt `names.bin`: taking our entries back from the peers.
     recovery: Option<Recovery>,
     served: u64,
@@ -165,18 +158,18 @@ impl Driver {
             }
             _ => (NameTable::new(id), None),
         };
-        let saved = table.own_generation();
+        let disk = Durable::new(
+            File::Names,
+            path,
+            table.own_generation(),
+            "the name table",
+            "names added are refused and not gossiped",
+        );
         Ok(Driver {
             table: SharedNameTable::new(table),
             zone,
-            path,
-            saved,
-            submitted: saved,
-            reported: saved,
-            saver: None,
-            held: Vec::new(),
+            disk,
             replies: Vec::new(),
-            save_error: None,
             recovery,
             served: u64::MAX,
             last_purge: Instant::now(),
@@ -307,7 +300,7 @@ impl ChannelDriver for Driver {
         let (generation, own, delta, bytes, refused) = {
             let mut t = self.table.lock();
             let own = t.own_generation();
-            let bytes = (own != self.submitted).then(|| t.persist());
+            let bytes = (own != self.disk.submitted()).then(|| t.persist());
             (
                 t.generation(),
                 own,
@@ -322,7 +315,7 @@ impl ChannelDriver for Driver {
             }
         }
         if let Some(bytes) = bytes {
-            self.submit(own, bytes);
+            self.disk.submit(own, bytes);
         }
         // Our delta and the answers wait for our entries to be on disk.
         if let Some(d) = delta {
@@ -336,8 +329,8 @@ impl ChannelDriver for Driver {
                 }
             }
         }
-        if self.save_error.is_some() && self.reported >= own {
-            self.release_held(gossip, Some(own));
+        if let Some(failed) = self.disk.failed(own) {
+            self.release_held(gossip, Some(failed));
         }
         if generation != self.served {
             self.served = generation;
@@ -348,12 +341,12 @@ impl ChannelDriver for Driver {
     }
 
     fn start_saver(&mut self, done: mpsc::UnboundedSender<Saved>) {
-        self.saver = Some(Saver::spawn(File::Names, self.path.clone(), done));
+        self.disk.start(done);
     }
 
     fn saved(&mut self, gossip: &mut Gossip, s: Saved) {
         let failed = s.result.is_err().then_some(s.generation);
-        self.on_saved(s.generation, s.result);
+        self.disk.record(s.generation, s.result);
         self.release_held(gossip, failed);
     }
 }
@@ -407,54 +400,24 @@ impl Driver {
         );
     }
 
-    /// Hand our entries of own generation `own` to the saver (or write
-    /// them here, before the router started one).
-    fn submit(&mut self, own: u64, bytes: Vec<u8>) {
-        self.submitted = own;
-        let queued = self
-            .saver
-            .as_ref()
-            .is_some_and(|s| s.submit(own, bytes.clone()));
-        if !queued {
-            let r = persist::save_sealed(&self.path, &bytes).map_err(|e| format!("{e:#}"));
-            self.on_saved(own, r);
-        }
-    }
-
-    fn on_saved(&mut self, own: u64, result: Result<(), String>) {
-        crate::router::saver::Progress {
-            saved: &mut self.saved,
-            reported: &mut self.reported,
-            error: &mut self.save_error,
-        }
-        .record(
-            own,
-            result,
-            &self.path,
-            "the name table",
-            "names added are refused and not gossiped",
-        );
-    }
-
     /// Send what is now on disk; refuse the answers a failed save carried
     /// (their deltas wait for a save that succeeds).
     fn release_held(&mut self, gossip: &mut Gossip, failed_upto: Option<u64>) {
-        let saved = self.saved;
-        let mut keep = Vec::new();
-        for (g, h) in std::mem::take(&mut self.held) {
-            match h {
-                _ if g <= saved => self.fulfil(gossip, h),
-                Held::Reply(reply) if failed_upto.is_some_and(|f| g <= f) => {
-                    let e = self.save_error.clone().unwrap_or_default();
-                    let _ = reply.send(Err(format!(
-                        "could not save the name to {}: {e}",
-                        self.path.display()
-                    )));
-                }
-                h => keep.push((g, h)),
+        let (ready, failed) = self
+            .disk
+            .settled(failed_upto, |h| matches!(h, Held::Reply(_)));
+        for h in ready {
+            self.fulfil(gossip, h);
+        }
+        for h in failed {
+            if let Held::Reply(reply) = h {
+                let e = self.disk.error().unwrap_or_default();
+                let _ = reply.send(Err(format!(
+                    "could not save the name to {}: {e}",
+                    self.disk.path().display()
+                )));
             }
         }
-        self.held = keep;
     }
 
     fn fulfil(&self, gossip: &mut Gossip, h: Held) {
@@ -467,21 +430,19 @@ impl Driver {
     }
 
     fn promise(&mut self, gossip: &mut Gossip, own: u64, h: Held) {
-        if own <= self.saved {
+        if let Some(h) = self.disk.promise(own, h) {
             self.fulfil(gossip, h);
-        } else {
-            self.held.push((own, h));
         }
     }
 
     /// Retry a failed save (each tick).
     fn retry_save(&mut self) {
-        if self.save_error.is_some() && self.reported >= self.submitted {
+        if self.disk.retry_due() {
             let (own, bytes) = {
                 let t = self.table.lock();
                 (t.own_generation(), t.persist())
             };
-            self.submit(own, bytes);
+            self.disk.submit(own, bytes);
         }
     }
 }

@@ -11,7 +11,6 @@
 //! record moves on), but it is not yet "nothing leaves before the disk".
 
 use super::{lock, AllocReply, Driver, CHANNEL};
-use crate::persist;
 use ipnet::Ipv4Net;
 use mesh_proto::gossip::Gossip;
 use std::path::PathBuf;
@@ -55,66 +54,40 @@ const RECOVERY_QUIET: Duration = Duration::from_secs(2);
 impl Driver {
     /// Hand the ring's state to the saver when it changed since the last
     /// submission (or `again`, to retry after a failure); returns the
-    /// current generation. Without a saver (before the router started
-    /// one), the write happens here.
+    /// current generation.
     pub(super) fn persist(&mut self, again: bool) -> u64 {
         let (generation, bytes) = {
             let ring = lock(&self.ring);
             let g = ring.generation();
-            if g == self.submitted && !again {
+            if g == self.disk.submitted() && !again {
                 return g;
             }
             (g, ring.persist())
         };
-        self.submitted = generation;
-        let submitted = self
-            .saver
-            .as_ref()
-            .is_some_and(|s| s.submit(generation, bytes.clone()));
-        if !submitted {
-            let result = persist::save_sealed(&self.path, &bytes).map_err(|e| format!("{e:#}"));
-            self.on_saved(generation, result);
-        }
+        self.disk.submit(generation, bytes);
         generation
-    }
-
-    /// A save of `generation` finished.
-    pub(super) fn on_saved(&mut self, generation: u64, result: Result<(), String>) {
-        crate::router::saver::Progress {
-            saved: &mut self.saved,
-            reported: &mut self.reported,
-            error: &mut self.save_error,
-        }
-        .record(
-            generation,
-            result,
-            &self.path,
-            "the address ring",
-            "allocations fail and our changes are not gossiped",
-        );
     }
 
     /// Send what waited for the disk and is now on it; fail the answers a
     /// failed save carried (their addresses are released again, so that
     /// nothing unsaved is handed out).
     pub(super) fn release_held(&mut self, gossip: &mut Gossip, failed_upto: Option<u64>) {
-        let saved = self.saved;
-        let mut keep = Vec::new();
-        for (g, h) in std::mem::take(&mut self.held) {
-            match h {
-                _ if g <= saved => self.fulfil(gossip, h),
-                Held::Answer { reply, id, addr } if failed_upto.is_some_and(|f| g <= f) => {
-                    lock(&self.ring).release(&id, Some(addr.addr()));
-                    let e = self.save_error.clone().unwrap_or_default();
-                    let _ = reply.send(Err(format!(
-                        "could not save the allocation to {}: {e}",
-                        self.path.display()
-                    )));
-                }
-                h => keep.push((g, h)),
+        let (ready, failed) = self
+            .disk
+            .settled(failed_upto, |h| matches!(h, Held::Answer { .. }));
+        for h in ready {
+            self.fulfil(gossip, h);
+        }
+        for h in failed {
+            if let Held::Answer { reply, id, addr } = h {
+                lock(&self.ring).release(&id, Some(addr.addr()));
+                let e = self.disk.error().unwrap_or_default();
+                let _ = reply.send(Err(format!(
+                    "could not save the allocation to {}: {e}",
+                    self.disk.path().display()
+                )));
             }
         }
-        self.held = keep;
     }
 
     pub(super) fn fulfil(&self, gossip: &mut Gossip, h: Held) {
@@ -128,10 +101,8 @@ impl Driver {
 
     /// Do `h` now if the state of `generation` is on disk, else once it is.
     pub(super) fn promise(&mut self, gossip: &mut Gossip, generation: u64, h: Held) {
-        if generation <= self.saved {
+        if let Some(h) = self.disk.promise(generation, h) {
             self.fulfil(gossip, h);
-        } else {
-            self.held.push((generation, h));
         }
     }
 
