@@ -164,6 +164,12 @@ pub struct Status {
     pub targets: Vec<String>,
     /// Sleeve counters.
     pub sleeve: SleeveStats,
+    /// Frames dropped by the host's filters (the isolation rules on the
+    /// bridge and the fast path's port filter), by reason: `spoofed`,
+    /// `isolation`, `ethertype`, `mac_claim`, `vxlan_not_peer`. Counted
+    /// since the daemon started.
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<String, u64>,
     /// Problems the user should know of (e.g. another peer with our name).
     pub problems: Vec<String>,
     /// The address allocator (absent from daemons before it existed).
@@ -583,6 +589,7 @@ mod tests {
                     .collect(),
                 ..SleeveStats::default()
             },
+            drops: [("isolation".to_string(), 3)].into_iter().collect(),
             problems: vec!["a problem".into()],
             ipam: Some(IpamStatus {
                 range: "198.19.0.0/16".into(),

@@ -32,14 +32,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How often attached containers are checked for having gone away (their
 /// namespace destroyed takes the veth pair with it).
 const GONE_CHECK: Duration = Duration::from_secs(5);
 
 /// The prefix of host-side interface names.
-const HOST_PREFIX: &str = "vmesh";
+const HOST_PREFIX: &str = host::nft::PORT_PREFIX;
 
 /// The container-side interface name.
 pub const IFNAME: &str = "ethmesh";
@@ -321,7 +321,14 @@ impl Manager {
                 None => ports.push(e),
             }
         }
-        host::nft::sync(&ports).await
+        // This host's own MACs, which no frame from the overlay may claim:
+        // the containers' (from attach, never learnt) and the bridge's.
+        let mut local: Vec<String> = ports.iter().filter_map(|p| p.mac.clone()).collect();
+        match self.nl.link_mac(BRIDGE).await {
+            Ok(m) => local.push(mac_string(m)),
+            Err(e) => debug!("the bridge's MAC: {e}"),
+        }
+        host::nft::sync(&ports, &local).await
     }
 
     /// Serve DNS inside the container at 127.0.0.11:53 (UDP and TCP

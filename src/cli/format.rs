@@ -2,6 +2,23 @@
 
 use crate::api;
 
+/// The drop counters that are not zero, by reason: the host's filters
+/// first, then the sleeve's (`sleeve REASON N`); `none` when all are zero.
+pub fn format_drops(s: &api::Status) -> String {
+    let parts: Vec<String> = s
+        .drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    // TODO(merge): the sleeve's drops by reason.
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 /// The human form of `mesh status`.
 pub fn format_status(s: &api::Status) -> String {
     use std::fmt::Write;
@@ -43,6 +60,7 @@ pub fn format_status(s: &api::Status) -> String {
         "         Sleeve: {} frames in, {} datagrams out ({} sealed), {} in, {} relayed, {} dropped",
         st.frames_in, st.datagrams_out, st.sealed_out, st.datagrams_in, st.relayed, st.dropped
     );
+    let _ = writeln!(o, "          Drops: {}", format_drops(s));
     let _ = writeln!(
         o,
         "          Peers: {} ({} reachable)",

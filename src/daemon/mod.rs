@@ -761,6 +761,12 @@ async fn handle(req: Request, s: &Services) -> Response {
             status.targets = ask(&s.connmaker, connmaker::Cmd::Targets)
                 .await
                 .unwrap_or_default();
+            match host::nft::counters().await {
+                Ok(c) => status.drops = c,
+                Err(e) => status
+                    .problems
+                    .push(format!("reading the drop counters: {e}")),
+            }
             Response::Status(Box::new(status))
         }
         Request::Stop => {

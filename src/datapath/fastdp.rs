@@ -237,20 +237,14 @@ pub async fn setup(
     // The TAP keeps learning (sleeve peers' MACs), but never forwards to
     // the VXLAN port or back.
     host::vxlan::set_overlay_port(nl, tap_index, true).await?;
-    // Probes are addressed to the bridge's MAC, which a bridge otherwise
-    // takes from its lowest-numbered port and so changes as containers
-    // come and go: setting it (to itself) pins it.
+    // Probes are addressed to the bridge's MAC (pinned when the bridge was
+    // made, so it does not change as containers come and go).
     let mac = nl.link_mac(bridge).await?;
-    nl.handle()
-        .link()
-        .set(
-            rtnetlink::LinkUnspec::new_with_index(bridge_index)
-                .address(mac.to_vec())
-                .build(),
-        )
-        .execute()
+    // Until a peer is connected, no one may send to the VXLAN port.
+    host::nft::make_underlay(port)
         .await
-        .with_context(|| format!("pinning the MAC of {bridge}"))?;
+        .map_err(anyhow::Error::msg)
+        .context("guarding the fast path's port")?;
     let udp = UdpSocket::bind(("0.0.0.0", 0))
         .await
         .context("binding the probe socket")?;
@@ -404,11 +398,13 @@ impl Fastdp {
                     (Err(reason), _) => Conn::Sleeve(reason),
                 };
                 self.conns.insert(name, conn);
+                self.admit().await;
                 self.send_probe(name).await;
             }
             Cmd::PeerDown { name } => {
                 self.set_down(name, "connection closed").await;
                 self.conns.remove(&name);
+                self.admit().await;
             }
             Cmd::Status(reply) => {
                 let now = Instant::now();
@@ -419,6 +415,22 @@ impl Fastdp {
                     .collect();
                 let _ = reply.send(map);
             }
+        }
+    }
+
+    /// Admit VXLAN datagrams from exactly the peers with a fast-path
+    /// connection (see [`host::nft`]).
+    async fn admit(&mut self) {
+        let ips: Vec<Ipv4Addr> = self
+            .conns
+            .values()
+            .filter_map(|c| match c {
+                Conn::Fast(p) => Some(p.ip),
+                Conn::Sleeve(_) => None,
+            })
+            .collect();
+        if let Err(e) = host::nft::set_underlay_peers(&ips).await {
+            warn!("admitting fast-path peers to the VXLAN port: {e}");
         }
     }
 

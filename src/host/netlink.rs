@@ -255,10 +255,20 @@ impl Netlink {
             .ok_or_else(|| HostError::NoSuchLink(name.to_string()))?;
         // RTM_NEWLINK without NLM_F_CREATE: changes the bridge's own
         // settings (RTM_SETLINK would ignore IFLA_LINKINFO).
+        // Its MAC set to itself: a bridge whose address was never set takes
+        // the lowest of its ports' and changes as ports come and go, while
+        // peers address fast-path probes to it and the isolation rules
+        // list it as local. Multicast snooping off: multicast is flooded
+        // like broadcast, to every port and both overlays (the isolation
+        // rules keep it within its subnet); with snooping, a group with a
+        // local listener would stop going to the overlays.
+        let mac = self.link_mac(name).await?;
         let msg = LinkMessageBuilder::<LinkBridge>::new(name)
             .index(index)
             .stp_state(BridgeStpState::Disabled)
+            .mcast_snooping(false)
             .mtu(mtu)
+            .address(mac.to_vec())
             .up()
             .build();
         self.handle

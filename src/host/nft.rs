@@ -1,39 +1,93 @@
 //! Isolation enforced on the bridge: nftables rules (bridge family) bound to
-//! each container port's MAC and addresses (DESIGN.md §5).
+//! each container port's MAC and addresses (DESIGN.md §5), and the filter
+//! that keeps the fast path's UDP port for members.
 //!
-//! For every attached container's host-side port `vmesh…`:
+//! # The bridge table `bridge mesh`
 //!
-//! - **from the port** (hooks `forward` and `input`): the source MAC must be
-//!   the container's, only IPv4 and ARP pass, and the IPv4/ARP sender address
-//!   must be one of its addresses. A container that changes its MAC or
-//!   spoofs an address is cut off.
-//! - **from the port to another port** (hook `forward`): the IPv4/ARP target
-//!   must be inside one of its subnets. Adding a route to another subnet
-//!   gets it nowhere. (Frames to the host itself go through `input`, where
-//!   only the anti-spoofing applies, so an exposing host can route for it.)
-//! - **to the port from another port** (hook `forward`): the IPv4/ARP
-//!   sender must be inside one of its subnets, whoever forwarded the frame
-//!   (another port, the sleeve's TAP, the fast path). What the host itself
-//!   sends (hook `output`) is not checked: an exposing host routes replies
-//!   from anywhere back to its subnet's containers; the host never routes
-//!   from one mesh subnet to another (see [`nat_script`]).
+//! Fixed rules over sets that say, per container port `vmesh…`, its MAC
+//! (`port_mac`), its addresses (`port_ip`) and its subnets (`port_net`),
+//! and which MACs are this host's own (`local_mac`: containers' and the
+//! bridge's):
 //!
-//! A port whose MAC is not known yet is quarantined (everything dropped),
-//! so the rules are in place before the interface first comes up.
+//! - **from a port** (hook `prerouting`, so before the bridge learns the
+//!   source MAC): the source MAC must be the port's, only IPv4 and ARP
+//!   pass (IPv6 and every other ethertype are dropped: the overlay does not
+//!   route them, and they would otherwise reach every subnet), and the
+//!   IPv4/ARP sender address must be one of the port's. A container that
+//!   changes its MAC or spoofs an address is cut off, and cannot teach the
+//!   bridge that another container's MAC is behind it.
+//! - **from a port to another port** (hook `forward`): the IPv4/ARP target
+//!   must be inside one of its subnets (adding a route to another subnet
+//!   gets it nowhere), except IPv4 multicast and the limited broadcast,
+//!   which go to every port and overlay and are filtered where they are
+//!   delivered. Frames to the host itself are not checked here, so an
+//!   exposing host can route for its subnet.
+//! - **to a port** (hook `forward`, whoever forwarded the frame: another
+//!   port, the sleeve's TAP, the fast path): only IPv4 and ARP, and the
+//!   IPv4/ARP sender must be inside one of the port's subnets. A subnet's
+//!   broadcasts and multicasts therefore reach its own containers only.
+//!   What the host itself sends (hook `output`) is checked for its
+//!   ethertype only: an exposing host routes replies from anywhere back to
+//!   its subnet's containers; the host never routes from one mesh subnet to
+//!   another (see [`nat_script`]).
+//! - **from an overlay** (the TAP or the VXLAN device, hook `prerouting`):
+//!   a frame whose source MAC is one of this host's own is dropped. Local
+//!   MACs are learnt from attach, never from the overlay, so no member can
+//!   take over a local container's traffic.
 //!
-//! The whole table `bridge mesh` is rebuilt from the list of ports in one
-//! `nft -f` transaction on every change: the kernel swaps old for new
-//! atomically, a restart or a crash can leave nothing stale, and there are
-//! no rule handles to track. At a few rules per port this costs a few
-//! milliseconds even for hundreds of containers.
+//! A `vmesh…` port without entries (its MAC not known yet, or unknown to
+//! this daemon) fails the first check: quarantined, everything dropped. So
+//! the rules are in place before an interface first comes up.
+//!
+//! Every drop is counted by reason in a named counter ([`REASONS`]), read
+//! by [`counters`] for `mesh status`.
+//!
+//! The table itself is made once per daemon process (deleted and made
+//! again, so a restart or a crash leaves nothing stale); every change after
+//! that replaces the sets' contents in one `nft -f` transaction, which the
+//! kernel applies atomically, and the counters keep counting.
+//!
+//! # The underlay table `inet mesh_fastdp`
+//!
+//! The fast path's VXLAN device takes any datagram to its UDP port and
+//! puts the frame inside on the bridge. The set `peers` holds the underlay
+//! addresses of the peers that have a fast-path connection with us; a
+//! datagram to the port from any other address is dropped (and counted as
+//! `vxlan_not_peer`) in hook `input`, before the VXLAN socket sees it.
 
 use ipnet::Ipv4Net;
+use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::net::Ipv4Addr;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::AsyncWriteExt;
 
 /// The nftables table (family `bridge`).
 pub const TABLE: &str = "mesh";
+/// The underlay table (family `inet`) guarding the fast path's port.
+pub const UNDERLAY_TABLE: &str = "mesh_fastdp";
+/// Host-side names of container ports start with this.
+pub const PORT_PREFIX: &str = "vmesh";
+
+/// The bridge table's drop counters: reason, and what it means.
+pub const REASONS: &[(&str, &str)] = &[
+    (
+        "spoofed",
+        "a container sent from a MAC or address it was not given, or from a quarantined port",
+    ),
+    ("isolation", "a frame from one subnet to another"),
+    (
+        "ethertype",
+        "IPv6 or another ethertype the overlay does not route",
+    ),
+    (
+        "mac_claim",
+        "a frame from the overlay whose source is one of this host's MACs",
+    ),
+];
+/// The underlay table's drop counter.
+pub const VXLAN_REASON: &str = "vxlan_not_peer";
 
 /// One container port and what it may send and receive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,91 +100,123 @@ pub struct Port {
     pub addrs: Vec<Ipv4Net>,
 }
 
-fn set<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+fn list<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
     let v: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
-    format!("{{ {} }}", v.join(", "))
+    v.join(", ")
 }
 
-fn chain_id(ifname: &str) -> String {
-    ifname
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect()
-}
-
-/// The complete script for these ports: replaces the table atomically.
-pub fn script(ports: &[Port]) -> String {
+/// The script that makes the bridge table afresh, its sets empty (every
+/// container port quarantined).
+pub fn table_script() -> String {
     let mut s = String::new();
     // Create-then-delete makes the delete succeed whether or not the table
     // exists; all of it is one transaction.
     let _ = writeln!(s, "table bridge {TABLE}\ndelete table bridge {TABLE}");
     let _ = writeln!(s, "table bridge {TABLE} {{");
-    let mut from = Vec::new();
-    let mut to_other = Vec::new();
-    let mut to = Vec::new();
-    for p in ports {
-        let id = chain_id(&p.ifname);
-        let name = &p.ifname;
-        match (&p.mac, p.addrs.is_empty()) {
-            (Some(mac), false) => {
-                let addrs = set(p.addrs.iter().map(|a| a.addr()));
-                let mut nets: Vec<Ipv4Net> = p.addrs.iter().map(|a| a.trunc()).collect();
-                nets.sort();
-                nets.dedup();
-                let nets = set(nets);
-                let _ = writeln!(
-                    s,
-                    "  chain from_{id} {{
-    ether saddr != {mac} drop
-    ether type != {{ ip, arp }} drop
-    ether type ip ip saddr != {addrs} drop
-    ether type arp arp saddr ether != {mac} drop
-    ether type arp arp saddr ip != {addrs} drop
-  }}
-  chain from_{id}_to_other {{
-    ether type ip ip daddr != {nets} drop
-    ether type arp arp daddr ip != {nets} drop
-  }}
-  chain to_{id} {{
-    ether type ip ip saddr != {nets} drop
-    ether type arp arp saddr ip != {nets} drop
-  }}"
-                );
-            }
-            _ => {
-                let _ = writeln!(
-                    s,
-                    "  chain from_{id} {{ drop; }}\n  chain from_{id}_to_other {{ drop; }}\n  chain to_{id} {{ drop; }}"
-                );
-            }
-        }
-        from.push(format!("\"{name}\" : jump from_{id}"));
-        to_other.push(format!("\"{name}\" : jump from_{id}_to_other"));
-        to.push(format!("\"{name}\" : jump to_{id}"));
+    for (reason, _) in REASONS {
+        let _ = writeln!(s, "  counter {reason} {{ }}");
     }
-    let vmap = |key: &str, entries: &[String]| -> String {
-        if entries.is_empty() {
-            String::new()
-        } else {
-            format!("    {key} vmap {{ {} }}\n", entries.join(", "))
-        }
-    };
+    let overlays = format!(
+        "\"{}\", \"{}\"",
+        super::TAP,
+        crate::datapath::fastdp::DEVICE
+    );
+    let p = PORT_PREFIX;
     let _ = write!(
         s,
-        "  chain forward {{
+        "  set port_mac {{ type ifname . ether_addr; }}
+  set port_ip {{ type ifname . ipv4_addr; }}
+  set port_net {{ type ifname . ipv4_addr; flags interval; }}
+  set local_mac {{ type ether_addr; }}
+  chain prerouting {{
+    type filter hook prerouting priority -200; policy accept;
+    iifname \"{p}*\" jump from_port
+    iifname {{ {overlays} }} ether saddr @local_mac counter name mac_claim drop
+  }}
+  chain from_port {{
+    iifname . ether saddr != @port_mac counter name spoofed drop
+    ether type != {{ ip, arp }} counter name ethertype drop
+    ether type ip iifname . ip saddr != @port_ip counter name spoofed drop
+    ether type arp iifname . arp saddr ether != @port_mac counter name spoofed drop
+    ether type arp iifname . arp saddr ip != @port_ip counter name spoofed drop
+  }}
+  chain forward {{
     type filter hook forward priority 0; policy accept;
-{}{}{}  }}
-  chain input {{
-    type filter hook input priority 0; policy accept;
-{}  }}
+    iifname \"{p}*\" jump from_port_to_other
+    oifname \"{p}*\" jump to_port
+  }}
+  chain from_port_to_other {{
+    ether type ip ip daddr {{ 224.0.0.0/4, 255.255.255.255 }} return
+    ether type ip iifname . ip daddr != @port_net counter name isolation drop
+    ether type arp iifname . arp daddr ip != @port_net counter name isolation drop
+  }}
+  chain to_port {{
+    ether type != {{ ip, arp }} counter name ethertype drop
+    ether type ip oifname . ip saddr != @port_net counter name isolation drop
+    ether type arp oifname . arp saddr ip != @port_net counter name isolation drop
+  }}
+  chain output {{
+    type filter hook output priority 0; policy accept;
+    oifname \"{p}*\" ether type != {{ ip, arp }} counter name ethertype drop
+  }}
 }}
-",
-        vmap("iifname", &from),
-        vmap("iifname", &to_other),
-        vmap("oifname", &to),
-        vmap("iifname", &from),
+"
     );
     s
+}
+
+/// The script that makes the sets say exactly `ports` and `local_macs`
+/// (MACs as `xx:xx:…`), replacing what they held, in one transaction.
+pub fn elements_script(ports: &[Port], local_macs: &[String]) -> String {
+    let mut macs = Vec::new();
+    let mut ips = Vec::new();
+    let mut nets = Vec::new();
+    for p in ports {
+        let Some(mac) = &p.mac else {
+            continue; // quarantined: no entries at all
+        };
+        if p.addrs.is_empty() {
+            continue;
+        }
+        let name = &p.ifname;
+        macs.push(format!("\"{name}\" . {mac}"));
+        let mut addrs: Vec<Ipv4Addr> = p.addrs.iter().map(|a| a.addr()).collect();
+        addrs.sort();
+        addrs.dedup();
+        ips.extend(addrs.iter().map(|a| format!("\"{name}\" . {a}")));
+        let mut ns: Vec<Ipv4Net> = p.addrs.iter().map(|a| a.trunc()).collect();
+        ns.sort();
+        ns.dedup();
+        // Nested subnets of one port: the widest covers the others (an
+        // interval set refuses overlapping elements).
+        let widest: Vec<Ipv4Net> = ns
+            .iter()
+            .copied()
+            .filter(|n| !ns.iter().any(|o| o != n && o.contains(n)))
+            .collect();
+        nets.extend(widest.iter().map(|n| format!("\"{name}\" . {n}")));
+    }
+    let mut local: Vec<&String> = local_macs.iter().collect();
+    local.sort();
+    local.dedup();
+    let mut s = String::new();
+    for (set, elems) in [
+        ("port_mac", list(&macs)),
+        ("port_ip", list(&ips)),
+        ("port_net", list(&nets)),
+        ("local_mac", list(&local)),
+    ] {
+        let _ = writeln!(s, "flush set bridge {TABLE} {set}");
+        if !elems.is_empty() {
+            let _ = writeln!(s, "add element bridge {TABLE} {set} {{ {elems} }}");
+        }
+    }
+    s
+}
+
+/// The complete script for these ports: makes the table afresh with them.
+pub fn script(ports: &[Port], local_macs: &[String]) -> String {
+    table_script() + &elements_script(ports, local_macs)
 }
 
 async fn nft(script: &str) -> Result<(), String> {
@@ -162,15 +248,121 @@ async fn nft(script: &str) -> Result<(), String> {
     }
 }
 
-/// Make the kernel's rules exactly those for `ports`.
-pub async fn sync(ports: &[Port]) -> Result<(), String> {
-    nft(&script(ports)).await
+/// Whether this process has made the bridge table (after that, a change
+/// only replaces the sets' contents and the counters keep counting).
+static MADE: AtomicBool = AtomicBool::new(false);
+
+/// Make the kernel's rules exactly those for `ports`, with `local_macs`
+/// (this host's own MACs: containers' and the bridge's) refused from the
+/// overlays.
+pub async fn sync(ports: &[Port], local_macs: &[String]) -> Result<(), String> {
+    if MADE.load(Ordering::Acquire) {
+        match nft(&elements_script(ports, local_macs)).await {
+            Ok(()) => return Ok(()),
+            // Someone removed the table (`nft flush ruleset`, a firewall
+            // reload): make it again, now.
+            Err(e) => tracing::warn!("isolation rules missing or refused ({e}); making them again"),
+        }
+    }
+    match nft(&script(ports, local_macs)).await {
+        Ok(()) => {
+            MADE.store(true, Ordering::Release);
+            Ok(())
+        }
+        Err(e) => {
+            // Whatever went wrong, make the table afresh next time.
+            MADE.store(false, Ordering::Release);
+            Err(e)
+        }
+    }
+}
+
+/// The script that makes the underlay table afresh: datagrams to the fast
+/// path's UDP `port` are taken only from the addresses in its set.
+pub fn underlay_script(port: u16) -> String {
+    let t = UNDERLAY_TABLE;
+    let r = VXLAN_REASON;
+    format!(
+        "table inet {t}\ndelete table inet {t}
+table inet {t} {{
+  counter {r} {{ }}
+  set peers {{ type ipv4_addr; }}
+  chain input {{
+    type filter hook input priority -150; policy accept;
+    udp dport {port} ip saddr != @peers counter name {r} drop
+    udp dport {port} meta nfproto ipv6 counter name {r} drop
+  }}
+}}
+"
+    )
+}
+
+/// The script that makes the underlay set hold exactly `peers`.
+pub fn underlay_peers_script(peers: &[Ipv4Addr]) -> String {
+    let mut p = peers.to_vec();
+    p.sort();
+    p.dedup();
+    let mut s = format!("flush set inet {UNDERLAY_TABLE} peers\n");
+    if !p.is_empty() {
+        let _ = writeln!(
+            s,
+            "add element inet {UNDERLAY_TABLE} peers {{ {} }}",
+            list(&p)
+        );
+    }
+    s
+}
+
+/// Make the underlay table afresh (no peer admitted yet).
+pub async fn make_underlay(port: u16) -> Result<(), String> {
+    nft(&underlay_script(port)).await
+}
+
+/// Admit fast-path datagrams from exactly `peers`.
+pub async fn set_underlay_peers(peers: &[Ipv4Addr]) -> Result<(), String> {
+    nft(&underlay_peers_script(peers)).await
+}
+
+/// The drop counters of both tables, by reason (packets). A table that
+/// does not exist contributes nothing.
+pub async fn counters() -> Result<BTreeMap<String, u64>, String> {
+    let mut all = BTreeMap::new();
+    for (family, table) in [("bridge", TABLE), ("inet", UNDERLAY_TABLE)] {
+        let out = tokio::process::Command::new("nft")
+            .args(["-j", "list", "counters", "table", family, table])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("running nft: {e}"))?;
+        if !out.status.success() {
+            continue;
+        }
+        all.extend(parse_counters(&out.stdout));
+    }
+    Ok(all)
+}
+
+/// The counters in `nft -j list counters` output: name → packets.
+fn parse_counters(json: &[u8]) -> BTreeMap<String, u64> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) else {
+        return BTreeMap::new();
+    };
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| {
+            let c = o.get("counter")?;
+            Some((c["name"].as_str()?.to_string(), c["packets"].as_u64()?))
+        })
+        .collect()
 }
 
 /// Remove the tables (`mesh reset`).
 pub async fn remove() -> Result<(), String> {
     nft(&format!(
-        "table bridge {TABLE}\ndelete table bridge {TABLE}\ntable ip {TABLE}\ndelete table ip {TABLE}\n"
+        "table bridge {TABLE}\ndelete table bridge {TABLE}\ntable ip {TABLE}\ndelete table ip {TABLE}\ntable inet {UNDERLAY_TABLE}\ndelete table inet {UNDERLAY_TABLE}\n"
     ))
     .await
 }
@@ -222,6 +414,7 @@ pub async fn sync_nat(bridge: &str, exposed: &[Ipv4Net]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::testutil::{ns_ok, ns_run, require_root, TestNet};
 
     fn port(name: &str, mac: Option<&str>, addrs: &[&str]) -> Port {
         Port {
@@ -232,30 +425,120 @@ mod tests {
     }
 
     #[test]
-    fn script_binds_mac_addresses_and_subnets() {
-        let s = script(&[port(
-            "vmesh0a1b2c3d",
-            Some("0a:58:c6:13:01:05"),
-            &["198.19.1.5/24", "198.19.2.7/24"],
-        )]);
-        assert!(s.contains("ether saddr != 0a:58:c6:13:01:05 drop"), "{s}");
+    fn elements_bind_mac_addresses_and_subnets() {
+        let s = elements_script(
+            &[port(
+                "vmesh0a1b2c3d",
+                Some("0a:58:c6:13:01:05"),
+                &["198.19.1.5/24", "198.19.2.7/24", "198.19.2.9/16"],
+            )],
+            &["0a:00:00:00:00:01".into()],
+        );
         assert!(
-            s.contains("ip saddr != { 198.19.1.5, 198.19.2.7 } drop"),
+            s.contains("port_mac { \"vmesh0a1b2c3d\" . 0a:58:c6:13:01:05 }"),
             "{s}"
         );
         assert!(
-            s.contains("ip daddr != { 198.19.1.0/24, 198.19.2.0/24 } drop"),
+            s.contains("port_ip { \"vmesh0a1b2c3d\" . 198.19.1.5, \"vmesh0a1b2c3d\" . 198.19.2.7, \"vmesh0a1b2c3d\" . 198.19.2.9 }"),
             "{s}"
         );
-        assert!(s.contains("iifname vmap { \"vmesh0a1b2c3d\" : jump from_vmesh0a1b2c3d }"));
-        assert!(s.starts_with("table bridge mesh\ndelete table bridge mesh\n"));
+        // 198.19.0.0/16 covers both /24s: one element, no overlap.
+        assert!(
+            s.contains("port_net { \"vmesh0a1b2c3d\" . 198.19.0.0/16 }"),
+            "{s}"
+        );
+        assert!(s.contains("local_mac { 0a:00:00:00:00:01 }"), "{s}");
+        for set in ["port_mac", "port_ip", "port_net", "local_mac"] {
+            assert!(s.contains(&format!("flush set bridge mesh {set}\n")), "{s}");
+        }
     }
 
     #[test]
     fn unknown_mac_quarantines() {
-        let s = script(&[port("vmeshq", None, &["198.19.1.5/24"])]);
-        assert!(s.contains("chain from_vmeshq { drop; }"), "{s}");
-        assert!(s.contains("chain to_vmeshq { drop; }"), "{s}");
+        let s = elements_script(&[port("vmeshq", None, &["198.19.1.5/24"])], &[]);
+        assert!(!s.contains("vmeshq"), "{s}");
+        assert!(table_script().contains("iifname \"vmesh*\" jump from_port"));
+    }
+
+    /// The scripts are what the real `nft` takes: the table, then changes
+    /// of its sets that keep the counters, then the underlay table.
+    #[test]
+    fn the_kernel_takes_the_scripts_and_counters_survive_changes() {
+        if !require_root() {
+            return;
+        }
+        let net = TestNet::new();
+        let ns = net.add_ns("nft");
+        let apply = |s: &str| {
+            let f = std::env::temp_dir().join(format!("{ns}.nft"));
+            std::fs::write(&f, s).expect("write script");
+            let ok = ns_ok(&ns, &["nft", "-f", &f.to_string_lossy()]);
+            let _ = std::fs::remove_file(&f);
+            assert!(ok, "nft refused:\n{s}");
+        };
+        let a = port("vmesha", Some("0a:00:00:00:00:0a"), &["198.19.1.5/24"]);
+        let b = port("vmeshb", Some("0a:00:00:00:00:0b"), &["198.19.2.5/24"]);
+        let q = port("vmeshq", None, &["198.19.2.6/24"]);
+        apply(&script(
+            &[a.clone(), q.clone()],
+            &["0a:00:00:00:00:0a".into()],
+        ));
+        // Changes touch the sets only: the table, its rules and its
+        // counters stay (and keep counting).
+        let change = elements_script(&[a.clone(), b.clone()], &[]);
+        assert!(
+            !change.contains("delete") && !change.contains("counter"),
+            "{change}"
+        );
+        apply(&change);
+        apply(&elements_script(&[b], &["0a:00:00:00:00:0b".into()]));
+        let listed = ns_run(&ns, &["nft", "list", "table", "bridge", "mesh"]);
+        assert!(
+            listed.contains("\"vmeshb\" . 0a:00:00:00:00:0b"),
+            "{listed}"
+        );
+        assert!(!listed.contains("vmesha"), "{listed}");
+        let json = ns_run(
+            &ns,
+            &["nft", "-j", "list", "counters", "table", "bridge", "mesh"],
+        );
+        let c = parse_counters(json.as_bytes());
+        for (reason, _) in REASONS {
+            assert_eq!(c.get(*reason), Some(&0), "{json}");
+        }
+        apply(&underlay_script(6784));
+        apply(&underlay_peers_script(&[
+            "198.18.0.2".parse().expect("ip"),
+            "198.18.0.3".parse().expect("ip"),
+            "198.18.0.2".parse().expect("ip"),
+        ]));
+        apply(&underlay_peers_script(&[]));
+        let json = ns_run(
+            &ns,
+            &[
+                "nft",
+                "-j",
+                "list",
+                "counters",
+                "table",
+                "inet",
+                UNDERLAY_TABLE,
+            ],
+        );
+        assert_eq!(
+            parse_counters(json.as_bytes()).get(VXLAN_REASON),
+            Some(&0),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn counters_parse_and_garbage_is_empty() {
+        let json = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"counter": {"family": "bridge", "name": "spoofed", "table": "mesh", "handle": 3, "packets": 7, "bytes": 420}}]}"#;
+        let c = parse_counters(json);
+        assert_eq!(c.get("spoofed"), Some(&7));
+        assert!(parse_counters(b"not json").is_empty());
+        assert!(parse_counters(b"{}").is_empty());
     }
 
     #[test]
@@ -276,12 +559,5 @@ mod tests {
             nat_script("mesh", &[]),
             "table ip mesh\ndelete table ip mesh\n"
         );
-    }
-
-    #[test]
-    fn no_ports_no_maps() {
-        let s = script(&[]);
-        assert!(!s.contains("vmap"), "{s}");
-        assert!(s.contains("hook forward"));
     }
 }

@@ -544,6 +544,7 @@ impl Router {
             peers,
             targets: Vec::new(),
             sleeve: stats,
+            drops: Default::default(),
             problems: self.problems.clone(),
             ipam: Some(self.ipam.status(&self.gossip)),
             dns: Some(self.names.status()),

@@ -21,6 +21,7 @@
 mod capture;
 mod consts;
 mod datapath;
+mod frames;
 mod hosts;
 pub mod podman;
 mod process;
@@ -33,6 +34,8 @@ pub use capture::*;
 pub use consts::*;
 #[allow(unused_imports)]
 pub use datapath::*;
+#[allow(unused_imports)]
+pub use frames::*;
 #[allow(unused_imports)]
 pub use hosts::*;
 #[allow(unused_imports)]
