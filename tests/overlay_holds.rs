@@ -439,3 +439,50 @@ fn multicast_and_broadcast_stay_in_their_subnet_over_the_sleeve() {
 fn multicast_and_broadcast_stay_in_their_subnet_with_the_fast_path() {
     multicast_and_broadcast("multicast_fastdp", &[], "fastdp");
 }
+
+#[test]
+fn a_firewall_reload_does_not_end_isolation() {
+    let Some(mut w) = World::new("nft_flush") else {
+        return;
+    };
+    let h1 = w.add_host();
+    w.launch(&h1, &[]);
+    let a1 = w.add_container("a1");
+    let b1 = w.add_container("b1");
+    w.attach(&h1, &a1, "198.19.1.1/24");
+    w.attach(&h1, &b1, "198.19.2.1/24");
+    let a1_mac = a1.ethmesh_mac().expect("a1's MAC");
+    // What `systemctl reload nftables` does first.
+    run_ok("ip", &["netns", "exec", &h1.ns, "nft", "flush", "ruleset"]);
+    wait_for(DEADLINE, "h1 makes its tables again", || {
+        let tables = run_ok("ip", &["netns", "exec", &h1.ns, "nft", "list", "tables"]);
+        let set = run(
+            &mut h1.command("nft", &["list", "set", "bridge", "mesh", "port_mac"]),
+            CMD_TIMEOUT,
+        );
+        let set = String::from_utf8_lossy(&set.stdout).to_string();
+        if tables.contains("table inet mesh_fastdp") && set.contains(&a1_mac) {
+            Ok(())
+        } else {
+            Err(format!("{tables}{set}"))
+        }
+    });
+    // b1, with a route to subnet A, still cannot reach a1.
+    run_ok(
+        "ip",
+        &[
+            "-n",
+            &b1.ns,
+            "route",
+            "add",
+            "198.19.1.0/24",
+            "dev",
+            "ethmesh",
+        ],
+    );
+    assert!(
+        !ping(&b1.ns, "198.19.1.1"),
+        "b1 reached a1 after the ruleset was flushed"
+    );
+    assert!(h1.log_tail(200).contains("making them again"));
+}

@@ -663,6 +663,8 @@ impl Manager {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut check = tokio::time::interval(GONE_CHECK);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = tokio::time::interval(host::nft::WATCH);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let Cmd { req, reply } = tokio::select! {
                 c = rx.recv() => match c {
@@ -671,6 +673,10 @@ impl Manager {
                 },
                 _ = check.tick() => {
                     self.release_gone().await;
+                    continue;
+                }
+                _ = watch.tick() => {
+                    self.restore_rules().await;
                     continue;
                 }
             };
@@ -1152,6 +1158,29 @@ impl Manager {
 
     /// Forget containers whose interface is gone (their namespace was
     /// destroyed) and release their addresses.
+    /// Make the isolation and NAT tables again if someone removed them (a
+    /// firewall reload flushes the whole ruleset): isolation must not end
+    /// silently.
+    async fn restore_rules(&mut self) {
+        let Ok(tables) = host::nft::tables().await else {
+            return;
+        };
+        let has = |t: &str| tables.iter().any(|x| x == t);
+        if !has(&format!("bridge {}", host::nft::TABLE)) {
+            warn!("the isolation rules were removed (nft flush ruleset?); making them again");
+            host::nft::table_lost();
+            if let Err(e) = self.sync_rules(None).await {
+                warn!("isolation rules: {e}");
+            }
+        }
+        if !self.exposed.is_empty() && !has(&format!("ip {}", host::nft::TABLE)) {
+            warn!("the NAT of exposed subnets was removed; making it again");
+            if let Err(e) = host::nft::sync_nat(BRIDGE, &self.exposed).await {
+                warn!("NAT of exposed subnets: {e}");
+            }
+        }
+    }
+
     async fn release_gone(&mut self) {
         // One dump of the host's links, not a request per container.
         let Ok(links) = self.nl.links().await else {

@@ -335,6 +335,8 @@ pub async fn run(me: PeerName, dev: Device, mut rx: mpsc::Receiver<Cmd>) {
     };
     let mut tick = tokio::time::interval(fastdp::PROBE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = tokio::time::interval(host::nft::WATCH);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 4096];
     loop {
         tokio::select! {
@@ -343,6 +345,7 @@ pub async fn run(me: PeerName, dev: Device, mut rx: mpsc::Receiver<Cmd>) {
                 Some(c) => f.command(c).await,
             },
             _ = tick.tick() => f.tick().await,
+            _ = watch.tick() => f.restore_filter().await,
             r = sock.readable() => {
                 let Ok(mut guard) = r else { break };
                 match guard.try_io(|fd| recv_probe(fd, &mut buf)) {
@@ -416,6 +419,23 @@ impl Fastdp {
                 let _ = reply.send(map);
             }
         }
+    }
+
+    /// Make the underlay filter again if someone removed it (a firewall
+    /// reload): the VXLAN port must not open to everyone silently.
+    async fn restore_filter(&mut self) {
+        let Ok(tables) = host::nft::tables().await else {
+            return;
+        };
+        let ours = format!("inet {}", host::nft::UNDERLAY_TABLE);
+        if tables.iter().any(|t| *t == ours) {
+            return;
+        }
+        warn!("the fast path's port filter was removed (nft flush ruleset?); making it again");
+        if let Err(e) = host::nft::make_underlay(self.dev.local.port).await {
+            warn!("guarding the fast path's port: {e}");
+        }
+        self.admit().await;
     }
 
     /// Admit VXLAN datagrams from exactly the peers with a fast-path

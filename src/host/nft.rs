@@ -323,6 +323,35 @@ pub async fn set_underlay_peers(peers: &[Ipv4Addr]) -> Result<(), String> {
     nft(&underlay_peers_script(peers)).await
 }
 
+/// How often the daemon checks that its tables are still there (a firewall
+/// reload, `nft flush ruleset`, removes them): one `nft list tables`.
+pub const WATCH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The tables the kernel has now, as `family name` (e.g. `bridge mesh`).
+pub async fn tables() -> Result<Vec<String>, String> {
+    let out = tokio::process::Command::new("nft")
+        .args(["list", "tables"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("running nft: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("nft list tables failed ({})", out.status));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table "))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Forget that the bridge table was made: the next [`sync`] makes it
+/// afresh (it was found missing).
+pub fn table_lost() {
+    MADE.store(false, Ordering::Release);
+}
+
 /// The drop counters of both tables, by reason (packets). A table that
 /// does not exist contributes nothing.
 pub async fn counters() -> Result<BTreeMap<String, u64>, String> {
