@@ -1311,3 +1311,54 @@ fn deliver(sh: &Shared, src: PeerName, body: &[u8]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report's reason names are stable, distinct snake_case words, and
+    /// every reason is reported (a zero too).
+    #[test]
+    fn drop_reasons_are_named_once() {
+        let names: Vec<&str> = Reason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "malformed",
+                "auth",
+                "replay",
+                "unknown_sender",
+                "reassembly",
+                "hop_limit",
+                "no_route",
+                "from_us",
+                "mac_claim",
+                "mac_limit",
+                "path_mtu",
+                "send"
+            ]
+        );
+        let c = Counters::default();
+        c.drop(Reason::Send, 2);
+        c.drop(Reason::Auth, 1);
+        let d = c.drops();
+        assert_eq!(d.len(), Reason::ALL.len());
+        assert_eq!((d["send"], d["auth"], d["malformed"]), (2, 1, 0));
+    }
+
+    #[test]
+    fn open_errors_map_to_reasons() {
+        use mesh_proto::WireError;
+        for (e, want) in [
+            (OpenError::Wire(WireError::Invalid("x")), Reason::Malformed),
+            (OpenError::Seal(SealError::Replay(3)), Reason::Replay),
+            (OpenError::Seal(SealError::Forged), Reason::Auth),
+            (OpenError::NoKey(2), Reason::Auth),
+            (OpenError::PlainRefused, Reason::Auth),
+        ] {
+            assert_eq!(Reason::of_open(&e), want, "{e}");
+        }
+        assert_eq!(Reason::of_drop(DropReason::NoRoute), Reason::NoRoute);
+        assert_eq!(Reason::of_drop(DropReason::FromUs), Reason::FromUs);
+    }
+}
