@@ -387,8 +387,14 @@ pub struct SleeveStats {
     pub datagrams_out: u64,
     /// Datagrams received and accepted.
     pub datagrams_in: u64,
-    /// Datagrams dropped (malformed, forged, replayed, unknown sender).
+    /// Everything dropped: the sum of `drops`.
     pub dropped: u64,
+    /// Datagrams, messages or frames dropped, by reason (`malformed`,
+    /// `auth`, `replay`, `unknown_sender`, `reassembly`, `hop_limit`,
+    /// `no_route`, `from_us`, `mac_claim`, `mac_limit`, `path_mtu`, `send`;
+    /// see the README's report fields). Absent from daemons before 0.3.
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<String, u64>,
     /// Messages sealed (a datagram carries one message of one or more frames).
     pub sealed_out: u64,
     /// Messages relayed on towards other peers.
@@ -691,6 +697,7 @@ mod tests {
             "sleeve.datagrams_in",
             "sleeve.relayed",
             "sleeve.dropped",
+            "sleeve.drops",
             "ipam",
             "ipam.range",
             "ipam.default_subnet",

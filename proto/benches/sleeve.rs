@@ -42,7 +42,7 @@ fn encap(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("segment", name), &msg, |b, msg| {
             let mut hdrs = Vec::with_capacity(64);
             b.iter(|| {
-                let h = message_header(A, B, None, 7).expect("header").emit();
+                let h = message_header(A, B, 0, None, 7).expect("header").emit();
                 let plan = Segment::plan(msg.len(), PAYLOAD).expect("plan");
                 hdrs.clear();
                 hdrs.extend(plan.headers(&h));
@@ -52,13 +52,13 @@ fn encap(c: &mut Criterion) {
                 black_box(hdrs.len() + bytes)
             })
         });
-        let dgrams =
-            segment_message(&message_header(A, B, None, 7).expect("h"), &msg, PAYLOAD).expect("s");
+        let dgrams = segment_message(&message_header(A, B, 0, None, 7).expect("h"), &msg, PAYLOAD)
+            .expect("s");
         g.bench_with_input(
             BenchmarkId::new("reassemble", name),
             &dgrams,
             |b, dgrams| {
-                let mut r = Reassembler::new(8, Duration::from_secs(2));
+                let mut r = Reassembler::new(8, 8, Duration::from_secs(2));
                 let now = Instant::now();
                 let mut counter = 0u64;
                 b.iter(|| {
@@ -86,7 +86,7 @@ fn seal_open(c: &mut Criterion) {
             let mut buf = plain.clone();
             b.iter(|| {
                 buf.truncate(plain.len());
-                let h = message_header(A, B, Some(&sealer), 0).expect("header");
+                let h = message_header(A, B, 0, Some(&sealer), 0).expect("header");
                 let tag = sealer
                     .seal_detached(h.counter, &h.emit(), &mut buf)
                     .expect("seal");
@@ -95,7 +95,7 @@ fn seal_open(c: &mut Criterion) {
         });
         // Each open gets a fresh copy and a fresh opener (the replay window
         // refuses a counter twice); setting them up is not measured.
-        let h = message_header(A, B, Some(&sealer), 0).expect("header");
+        let h = message_header(A, B, 0, Some(&sealer), 0).expect("header");
         let mut sealed = plain.clone();
         sealer
             .seal(h.counter, &h.emit(), &mut sealed)

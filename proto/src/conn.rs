@@ -893,7 +893,7 @@ mod tests {
         };
         c.handle_input(now, &future.emit());
         let reason = format!(
-            "no common protocol version: we speak {}..={} (mesh 0.2), peer speaks 9..=9 (mesh a later release); every peer of a mesh must run a release that shares one (README: Upgrading)",
+            "no common protocol version: we speak {}..={} (mesh 0.3), peer speaks 9..=9 (mesh a later release); every peer of a mesh must run a release that shares one (README: Upgrading)",
             crate::PROTOCOL_MIN_VERSION,
             crate::PROTOCOL_VERSION
         );

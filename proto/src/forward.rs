@@ -20,15 +20,26 @@
 //!   the origin's broadcast tree, never back to the neighbour it came from
 //!   nor to its origin, so it cannot loop. A message claiming to come from
 //!   us is dropped.
+//! - A message that arrives having been relayed [`MAX_HOPS`] times is still
+//!   delivered when it is for us (or a broadcast), but relayed no further
+//!   ([`Decision::HopLimit`]): whatever the routes say for a moment (two
+//!   peers whose views of the topology disagree can route through each
+//!   other), no message circles for long.
 //!
 //! Before the first routes arrive, our own broadcasts go to every direct
 //! neighbour and others' are not forwarded.
 //!
 //! MAC learning is a pure step too: [`MacTable::learn`] records that a
-//! unicast source MAC lives behind the peer that sent it.
+//! unicast source MAC lives behind the peer that sent it, and says when it
+//! cannot ([`Learn`]): the MACs of this host's own containers and bridge
+//! ([`MacTable::set_local`]) never live behind a peer, and a peer's frames
+//! from more source MACs than the table holds for it are not learnt. The
+//! sleeve drops such frames rather than hand them to the kernel bridge,
+//! which would learn them too.
 
 use crate::name::PeerName;
-use std::collections::HashMap;
+pub use crate::sleeve::MAX_HOPS;
+use std::collections::{HashMap, HashSet};
 
 /// An Ethernet address.
 pub type Mac = [u8; 6];
@@ -97,11 +108,40 @@ impl Routes {
 /// one peer and [`MacTable::TOTAL`] in all (a peer sending from ever new
 /// source MACs stops being learnt, and frames to MACs not learnt are
 /// flooded along the broadcast tree, which still delivers them); the MACs
-/// of peers that become unreachable are forgotten.
+/// of peers that become unreachable are forgotten. This host's own MACs
+/// ([`MacTable::set_local`]) are never learnt behind a peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MacTable {
     owners: HashMap<Mac, PeerName>,
     per_peer: HashMap<PeerName, u32>,
+    local: HashSet<Mac>,
+}
+
+/// What [`MacTable::learn`] made of a frame's source MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learn {
+    /// Now known to live behind the sending peer (new, or moved to it).
+    Learned,
+    /// Already known behind that peer: nothing changed.
+    Known,
+    /// One of this host's own MACs: a peer claims it. Not learnt; the frame
+    /// must not reach our bridge.
+    Local,
+    /// Not known behind that peer, and the peer's bound or the total bound
+    /// is reached: not learnt; the frame must not reach our bridge either
+    /// (which would learn it, unbounded).
+    Full,
+    /// A group address (broadcast or multicast): never learnt.
+    NotUnicast,
+    /// The frame claims to come from us: never learnt.
+    FromUs,
+}
+
+impl Learn {
+    /// Whether a frame with this source MAC may be written to our TAP.
+    pub fn deliverable(self) -> bool {
+        !matches!(self, Learn::Local | Learn::Full)
+    }
 }
 
 impl MacTable {
@@ -109,6 +149,8 @@ impl MacTable {
     pub const PER_PEER: u32 = 4_096;
     /// The most MACs learnt in all.
     pub const TOTAL: usize = 65_536;
+    /// The most local MACs held.
+    pub const MAX_LOCAL: usize = 65_536;
 
     /// An empty table.
     pub fn new() -> MacTable {
@@ -130,23 +172,55 @@ impl MacTable {
         self.owners.is_empty()
     }
 
-    /// Whether [`MacTable::learn`] would change anything: `mac` is unicast,
-    /// `src` is not us, and the table does not already say so. Lets a caller
-    /// that shares the table check under a read lock first.
-    pub fn would_learn(&self, me: PeerName, src: PeerName, mac: &Mac) -> bool {
-        is_unicast(mac)
-            && src != me
-            && self.owner(mac) != Some(src)
-            && self.per_peer.get(&src).copied().unwrap_or(0) < Self::PER_PEER
-            && (self.owners.len() < Self::TOTAL || self.owners.contains_key(mac))
+    /// Replace the set of this host's own MACs (its containers' and its
+    /// bridge's; at most [`MacTable::MAX_LOCAL`] are kept), and forget any of
+    /// them learnt behind a peer.
+    pub fn set_local(&mut self, macs: impl IntoIterator<Item = Mac>) {
+        self.local = macs.into_iter().take(Self::MAX_LOCAL).collect();
+        let local = &self.local;
+        let before = self.owners.len();
+        self.owners.retain(|m, _| !local.contains(m));
+        if self.owners.len() != before {
+            self.recount();
+        }
+    }
+
+    /// Whether `mac` is one of this host's own.
+    pub fn is_local(&self, mac: &Mac) -> bool {
+        self.local.contains(mac)
+    }
+
+    /// What [`MacTable::learn`] would do, without doing it: lets a caller
+    /// that shares the table look under a read lock first, and take the
+    /// write lock only for [`Learn::Learned`].
+    pub fn check(&self, me: PeerName, src: PeerName, mac: &Mac) -> Learn {
+        if !is_unicast(mac) {
+            return Learn::NotUnicast;
+        }
+        if src == me {
+            return Learn::FromUs;
+        }
+        if self.local.contains(mac) {
+            return Learn::Local;
+        }
+        if self.owner(mac) == Some(src) {
+            return Learn::Known;
+        }
+        if self.per_peer.get(&src).copied().unwrap_or(0) >= Self::PER_PEER
+            || (self.owners.len() >= Self::TOTAL && !self.owners.contains_key(mac))
+        {
+            return Learn::Full;
+        }
+        Learn::Learned
     }
 
     /// Remember that `mac`, the source of a frame sent by peer `src`, lives
-    /// behind `src` (unicast MACs of other peers only). Returns whether the
-    /// table changed.
-    pub fn learn(&mut self, me: PeerName, src: PeerName, mac: Mac) -> bool {
-        if !self.would_learn(me, src, &mac) {
-            return false;
+    /// behind `src` (unicast MACs of other peers, not our own, within the
+    /// bounds), and say what became of it.
+    pub fn learn(&mut self, me: PeerName, src: PeerName, mac: Mac) -> Learn {
+        let l = self.check(me, src, &mac);
+        if l != Learn::Learned {
+            return l;
         }
         if let Some(old) = self.owners.insert(mac, src) {
             if let Some(n) = self.per_peer.get_mut(&old) {
@@ -154,13 +228,17 @@ impl MacTable {
             }
         }
         *self.per_peer.entry(src).or_insert(0) += 1;
-        true
+        l
     }
 
     /// Forget the MACs behind peers that are neither neighbours nor have a
     /// unicast route.
     pub fn forget_unreachable<V>(&mut self, neighbours: &HashMap<PeerName, V>, routes: &Routes) {
         self.owners.retain(|_, p| routes.reaches(neighbours, *p));
+        self.recount();
+    }
+
+    fn recount(&mut self) {
         self.per_peer.clear();
         for p in self.owners.values() {
             *self.per_peer.entry(*p).or_insert(0) += 1;
@@ -176,6 +254,12 @@ pub enum DropReason {
     /// No neighbour leads to the destination peer (other than the one the
     /// message came from).
     NoRoute,
+}
+
+/// Whether a message that arrived having been relayed `hops` times may be
+/// relayed again.
+pub fn may_relay(hops: u8) -> bool {
+    hops < MAX_HOPS
 }
 
 /// Where a frame goes.
@@ -198,6 +282,13 @@ pub enum Decision {
         /// The neighbours to send a copy to.
         hops: Vec<PeerName>,
         /// Whether our TAP gets it too.
+        local: bool,
+    },
+    /// Relayed nowhere: the message has been relayed [`MAX_HOPS`] times
+    /// already and should have gone on. Delivered to our TAP when `local`
+    /// (a broadcast).
+    HopLimit {
+        /// Whether our TAP gets it.
         local: bool,
     },
     /// Nowhere.
@@ -239,7 +330,8 @@ pub fn from_tap<V>(
 }
 
 /// Where a message that neighbour `from` sent us, from peer `src` for peer
-/// `dst` ([`PeerName::BROADCAST`] for a broadcast), goes.
+/// `dst` ([`PeerName::BROADCAST`] for a broadcast), relayed `hops` times
+/// before it reached us, goes.
 pub fn from_peer<V>(
     me: PeerName,
     neighbours: &HashMap<PeerName, V>,
@@ -247,22 +339,30 @@ pub fn from_peer<V>(
     from: PeerName,
     src: PeerName,
     dst: PeerName,
+    hops: u8,
 ) -> Decision {
     if src == me {
         return Decision::Drop(DropReason::FromUs);
     }
     if dst.is_broadcast() {
-        let hops = routes
+        let next: Vec<PeerName> = routes
             .broadcast_hops(neighbours, me, src)
             .into_iter()
             .filter(|h| *h != from && *h != src)
             .collect();
-        return Decision::Flood { hops, local: true };
+        if !next.is_empty() && !may_relay(hops) {
+            return Decision::HopLimit { local: true };
+        }
+        return Decision::Flood {
+            hops: next,
+            local: true,
+        };
     }
     if dst == me {
         return Decision::Local;
     }
     match routes.next_hop(neighbours, dst).filter(|h| *h != from) {
+        Some(_) if !may_relay(hops) => Decision::HopLimit { local: false },
         Some(via) => towards(via, dst),
         None => Decision::Drop(DropReason::NoRoute),
     }
@@ -363,18 +463,29 @@ mod tests {
         }
         assert_eq!(macs.len(), MacTable::PER_PEER as usize);
         // Another peer still learns, and a MAC that moves is counted once.
-        assert!(macs.learn(p(ME), p(6), m(0)));
-        assert!(macs.learn(p(ME), p(5), m(MacTable::PER_PEER + 20)));
+        assert_eq!(macs.learn(p(ME), p(6), m(0)), Learn::Learned);
+        assert_eq!(
+            macs.learn(p(ME), p(5), m(MacTable::PER_PEER + 20)),
+            Learn::Learned
+        );
         assert_eq!(macs.len(), MacTable::PER_PEER as usize + 1);
+        // Full again: a new MAC is refused, a known one is still known.
+        assert_eq!(
+            macs.learn(p(ME), p(5), m(MacTable::PER_PEER + 21)),
+            Learn::Full
+        );
+        assert_eq!(macs.learn(p(ME), p(5), m(1)), Learn::Known);
         let mut n = 7u8;
         let mut i = 100_000u32;
         while macs.len() < MacTable::TOTAL {
-            if !macs.learn(p(ME), p(n), m(i)) {
+            if macs.learn(p(ME), p(n), m(i)) != Learn::Learned {
                 n += 1;
             }
             i += 1;
         }
-        assert!(!macs.learn(p(ME), p(n + 1), m(i + 1)));
+        assert_eq!(macs.learn(p(ME), p(n + 1), m(i + 1)), Learn::Full);
+        // A MAC already known may still move within the total bound.
+        assert_eq!(macs.learn(p(ME), p(n + 1), m(1)), Learn::Learned);
         assert_eq!(macs.len(), MacTable::TOTAL);
     }
 
@@ -382,7 +493,7 @@ mod tests {
     fn known_mac_of_a_neighbour_goes_direct() {
         let (n, r) = line();
         let mut macs = MacTable::new();
-        assert!(macs.learn(p(ME), p(5), mac(5)));
+        assert_eq!(macs.learn(p(ME), p(5), mac(5)), Learn::Learned);
         assert_eq!(
             from_tap(p(ME), &n, &r, &macs, mac(5)),
             Decision::Direct(p(5))
@@ -409,8 +520,8 @@ mod tests {
         let mut macs = MacTable::new();
         let multicast = [0x01, 0x00, 0x5e, 0, 0, 1];
         // Group addresses are never learnt ...
-        assert!(!macs.learn(p(ME), p(5), multicast));
-        assert!(!macs.learn(p(ME), p(5), [0xff; 6]));
+        assert_eq!(macs.learn(p(ME), p(5), multicast), Learn::NotUnicast);
+        assert_eq!(macs.learn(p(ME), p(5), [0xff; 6]), Learn::NotUnicast);
         assert!(macs.is_empty());
         // ... and always flooded.
         for dst in [multicast, [0xff; 6], [0x33, 0x33, 0, 0, 0, 1]] {
@@ -471,7 +582,7 @@ mod tests {
         let (n, r) = line();
         let mut macs = MacTable::new();
         // A frame of ours that came back (a message claiming to be from us).
-        assert!(!macs.learn(p(ME), p(ME), mac(1)));
+        assert_eq!(macs.learn(p(ME), p(ME), mac(1)), Learn::FromUs);
         assert_eq!(macs.owner(&mac(1)), None);
         assert_eq!(
             sorted(from_tap(p(ME), &n, &r, &macs, mac(1))),
@@ -485,18 +596,22 @@ mod tests {
     #[test]
     fn learning_moves_a_mac_to_its_new_peer_once() {
         let mut macs = MacTable::new();
-        assert!(macs.learn(p(ME), p(3), mac(7)));
-        assert!(!macs.would_learn(p(ME), p(3), &mac(7)));
-        assert!(!macs.learn(p(ME), p(3), mac(7)));
+        assert_eq!(macs.check(p(ME), p(3), &mac(7)), Learn::Learned);
+        assert_eq!(macs.learn(p(ME), p(3), mac(7)), Learn::Learned);
+        assert_eq!(macs.check(p(ME), p(3), &mac(7)), Learn::Known);
+        assert_eq!(macs.learn(p(ME), p(3), mac(7)), Learn::Known);
         // The container moved to another host.
-        assert!(macs.learn(p(ME), p(4), mac(7)));
+        assert_eq!(macs.learn(p(ME), p(4), mac(7)), Learn::Learned);
         assert_eq!(macs.owner(&mac(7)), Some(p(4)));
     }
 
     #[test]
     fn message_for_us_is_delivered_locally() {
         let (n, r) = line();
-        assert_eq!(from_peer(p(ME), &n, &r, p(2), p(3), p(ME)), Decision::Local);
+        assert_eq!(
+            from_peer(p(ME), &n, &r, p(2), p(3), p(ME), 0),
+            Decision::Local
+        );
     }
 
     #[test]
@@ -504,7 +619,7 @@ mod tests {
         let (n, r) = line();
         // From 5, for 4, which lies behind 2.
         assert_eq!(
-            from_peer(p(ME), &n, &r, p(5), p(5), p(4)),
+            from_peer(p(ME), &n, &r, p(5), p(5), p(4), 0),
             Decision::Relay {
                 via: p(2),
                 to: p(4)
@@ -512,7 +627,7 @@ mod tests {
         );
         // From 2 (on behalf of 3), for neighbour 5: straight to it.
         assert_eq!(
-            from_peer(p(ME), &n, &r, p(2), p(3), p(5)),
+            from_peer(p(ME), &n, &r, p(2), p(3), p(5), 0),
             Decision::Direct(p(5))
         );
     }
@@ -522,7 +637,7 @@ mod tests {
         let (n, r) = line();
         // 2 sends us something for 4, but our route to 4 is through 2.
         assert_eq!(
-            from_peer(p(ME), &n, &r, p(2), p(2), p(4)),
+            from_peer(p(ME), &n, &r, p(2), p(2), p(4), 0),
             Decision::Drop(DropReason::NoRoute)
         );
     }
@@ -531,7 +646,7 @@ mod tests {
     fn message_for_an_unreachable_peer_is_dropped() {
         let (n, r) = line();
         assert_eq!(
-            from_peer(p(ME), &n, &r, p(2), p(3), p(9)),
+            from_peer(p(ME), &n, &r, p(2), p(3), p(9), 0),
             Decision::Drop(DropReason::NoRoute)
         );
     }
@@ -541,7 +656,7 @@ mod tests {
         let (n, r) = line();
         for dst in [p(ME), p(5), PeerName::BROADCAST] {
             assert_eq!(
-                from_peer(p(ME), &n, &r, p(2), p(ME), dst),
+                from_peer(p(ME), &n, &r, p(2), p(ME), dst, 0),
                 Decision::Drop(DropReason::FromUs)
             );
         }
@@ -552,7 +667,7 @@ mod tests {
         let (n, r) = line();
         // 3's broadcast arrives through 2: delivered, and on to 5 only.
         assert_eq!(
-            from_peer(p(ME), &n, &r, p(2), p(3), PeerName::BROADCAST),
+            from_peer(p(ME), &n, &r, p(2), p(3), PeerName::BROADCAST, 0),
             Decision::Flood {
                 hops: vec![p(5)],
                 local: true
@@ -560,7 +675,7 @@ mod tests {
         );
         // 5's broadcast goes on to 2, not back to 5.
         assert_eq!(
-            from_peer(p(ME), &n, &r, p(5), p(5), PeerName::BROADCAST),
+            from_peer(p(ME), &n, &r, p(5), p(5), PeerName::BROADCAST, 0),
             Decision::Flood {
                 hops: vec![p(2)],
                 local: true
@@ -574,7 +689,7 @@ mod tests {
         // Even with a tree that (wrongly) lists them.
         r.broadcast.insert(p(3), vec![p(2), p(3), p(5)]);
         assert_eq!(
-            from_peer(p(ME), &n, &r, p(2), p(3), PeerName::BROADCAST),
+            from_peer(p(ME), &n, &r, p(2), p(3), PeerName::BROADCAST, 0),
             Decision::Flood {
                 hops: vec![p(5)],
                 local: true
@@ -583,7 +698,7 @@ mod tests {
         // The origin itself a neighbour, its frame relayed to us by another.
         r.broadcast.insert(p(5), vec![p(2), p(5)]);
         assert_eq!(
-            from_peer(p(ME), &n, &r, p(2), p(5), PeerName::BROADCAST),
+            from_peer(p(ME), &n, &r, p(2), p(5), PeerName::BROADCAST, 0),
             Decision::Flood {
                 hops: vec![],
                 local: true
@@ -595,7 +710,7 @@ mod tests {
     fn broadcast_of_an_origin_without_a_tree_is_only_delivered() {
         let (n, r) = line();
         assert_eq!(
-            from_peer(p(ME), &n, &r, p(2), p(9), PeerName::BROADCAST),
+            from_peer(p(ME), &n, &r, p(2), p(9), PeerName::BROADCAST, 0),
             Decision::Flood {
                 hops: vec![],
                 local: true
@@ -608,7 +723,8 @@ mod tests {
                 &Routes::default(),
                 p(2),
                 p(2),
-                PeerName::BROADCAST
+                PeerName::BROADCAST,
+                0
             ),
             Decision::Flood {
                 hops: vec![],
@@ -660,6 +776,7 @@ mod tests {
                 p(from),
                 p(1),
                 PeerName::BROADCAST,
+                0,
             ) {
                 Decision::Flood { hops, local: true } => {
                     delivered.push(at);
@@ -670,5 +787,148 @@ mod tests {
         }
         delivered.sort();
         assert_eq!(delivered, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn local_macs_are_never_learnt_behind_a_peer() {
+        let (n, r) = line();
+        let mut macs = MacTable::new();
+        assert_eq!(macs.learn(p(ME), p(5), mac(7)), Learn::Learned);
+        assert_eq!(macs.learn(p(ME), p(5), mac(8)), Learn::Learned);
+        // mac(7) is (now) one of our containers': what was learnt goes.
+        macs.set_local([mac(7), mac(1)]);
+        assert!(macs.is_local(&mac(7)));
+        assert_eq!(macs.owner(&mac(7)), None);
+        assert_eq!(macs.owner(&mac(8)), Some(p(5)));
+        assert_eq!(macs.len(), 1);
+        for peer in [p(5), p(4)] {
+            assert_eq!(macs.check(p(ME), peer, &mac(7)), Learn::Local);
+            assert_eq!(macs.learn(p(ME), peer, mac(7)), Learn::Local);
+            assert!(!Learn::Local.deliverable());
+        }
+        assert_eq!(macs.owner(&mac(7)), None);
+        // Frames for it from our TAP are not sent to the claimant.
+        assert_eq!(
+            sorted(from_tap(p(ME), &n, &r, &macs, mac(7))),
+            Decision::Flood {
+                hops: vec![p(2), p(5)],
+                local: false
+            }
+        );
+        // Replaced: no longer local, learnt again.
+        macs.set_local([mac(1)]);
+        assert_eq!(macs.learn(p(ME), p(5), mac(7)), Learn::Learned);
+        // The per-peer count followed the forgetting.
+        let mut m = MacTable::new();
+        for i in 0..MacTable::PER_PEER {
+            let b = i.to_be_bytes();
+            assert_eq!(
+                m.learn(p(ME), p(5), [2, 0, b[0], b[1], b[2], b[3]]),
+                Learn::Learned
+            );
+        }
+        assert_eq!(m.learn(p(ME), p(5), mac(9)), Learn::Full);
+        assert!(!Learn::Full.deliverable());
+        m.set_local([[2, 0, 0, 0, 0, 0]]);
+        assert_eq!(m.learn(p(ME), p(5), mac(9)), Learn::Learned);
+    }
+
+    #[test]
+    fn learn_says_what_it_did() {
+        let mut macs = MacTable::new();
+        assert!(Learn::Learned.deliverable() && Learn::Known.deliverable());
+        assert!(Learn::NotUnicast.deliverable() && Learn::FromUs.deliverable());
+        assert_eq!(macs.learn(p(ME), p(2), mac(2)), Learn::Learned);
+        assert_eq!(macs.learn(p(ME), p(2), mac(2)), Learn::Known);
+        assert_eq!(
+            macs.learn(p(ME), p(2), [1, 0, 0, 0, 0, 2]),
+            Learn::NotUnicast
+        );
+        assert_eq!(macs.learn(p(ME), p(ME), mac(3)), Learn::FromUs);
+    }
+
+    /// The hop limit: at [`MAX_HOPS`] a message for us or a broadcast is
+    /// still delivered, but nothing is relayed; below it, as always.
+    #[test]
+    fn hop_limit_stops_relaying_not_delivery() {
+        let (n, r) = line();
+        let at = |hops, src, dst| from_peer(p(ME), &n, &r, p(5), src, dst, hops);
+        assert_eq!(
+            at(MAX_HOPS - 1, p(5), p(4)),
+            Decision::Relay {
+                via: p(2),
+                to: p(4)
+            }
+        );
+        assert_eq!(
+            at(MAX_HOPS, p(5), p(4)),
+            Decision::HopLimit { local: false }
+        );
+        assert_eq!(at(u8::MAX, p(5), p(2)), Decision::HopLimit { local: false });
+        assert_eq!(at(MAX_HOPS - 1, p(5), p(2)), Decision::Direct(p(2)));
+        // For us: delivered whatever the count.
+        assert_eq!(at(u8::MAX, p(5), p(ME)), Decision::Local);
+        // A broadcast: delivered, not flooded on.
+        assert_eq!(
+            at(MAX_HOPS - 1, p(5), PeerName::BROADCAST),
+            Decision::Flood {
+                hops: vec![p(2)],
+                local: true
+            }
+        );
+        assert_eq!(
+            at(MAX_HOPS, p(5), PeerName::BROADCAST),
+            Decision::HopLimit { local: true }
+        );
+        // A broadcast at the end of its tree was not going on anyway: no
+        // limit was hit.
+        assert_eq!(
+            from_peer(p(ME), &n, &r, p(2), p(9), PeerName::BROADCAST, MAX_HOPS),
+            Decision::Flood {
+                hops: vec![],
+                local: true
+            }
+        );
+        // No route is still no route.
+        assert_eq!(
+            at(MAX_HOPS, p(5), p(9)),
+            Decision::Drop(DropReason::NoRoute)
+        );
+        assert!(may_relay(0) && may_relay(MAX_HOPS - 1) && !may_relay(MAX_HOPS));
+    }
+
+    /// Two peers whose routes point at each other (their topology views
+    /// disagree), each reached from the other through a third link (so the
+    /// never-straight-back rule does not end it): a message for a fourth
+    /// peer circles, each relay adding one hop, and stops after
+    /// [`MAX_HOPS`] relays.
+    #[test]
+    fn a_routing_loop_dies_at_the_hop_limit() {
+        // Peer 1's only neighbour is 2 and peer 2's is 1; both route 9
+        // through the other; the message claims to arrive from 7.
+        let view = |other: u8| {
+            let nb: HashMap<PeerName, ()> = [(p(other), ())].into_iter().collect();
+            let mut r = Routes::default();
+            r.unicast.insert(p(9), p(other));
+            (nb, r)
+        };
+        let (mut at, mut hops) = (1u8, 0u8);
+        let mut relays = 0u32;
+        loop {
+            let other = 3 - at;
+            let (nb, r) = view(other);
+            match from_peer(p(at), &nb, &r, p(7), p(3), p(9), hops) {
+                Decision::Relay { via, .. } => {
+                    relays += 1;
+                    assert!(relays <= u32::from(MAX_HOPS), "the loop goes on");
+                    at = via.0[5];
+                    hops += 1;
+                }
+                Decision::HopLimit { local: false } => break,
+                d => panic!("{d:?}"),
+            }
+        }
+        assert_eq!(relays, u32::from(MAX_HOPS));
+        assert_eq!(hops, MAX_HOPS);
     }
 }

@@ -51,6 +51,7 @@ pub fn releases(lo: u8, hi: u8) -> String {
     let of = |v: u8| match v {
         0..=2 => "0.1",
         3 => "0.2",
+        4 => "0.3",
         _ => "a later release",
     };
     if of(lo) == of(hi) {

@@ -65,11 +65,13 @@ pub mod sleeve;
 
 /// The newest protocol version this build speaks (2: the `Intro` carries
 /// the fast-path offer; 3, mesh 0.2: identities are Ed25519 keys and
-/// gossiped state is signed by its writer).
-pub const PROTOCOL_VERSION: u8 = 3;
-/// The oldest protocol version this build still speaks (a 0.1 peer cannot
-/// sign its state, so it is refused, with both releases named).
-pub const PROTOCOL_MIN_VERSION: u8 = 3;
+/// gossiped state is signed by its writer; 4, mesh 0.3: sleeve format 3,
+/// with a hop count in the header and sealed path MTU acknowledgements).
+pub const PROTOCOL_VERSION: u8 = 4;
+/// The oldest protocol version this build still speaks (a 0.2 peer speaks
+/// the sleeve format 2, which this build cannot read, so it is refused,
+/// with both releases named).
+pub const PROTOCOL_MIN_VERSION: u8 = 4;
 
 /// Why bytes from the network were rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -39,7 +39,7 @@ use crate::sleeve::{self, Header, OpenError};
 use std::time::{Duration, Instant};
 
 /// Default: offer a new key after this many messages sealed under one key
-/// (far below nonce exhaustion, [`crate::seal::REJECT_AFTER`] = 2^60, and
+/// (far below nonce exhaustion, [`crate::seal::REJECT_AFTER`] = 2^56, and
 /// ChaCha20-Poly1305's usage limits).
 pub const REKEY_AFTER_MESSAGES: u64 = 1 << 32;
 /// Default: offer a new key once one has been in use this long (as
@@ -231,6 +231,30 @@ impl KeyRing {
         header: &Header,
         msg: &mut [u8],
     ) -> Result<usize, OpenError> {
+        self.open_with(now, header, |o| sleeve::open_message(header, msg, Some(o)))
+    }
+
+    /// Open a sealed probe acknowledgement at `now` with the key its header
+    /// names, as [`sleeve::open_probe_ack`] does with one key: the size.
+    pub fn open_probe_ack(
+        &mut self,
+        now: Instant,
+        header: &Header,
+        body: &mut [u8],
+    ) -> Result<u64, OpenError> {
+        self.open_with(now, header, |o| {
+            sleeve::open_probe_ack(header, body, Some(o))
+        })
+    }
+
+    /// Run `open` with the key `header` names: the previous one while it is
+    /// accepted, else the current one (which refuses other ids).
+    fn open_with<T>(
+        &mut self,
+        now: Instant,
+        header: &Header,
+        open: impl FnOnce(&mut Opener) -> Result<T, OpenError>,
+    ) -> Result<T, OpenError> {
         if self
             .previous
             .as_ref()
@@ -239,11 +263,11 @@ impl KeyRing {
             self.previous = None;
         }
         if let Some((old, _)) = self.previous.as_mut() {
-            if old.key_id() == header.key_id && header.kind == sleeve::Kind::Sealed {
-                return sleeve::open_message(header, msg, Some(old));
+            if old.key_id() == header.key_id && header.key_id != 0 {
+                return open(old);
             }
         }
-        let n = sleeve::open_message(header, msg, Some(&mut self.current))?;
+        let n = open(&mut self.current)?;
         if !self.current_seen {
             self.current_seen = true;
             if let Some((_, until)) = self.previous.as_mut() {
@@ -274,7 +298,7 @@ mod tests {
 
     /// One message sealed by `s`: its header and sealed bytes.
     fn sealed(s: &Sealer, byte: u8) -> (Header, Vec<u8>) {
-        let h = message_header(A, B, Some(s), 0).expect("header");
+        let h = message_header(A, B, 0, Some(s), 0).expect("header");
         let mut m = vec![byte; 40];
         seal_message(&h, Some(s), &mut m).expect("seal");
         (h, m)

@@ -2,9 +2,10 @@
 //! window.
 //!
 //! Each direction of each peer pair has its own random 32-byte key, sent over
-//! the (Noise-encrypted) control channel. The nonce is the datagram's 64-bit
-//! counter (little-endian, after four zero bytes, as WireGuard does); the
-//! datagram header is the associated data, so names and counter cannot be
+//! the (Noise-encrypted) control channel. The nonce is the datagram's
+//! counter (56 bits on the wire, so below [`REJECT_AFTER`]; as a u64,
+//! little-endian, after four zero bytes, as WireGuard does); the datagram
+//! header is the associated data, so names, hop count and counter cannot be
 //! altered. A [`Sealer`] never reuses a counter and refuses to go past
 //! [`REJECT_AFTER`]; long before that (by count or by age) the sender
 //! replaces its key with a fresh one, see [`crate::rekey`].
@@ -17,8 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes the AEAD tag adds.
 pub const TAG_LEN: usize = 16;
-/// Counters at or beyond this are never used.
-pub const REJECT_AFTER: u64 = 1 << 60;
+/// Counters at or beyond this are never used: 2^56, what the sleeve
+/// header's counter field holds (keys are replaced after 2^32 messages,
+/// [`crate::rekey::REKEY_AFTER_MESSAGES`], long before).
+pub const REJECT_AFTER: u64 = 1 << 56;
 /// How far behind the highest counter a datagram may arrive.
 pub const WINDOW: u64 = 2048;
 

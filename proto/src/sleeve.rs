@@ -10,17 +10,20 @@
 //! super-frame only when it writes it to its TAP.
 //!
 //! ```text
-//! 0       1         2      3        4          10         16              24
-//! +-------+---------+------+--------+----------+----------+---------------+
-//! | magic | version | kind | key id | src peer | dst peer | counter (u64) |
-//! +-------+---------+------+--------+----------+----------+---------------+
+//! 0       1         2      3        4          10         16     17              24
+//! +-------+---------+------+--------+----------+----------+------+---------------+
+//! | magic | version | kind | key id | src peer | dst peer | hops | counter (u56) |
+//! +-------+---------+------+--------+----------+----------+------+---------------+
 //! 24             26           28            30
 //! | count (u16)  | index (u16) | stride (u16) | this segment's bytes ...   |
 //! +--------------+-------------+--------------+----------------------------+
 //! ```
 //!
 //! `src`/`dst` are [`PeerName`]s, so a message can be relayed over several
-//! hops; `dst` is [`PeerName::BROADCAST`] for flooded frames. The counter
+//! hops; `dst` is [`PeerName::BROADCAST`] for flooded frames. `hops` is how
+//! many times the message was relayed so far (0 as its origin sends it;
+//! each relay sends it on with one more, and none relays a message that
+//! arrived with [`MAX_HOPS`]). The counter (56 bits, [`COUNTER_MASK`])
 //! numbers the messages of one sending hop: it is the nonce when sealed and
 //! the reassembly key. Segment `index` of `count` carries the message bytes
 //! `[index × stride, index × stride + len)`.
@@ -29,8 +32,19 @@
 //! A sealed message (kind 2) is the body encrypted with ChaCha20-Poly1305
 //! then its 16-byte tag, with the first 24 header bytes as associated data:
 //! one seal per message, however many segments carry it (see
-//! [`crate::seal`]). The segment fields are outside the seal; a forged one
-//! can only make its message fail to reassemble or to open.
+//! [`crate::seal`]). The hop count is in that header, so each hop seals
+//! what it sends on (with its own key for the next link): a relay cannot
+//! be made to forward a message with a lowered count. The segment fields
+//! are outside the seal; a forged one can only make its message fail to
+//! reassemble or to open.
+//!
+//! Path MTU probes ([`Kind::Probe`]) are plain padding. Their answers
+//! ([`Kind::ProbeAck`]) are plain without a password (the counter is the
+//! size received, no body) and sealed with one: the counter is taken from
+//! the sender's sealer (the nonce), the body is the size (u64, big-endian)
+//! sealed under the header, so that no one who can only spoof a
+//! neighbour's address can raise our path MTU ([`sealed_probe_ack`],
+//! [`open_probe_ack`]).
 
 use crate::name::PeerName;
 use crate::seal::{Opener, SealError, Sealer, TAG_LEN};
@@ -44,8 +58,18 @@ pub const SEGMENT_LEN: usize = 6;
 pub const DATAGRAM_HEADER_LEN: usize = HEADER_LEN + SEGMENT_LEN;
 /// First byte of every sleeve datagram.
 pub const MAGIC: u8 = 0x6d;
-/// Sleeve format version.
-pub const VERSION: u8 = 2;
+/// Sleeve format version (3: the hop count in byte 16, a 56-bit counter).
+pub const VERSION: u8 = 3;
+/// Counters are 56 bits: what fits after the hop count.
+pub const COUNTER_MASK: u64 = (1 << 56) - 1;
+/// A message that arrives having been relayed this many times is delivered
+/// (when it is for us or a broadcast) but never relayed again. Far beyond
+/// the diameter of any real mesh (routes are shortest paths over at most
+/// `--max-peers` peers, and a mesh of thousands is a few hops across), and
+/// small enough that a transient routing loop (two peers whose topology
+/// views disagree for a moment, each routing through the other) dies after
+/// a few dozen copies instead of circling until the views agree.
+pub const MAX_HOPS: u8 = 64;
 /// Length of the virtio-net header carried before each frame.
 pub const VNET_HDR_LEN: usize = 10;
 /// Bytes before each frame in a message body.
@@ -75,7 +99,9 @@ pub enum Kind {
     /// A path MTU probe: one datagram of `counter` bytes (IP and UDP headers
     /// included) of padding, sent with don't-fragment ([`crate::pmtu`]).
     Probe,
-    /// The answer to a probe: `counter` is the size received; no bytes.
+    /// The answer to a probe. Plain (key id 0): `counter` is the size
+    /// received, no bytes. Sealed (with a password): `counter` is the
+    /// nonce, and the body is the size (u64, big-endian) sealed.
     ProbeAck,
 }
 
@@ -101,7 +127,10 @@ pub struct Header {
     pub src: PeerName,
     /// The peer they are for, or broadcast.
     pub dst: PeerName,
-    /// The sending hop's message counter: the nonce when sealed.
+    /// How many times the message was relayed before this hop sent it.
+    pub hops: u8,
+    /// The sending hop's message counter: the nonce when sealed. Only its
+    /// low 56 bits are sent ([`COUNTER_MASK`]).
     pub counter: u64,
 }
 
@@ -153,17 +182,18 @@ impl Header {
             PeerName(n)
         };
         let mut c = [0u8; 8];
-        c.copy_from_slice(&h[16..24]);
+        c[1..].copy_from_slice(&h[17..24]);
         Ok(Header {
             kind,
             key_id: h[3],
             src: name(4..10),
             dst: name(10..16),
+            hops: h[16],
             counter: u64::from_be_bytes(c),
         })
     }
 
-    /// The wire form.
+    /// The wire form (the counter's low 56 bits).
     pub fn emit(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0] = MAGIC;
@@ -172,7 +202,8 @@ impl Header {
         h[3] = self.key_id;
         h[4..10].copy_from_slice(&self.src.0);
         h[10..16].copy_from_slice(&self.dst.0);
-        h[16..24].copy_from_slice(&self.counter.to_be_bytes());
+        h[16] = self.hops;
+        h[17..24].copy_from_slice(&(self.counter & COUNTER_MASK).to_be_bytes()[1..]);
         h
     }
 }
@@ -287,11 +318,13 @@ pub enum OpenError {
     PlainRefused,
 }
 
-/// The header for a message to send: plain with counter `seq` when `sealer`
-/// is `None`, else sealed under the sealer's next counter.
+/// The header for a message to send, relayed `hops` times before: plain
+/// with counter `seq` (its low 56 bits) when `sealer` is `None`, else sealed
+/// under the sealer's next counter.
 pub fn message_header(
     src: PeerName,
     dst: PeerName,
+    hops: u8,
     sealer: Option<&Sealer>,
     seq: u64,
 ) -> Result<Header, SealError> {
@@ -301,13 +334,15 @@ pub fn message_header(
             key_id: 0,
             src,
             dst,
-            counter: seq,
+            hops,
+            counter: seq & COUNTER_MASK,
         },
         Some(s) => Header {
             kind: Kind::Sealed,
             key_id: s.key_id(),
             src,
             dst,
+            hops,
             counter: s.next_counter()?,
         },
     })
@@ -362,6 +397,7 @@ fn lone_datagram_header(
         key_id: 0,
         src,
         dst,
+        hops: 0,
         counter,
     };
     emit_datagram_header(
@@ -382,9 +418,85 @@ pub fn probe_datagram(src: PeerName, dst: PeerName, size: usize) -> Vec<u8> {
     d
 }
 
-/// The answer to a probe of `size` bytes.
+/// The plain answer to a probe of `size` bytes (without a password).
 pub fn probe_ack(src: PeerName, dst: PeerName, size: usize) -> [u8; DATAGRAM_HEADER_LEN] {
     lone_datagram_header(Kind::ProbeAck, src, dst, size as u64)
+}
+
+/// Bytes of a sealed probe acknowledgement after its datagram header: the
+/// size and the tag.
+pub const SEALED_ACK_BODY: usize = 8 + TAG_LEN;
+
+/// The sealed answer to a probe of `size` bytes (with a password): one
+/// datagram whose header takes its counter from `sealer` and whose body is
+/// the size sealed under that header.
+pub fn sealed_probe_ack(
+    src: PeerName,
+    dst: PeerName,
+    sealer: &Sealer,
+    size: usize,
+) -> Result<Vec<u8>, SealError> {
+    let h = Header {
+        kind: Kind::ProbeAck,
+        key_id: sealer.key_id(),
+        src,
+        dst,
+        hops: 0,
+        counter: sealer.next_counter()?,
+    };
+    let aad = h.emit();
+    let mut body = (size as u64).to_be_bytes().to_vec();
+    sealer.seal(h.counter, &aad, &mut body)?;
+    let mut d = emit_datagram_header(
+        &aad,
+        Segment {
+            count: 1,
+            index: 0,
+            stride: 0,
+        },
+    )
+    .to_vec();
+    d.extend_from_slice(&body);
+    Ok(d)
+}
+
+/// The size a probe acknowledgement (its header and body, as
+/// [`parse_datagram`] gave them) says arrived: plain when `opener` is
+/// `None` (key id 0, no body, the size in the counter), else sealed under
+/// the opener's key, opened (replay window included) in place.
+pub fn open_probe_ack(
+    header: &Header,
+    body: &mut [u8],
+    opener: Option<&mut Opener>,
+) -> Result<u64, OpenError> {
+    if header.kind != Kind::ProbeAck {
+        return Err(OpenError::Wire(WireError::Invalid(
+            "not a probe acknowledgement",
+        )));
+    }
+    match opener {
+        None if header.key_id == 0 && body.is_empty() => Ok(header.counter),
+        None if header.key_id == 0 => Err(OpenError::Wire(WireError::Trailing(body.len()))),
+        None => Err(OpenError::NoKey(header.key_id)),
+        Some(_) if header.key_id == 0 => Err(OpenError::PlainRefused),
+        Some(o) if o.key_id() != header.key_id => Err(OpenError::NoKey(header.key_id)),
+        Some(o) => {
+            if body.len() != SEALED_ACK_BODY {
+                return Err(OpenError::Wire(WireError::Invalid(
+                    "sealed probe acknowledgement length",
+                )));
+            }
+            let n = o.open(header.counter, &header.emit(), body)?;
+            let size = body
+                .get(..n)
+                .and_then(|b| b.first_chunk::<8>())
+                .map(|b| u64::from_be_bytes(*b))
+                .ok_or(OpenError::Wire(WireError::Invalid(
+                    "sealed probe acknowledgement length",
+                )))?;
+            Ok(size)
+        }
+    }
 }
 
 /// Append one frame (vnet header + Ethernet frame) as a record.
@@ -511,6 +623,7 @@ mod tests {
             key_id: 0,
             src: A,
             dst: B,
+            hops: 0,
             counter: 1,
         }
         .emit()
@@ -529,17 +642,30 @@ mod tests {
             key_id: 7,
             src: A,
             dst: PeerName::BROADCAST,
+            hops: 5,
             counter: 0x0102,
         };
         let b = h.emit();
         assert_eq!(
             b,
             [
-                0x6d, 2, 2, 7, 2, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0,
+                0x6d, 3, 2, 7, 2, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 5, 0, 0, 0, 0,
                 0, 1, 2
             ]
         );
         assert_eq!(Header::parse(&b), Ok(h));
+        // The counter is 56 bits: what is above them is not sent.
+        let wide = Header {
+            counter: (0xab << 56) | COUNTER_MASK,
+            ..h
+        };
+        let b = wide.emit();
+        assert_eq!(&b[16..], &[5, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            Header::parse(&b).map(|p| p.counter),
+            Ok(COUNTER_MASK),
+            "the hop count stays its own"
+        );
         let d = emit_datagram_header(
             &b,
             Segment {
@@ -561,9 +687,11 @@ mod tests {
         let mut b = good;
         b[0] = 0;
         assert!(matches!(Header::parse(&b), Err(WireError::BadMagic(_))));
-        let mut b = good;
-        b[1] = 1;
-        assert!(Header::parse(&b).is_err(), "version 1 is refused");
+        for old in [1, 2] {
+            let mut b = good;
+            b[1] = old;
+            assert!(Header::parse(&b).is_err(), "version {old} is refused");
+        }
         let mut b = good;
         b[2] = 5;
         assert!(Header::parse(&b).is_err());
@@ -627,7 +755,7 @@ mod tests {
         let mut body = Vec::new();
         push_frame(&mut body, &frame(60, 0x42)).unwrap();
         let plain = body.clone();
-        let h = message_header(A, B, Some(&s), 0).unwrap();
+        let h = message_header(A, B, 0, Some(&s), 0).unwrap();
         seal_message(&h, Some(&s), &mut body).unwrap();
         assert_eq!(body.len(), plain.len() + TAG_LEN);
         assert!(!body.windows(8).any(|w| w == [0x42; 8]));
@@ -638,14 +766,15 @@ mod tests {
             open_message(&h, &mut body.clone(), Some(&mut o)),
             Err(OpenError::Seal(SealError::Replay(0)))
         );
-        // The header is authenticated.
-        let other = Header { dst: A, ..h };
+        // The header is authenticated, the hop count with it.
         let mut o2 = Opener::new(1, &[9; 32]);
-        assert_eq!(
-            open_message(&other, &mut body.clone(), Some(&mut o2)),
-            Err(OpenError::Seal(SealError::Forged))
-        );
-        let ph = message_header(A, B, None, 5).unwrap();
+        for other in [Header { dst: A, ..h }, Header { hops: 1, ..h }] {
+            assert_eq!(
+                open_message(&other, &mut body.clone(), Some(&mut o2)),
+                Err(OpenError::Seal(SealError::Forged))
+            );
+        }
+        let ph = message_header(A, B, 0, None, 5).unwrap();
         assert_eq!(
             open_message(&ph, &mut plain.clone(), Some(&mut o)),
             Err(OpenError::PlainRefused)
@@ -677,7 +806,7 @@ mod tests {
         let mut body = Vec::new();
         push_frame(&mut body, &frame(60, 0x42)).unwrap();
         let sealed = |s: &Sealer| {
-            let h = message_header(A, B, Some(s), 0).unwrap();
+            let h = message_header(A, B, 0, Some(s), 0).unwrap();
             let mut m = body.clone();
             seal_message(&h, Some(s), &mut m).unwrap();
             (h, m)
@@ -716,11 +845,104 @@ mod tests {
         assert!(open_message(&h, &mut [], None).is_err());
     }
 
+    /// With a password a probe's answer is sealed: it opens under the
+    /// sender's key once, and nothing else opens (altered, replayed, under
+    /// another key, plain, a plain ack's size field forged).
+    #[test]
+    fn sealed_probe_acks() {
+        let s = Sealer::new(4, &[5; 32]);
+        let mut o = Opener::new(4, &[5; 32]);
+        let parse = |d: &[u8]| {
+            let (h, seg, range) = parse_datagram(d).unwrap();
+            assert_eq!((h.kind, seg.count), (Kind::ProbeAck, 1));
+            (h, d[range].to_vec())
+        };
+        let d = sealed_probe_ack(B, A, &s, 1400).unwrap();
+        assert_eq!(d.len(), DATAGRAM_HEADER_LEN + SEALED_ACK_BODY);
+        let (h, body) = parse(&d);
+        assert_eq!((h.key_id, h.counter), (4, 0));
+        assert_eq!(
+            open_probe_ack(&h, &mut body.clone(), Some(&mut o)),
+            Ok(1400)
+        );
+        // Replayed.
+        assert_eq!(
+            open_probe_ack(&h, &mut body.clone(), Some(&mut o)),
+            Err(OpenError::Seal(SealError::Replay(0)))
+        );
+        // A later one, altered: its counter, a body byte, its claimed size.
+        let d = sealed_probe_ack(B, A, &s, 1200).unwrap();
+        let (h, body) = parse(&d);
+        let bumped = Header {
+            counter: h.counter + 1,
+            ..h
+        };
+        assert_eq!(
+            open_probe_ack(&bumped, &mut body.clone(), Some(&mut o)),
+            Err(OpenError::Seal(SealError::Forged))
+        );
+        let mut flipped = body.clone();
+        flipped[7] ^= 1;
+        assert_eq!(
+            open_probe_ack(&h, &mut flipped, Some(&mut o)),
+            Err(OpenError::Seal(SealError::Forged))
+        );
+        // Under another key, or a key id we do not hold.
+        let other = Sealer::new(4, &[6; 32]);
+        for _ in 0..5 {
+            other.next_counter().unwrap();
+        }
+        let (fh, fb) = parse(&sealed_probe_ack(B, A, &other, 1500).unwrap());
+        assert_eq!(
+            open_probe_ack(&fh, &mut fb.clone(), Some(&mut o)),
+            Err(OpenError::Seal(SealError::Forged))
+        );
+        let (kh, kb) = parse(&sealed_probe_ack(B, A, &Sealer::new(9, &[5; 32]), 1500).unwrap());
+        assert_eq!(
+            open_probe_ack(&kh, &mut kb.clone(), Some(&mut o)),
+            Err(OpenError::NoKey(9))
+        );
+        assert_eq!(
+            open_probe_ack(&kh, &mut kb.clone(), None),
+            Err(OpenError::NoKey(9))
+        );
+        // A plain ack is refused where acks are sealed.
+        let (ph, pb) = parse(&probe_ack(B, A, 1500));
+        assert_eq!(
+            open_probe_ack(&ph, &mut pb.clone(), Some(&mut o)),
+            Err(OpenError::PlainRefused)
+        );
+        assert_eq!(open_probe_ack(&ph, &mut pb.clone(), None), Ok(1500));
+        // The untouched one still opens: forgeries burnt nothing.
+        assert_eq!(
+            open_probe_ack(&h, &mut body.clone(), Some(&mut o)),
+            Ok(1200)
+        );
+        // Truncated or padded bodies are malformed, never a panic.
+        for len in [0, 8, SEALED_ACK_BODY - 1, SEALED_ACK_BODY + 1] {
+            let mut b = vec![0u8; len];
+            assert!(matches!(
+                open_probe_ack(&h, &mut b, Some(&mut o)),
+                Err(OpenError::Wire(_))
+            ));
+        }
+        assert!(open_probe_ack(&ph, &mut [0u8; 3], None).is_err());
+    }
+
     proptest! {
         #[test]
-        fn header_round_trip(kind: bool, key_id: u8, src: [u8; 6], dst: [u8; 6], counter: u64) {
-            let h = Header { kind: if kind { Kind::Sealed } else { Kind::Frames }, key_id, src: PeerName(src), dst: PeerName(dst), counter };
+        fn header_round_trip(kind: bool, key_id: u8, src: [u8; 6], dst: [u8; 6], hops: u8, counter in 0..=COUNTER_MASK) {
+            let h = Header { kind: if kind { Kind::Sealed } else { Kind::Frames }, key_id, src: PeerName(src), dst: PeerName(dst), hops, counter };
             prop_assert_eq!(Header::parse(&h.emit()), Ok(h));
+        }
+
+        #[test]
+        fn open_probe_ack_never_panics(b in proptest::collection::vec(any::<u8>(), 0..80), sealed: bool) {
+            if let Ok((h, _, range)) = parse_datagram(&b) {
+                let mut body = b[range].to_vec();
+                let mut o = Opener::new(h.key_id, &[0; 32]);
+                let _ = open_probe_ack(&h, &mut body, sealed.then_some(&mut o));
+            }
         }
 
         /// Whatever frames go in come out, in order, through segmentation,
@@ -737,7 +959,7 @@ mod tests {
             let frames_in: Vec<Vec<u8>> = lens.iter().enumerate().map(|(i, &l)| frame(l, i as u8)).collect();
             let mut body = Vec::new();
             for f in &frames_in { push_frame(&mut body, f).unwrap(); }
-            let h = message_header(A, B, sealed.then_some(&s), 9).unwrap();
+            let h = message_header(A, B, 0, sealed.then_some(&s), 9).unwrap();
             seal_message(&h, sealed.then_some(&s), &mut body).unwrap();
             let mut dgrams = segment_message(&h, &body, payload).unwrap();
             for d in &dgrams { prop_assert!(d.len() <= DATAGRAM_HEADER_LEN + payload); }
@@ -754,7 +976,7 @@ mod tests {
                 let dup = dgrams[0].clone();
                 dgrams.push(dup);
             }
-            let mut r = Reassembler::new(8, Duration::from_secs(1));
+            let mut r = Reassembler::new(8, 8, Duration::from_secs(1));
             let now = Instant::now();
             let mut got = None;
             for d in &dgrams {
@@ -775,7 +997,7 @@ mod tests {
         fn never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
             for f in frames(&b) { let _ = f; }
             if let Ok((h, seg, range)) = parse_datagram(&b) {
-                let mut r = Reassembler::new(2, Duration::from_secs(1));
+                let mut r = Reassembler::new(2, 2, Duration::from_secs(1));
                 let _ = r.push(Instant::now(), 0, h.counter, seg, &b[range]);
                 let _ = open_message(&h, &mut b.clone(), Some(&mut Opener::new(0, &[0; 32])));
             }

@@ -78,6 +78,16 @@ impl SleeveKeys {
         self.ring().open_message(now, header, msg)
     }
 
+    /// Open a sealed path MTU acknowledgement from the peer: the size.
+    pub fn open_probe_ack(
+        &self,
+        now: Instant,
+        header: &Header,
+        body: &mut [u8],
+    ) -> Result<u64, OpenError> {
+        self.ring().open_probe_ack(now, header, body)
+    }
+
     /// The key ids in use and the number of rekeys.
     pub fn ids(&self) -> KeyIds {
         let send = self.sealer().key_id();
@@ -110,7 +120,7 @@ mod tests {
         let theirs = SleeveKeys::new(Sealer::new(1, &[2; 32]), Opener::new(1, &[1; 32]));
         let send = |from: &SleeveKeys, to: &SleeveKeys| {
             let s = from.sealer();
-            let h = message_header(a, b, Some(&s), 0).expect("header");
+            let h = message_header(a, b, 0, Some(&s), 0).expect("header");
             let mut m = vec![9u8; 20];
             seal_message(&h, Some(&s), &mut m).expect("seal");
             to.open(now, &h, &mut m)

@@ -41,24 +41,35 @@
 //! segment size follows the kernel's path MTU towards it (re-read every
 //! second and at once when a send fails as too large) and the probes of
 //! [`mesh_proto::pmtu`] (a padded datagram each heartbeat, answered by the
-//! peer), which also find paths that drop large datagrams silently. A
-//! super-frame is cut to fit whatever the path takes; containers never see
-//! the limit.
+//! peer; with a password the answers are sealed, so a spoofed one cannot
+//! raise the MTU), which also find paths that drop large datagrams
+//! silently. A super-frame is cut to fit whatever the path takes;
+//! containers never see the limit.
+//!
+//! Bounds: each neighbour link reassembles at most [`REASM_PER_LINK`]
+//! messages at once and all links [`REASM_TOTAL`] (see
+//! [`mesh_proto::reassembly`]); a message relayed [`sleeve::MAX_HOPS`]
+//! times is relayed no more; the MAC table refuses this host's own MACs
+//! ([`Cmd::LocalMacs`]) and more MACs than its bounds, and a frame whose
+//! source MAC it refuses is dropped rather than written to the TAP, so the
+//! kernel bridge learns no more than the table holds. Every datagram,
+//! message or frame dropped is counted under one reason ([`Reason`]),
+//! reported as `sleeve.drops`.
 
 use crate::api::{KeyStatus, SleeveStats};
 use crate::datapath::keys::SleeveKeys;
 use crate::datapath::udpio::{self, RecvBatch, MAX_SEGMENTS, MAX_UDP_PAYLOAD};
 use crate::host::Tap;
-use mesh_proto::forward::{self, Decision, MacTable};
+use mesh_proto::forward::{self, Decision, DropReason, Learn, MacTable};
 use mesh_proto::name::PeerName;
 use mesh_proto::pmtu::{Probe, MIN_MTU};
 use mesh_proto::reassembly::Reassembler;
-use mesh_proto::seal::TAG_LEN;
+use mesh_proto::seal::{SealError, TAG_LEN};
 use mesh_proto::sleeve::{
-    self, Header, Kind, Segment, DATAGRAM_HEADER_LEN, FRAME_RECORD_HEADER, HEADER_LEN, IP_UDP_V4,
-    MAX_FRAME, VNET_HDR_LEN,
+    self, Header, Kind, OpenError, Segment, DATAGRAM_HEADER_LEN, FRAME_RECORD_HEADER, HEADER_LEN,
+    IP_UDP_V4, MAX_FRAME, VNET_HDR_LEN,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, IoSlice};
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
@@ -77,6 +88,13 @@ const RECV_BATCH: usize = 8;
 const BUF: usize = FRAME_RECORD_HEADER + MAX_FRAME + TAG_LEN;
 /// How long the data-path threads block before looking at the stop flag.
 const WAKE: Duration = Duration::from_secs(1);
+/// Partial messages reassembled at once per neighbour link.
+pub const REASM_PER_LINK: usize = 16;
+/// Partial messages reassembled at once over all links (at most
+/// `REASM_TOTAL × reassembly::MAX_SLOT_BYTES` ≈ 16.8 MB).
+pub const REASM_TOTAL: usize = 128;
+/// How long a partial message waits for its other segments.
+pub const REASM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often an empty message is sent to each neighbour.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -106,6 +124,10 @@ pub enum Cmd {
     },
     /// New routes (replaces the old ones).
     Routes(Routes),
+    /// This host's own MACs (its containers' and its bridge's), replacing
+    /// the previous set: never learnt behind a peer, and frames from the
+    /// overlay that claim one as their source are dropped.
+    LocalMacs(Vec<[u8; 6]>),
     /// Counters.
     Stats(oneshot::Sender<SleeveStats>),
 }
@@ -207,7 +229,93 @@ impl Table {
                     .filter_map(|h| self.peers.get(h).cloned())
                     .collect(),
             ),
-            Decision::Local | Decision::Drop(_) => Hops::None,
+            Decision::Local | Decision::HopLimit { .. } | Decision::Drop(_) => Hops::None,
+        }
+    }
+}
+
+/// Why the sleeve dropped a datagram, message or frame: the keys of
+/// `sleeve.drops` in `mesh report` (stable names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A bad datagram, segment, or frame records.
+    Malformed,
+    /// Failed authentication, a key we do not hold, no key, or plaintext
+    /// where encryption is required.
+    Auth,
+    /// A sealed message or acknowledgement seen before or too old.
+    Replay,
+    /// A datagram from an address that is no connected peer.
+    UnknownSender,
+    /// A partial message given up (evicted or timed out).
+    Reassembly,
+    /// A message that was relayed [`sleeve::MAX_HOPS`] times and should have
+    /// gone further.
+    HopLimit,
+    /// A message for a peer we have no route to.
+    NoRoute,
+    /// A message claiming to come from us.
+    FromUs,
+    /// A frame whose source MAC is one of this host's own.
+    MacClaim,
+    /// A frame whose source MAC cannot be learnt (its peer's or the total
+    /// bound is reached).
+    MacLimit,
+    /// A message that does not fit the path MTU.
+    PathMtu,
+    /// Any other failure to send.
+    Send,
+}
+
+impl Reason {
+    /// Every reason, in report order.
+    pub const ALL: [Reason; 12] = [
+        Reason::Malformed,
+        Reason::Auth,
+        Reason::Replay,
+        Reason::UnknownSender,
+        Reason::Reassembly,
+        Reason::HopLimit,
+        Reason::NoRoute,
+        Reason::FromUs,
+        Reason::MacClaim,
+        Reason::MacLimit,
+        Reason::PathMtu,
+        Reason::Send,
+    ];
+
+    /// The stable name shown in `sleeve.drops`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::Auth => "auth",
+            Reason::Replay => "replay",
+            Reason::UnknownSender => "unknown_sender",
+            Reason::Reassembly => "reassembly",
+            Reason::HopLimit => "hop_limit",
+            Reason::NoRoute => "no_route",
+            Reason::FromUs => "from_us",
+            Reason::MacClaim => "mac_claim",
+            Reason::MacLimit => "mac_limit",
+            Reason::PathMtu => "path_mtu",
+            Reason::Send => "send",
+        }
+    }
+
+    /// Why a message or acknowledgement failed to open.
+    pub fn of_open(e: &OpenError) -> Reason {
+        match e {
+            OpenError::Wire(_) => Reason::Malformed,
+            OpenError::Seal(SealError::Replay(_)) => Reason::Replay,
+            OpenError::Seal(_) | OpenError::NoKey(_) | OpenError::PlainRefused => Reason::Auth,
+        }
+    }
+
+    /// The reason for a forwarding decision's drop.
+    pub fn of_drop(d: DropReason) -> Reason {
+        match d {
+            DropReason::FromUs => Reason::FromUs,
+            DropReason::NoRoute => Reason::NoRoute,
         }
     }
 }
@@ -217,9 +325,25 @@ struct Counters {
     frames_in: AtomicU64,
     datagrams_out: AtomicU64,
     datagrams_in: AtomicU64,
-    dropped: AtomicU64,
+    /// Indexed by the position of a [`Reason`] in [`Reason::ALL`].
+    drops: [AtomicU64; Reason::ALL.len()],
     sealed_out: AtomicU64,
     relayed: AtomicU64,
+}
+
+impl Counters {
+    fn drop(&self, why: Reason, n: u64) {
+        let i = Reason::ALL.iter().position(|r| *r == why).unwrap_or(0);
+        bump(&self.drops[i], n);
+    }
+
+    fn drops(&self) -> BTreeMap<String, u64> {
+        Reason::ALL
+            .iter()
+            .zip(&self.drops)
+            .map(|(r, c)| (r.name().to_string(), c.load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -284,10 +408,10 @@ impl Shared {
         }
     }
 
-    /// Count a datagram or message from a neighbour as dropped, and say why
-    /// (rate-limited).
-    fn dropped_from(&self, peer: &Peer, what: &str, why: &dyn std::fmt::Display) {
-        bump(&self.stats.dropped, 1);
+    /// Count a datagram or message from a neighbour as dropped for
+    /// `reason`, and say why (rate-limited).
+    fn dropped_from(&self, peer: &Peer, reason: Reason, what: &str, why: &dyn std::fmt::Display) {
+        self.stats.drop(reason, 1);
         self.warn_limited(format_args!(
             "dropped {what} from {} ({}): {why}",
             peer.addr, peer.name
@@ -304,24 +428,28 @@ impl Shared {
         peer.with_probe(|p| p.set_kernel(Instant::now(), kernel));
     }
 
-    /// Send one message: `buf[..len]` is its plain body, and `buf` has room
-    /// for the tag after it. Seals it (once, in place) when the neighbour
-    /// has a sealer, then sends it in segments that fit the path.
+    /// Send one message, relayed `hops` times before (0 for our own):
+    /// `buf[..len]` is its plain body, and `buf` has room for the tag after
+    /// it. Seals it (once, in place, the hop count under the seal) when the
+    /// neighbour has a sealer, then sends it in segments that fit the path.
+    #[allow(clippy::too_many_arguments)]
     fn send_message(
         &self,
         out: &mut Out,
         hop: &Peer,
         src: PeerName,
         dst: PeerName,
+        hops: u8,
         buf: &mut [u8],
         len: usize,
     ) {
         let seq = hop.seq.fetch_add(1, Ordering::Relaxed);
         // One sealer for the whole message, even if a rekey swaps it now.
         let sealer = hop.keys.as_ref().map(|k| k.sealer());
-        let header = match sleeve::message_header(src, dst, sealer.as_deref(), seq) {
+        let header = match sleeve::message_header(src, dst, hops, sealer.as_deref(), seq) {
             Ok(h) => h,
             Err(e) => {
+                self.stats.drop(Reason::Send, 1);
                 self.warn_limited(format_args!("cannot seal for {}: {e}", hop.name));
                 return;
             }
@@ -330,11 +458,13 @@ impl Shared {
         let mut total = len;
         if let (Kind::Sealed, Some(s)) = (header.kind, sealer.as_deref()) {
             if buf.len() < len + TAG_LEN {
+                self.stats.drop(Reason::Send, 1);
                 return;
             }
             match s.seal_detached(header.counter, &h, &mut buf[..len]) {
                 Ok(tag) => buf[len..len + TAG_LEN].copy_from_slice(&tag),
                 Err(e) => {
+                    self.stats.drop(Reason::Send, 1);
                     self.warn_limited(format_args!("cannot seal for {}: {e}", hop.name));
                     return;
                 }
@@ -350,7 +480,7 @@ impl Shared {
                     self.refresh_mtu(hop);
                 }
                 Err(SendFail::TooBig) => {
-                    bump(&self.stats.dropped, 1);
+                    self.stats.drop(Reason::PathMtu, 1);
                     self.warn_limited(format_args!(
                         "message to {} does not fit the path MTU {}",
                         hop.name,
@@ -359,6 +489,7 @@ impl Shared {
                     return;
                 }
                 Err(SendFail::Other(e)) => {
+                    self.stats.drop(Reason::Send, 1);
                     trace!(peer = %hop.name, "send: {e}");
                     return;
                 }
@@ -413,7 +544,6 @@ impl Shared {
                         }
                         return self.send_segments(out, hop, h, msg);
                     }
-                    bump(&self.stats.dropped, 1);
                     return Err(SendFail::Other(e));
                 }
             }
@@ -539,14 +669,20 @@ fn command(sh: &Shared, c: Cmd) {
             let mut macs = sh.macs.write().unwrap_or_else(|e| e.into_inner());
             macs.forget_unreachable(&t.peers, &t.routes);
         }
+        Cmd::LocalMacs(local) => {
+            let mut macs = sh.macs.write().unwrap_or_else(|e| e.into_inner());
+            macs.set_local(local);
+        }
         Cmd::Stats(reply) => {
             let c = &sh.stats;
             let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let drops = c.drops();
             let _ = reply.send(SleeveStats {
                 frames_in: get(&c.frames_in),
                 datagrams_out: get(&c.datagrams_out),
                 datagrams_in: get(&c.datagrams_in),
-                dropped: get(&c.dropped),
+                dropped: drops.values().sum(),
+                drops,
                 sealed_out: get(&c.sealed_out),
                 relayed: get(&c.relayed),
                 path_mtu: sh
@@ -587,7 +723,7 @@ async fn heartbeat(sh: &Arc<Shared>, events: &mpsc::Sender<Event>) {
         let now = Instant::now();
         for p in &ps {
             s.refresh_mtu(p);
-            s.send_message(&mut out, p, s.me, p.name, &mut buf, 0);
+            s.send_message(&mut out, p, s.me, p.name, 0, &mut buf, 0);
             let mut size = None;
             p.with_probe(|pr| size = pr.tick(now));
             if let Some(size) = size {
@@ -703,7 +839,7 @@ fn on_tap_frame(
         return;
     };
     let Ok(rec) = sleeve::frame_record_header(flen) else {
-        bump(&sh.stats.dropped, 1);
+        sh.stats.drop(Reason::Malformed, 1);
         return;
     };
     buf[..FRAME_RECORD_HEADER].copy_from_slice(&rec);
@@ -766,13 +902,13 @@ fn send_frame(
             send_pack(sh, out, p, dst, pack);
         }
     }
-    sh.send_message(out, hop, sh.me, dst, buf, len);
+    sh.send_message(out, hop, sh.me, dst, 0, buf, len);
 }
 
 fn send_pack(sh: &Shared, out: &mut Out, hop: &Peer, dst: PeerName, pack: &mut Vec<u8>) {
     let len = pack.len();
     pack.resize(len + TAG_LEN, 0);
-    sh.send_message(out, hop, sh.me, dst, pack, len);
+    sh.send_message(out, hop, sh.me, dst, 0, pack, len);
     pack.clear();
 }
 
@@ -795,7 +931,7 @@ fn rx_loop(sh: &Shared) {
     let fd = sh.sock.as_raw_fd();
     let mut batch = RecvBatch::new(RECV_BATCH);
     let mut rx = Rx {
-        reasm: Reassembler::new(64, Duration::from_secs(2)),
+        reasm: Reassembler::new(REASM_PER_LINK, REASM_TOTAL, REASM_TIMEOUT),
         out: Out::default(),
         relay: Vec::with_capacity(BUF),
         wrote: false,
@@ -828,7 +964,7 @@ fn rx_loop(sh: &Shared) {
             bytes += data.len();
             let peer = sh.table().by_addr.get(&from).cloned();
             let Some(peer) = peer else {
-                bump(&sh.stats.dropped, 1);
+                sh.stats.drop(Reason::UnknownSender, 1);
                 sh.warn_limited(format_args!(
                     "dropped datagram from {from}: not a connected peer"
                 ));
@@ -886,26 +1022,12 @@ impl Rx {
     fn on_datagram(&mut self, sh: &Shared, peer: &Arc<Peer>, d: &mut [u8], now: Instant) {
         let (header, seg, range) = match sleeve::parse_datagram(d) {
             Ok(x) => x,
-            Err(e) => return sh.dropped_from(peer, "datagram", &e),
+            Err(e) => return sh.dropped_from(peer, Reason::Malformed, "datagram", &e),
         };
         bump(&sh.stats.datagrams_in, 1);
         match header.kind {
-            Kind::Probe => {
-                // Answer with the size that arrived (IP and UDP included).
-                let ack = sleeve::probe_ack(sh.me, peer.name, d.len() + IP_UDP_V4);
-                let _ = udpio::send_segments(
-                    sh.sock.as_raw_fd(),
-                    peer.addr,
-                    &[IoSlice::new(&ack)],
-                    None,
-                );
-                return;
-            }
-            Kind::ProbeAck => {
-                let size = usize::try_from(header.counter).unwrap_or(0);
-                peer.with_probe(|p| p.ack(size));
-                return;
-            }
+            Kind::Probe => return answer_probe(sh, peer, d.len() + IP_UDP_V4),
+            Kind::ProbeAck => return on_probe_ack(sh, peer, &header, &mut d[range], now),
             Kind::Frames | Kind::Sealed => {}
         }
         if seg.count == 1 {
@@ -913,16 +1035,22 @@ impl Rx {
             return;
         }
         // Counters start again at 0 under each new key: the key id is part
-        // of what a message is reassembled by.
-        let link = peer.link ^ (u64::from(header.key_id) << 56);
-        match self.reasm.push(now, link, header.counter, seg, &d[range]) {
+        // of what a message is reassembled by (counters are 56 bits, the
+        // key id goes above them). The quota is per link, whatever the key.
+        let id = (u64::from(header.key_id) << 56) | (header.counter & sleeve::COUNTER_MASK);
+        let pushed = self.reasm.push(now, peer.link, id, seg, &d[range]);
+        let given_up = self.reasm.take_dropped();
+        if given_up > 0 {
+            sh.stats.drop(Reason::Reassembly, given_up);
+        }
+        match pushed {
             Ok(Some(mut m)) => {
                 self.on_message(sh, peer, header, &mut m, now);
                 self.reasm.recycle(m);
             }
             Ok(None) => {}
             Err(e) => {
-                bump(&sh.stats.dropped, 1);
+                sh.stats.drop(Reason::Malformed, 1);
                 trace!(peer = %peer.name, "segment dropped: {e}");
             }
         }
@@ -941,14 +1069,14 @@ impl Rx {
         let opened = match (sh.encrypted, peer.keys.as_ref()) {
             (true, Some(k)) => k.open(now, &header, msg),
             (true, None) => {
-                bump(&sh.stats.dropped, 1);
+                sh.stats.drop(Reason::Auth, 1);
                 return;
             }
             (false, _) => sleeve::open_message(&header, msg, None),
         };
         let n = match opened {
             Ok(n) => n,
-            Err(e) => return sh.dropped_from(peer, "message", &e),
+            Err(e) => return sh.dropped_from(peer, Reason::of_open(&e), "message", &e),
         };
         peer.last_rx.store(sh.now_ms(), Ordering::Relaxed);
         peer.silent.store(false, Ordering::Relaxed);
@@ -956,7 +1084,13 @@ impl Rx {
         let (decision, hops) = {
             let t = sh.table();
             let d = forward::from_peer(
-                sh.me, &t.peers, &t.routes, peer.name, header.src, header.dst,
+                sh.me,
+                &t.peers,
+                &t.routes,
+                peer.name,
+                header.src,
+                header.dst,
+                header.hops,
             );
             let hops = t.hops(&d);
             (d, hops)
@@ -970,16 +1104,30 @@ impl Rx {
             }
             Hops::None => {}
         }
+        if let Decision::HopLimit { .. } = decision {
+            sh.stats.drop(Reason::HopLimit, 1);
+            sh.warn_limited(format_args!(
+                "not relaying a message from {} to {} that was relayed {} times already (a routing loop?)",
+                header.src, header.dst, header.hops
+            ));
+        }
         match decision {
-            Decision::Local | Decision::Flood { local: true, .. } => {
+            Decision::Local
+            | Decision::Flood { local: true, .. }
+            | Decision::HopLimit { local: true } => {
                 deliver(sh, header.src, body);
                 self.wrote = true;
             }
-            Decision::Drop(_) => bump(&sh.stats.dropped, 1),
-            Decision::Direct(_) | Decision::Relay { .. } | Decision::Flood { .. } => {}
+            Decision::Drop(why) => sh.stats.drop(Reason::of_drop(why), 1),
+            Decision::Direct(_)
+            | Decision::Relay { .. }
+            | Decision::Flood { .. }
+            | Decision::HopLimit { .. } => {}
         }
     }
 
+    /// Send a message on to `hop`, one hop further (sealed anew, hop count
+    /// included, for that link).
     fn relay(&mut self, sh: &Shared, hop: &Peer, header: &Header, body: &[u8]) {
         bump(&sh.stats.relayed, 1);
         self.relay.clear();
@@ -990,9 +1138,48 @@ impl Rx {
             hop,
             header.src,
             header.dst,
+            header.hops.saturating_add(1),
             &mut self.relay,
             body.len(),
         );
+    }
+}
+
+/// Answer a probe of `size` bytes (IP and UDP included) from `peer`: sealed
+/// when the connection has keys, plain otherwise.
+fn answer_probe(sh: &Shared, peer: &Peer, size: usize) {
+    let ack = match peer.keys.as_ref() {
+        Some(k) => match sleeve::sealed_probe_ack(sh.me, peer.name, &k.sealer(), size) {
+            Ok(a) => a,
+            Err(e) => {
+                sh.stats.drop(Reason::Send, 1);
+                trace!(peer = %peer.name, "cannot seal a probe acknowledgement: {e}");
+                return;
+            }
+        },
+        None => sleeve::probe_ack(sh.me, peer.name, size).to_vec(),
+    };
+    let sent = udpio::send_segments(sh.sock.as_raw_fd(), peer.addr, &[IoSlice::new(&ack)], None);
+    if let Err(e) = sent {
+        trace!(peer = %peer.name, "probe acknowledgement: {e}");
+    }
+}
+
+/// A probe acknowledgement from `peer`: opened with its keys when the
+/// connection has them (a plain or forged one is refused), then fed to the
+/// path MTU search.
+fn on_probe_ack(sh: &Shared, peer: &Peer, header: &Header, body: &mut [u8], now: Instant) {
+    let size = match (sh.encrypted, peer.keys.as_ref()) {
+        (_, Some(k)) => k.open_probe_ack(now, header, body),
+        (true, None) => Err(OpenError::NoKey(header.key_id)),
+        (false, None) => sleeve::open_probe_ack(header, body, None),
+    };
+    match size {
+        Ok(size) => {
+            let size = usize::try_from(size).unwrap_or(0);
+            peer.with_probe(|p| p.ack(size));
+        }
+        Err(e) => sh.dropped_from(peer, Reason::of_open(&e), "path MTU acknowledgement", &e),
     }
 }
 
@@ -1044,11 +1231,13 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
     let Some((_, mac)) = sleeve::frame_macs(frame_start) else {
         return false;
     };
-    learn(sh, first.src, mac);
-    iov[0] = IoSlice::new(frame_start);
     bump(&sh.stats.datagrams_in, n as u64);
     peer.last_rx.store(sh.now_ms(), Ordering::Relaxed);
     peer.silent.store(false, Ordering::Relaxed);
+    if !learn(sh, first.src, mac) {
+        return true;
+    }
+    iov[0] = IoSlice::new(frame_start);
     if let Err(e) = udpio::writev(tap.as_raw_fd(), &iov) {
         trace!("TAP write: {e}");
     }
@@ -1057,23 +1246,47 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
 
 /// Remember that `mac` lives behind `src` (unicast MACs of other peers
 /// only): a read lock to see whether anything changes, the write lock only
-/// when it does.
-fn learn(sh: &Shared, src: PeerName, mac: [u8; 6]) {
-    let new = sh
+/// when it does. Returns whether the frame may go to the TAP: not when its
+/// source is one of our own MACs (counted as `mac_claim`) or one the table
+/// cannot hold for that peer (`mac_limit`), which the bridge must not learn
+/// either.
+fn learn(sh: &Shared, src: PeerName, mac: [u8; 6]) -> bool {
+    let mut l = sh
         .macs
         .read()
         .unwrap_or_else(|e| e.into_inner())
-        .would_learn(sh.me, src, &mac);
-    if new {
-        sh.macs
+        .check(sh.me, src, &mac);
+    if l == Learn::Learned {
+        l = sh
+            .macs
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .learn(sh.me, src, mac);
     }
+    match l {
+        Learn::Local => {
+            sh.stats.drop(Reason::MacClaim, 1);
+            sh.warn_limited(format_args!(
+                "dropped a frame from {src}: its source MAC {} is one of this host's",
+                fmt_mac(&mac)
+            ));
+        }
+        Learn::Full => sh.stats.drop(Reason::MacLimit, 1),
+        Learn::Learned | Learn::Known | Learn::NotUnicast | Learn::FromUs => {}
+    }
+    l.deliverable()
+}
+
+fn fmt_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 /// Write the frames of a message for us (or broadcast) to the TAP, and learn
-/// which peer their source MACs live behind.
+/// which peer their source MACs live behind; frames whose source MAC is
+/// refused ([`learn`]) are dropped.
 fn deliver(sh: &Shared, src: PeerName, body: &[u8]) {
     let Some(tap) = sh.tap.first() else {
         return;
@@ -1082,17 +1295,70 @@ fn deliver(sh: &Shared, src: PeerName, body: &[u8]) {
         let f = match f {
             Ok(f) => f,
             Err(e) => {
-                bump(&sh.stats.dropped, 1);
+                sh.stats.drop(Reason::Malformed, 1);
                 sh.warn_limited(format_args!("malformed frames from {src}: {e}"));
                 return;
             }
         };
         if let Some((_, mac)) = sleeve::frame_macs(f) {
-            learn(sh, src, mac);
+            if !learn(sh, src, mac) {
+                continue;
+            }
         }
         let data = if sh.vnet_hdr { f } else { &f[VNET_HDR_LEN..] };
         if let Err(e) = tap.send(data) {
             trace!("TAP write: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report's reason names are stable, distinct snake_case words, and
+    /// every reason is reported (a zero too).
+    #[test]
+    fn drop_reasons_are_named_once() {
+        let names: Vec<&str> = Reason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "malformed",
+                "auth",
+                "replay",
+                "unknown_sender",
+                "reassembly",
+                "hop_limit",
+                "no_route",
+                "from_us",
+                "mac_claim",
+                "mac_limit",
+                "path_mtu",
+                "send"
+            ]
+        );
+        let c = Counters::default();
+        c.drop(Reason::Send, 2);
+        c.drop(Reason::Auth, 1);
+        let d = c.drops();
+        assert_eq!(d.len(), Reason::ALL.len());
+        assert_eq!((d["send"], d["auth"], d["malformed"]), (2, 1, 0));
+    }
+
+    #[test]
+    fn open_errors_map_to_reasons() {
+        use mesh_proto::WireError;
+        for (e, want) in [
+            (OpenError::Wire(WireError::Invalid("x")), Reason::Malformed),
+            (OpenError::Seal(SealError::Replay(3)), Reason::Replay),
+            (OpenError::Seal(SealError::Forged), Reason::Auth),
+            (OpenError::NoKey(2), Reason::Auth),
+            (OpenError::PlainRefused, Reason::Auth),
+        ] {
+            assert_eq!(Reason::of_open(&e), want, "{e}");
+        }
+        assert_eq!(Reason::of_drop(DropReason::NoRoute), Reason::NoRoute);
+        assert_eq!(Reason::of_drop(DropReason::FromUs), Reason::FromUs);
     }
 }

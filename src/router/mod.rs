@@ -226,6 +226,9 @@ impl Router {
             }
             Cmd::Names(c) => self.names.command(c),
             Cmd::Targets(list) => self.set_targets(list),
+            Cmd::LocalMacs(macs) => {
+                let _ = self.sleeve.send(sleeve::Cmd::LocalMacs(macs)).await;
+            }
         }
     }
 

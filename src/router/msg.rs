@@ -62,6 +62,11 @@ pub enum Cmd {
     Names(names::Cmd),
     /// The connection targets now (from the connection maker).
     Targets(Vec<Target>),
+    /// This host's own MACs (its containers' and its bridge's), from the
+    /// attach manager, replacing the previous set: handed to the sleeve,
+    /// which never learns them behind a peer and drops frames from the
+    /// overlay that claim them.
+    LocalMacs(Vec<[u8; 6]>),
 }
 
 /// A connection ready to carry traffic.
