@@ -265,26 +265,41 @@ fn the_overlay_cannot_take_a_local_containers_mac() {
     let before = drops(&h1, "mac_claim");
 
     // Member h2 sends, from its bridge, frames claiming a1's MAC: broadcasts
-    // (over the sleeve) and unicasts to c1 (over the fast path).
+    // (over the sleeve) and unicasts to c1 (over the fast path); then a
+    // control from a MAC of its own, along the same paths.
+    let at_c1 = Link::open(&c1.ns, "ethmesh");
     let from_h2 = Link::open(&h2.ns, "mesh");
-    let claim = |dst| {
+    let marked = random_bytes(8);
+    let control = random_bytes(8);
+    let frame = |dst, src, marker: &[u8]| {
         ether(
             dst,
-            a1_mac,
+            src,
             0x0800,
             &ipv4_udp(
                 Ipv4Addr::new(198, 19, 1, 1),
                 Ipv4Addr::new(198, 19, 1, 255),
                 4000,
                 4001,
-                b"claim",
+                marker,
             ),
         )
     };
     for _ in 0..10 {
-        from_h2.send(&claim([0xff; 6]));
-        from_h2.send(&claim(c1_mac));
+        from_h2.send(&frame([0xff; 6], a1_mac, &marked));
+        from_h2.send(&frame(c1_mac, a1_mac, &marked));
     }
+    let own = mac("0a:cc:00:00:00:02");
+    let got = collect_until(&[&at_c1], DEADLINE, |got| {
+        from_h2.send(&frame([0xff; 6], own, &control));
+        from_h2.send(&frame(c1_mac, own, &control));
+        any_holds(&got[0], &control)
+    });
+    assert!(any_holds(&got[0], &control), "h2's control never reached c1");
+    assert!(
+        !any_holds(&got[0], &marked),
+        "a frame from the overlay claiming a1's MAC reached c1"
+    );
     wait_drops(&h1, "mac_claim", before + 20);
 
     // h1's bridge still has a1's MAC on a1's own port only, and c1 reaches

@@ -328,6 +328,15 @@ impl Manager {
             Ok(m) => local.push(mac_string(m)),
             Err(e) => debug!("the bridge's MAC: {e}"),
         }
+        // The sleeve too: it never learns them behind a peer and drops what
+        // claims them (the whole set, each time: it replaces the last).
+        // (A MAC is written like a peer name: six hex bytes.)
+        let macs: Vec<[u8; 6]> = local
+            .iter()
+            .filter_map(|m| m.parse::<mesh_proto::name::PeerName>().ok())
+            .map(|p| p.0)
+            .collect();
+        let _ = self.router.send(router::Cmd::LocalMacs(macs)).await;
         host::nft::sync(&ports, &local).await
     }
 

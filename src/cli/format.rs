@@ -5,13 +5,19 @@ use crate::api;
 /// The drop counters that are not zero, by reason: the host's filters
 /// first, then the sleeve's (`sleeve REASON N`); `none` when all are zero.
 pub fn format_drops(s: &api::Status) -> String {
-    let parts: Vec<String> = s
+    let mut parts: Vec<String> = s
         .drops
         .iter()
         .filter(|(_, n)| **n > 0)
         .map(|(r, n)| format!("{r} {n}"))
         .collect();
-    // TODO(merge): the sleeve's drops by reason.
+    parts.extend(
+        s.sleeve
+            .drops
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| format!("sleeve {r} {n}")),
+    );
     if parts.is_empty() {
         "none".into()
     } else {
