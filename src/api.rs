@@ -615,7 +615,7 @@ mod tests {
 
     /// Maps keyed by data (peer names), not by field names: their keys are
     /// not collected.
-    const MAPS: &[&str] = &["sleeve.path_mtu"];
+    const MAPS: &[&str] = &["sleeve.path_mtu", "sleeve.drops", "drops"];
 
     /// Every field name of `v`, as a path: `a.b` for nested objects,
     /// `a[].b` for the objects in a list.
@@ -698,6 +698,7 @@ mod tests {
             "sleeve.relayed",
             "sleeve.dropped",
             "sleeve.drops",
+            "drops",
             "ipam",
             "ipam.range",
             "ipam.default_subnet",

@@ -295,7 +295,10 @@ fn the_overlay_cannot_take_a_local_containers_mac() {
         from_h2.send(&frame(c1_mac, own, &control));
         any_holds(&got[0], &control)
     });
-    assert!(any_holds(&got[0], &control), "h2's control never reached c1");
+    assert!(
+        any_holds(&got[0], &control),
+        "h2's control never reached c1"
+    );
     assert!(
         !any_holds(&got[0], &marked),
         "a frame from the overlay claiming a1's MAC reached c1"
