@@ -75,14 +75,7 @@ fn wait_path_mtu(host: &Host, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
         Duration::from_secs(30),
         &format!("{}'s sleeve path MTU {what}", host.name),
         || {
-            let r = report(host);
-            let mtus: Vec<u64> = r["connections"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|c| c["state"] == "established")
-                .filter_map(|c| c["path_mtu"].as_u64())
-                .collect();
+            let mtus = path_mtus(host);
             match mtus.as_slice() {
                 [m] if ok(*m) => Ok(*m),
                 other => Err(format!("path MTUs {other:?}")),
@@ -411,24 +404,7 @@ fn sleeve_finds_the_mtu_of_a_black_hole() {
             Duration::from_secs(10),
         );
         assert!(out.status.success(), "ethtool on {dev}: {out:?}");
-        for args in [
-            &["add", "table", "inet", "meshbh"][..],
-            &[
-                "add",
-                "chain",
-                "inet",
-                "meshbh",
-                "in",
-                "{ type filter hook input priority 0; }",
-            ],
-            &[
-                "add", "rule", "inet", "meshbh", "in", "udp", "dport", "6783", "ip", "length", ">",
-                "1300", "drop",
-            ],
-        ] {
-            let out = run(&mut h2.command("nft", args), Duration::from_secs(10));
-            assert!(out.status.success(), "nft {args:?}: {out:?}");
-        }
+        black_hole(h2, 1300);
     });
     wait_overlay(&h1, "sleeve");
     wait_ping(&c1, "198.19.1.2", PING_DEADLINE);

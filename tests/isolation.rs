@@ -41,18 +41,14 @@ fn subnets_are_isolated_even_against_routes_and_spoofing() {
     let Some(mut w) = World::new("isolation") else {
         return;
     };
-    let h1 = w.add_host();
-    let h2 = w.add_host();
-    w.launch(&h1, &[]);
-    w.launch(&h2, &["198.18.0.1"]);
-    let a1 = w.add_container("a1");
-    let a2 = w.add_container("a2");
-    let b1 = w.add_container("b1");
-    let b2 = w.add_container("b2");
-    w.attach(&h1, &a1, "198.19.1.1/24");
-    w.attach(&h2, &a2, "198.19.1.2/24");
-    w.attach(&h1, &b1, "198.19.2.1/24");
-    w.attach(&h2, &b2, "198.19.2.2/24");
+    let (h1, h2) = w.launch_pair(&[]);
+    let [a1, a2, b1, b2] = <[Container; 4]>::try_from(w.attach_new(&[
+        (&h1, "a1", "198.19.1.1/24"),
+        (&h2, "a2", "198.19.1.2/24"),
+        (&h1, "b1", "198.19.2.1/24"),
+        (&h2, "b2", "198.19.2.2/24"),
+    ]))
+    .expect("four containers");
     // Same subnet, across hosts and on one host's bridge: allowed.
     wait_ping(&a1, "198.19.1.2", DEADLINE);
     wait_ping(&b1, "198.19.2.2", DEADLINE);

@@ -72,15 +72,12 @@ fn a_host_that_is_not_a_member_cannot_inject_vxlan() {
     let Some(mut w) = World::new("vxlan_injection") else {
         return;
     };
-    let h1 = w.add_host();
-    let h2 = w.add_host();
+    let (h1, h2) = w.launch_pair(&[]);
     let h3 = w.add_host(); // on the underlay, not a member
-    w.launch(&h1, &[]);
-    w.launch(&h2, &["198.18.0.1"]);
-    let a1 = w.add_container("a1");
-    let a2 = w.add_container("a2");
-    w.attach(&h1, &a1, "198.19.1.1/24");
-    w.attach(&h2, &a2, "198.19.1.2/24");
+    let [a1, a2] = <[Container; 2]>::try_from(
+        w.attach_new(&[(&h1, "a1", "198.19.1.1/24"), (&h2, "a2", "198.19.1.2/24")]),
+    )
+    .expect("two containers");
     wait_ping(&a2, "198.19.1.1", DEADLINE);
     wait_overlay(&h1, "fastdp");
     let a1_mac = mac(&a1.ethmesh_mac().expect("a1's MAC"));
@@ -141,20 +138,15 @@ fn ipv6_and_other_ethertypes_reach_no_container() {
     let Some(mut w) = World::new("ethertypes") else {
         return;
     };
-    let h1 = w.add_host();
-    let h2 = w.add_host();
-    w.launch(&h1, &[]);
-    w.launch(&h2, &["198.18.0.1"]);
-    let a1 = w.add_container("a1");
-    let a2 = w.add_container("a2");
-    let a3 = w.add_container("a3");
-    let b1 = w.add_container("b1");
-    let b2 = w.add_container("b2");
-    w.attach(&h1, &a1, "198.19.1.1/24");
-    w.attach(&h2, &a2, "198.19.1.2/24");
-    w.attach(&h1, &a3, "198.19.1.3/24");
-    w.attach(&h1, &b1, "198.19.2.1/24");
-    w.attach(&h2, &b2, "198.19.2.2/24");
+    let (h1, h2) = w.launch_pair(&[]);
+    let [a1, a2, a3, b1, b2] = <[Container; 5]>::try_from(w.attach_new(&[
+        (&h1, "a1", "198.19.1.1/24"),
+        (&h2, "a2", "198.19.1.2/24"),
+        (&h1, "a3", "198.19.1.3/24"),
+        (&h1, "b1", "198.19.2.1/24"),
+        (&h2, "b2", "198.19.2.2/24"),
+    ]))
+    .expect("five containers");
     wait_ping(&a1, "198.19.1.2", DEADLINE);
     wait_ping(&b1, "198.19.2.2", DEADLINE);
     let before1 = drops(&h1, "ethertype");
@@ -245,16 +237,13 @@ fn the_overlay_cannot_take_a_local_containers_mac() {
     let Some(mut w) = World::new("mac_claim") else {
         return;
     };
-    let h1 = w.add_host();
-    let h2 = w.add_host();
-    w.launch(&h1, &[]);
-    w.launch(&h2, &["198.18.0.1"]);
-    let a1 = w.add_container("a1");
-    let c1 = w.add_container("c1");
-    let a2 = w.add_container("a2");
-    w.attach(&h1, &a1, "198.19.1.1/24");
-    w.attach(&h1, &c1, "198.19.1.3/24");
-    w.attach(&h2, &a2, "198.19.1.2/24");
+    let (h1, h2) = w.launch_pair(&[]);
+    let [a1, c1, a2] = <[Container; 3]>::try_from(w.attach_new(&[
+        (&h1, "a1", "198.19.1.1/24"),
+        (&h1, "c1", "198.19.1.3/24"),
+        (&h2, "a2", "198.19.1.2/24"),
+    ]))
+    .expect("three containers");
     wait_ping(&a2, "198.19.1.1", DEADLINE);
     wait_ping(&a2, "198.19.1.3", DEADLINE);
     wait_ping(&c1, "198.19.1.1", DEADLINE);

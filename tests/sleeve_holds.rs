@@ -68,15 +68,7 @@ fn drops(host: &Host, reason: &str) -> u64 {
 /// The path MTU of `host`'s one established connection.
 #[track_caller]
 fn path_mtu(host: &Host) -> Option<u64> {
-    let r = report(host);
-    let mtus: Vec<u64> = r["connections"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["state"] == "established")
-        .filter_map(|c| c["path_mtu"].as_u64())
-        .collect();
-    match mtus.as_slice() {
+    match path_mtus(host).as_slice() {
         [m] => Some(*m),
         _ => None,
     }
@@ -128,35 +120,7 @@ fn forged_path_mtu_acks_are_refused() {
     };
     let h1 = w.add_host();
     let h2 = w.add_host();
-    for args in [
-        &["add", "table", "inet", "meshbh"][..],
-        &[
-            "add",
-            "chain",
-            "inet",
-            "meshbh",
-            "in",
-            "{ type filter hook input priority 0; }",
-        ],
-        &[
-            "add",
-            "rule",
-            "inet",
-            "meshbh",
-            "in",
-            "udp",
-            "dport",
-            "6783",
-            "ip",
-            "length",
-            ">",
-            &BLACK_HOLE.to_string(),
-            "drop",
-        ],
-    ] {
-        let out = run(&mut h2.command("nft", args), Duration::from_secs(10));
-        assert!(out.status.success(), "nft {args:?}: {out:?}");
-    }
+    black_hole(&h2, BLACK_HOLE as usize);
     w.launch(&h1, &["--password", PASSWORD]);
     w.launch(&h2, &["--password", PASSWORD, "198.18.0.1"]);
     wait_overlay(&h1, "sleeve");

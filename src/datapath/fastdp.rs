@@ -428,7 +428,7 @@ impl Fastdp {
             return;
         };
         let ours = format!("inet {}", host::nft::UNDERLAY_TABLE);
-        if tables.iter().any(|t| *t == ours) {
+        if tables.contains(&ours) {
             return;
         }
         warn!("the fast path's port filter was removed (nft flush ruleset?); making it again");

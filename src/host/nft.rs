@@ -327,19 +327,25 @@ pub async fn set_underlay_peers(peers: &[Ipv4Addr]) -> Result<(), String> {
 /// reload, `nft flush ruleset`, removes them): one `nft list tables`.
 pub const WATCH: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The tables the kernel has now, as `family name` (e.g. `bridge mesh`).
-pub async fn tables() -> Result<Vec<String>, String> {
+/// The standard output of `nft ARGS...` when it succeeds, `None` when it
+/// fails (e.g. a table that does not exist).
+async fn nft_read(args: &[&str]) -> Result<Option<Vec<u8>>, String> {
     let out = tokio::process::Command::new("nft")
-        .args(["list", "tables"])
+        .args(args)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
         .await
         .map_err(|e| format!("running nft: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("nft list tables failed ({})", out.status));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    Ok(out.status.success().then_some(out.stdout))
+}
+
+/// The tables the kernel has now, as `family name` (e.g. `bridge mesh`).
+pub async fn tables() -> Result<Vec<String>, String> {
+    let out = nft_read(&["list", "tables"])
+        .await?
+        .ok_or("nft list tables failed")?;
+    Ok(String::from_utf8_lossy(&out)
         .lines()
         .filter_map(|l| l.trim().strip_prefix("table "))
         .map(str::to_string)
@@ -357,17 +363,9 @@ pub fn table_lost() {
 pub async fn counters() -> Result<BTreeMap<String, u64>, String> {
     let mut all = BTreeMap::new();
     for (family, table) in [("bridge", TABLE), ("inet", UNDERLAY_TABLE)] {
-        let out = tokio::process::Command::new("nft")
-            .args(["-j", "list", "counters", "table", family, table])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| format!("running nft: {e}"))?;
-        if !out.status.success() {
-            continue;
+        if let Some(out) = nft_read(&["-j", "list", "counters", "table", family, table]).await? {
+            all.extend(parse_counters(&out));
         }
-        all.extend(parse_counters(&out.stdout));
     }
     Ok(all)
 }

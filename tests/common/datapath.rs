@@ -79,6 +79,18 @@ pub fn wait_programmed(host: &Host, c: &Container) {
     );
 }
 
+/// The sleeve path MTUs of `host`'s established connections, from its
+/// report.
+pub fn path_mtus(host: &Host) -> Vec<u64> {
+    report(host)["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["state"] == "established")
+        .filter_map(|c| c["path_mtu"].as_u64())
+        .collect()
+}
+
 /// `mesh report` of `host`, parsed; panics if it fails.
 #[track_caller]
 pub fn report(host: &Host) -> serde_json::Value {
@@ -223,5 +235,34 @@ impl Pcap {
             })
             .map(|p| p.len() as u64)
             .sum()
+    }
+}
+
+/// Makes `host` drop, silently, sleeve datagrams (UDP 6783) whose IP length
+/// is above `above`: a path MTU black hole (nftables table `inet meshbh`).
+#[track_caller]
+pub fn black_hole(host: &Host, above: usize) {
+    let above = above.to_string();
+    for args in [
+        &["add", "table", "inet", "meshbh"][..],
+        &[
+            "add",
+            "chain",
+            "inet",
+            "meshbh",
+            "in",
+            "{ type filter hook input priority 0; }",
+        ],
+        &[
+            "add", "rule", "inet", "meshbh", "in", "udp", "dport", "6783", "ip", "length", ">",
+            &above, "drop",
+        ],
+    ] {
+        let out = run(&mut host.command("nft", args), Duration::from_secs(10));
+        assert!(
+            out.status.success(),
+            "nft {args:?} on {}: {out:?}",
+            host.name
+        );
     }
 }

@@ -195,6 +195,30 @@ impl World {
         ip
     }
 
+    /// Hosts `h1` and `h2`, launched with `args` (h2 naming h1).
+    #[track_caller]
+    pub fn launch_pair(&mut self, args: &[&str]) -> (Host, Host) {
+        let h1 = self.add_host();
+        let h2 = self.add_host();
+        self.launch(&h1, args);
+        let mut a = args.to_vec();
+        a.push("198.18.0.1");
+        self.launch(&h2, &a);
+        (h1, h2)
+    }
+
+    /// Containers named and attached as listed: `(host, name, cidr)`.
+    #[track_caller]
+    pub fn attach_new(&mut self, list: &[(&Host, &str, &str)]) -> Vec<Container> {
+        list.iter()
+            .map(|(h, name, cidr)| {
+                let c = self.add_container(name);
+                self.attach(h, &c, cidr);
+                c
+            })
+            .collect()
+    }
+
     /// `n` hosts `h1..hn`, each with one container `c1..cn` (neither
     /// launched nor attached).
     pub fn add_hosts_with_containers(&mut self, n: usize) -> (Vec<Host>, Vec<Container>) {
