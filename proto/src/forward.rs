@@ -39,7 +39,8 @@
 
 use crate::name::PeerName;
 pub use crate::sleeve::MAX_HOPS;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 /// An Ethernet address.
 pub type Mac = [u8; 6];
@@ -112,9 +113,16 @@ impl Routes {
 /// ([`MacTable::set_local`]) are never learnt behind a peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MacTable {
-    owners: HashMap<Mac, PeerName>,
+    /// MAC → the peer it lives behind, and the tick it was learnt at.
+    owners: HashMap<Mac, (PeerName, u64)>,
     per_peer: HashMap<PeerName, u32>,
+    /// Per peer, its MACs in the order they were learnt (entries that no
+    /// longer match `owners` are stale and skipped).
+    order: HashMap<PeerName, VecDeque<(u64, Mac)>>,
     local: HashSet<Mac>,
+    /// The clock, in seconds, as [`MacTable::tick`] last set it.
+    now: u64,
+    start: Option<Instant>,
 }
 
 /// What [`MacTable::learn`] made of a frame's source MAC.
@@ -152,14 +160,42 @@ impl MacTable {
     /// The most local MACs held.
     pub const MAX_LOCAL: usize = 65_536;
 
+    /// How long a MAC learnt behind a peer is kept at the least before a
+    /// peer at its bound may replace it with a new one: the kernel bridge's
+    /// ageing time, so the bridge, which learns whatever reaches the TAP,
+    /// never holds many more of a peer's MACs than this table does, while a
+    /// host whose containers come and go keeps being learnt.
+    pub const REPLACE_AFTER: Duration = Duration::from_secs(300);
+
     /// An empty table.
     pub fn new() -> MacTable {
         MacTable::default()
     }
 
+    /// Tell the table the time (the sleeve does, every second).
+    pub fn tick(&mut self, now: Instant) {
+        let start = *self.start.get_or_insert(now);
+        self.now = now.saturating_duration_since(start).as_secs();
+    }
+
     /// The peer `mac` lives behind, if known.
     pub fn owner(&self, mac: &Mac) -> Option<PeerName> {
-        self.owners.get(mac).copied()
+        self.owners.get(mac).map(|(p, _)| *p)
+    }
+
+    /// The oldest MAC still learnt behind `peer` and when, if any.
+    fn oldest(&self, peer: &PeerName) -> Option<(u64, Mac)> {
+        self.order
+            .get(peer)?
+            .iter()
+            .find(|(t, m)| self.owners.get(m) == Some(&(*peer, *t)))
+            .copied()
+    }
+
+    /// Whether `peer`'s oldest MAC may give way to a new one.
+    fn may_replace(&self, peer: &PeerName) -> bool {
+        self.oldest(peer)
+            .is_some_and(|(t, _)| self.now.saturating_sub(t) >= Self::REPLACE_AFTER.as_secs())
     }
 
     /// How many MACs are known.
@@ -181,7 +217,7 @@ impl MacTable {
         let before = self.owners.len();
         self.owners.retain(|m, _| !local.contains(m));
         if self.owners.len() != before {
-            self.recount();
+            self.rebuild();
         }
     }
 
@@ -206,9 +242,9 @@ impl MacTable {
         if self.owner(mac) == Some(src) {
             return Learn::Known;
         }
-        if self.per_peer.get(&src).copied().unwrap_or(0) >= Self::PER_PEER
-            || (self.owners.len() >= Self::TOTAL && !self.owners.contains_key(mac))
-        {
+        let full = self.per_peer.get(&src).copied().unwrap_or(0) >= Self::PER_PEER
+            || (self.owners.len() >= Self::TOTAL && !self.owners.contains_key(mac));
+        if full && !self.may_replace(&src) {
             return Learn::Full;
         }
         Learn::Learned
@@ -222,27 +258,53 @@ impl MacTable {
         if l != Learn::Learned {
             return l;
         }
-        if let Some(old) = self.owners.insert(mac, src) {
+        let full = self.per_peer.get(&src).copied().unwrap_or(0) >= Self::PER_PEER
+            || (self.owners.len() >= Self::TOTAL && !self.owners.contains_key(&mac));
+        if full {
+            // `check` found src's oldest old enough: it gives way.
+            if let Some((_, gone)) = self.oldest(&src) {
+                self.owners.remove(&gone);
+                if let Some(n) = self.per_peer.get_mut(&src) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+        if let Some((old, _)) = self.owners.insert(mac, (src, self.now)) {
             if let Some(n) = self.per_peer.get_mut(&old) {
                 *n = n.saturating_sub(1);
             }
         }
         *self.per_peer.entry(src).or_insert(0) += 1;
+        let q = self.order.entry(src).or_default();
+        q.push_back((self.now, mac));
+        // Drop stale entries (moved or replaced MACs) before they pile up.
+        if q.len() > 2 * Self::PER_PEER as usize {
+            let owners = &self.owners;
+            q.retain(|(t, m)| owners.get(m) == Some(&(src, *t)));
+        }
         l
     }
 
     /// Forget the MACs behind peers that are neither neighbours nor have a
     /// unicast route.
     pub fn forget_unreachable<V>(&mut self, neighbours: &HashMap<PeerName, V>, routes: &Routes) {
-        self.owners.retain(|_, p| routes.reaches(neighbours, *p));
-        self.recount();
+        self.owners
+            .retain(|_, (p, _)| routes.reaches(neighbours, *p));
+        self.rebuild();
     }
 
-    fn recount(&mut self) {
+    /// Recount the peers' MACs and drop stale order entries, after entries
+    /// were removed.
+    fn rebuild(&mut self) {
         self.per_peer.clear();
-        for p in self.owners.values() {
+        for (p, _) in self.owners.values() {
             *self.per_peer.entry(*p).or_insert(0) += 1;
         }
+        let owners = &self.owners;
+        self.order.retain(|p, q| {
+            q.retain(|(t, m)| owners.get(m) == Some(&(*p, *t)));
+            !q.is_empty()
+        });
     }
 }
 
@@ -487,6 +549,43 @@ mod tests {
         // A MAC already known may still move within the total bound.
         assert_eq!(macs.learn(p(ME), p(n + 1), m(1)), Learn::Learned);
         assert_eq!(macs.len(), MacTable::TOTAL);
+    }
+
+    /// A peer at its bound gets new MACs learnt once its oldest has been
+    /// held for [`MacTable::REPLACE_AFTER`] (a host whose containers come
+    /// and go keeps working), never sooner (a flood of new MACs stays
+    /// bounded per ageing time).
+    #[test]
+    fn a_full_peer_replaces_its_oldest_mac_after_the_ageing_time() {
+        let m = |i: u32| -> Mac {
+            let b = i.to_be_bytes();
+            [2, 0, b[0], b[1], b[2], b[3]]
+        };
+        let t0 = Instant::now();
+        let mut macs = MacTable::new();
+        macs.tick(t0);
+        for i in 0..MacTable::PER_PEER {
+            assert_eq!(macs.learn(p(ME), p(5), m(i)), Learn::Learned);
+        }
+        let new = m(MacTable::PER_PEER);
+        assert_eq!(macs.learn(p(ME), p(5), new), Learn::Full);
+        macs.tick(t0 + MacTable::REPLACE_AFTER - Duration::from_secs(1));
+        assert_eq!(macs.learn(p(ME), p(5), new), Learn::Full);
+        macs.tick(t0 + MacTable::REPLACE_AFTER);
+        assert_eq!(macs.check(p(ME), p(5), &new), Learn::Learned);
+        assert_eq!(macs.learn(p(ME), p(5), new), Learn::Learned);
+        // The oldest gave way; the count is unchanged.
+        assert_eq!(macs.owner(&m(0)), None);
+        assert_eq!(macs.owner(&new), Some(p(5)));
+        assert_eq!(macs.len(), MacTable::PER_PEER as usize);
+        // A MAC that moved away frees its slot and is not the oldest any
+        // more: the next to give way is m(2), not m(1).
+        assert_eq!(macs.learn(p(ME), p(6), m(1)), Learn::Learned);
+        assert_eq!(macs.learn(p(ME), p(5), m(9_999_998)), Learn::Learned);
+        assert_eq!(macs.owner(&m(2)), Some(p(5)));
+        assert_eq!(macs.learn(p(ME), p(5), m(9_999_999)), Learn::Learned);
+        assert_eq!(macs.owner(&m(2)), None);
+        assert_eq!(macs.owner(&m(1)), Some(p(6)));
     }
 
     #[test]

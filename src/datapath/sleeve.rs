@@ -713,6 +713,11 @@ fn command(sh: &Shared, c: Cmd) {
 /// Send an empty message to every neighbour, re-read its path MTU, and
 /// report the ones that have been silent too long.
 async fn heartbeat(sh: &Arc<Shared>, events: &mpsc::Sender<Event>) {
+    // The MAC table's clock (it lets long-learnt MACs give way).
+    sh.macs
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .tick(Instant::now());
     let peers: Vec<Arc<Peer>> = sh.table().peers.values().cloned().collect();
     let s = sh.clone();
     let ps = peers.clone();
