@@ -79,6 +79,56 @@ impl Link {
         );
     }
 
+    /// The socket's descriptor, to wait on it with `poll`.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Receives one frame that arrived on the interface into `buf`, without
+    /// waiting: its length, or `None` when nothing is queued. Frames the
+    /// interface sent (`PACKET_OUTGOING`) are skipped. Never panics.
+    pub fn try_recv_incoming(&self, buf: &mut [u8]) -> Option<usize> {
+        loop {
+            // SAFETY: zeroed is a valid sockaddr_ll.
+            let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: `buf` is valid for writes of its length, `sa` for
+            // writes of `len` bytes.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    &mut sa as *mut libc::sockaddr_ll as *mut libc::sockaddr,
+                    &mut len,
+                )
+            };
+            if n < 0 {
+                return None;
+            }
+            if sa.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                continue;
+            }
+            return Some(n as usize);
+        }
+    }
+
+    /// Sends one whole Ethernet frame; whether the kernel took all of it.
+    /// Never panics.
+    pub fn try_send(&self, frame: &[u8]) -> bool {
+        // SAFETY: `frame` is valid for reads of its length.
+        let n = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+            )
+        };
+        n == frame.len() as isize
+    }
+
     /// Every frame received until `limit` passes (at most that long).
     pub fn frames_for(&self, limit: Duration) -> Vec<Vec<u8>> {
         let end = Instant::now() + limit;

@@ -23,6 +23,7 @@ mod consts;
 mod datapath;
 mod frames;
 mod hosts;
+mod impair;
 pub mod podman;
 mod process;
 mod world;
@@ -38,6 +39,8 @@ pub use datapath::*;
 pub use frames::*;
 #[allow(unused_imports)]
 pub use hosts::*;
+#[allow(unused_imports)]
+pub use impair::*;
 #[allow(unused_imports)]
 pub use process::*;
 #[allow(unused_imports)]

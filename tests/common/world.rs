@@ -3,6 +3,7 @@
 use super::capture::*;
 use super::consts::*;
 use super::hosts::*;
+use super::impair::*;
 use super::process::*;
 
 // ---------------------------------------------------------------------------
@@ -20,6 +21,9 @@ pub struct World {
     hosts: Vec<Host>,
     containers: Vec<Container>,
     daemon_pids: RefCell<Vec<i32>>,
+    /// Relays of impaired hosts, by host name; stopped before the
+    /// namespaces go.
+    relays: Vec<(String, Relay)>,
 }
 
 impl World {
@@ -45,6 +49,7 @@ impl World {
             hosts: Vec::new(),
             containers: Vec::new(),
             daemon_pids: RefCell::new(Vec::new()),
+            relays: Vec::new(),
         };
         // From here on, the guard cleans up whatever was made.
         netns_add(&switch_ns);
@@ -56,6 +61,64 @@ impl World {
 
     /// Adds host `hN` at `198.18.0.N/24`, joined to the switch.
     pub fn add_host(&mut self) -> Host {
+        let host = self.new_host();
+        ip(&[
+            "-n",
+            &self.switch_ns,
+            "link",
+            "set",
+            &host.name,
+            "master",
+            "br0",
+        ]);
+        host
+    }
+
+    /// Adds host `hN` at `198.18.0.N/24`, joined to the switch through an
+    /// impairment relay (see `impair.rs`): its switch-side end `hN` stays
+    /// out of the bridge, a veth pair `rN`/`bN` joins the relay to it, and
+    /// the relay applies `imp` to every frame from the host.
+    /// [`World::relay`] finds the relay (to cut the host off).
+    #[track_caller]
+    pub fn add_impaired_host(&mut self, imp: &Impairment) -> Host {
+        let host = self.new_host();
+        let n = &host.name[1..];
+        let (r, b) = (format!("r{n}"), format!("b{n}"));
+        let sw = self.switch_ns.clone();
+        ip(&[
+            "-n", &sw, "link", "add", &r, "type", "veth", "peer", "name", &b,
+        ]);
+        ip(&["-n", &sw, "link", "set", &b, "master", "br0", "up"]);
+        ip(&["-n", &sw, "link", "set", &r, "up"]);
+        // The relay moves frames, not offload metadata: whole, checksummed
+        // frames only.
+        for (ns, dev) in [(&host.ns, "eth0"), (&sw, &host.name), (&sw, &r), (&sw, &b)] {
+            run_ok(
+                "ip",
+                &[
+                    "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off", "tso", "off", "gso",
+                    "off", "gro", "off",
+                ],
+            );
+        }
+        let relay = Relay::start(&sw, &host.name, &r, *imp);
+        self.relays.push((host.name.clone(), relay));
+        host
+    }
+
+    /// The relay of impaired host `host`.
+    #[track_caller]
+    pub fn relay(&self, host: &Host) -> &Relay {
+        self.relays
+            .iter()
+            .find(|(n, _)| *n == host.name)
+            .map(|(_, r)| r)
+            .unwrap_or_else(|| panic!("{} has no relay", host.name))
+    }
+
+    /// Host `hN`'s namespace, dirs and veth pair (`hN` up in the switch,
+    /// not yet joined to anything; `eth0` up at `198.18.0.N/24`).
+    fn new_host(&mut self) -> Host {
         let n = self.hosts.len() + 1;
         assert!(n < 255, "too many hosts");
         let name = format!("h{n}");
@@ -82,7 +145,7 @@ impl World {
         ip(&[
             "-n", sw, "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ]);
-        ip(&["-n", sw, "link", "set", &name, "master", "br0", "up"]);
+        ip(&["-n", sw, "link", "set", &name, "up"]);
         let cidr = format!("{}/24", host.ip);
         ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"]);
         ip(&["-n", &ns, "link", "set", "eth0", "up"]);
@@ -368,6 +431,8 @@ impl Drop for World {
             }
             eprintln!("===== end of {} =====", self.test);
         }
+        // The relays' threads stop (and print their counters) first.
+        self.relays.clear();
         let mut pids = self.daemon_pids.borrow().clone();
         pids.extend(self.hosts.iter().filter_map(Host::daemon_pid));
         pids.sort_unstable();
