@@ -107,7 +107,7 @@ impl Link {
             if n < 0 {
                 return None;
             }
-            if sa.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if sa.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             return Some(n as usize);
