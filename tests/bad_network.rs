@@ -330,6 +330,9 @@ fn run_test(test: &str, password: Option<&str>) {
         .map(|(i, c)| u.attach(cut_deadline, &hosts[*i], c))
         .collect();
     eprintln!("{test}: attached during the cut: {during_ips:?}");
+    // The majority side still carries traffic.
+    u.ping(cut_deadline, &during[0].1, &during_ips[1]);
+    u.ping(cut_deadline, &during[1].1, &during_ips[0]);
     u.poll(cut_deadline, "both sides see the other unreachable", || {
         for (i, h) in hosts.iter().enumerate() {
             let reach = reachable(&report(h)?);
@@ -480,4 +483,85 @@ fn three_hosts_on_a_bad_network() {
 #[test]
 fn three_hosts_on_a_bad_network_with_a_password() {
     run_test("bad_network_password", Some("b4d-n3twork"));
+}
+
+/// The harness itself: frames from an impaired host arrive with about the
+/// configured loss and duplication, reordered; frames towards it all
+/// arrive, in order; a cut drops everything both ways. Counted on raw
+/// frames of a private ethertype between h1 (impaired) and h2 (bridged).
+#[test]
+fn the_relay_impairs_as_configured() {
+    let Some(mut w) = World::new("relay_impairs") else {
+        return;
+    };
+    let h1 = w.add_impaired_host(&BAD);
+    let h2 = w.add_host();
+    let l1 = Link::open(&h1.ns, "eth0");
+    let l2 = Link::open(&h2.ns, "eth0");
+    const ETHERTYPE: u16 = 0x88b5; // local experimental
+    const N: u32 = 2000;
+    const BATCH: u32 = 100;
+    /// Sends `n` numbered frames from `from` in batches (each collected at
+    /// `to` before the next, so no socket buffer overflows); the numbers
+    /// received, in arrival order.
+    fn numbered(from: &Link, to: &Link, tag: u8, n: u32) -> Vec<u32> {
+        let mut got = Vec::new();
+        let mut take = |frames: Vec<Vec<u8>>| {
+            for f in frames {
+                if f.len() >= 19 && f[12..14] == ETHERTYPE.to_be_bytes() && f[14] == tag {
+                    got.push(u32::from_be_bytes([f[15], f[16], f[17], f[18]]));
+                }
+            }
+        };
+        for batch in 0..n.div_ceil(BATCH) {
+            for i in batch * BATCH..((batch + 1) * BATCH).min(n) {
+                let mut payload = vec![tag];
+                payload.extend_from_slice(&i.to_be_bytes());
+                from.send(&ether([0xff; 6], [2, 0, 0, 0, 0, 1], ETHERTYPE, &payload));
+            }
+            take(to.frames_for(Duration::from_millis(100)));
+        }
+        // Delays are at most 30 ms: whatever is held arrives well within this.
+        take(to.frames_for(Duration::from_millis(500)));
+        got
+    }
+
+    // h1 -> h2: impaired.
+    let got = numbered(&l1, &l2, 1, N);
+    let distinct: BTreeSet<u32> = got.iter().copied().collect();
+    let lost = N as usize - distinct.len();
+    let dups = got.len() - distinct.len();
+    let reordered = got.windows(2).filter(|p| p[1] < p[0]).count();
+    let stats = w.relay(&h1).stats();
+    eprintln!("h1 -> h2: {lost} lost, {dups} duplicated, {reordered} out of order; {stats:?}");
+    // 10% of 2,000 is 200 ± 13 (one standard deviation); 2% of the rest
+    // is 36 ± 6. These bounds are six deviations wide.
+    assert!((120..=280).contains(&lost), "{lost} of {N} lost");
+    assert!((2..=75).contains(&dups), "{dups} duplicated");
+    assert!(reordered > 0, "nothing reordered");
+    assert_eq!(stats.send_errors, 0, "{stats:?}");
+
+    // h2 -> h1: untouched, in order.
+    let got = numbered(&l2, &l1, 2, N);
+    assert_eq!(got, (0..N).collect::<Vec<_>>(), "towards h1");
+
+    // Cut: nothing either way.
+    w.relay(&h1).cut(true);
+    assert_eq!(
+        numbered(&l1, &l2, 3, BATCH),
+        Vec::<u32>::new(),
+        "from h1, cut"
+    );
+    assert_eq!(
+        numbered(&l2, &l1, 4, BATCH),
+        Vec::<u32>::new(),
+        "to h1, cut"
+    );
+    // Healed.
+    w.relay(&h1).cut(false);
+    assert_eq!(
+        numbered(&l2, &l1, 5, BATCH),
+        (0..BATCH).collect::<Vec<_>>(),
+        "to h1, healed"
+    );
 }

@@ -271,6 +271,8 @@ fn pump(host: &Link, switch: &Link, imp: Impairment, seed: u64, shared: &Shared)
         if r <= 0 {
             continue;
         }
+        // Read again: a cut or heal while in `poll` applies to what it woke for.
+        let cut = shared.cut.load(Ordering::SeqCst);
         // Towards the host: at once, unless cut.
         while let Some(n) = switch.try_recv_incoming(&mut buf) {
             st.in_frames += 1;
