@@ -52,8 +52,9 @@ struct Unique<'a> {
 }
 
 impl Unique<'_> {
+    /// Checks it; every address held, with its holder.
     #[track_caller]
-    fn check(&self) {
+    fn check(&self) -> BTreeMap<String, String> {
         let mut holder: BTreeMap<String, String> = BTreeMap::new();
         for h in self.hosts {
             for e in h.ps() {
@@ -68,6 +69,7 @@ impl Unique<'_> {
         }
         self.checks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        holder
     }
 
     /// Polls `f` until it returns `Ok` or `deadline` passes (then panics),
@@ -81,7 +83,7 @@ impl Unique<'_> {
     ) -> T {
         let left = deadline.saturating_duration_since(Instant::now());
         wait_for(left, what, || {
-            self.check();
+            let _ = self.check();
             f()
         })
     }
@@ -453,7 +455,10 @@ fn run_test(test: &str, password: Option<&str>) {
             );
         }
     }
-    u.check();
+    // And `mesh ps` shows exactly these (the check above sees them all).
+    let in_ps: BTreeSet<String> = u.check().into_keys().collect();
+    let in_kernel: BTreeSet<String> = held.into_keys().collect();
+    assert_eq!(in_ps, in_kernel, "mesh ps and the kernel differ");
 
     // The impairment was real.
     for h in &hosts {
