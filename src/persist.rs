@@ -267,7 +267,7 @@ fn crash_point(path: &Path) -> Option<CrashPoint> {
             parsed
         })
         .as_ref()?;
-    if !path.file_name().is_some_and(|n| *n == *hook.file) {
+    if path.file_name().is_none_or(|n| *n != *hook.file) {
         return None;
     }
     let n = hook.seen.fetch_add(1, Ordering::SeqCst) + 1;
