@@ -109,7 +109,7 @@ fn sleeve_garbage(i: u64, names: &[PeerName]) -> Vec<u8> {
                 _ => random_peer(),
             };
             let h = Header {
-                kind: if r[5] % 2 == 0 {
+                kind: if r[5].is_multiple_of(2) {
                     Kind::Frames
                 } else {
                     Kind::Sealed
@@ -139,7 +139,7 @@ fn sleeve_garbage(i: u64, names: &[PeerName]) -> Vec<u8> {
 fn vxlan_garbage(i: u64) -> Vec<u8> {
     let r = random_bytes(4);
     let len = 1 + usize::from(r[0]) * 5;
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         random_bytes(len)
     } else {
         let vni = u32::from_be_bytes([0, r[1], r[2], r[3]]);
