@@ -85,6 +85,9 @@ pub struct Manager {
     /// The host's addresses on the bridge (`mesh expose`), saved in
     /// `exposed.json`.
     exposed: Vec<Ipv4Net>,
+    /// Host interfaces of containers whose namespace only this daemon
+    /// held at the last check (see [`Manager::release_gone`]).
+    orphans: std::collections::HashSet<String>,
 }
 
 /// The allocator's id for the host's own addresses (`mesh expose`); not a
@@ -281,6 +284,7 @@ impl Manager {
             range,
             zone,
             servers: HashMap::new(),
+            orphans: Default::default(),
             exposed: persist::load_json(&data_dir_for_expose.join(crate::paths::EXPOSED))?
                 .unwrap_or_default(),
         };
@@ -1235,8 +1239,6 @@ impl Manager {
         Ok(())
     }
 
-    /// Forget containers whose interface is gone (their namespace was
-    /// destroyed) and release their addresses.
     /// Make the isolation and NAT tables again if someone removed them (a
     /// firewall reload flushes the whole ruleset): isolation must not end
     /// silently.
@@ -1260,7 +1262,36 @@ impl Manager {
         }
     }
 
+    /// Forget containers that are gone and release their addresses and
+    /// names. A container is gone when its host interface is, or when its
+    /// namespace was held by this daemon alone at two checks in a row: no
+    /// process of it left, no mount of it. Its interface would otherwise
+    /// live on, since the DNS server's sockets inside keep the namespace
+    /// (and its end of the pair) alive. It is taken down here.
     async fn release_gone(&mut self) {
+        if !self.list.is_empty() {
+            // No answer (or an empty one: /proc unreadable) decides nothing.
+            let used = match tokio::task::spawn_blocking(host::netns::netns_in_use).await {
+                Ok(u) if !u.is_empty() => u,
+                _ => return,
+            };
+            let orphans: std::collections::HashSet<String> = self
+                .list
+                .iter()
+                .filter(|a| !used.contains(&a.netns))
+                .map(|a| a.host_ifname.clone())
+                .collect();
+            for ifname in orphans.intersection(&self.orphans) {
+                info!(
+                    interface = %ifname,
+                    "the container's namespace is held by nothing but this daemon: it is gone"
+                );
+                if let Err(e) = self.nl.delete_link(ifname).await {
+                    warn!(interface = %ifname, "removing the interface of a gone container: {e}");
+                }
+            }
+            self.orphans = orphans;
+        }
         // One dump of the host's links, not a request per container.
         let Ok(links) = self.nl.links().await else {
             return;
