@@ -95,13 +95,19 @@ for ((i = 0; i < 100; i++)); do
 done
 mesh 1 status connections | grep -q established || { echo "h1 and h2 did not connect" >&2; exit 1; }
 
-# State: ATT[n,i] = 1 when slot i of host n is attached.
+# State: ATT[n,i] is 1 when slot i of host n is attached, 2 while its
+# namespace was deleted under the daemon and `mesh ps` still lists it.
 declare -A ATT
 for n in 1 2; do for ((i = 0; i < SLOTS; i++)); do ATT[$n,$i]=0; done; done
 attached() { # N: how many of host N's slots are attached
     local n=$1 i c=0
-    for ((i = 0; i < SLOTS; i++)); do c=$((c + ATT[$n,$i])); done
+    for ((i = 0; i < SLOTS; i++)); do ((ATT[$n,$i] == 1)) && c=$((c + 1)); done
     echo "$c"
+}
+error() { # what: counted; the first few are shown
+    ERRORS=$((ERRORS + 1))
+    ((ERRORS <= 5)) && echo "error: $1" >&2
+    return 0
 }
 
 rss() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
@@ -122,42 +128,53 @@ sample() { # label
     done
 }
 
-ROUNDS=0 ATTACHES=0 DETACHES=0 KILLS=0 LOOKUPS=0 LOOKUPS_OK=0 DIGS=0 DIGS_OK=0 ERRORS=0
+ROUNDS=0 ATTACHES=0 DETACHES=0 KILLS=0 RELEASED=0 LOOKUPS=0 LOOKUPS_OK=0 DIGS=0 DIGS_OK=0 ERRORS=0
 one_round() {
     local n other i name ip j
     for n in 1 2; do
         other=$((3 - n))
         i=$((RANDOM % SLOTS))
         name="s$i-h$n"
-        if ((ATT[$n,$i])); then
+        if ((ATT[$n,$i] == 2)); then
+            # Deleted under the daemon: free once it has released it.
+            if awk '{print $1}' <<<"$(mesh "$n" ps)" | grep -qx "$name"; then
+                continue
+            fi
+            ATT[$n,$i]=0
+            RELEASED=$((RELEASED + 1))
+        fi
+        if ((ATT[$n,$i] == 1)); then
             if ((RANDOM % 5 == 0)); then
                 # Dies without a detach: the daemon notices and releases.
                 ip netns del "$(cns "$n" "$i")"
                 ip netns add "$(cns "$n" "$i")"
                 ip -n "$(cns "$n" "$i")" link set lo up
                 KILLS=$((KILLS + 1))
-            elif mesh "$n" detach "/run/netns/$(cns "$n" "$i")" >/dev/null 2>"$DIR/err"; then
-                DETACHES=$((DETACHES + 1))
+                ATT[$n,$i]=2
             else
-                ERRORS=$((ERRORS + 1)); echo "detach $name: $(cat "$DIR/err")" >&2
+                if mesh "$n" detach "/run/netns/$(cns "$n" "$i")" >/dev/null 2>"$DIR/err"; then
+                    DETACHES=$((DETACHES + 1))
+                else
+                    error "detach $name: $(cat "$DIR/err")"
+                fi
+                ATT[$n,$i]=0
             fi
-            ATT[$n,$i]=0
         else
             if mesh "$n" attach "net:$RANGE" --name "$name" "/run/netns/$(cns "$n" "$i")" >/dev/null 2>"$DIR/err"; then
                 ATT[$n,$i]=1
                 ATTACHES=$((ATTACHES + 1))
             else
-                ERRORS=$((ERRORS + 1)); echo "attach $name: $(cat "$DIR/err")" >&2
+                error "attach $name: $(cat "$DIR/err")"
             fi
         fi
         # A name of the other host, from this one, by the CLI and by DNS
         # from inside an attached container.
         for ((j = 0; j < SLOTS; j++)); do
-            ((ATT[$other,$j])) || continue
+            ((ATT[$other,$j] == 1)) || continue
             LOOKUPS=$((LOOKUPS + 1))
             mesh "$n" dns-lookup "s$j-h$other" >/dev/null 2>&1 && LOOKUPS_OK=$((LOOKUPS_OK + 1))
             for ((i = 0; i < SLOTS; i++)); do
-                ((ATT[$n,$i])) || continue
+                ((ATT[$n,$i] == 1)) || continue
                 DIGS=$((DIGS + 1))
                 ip=$(ip netns exec "$(cns "$n" "$i")" dig @127.0.0.11 +short +time=2 +tries=1 "s$j-h$other.mesh.local" A 2>/dev/null || true)
                 [[ -n $ip ]] && DIGS_OK=$((DIGS_OK + 1))
@@ -215,7 +232,7 @@ for n in 1 2; do
     kill -0 "$pid" 2>/dev/null || { echo "h$n's daemon died" >&2; FAIL=1; }
 done
 
-echo "rounds $ROUNDS: attaches $ATTACHES, detaches $DETACHES, containers deleted without detach $KILLS, errors $ERRORS"
+echo "rounds $ROUNDS: attaches $ATTACHES, detaches $DETACHES, containers deleted without detach $KILLS (seen released by the daemon: $RELEASED), errors $ERRORS"
 echo "lookups by mesh dns-lookup: $LOOKUPS_OK of $LOOKUPS answered; by dig in a container: $DIGS_OK of $DIGS"
 for n in 1 2; do
     printf 'h%d: RSS start %d KiB, end %d KiB, max %d KiB; open fds start %d, end %d, max %d\n' \
@@ -224,7 +241,7 @@ done
 for n in 1 2; do check_host "$n" "with containers attached:"; done
 for n in 1 2; do
     for ((i = 0; i < SLOTS; i++)); do
-        if ((ATT[$n,$i])); then
+        if ((ATT[$n,$i] == 1)); then
             mesh "$n" detach "/run/netns/$(cns "$n" "$i")" >/dev/null || FAIL=1
             ATT[$n,$i]=0
         fi
