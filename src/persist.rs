@@ -23,12 +23,23 @@
 //! Test hook: `MESH_TEST_SAVE_DELAY_MS` delays every [`write_atomic`] of
 //! `ipam.bin` and `names.bin` by that many milliseconds (a slow disk), for
 //! the tests that prove no task that must stay responsive waits on a save.
+//!
+//! Test hook: `MESH_TEST_CRASH_AT=<file>:<point>[:<n>]` makes the process
+//! kill itself with SIGKILL in the middle of the `n`th (default: first)
+//! [`write_atomic`] of the state file named `<file>` (e.g. `ipam.bin`), at
+//! `<point>`: `before-rename` (the temporary file is written and fsynced,
+//! not yet renamed over the file) or `after-rename` (renamed, the directory
+//! not yet fsynced). The tests of a crash at every write use it
+//! (`tests/crash_at_write.rs`). Read once; unset, it costs one check of a
+//! `OnceLock` per write.
 
 use anyhow::Context;
 use blake2::{Blake2s256, Digest};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// The first bytes of every sealed state file.
 pub const MAGIC: &[u8; 8] = b"MESHSTAT";
@@ -162,7 +173,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("writing {}", tmp.display()));
     }
+    let crash = crash_point(path);
+    if crash == Some(CrashPoint::BeforeRename) {
+        crash_now();
+    }
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    if crash == Some(CrashPoint::AfterRename) {
+        crash_now();
+    }
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -190,6 +208,77 @@ fn test_delay(path: &Path) {
     if ms > 0 {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
+}
+
+/// Where in [`write_atomic`] the `MESH_TEST_CRASH_AT` hook kills us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CrashPoint {
+    /// The temporary file written and fsynced, not renamed.
+    BeforeRename,
+    /// Renamed, the directory not fsynced.
+    AfterRename,
+}
+
+/// `MESH_TEST_CRASH_AT`, parsed: the file's name, the point, which write
+/// (1-based), and how many writes of the file were seen.
+struct CrashAt {
+    file: String,
+    point: CrashPoint,
+    nth: u64,
+    seen: AtomicU64,
+}
+
+/// Parse `<file>:<point>[:<n>]`; `None` for anything else.
+fn parse_crash_at(v: &str) -> Option<CrashAt> {
+    let mut parts = v.split(':');
+    let file = parts.next().filter(|f| !f.is_empty())?.to_string();
+    let point = match parts.next()? {
+        "before-rename" => CrashPoint::BeforeRename,
+        "after-rename" => CrashPoint::AfterRename,
+        _ => return None,
+    };
+    let nth = match parts.next() {
+        Some(n) => n.parse::<u64>().ok().filter(|n| *n > 0)?,
+        None => 1,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(CrashAt {
+        file,
+        point,
+        nth,
+        seen: AtomicU64::new(0),
+    })
+}
+
+/// The point at which this write of `path` must crash, if the hook is set
+/// for it and this is the write it names (counting the writes of that
+/// file that got this far).
+fn crash_point(path: &Path) -> Option<CrashPoint> {
+    static HOOK: OnceLock<Option<CrashAt>> = OnceLock::new();
+    let hook = HOOK
+        .get_or_init(|| {
+            let v = std::env::var("MESH_TEST_CRASH_AT").ok()?;
+            let parsed = parse_crash_at(&v);
+            if parsed.is_none() {
+                tracing::warn!("MESH_TEST_CRASH_AT={v:?} is not <file>:before-rename|after-rename[:<n>]: ignored");
+            }
+            parsed
+        })
+        .as_ref()?;
+    if path.file_name().is_none_or(|n| *n != *hook.file) {
+        return None;
+    }
+    let n = hook.seen.fetch_add(1, Ordering::SeqCst) + 1;
+    (n == hook.nth).then_some(hook.point)
+}
+
+/// The `MESH_TEST_CRASH_AT` hook fired: die as a `kill -9` would.
+fn crash_now() {
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    // SIGKILL cannot be caught; should raise fail, still end here.
+    std::process::abort();
 }
 
 /// Write a value as JSON, sealed, atomically (mode 0600).
@@ -328,6 +417,31 @@ mod tests {
         // Files of before the container are read as they are.
         assert_eq!(open(b"[\"a\"]"), Ok(Opened::Legacy(&b"[\"a\"]"[..])));
         assert_eq!(open(b""), Ok(Opened::Legacy(&b""[..])));
+    }
+
+    #[test]
+    fn crash_at_parses_file_point_and_nth() {
+        let c = parse_crash_at("ipam.bin:before-rename").expect("parsed");
+        assert_eq!(
+            (c.file.as_str(), c.point, c.nth),
+            ("ipam.bin", CrashPoint::BeforeRename, 1)
+        );
+        let c = parse_crash_at("names.bin:after-rename:3").expect("parsed");
+        assert_eq!(
+            (c.file.as_str(), c.point, c.nth),
+            ("names.bin", CrashPoint::AfterRename, 3)
+        );
+        for bad in [
+            "",
+            "ipam.bin",
+            ":before-rename",
+            "x:middle",
+            "x:after-rename:0",
+            "x:after-rename:a",
+            "x:after-rename:1:2",
+        ] {
+            assert!(parse_crash_at(bad).is_none(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -11,9 +11,11 @@
 //! - A slow disk (`MESH_TEST_SAVE_DELAY_MS`): while the ring's save takes
 //!   seconds, the router still answers, the connection stays up, and the
 //!   allocation is answered once the save is done.
-//! - A full disk (a 64 KiB tmpfs as the data dir): an allocation fails with
-//!   a clear error, `mesh status ipam` says why, what was promised before
-//!   survives a SIGKILL, and allocation works again once there is room.
+//! - A full disk (a 64 KiB tmpfs as the data dir): an allocation, a name
+//!   (`mesh dns-add`) and a target (`mesh connect`) each fail with a clear
+//!   error naming the file, `mesh status ipam` says why, what was promised
+//!   before (an address, a container's name, a target) survives a SIGKILL,
+//!   and allocation works again once there is room.
 //!
 //! Every range here is inside 198.19.0.0/16 (the tests' own addresses).
 
@@ -348,6 +350,7 @@ fn a_full_disk_fails_the_allocation_clearly_and_loses_nothing() {
     let args = ["--ipalloc-range", range];
     w.launch(&h1, &args);
     let ip1 = w.attach_net(&h1, &c1, range);
+    h1.mesh_ok(&["connect", "198.18.0.8"]);
 
     let free_before = own_free(&h1);
     assert!(
@@ -387,11 +390,40 @@ fn a_full_disk_fails_the_allocation_clearly_and_loses_nothing() {
         h1.log_tail(40)
     );
 
+    // A name and a target: refused as clearly.
+    let out = h1.mesh(&["dns-add", "198.19.63.250", "-h", "full.example.test."]);
+    let text = show(&out);
+    assert!(
+        !out.status.success() && text.contains("could not save") && text.contains("names.bin"),
+        "dns-add on a full disk: {text}"
+    );
+    let out = h1.mesh(&["connect", "198.18.0.9"]);
+    let text = show(&out);
+    assert!(
+        !out.status.success() && text.contains("could not save") && text.contains("targets"),
+        "connect on a full disk: {text}"
+    );
+    let targets = h1.mesh_ok(&["status", "targets"]);
+    assert!(
+        !targets.contains("198.18.0.9"),
+        "a refused target is kept: {targets}"
+    );
+
     // What was promised survives a SIGKILL on the full disk.
     kill9(&h1);
     std::fs::remove_file(&filler).expect("free the disk");
     w.launch(&h1, &args);
     assert_eq!(h1.attached(&c1.name).map(|(_, ip)| ip), Some(ip1.clone()));
+    let found = h1.mesh_ok(&["dns-lookup", &c1.name]);
+    assert!(
+        found.lines().any(|l| l.trim() == ip1),
+        "c1's name after the full disk: {found}"
+    );
+    let targets = h1.mesh_ok(&["status", "targets"]);
+    assert!(
+        targets.contains("198.18.0.8") && !targets.contains("198.18.0.9"),
+        "targets after the full disk: {targets}"
+    );
     let ip2 = w.attach_net(&h1, &c2, range);
     assert_ne!(ip2, ip1, "c2 got c1's address");
 }

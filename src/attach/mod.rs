@@ -85,6 +85,9 @@ pub struct Manager {
     /// The host's addresses on the bridge (`mesh expose`), saved in
     /// `exposed.json`.
     exposed: Vec<Ipv4Net>,
+    /// Host interfaces of containers whose namespace only this daemon
+    /// held at the last check (see [`Manager::release_gone`]).
+    orphans: std::collections::HashSet<String>,
 }
 
 /// The allocator's id for the host's own addresses (`mesh expose`); not a
@@ -281,6 +284,7 @@ impl Manager {
             range,
             zone,
             servers: HashMap::new(),
+            orphans: Default::default(),
             exposed: persist::load_json(&data_dir_for_expose.join(crate::paths::EXPOSED))?
                 .unwrap_or_default(),
         };
@@ -856,7 +860,20 @@ impl Manager {
             return Ok(Vec::new());
         }
         let mac = self.make_port(&plan, &aid, &wanted, &taken).await?;
-        let a = self.record(&plan, &wanted, mac)?;
+        // The name is on disk before the container is recorded: after a
+        // crash in between, a container in the list has its name, and a
+        // name of one that is not is dropped by the reconciliation.
+        if let Err(e) = self.add_name(&plan, &aid, &wanted).await {
+            self.undo_port(&plan, &aid, &taken).await;
+            return Err(e);
+        }
+        let a = match self.record(&plan, &wanted, mac) {
+            Ok(a) => a,
+            Err(e) => {
+                self.undo_port(&plan, &aid, &taken).await;
+                return Err(e);
+            }
+        };
         self.after_attach(&plan, &a).await;
         info!(container = %plan.cid, addrs = ?wanted, "attached");
         Ok(wanted.iter().map(|c| c.to_string()).collect())
@@ -1012,6 +1029,79 @@ impl Manager {
         Ok(mac)
     }
 
+    /// An attach that failed after [`Manager::make_port`]: a new container's
+    /// port, addresses, name and rules go again (and its entry, if
+    /// [`Manager::record`] made one); an attached one keeps what it had
+    /// (its new addresses stay recorded, and the reconciliation of a
+    /// restart settles them).
+    async fn undo_port(&mut self, plan: &Plan, aid: &str, taken: &[Ipv4Net]) {
+        if plan.existing.is_some() {
+            return;
+        }
+        if let Some(i) = self.list.iter().position(|a| a.netns == plan.netns) {
+            self.list.remove(i);
+        }
+        let _ = self.nl.delete_link(&plan.host_ifname).await;
+        self.release_taken(aid, taken).await;
+        self.names(names::Cmd::Remove {
+            container: aid.to_string(),
+            addrs: Vec::new(),
+            name: None,
+            reply: None,
+        })
+        .await;
+        let _ = self.sync_rules(None).await;
+    }
+
+    /// The container's DNS name (`--name`, else its own hostname when it
+    /// has a UTS namespace of its own) for all its addresses, on disk when
+    /// this returns. Only a failure to save it is an error (a new
+    /// container is then not attached); a name the table refuses is
+    /// logged and the attach goes on without it.
+    async fn add_name(&self, plan: &Plan, aid: &str, wanted: &[IpNet]) -> Result<(), String> {
+        let dns_name = plan.name.clone().or_else(|| {
+            plan.target
+                .parse::<u32>()
+                .ok()
+                .and_then(host::hostname_of)
+                .filter(|h| mesh_proto::names::normalize_name(h).is_ok())
+        });
+        let Some(name) = dns_name else {
+            return Ok(());
+        };
+        let mut addrs: Vec<Ipv4Addr> = v4_nets(plan.held.iter().chain(wanted))
+            .iter()
+            .map(|n| n.addr())
+            .collect();
+        addrs.dedup();
+        let (reply, rx) = oneshot::channel();
+        self.names(names::Cmd::Add {
+            container: aid.to_string(),
+            addrs,
+            name,
+            reply: Some(reply),
+        })
+        .await;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) if e.starts_with(names::SAVE_FAILED) => {
+                if plan.existing.is_some() {
+                    // Attached already: its port stays; the name is kept
+                    // in the table and saved when the disk allows.
+                    warn!(container = %plan.cid, "{e}");
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            Ok(Err(e)) => {
+                warn!(container = %plan.cid, "{e}");
+                Ok(())
+            }
+            Err(_) => Err("the daemon is shutting down".to_string()),
+        }
+    }
+
     /// Record the attachment in the list, saved; returns it.
     fn record(&mut self, plan: &Plan, wanted: &[IpNet], mac: String) -> Result<Attachment, String> {
         match plan.existing {
@@ -1036,35 +1126,19 @@ impl Manager {
             }),
         }
         if let Err(e) = self.save() {
-            // The interface exists but would be forgotten at restart: take
-            // it down again rather than leave a half-recorded container.
+            // The interface exists but would be forgotten at restart: the
+            // caller takes it down again rather than leave a half-recorded
+            // container.
             warn!("saving the container list: {e:#}");
-            return Err(format!("{e:#}"));
+            return Err(format!("could not save the container list: {e:#}"));
         }
         Ok(self.list[plan.existing.unwrap_or(self.list.len() - 1)].clone())
     }
 
-    /// What an attached container gets besides its interface: its DNS name
-    /// (`--name`, else its own hostname when it has a UTS namespace of its
-    /// own), the DNS server in its namespace, a default route via an
-    /// exposed host.
+    /// What an attached container gets besides its interface and name:
+    /// the DNS server in its namespace, a default route via an exposed
+    /// host.
     async fn after_attach(&mut self, plan: &Plan, a: &Attachment) {
-        let dns_name = plan.name.clone().or_else(|| {
-            plan.target
-                .parse::<u32>()
-                .ok()
-                .and_then(host::hostname_of)
-                .filter(|h| mesh_proto::names::normalize_name(h).is_ok())
-        });
-        if let Some(n) = dns_name {
-            self.names(names::Cmd::Add {
-                container: a.alloc_id(),
-                addrs: a.v4(),
-                name: n,
-                reply: None,
-            })
-            .await;
-        }
         if !self.servers.contains_key(&a.host_ifname) {
             self.start_dns(&a.host_ifname, &plan.ns).await;
         }
@@ -1165,8 +1239,6 @@ impl Manager {
         Ok(())
     }
 
-    /// Forget containers whose interface is gone (their namespace was
-    /// destroyed) and release their addresses.
     /// Make the isolation and NAT tables again if someone removed them (a
     /// firewall reload flushes the whole ruleset): isolation must not end
     /// silently.
@@ -1190,7 +1262,36 @@ impl Manager {
         }
     }
 
+    /// Forget containers that are gone and release their addresses and
+    /// names. A container is gone when its host interface is, or when its
+    /// namespace was held by this daemon alone at two checks in a row: no
+    /// process of it left, no mount of it. Its interface would otherwise
+    /// live on, since the DNS server's sockets inside keep the namespace
+    /// (and its end of the pair) alive. It is taken down here.
     async fn release_gone(&mut self) {
+        if !self.list.is_empty() {
+            // No answer (or an empty one: /proc unreadable) decides nothing.
+            let used = match tokio::task::spawn_blocking(host::netns::netns_in_use).await {
+                Ok(u) if !u.is_empty() => u,
+                _ => return,
+            };
+            let orphans: std::collections::HashSet<String> = self
+                .list
+                .iter()
+                .filter(|a| !used.contains(&a.netns))
+                .map(|a| a.host_ifname.clone())
+                .collect();
+            for ifname in orphans.intersection(&self.orphans) {
+                info!(
+                    interface = %ifname,
+                    "the container's namespace is held by nothing but this daemon: it is gone"
+                );
+                if let Err(e) = self.nl.delete_link(ifname).await {
+                    warn!(interface = %ifname, "removing the interface of a gone container: {e}");
+                }
+            }
+            self.orphans = orphans;
+        }
         // One dump of the host's links, not a request per container.
         let Ok(links) = self.nl.links().await else {
             return;

@@ -54,6 +54,49 @@ pub fn open_netns(target: &str) -> Result<(File, NetnsId), HostError> {
     Ok((file, id))
 }
 
+/// The network namespaces kept alive by something besides this process:
+/// those some other process is in, and those bind-mounted where this
+/// process sees mounts (`/run/netns/NAME`, a runtime's own directory). A
+/// container's namespace in neither is held only by this daemon's own
+/// sockets (its DNS server inside): no process of the container is left
+/// and no one can enter it again.
+pub fn netns_in_use() -> std::collections::HashSet<NetnsId> {
+    let id_of = |path: &str| {
+        std::fs::metadata(path).ok().map(|md| NetnsId {
+            dev: md.dev(),
+            ino: md.ino(),
+        })
+    };
+    let me = std::process::id();
+    let mut used = std::collections::HashSet::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid != me {
+                used.extend(id_of(&format!("/proc/{pid}/ns/net")));
+            }
+        }
+    }
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for line in mounts.lines() {
+            // `ID PARENT MAJ:MIN ROOT MOUNTPOINT ... - FSTYPE SOURCE ...`;
+            // a mount point with a space or tab comes escaped (`\040`): skipped.
+            let Some((fields, fs)) = line.split_once(" - ") else {
+                continue;
+            };
+            if !fs.starts_with("nsfs ") {
+                continue;
+            }
+            if let Some(mp) = fields.split(' ').nth(4).filter(|m| !m.contains('\\')) {
+                used.extend(id_of(mp));
+            }
+        }
+    }
+    used
+}
+
 /// Identity of an open namespace file.
 pub fn netns_id(file: &File) -> std::io::Result<NetnsId> {
     let md = file.metadata()?;

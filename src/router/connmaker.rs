@@ -162,12 +162,25 @@ impl ConnMaker {
                         let _ = reply.send(Err(e));
                         continue;
                     }
-                    self.targets.extend(peers.iter().cloned());
-                    let saved = self.save().map_err(|e| format!("{e:#}"));
+                    let new: Vec<String> = peers
+                        .iter()
+                        .filter(|p| !self.targets.contains(*p))
+                        .cloned()
+                        .collect();
+                    self.targets.extend(new.iter().cloned());
+                    if let Err(e) = self.save() {
+                        // Refused, so not done: a target that is not on
+                        // disk would be forgotten at the next restart.
+                        for p in &new {
+                            self.targets.remove(p);
+                        }
+                        let _ = reply.send(Err(format!("could not save the targets: {e:#}")));
+                        continue;
+                    }
                     self.start_targets();
                     info!(targets = ?peers, "connect");
                     self.announce().await;
-                    let _ = reply.send(saved);
+                    let _ = reply.send(Ok(()));
                 }
                 Cmd::Forget { peers, reply } => {
                     for p in &peers {

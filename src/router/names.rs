@@ -41,6 +41,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+/// How the answer to an `Add` whose name could not be written to disk
+/// begins (the rest names the file and the cause).
+pub const SAVE_FAILED: &str = "could not save the name to";
+
 /// How often our old tombstones are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
@@ -413,7 +417,7 @@ impl Driver {
             if let Held::Reply(reply) = h {
                 let e = self.disk.error().unwrap_or_default();
                 let _ = reply.send(Err(format!(
-                    "could not save the name to {}: {e}",
+                    "{SAVE_FAILED} {}: {e}",
                     self.disk.path().display()
                 )));
             }
