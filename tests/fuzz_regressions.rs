@@ -39,3 +39,31 @@ fn every_regression_input_returns() {
     assert!(failed.is_empty(), "drivers panicked on: {failed:#?}");
     assert!(ran > 0);
 }
+
+/// The valid inputs the real encoders make go through their drivers too
+/// (a smoke test of the paths past the decoders).
+#[test]
+fn seeds_go_through_their_drivers() {
+    let seeds = drivers::seeds();
+    assert!(seeds.len() >= 15);
+    for (target, name, bytes) in seeds {
+        let (_, driver) = drivers::TARGETS
+            .iter()
+            .find(|(t, _)| *t == target)
+            .unwrap_or_else(|| panic!("seed {name} for unknown target {target}"));
+        driver(&bytes);
+    }
+}
+
+/// Write the seeds as `fuzz/regressions/<target>/seed-<name>`, where
+/// `fuzz/run.sh` gives them to the fuzzer as a corpus:
+/// `cargo test --release --test fuzz_regressions -- --ignored write_seeds`.
+#[test]
+#[ignore = "writes files; run by hand after an encoder changes"]
+fn write_seeds() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    for (target, name, bytes) in drivers::seeds() {
+        let path = root.join(target).join(format!("seed-{name}"));
+        std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}

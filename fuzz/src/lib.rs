@@ -25,8 +25,11 @@ use mesh_proto::{control, fastdp, frame, hello, sleeve};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-/// Every target's name with its driver, in the order `run.sh` runs them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A target's driver.
+pub type Driver = fn(&[u8]);
+
+/// Every target's name with its driver.
+pub const TARGETS: &[(&str, Driver)] = &[
     ("hello", hello),
     ("control", control),
     ("conn", conn),
@@ -276,10 +279,8 @@ pub fn sleeve(data: &[u8]) {
         };
         let mut plain = msg.clone();
         if let Ok(n) = sleeve::open_message(&header, &mut plain, None) {
-            for f in sleeve::frames(&plain[..n]) {
-                if let Ok(f) = f {
-                    let _ = sleeve::frame_macs(f);
-                }
+            for f in sleeve::frames(&plain[..n]).flatten() {
+                let _ = sleeve::frame_macs(f);
             }
         }
         let mut sealed = msg;
@@ -412,4 +413,142 @@ pub fn state_files(data: &[u8]) {
     }
     let _ = mesh::persist::decode_json::<Vec<String>>(data);
     let _ = mesh::attach::decode_containers(data);
+}
+
+/// Frame `ms` the way [`messages`] cuts them.
+fn framed(ms: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in ms {
+        let len = u16::try_from(m.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&m[..usize::from(len)]);
+    }
+    out
+}
+
+/// Valid inputs made by the real encoders (target, name, bytes), so the
+/// fuzzer starts past the decoders, in the merge and reassembly logic;
+/// `tests/fuzz_regressions.rs` writes them as `seed-*` files.
+pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let mut out = Vec::new();
+    let now = Instant::now();
+    // Gossip: what peer 2 sends peer 1 when they connect and when they
+    // learn of a third.
+    let mut g = Gossip::new(id(2), "two".into(), 1, gossip::Config::default(), 3);
+    g.handle_connection_up(now, id(1).name(), ([198, 18, 0, 1], 6783).into());
+    g.handle_connection_up(now, id(3).name(), ([198, 18, 0, 3], 6783).into());
+    g.handle_timeout(now + Duration::from_secs(3));
+    let sent: Vec<Vec<u8>> = std::iter::from_fn(|| g.poll_transmit())
+        .filter(|t| t.to == id(1).name())
+        .map(|t| t.bytes)
+        .collect();
+    let refs: Vec<&[u8]> = sent.iter().map(Vec::as_slice).collect();
+    out.push(("gossip_topology", "connect", framed(&refs)));
+    // IPAM: peer 2's ring and record, seeded by both.
+    let init = InitMode::Seed(vec![id(1).name(), id(2).name()]);
+    let mut two = Ipam::new(id(2), ipam_config(init.clone()));
+    two.prime(now);
+    let full = two.encode();
+    let delta = two.take_delta().unwrap_or_default();
+    // Into a peer seeded alike, one waiting for consensus, an observer.
+    for (mode, name) in [
+        (0u8, "ring-seeded"),
+        (1, "ring-consensus"),
+        (2, "ring-observer"),
+    ] {
+        let mut seed = vec![mode];
+        seed.extend(framed(&[&full, &delta]));
+        out.push(("gossip_ipam", name, seed));
+    }
+    let mut one = Ipam::new(id(1), ipam_config(init));
+    let _ = one.merge(&full, &mut key_book(&[1, 2]));
+    out.push(("state_files", "ipam", mesh::persist::seal(&one.persist())));
+    // Names: peer 2's table.
+    let mut t = NameTable::new(id(2));
+    let _ = t.add("c2", Ipv4Addr::new(10, 32, 0, 9), "db");
+    let _ = t.add("c3", Ipv4Addr::new(10, 32, 0, 10), "web");
+    let full = t.encode();
+    let _ = t.remove_container("c3");
+    let delta = t.take_delta().unwrap_or_default();
+    out.push(("gossip_names", "table", framed(&[&full, &delta])));
+    out.push(("state_files", "names", mesh::persist::seal(&t.persist())));
+    let mut idf = b"MESHID2\n".to_vec();
+    idf.extend_from_slice(&[4; 32]);
+    out.push(("state_files", "identity", mesh::persist::seal(&idf)));
+    out.push((
+        "state_files",
+        "targets",
+        mesh::persist::seal(br#"["198.18.0.2:6783","host-b"]"#),
+    ));
+    // Sleeve: a plain message of two frames in three segments, and a
+    // sealed one (key id 1, the driver's key) in two.
+    let mut body = Vec::new();
+    for len in [60usize, 1500] {
+        let mut f = vec![0u8; len];
+        f[..12].copy_from_slice(&[2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2]);
+        let _ = sleeve::push_frame(&mut body, &f);
+    }
+    let plain = sleeve::message_header(id(2).name(), id(1).name(), 0, None, 7);
+    if let Ok(h) = plain {
+        if let Ok(ds) = sleeve::segment_message(&h, &body, 600) {
+            let refs: Vec<&[u8]> = ds.iter().map(Vec::as_slice).collect();
+            out.push(("sleeve", "plain", framed(&refs)));
+        }
+    }
+    let sealer = mesh_proto::seal::Sealer::new(1, &[5; 32]);
+    if let Ok(h) = sleeve::message_header(id(2).name(), id(1).name(), 1, Some(&sealer), 0) {
+        let mut sealed = body.clone();
+        if sleeve::seal_message(&h, Some(&sealer), &mut sealed).is_ok() {
+            if let Ok(ds) = sleeve::segment_message(&h, &sealed, 1000) {
+                let refs: Vec<&[u8]> = ds.iter().map(Vec::as_slice).collect();
+                out.push(("sleeve", "sealed", framed(&refs)));
+            }
+        }
+    }
+    let ack = sleeve::probe_ack(id(2).name(), id(1).name(), 1400);
+    let probe = sleeve::probe_datagram(id(2).name(), id(1).name(), 200);
+    out.push(("sleeve", "probe", framed(&[&probe, &ack])));
+    // Fast path: a probe with two MACs.
+    let mut p = Vec::new();
+    fastdp::Probe {
+        from: id(2).name(),
+        hears_you: true,
+        macs: vec![[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]],
+    }
+    .emit(&[7; 16], &mut p);
+    out.push(("fastdp_probe", "two-macs", p));
+    // DNS: A queries for a name of the zone and one to forward, with EDNS.
+    let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 1];
+    for l in ["web", "mesh", "local"] {
+        q.push(l.len() as u8);
+        q.extend_from_slice(l.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q.extend_from_slice(&[0, 0, 0x29, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+    out.push(("dns_query", "a-web", q));
+    let mut q = vec![0x12, 0x35, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    q.extend_from_slice(b"\x07example\x03com\x00\x00\x1c\x00\x01");
+    out.push(("dns_query", "aaaa-forward", q));
+    // The proxy.
+    out.push((
+        "proxy_head",
+        "create",
+        b"POST /v1.41/containers/create?name=web HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+    ));
+    out.push((
+        "proxy_chunked",
+        "trailers",
+        b"\x03b\r\n{\"Env\":[1]}\r\n3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\n".to_vec(),
+    ));
+    out.push((
+        "proxy_json",
+        "create",
+        br#"{"Image":"alpine","Env":["WEAVE_CIDR=net:10.32.1.0/24 ip:10.32.0.5/12"],"HostConfig":{"NetworkMode":"bridge","Dns":[]},"Name":"/web","State":{"Pid":42,"Running":true},"Config":{"Env":["MESH_CIDR=net:default"]}}"#.to_vec(),
+    ));
+    out.push((
+        "cni_conf",
+        "podman",
+        b"{\"cniVersion\":\"1.0.0\",\"name\":\"mesh\",\"type\":\"mesh\",\"subnet\":\"net:10.32.1.0/24\"}\0IgnoreUnknown=1;K8S_POD_NAME=web;MESH_CIDR=ip:10.32.1.7/24".to_vec(),
+    ));
+    out
 }
