@@ -62,7 +62,10 @@ fn create(path: &Path) -> anyhow::Result<Identity> {
     Ok(id)
 }
 
-fn decode(bytes: &[u8]) -> anyhow::Result<Identity> {
+/// Decode the payload of `identity.key` (after [`persist::open`]): the
+/// magic, then the 32-byte seed. Public for the fuzz target and its
+/// regression tests.
+pub fn decode(bytes: &[u8]) -> anyhow::Result<Identity> {
     let seed = bytes
         .strip_prefix(MAGIC)
         .and_then(|s| <[u8; 32]>::try_from(s).ok())

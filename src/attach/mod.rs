@@ -127,6 +127,13 @@ impl Attachment {
     }
 }
 
+/// Decode the bytes of `containers.json` (sealed or plain) as the daemon
+/// does at start: how many attachments it lists. Pure, for the fuzz
+/// target and its regression tests.
+pub fn decode_containers(bytes: &[u8]) -> Result<usize, persist::Corrupt> {
+    persist::decode_json::<Vec<Attachment>>(bytes).map(|v| v.len())
+}
+
 /// The host-side interfaces of the containers recorded in `data_dir`
 /// (for `mesh reset` without a daemon).
 pub fn host_interfaces(data_dir: &std::path::Path) -> Vec<String> {

@@ -46,6 +46,10 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a call to the mesh daemon's control socket may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The longest chunk-size line (extensions included, CRLF not) is one
+/// byte shorter.
+const MAX_CHUNK_LINE: usize = 1024;
+
 /// Why a request could not be understood.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
@@ -181,56 +185,178 @@ impl Head {
 
 /// Where the head ends in `buf`: the index just past `\r\n\r\n`.
 pub fn head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+    HeadFinder::default().find(buf)
+}
+
+/// [`head_end`] for a buffer that grows as bytes arrive: each
+/// [`HeadFinder::find`] looks only at the bytes that came since the last
+/// (and the three before them, where a `\r\n\r\n` may have begun), so
+/// reading a head byte by byte takes time linear in its length, not
+/// quadratic.
+#[derive(Debug, Default, Clone)]
+pub struct HeadFinder {
+    /// Where the next search starts.
+    from: usize,
+    /// Bytes looked at so far (what tests of linear time count).
+    scanned: u64,
+}
+
+impl HeadFinder {
+    /// Where the head ends in `buf` (the same buffer as before, grown at
+    /// its end): the index just past `\r\n\r\n`.
+    pub fn find(&mut self, buf: &[u8]) -> Option<usize> {
+        let from = self.from.min(buf.len());
+        let window = &buf[from..];
+        self.scanned += window.len() as u64;
+        match window.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(i) => Some(from + i + 4),
+            None => {
+                self.from = buf.len().saturating_sub(3);
+                None
+            }
+        }
+    }
+
+    /// Bytes looked at so far, over every call.
+    pub fn scanned(&self) -> u64 {
+        self.scanned
+    }
 }
 
 /// Decode a chunked body from the start of `buf`: `Ok(None)` while it is
 /// incomplete, else the body and how many bytes of `buf` it took (trailers
 /// included).
 pub fn dechunk(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ParseError> {
-    let mut body = Vec::new();
-    let mut at = 0;
-    loop {
-        let Some(eol) = find_crlf(&buf[at..]) else {
-            if buf.len() - at > 1024 {
-                return Err(ParseError::Malformed("chunk size line too long".into()));
-            }
-            return Ok(None);
-        };
-        let line = std::str::from_utf8(&buf[at..at + eol])
-            .map_err(|_| ParseError::Malformed("chunk size is not text".into()))?;
-        let hex = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(hex, 16)
-            .map_err(|_| ParseError::Malformed(format!("chunk size {hex:?}")))?;
-        at += eol + 2;
-        if size == 0 {
-            // Trailers, each ending with CRLF, then an empty line.
-            loop {
-                let Some(eol) = find_crlf(&buf[at..]) else {
-                    return Ok(None);
-                };
-                at += eol + 2;
-                if eol == 0 {
-                    return Ok(Some((body, at)));
+    let mut d = Dechunker::default();
+    Ok(d.poll(buf)?.map(|used| (d.into_body(), used)))
+}
+
+/// Where a [`Dechunker`] is in the body.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Before a chunk-size line.
+    #[default]
+    Size,
+    /// Before a chunk's bytes (and their CRLF).
+    Data(usize),
+    /// After the last chunk: trailer lines, then an empty line.
+    Trailers,
+    /// The whole body took this many bytes.
+    Done(usize),
+}
+
+/// [`dechunk`] for a buffer that grows as bytes arrive: it remembers how
+/// far it has decoded, so each [`Dechunker::poll`] looks only at bytes not
+/// looked at before (and one more, where a CRLF may have begun). Reading
+/// a body byte by byte takes time linear in its length; calling
+/// [`dechunk`] on the whole buffer after every read took quadratic time.
+#[derive(Debug, Default, Clone)]
+pub struct Dechunker {
+    body: Vec<u8>,
+    /// Bytes of the buffer decoded (the start of the current step).
+    at: usize,
+    /// Where the search for the next CRLF resumes (at least `at`).
+    scan: usize,
+    state: ChunkState,
+    /// Bytes looked at so far (what tests of linear time count).
+    scanned: u64,
+}
+
+impl Dechunker {
+    /// Decode on from where the last call stopped. `buf` must be the
+    /// buffer of the previous calls, grown at its end. `Ok(None)` while
+    /// the body is incomplete, else how many bytes of `buf` it took
+    /// (trailers included); the body is then [`Dechunker::into_body`].
+    pub fn poll(&mut self, buf: &[u8]) -> Result<Option<usize>, ParseError> {
+        loop {
+            match self.state {
+                ChunkState::Done(used) => return Ok(Some(used)),
+                ChunkState::Size => {
+                    let Some(eol) = self.find_crlf(buf) else {
+                        if buf.len() - self.at > MAX_CHUNK_LINE {
+                            return Err(ParseError::Malformed("chunk size line too long".into()));
+                        }
+                        return Ok(None);
+                    };
+                    // The same limit when the CRLF is there: whether a
+                    // line is refused must not depend on how its bytes
+                    // arrived (with the CRLF at once or not).
+                    if eol - self.at >= MAX_CHUNK_LINE {
+                        return Err(ParseError::Malformed("chunk size line too long".into()));
+                    }
+                    let line = std::str::from_utf8(&buf[self.at..eol])
+                        .map_err(|_| ParseError::Malformed("chunk size is not text".into()))?;
+                    let hex = line.split(';').next().unwrap_or("").trim();
+                    let size = usize::from_str_radix(hex, 16)
+                        .map_err(|_| ParseError::Malformed(format!("chunk size {hex:?}")))?;
+                    self.advance(eol + 2);
+                    if size == 0 {
+                        self.state = ChunkState::Trailers;
+                        continue;
+                    }
+                    if self.body.len().saturating_add(size) > MAX_BODY {
+                        return Err(ParseError::BodyTooLong);
+                    }
+                    self.state = ChunkState::Data(size);
+                }
+                ChunkState::Data(size) => {
+                    // `size` is at most MAX_BODY: no overflow.
+                    let end = self.at + size;
+                    if buf.len() < end + 2 {
+                        return Ok(None);
+                    }
+                    self.scanned += size as u64 + 2;
+                    self.body.extend_from_slice(&buf[self.at..end]);
+                    if &buf[end..end + 2] != b"\r\n" {
+                        return Err(ParseError::Malformed("chunk not followed by CRLF".into()));
+                    }
+                    self.advance(end + 2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    // Trailers, each ending with CRLF, then an empty line.
+                    let Some(eol) = self.find_crlf(buf) else {
+                        return Ok(None);
+                    };
+                    let empty = eol == self.at;
+                    self.advance(eol + 2);
+                    if empty {
+                        self.state = ChunkState::Done(self.at);
+                    }
                 }
             }
         }
-        if body.len().saturating_add(size) > MAX_BODY {
-            return Err(ParseError::BodyTooLong);
-        }
-        if buf.len() < at + size + 2 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&buf[at..at + size]);
-        if &buf[at + size..at + size + 2] != b"\r\n" {
-            return Err(ParseError::Malformed("chunk not followed by CRLF".into()));
-        }
-        at += size + 2;
     }
-}
 
-fn find_crlf(b: &[u8]) -> Option<usize> {
-    b.windows(2).position(|w| w == b"\r\n")
+    /// The decoded body (all of it once [`Dechunker::poll`] said so).
+    pub fn into_body(self) -> Vec<u8> {
+        self.body
+    }
+
+    /// Bytes looked at so far, over every call.
+    pub fn scanned(&self) -> u64 {
+        self.scanned
+    }
+
+    fn advance(&mut self, to: usize) {
+        self.at = to;
+        self.scan = to;
+    }
+
+    /// The index in `buf` of the next CRLF at or after `at`, resuming the
+    /// search where the last one gave up.
+    fn find_crlf(&mut self, buf: &[u8]) -> Option<usize> {
+        let from = self.scan.max(self.at).min(buf.len());
+        let window = &buf[from..];
+        self.scanned += window.len() as u64;
+        match window.windows(2).position(|w| w == b"\r\n") {
+            Some(i) => Some(from + i),
+            None => {
+                self.scan = buf.len().saturating_sub(1).max(self.at);
+                None
+            }
+        }
+    }
 }
 
 /// What the proxy does with a request, from its method and path.
@@ -534,8 +660,9 @@ async fn read_head<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<usize>, anyhow::Error> {
+    let mut finder = HeadFinder::default();
     loop {
-        if let Some(end) = head_end(buf) {
+        if let Some(end) = finder.find(buf) {
             return Ok(Some(end));
         }
         if buf.len() > MAX_HEAD {
@@ -733,15 +860,18 @@ async fn create(
 }
 
 /// The request's body, whole: by `Content-Length`, chunked, or none.
-async fn read_body(
-    client: &mut UnixStream,
+async fn read_body<R: AsyncRead + Unpin>(
+    client: &mut R,
     head: &Head,
     buf: &mut Vec<u8>,
 ) -> anyhow::Result<Vec<u8>> {
     if head.is_chunked() {
+        // One decoder for the whole body: it goes on from where it
+        // stopped, so a body sent byte by byte costs linear time.
+        let mut d = Dechunker::default();
         loop {
-            if let Some((body, _)) = dechunk(buf)? {
-                return Ok(body);
+            if d.poll(buf)?.is_some() {
+                return Ok(d.into_body());
             }
             if buf.len() > MAX_BODY + MAX_HEAD {
                 return Err(ParseError::BodyTooLong.into());
@@ -1027,6 +1157,116 @@ mod tests {
         assert!(dechunk(b"zz\r\n").is_err());
         assert!(dechunk(b"2\r\nabXY").is_err());
         assert_eq!(dechunk(b"ffffffffff\r\n"), Err(ParseError::BodyTooLong));
+        // A size line of 1024 bytes or more is refused whether its CRLF
+        // came with it or not (fuzzing found the two disagreeing).
+        let line = |len: usize| {
+            let mut raw = b"1;".to_vec();
+            raw.resize(len, b'x');
+            raw.extend_from_slice(b"\r\na\r\n0\r\n\r\n");
+            raw
+        };
+        assert!(dechunk(&line(1023)).expect("valid").is_some());
+        assert!(dechunk(&line(1024)).is_err());
+        assert!(dechunk(&line(1024)[..1025]).is_err());
+        assert_eq!(dechunk(&line(1024)[..1024]), Ok(None));
+    }
+
+    /// A chunked body sent byte by byte, the way a slow client may: the
+    /// proxy's decoder looks at each byte a bounded number of times. (It
+    /// used to call `dechunk` on the whole buffer after every read: about
+    /// n²/2 bytes looked at, here some 10^9.) Work is counted, not timed.
+    #[test]
+    fn chunked_body_byte_by_byte_takes_linear_work() {
+        let mut raw = Vec::new();
+        for _ in 0..3000 {
+            raw.extend_from_slice(b"3;ext=1\r\nabc\r\n");
+        }
+        raw.extend_from_slice(b"4e20\r\n");
+        raw.extend(std::iter::repeat_n(b'x', 20_000));
+        raw.extend_from_slice(b"\r\n0\r\nX-T: y\r\nX-U: z\r\n\r\n");
+        let mut d = Dechunker::default();
+        let mut done = None;
+        for n in 0..=raw.len() {
+            if let Some(used) = d.poll(&raw[..n]).expect("valid") {
+                done = Some((n, used));
+                break;
+            }
+        }
+        assert_eq!(done, Some((raw.len(), raw.len())));
+        let scanned = d.scanned();
+        let n = raw.len() as u64;
+        assert!(scanned <= 3 * n, "{scanned} bytes looked at for {n}");
+        let body = d.into_body();
+        assert_eq!(
+            Some(body.clone()),
+            dechunk(&raw).expect("valid").map(|(b, _)| b)
+        );
+        assert_eq!(body.len(), 3 * 3000 + 20_000);
+        // A size line that never ends is refused after 1 KiB, also byte by
+        // byte, having looked at each byte at most twice.
+        let mut d = Dechunker::default();
+        let raw = vec![b'1'; 5000];
+        let err = (0..=raw.len()).find_map(|n| d.poll(&raw[..n]).err());
+        assert!(err.is_some());
+        assert!(d.scanned() <= 2 * 1030, "{}", d.scanned());
+    }
+
+    /// A head sent byte by byte: each byte is looked at a bounded number
+    /// of times (`head_end` on the whole buffer after every read was
+    /// quadratic, about 2·10^9 bytes for a 64 KiB head).
+    #[test]
+    fn head_byte_by_byte_takes_linear_work() {
+        let mut raw = b"POST /containers/create HTTP/1.1\r\n".to_vec();
+        while raw.len() < MAX_HEAD - 100 {
+            raw.extend_from_slice(b"X-Pad: \r\r\n\r\n\r\r\n");
+            raw.truncate(raw.len() - 2);
+            raw.extend_from_slice(b"1\r\n");
+        }
+        raw.extend_from_slice(b"\r\n");
+        let end = head_end(&raw);
+        assert!(end.is_some());
+        let mut f = HeadFinder::default();
+        let found = (0..=raw.len()).find_map(|n| f.find(&raw[..n]));
+        assert_eq!(found, end);
+        let n = end.unwrap_or(0) as u64;
+        assert!(
+            f.scanned() <= 4 * n,
+            "{} bytes looked at for {n}",
+            f.scanned()
+        );
+    }
+
+    /// `read_head` and `read_body` over a reader that gives one byte at a
+    /// time still read the whole request right.
+    #[tokio::test]
+    async fn head_and_chunked_body_read_byte_by_byte() {
+        struct Dribble(Vec<u8>, usize);
+        impl AsyncRead for Dribble {
+            fn poll_read(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                out: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                let i = self.1;
+                if let Some(&b) = self.0.get(i) {
+                    out.put_slice(&[b]);
+                    self.1 += 1;
+                }
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        let raw = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let mut r = Dribble(raw.to_vec(), 0);
+        let mut buf = Vec::new();
+        let end = read_head(&mut r, &mut buf)
+            .await
+            .expect("read")
+            .expect("head");
+        assert_eq!(&buf[..end], &raw[..end]);
+        let head = Head::parse(&buf[..end]).expect("head");
+        let mut rest = buf.split_off(end);
+        let body = read_body(&mut r, &head, &mut rest).await.expect("body");
+        assert_eq!(body, b"hello");
     }
 
     #[test]
