@@ -67,6 +67,18 @@ fn launch_hooked(h: &Host, args: &[&str], hook: &str) -> Output {
     )
 }
 
+/// `mesh launch ARGS` on `h` with `hook`, which must kill the daemon
+/// during the launch (the command fails, the daemon is gone).
+fn launch_dies(h: &Host, args: &[&str], hook: &str) {
+    let out = launch_hooked(h, args, hook);
+    assert!(
+        !out.status.success(),
+        "launch survived {hook}: {}",
+        show(&out)
+    );
+    wait_crashed(h, hook);
+}
+
 /// Waits until the hook has killed `h`'s daemon (it must: else the write
 /// the case is about never happened).
 fn wait_crashed(h: &Host, hook: &str) {
@@ -85,14 +97,9 @@ fn try_attach(h: &Host, c: &Container, subnet: &str) -> Output {
 
 /// The address an attach printed, if it succeeded.
 fn attached_ip(out: &Output) -> Option<String> {
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    })
+    out.status
+        .success()
+        .then(|| first_addr(&String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Files of `h`'s data dir moved aside as corrupt.
@@ -240,13 +247,7 @@ fn identity(test: &str, range: &str, point: Point) {
     let h2 = w.add_host();
     let args = ["--ipalloc-range", range];
     let hook = point.hook("identity.key", 1);
-    let out = launch_hooked(&h1, &args, &hook);
-    assert!(
-        !out.status.success(),
-        "launch survived {hook}: {}",
-        show(&out)
-    );
-    wait_crashed(&h1, &hook);
+    launch_dies(&h1, &args, &hook);
     let key = h1.data_dir.join("identity.key");
     assert_eq!(
         key.exists(),
@@ -509,13 +510,7 @@ fn targets_case(test: &str, range: &str, point: Point) {
     let args = ["--ipalloc-range", range, "198.18.0.7"];
     // The launch writes the targets first.
     let hook = point.hook("targets.json", 1);
-    let out = launch_hooked(&h1, &args, &hook);
-    assert!(
-        !out.status.success(),
-        "launch survived {hook}: {}",
-        show(&out)
-    );
-    wait_crashed(&h1, &hook);
+    launch_dies(&h1, &args, &hook);
     relaunch(&w, &h1, &args);
     assert!(targets(&h1).contains("198.18.0.7"), "{}", targets(&h1));
     h1.mesh_ok(&["connect", "198.18.0.8"]);

@@ -300,12 +300,7 @@ fn slow_attach(h: &Host, c: &Container, range: &str, mut each: impl FnMut()) -> 
         answered >= 3,
         "the attach was not slow: the hook did not apply"
     );
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    first_addr(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// The free addresses of this peer, from `mesh status ipam`

@@ -177,6 +177,17 @@ pub struct PsEntry {
     pub cidrs: Vec<String>,
 }
 
+/// The address (without prefix length) of the first CIDR an attach
+/// printed; empty if none.
+pub fn first_addr(printed: &str) -> String {
+    printed
+        .trim()
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Whether `s` looks like `xx:xx:xx:xx:xx:xx` (hex).
 pub fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();

@@ -248,7 +248,7 @@ impl World {
         let net: ipnet::Ipv4Net = subnet.parse().expect("a subnet");
         let addr = format!("net:{subnet}");
         let out = host.mesh_ok(&["attach", &addr, "--name", &c.name, &c.path]);
-        let ip = out.trim().split('/').next().unwrap_or_default().to_string();
+        let ip = first_addr(&out);
         assert!(
             ip.parse::<Ipv4Addr>().is_ok_and(|a| net.contains(&a)),
             "attach {addr} to {} on {} printed {out:?}",
