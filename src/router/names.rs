@@ -48,6 +48,17 @@ pub const SAVE_FAILED: &str = "could not save the name to";
 /// How often our old tombstones are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
+/// Test hook: `MESH_TEST_NAME_GRACE_SECS` keeps our tombstones that long
+/// instead of [`mesh_proto::names::DEFAULT_GRACE`] (so a soak shows, in
+/// minutes, that memory stops growing once purging starts).
+fn test_grace() -> Option<Duration> {
+    std::env::var("MESH_TEST_NAME_GRACE_SECS")
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_secs)
+}
+
 /// What the attach manager and the API ask of the name table.
 pub enum Cmd {
     /// Register `name` for each address of `container`.
@@ -161,6 +172,10 @@ impl Driver {
                 (t, Some(r))
             }
             _ => (NameTable::new(id), None),
+        };
+        let table = match test_grace() {
+            Some(g) => table.with_grace(g),
+            None => table,
         };
         let disk = Durable::new(
             File::Names,
