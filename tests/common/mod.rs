@@ -8,6 +8,12 @@
 //! attaches. Every namespace and directory carries a prefix unique to the test
 //! run, so tests run in parallel.
 //!
+//! Beyond that: `frames` puts chosen bytes on a link (a packet socket in a
+//! namespace, Ethernet/IPv4/IPv6/VXLAN builders); `impair` puts a relay
+//! between a host and the switch that drops, delays, reorders and
+//! duplicates its frames, or cuts it off (`World::add_impaired_host`);
+//! `capture` runs tcpdump on a host's underlay.
+//!
 //! Invariants the harness keeps (see `shared/TESTING.md`):
 //! - dropping the `World` (also while unwinding from a failed assertion) stops
 //!   every daemon it started by PID, deletes every namespace (and with them
