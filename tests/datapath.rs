@@ -270,20 +270,7 @@ fn chain(test: &str, args: &[&str], encrypted: bool) {
     let Some(mut w) = World::new(test) else {
         return;
     };
-    let h1 = w.add_host();
-    let h2 = w.add_host();
-    let h3 = w.add_host();
-    let c1 = w.add_container("c1");
-    let c3 = w.add_container("c3");
-    w.partition(&h1, &[h3.ip]);
-    w.launch(&h2, args);
-    for h in [&h1, &h3] {
-        let mut a = args.to_vec();
-        a.push("198.18.0.2");
-        w.launch(h, &a);
-    }
-    w.attach(&h1, &c1, "198.19.1.1/24");
-    w.attach(&h3, &c3, "198.19.1.3/24");
+    let ([h1, h2, h3], c1, c3) = w.relay_chain(args);
     // One established connection each: to h2 (h1 <-> h3 cannot connect).
     wait_overlay(&h1, "sleeve");
     wait_overlay(&h3, "sleeve");

@@ -188,12 +188,6 @@ fn relayed_sleeve_rekeys_on_both_hops() {
     let Some(mut w) = World::new("rekey_relayed") else {
         return;
     };
-    let h1 = w.add_host();
-    let h2 = w.add_host();
-    let h3 = w.add_host();
-    let c1 = w.add_container("c1");
-    let c3 = w.add_container("c3");
-    w.partition(&h1, &[h3.ip]);
     let args = [
         "--no-fastdp",
         "--password",
@@ -203,14 +197,7 @@ fn relayed_sleeve_rekeys_on_both_hops() {
         "--rekey-after-secs",
         "2",
     ];
-    w.launch(&h2, &args);
-    for h in [&h1, &h3] {
-        let mut a = args.to_vec();
-        a.push("198.18.0.2");
-        w.launch(h, &a);
-    }
-    w.attach(&h1, &c1, "198.19.1.1/24");
-    w.attach(&h3, &c3, "198.19.1.3/24");
+    let ([_, h2, _], c1, c3) = w.relay_chain(&args);
     wait_ping(&c1, "198.19.1.3", SETUP);
     wait_ping(&c3, "198.19.1.1", SETUP);
     let before = all_keys(&h2);

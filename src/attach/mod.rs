@@ -1248,7 +1248,7 @@ impl Manager {
 
     /// Make the isolation and NAT tables again if someone removed them (a
     /// firewall reload flushes the whole ruleset): isolation must not end
-    /// silently.
+    /// silently. A missing underlay table is flagged for the fast path.
     async fn restore_rules(&mut self) {
         let Ok(tables) = host::nft::tables().await else {
             return;
@@ -1260,6 +1260,10 @@ impl Manager {
             if let Err(e) = self.sync_rules(None).await {
                 warn!("isolation rules: {e}");
             }
+        }
+        if !has(&format!("inet {}", host::nft::UNDERLAY_TABLE)) {
+            // The fast path owns it (if there is one): it makes it again.
+            host::nft::underlay_lost();
         }
         if !self.exposed.is_empty() && !has(&format!("ip {}", host::nft::TABLE)) {
             warn!("the NAT of exposed subnets was removed; making it again");

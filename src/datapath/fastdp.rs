@@ -335,8 +335,6 @@ pub async fn run(me: PeerName, dev: Device, mut rx: mpsc::Receiver<Cmd>) {
     };
     let mut tick = tokio::time::interval(fastdp::PROBE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut watch = tokio::time::interval(host::nft::WATCH);
-    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 4096];
     loop {
         tokio::select! {
@@ -345,7 +343,6 @@ pub async fn run(me: PeerName, dev: Device, mut rx: mpsc::Receiver<Cmd>) {
                 Some(c) => f.command(c).await,
             },
             _ = tick.tick() => f.tick().await,
-            _ = watch.tick() => f.restore_filter().await,
             r = sock.readable() => {
                 let Ok(mut guard) = r else { break };
                 match guard.try_io(|fd| recv_probe(fd, &mut buf)) {
@@ -421,14 +418,11 @@ impl Fastdp {
         }
     }
 
-    /// Make the underlay filter again if someone removed it (a firewall
-    /// reload): the VXLAN port must not open to everyone silently.
+    /// Make the underlay filter again if the attach manager's check found
+    /// it removed (a firewall reload): the VXLAN port must not open to
+    /// everyone silently.
     async fn restore_filter(&mut self) {
-        let Ok(tables) = host::nft::tables().await else {
-            return;
-        };
-        let ours = format!("inet {}", host::nft::UNDERLAY_TABLE);
-        if tables.contains(&ours) {
+        if !host::nft::take_underlay_lost() {
             return;
         }
         warn!("the fast path's port filter was removed (nft flush ruleset?); making it again");
@@ -455,6 +449,7 @@ impl Fastdp {
     }
 
     async fn tick(&mut self) {
+        self.restore_filter().await;
         match host::vxlan::local_macs(&self.dev.nl, self.dev.bridge_index, &self.dev.overlay_ports)
             .await
         {

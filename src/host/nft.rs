@@ -324,7 +324,8 @@ pub async fn set_underlay_peers(peers: &[Ipv4Addr]) -> Result<(), String> {
 }
 
 /// How often the daemon checks that its tables are still there (a firewall
-/// reload, `nft flush ruleset`, removes them): one `nft list tables`.
+/// reload, `nft flush ruleset`, removes them): one `nft list tables`, by
+/// the attach manager, for all three tables.
 pub const WATCH: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The standard output of `nft ARGS...` when it succeeds, `None` when it
@@ -356,6 +357,21 @@ pub async fn tables() -> Result<Vec<String>, String> {
 /// afresh (it was found missing).
 pub fn table_lost() {
     MADE.store(false, Ordering::Release);
+}
+
+/// Set when a check found the underlay table missing; the fast path,
+/// which owns that table, takes it ([`take_underlay_lost`]) and makes it
+/// again. One `nft list tables` serves both tables' owners.
+static UNDERLAY_LOST: AtomicBool = AtomicBool::new(false);
+
+/// Say that the underlay table was found missing.
+pub fn underlay_lost() {
+    UNDERLAY_LOST.store(true, Ordering::Release);
+}
+
+/// Whether the underlay table was found missing since the last call.
+pub fn take_underlay_lost() -> bool {
+    UNDERLAY_LOST.swap(false, Ordering::AcqRel)
 }
 
 /// The drop counters of both tables, by reason (packets). A table that

@@ -270,6 +270,29 @@ impl World {
         (h1, h2)
     }
 
+    /// A chain h1 — h2 — h3: h1 and h3 cut off from each other on the
+    /// underlay, all launched with `args` via h2, and containers `c1`
+    /// (198.19.1.1/24 on h1) and `c3` (198.19.1.3/24 on h3), so that
+    /// everything between them is relayed by h2.
+    #[track_caller]
+    pub fn relay_chain(&mut self, args: &[&str]) -> ([Host; 3], Container, Container) {
+        let h1 = self.add_host();
+        let h2 = self.add_host();
+        let h3 = self.add_host();
+        let c1 = self.add_container("c1");
+        let c3 = self.add_container("c3");
+        self.partition(&h1, &[h3.ip]);
+        self.launch(&h2, args);
+        for h in [&h1, &h3] {
+            let mut a = args.to_vec();
+            a.push("198.18.0.2");
+            self.launch(h, &a);
+        }
+        self.attach(&h1, &c1, "198.19.1.1/24");
+        self.attach(&h3, &c3, "198.19.1.3/24");
+        ([h1, h2, h3], c1, c3)
+    }
+
     /// Containers named and attached as listed: `(host, name, cidr)`.
     #[track_caller]
     pub fn attach_new(&mut self, list: &[(&Host, &str, &str)]) -> Vec<Container> {
