@@ -450,7 +450,7 @@ fn hex_value(h: u8) -> u8 {
 }
 
 /// Percent-encoding of a path segment.
-fn encode(s: &str) -> String {
+pub fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -943,7 +943,14 @@ async fn inspect(id: &str, shared: &Shared) -> Option<Inspected> {
 }
 
 async fn get_json(path: &str, shared: &Shared) -> anyhow::Result<Value> {
-    let mut up = UnixStream::connect(&shared.upstream).await?;
+    docker_get(&shared.upstream, path).await
+}
+
+/// `GET path` from the Docker API at `upstream` on a connection of its
+/// own: the answer's JSON, or an error with the status and Docker's words.
+/// (Path segments from users go through [`encode`].)
+pub async fn docker_get(upstream: &Path, path: &str) -> anyhow::Result<Value> {
+    let mut up = UnixStream::connect(upstream).await?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n");
     up.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();

@@ -27,6 +27,7 @@
 mod capture;
 mod consts;
 mod datapath;
+pub mod docker;
 mod frames;
 mod hosts;
 mod impair;

@@ -30,8 +30,7 @@ impl Podman {
             "podman is not installed (scripts/test.sh installs it)"
         );
         let p = Podman { dir, service: None };
-        let rootfs = p.dir.join("rootfs");
-        std::fs::create_dir_all(rootfs.join("bin")).expect("mkdir");
+        std::fs::create_dir_all(&p.dir).expect("mkdir");
         let mut conf = String::from(
             "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\
              [engine]\nruntime = \"runc\"\n",
@@ -55,17 +54,7 @@ impl Podman {
             ));
         }
         std::fs::write(p.dir.join("containers.conf"), conf).expect("write containers.conf");
-        // An image without a registry: busybox and its applets.
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
-        let list = run_ok("/bin/busybox", &["--list"]);
-        for applet in list.split_whitespace().filter(|a| *a != "busybox") {
-            let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
-        }
-        let tar = p.dir.join("rootfs.tar").display().to_string();
-        run_ok(
-            "tar",
-            &["-C", &rootfs.display().to_string(), "-cf", &tar, "."],
-        );
+        let tar = busybox_tar(&p.dir).display().to_string();
         p.ok(&[
             "import",
             "--change",
@@ -145,6 +134,48 @@ impl Podman {
     }
 }
 
+/// A tar of a busybox root file system (busybox and a link for each
+/// applet) under `dir`, for `import`: no registry is reachable.
+pub fn busybox_tar(dir: &std::path::Path) -> PathBuf {
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).expect("mkdir rootfs");
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
+    let list = run_ok("/bin/busybox", &["--list"]);
+    for applet in list.split_whitespace().filter(|a| *a != "busybox") {
+        let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
+    }
+    let tar = dir.join("rootfs.tar");
+    run_ok(
+        "tar",
+        &[
+            "-C",
+            &rootfs.display().to_string(),
+            "-cf",
+            &tar.display().to_string(),
+            ".",
+        ],
+    );
+    tar
+}
+
+/// Unmount (lazily, deepest first) whatever is mounted under `dir`.
+pub fn unmount_under(dir: &std::path::Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dir = dir.display().to_string();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| m.starts_with(&dir))
+        .collect();
+    points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in points {
+        let _ = try_run(
+            Command::new("umount").args(["-l", m]),
+            Duration::from_secs(10),
+        );
+    }
+}
+
 impl Drop for Podman {
     fn drop(&mut self) {
         let _ = try_run(
@@ -159,19 +190,6 @@ impl Drop for Podman {
             terminate(pid);
         }
         // What podman leaves mounted under its store (overlay, shm).
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let dir = self.dir.display().to_string();
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4))
-            .filter(|m| m.starts_with(&dir))
-            .collect();
-        points.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in points {
-            let _ = try_run(
-                Command::new("umount").args(["-l", m]),
-                Duration::from_secs(10),
-            );
-        }
+        unmount_under(&self.dir);
     }
 }
