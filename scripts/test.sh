@@ -17,9 +17,11 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # podman and friends: the CNI plugin's test runs real containers
-# (shared/containers.md).
+# (shared/containers.md); docker.io (a private dockerd per test) and
+# docker-compose for the Docker proxy, plugin and compose tests.
 packages=(iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq-base nftables util-linux procps ethtool
-    podman runc busybox-static uidmap fuse-overlayfs containernetworking-plugins iptables tar)
+    podman runc busybox-static uidmap fuse-overlayfs containernetworking-plugins iptables tar
+    docker.io docker-compose)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg -s "$p" >/dev/null 2>&1; then
