@@ -35,6 +35,32 @@ pub enum Request {
         /// the CNI plugin passes `CNI_IFNAME`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ifname: Option<String>,
+        /// The allocation id that holds the given addresses now, to hand
+        /// them to the container (the Docker plugin's, whose IPAM driver
+        /// allocated them before the container joined).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hand_over: Option<String>,
+        /// The host end of a veth made by [`Request::DockerPort`], whose
+        /// other end Docker moved into the container as `ifname`: adopted
+        /// as the container's port instead of making one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<String>,
+    },
+    /// The Docker plugin's join: a veth pair for Docker to move into the
+    /// container's sandbox, its port on the bridge allowed `addrs` from
+    /// its first frame (the attach that adopts it follows once the sandbox
+    /// exists).
+    DockerPort {
+        /// Docker's endpoint id (the pair's names derive from it).
+        endpoint: String,
+        /// The endpoint's addresses, `198.19.5.7/24`.
+        addrs: Vec<String>,
+    },
+    /// The Docker plugin's leave: the endpoint's pair and rules go (if not
+    /// adopted; an adopted port goes with its container's detach).
+    DockerPortGone {
+        /// Docker's endpoint id.
+        endpoint: String,
     },
     /// Detach a container (all addresses when `addrs` is empty).
     Detach {
@@ -112,6 +138,15 @@ pub enum Response {
     Ok,
     /// Daemon state.
     Status(Box<Status>),
+    /// A veth end for Docker to move into a container.
+    Port {
+        /// Its name in the host's namespace.
+        ifname: String,
+        /// Its MAC.
+        mac: String,
+        /// The host end, on the bridge.
+        host_ifname: String,
+    },
     /// CIDRs assigned by an attach.
     Attached {
         /// One per address, `198.19.1.5/24`.

@@ -88,6 +88,10 @@ pub struct Manager {
     /// Host interfaces of containers whose namespace only this daemon
     /// held at the last check (see [`Manager::release_gone`]).
     orphans: std::collections::HashSet<String>,
+    /// Ports of the Docker plugin's veths not yet adopted by an attach
+    /// (Docker moves the other end into a sandbox that does not exist
+    /// yet), by host interface: in the rules from their first frame.
+    docker_ports: HashMap<String, host::nft::Port>,
 }
 
 /// The allocator's id for the host's own addresses (`mesh expose`); not a
@@ -237,6 +241,8 @@ struct Plan {
     target: String,
     host_ifname: String,
     ifname: String,
+    /// The port is a Docker plugin veth to adopt, not one to make.
+    adopt: bool,
 }
 
 /// Add the addresses an attachment does not have yet.
@@ -246,6 +252,16 @@ fn add_cidrs(a: &mut Attachment, wanted: &[IpNet]) {
             a.cidrs.push(*w);
         }
     }
+}
+
+/// The host end and the peer of the Docker plugin's veth for `endpoint`.
+pub fn docker_port_names(endpoint: &str) -> (String, String) {
+    let mut h: u32 = 0x811c9dc5;
+    for b in endpoint.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (format!("{HOST_PREFIX}{h:08x}"), format!("vmd{h:08x}"))
 }
 
 fn alloc_id(netns: NetnsId) -> String {
@@ -292,6 +308,7 @@ impl Manager {
             zone,
             servers: HashMap::new(),
             orphans: Default::default(),
+            docker_ports: HashMap::new(),
             exposed: persist::load_json(&data_dir_for_expose.join(crate::paths::EXPOSED))?
                 .unwrap_or_default(),
         };
@@ -326,6 +343,11 @@ impl Manager {
                 addrs: v4_nets(&a.cidrs),
             })
             .collect();
+        for d in self.docker_ports.values() {
+            if !ports.iter().any(|p| p.ifname == d.ifname) {
+                ports.push(d.clone());
+            }
+        }
         if let Some(e) = extra {
             match ports.iter_mut().find(|p| p.ifname == e.ifname) {
                 Some(p) => *p = e,
@@ -706,10 +728,25 @@ impl Manager {
                     name,
                     target,
                     ifname,
-                } => match self.attach(&addrs, name, &target, ifname).await {
+                    hand_over,
+                    port,
+                } => match self
+                    .attach(&addrs, name, &target, ifname, hand_over.as_deref(), port)
+                    .await
+                {
                     Ok(cidrs) => Response::Attached { cidrs },
                     Err(message) => Response::Error { message },
                 },
+                Request::DockerPort { endpoint, addrs } => {
+                    match self.docker_port(&endpoint, &addrs).await {
+                        Ok(r) => r,
+                        Err(message) => Response::Error { message },
+                    }
+                }
+                Request::DockerPortGone { endpoint } => {
+                    self.docker_port_gone(&endpoint).await;
+                    Response::Ok
+                }
                 Request::Detach { addrs, target } => match self.detach(&addrs, &target).await {
                     Ok(()) => Response::Ok,
                     Err(message) => Response::Error { message },
@@ -841,6 +878,83 @@ impl Manager {
         out.dedup();
         Ok((out, taken))
     }
+    /// Hand the given addresses held by allocation id `from` to `aid`, so
+    /// that the claims that follow find them the container's. An address
+    /// `from` no longer holds (released while the daemon restarted) is
+    /// claimed afresh by them, if still free.
+    async fn hand_over(&self, from: &str, aid: &str, addrs: &[Addr]) {
+        for a in addrs {
+            let Addr::Ip(IpNet::V4(n)) = a else {
+                continue;
+            };
+            let (reply, rx) = oneshot::channel();
+            let cmd = ipam::Cmd::HandOver {
+                from: from.to_string(),
+                to: aid.to_string(),
+                addr: n.addr(),
+                reply,
+            };
+            if self.router.send(router::Cmd::Ipam(cmd)).await.is_err() {
+                return;
+            }
+            if !rx.await.unwrap_or(false) {
+                debug!(from, addr = %n.addr(), "nothing to hand over: claiming afresh");
+            }
+        }
+    }
+
+    /// The Docker plugin's join ([`Request::DockerPort`]): a veth pair in
+    /// the host's namespace, its host end on the bridge and in the rules
+    /// with its peer's MAC and `addrs`, the peer for Docker to move.
+    async fn docker_port(&mut self, endpoint: &str, addrs: &[String]) -> Result<Response, String> {
+        let mut v4 = Vec::new();
+        for a in addrs {
+            let n: Ipv4Net = a
+                .parse()
+                .map_err(|_| format!("{a:?} is not an IPv4 CIDR"))?;
+            v4.push(n);
+        }
+        let (host_ifname, peer) = docker_port_names(endpoint);
+        let mac = host::make_veth_pair(&self.nl, BRIDGE, &host_ifname, &peer, self.mtu)
+            .await
+            .map_err(|e| format!("making the endpoint's veth: {e}"))?;
+        let mac = mac_string(mac);
+        self.docker_ports.insert(
+            host_ifname.clone(),
+            host::nft::Port {
+                ifname: host_ifname.clone(),
+                mac: Some(mac.clone()),
+                addrs: v4,
+            },
+        );
+        if let Err(e) = self.sync_rules(None).await {
+            self.docker_port_gone(endpoint).await;
+            return Err(e);
+        }
+        Ok(Response::Port {
+            ifname: peer,
+            mac,
+            host_ifname,
+        })
+    }
+
+    /// The Docker plugin's leave of an endpoint never adopted (or a
+    /// clean-up after one that was): its pair and rules go.
+    async fn docker_port_gone(&mut self, endpoint: &str) {
+        let (host_ifname, peer) = docker_port_names(endpoint);
+        if self.list.iter().any(|a| a.host_ifname == host_ifname) {
+            return;
+        }
+        for link in [&host_ifname, &peer] {
+            if let Err(e) = self.nl.delete_link(link).await {
+                warn!(interface = %link, "removing a Docker endpoint's veth: {e}");
+            }
+        }
+        if self.docker_ports.remove(&host_ifname).is_some() {
+            let _ = self.sync_rules(None).await;
+        }
+    }
+
     /// Give back addresses the allocator handed out for an attach that
     /// failed.
     async fn release_taken(&self, aid: &str, taken: &[Ipv4Net]) {
@@ -857,11 +971,16 @@ impl Manager {
         name: Option<String>,
         target: &str,
         ifname: Option<String>,
+        hand_over: Option<&str>,
+        port: Option<String>,
     ) -> Result<Vec<String>, String> {
-        let Some(plan) = self.plan(addrs, name, target, ifname)? else {
+        let Some(plan) = self.plan(addrs, name, target, ifname, port)? else {
             return Ok(Vec::new());
         };
         let aid = alloc_id(plan.netns);
+        if let Some(from) = hand_over {
+            self.hand_over(from, &aid, &plan.parsed).await;
+        }
         let (wanted, taken) = self.resolve(&plan.parsed, &aid, &plan.held).await?;
         if wanted.is_empty() {
             return Ok(Vec::new());
@@ -881,6 +1000,8 @@ impl Manager {
                 return Err(e);
             }
         };
+        // An adopted Docker port is the container's now.
+        self.docker_ports.remove(&a.host_ifname);
         self.after_attach(&plan, &a).await;
         info!(container = %plan.cid, addrs = ?wanted, "attached");
         Ok(wanted.iter().map(|c| c.to_string()).collect())
@@ -894,6 +1015,7 @@ impl Manager {
         name: Option<String>,
         target: &str,
         ifname: Option<String>,
+        port: Option<String>,
     ) -> Result<Option<Plan>, String> {
         if let Some(n) = &ifname {
             host::check_ifname(n).map_err(|e| e.to_string())?;
@@ -936,9 +1058,17 @@ impl Manager {
                 other.target
             ));
         }
-        let host_ifname = match existing {
-            Some(i) => self.list[i].host_ifname.clone(),
-            None => format!("{HOST_PREFIX}{:08x}", hash as u32),
+        let adopt = port.is_some();
+        let host_ifname = match (existing, port) {
+            (Some(i), None) => self.list[i].host_ifname.clone(),
+            (None, None) => format!("{HOST_PREFIX}{:08x}", hash as u32),
+            (None, Some(p)) => p,
+            (Some(i), Some(_)) => {
+                return Err(format!(
+                    "container {} is on the mesh already: a container joins one mesh network",
+                    self.list[i].id
+                ))
+            }
         };
         // An attached container keeps the interface it has.
         let ifname = match existing {
@@ -956,6 +1086,7 @@ impl Manager {
             target: target.to_string(),
             host_ifname,
             ifname,
+            adopt,
         }))
     }
 
@@ -992,6 +1123,17 @@ impl Manager {
             add_cidrs(&mut self.list[i], wanted);
             if let Err(e) = self.save() {
                 return Err(format!("{e:#}"));
+            }
+        }
+        if plan.adopt {
+            // Docker's end must be in the container already: never a new pair.
+            let there = host::container_if(&plan.ns, &plan.ifname).await;
+            if !matches!(there, Ok(Some(_))) {
+                self.release_taken(aid, taken).await;
+                return Err(format!(
+                    "attaching {}: {} is not in the container",
+                    plan.target, plan.ifname
+                ));
             }
         }
         let cif = match host::attach_veth(

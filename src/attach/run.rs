@@ -137,6 +137,8 @@ fn attach_child(args: &RunArgs, addrs: Vec<String>, target: &str) -> Result<(), 
             name: args.name.clone(),
             target: target.to_string(),
             ifname: None,
+            hand_over: None,
+            port: None,
         },
         Duration::from_secs(120),
     );

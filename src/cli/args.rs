@@ -253,6 +253,13 @@ pub struct LaunchArgs {
     /// `<run dir>/docker.sock` (`mesh env`).
     #[arg(long, default_value = "unix:///var/run/docker.sock", value_parser = parse_docker_host)]
     pub docker_host: String,
+    /// The Docker network plugin's name: `docker network create --driver
+    /// NAME --ipam-driver NAME` (socket `/run/docker/plugins/NAME.sock`).
+    #[arg(long, default_value = "mesh", value_name = "NAME", value_parser = parse_plugin)]
+    pub docker_plugin: String,
+    /// Serve no Docker network plugin.
+    #[arg(long)]
+    pub no_docker_plugin: bool,
     /// Test only (hidden): replace each sleeve key after this many messages
     /// sealed under it, instead of 2^32.
     #[arg(long, hide = true, value_name = "N")]
@@ -266,6 +273,11 @@ pub struct LaunchArgs {
 /// `--docker-host`: `unix:///PATH`.
 fn parse_docker_host(s: &str) -> Result<String, String> {
     paths::parse_docker_host(s).map(|_| s.to_string())
+}
+
+/// `--docker-plugin`: a name for Docker's plugin directory.
+fn parse_plugin(s: &str) -> Result<String, String> {
+    crate::integrations::plugin::check_name(s).map(|()| s.to_string())
 }
 
 /// `--dns-domain`: labels of letters, digits and '-', ending with a dot

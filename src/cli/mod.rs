@@ -329,6 +329,8 @@ fn attach(name: Option<String>, args: Vec<String>) -> anyhow::Result<ExitCode> {
         name,
         target,
         ifname: None,
+        hand_over: None,
+        port: None,
     })? {
         Response::Attached { cidrs } => {
             for c in cidrs {
@@ -401,6 +403,7 @@ impl LaunchArgs {
             dns_listen_address: self.dns_listen_address,
             resolv_conf: self.resolv_conf,
             docker_host: self.docker_host,
+            docker_plugin: (!self.no_docker_plugin).then_some(self.docker_plugin),
             rekey_after_messages: self.rekey_after_messages,
             rekey_after_secs: self.rekey_after_secs,
         }

@@ -11,7 +11,7 @@
 
 use crate::api::{self, Request, Response};
 use crate::datapath::{fastdp, sleeve};
-use crate::integrations::proxy;
+use crate::integrations::{plugin, proxy};
 use crate::router::{self, connmaker, control, ipam};
 use crate::{attach, host, identity, paths};
 use anyhow::{bail, Context};
@@ -75,6 +75,10 @@ pub struct Config {
     pub resolv_conf: std::path::PathBuf,
     /// The Docker daemon's API behind the proxy.
     pub docker_host: String,
+    /// The Docker network plugin's name (`/run/docker/plugins/NAME.sock`);
+    /// `None` with `--no-docker-plugin`.
+    #[serde(default)]
+    pub docker_plugin: Option<String>,
     /// Test only: replace a sleeve key after this many messages sealed
     /// under it (default [`mesh_proto::rekey::REKEY_AFTER_MESSAGES`]).
     #[serde(default)]
@@ -213,9 +217,13 @@ async fn run(args: Config) -> anyhow::Result<()> {
     let pid_path = paths::pid_file();
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("writing {}", pid_path.display()))?;
+    let args_plugin = args.docker_plugin.clone();
     let result = serve(args).await;
     let _ = std::fs::remove_file(paths::socket());
     let _ = std::fs::remove_file(paths::docker_socket());
+    if let Some(name) = &args_plugin {
+        plugin::remove(&plugin::plugin_dir().join(format!("{name}.sock")));
+    }
     let _ = std::fs::remove_file(&pid_path);
     result
 }
@@ -311,6 +319,8 @@ struct Listeners {
     api: tokio::net::UnixListener,
     /// The Docker API proxy's socket, unless it could not be bound.
     proxy: Option<tokio::net::UnixListener>,
+    /// The Docker network plugin's socket, unless disabled or unbindable.
+    plugin: Option<tokio::net::UnixListener>,
     docker_host: std::path::PathBuf,
 }
 
@@ -342,11 +352,28 @@ async fn listeners(args: &Config) -> anyhow::Result<Listeners> {
             None
         }
     };
+    let plugin = match &args.docker_plugin {
+        None => None,
+        Some(name) => match plugin::bind(name) {
+            Ok((l, path)) => {
+                info!(socket = %path.display(), "Docker network plugin: docker network create --driver {name} --ipam-driver {name}");
+                Some(l)
+            }
+            Err(e) => {
+                warn!(
+                    "Docker network plugin disabled: binding {}: {e}",
+                    plugin::plugin_dir().join(format!("{name}.sock")).display()
+                );
+                None
+            }
+        },
+    };
     Ok(Listeners {
         tcp,
         udp,
         api,
         proxy,
+        plugin,
         docker_host,
     })
 }
@@ -533,6 +560,21 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         args.conn_limit,
     )?;
     tokio::spawn(maker.run(conn_rx, shutdown_rx.clone()));
+    if let Some(p) = l.plugin {
+        let settings = plugin::Settings {
+            range,
+            default_subnet: args.ipalloc_default_subnet.unwrap_or(range),
+            dns: !args.no_dns,
+            docker_host: l.docker_host.clone(),
+        };
+        tokio::spawn(plugin::serve(
+            p,
+            args.docker_plugin.clone().unwrap_or_default(),
+            settings,
+            router_tx.clone(),
+            attach_tx.clone(),
+        ));
+    }
     if let Some(p) = l.proxy {
         tokio::spawn(proxy::serve(p, l.docker_host, paths::socket()));
     }
@@ -822,6 +864,8 @@ async fn handle(req: Request, s: &Services) -> Response {
             }
         }
         Request::Attach { .. }
+        | Request::DockerPort { .. }
+        | Request::DockerPortGone { .. }
         | Request::Detach { .. }
         | Request::Expose { .. }
         | Request::Hide { .. }

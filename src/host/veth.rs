@@ -20,8 +20,8 @@ use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
 
 use super::error::{check_ifname, netlink_errno, HostError};
-use super::netlink::link_mac_of;
 use super::netlink::Netlink;
+use super::netlink::{link_mac_of, link_name_of};
 
 /// The container-facing result of an attach.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +116,68 @@ pub async fn attach_veth(
             Err(e)
         }
     }
+}
+
+/// A veth pair whose two ends stay in the host's namespace: `host_ifname`
+/// up on `bridge`, `peer_ifname` down, for another to move into a container
+/// (the Docker plugin's, which Docker moves into the container's sandbox
+/// and configures itself). Returns the peer's MAC.
+pub async fn make_veth_pair(
+    host: &Netlink,
+    bridge: &str,
+    host_ifname: &str,
+    peer_ifname: &str,
+    mtu: u32,
+) -> Result<[u8; 6], HostError> {
+    check_ifname(host_ifname)?;
+    check_ifname(peer_ifname)?;
+    let bridge_index = host
+        .link_index(bridge)
+        .await?
+        .ok_or_else(|| HostError::NoSuchLink(bridge.to_string()))?;
+    for stale in [host_ifname, peer_ifname] {
+        if host.link_index(stale).await?.is_some() {
+            tracing::warn!(link = stale, "replacing a stale veth end");
+            host.delete_link(stale).await?;
+        }
+    }
+    let gso = LinkAttribute::GsoMaxSize(mesh_proto::sleeve::CONTAINER_GSO_MAX_SIZE);
+    let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(peer_ifname.to_string())
+        .mtu(mtu)
+        .build();
+    peer.attributes.push(gso.clone());
+    let mut msg = LinkMessageBuilder::<LinkVeth>::new(host_ifname, peer_ifname)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .mtu(mtu)
+        .controller(bridge_index)
+        .up()
+        .build();
+    msg.attributes.push(gso);
+    host.handle()
+        .link()
+        .add(msg)
+        .execute()
+        .await
+        .map_err(|e| HostError::netlink(format!("create veth {host_ifname}/{peer_ifname}"), e))?;
+    match host.link_mac(peer_ifname).await {
+        Ok(mac) => Ok(mac),
+        Err(e) => {
+            let _ = host.delete_link(host_ifname).await;
+            Err(e)
+        }
+    }
+}
+
+/// The name of the link with MAC `mac` in `ns`, if any.
+pub async fn link_with_mac(ns: &File, mac: [u8; 6]) -> Result<Option<String>, HostError> {
+    let cnl = Netlink::in_netns(ns).await?;
+    Ok(cnl
+        .links()
+        .await?
+        .iter()
+        .find(|l| link_mac_of(l) == Some(mac))
+        .and_then(|l| link_name_of(l).map(str::to_string)))
 }
 
 async fn configure_container_end(

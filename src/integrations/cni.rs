@@ -283,6 +283,8 @@ fn add(socket: &Path, call: &Call, conf: &NetConf, name: &str) -> Result<Value, 
         name: Some(name.to_string()),
         target: call.netns.clone(),
         ifname: Some(call.ifname.clone()),
+        hand_over: None,
+        port: None,
     };
     let cidrs = match api::call(socket, &req, ADD_TIMEOUT).map_err(daemon_error)? {
         Response::Attached { cidrs } => cidrs,

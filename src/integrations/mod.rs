@@ -1,6 +1,8 @@
-//! Ways in from other tools: the Docker API proxy ([`proxy`], `mesh env`)
-//! and the CNI plugin ([`cni`], the binary itself when `CNI_COMMAND` is
-//! set). Each asks the daemon over its control socket, as the CLI does.
+//! Ways in from other tools: the Docker API proxy ([`proxy`], `mesh env`),
+//! the CNI plugin ([`cni`], the binary itself when `CNI_COMMAND` is set),
+//! both asking the daemon over its control socket as the CLI does, and the
+//! Docker network plugin ([`plugin`], served by the daemon itself).
 
 pub mod cni;
+pub mod plugin;
 pub mod proxy;

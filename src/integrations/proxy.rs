@@ -656,7 +656,7 @@ pub async fn serve(listener: UnixListener, upstream: PathBuf, control: PathBuf) 
 
 /// Read a head from `r` into `buf` (which may hold bytes already): returns
 /// the head's length; `Ok(None)` on EOF before any byte.
-async fn read_head<R: AsyncRead + Unpin>(
+pub(crate) async fn read_head<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<usize>, anyhow::Error> {
@@ -860,7 +860,7 @@ async fn create(
 }
 
 /// The request's body, whole: by `Content-Length`, chunked, or none.
-async fn read_body<R: AsyncRead + Unpin>(
+pub(crate) async fn read_body<R: AsyncRead + Unpin>(
     client: &mut R,
     head: &Head,
     buf: &mut Vec<u8>,
@@ -1015,6 +1015,8 @@ async fn attach_started(id: &str, shared: &Shared) {
         name: Some(c.name.clone()),
         target: c.pid.to_string(),
         ifname: None,
+        hand_over: None,
+        port: None,
     };
     match control(shared, req).await {
         Ok(Response::Attached { cidrs }) => {

@@ -73,6 +73,19 @@ pub enum Cmd {
         /// The answer.
         reply: AllocReply,
     },
+    /// Hand `addr` from allocation id `from` to `to` (the Docker plugin's
+    /// address to the container joining with it); answers whether `from`
+    /// held it.
+    HandOver {
+        /// The id holding it now.
+        from: String,
+        /// The id to hold it.
+        to: String,
+        /// The address.
+        addr: Ipv4Addr,
+        /// Whether it was handed over.
+        reply: oneshot::Sender<bool>,
+    },
     /// Release one address of `id`, or all of them.
     Release {
         /// The container's allocation id.
@@ -261,6 +274,15 @@ impl Driver {
                 deadline: now + self.timeout,
                 reply,
             }),
+            Cmd::HandOver {
+                from,
+                to,
+                addr,
+                reply,
+            } => {
+                let done = lock(&self.ring).hand_over(&from, &to, addr);
+                let _ = reply.send(done);
+            }
             Cmd::Release { id, addr } => {
                 let freed = lock(&self.ring).release(&id, addr);
                 if !freed.is_empty() {

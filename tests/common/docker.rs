@@ -30,6 +30,18 @@ impl Docker {
     /// Start a private `dockerd` under `dir` (keep it short: containerd's
     /// sockets live under the exec root) and import [`IMAGE`].
     pub fn new(dir: PathBuf) -> Docker {
+        Docker::start(dir, None)
+    }
+
+    /// The same, in the network namespace `netns` (a test host's: the mesh
+    /// daemon and dockerd share the host's namespace, as on a real host;
+    /// the network plugin's veths are made there). `nsenter`, not `ip
+    /// netns exec`, which would remount `/sys` and lose the cgroups.
+    pub fn in_netns(dir: PathBuf, netns: &str) -> Docker {
+        Docker::start(dir, Some(netns))
+    }
+
+    fn start(dir: PathBuf, netns: Option<&str>) -> Docker {
         let have = Command::new("dockerd").arg("--version").output();
         assert!(
             have.is_ok_and(|o| o.status.success()),
@@ -39,7 +51,21 @@ impl Docker {
         let log = std::fs::File::create(dir.join("dockerd.log")).expect("create dockerd.log");
         let err = log.try_clone().expect("clone log");
         let d = |p: &str| dir.join(p).display().to_string();
-        let child = Command::new("dockerd")
+        // Sandboxes are bind mounts under the exec root, made after the mesh
+        // daemons started in mount namespaces of their own (`ip netns
+        // exec`): a shared mount carries them there.
+        std::fs::create_dir_all(dir.join("exec")).expect("mkdir exec root");
+        run_ok("mount", &["--bind", &d("exec"), &d("exec")]);
+        run_ok("mount", &["--make-shared", &d("exec")]);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("dockerd");
+                c
+            }
+            None => Command::new("dockerd"),
+        };
+        let child = cmd
             .args(["--data-root", &d("root"), "--exec-root", &d("exec")])
             .args(["--pidfile", &d("dockerd.pid")])
             .args(["-H", &format!("unix://{}", d("docker.sock"))])

@@ -19,6 +19,10 @@ pub struct Host {
     pub run_dir: PathBuf,
     /// `MESH_DATA_DIR`.
     pub data_dir: PathBuf,
+    /// `MESH_DOCKER_PLUGIN_DIR`: under the run dir, so that parallel tests'
+    /// plugins do not meet; `/run/docker/plugins` where a test's dockerd
+    /// must find one.
+    pub plugin_dir: PathBuf,
     /// Its underlay interface (inside its namespace).
     pub underlay_if: String,
 }
@@ -31,7 +35,8 @@ impl Host {
         cmd.args(["netns", "exec", &self.ns, program])
             .args(args)
             .env("MESH_RUN_DIR", &self.run_dir)
-            .env("MESH_DATA_DIR", &self.data_dir);
+            .env("MESH_DATA_DIR", &self.data_dir)
+            .env("MESH_DOCKER_PLUGIN_DIR", &self.plugin_dir);
         for var in ["MESH_PASSWORD", "WEAVE_PASSWORD", "MESH_CIDR", "WEAVE_CIDR"] {
             cmd.env_remove(var);
         }

@@ -132,6 +132,7 @@ impl World {
             name: name.clone(),
             ns: ns.clone(),
             ip: Ipv4Addr::new(198, 18, 0, n as u8),
+            plugin_dir: run_dir.join("plugins"),
             run_dir,
             data_dir,
             underlay_if: "eth0".to_string(),

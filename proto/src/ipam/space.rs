@@ -93,6 +93,20 @@ impl Ipam {
         Ok(())
     }
 
+    /// Hand `addr` from `from` to `to` in one step, so that no other
+    /// allocation can take it in between (the Docker plugin's addresses
+    /// pass to the container that joins with them); `false` when `from`
+    /// does not hold it.
+    pub fn hand_over(&mut self, from: &str, to: &str, addr: Ipv4Addr) -> bool {
+        let a = u32::from(addr);
+        if !self.claims.get(&a).is_some_and(|h| h == from) {
+            return false;
+        }
+        self.release(from, Some(addr));
+        self.add_claim(to, a);
+        true
+    }
+
     /// Release `addr` of `id`, or all of `id`'s addresses; returns what was freed.
     pub fn release(&mut self, id: &str, addr: Option<Ipv4Addr>) -> Vec<Ipv4Addr> {
         let freed: Vec<u32> = match addr {

@@ -164,6 +164,26 @@ fn claim_and_release() {
 }
 
 #[test]
+fn hand_over_moves_a_claim_in_one_step() {
+    let mut p = seeds(2);
+    let t = Instant::now();
+    settle(&mut p, t, &all);
+    let d = net("10.32.0.0/12");
+    let a = p[0].allocate(t, "docker-1", d).unwrap();
+    assert!(
+        !p[0].hand_over("nobody", "c", a),
+        "only the holder hands over"
+    );
+    assert!(p[0].hand_over("docker-1", "c", a));
+    assert_eq!(p[0].claims(), vec![("c".to_string(), a)]);
+    // The container's own claim is now a no-op; the old id holds nothing.
+    assert_eq!(p[0].claim(t, "c", a, d), Ok(()));
+    assert!(p[0].release("docker-1", None).is_empty());
+    assert!(!p[0].hand_over("docker-1", "c", a));
+    assert_eq!(p[0].release("c", Some(a)), vec![a]);
+}
+
+#[test]
 fn bad_input_is_refused_and_changes_nothing() {
     let mut p = seeds(2);
     let t = Instant::now();

@@ -1,0 +1,282 @@
+//! The Docker network plugin (DESIGN §7) end to end, with the real Docker
+//! engine: two namespace hosts, each with its own private `dockerd` and a
+//! mesh daemon serving the plugin on `/run/docker/plugins/<name>.sock`
+//! (names unique to the run). On each host `docker network create --driver
+//! N --ipam-driver N --subnet 198.19.5.0/24 app`; `docker run --network
+//! app` on h1 and h2: the two reach each other by IP and by name (FQDN and
+//! single label, through the mesh's DNS at 127.0.0.11, not Docker's), a
+//! container of another Docker network (another subnet, given a route)
+//! reaches neither, `docker stop`/`start` leave and join again, `docker
+//! rm` releases the address (another container can claim it at once),
+//! `docker network rm` works, a network without the mesh's IPAM is
+//! refused with the fix, and `mesh stop` takes the socket away.
+
+mod common;
+
+use common::docker::{Docker, IMAGE};
+use common::*;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// `docker exec C ping -c 1 -W 1 DEST` succeeds.
+fn docker_ping(d: &Docker, c: &str, dest: &str) -> bool {
+    run(
+        &mut d.cmd(&["exec", c, "ping", "-c", "1", "-W", "1", dest]),
+        Duration::from_secs(20),
+    )
+    .status
+    .success()
+}
+
+/// The container's address on Docker network `net`.
+fn docker_ip(d: &Docker, c: &str, net: &str) -> String {
+    d.ok(&[
+        "inspect",
+        "-f",
+        &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
+        c,
+    ])
+}
+
+/// The container's sandbox (its network namespace's path).
+fn sandbox(d: &Docker, c: &str) -> String {
+    d.ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", c])
+}
+
+fn run_on(d: &Docker, net: &str, name: &str) {
+    d.ok(&[
+        "run",
+        "-d",
+        "--network",
+        net,
+        "--name",
+        name,
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+}
+
+#[test]
+fn docker_network_create_driver_mesh_across_two_hosts() {
+    let Some(mut w) = World::new("docker_plugin") else {
+        return;
+    };
+    let mut h1 = w.add_host();
+    let mut h2 = w.add_host();
+    // Declared after the world: dropped (containers gone) before it.
+    let d1 = Docker::in_netns(w.dir.join("d1"), &h1.ns);
+    let d2 = Docker::in_netns(w.dir.join("d2"), &h2.ns);
+    let plugins = PathBuf::from("/run/docker/plugins");
+    let (n1, n2) = (format!("{}h1", w.prefix), format!("{}h2", w.prefix));
+    h1.plugin_dir = plugins.clone();
+    h2.plugin_dir = plugins.clone();
+    let range = ["--ipalloc-range", "198.19.0.0/16"];
+    let sock = |d: &Docker| format!("unix://{}", d.socket().display());
+    w.launch(
+        &h1,
+        &[
+            &range[..],
+            &["--docker-host", &sock(&d1), "--docker-plugin", &n1],
+        ]
+        .concat(),
+    );
+    w.launch(
+        &h2,
+        &[
+            &range[..],
+            &["--docker-host", &sock(&d2), "--docker-plugin", &n2],
+            &["198.18.0.1"],
+        ]
+        .concat(),
+    );
+    let socket1 = plugins.join(format!("{n1}.sock"));
+    assert!(socket1.exists(), "no plugin socket {}", socket1.display());
+
+    // Without the mesh's IPAM each host would hand out the same addresses:
+    // refused, naming the fix.
+    let out = d1.run_via(
+        &d1.socket(),
+        &[
+            "network",
+            "create",
+            "--driver",
+            &n1,
+            "--subnet",
+            "198.19.7.0/24",
+            "noipam",
+        ],
+    );
+    assert!(
+        !out.status.success() && show(&out).contains(&format!("--ipam-driver {n1}")),
+        "a mesh network with Docker's IPAM: {}",
+        show(&out)
+    );
+    // A subnet outside the range: refused, saying so.
+    let out = d1.run_via(
+        &d1.socket(),
+        &[
+            "network",
+            "create",
+            "--driver",
+            &n1,
+            "--ipam-driver",
+            &n1,
+            "--subnet",
+            "10.1.0.0/24",
+            "outside",
+        ],
+    );
+    assert!(
+        !out.status.success() && show(&out).contains("outside the mesh's range"),
+        "a subnet outside the range: {}",
+        show(&out)
+    );
+
+    for (d, n) in [(&d1, &n1), (&d2, &n2)] {
+        d.ok(&[
+            "network",
+            "create",
+            "--driver",
+            n,
+            "--ipam-driver",
+            n,
+            "--subnet",
+            "198.19.5.0/24",
+            "app",
+        ]);
+    }
+    d2.ok(&[
+        "network",
+        "create",
+        "--driver",
+        &n2,
+        "--ipam-driver",
+        &n2,
+        "--subnet",
+        "198.19.6.0/24",
+        "other",
+    ]);
+    run_on(&d1, "app", "web");
+    run_on(&d2, "app", "client");
+    run_on(&d2, "other", "outsider");
+
+    // On the mesh when docker run returns, under its Docker name, with the
+    // address Docker reports.
+    let web_ip = docker_ip(&d1, "web", "app");
+    let (_, ip) = wait_for(DEADLINE, "mesh ps on h1 lists web", || {
+        h1.attached("web").ok_or("not yet".to_string())
+    });
+    assert_eq!(ip, web_ip, "the mesh and Docker agree on web's address");
+    assert!(web_ip.starts_with("198.19.5."), "web got {web_ip}");
+    let client_ip = docker_ip(&d2, "client", "app");
+    assert!(client_ip.starts_with("198.19.5."), "client got {client_ip}");
+    assert_ne!(web_ip, client_ip, "two hosts, one subnet, no duplicate");
+
+    // Across the hosts by IP, then by name through the mesh's DNS.
+    wait_until(DEADLINE, "client pings web by IP", || {
+        docker_ping(&d2, "client", &web_ip)
+    });
+    wait_until(DEADLINE, "client resolves web.mesh.local", || {
+        let out = run(
+            &mut d2.cmd(&["exec", "client", "nslookup", "web.mesh.local"]),
+            Duration::from_secs(20),
+        );
+        String::from_utf8_lossy(&out.stdout).contains(&web_ip)
+    });
+    assert!(
+        docker_ping(&d2, "client", "web.mesh.local"),
+        "client pings web.mesh.local"
+    );
+    wait_until(
+        DEADLINE,
+        "web pings client by its single-label name",
+        || docker_ping(&d1, "web", "client"),
+    );
+    let resolv = d1.ok(&["exec", "web", "cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains("nameserver 127.0.0.11"),
+        "web's resolv.conf: {resolv}"
+    );
+
+    // Another Docker network is another subnet: even with a route, the
+    // outsider reaches neither container.
+    let outsider_ip = docker_ip(&d2, "outsider", "other");
+    assert!(
+        outsider_ip.starts_with("198.19.6."),
+        "outsider got {outsider_ip}"
+    );
+    let key = sandbox(&d2, "outsider");
+    run_ok(
+        "nsenter",
+        &[
+            &format!("--net={key}"),
+            "ip",
+            "route",
+            "add",
+            "198.19.5.0/24",
+            "dev",
+            "ethmesh0",
+        ],
+    );
+    for dest in [&web_ip, &client_ip] {
+        let out = run(
+            &mut d2.cmd(&["exec", "outsider", "ping", "-c", "3", "-W", "1", dest]),
+            Duration::from_secs(20),
+        );
+        assert!(
+            !out.status.success(),
+            "outsider (network other) reached {dest}: {}",
+            show(&out)
+        );
+    }
+
+    // stop leaves (detached when docker returns), start joins again.
+    d2.ok(&["stop", "-t", "0", "client"]);
+    assert!(
+        h2.ps().iter().all(|e| e.id != "client"),
+        "client still attached after docker stop"
+    );
+    d2.ok(&["start", "client"]);
+    let client_ip = docker_ip(&d2, "client", "app");
+    let (_, ip) = wait_for(DEADLINE, "mesh ps on h2 lists client again", || {
+        h2.attached("client").ok_or("not yet".to_string())
+    });
+    assert_eq!(ip, client_ip);
+    wait_until(DEADLINE, "web pings client after its restart", || {
+        docker_ping(&d1, "web", &client_ip)
+    });
+
+    // rm releases the address: another container claims it at once.
+    d1.ok(&["rm", "-f", "web"]);
+    assert!(
+        h1.ps().iter().all(|e| e.id != "web"),
+        "web still attached after docker rm -f"
+    );
+    d1.ok(&[
+        "run",
+        "-d",
+        "--network",
+        "app",
+        "--ip",
+        &web_ip,
+        "--name",
+        "web2",
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+    assert_eq!(docker_ip(&d1, "web2", "app"), web_ip);
+    wait_until(DEADLINE, "client pings web2 at web's old address", || {
+        docker_ping(&d2, "client", &web_ip)
+    });
+    d1.ok(&["rm", "-f", "web2"]);
+    d1.ok(&["network", "rm", "app"]);
+    assert!(h1.ps().is_empty(), "h1 still lists: {:?}", h1.ps());
+
+    // mesh stop takes the plugin's socket away.
+    h1.mesh_ok(&["stop"]);
+    assert!(!socket1.exists(), "plugin socket left after stop");
+}
