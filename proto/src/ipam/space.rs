@@ -99,7 +99,7 @@ impl Ipam {
     /// does not hold it.
     pub fn hand_over(&mut self, from: &str, to: &str, addr: Ipv4Addr) -> bool {
         let a = u32::from(addr);
-        if !self.claims.get(&a).is_some_and(|h| h == from) {
+        if self.claims.get(&a).is_none_or(|h| h != from) {
             return false;
         }
         self.release(from, Some(addr));
