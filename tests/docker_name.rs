@@ -176,7 +176,16 @@ fn attach_detach_and_dns_by_docker_name_or_id() {
             .any(|e| e.cidrs.iter().any(|c| c.starts_with(&format!("{ip3}/")))),
         "app3 still attached after mesh detach app3"
     );
-    fails_with(&h1, &["detach", "app3"], &["app3", "not attached"]);
+    fails_with(
+        &h1,
+        &["detach", "app3"],
+        &["no attached container matches app3", "Docker container"],
+    );
+    fails_with(
+        &h1,
+        &["detach", "nosuch"],
+        &["no attached container matches nosuch", "known to Docker"],
+    );
 
     // Detach by name releases.
     h1.mesh_ok(&["detach", "app"]);

@@ -97,7 +97,17 @@ pub async fn resolve_request(
     if !matches!(req, Request::Attach { .. }) && attached.iter().any(|id| id == reference) {
         return Ok((req, None));
     }
-    let c = resolve(docker_host, reference).await?;
+    let attach = matches!(req, Request::Attach { .. });
+    let c = match resolve(docker_host, reference).await {
+        Ok(c) => c,
+        // What the attach manager says of a TARGET it does not know (`mesh
+        // run` and the proxy take it for "released already"), and why
+        // Docker did not help.
+        Err(e) if !attach => {
+            return Err(format!("no attached container matches {reference} ({e})"))
+        }
+        Err(e) => return Err(e),
+    };
     let target = c.netns_target();
     let req = match req {
         Request::Attach {
@@ -140,8 +150,10 @@ pub async fn resolve_request(
 pub fn reword(message: &str, c: &DockerContainer) -> String {
     match message.strip_prefix("no attached container matches ") {
         Some(pid) if pid == c.netns_target() => format!(
-            "container {} (PID {}) is not attached to the mesh",
-            c.name, c.pid
+            "no attached container matches {} (Docker container {}, PID {})",
+            c.name,
+            short(&c.id),
+            c.pid
         ),
         _ => message.to_string(),
     }
@@ -304,7 +316,11 @@ mod tests {
         let e = resolve_request(detach("web"), nowhere, &[])
             .await
             .expect_err("no Docker");
-        assert!(e.contains("unix:///nonexistent/docker.sock"), "{e}");
+        assert!(
+            e.starts_with("no attached container matches web (")
+                && e.contains("unix:///nonexistent/docker.sock"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -317,7 +333,7 @@ mod tests {
         };
         assert_eq!(
             reword("no attached container matches 42", &c),
-            "container app (PID 42) is not attached to the mesh"
+            "no attached container matches app (Docker container 0123456789ab, PID 42)"
         );
         assert_eq!(reword("something else", &c), "something else");
     }
