@@ -94,10 +94,10 @@ pub async fn resolve_request(
     let Some(reference) = reference_in(&req) else {
         return Ok((req, None));
     };
-    if !matches!(req, Request::Attach { .. }) && attached.iter().any(|id| id == reference) {
+    let attach = matches!(req, Request::Attach { .. });
+    if !attach && attached.iter().any(|id| id == reference) {
         return Ok((req, None));
     }
-    let attach = matches!(req, Request::Attach { .. });
     let c = match resolve(docker_host, reference).await {
         Ok(c) => c,
         // What the attach manager says of a TARGET it does not know (`mesh
