@@ -29,7 +29,9 @@ pub enum Request {
         addrs: Vec<String>,
         /// Optional container name.
         name: Option<String>,
-        /// PID or netns path.
+        /// PID, netns path, or Docker container name or ID (resolved by
+        /// the daemon through `--docker-host`; with no `addrs`, the
+        /// container's `MESH_CIDR`/`WEAVE_CIDR` are used).
         target: String,
         /// The interface's name inside the container (default `ethmesh`;
         /// the CNI plugin passes `CNI_IFNAME`).
@@ -66,7 +68,8 @@ pub enum Request {
     Detach {
         /// ADDR strings.
         addrs: Vec<String>,
-        /// PID, netns path, or container id/name.
+        /// PID, netns path, attached container id/name, or Docker
+        /// container name or ID.
         target: String,
     },
     /// Attached containers.
@@ -98,7 +101,8 @@ pub enum Request {
     DnsAdd {
         /// Addresses (default: the container's).
         ips: Vec<String>,
-        /// PID, netns path, or container id/name.
+        /// PID, netns path, attached container id/name, or Docker
+        /// container name or ID.
         target: Option<String>,
         /// `-h FQDN`.
         fqdn: Option<String>,
@@ -107,7 +111,8 @@ pub enum Request {
     DnsRemove {
         /// Addresses (default: all).
         ips: Vec<String>,
-        /// PID, netns path, or container id/name.
+        /// PID, netns path, attached container id/name, or Docker
+        /// container name or ID.
         target: Option<String>,
         /// `-h FQDN`.
         fqdn: Option<String>,

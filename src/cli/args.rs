@@ -53,17 +53,21 @@ pub(super) enum Cmd {
     },
     /// Attach a container: `mesh attach [ADDR...] [--name NAME] TARGET`.
     Attach {
-        /// Container name (shown by `mesh ps`).
+        /// Container name (shown by `mesh ps`; a Docker container's own
+        /// name when not given).
         #[arg(long)]
         name: Option<String>,
         /// ADDRs (`ip:CIDR`, `CIDR`, `net:CIDR`, `net:default`, `none`), then
-        /// TARGET (a PID or a network-namespace path).
+        /// TARGET (a PID, a network-namespace path, or a Docker container
+        /// name or ID).
         #[arg(required = true, num_args = 1.., value_name = "ADDR... TARGET")]
         args: Vec<String>,
     },
     /// Detach a container: `mesh detach [ADDR...] TARGET`.
     Detach {
-        /// ADDRs to release (all when none), then TARGET.
+        /// ADDRs to release (all when none), then TARGET (a PID, a
+        /// network-namespace path, an attached container's name, or a
+        /// Docker container name or ID).
         #[arg(required = true, num_args = 1.., value_name = "ADDR... TARGET")]
         args: Vec<String>,
     },

@@ -297,10 +297,10 @@ fn expect_ok(r: Response) -> anyhow::Result<()> {
 /// Split `ADDR... TARGET`, validating every ADDR.
 fn split_addrs(args: &[String]) -> anyhow::Result<(Vec<String>, String)> {
     let Some((target, addrs)) = args.split_last() else {
-        bail!("missing TARGET (a PID or a network namespace path)");
+        bail!("missing TARGET (a PID, a network namespace path, or a Docker container name or ID)");
     };
     if addr::parse(target).is_ok() && !target.chars().all(|c| c.is_ascii_digit()) {
-        bail!("missing TARGET after the addresses: give a PID or a network namespace path last");
+        bail!("missing TARGET after the addresses: give a PID, a network namespace path, or a Docker container name or ID last");
     }
     for a in addrs {
         addr::parse(a).map_err(anyhow::Error::msg)?;
@@ -311,8 +311,9 @@ fn split_addrs(args: &[String]) -> anyhow::Result<(Vec<String>, String)> {
 fn attach(name: Option<String>, args: Vec<String>) -> anyhow::Result<ExitCode> {
     let (mut addrs, target) = split_addrs(&args)?;
     need_root("attach")?;
-    if addrs.is_empty() {
-        // From the target's environment, as Weave does with WEAVE_CIDR.
+    if addrs.is_empty() && !crate::integrations::docker::is_reference(&target) {
+        // From the target's environment, as Weave does with WEAVE_CIDR (a
+        // Docker container's, the daemon reads from the Docker API).
         let mut list = None;
         if target.chars().all(|c| c.is_ascii_digit()) {
             let env = std::fs::read(format!("/proc/{target}/environ"))
@@ -321,7 +322,7 @@ fn attach(name: Option<String>, args: Vec<String>) -> anyhow::Result<ExitCode> {
         }
         addrs = addr::addrs_or_default(list.as_deref()).map_err(anyhow::Error::msg)?;
     }
-    if addr::all_none(&addrs) {
+    if !addrs.is_empty() && addr::all_none(&addrs) {
         return Ok(ExitCode::SUCCESS);
     }
     match call(&Request::Attach {

@@ -11,7 +11,7 @@
 
 use crate::api::{self, Request, Response};
 use crate::datapath::{fastdp, sleeve};
-use crate::integrations::{plugin, proxy};
+use crate::integrations::{docker, plugin, proxy};
 use crate::router::{self, connmaker, control, ipam};
 use crate::{attach, host, identity, paths};
 use anyhow::{bail, Context};
@@ -576,7 +576,7 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         ));
     }
     if let Some(p) = l.proxy {
-        tokio::spawn(proxy::serve(p, l.docker_host, paths::socket()));
+        tokio::spawn(proxy::serve(p, l.docker_host.clone(), paths::socket()));
     }
     let (stop_tx, stop_rx) = mpsc::channel::<bool>(1);
     let services = Services {
@@ -584,6 +584,7 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         attach: attach_tx,
         connmaker: conn_tx,
         stop: stop_tx,
+        docker_host: Arc::from(l.docker_host.as_path()),
     };
     tokio::spawn(api_loop(l.api, services));
 
@@ -688,6 +689,9 @@ struct Services {
     attach: mpsc::Sender<attach::Cmd>,
     connmaker: mpsc::Sender<connmaker::Cmd>,
     stop: mpsc::Sender<bool>,
+    /// `--docker-host`, where Docker container names given as TARGET are
+    /// resolved.
+    docker_host: Arc<std::path::Path>,
 }
 
 async fn api_loop(listener: tokio::net::UnixListener, services: Services) {
@@ -867,12 +871,50 @@ async fn handle(req: Request, s: &Services) -> Response {
         | Request::DockerPort { .. }
         | Request::DockerPortGone { .. }
         | Request::Detach { .. }
-        | Request::Expose { .. }
-        | Request::Hide { .. }
-        | Request::Ps
         | Request::DnsAdd { .. }
-        | Request::DnsRemove { .. } => ask(&s.attach, |reply| attach::Cmd { req, reply })
-            .await
-            .unwrap_or_else(gone),
+        | Request::DnsRemove { .. } => attach_request(req, s).await,
+        Request::Expose { .. } | Request::Hide { .. } | Request::Ps => {
+            ask(&s.attach, |reply| attach::Cmd { req, reply })
+                .await
+                .unwrap_or_else(gone)
+        }
+    }
+}
+
+/// An attach, detach or DNS request, to the attach manager; a TARGET that
+/// names a Docker container (and, for detach and DNS, no attached
+/// container) is resolved through `--docker-host` first, here rather than
+/// in the manager, which a slow Docker daemon must not hold up.
+async fn attach_request(req: Request, s: &Services) -> Response {
+    let gone = || Response::Error {
+        message: "the daemon is shutting down".into(),
+    };
+    let mut attached = Vec::new();
+    if docker::reference_in(&req).is_some() && !matches!(req, Request::Attach { .. }) {
+        match ask(&s.attach, |reply| attach::Cmd {
+            req: Request::Ps,
+            reply,
+        })
+        .await
+        {
+            Some(Response::Ps { containers }) => {
+                attached = containers.into_iter().map(|c| c.id).collect()
+            }
+            _ => return gone(),
+        }
+    }
+    let (req, container) = match docker::resolve_request(req, &s.docker_host, &attached).await {
+        Ok(r) => r,
+        Err(message) => return Response::Error { message },
+    };
+    match ask(&s.attach, |reply| attach::Cmd { req, reply }).await {
+        Some(Response::Error { message }) => Response::Error {
+            message: match &container {
+                Some(c) => docker::reword(&message, c),
+                None => message,
+            },
+        },
+        Some(r) => r,
+        None => gone(),
     }
 }
