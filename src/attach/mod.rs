@@ -1291,6 +1291,21 @@ impl Manager {
         if !self.servers.contains_key(&a.host_ifname) {
             self.start_dns(&a.host_ifname, &plan.ns).await;
         }
+        if let Ok(p) = a.mac.parse::<mesh_proto::name::PeerName>() {
+            let (ns, ifname, v4) = (plan.ns.try_clone(), a.ifname.clone(), a.v4());
+            let sent = match ns {
+                Ok(ns) => {
+                    tokio::task::spawn_blocking(move || host::announce(&ns, &ifname, p.0, &v4))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = sent {
+                debug!(container = %a.id, "gratuitous ARP: {e}");
+            }
+        }
         if let Some(gw) = self.gateway_for(a) {
             match Netlink::in_netns(&plan.ns).await {
                 Ok(cnl) => {

@@ -469,6 +469,8 @@ mod tests {
             "/tmp/resolv.conf",
             "--docker-host",
             "unix:///tmp/docker.sock",
+            "--docker-plugin",
+            "meshtest",
             "--rekey-after-messages",
             "20",
             "--rekey-after-secs",
@@ -483,6 +485,8 @@ mod tests {
         let (Some(defaults), Some(set)) = (defaults.as_object(), set.as_object()) else {
             panic!("a Config is a JSON object");
         };
+        let off = launch_config(&["--no-docker-plugin"]);
+        assert_eq!(off.docker_plugin, None, "--no-docker-plugin");
         for (field, value) in set {
             assert_ne!(
                 defaults.get(field),

@@ -169,6 +169,75 @@ pub async fn make_veth_pair(
     }
 }
 
+/// A gratuitous ARP (an ARP request for one's own address) as sent by
+/// `mac` holding `ip`: the payload after the Ethernet header.
+pub fn garp_payload(mac: [u8; 6], ip: std::net::Ipv4Addr) -> [u8; 28] {
+    let mut p = [0u8; 28];
+    p[0..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    p[2..4].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    p[4] = 6;
+    p[5] = 4;
+    p[6..8].copy_from_slice(&1u16.to_be_bytes()); // request
+    p[8..14].copy_from_slice(&mac);
+    p[14..18].copy_from_slice(&ip.octets());
+    p[24..28].copy_from_slice(&ip.octets());
+    p
+}
+
+/// Tell the neighbours a container's (new) MAC: one gratuitous ARP per
+/// IPv4 address, broadcast from `ifname` inside `ns`. A container that
+/// comes back with its address on a new interface (a restart, a Docker
+/// stop and start) is otherwise unreachable from those that knew it until
+/// their ARP entries go stale, up to a minute.
+pub fn announce(
+    ns: &File,
+    ifname: &str,
+    mac: [u8; 6],
+    addrs: &[std::net::Ipv4Addr],
+) -> Result<(), HostError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let ifname = ifname.to_string();
+    let addrs = addrs.to_vec();
+    super::netns::run_in_netns(ns, move || -> std::io::Result<()> {
+        let index = nix::net::if_::if_nametoindex(ifname.as_str())?;
+        let proto = 0x0806u16.to_be();
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a socket we just created and own exclusively.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = index as i32;
+        sa.sll_halen = 6;
+        sa.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        for ip in addrs {
+            let p = garp_payload(mac, ip);
+            // SAFETY: `p` is valid for reads of its length, `sa` is a
+            // valid sockaddr_ll and the length passed is its size.
+            let r = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    p.as_ptr() as *const libc::c_void,
+                    p.len(),
+                    0,
+                    &sa as *const libc::sockaddr_ll as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    })?
+    .map_err(|e| HostError::io("gratuitous ARP", e))
+}
+
 /// The name of the link with MAC `mac` in `ns`, if any.
 pub async fn link_with_mac(ns: &File, mac: [u8; 6]) -> Result<Option<String>, HostError> {
     let cnl = Netlink::in_netns(ns).await?;

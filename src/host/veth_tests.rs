@@ -289,3 +289,15 @@ fn concurrent_dumps_on_one_socket_all_succeed() {
         }
     });
 }
+
+#[test]
+fn gratuitous_arp_is_a_request_for_ones_own_address() {
+    let mac = [2, 0, 0, 0, 0, 9];
+    let ip = std::net::Ipv4Addr::new(198, 19, 5, 7);
+    let p = garp_payload(mac, ip);
+    assert_eq!(&p[..8], &[0, 1, 8, 0, 6, 4, 0, 1]);
+    assert_eq!(&p[8..14], &mac);
+    assert_eq!(&p[14..18], &ip.octets());
+    assert_eq!(&p[18..24], &[0; 6]);
+    assert_eq!(&p[24..28], &ip.octets());
+}
