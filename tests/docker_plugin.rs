@@ -6,7 +6,8 @@
 //! app` on h1 and h2: the two reach each other by IP and by name (FQDN and
 //! single label, through the mesh's DNS at 127.0.0.11, not Docker's), a
 //! container of another Docker network (another subnet, given a route)
-//! reaches neither, `docker stop`/`start` leave and join again, `docker
+//! reaches neither, `docker network disconnect`/`connect` and `docker
+//! stop`/`start` leave and join again, `docker
 //! rm` releases the address (another container can claim it at once),
 //! `docker network rm` works, a network without the mesh's IPAM is
 //! refused with the fix, and `mesh stop` takes the socket away.
@@ -232,6 +233,21 @@ fn docker_network_create_driver_mesh_across_two_hosts() {
             show(&out)
         );
     }
+
+    // disconnect leaves at once, connect (the container running) joins.
+    d2.ok(&["network", "disconnect", "app", "client"]);
+    assert!(
+        h2.ps().iter().all(|e| e.id != "client"),
+        "client still attached after docker network disconnect"
+    );
+    d2.ok(&["network", "connect", "app", "client"]);
+    wait_for(DEADLINE, "mesh ps on h2 lists client after connect", || {
+        h2.attached("client").ok_or("not yet".to_string())
+    });
+    let client_ip = docker_ip(&d2, "client", "app");
+    wait_until(DEADLINE, "web pings client after connect", || {
+        docker_ping(&d1, "web", &client_ip)
+    });
 
     // stop leaves (detached when docker returns), start joins again.
     d2.ok(&["stop", "-t", "0", "client"]);

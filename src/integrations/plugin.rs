@@ -14,16 +14,21 @@
 //!   container joins; a network's "gateway" is its subnet's own address,
 //!   which the allocator never hands out (containers reach the host only
 //!   through `mesh expose`).
-//! - **Join.** The container is attached as by `mesh attach`: its sandbox
-//!   (the namespace path Docker gives) gets `ethmesh` with the address,
-//!   the port its isolation rules, the allocator's claim passes to the
-//!   container, and its Docker name goes into the mesh DNS (read from
-//!   `GET /networks/{id}` on `--docker-host` while Docker waits). Docker is
-//!   given no interface to move and no gateway. Queries to `127.0.0.11:53`
-//!   in the sandbox reach the mesh's server, not Docker's embedded one
-//!   (a raw-priority `notrack` in table `ip mesh_dns` of the sandbox:
-//!   Docker's DNAT never sees them); the mesh's server answers single
-//!   labels (`ping web`) as Docker's does, and forwards the rest.
+//! - **Join.** Docker makes the container's namespace only as its process
+//!   starts, after the join. So the join makes a veth pair in the host's
+//!   namespace ([`Request::DockerPort`]): the host end on the bridge, in the
+//!   isolation rules with its peer's MAC and the address from its first
+//!   frame; the peer is given to Docker (`InterfaceName`, prefix
+//!   `ethmesh`), which moves it in, sets the address and brings it up
+//!   before the process runs. No gateway (and no `docker_gwbridge`). A
+//!   task then waits for that (bounded), and an attach adopts the port
+//!   ([`Request::Attach`] with `port`): the container is listed, saved,
+//!   served DNS inside, named by its Docker name (read from `GET
+//!   /networks/{id}` on `--docker-host` during the join) and announced by
+//!   a gratuitous ARP; the allocator's claim passes to it in one step.
+//!   Queries to `127.0.0.11:53` in the sandbox then reach the mesh's
+//!   server, not Docker's embedded one (a raw-priority `notrack` in table
+//!   `ip mesh_dns` of the sandbox: Docker's DNAT never sees them).
 //! - **Leave** detaches that address; **ReleaseAddress** gives back one
 //!   that never joined.
 //!
