@@ -29,7 +29,7 @@ cleanup() {
 trap cleanup EXIT
 ip netns add $P-h
 ip -n $P-h link set lo up
-export MESH_RUN_DIR=$DIR/run MESH_DATA_DIR=$DIR/data
+export MESH_RUN_DIR=$DIR/run MESH_DATA_DIR=$DIR/data MESH_DOCKER_PLUGIN_DIR=$DIR/run/plugins
 ip netns exec $P-h "$MESH" launch --ipalloc-range 198.19.0.0/16 >/dev/null
 ip netns exec $P-h "$MESH" prime
 

@@ -89,7 +89,7 @@ ip -n $P-b link set $P-v up
 mesh() { # host args...
     local h=$1
     shift
-    MESH_RUN_DIR=$DIR/$h/run MESH_DATA_DIR=$DIR/$h/data ip netns exec "$P-$h" "$MESH" "$@"
+    MESH_RUN_DIR=$DIR/$h/run MESH_DATA_DIR=$DIR/$h/data MESH_DOCKER_PLUGIN_DIR=$DIR/$h/run/plugins ip netns exec "$P-$h" "$MESH" "$@"
 }
 
 daemon_pids() { cat "$DIR/a/run/mesh.pid" "$DIR/b/run/mesh.pid" 2>/dev/null; }

@@ -37,7 +37,7 @@ for i in 1 2; do
     ip -n $P-h$i link set eth0 up; ip -n $P-h$i link set lo up
     mkdir -p "$DIR/h$i"; ip netns add $P-c$i
 done
-m() { local i=$1; shift; MESH_RUN_DIR=$DIR/h$i MESH_DATA_DIR=$DIR/h$i ip netns exec $P-h$i "$MESH" "$@"; }
+m() { local i=$1; shift; MESH_RUN_DIR=$DIR/h$i MESH_DATA_DIR=$DIR/h$i MESH_DOCKER_PLUGIN_DIR=$DIR/h$i/plugins ip netns exec $P-h$i "$MESH" "$@"; }
 m 1 launch --no-fastdp >/dev/null 2>&1 || m 1 launch >/dev/null
 m 2 launch --no-fastdp 198.18.0.1 >/dev/null 2>&1 || m 2 launch 198.18.0.1 >/dev/null
 m 1 attach ip:198.19.9.1/24 --name c1 /run/netns/$P-c1 >/dev/null

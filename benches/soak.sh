@@ -48,7 +48,7 @@ cns() { echo "$P-h$1-c$2"; }
 in_host() { # N CMD...: CMD in host N's namespace with its mesh dirs
     local n=$1
     shift
-    ip netns exec "$(hns "$n")" env MESH_RUN_DIR="$DIR/h$n/run" MESH_DATA_DIR="$DIR/h$n/data" "$@"
+    ip netns exec "$(hns "$n")" env MESH_RUN_DIR="$DIR/h$n/run" MESH_DATA_DIR="$DIR/h$n/data" MESH_DOCKER_PLUGIN_DIR="$DIR/h$n/run/plugins" "$@"
 }
 mesh() { local n=$1; shift; in_host "$n" timeout 60 "$MESH" "$@"; }
 pid_of() { cat "$DIR/h$1/run/mesh.pid" 2>/dev/null || true; }

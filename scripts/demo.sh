@@ -29,7 +29,7 @@ in_host() {
     local n=$1
     shift
     ip netns exec "$(host_ns "$n")" env \
-        MESH_RUN_DIR="$TMP/h$n/run" MESH_DATA_DIR="$TMP/h$n/data" "$@"
+        MESH_RUN_DIR="$TMP/h$n/run" MESH_DATA_DIR="$TMP/h$n/data" MESH_DOCKER_PLUGIN_DIR="$TMP/h$n/run/plugins" "$@"
 }
 
 # Stops host N's daemon by the PID in its pid file: TERM, up to 5 s, KILL.
