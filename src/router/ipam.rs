@@ -304,12 +304,16 @@ impl Driver {
                 let _ = reply.send(Err(self.recovering_why()));
             }
             Cmd::RmPeer { peer, reply } => {
+                // Judged by who is reachable now, as `mesh status peers`
+                // shows it, not at the last tick.
+                let reachable = reachable(gossip);
                 let r = resolve(gossip, &peer).and_then(|name| {
                     if name == gossip.name() {
                         return Err("cannot rmpeer ourselves: use `mesh reset` to leave".into());
                     }
-                    lock(&self.ring)
-                        .rmpeer(now, name)
+                    let mut ring = lock(&self.ring);
+                    ring.tick(now, &reachable);
+                    ring.rmpeer(now, name)
                         .map(|()| format!("reclaiming the space of {name}: proposed to the peers of the ring; `mesh status ipam` shows when it is agreed"))
                 });
                 let _ = reply.send(r);
