@@ -253,6 +253,11 @@ pub struct LaunchArgs {
     /// `<run dir>/docker.sock` (`mesh env`).
     #[arg(long, default_value = "unix:///var/run/docker.sock", value_parser = parse_docker_host)]
     pub docker_host: String,
+    /// Make the Docker API proxy's socket group-owned by this group, mode
+    /// 0660 (default: root only, 0600), so its members need no root, as
+    /// with Docker's own socket.
+    #[arg(long, value_name = "GROUP")]
+    pub proxy_group: Option<String>,
     /// Test only (hidden): replace each sleeve key after this many messages
     /// sealed under it, instead of 2^32.
     #[arg(long, hide = true, value_name = "N")]

@@ -353,6 +353,9 @@ fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         crate::peer::parse_peer(p, config.port).map_err(anyhow::Error::msg)?;
     }
     daemon::ipam_config(&config)?;
+    if let Some(group) = &config.proxy_group {
+        crate::integrations::proxy::group_id(group)?;
+    }
     if let Ok(Response::Status(s)) =
         api::call(&paths::socket(), &Request::Status, Duration::from_secs(5))
     {
@@ -401,6 +404,7 @@ impl LaunchArgs {
             dns_listen_address: self.dns_listen_address,
             resolv_conf: self.resolv_conf,
             docker_host: self.docker_host,
+            proxy_group: self.proxy_group,
             rekey_after_messages: self.rekey_after_messages,
             rekey_after_secs: self.rekey_after_secs,
         }
@@ -465,6 +469,8 @@ mod tests {
             "/tmp/resolv.conf",
             "--docker-host",
             "unix:///tmp/docker.sock",
+            "--proxy-group",
+            "docker",
             "--rekey-after-messages",
             "20",
             "--rekey-after-secs",

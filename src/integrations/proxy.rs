@@ -21,6 +21,10 @@
 //! - Upgraded connections (attach, exec start) are copied both ways until
 //!   both sides close.
 //!
+//! The socket is root's, mode 0600; with `mesh launch --proxy-group NAME`
+//! that group's too, mode 0660 (as Docker's own socket is the `docker`
+//! group's).
+//!
 //! The parsing (request heads, chunked bodies, the create body's rewrite)
 //! is pure and unit-tested; the driver owns the sockets. A malformed request
 //! gets a 400, an unreachable upstream a 502, each with Docker's JSON
@@ -622,13 +626,32 @@ struct Shared {
     control: PathBuf,
 }
 
-/// Bind the proxy's socket (mode 0600), replacing a stale one.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Bind the proxy's socket, replacing a stale one: root's, mode 0600, or
+/// with `group` (from [`group_id`]) that group's too, mode 0660.
+pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(path);
     let l = UnixListener::bind(path)?;
+    // Root only until the group is set: no moment open to others.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    }
     Ok(l)
+}
+
+/// `--proxy-group`: the group's ID, from its name (or a number). One
+/// line for the user when there is no such group.
+pub fn group_id(name: &str) -> anyhow::Result<u32> {
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => match name.parse::<u32>() {
+            Ok(gid) => Ok(gid),
+            Err(_) => anyhow::bail!("--proxy-group {name:?}: no such group"),
+        },
+        Err(e) => anyhow::bail!("--proxy-group {name:?}: looking up the group: {e}"),
+    }
 }
 
 /// Serve clients on `listener`, forwarding to the Docker socket `upstream`
