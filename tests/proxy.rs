@@ -7,8 +7,8 @@
 //! (Docker writes it into the container's resolv.conf, and a mesh name
 //! resolves through it), `docker exec` (a hijacked stream through the
 //! proxy, stdin included) reaches a container on h2, `docker stop`
-//! detaches at once and `docker start` attaches again, as does `docker
-//! restart`; `docker logs`, `docker run -a stdout`, `docker run -i` and
+//! detaches at once (also a `--rm` container, which the engine removes as
+//! it stops) and `docker start` attaches again, as does `docker restart`; `docker logs`, `docker run -a stdout`, `docker run -i` and
 //! `docker attach` with stdin piped through the proxy; `docker rm -f`
 //! releases the address. Also: `mesh env` and `--restore`, a 400 for a
 //! malformed request (the proxy goes on), a 502 from a proxy whose Docker
@@ -346,6 +346,37 @@ fn end_to_end(w: &mut World, engine: &Engine) {
         .expect("mesh ps on h1 lists web when docker restart returns");
     assert!(ip.starts_with("198.19.8."), "web got {ip} after restart");
     web_pings_then_pinged(&proxy, &config, &other, &ip, target);
+
+    // A container run with --rm: stop removes it too (the engine does,
+    // right after it stops); its address is released when docker stop
+    // returns all the same.
+    docker_ok(
+        &proxy,
+        &config,
+        &[
+            "run",
+            "-d",
+            "--rm",
+            "--network",
+            "none",
+            "-e",
+            "WEAVE_CIDR=net:198.19.8.0/24",
+            "--name",
+            "brief",
+            image,
+            "sleep",
+            "300",
+        ],
+    );
+    assert!(
+        h1.attached("brief").is_some(),
+        "brief not attached when docker run returns"
+    );
+    docker_ok(&proxy, &config, &["stop", "-t", "0", "brief"]);
+    assert!(
+        h1.ps().iter().all(|e| e.id != "brief"),
+        "brief (--rm) still attached when docker stop returns"
+    );
 
     // Streams: `docker run` attached to stdout (attach, wait and start
     // through the proxy), then its logs.

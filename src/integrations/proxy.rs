@@ -14,8 +14,9 @@
 //!   `MESH_CIDR`/`WEAVE_CIDR` (default `net:default`) before the client sees
 //!   the answer, so `docker run -d` returns with the container on the mesh.
 //! - `DELETE /containers/{id}`, `POST /containers/{id}/kill|stop`: after a
-//!   2xx (and, for kill/stop, once the container no longer runs) the
-//!   container is detached and its addresses released at once. Containers
+//!   2xx (and, for kill/stop, once the container no longer runs, or is
+//!   gone: `--rm`) the container is detached and its addresses released
+//!   at once. Containers
 //!   that exit on their own are released by the attachment manager's check
 //!   for vanished interfaces (every 5 s).
 //! - Upgraded connections (attach, exec start) are copied both ways until
@@ -761,12 +762,19 @@ async fn connection(mut client: UnixStream, shared: &Shared) -> anyhow::Result<(
         }
         Route::Stop(id) => {
             head.set("Connection", "close");
+            let before = inspect(&id, shared).await;
             let hook = |status: u16| async move {
                 if (200..300).contains(&status) {
-                    if let Some(c) = inspect(&id, shared).await {
-                        if !c.running {
-                            detach(&c.name, shared).await;
+                    // Gone already (`--rm`: the engine removes it as it
+                    // stops, maybe before this answer): stopped too.
+                    match after_stop(&id, shared).await {
+                        After::Stopped(name) => detach(&name, shared).await,
+                        After::Gone => {
+                            if let Some(c) = &before {
+                                detach(&c.name, shared).await;
+                            }
                         }
+                        After::Running | After::Unknown => {}
                     }
                 }
             };
@@ -965,6 +973,38 @@ async fn inspect(id: &str, shared: &Shared) -> Option<Inspected> {
     c
 }
 
+/// A container after a kill or stop the engine answered with a 2xx.
+enum After {
+    /// Stopped (its name).
+    Stopped(String),
+    /// Still running (a kill with a signal it survives).
+    Running,
+    /// No such container any more (removed as it stopped: `--rm`).
+    Gone,
+    /// The engine's answer told nothing.
+    Unknown,
+}
+
+async fn after_stop(id: &str, shared: &Shared) -> After {
+    match get_json(&format!("/containers/{}/json", encode(id)), shared).await {
+        Ok(v) => match Inspected::from_json(&v) {
+            Some(c) if c.running => After::Running,
+            Some(c) => After::Stopped(c.name),
+            None => After::Unknown,
+        },
+        Err(e)
+            if e.downcast_ref::<StatusError>()
+                .is_some_and(|s| s.status == 404) =>
+        {
+            After::Gone
+        }
+        Err(e) => {
+            warn!(container = %id, "docker proxy: inspecting the container: {e:#}");
+            After::Unknown
+        }
+    }
+}
+
 async fn get_json(path: &str, shared: &Shared) -> anyhow::Result<Value> {
     docker_get(&shared.upstream, path).await
 }
@@ -1000,13 +1040,24 @@ pub async fn docker_get(upstream: &Path, path: &str) -> anyhow::Result<Value> {
         }
     };
     if !(200..300).contains(&head.status()) {
-        anyhow::bail!(
-            "status {}: {}",
-            head.status(),
-            String::from_utf8_lossy(&body).trim()
-        );
+        return Err(StatusError {
+            status: head.status(),
+            message: String::from_utf8_lossy(&body).trim().to_string(),
+        }
+        .into());
     }
     Ok(serde_json::from_slice(&body)?)
+}
+
+/// [`docker_get`]'s error when the engine answered, but not with a 2xx
+/// (`downcast_ref` it from the `anyhow::Error`).
+#[derive(Debug, thiserror::Error)]
+#[error("status {status}: {message}")]
+pub struct StatusError {
+    /// The answer's status code (404: no such container).
+    pub status: u16,
+    /// The answer's body (Docker's `{"message": ...}`).
+    pub message: String,
 }
 
 /// After a start: attach the container by PID with its CIDR variable.
