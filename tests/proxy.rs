@@ -9,7 +9,8 @@
 //! proxy, stdin included) reaches a container on h2, `docker stop`
 //! detaches at once (also a `--rm` container, which the engine removes as
 //! it stops) and `docker start` attaches again, as does `docker restart`; `docker logs`, `docker run -a stdout`, `docker run -i` and
-//! `docker attach` with stdin piped through the proxy; `docker rm -f`
+//! `docker attach` with stdin piped through the proxy; `docker cp` both
+//! ways; `docker rm -f`
 //! releases the address. Also: `mesh env` and `--restore`, a 400 for a
 //! malformed request (the proxy goes on), a 502 from a proxy whose Docker
 //! socket does not exist. And `--proxy-group`: the socket is the group's,
@@ -325,6 +326,27 @@ fn end_to_end(w: &mut World, engine: &Engine) {
         &["exec", "-i", "web", "cat"],
     );
     assert_eq!(echoed, "through exec", "docker exec -i web cat");
+
+    // docker cp both ways: a request body (a tar, streamed) through the
+    // proxy, and an answer's.
+    let file = w.dir.join("cp-in.bin");
+    let data = random_bytes(1 << 20);
+    std::fs::write(&file, &data).expect("write cp-in.bin");
+    docker_ok(
+        &proxy,
+        &config,
+        &["cp", &file.display().to_string(), "web:/in.bin"],
+    );
+    let back = w.dir.join("cp-out.bin");
+    docker_ok(
+        &proxy,
+        &config,
+        &["cp", "web:/in.bin", &back.display().to_string()],
+    );
+    assert!(
+        std::fs::read(&back).is_ok_and(|b| b == data),
+        "docker cp in and out again changed the file"
+    );
 
     // stop: detached when docker returns; start: attached again.
     docker_ok(&proxy, &config, &["stop", "-t", "0", "web"]);

@@ -994,7 +994,7 @@ async fn after_stop(id: &str, shared: &Shared) -> After {
         },
         Err(e)
             if e.downcast_ref::<StatusError>()
-                .is_some_and(|s| s.status == 404) =>
+                .is_some_and(StatusError::no_such_container) =>
         {
             After::Gone
         }
@@ -1058,6 +1058,17 @@ pub struct StatusError {
     pub status: u16,
     /// The answer's body (Docker's `{"message": ...}`).
     pub message: String,
+}
+
+impl StatusError {
+    /// The engine has no such container: Docker's 404, or podman's 500
+    /// with `"cause": "no such container"` (what it answers while it
+    /// removes one).
+    pub fn no_such_container(&self) -> bool {
+        self.status == 404
+            || serde_json::from_str::<Value>(&self.message)
+                .is_ok_and(|v| v.get("cause").and_then(Value::as_str) == Some("no such container"))
+    }
 }
 
 /// After a start: attach the container by PID with its CIDR variable.
@@ -1421,6 +1432,19 @@ mod tests {
             .expect("x");
         assert!(c.addrs().is_err());
         assert_eq!(Inspected::from_json(&json!({"State": {}})), None);
+    }
+
+    #[test]
+    fn sees_containers_gone() {
+        let e = |status, message: &str| StatusError {
+            status,
+            message: message.to_string(),
+        };
+        assert!(e(404, r#"{"message":"No such container: web"}"#).no_such_container());
+        let podman = r#"{"cause":"no such container","message":"container e43b does not exist in database: no such container","response":500}"#;
+        assert!(e(500, podman).no_such_container());
+        assert!(!e(500, r#"{"message":"boom"}"#).no_such_container());
+        assert!(!e(500, "not json").no_such_container());
     }
 
     #[test]
