@@ -6,16 +6,16 @@
 //! (its `WEAVE_CIDR` subnet), the create was rewritten for the mesh's DNS
 //! (Docker writes it into the container's resolv.conf, and a mesh name
 //! resolves through it), `docker exec` (a hijacked stream through the
-//! proxy, stdin included) reaches a container on h2, `docker stop`
-//! detaches at once (also a `--rm` container, which the engine removes as
-//! it stops) and `docker start` attaches again, as does `docker restart`; `docker logs`, `docker run -a stdout`, `docker run -i` and
-//! `docker attach` with stdin piped through the proxy; `docker cp` both
-//! ways; `docker rm -f`
-//! releases the address. Also: `mesh env` and `--restore`, a 400 for a
-//! malformed request (the proxy goes on), a 502 from a proxy whose Docker
-//! socket does not exist. And `--proxy-group`: the socket is the group's,
-//! mode 0660, and a user of that group (not root) uses it; a bad group
-//! name fails the launch with one line.
+//! proxy, stdin included) reaches a container on h2, `docker cp` both
+//! ways, `docker stop` detaches at once (also a `--rm` container, which
+//! the engine removes as it stops) and `docker start` attaches again, as
+//! does `docker restart`; `docker run -a stdout`, `docker logs`, `docker
+//! run -i` and `docker attach` with stdin piped through the proxy; `docker
+//! rm -f` releases the address. Also: `mesh env` and `--restore`, a 400
+//! for a malformed request (the proxy goes on), a 502 from a proxy whose
+//! Docker socket does not exist. And `--proxy-group`: the socket is the
+//! group's, mode 0660, and a user of that group (not root) uses it; a bad
+//! group name fails the launch with one line.
 
 mod common;
 
