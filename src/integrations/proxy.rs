@@ -16,9 +16,8 @@
 //! - `DELETE /containers/{id}`, `POST /containers/{id}/kill|stop`: after a
 //!   2xx (and, for kill/stop, once the container no longer runs, or is
 //!   gone: `--rm`) the container is detached and its addresses released
-//!   at once. Containers
-//!   that exit on their own are released by the attachment manager's check
-//!   for vanished interfaces (every 5 s).
+//!   at once. Containers that exit on their own are released by the
+//!   attachment manager's check for vanished interfaces (every 5 s).
 //! - Upgraded connections (attach, exec start) are copied both ways until
 //!   both sides close.
 //!
