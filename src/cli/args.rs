@@ -264,6 +264,11 @@ pub struct LaunchArgs {
     /// Serve no Docker network plugin.
     #[arg(long)]
     pub no_docker_plugin: bool,
+    /// Make the Docker API proxy's socket group-owned by this group, mode
+    /// 0660 (default: root only, 0600), so its members need no root, as
+    /// with Docker's own socket.
+    #[arg(long, value_name = "GROUP")]
+    pub proxy_group: Option<String>,
     /// Test only (hidden): replace each sleeve key after this many messages
     /// sealed under it, instead of 2^32.
     #[arg(long, hide = true, value_name = "N")]

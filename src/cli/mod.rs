@@ -356,6 +356,9 @@ fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         crate::peer::parse_peer(p, config.port).map_err(anyhow::Error::msg)?;
     }
     daemon::ipam_config(&config)?;
+    if let Some(group) = &config.proxy_group {
+        crate::integrations::proxy::group_id(group)?;
+    }
     if let Ok(Response::Status(s)) =
         api::call(&paths::socket(), &Request::Status, Duration::from_secs(5))
     {
@@ -405,6 +408,7 @@ impl LaunchArgs {
             resolv_conf: self.resolv_conf,
             docker_host: self.docker_host,
             docker_plugin: (!self.no_docker_plugin).then_some(self.docker_plugin),
+            proxy_group: self.proxy_group,
             rekey_after_messages: self.rekey_after_messages,
             rekey_after_secs: self.rekey_after_secs,
         }
@@ -471,6 +475,8 @@ mod tests {
             "unix:///tmp/docker.sock",
             "--docker-plugin",
             "meshtest",
+            "--proxy-group",
+            "docker",
             "--rekey-after-messages",
             "20",
             "--rekey-after-secs",

@@ -79,6 +79,10 @@ pub struct Config {
     /// `None` with `--no-docker-plugin`.
     #[serde(default)]
     pub docker_plugin: Option<String>,
+    /// The group that owns the proxy's socket (mode 0660); root only
+    /// (0600) when `None`.
+    #[serde(default)]
+    pub proxy_group: Option<String>,
     /// Test only: replace a sleeve key after this many messages sealed
     /// under it (default [`mesh_proto::rekey::REKEY_AFTER_MESSAGES`]).
     #[serde(default)]
@@ -327,6 +331,12 @@ struct Listeners {
 /// The control port (TCP), the sleeve (UDP), the control socket and the
 /// Docker API proxy's socket.
 async fn listeners(args: &Config) -> anyhow::Result<Listeners> {
+    // Checked by `mesh launch` already; before anything is bound.
+    let group = args
+        .proxy_group
+        .as_deref()
+        .map(proxy::group_id)
+        .transpose()?;
     let tcp = tokio::net::TcpListener::bind(("0.0.0.0", args.port))
         .await
         .with_context(|| format!("listening on TCP port {}", args.port))?;
@@ -342,7 +352,7 @@ async fn listeners(args: &Config) -> anyhow::Result<Listeners> {
         info!(docker_host = %args.docker_host, "no Docker socket (yet): the Docker API proxy answers 502 until there is one");
     }
     let proxy_path = paths::docker_socket();
-    let proxy = match proxy::bind(&proxy_path) {
+    let proxy = match proxy::bind(&proxy_path, group) {
         Ok(l) => Some(l),
         Err(e) => {
             warn!(

@@ -14,12 +14,16 @@
 //!   `MESH_CIDR`/`WEAVE_CIDR` (default `net:default`) before the client sees
 //!   the answer, so `docker run -d` returns with the container on the mesh.
 //! - `DELETE /containers/{id}`, `POST /containers/{id}/kill|stop`: after a
-//!   2xx (and, for kill/stop, once the container no longer runs) the
-//!   container is detached and its addresses released at once. Containers
-//!   that exit on their own are released by the attachment manager's check
-//!   for vanished interfaces (every 5 s).
+//!   2xx (and, for kill/stop, once the container no longer runs, or is
+//!   gone: `--rm`) the container is detached and its addresses released
+//!   at once. Containers that exit on their own are released by the
+//!   attachment manager's check for vanished interfaces (every 5 s).
 //! - Upgraded connections (attach, exec start) are copied both ways until
 //!   both sides close.
+//!
+//! The socket is root's, mode 0600; with `mesh launch --proxy-group NAME`
+//! that group's too, mode 0660 (as Docker's own socket is the `docker`
+//! group's).
 //!
 //! The parsing (request heads, chunked bodies, the create body's rewrite)
 //! is pure and unit-tested; the driver owns the sockets. A malformed request
@@ -622,13 +626,32 @@ struct Shared {
     control: PathBuf,
 }
 
-/// Bind the proxy's socket (mode 0600), replacing a stale one.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Bind the proxy's socket, replacing a stale one: root's, mode 0600, or
+/// with `group` (from [`group_id`]) that group's too, mode 0660.
+pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(path);
     let l = UnixListener::bind(path)?;
+    // Root only until the group is set: no moment open to others.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    }
     Ok(l)
+}
+
+/// `--proxy-group`: the group's ID, from its name (or a number). One
+/// line for the user when there is no such group.
+pub fn group_id(name: &str) -> anyhow::Result<u32> {
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => match name.parse::<u32>() {
+            Ok(gid) => Ok(gid),
+            Err(_) => anyhow::bail!("--proxy-group {name:?}: no such group"),
+        },
+        Err(e) => anyhow::bail!("--proxy-group {name:?}: looking up the group: {e}"),
+    }
 }
 
 /// Serve clients on `listener`, forwarding to the Docker socket `upstream`
@@ -738,12 +761,19 @@ async fn connection(mut client: UnixStream, shared: &Shared) -> anyhow::Result<(
         }
         Route::Stop(id) => {
             head.set("Connection", "close");
+            let before = inspect(&id, shared).await;
             let hook = |status: u16| async move {
                 if (200..300).contains(&status) {
-                    if let Some(c) = inspect(&id, shared).await {
-                        if !c.running {
-                            detach(&c.name, shared).await;
+                    // Gone already (`--rm`: the engine removes it as it
+                    // stops, maybe before this answer): stopped too.
+                    match after_stop(&id, shared).await {
+                        After::Stopped(name) => detach(&name, shared).await,
+                        After::Gone => {
+                            if let Some(c) = &before {
+                                detach(&c.name, shared).await;
+                            }
                         }
+                        After::Running | After::Unknown => {}
                     }
                 }
             };
@@ -942,6 +972,38 @@ async fn inspect(id: &str, shared: &Shared) -> Option<Inspected> {
     c
 }
 
+/// A container after a kill or stop the engine answered with a 2xx.
+enum After {
+    /// Stopped (its name).
+    Stopped(String),
+    /// Still running (a kill with a signal it survives).
+    Running,
+    /// No such container any more (removed as it stopped: `--rm`).
+    Gone,
+    /// The engine's answer told nothing.
+    Unknown,
+}
+
+async fn after_stop(id: &str, shared: &Shared) -> After {
+    match get_json(&format!("/containers/{}/json", encode(id)), shared).await {
+        Ok(v) => match Inspected::from_json(&v) {
+            Some(c) if c.running => After::Running,
+            Some(c) => After::Stopped(c.name),
+            None => After::Unknown,
+        },
+        Err(e)
+            if e.downcast_ref::<StatusError>()
+                .is_some_and(StatusError::no_such_container) =>
+        {
+            After::Gone
+        }
+        Err(e) => {
+            warn!(container = %id, "docker proxy: inspecting the container: {e:#}");
+            After::Unknown
+        }
+    }
+}
+
 async fn get_json(path: &str, shared: &Shared) -> anyhow::Result<Value> {
     docker_get(&shared.upstream, path).await
 }
@@ -977,13 +1039,35 @@ pub async fn docker_get(upstream: &Path, path: &str) -> anyhow::Result<Value> {
         }
     };
     if !(200..300).contains(&head.status()) {
-        anyhow::bail!(
-            "status {}: {}",
-            head.status(),
-            String::from_utf8_lossy(&body).trim()
-        );
+        return Err(StatusError {
+            status: head.status(),
+            message: String::from_utf8_lossy(&body).trim().to_string(),
+        }
+        .into());
     }
     Ok(serde_json::from_slice(&body)?)
+}
+
+/// [`docker_get`]'s error when the engine answered, but not with a 2xx
+/// (`downcast_ref` it from the `anyhow::Error`).
+#[derive(Debug, thiserror::Error)]
+#[error("status {status}: {message}")]
+pub struct StatusError {
+    /// The answer's status code (404: no such container).
+    pub status: u16,
+    /// The answer's body (Docker's `{"message": ...}`).
+    pub message: String,
+}
+
+impl StatusError {
+    /// The engine has no such container: Docker's 404, or podman's 500
+    /// with `"cause": "no such container"` (what it answers while it
+    /// removes one).
+    pub fn no_such_container(&self) -> bool {
+        self.status == 404
+            || serde_json::from_str::<Value>(&self.message)
+                .is_ok_and(|v| v.get("cause").and_then(Value::as_str) == Some("no such container"))
+    }
 }
 
 /// After a start: attach the container by PID with its CIDR variable.
@@ -1349,6 +1433,19 @@ mod tests {
             .expect("x");
         assert!(c.addrs().is_err());
         assert_eq!(Inspected::from_json(&json!({"State": {}})), None);
+    }
+
+    #[test]
+    fn sees_containers_gone() {
+        let e = |status, message: &str| StatusError {
+            status,
+            message: message.to_string(),
+        };
+        assert!(e(404, r#"{"message":"No such container: web"}"#).no_such_container());
+        let podman = r#"{"cause":"no such container","message":"container e43b does not exist in database: no such container","response":500}"#;
+        assert!(e(500, podman).no_such_container());
+        assert!(!e(500, r#"{"message":"boom"}"#).no_such_container());
+        assert!(!e(500, "not json").no_such_container());
     }
 
     #[test]
