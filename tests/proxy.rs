@@ -359,7 +359,7 @@ fn end_to_end(w: &mut World, engine: &Engine) {
         .attached("web")
         .expect("mesh ps on h1 lists web when docker start returns");
     assert!(ip.starts_with("198.19.8."), "web got {ip} after start");
-    web_pings_then_pinged(&proxy, &config, &other, &ip, target);
+    pinged_then_pings(&proxy, &config, &other, &ip, target);
 
     // A restart: a new namespace, attached again when docker returns.
     docker_ok(&proxy, &config, &["restart", "-t", "0", "web"]);
@@ -367,7 +367,7 @@ fn end_to_end(w: &mut World, engine: &Engine) {
         .attached("web")
         .expect("mesh ps on h1 lists web when docker restart returns");
     assert!(ip.starts_with("198.19.8."), "web got {ip} after restart");
-    web_pings_then_pinged(&proxy, &config, &other, &ip, target);
+    pinged_then_pings(&proxy, &config, &other, &ip, target);
 
     // A container run with --rm: stop removes it too (the engine does,
     // right after it stops); its address is released when docker stop
@@ -530,11 +530,12 @@ fn attach_and_type(sock: &Path, config: &Path, name: &str, input: &str, want: &s
 }
 
 /// After web came back (a new namespace, a new MAC at the same address):
-/// web pings `target` (docker exec through the proxy), then `other` pings
-/// web. In that order: other's neighbour entry still names web's old MAC
-/// (no gratuitous ARP on attach), and web's ARP request updates it.
+/// `other` pings web first (its neighbour entry named web's old MAC: the
+/// gratuitous ARP of the attach must have replaced it), then web pings
+/// `target` (docker exec through the proxy).
 #[track_caller]
-fn web_pings_then_pinged(proxy: &Path, config: &Path, other: &Container, ip: &str, target: &str) {
+fn pinged_then_pings(proxy: &Path, config: &Path, other: &Container, ip: &str, target: &str) {
+    wait_ping(other, ip, DEADLINE);
     wait_until(DEADLINE, "web pings other again (docker exec)", || {
         run(
             &mut docker(
@@ -547,7 +548,6 @@ fn web_pings_then_pinged(proxy: &Path, config: &Path, other: &Container, ip: &st
         .status
         .success()
     });
-    wait_ping(other, ip, DEADLINE);
 }
 
 /// A group made for one test (`groupadd`), deleted when dropped.
