@@ -108,7 +108,7 @@ impl Unique<'_> {
             deadline,
             &format!("{} resolves {fqdn} to {ip}", from.name),
             || {
-                let got = dig(from, &fqdn);
+                let got = dig_a(from, &fqdn);
                 if got == [ip] {
                     Ok(())
                 } else {
@@ -155,23 +155,6 @@ impl Unique<'_> {
             }
         })
     }
-}
-
-/// `dig` inside `c` against the mesh's DNS: the A answers, sorted.
-fn dig(c: &Container, name: &str) -> Vec<String> {
-    let out = c.exec(
-        "dig",
-        &["@127.0.0.11", "+time=3", "+tries=1", "+short", name, "A"],
-        Duration::from_secs(15),
-    );
-    let mut answers: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with(';'))
-        .map(String::from)
-        .collect();
-    answers.sort();
-    answers
 }
 
 /// Peers other than itself that `r` has an established connection to.

@@ -18,23 +18,6 @@ use std::time::Duration;
 const DEADLINE: Duration = Duration::from_secs(30);
 const SUBNET: &str = "198.19.3.0/24";
 
-/// `dig` inside `c` against the mesh's DNS: the A answers, sorted.
-fn dig(c: &Container, name: &str) -> Vec<String> {
-    let out = c.exec(
-        "dig",
-        &["@127.0.0.11", "+time=3", "+tries=1", "+short", name, "A"],
-        Duration::from_secs(15),
-    );
-    let mut answers: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with(';'))
-        .map(String::from)
-        .collect();
-    answers.sort();
-    answers
-}
-
 /// `mesh ARGS...` on `h`, which must fail with one line on stderr
 /// containing every one of `words`; returns the line.
 #[track_caller]
@@ -131,7 +114,7 @@ fn attach_detach_and_dns_by_docker_name_or_id() {
         .success()
     });
     wait_until(DEADLINE, "c2 resolves app.mesh.local", || {
-        dig(&c2, "app.mesh.local") == vec![ip.clone()]
+        dig_a(&c2, "app.mesh.local") == vec![ip.clone()]
     });
 
     // DNS by short ID (Docker resolves it; the manager matches the netns).
@@ -139,11 +122,11 @@ fn attach_detach_and_dns_by_docker_name_or_id() {
     let short = &id[..12];
     h1.mesh_ok(&["dns-remove", &ip, short]);
     wait_until(DEADLINE, "app.mesh.local gone after dns-remove", || {
-        dig(&c2, "app.mesh.local").is_empty()
+        dig_a(&c2, "app.mesh.local").is_empty()
     });
     h1.mesh_ok(&["dns-add", &ip, "app"]);
     wait_until(DEADLINE, "app.mesh.local back after dns-add", || {
-        dig(&c2, "app.mesh.local") == vec![ip.clone()]
+        dig_a(&c2, "app.mesh.local") == vec![ip.clone()]
     });
 
     // By short ID, with no ADDR: its WEAVE_CIDR.
@@ -191,7 +174,7 @@ fn attach_detach_and_dns_by_docker_name_or_id() {
     h1.mesh_ok(&["detach", "app"]);
     assert!(h1.attached("app").is_none(), "app still attached");
     wait_until(DEADLINE, "app.mesh.local gone after detach", || {
-        dig(&c2, "app.mesh.local").is_empty()
+        dig_a(&c2, "app.mesh.local").is_empty()
     });
     h1.mesh_ok(&["detach", "app2"]);
     h1.mesh_ok(&["detach", "other"]);

@@ -96,45 +96,27 @@ fn docker_network_create_driver_mesh_across_two_hosts() {
     let socket1 = plugins.join(format!("{n1}.sock"));
     assert!(socket1.exists(), "no plugin socket {}", socket1.display());
 
-    // Without the mesh's IPAM each host would hand out the same addresses:
-    // refused, naming the fix.
-    let out = d1.run_via(
-        &d1.socket(),
-        &[
-            "network",
-            "create",
-            "--driver",
-            &n1,
-            "--subnet",
-            "198.19.7.0/24",
-            "noipam",
-        ],
-    );
-    assert!(
-        !out.status.success() && show(&out).contains(&format!("--ipam-driver {n1}")),
-        "a mesh network with Docker's IPAM: {}",
-        show(&out)
-    );
-    // A subnet outside the range: refused, saying so.
-    let out = d1.run_via(
-        &d1.socket(),
-        &[
-            "network",
-            "create",
-            "--driver",
-            &n1,
-            "--ipam-driver",
-            &n1,
-            "--subnet",
+    // Without the mesh's IPAM each host would hand out the same addresses;
+    // a subnet outside the range: each refused, saying what to do.
+    let ipam = format!("--ipam-driver {n1}");
+    for (extra, subnet, want) in [
+        (&[][..], "198.19.7.0/24", ipam.as_str()),
+        (
+            &["--ipam-driver", &n1][..],
             "10.1.0.0/24",
-            "outside",
-        ],
-    );
-    assert!(
-        !out.status.success() && show(&out).contains("outside the mesh's range"),
-        "a subnet outside the range: {}",
-        show(&out)
-    );
+            "outside the mesh's range",
+        ),
+    ] {
+        let mut args = vec!["network", "create", "--driver", &n1];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--subnet", subnet, "refused"]);
+        let out = d1.run_via(&d1.socket(), &args);
+        assert!(
+            !out.status.success() && show(&out).contains(want),
+            "docker {args:?}: {}",
+            show(&out)
+        );
+    }
 
     for (d, n) in [(&d1, &n1), (&d2, &n2)] {
         d.ok(&[

@@ -53,7 +53,7 @@ use mesh_proto::fastdp::{self, Health, Probe, ProbeKey, Verdict};
 use mesh_proto::name::PeerName;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
@@ -270,19 +270,7 @@ pub async fn setup(
 /// delivered to the bridge itself (probes addressed to its MAC).
 fn packet_socket(ifindex: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
     let proto = fastdp::ETHERTYPE.to_be();
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            i32::from(proto),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a socket we just created and own exclusively.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = crate::host::packet_socket(libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, proto)?;
     // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
     let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sa.sll_family = libc::AF_PACKET as u16;

@@ -40,7 +40,7 @@ pub use netns::{hostname_of, open_netns, run_in_netns, NetnsId};
 pub use tap::{open_tap, Tap};
 pub use veth::{
     add_addrs, add_default_route, announce, attach_veth, container_if, del_addrs,
-    del_default_route, detach_veth, link_with_mac, make_veth_pair, ContainerIf,
+    del_default_route, detach_veth, link_with_mac, make_veth_pair, packet_socket, ContainerIf,
 };
 
 pub(crate) use error::check_ifname;

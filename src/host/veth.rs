@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use ipnet::IpNet;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
@@ -78,28 +78,7 @@ pub async fn attach_veth(
         host.delete_link(host_ifname).await?;
     }
 
-    // TSO super-frames a little under 64 KB, so that one, cut into sleeve
-    // segments with their headers, fits a single UDP GSO send.
-    let gso = LinkAttribute::GsoMaxSize(mesh_proto::sleeve::CONTAINER_GSO_MAX_SIZE);
-    let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
-        .name(ifname.to_string())
-        .mtu(mtu)
-        .setns_by_fd(ns.as_raw_fd())
-        .build();
-    peer.attributes.push(gso.clone());
-    let mut msg = LinkMessageBuilder::<LinkVeth>::new(host_ifname, ifname)
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-        .mtu(mtu)
-        .controller(bridge_index)
-        .up()
-        .build();
-    msg.attributes.push(gso);
-    host.handle()
-        .link()
-        .add(msg)
-        .execute()
-        .await
-        .map_err(|e| HostError::netlink(format!("create veth {host_ifname}/{ifname}"), e))?;
+    add_veth(host, host_ifname, ifname, mtu, bridge_index, Some(ns)).await?;
 
     match configure_container_end(&cnl, ifname, addrs).await {
         Ok(mac) => {
@@ -116,6 +95,42 @@ pub async fn attach_veth(
             Err(e)
         }
     }
+}
+
+/// Create a veth pair: `host_ifname` up on the bridge `bridge_index`, its
+/// peer `peer_ifname` in `peer_ns` (or here), both with `mtu`.
+async fn add_veth(
+    host: &Netlink,
+    host_ifname: &str,
+    peer_ifname: &str,
+    mtu: u32,
+    bridge_index: u32,
+    peer_ns: Option<&File>,
+) -> Result<(), HostError> {
+    // TSO super-frames a little under 64 KB, so that one, cut into sleeve
+    // segments with their headers, fits a single UDP GSO send.
+    let gso = LinkAttribute::GsoMaxSize(mesh_proto::sleeve::CONTAINER_GSO_MAX_SIZE);
+    let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(peer_ifname.to_string())
+        .mtu(mtu);
+    if let Some(ns) = peer_ns {
+        peer = peer.setns_by_fd(ns.as_raw_fd());
+    }
+    let mut peer = peer.build();
+    peer.attributes.push(gso.clone());
+    let mut msg = LinkMessageBuilder::<LinkVeth>::new(host_ifname, peer_ifname)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .mtu(mtu)
+        .controller(bridge_index)
+        .up()
+        .build();
+    msg.attributes.push(gso);
+    host.handle()
+        .link()
+        .add(msg)
+        .execute()
+        .await
+        .map_err(|e| HostError::netlink(format!("create veth {host_ifname}/{peer_ifname}"), e))
 }
 
 /// A veth pair whose two ends stay in the host's namespace: `host_ifname`
@@ -141,25 +156,7 @@ pub async fn make_veth_pair(
             host.delete_link(stale).await?;
         }
     }
-    let gso = LinkAttribute::GsoMaxSize(mesh_proto::sleeve::CONTAINER_GSO_MAX_SIZE);
-    let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
-        .name(peer_ifname.to_string())
-        .mtu(mtu)
-        .build();
-    peer.attributes.push(gso.clone());
-    let mut msg = LinkMessageBuilder::<LinkVeth>::new(host_ifname, peer_ifname)
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-        .mtu(mtu)
-        .controller(bridge_index)
-        .up()
-        .build();
-    msg.attributes.push(gso);
-    host.handle()
-        .link()
-        .add(msg)
-        .execute()
-        .await
-        .map_err(|e| HostError::netlink(format!("create veth {host_ifname}/{peer_ifname}"), e))?;
+    add_veth(host, host_ifname, peer_ifname, mtu, bridge_index, None).await?;
     match host.link_mac(peer_ifname).await {
         Ok(mac) => Ok(mac),
         Err(e) => {
@@ -167,6 +164,24 @@ pub async fn make_veth_pair(
             Err(e)
         }
     }
+}
+
+/// A packet socket (`AF_PACKET`) of `kind` (`SOCK_DGRAM`, with flags)
+/// for ethertype `proto` (network order; 0 for none), close-on-exec.
+pub fn packet_socket(kind: libc::c_int, proto: u16) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            kind | libc::SOCK_CLOEXEC,
+            libc::c_int::from(proto),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket we just created and own exclusively.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A gratuitous ARP (an ARP request for one's own address) as sent by
@@ -195,19 +210,13 @@ pub fn announce(
     mac: [u8; 6],
     addrs: &[std::net::Ipv4Addr],
 ) -> Result<(), HostError> {
-    use std::os::fd::{FromRawFd, OwnedFd};
     let ifname = ifname.to_string();
     let addrs = addrs.to_vec();
     super::netns::run_in_netns(ns, move || -> std::io::Result<()> {
         let index = nix::net::if_::if_nametoindex(ifname.as_str())?;
         let proto = 0x0806u16.to_be();
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a socket we just created and own exclusively.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Protocol 0: it sends, and receives nothing.
+        let fd = packet_socket(libc::SOCK_DGRAM, 0)?;
         // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
         let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sa.sll_family = libc::AF_PACKET as u16;

@@ -130,6 +130,23 @@ pub struct Container {
     pub path: String,
 }
 
+/// `dig` inside `c` against the mesh's DNS: the A answers, sorted.
+pub fn dig_a(c: &Container, name: &str) -> Vec<String> {
+    let out = c.exec(
+        "dig",
+        &["@127.0.0.11", "+time=3", "+tries=1", "+short", name, "A"],
+        Duration::from_secs(15),
+    );
+    let mut answers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with(';'))
+        .map(String::from)
+        .collect();
+    answers.sort();
+    answers
+}
+
 impl Container {
     /// `ip -o -4 addr show dev ethmesh` inside the container (empty if none).
     pub fn ethmesh_addrs(&self) -> String {
