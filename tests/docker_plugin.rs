@@ -9,7 +9,9 @@
 //! reaches neither, `docker network disconnect`/`connect` and `docker
 //! stop`/`start` leave and join again, `docker
 //! rm` releases the address (another container can claim it at once),
-//! `docker network rm` works, a network without the mesh's IPAM is
+//! the daemon restarting under a running container keeps it and Docker's
+//! later leave still releases it, `docker network rm` works, a network
+//! without the mesh's IPAM is
 //! refused with the fix, and `mesh stop` takes the socket away.
 
 mod common;
@@ -270,7 +272,49 @@ fn docker_network_create_driver_mesh_across_two_hosts() {
     wait_until(DEADLINE, "client pings web2 at web's old address", || {
         docker_ping(&d2, "client", &web_ip)
     });
+    // The daemon restarted under a running container: it keeps it, and
+    // Docker's leave afterwards (the plugin's memory of the endpoint gone
+    // with the old daemon) still detaches it and frees its address.
+    h1.mesh_ok(&["stop"]);
+    w.launch(
+        &h1,
+        &[
+            &range[..],
+            &["--docker-host", &sock(&d1), "--docker-plugin", &n1],
+        ]
+        .concat(),
+    );
+    wait_for(
+        DEADLINE,
+        "mesh ps on h1 lists web2 after the restart",
+        || h1.attached("web2").ok_or("not yet".to_string()),
+    );
+    wait_until(DEADLINE, "client pings web2 after h1's restart", || {
+        docker_ping(&d2, "client", &web_ip)
+    });
+    d1.ok(&["stop", "-t", "0", "web2"]);
+    assert!(
+        h1.ps().iter().all(|e| e.id != "web2"),
+        "web2 still attached after docker stop (daemon restarted since its join)"
+    );
     d1.ok(&["rm", "-f", "web2"]);
+    d1.ok(&[
+        "run",
+        "-d",
+        "--network",
+        "app",
+        "--ip",
+        &web_ip,
+        "--name",
+        "web3",
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+    wait_for(DEADLINE, "mesh ps on h1 lists web3", || {
+        h1.attached("web3").ok_or("not yet".to_string())
+    });
+    d1.ok(&["rm", "-f", "web3"]);
     d1.ok(&["network", "rm", "app"]);
     assert!(h1.ps().is_empty(), "h1 still lists: {:?}", h1.ps());
 
