@@ -1087,7 +1087,12 @@ async fn attach_started(id: &str, shared: &Shared) {
         }
     };
     if c.pid == 0 {
-        warn!(container = %c.name, "docker proxy: started but no PID; not attached");
+        // Exited already (`docker run --rm ... echo`): nothing to attach.
+        if c.running {
+            warn!(container = %c.name, "docker proxy: started but no PID; not attached");
+        } else {
+            debug!(container = %c.name, "docker proxy: exited before it could be attached");
+        }
         return;
     }
     // Whatever holds the name now is this container's previous run
@@ -1107,7 +1112,12 @@ async fn attach_started(id: &str, shared: &Shared) {
             info!(container = %c.name, pid = c.pid, cidrs = ?cidrs, "docker proxy: attached")
         }
         Ok(Response::Error { message }) => {
-            warn!(container = %c.name, pid = c.pid, "docker proxy: attach failed: {message}")
+            if std::path::Path::new(&format!("/proc/{}", c.pid)).exists() {
+                warn!(container = %c.name, pid = c.pid, "docker proxy: attach failed: {message}")
+            } else {
+                // Exited between the start and the attach.
+                debug!(container = %c.name, pid = c.pid, "docker proxy: exited before it could be attached: {message}")
+            }
         }
         Ok(other) => warn!(container = %c.name, "docker proxy: attach answered {other:?}"),
         Err(e) => warn!(container = %c.name, "docker proxy: attach failed: {e:#}"),
