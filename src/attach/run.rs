@@ -253,7 +253,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let code = wait_child(child);
     cleanup_resolv();
     if attach {
-        detach_child(args.name.clone().unwrap_or(target));
+        // By the PID it was attached with (the attachment keeps it as its
+        // target), never by name: a name the daemon no longer knows would
+        // be looked up in Docker, which may have a container of that name.
+        detach_child(target);
     }
     Ok(ExitCode::from(code))
 }
