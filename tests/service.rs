@@ -30,8 +30,8 @@ const TINY_CAP: u64 = 16 * 1024;
 /// level and fields.
 #[track_caller]
 fn json_lines(path: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -40,9 +40,9 @@ fn json_lines(path: &Path) -> Vec<serde_json::Value> {
                 panic!("{} line {}: not JSON ({e}): {l:?}", path.display(), i + 1)
             });
             let ok = v.get("timestamp").is_some_and(|t| t.is_string())
-                && v.get("level").and_then(|l| l.as_str()).is_some_and(|l| {
-                    ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&l)
-                })
+                && v.get("level")
+                    .and_then(|l| l.as_str())
+                    .is_some_and(|l| ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&l))
                 && v.get("fields").is_some_and(|f| f.is_object());
             assert!(
                 ok,
@@ -85,7 +85,14 @@ fn json_log_lines_parse() {
     let c1 = w.add_container("c1");
     w.launch(
         &h1,
-        &["--nickname", "h1", "--log-format", "json", "--log-level", "debug"],
+        &[
+            "--nickname",
+            "h1",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+        ],
     );
     w.attach(&h1, &c1, "198.19.1.1/24");
     h1.mesh_ok(&["detach", &c1.path]);
@@ -272,11 +279,9 @@ fn systemd_unit_verifies() {
         eprintln!("\n*** SKIPPED: systemd_unit_verifies: no systemd-analyze ***\n");
         return;
     }
-    let unit = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/contrib/mesh.service"
-    ))
-    .expect("read contrib/mesh.service");
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/mesh.service"))
+            .expect("read contrib/mesh.service");
     for want in [
         "Type=notify",
         "EnvironmentFile=-/etc/default/mesh",
