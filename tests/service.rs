@@ -9,6 +9,7 @@
 //! - `mesh launch --foreground` under a `$NOTIFY_SOCKET` (a unix datagram
 //!   socket the test binds, as systemd does) sends `READY=1` once
 //!   `mesh status` answers and `STOPPING=1` on `mesh stop`;
+//! - a `MESH_LOG_MAX_BYTES` that is no number is one clear error;
 //! - `contrib/mesh.service` passes `systemd-analyze verify`.
 
 mod common;
@@ -173,6 +174,33 @@ fn background_log_rotates_at_its_cap() {
     assert!(
         current.iter().any(|v| message(v).starts_with("stopping")),
         "the stop was not logged into the new mesh.log"
+    );
+}
+
+/// A cap that is no number stops the launch with one line naming the
+/// variable, and no daemon stays.
+#[test]
+fn bad_log_cap_is_one_clear_error() {
+    let Some(mut w) = World::new("bad_log_cap_is_one_clear_error") else {
+        return;
+    };
+    let h1 = w.add_host();
+    let out = run(
+        h1.command(MESH, &["launch"])
+            .env("MESH_LOG_MAX_BYTES", "ten megabytes"),
+        LAUNCH_TIMEOUT,
+    );
+    let line = assert_one_line_error(
+        &out,
+        "mesh launch with MESH_LOG_MAX_BYTES=\"ten megabytes\"",
+    );
+    assert!(
+        line.contains("MESH_LOG_MAX_BYTES"),
+        "the error does not name MESH_LOG_MAX_BYTES: {line:?}"
+    );
+    assert!(
+        h1.daemon_pid().is_none_or(|pid| !pid_alive(pid)),
+        "a daemon runs after the failed launch"
     );
 }
 

@@ -50,7 +50,7 @@ pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
     let writer = match std::env::var_os(LOG_FILE_ENV) {
         Some(path) => Writer::Rotating(Arc::new(Mutex::new(Rotator::new(
             PathBuf::from(path),
-            max_bytes(),
+            max_bytes()?,
         )))),
         None => Writer::Stderr,
     };
@@ -65,12 +65,16 @@ pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The cap from [`MAX_BYTES_ENV`], else [`DEFAULT_MAX_BYTES`].
-fn max_bytes() -> u64 {
-    std::env::var(MAX_BYTES_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(DEFAULT_MAX_BYTES, |n| n.max(MIN_MAX_BYTES))
+/// The cap from [`MAX_BYTES_ENV`] (at least [`MIN_MAX_BYTES`]), else
+/// [`DEFAULT_MAX_BYTES`].
+fn max_bytes() -> anyhow::Result<u64> {
+    match std::env::var(MAX_BYTES_ENV) {
+        Err(_) => Ok(DEFAULT_MAX_BYTES),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) => Ok(n.max(MIN_MAX_BYTES)),
+            Err(_) => anyhow::bail!("{MAX_BYTES_ENV}={v:?} is not a size in bytes like 10485760"),
+        },
+    }
 }
 
 /// Where records go: stderr as it is, or stderr as a capped file.
