@@ -1,7 +1,12 @@
 //! The README's commands are real: every `mesh` command line in its ```sh
 //! blocks parses as written (by the CLI's own grammar, `mesh::cli::
 //! check_args`, nothing run), and every script or file of this repository
-//! such a line names exists (scripts executable).
+//! such a line names exists (scripts executable), and a `.deb` the README
+//! names is this version's.
+//!
+//! Parsed, not run: the README's examples use addresses like 10.40.1.0/24
+//! and host names, which the tests may not (198.18.0.0/15 only); what they
+//! do is run by the integration tests.
 //!
 //! Lines are read as a reader would type them: a `host1# ` prompt dropped,
 //! `\` continuations joined, `# comments` cut, quotes honoured. A `mesh`
@@ -297,6 +302,21 @@ fn readme_commands_parse_as_written() {
         "README commands that do not run as written:\n{}",
         failures.join("\n")
     );
+    // A package file named in the README is this version's.
+    let want = format!("mesh_{}-1_", env!("CARGO_PKG_VERSION"));
+    for (n, line) in README.lines().enumerate() {
+        for (i, _) in line.match_indices("mesh_") {
+            let rest = &line[i..];
+            if rest.starts_with("mesh_*") || !rest[5..].starts_with(|c: char| c.is_ascii_digit()) {
+                continue;
+            }
+            assert!(
+                rest.starts_with(&want),
+                "README line {}: a package of another version: {line}",
+                n + 1
+            );
+        }
+    }
     // The extraction itself works: the README's first steps are found.
     for want in ["launch", "launch 198.18.0.1", "env", "ps", "status ipam"] {
         assert!(
