@@ -18,10 +18,11 @@ fi
 
 # podman and friends: the CNI plugin's test runs real containers
 # (shared/containers.md); docker.io (a private dockerd per test) and
-# docker-compose for the Docker proxy, plugin and compose tests.
+# docker-compose for the Docker proxy, plugin and compose tests; systemd
+# (systemd-analyze verify) for the unit's test.
 packages=(iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq-base nftables util-linux procps ethtool
     podman runc busybox-static uidmap fuse-overlayfs containernetworking-plugins iptables tar
-    docker.io docker-compose)
+    docker.io docker-compose systemd)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg -s "$p" >/dev/null 2>&1; then
@@ -43,6 +44,12 @@ for component in rustfmt clippy; do
         rustup component add "$component"
     fi
 done
+
+# cargo-deb: tests/package.rs builds the Debian package.
+if ! cargo deb --version >/dev/null 2>&1; then
+    say "installing cargo-deb (cargo install cargo-deb --locked)"
+    cargo install cargo-deb --locked
+fi
 
 say "checking formatting: cargo fmt --all -- --check"
 cargo fmt --all -- --check

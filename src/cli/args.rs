@@ -208,6 +208,9 @@ pub struct LaunchArgs {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Log lines as `plain` text or `json` objects (one per line).
+    #[arg(long, default_value = "plain", value_name = "FORMAT", value_parser = log_format_parser())]
+    pub log_format: crate::daemon::logging::LogFormat,
     /// The range containers' addresses are allocated from, shared by the
     /// whole mesh.
     #[arg(long, default_value = "10.32.0.0/12", value_parser = parse_range)]
@@ -277,6 +280,17 @@ pub struct LaunchArgs {
     /// instead of 120.
     #[arg(long, hide = true, value_name = "SECS")]
     pub rekey_after_secs: Option<u64>,
+}
+
+/// `--log-format`: `plain` or `json`.
+fn log_format_parser(
+) -> impl clap::builder::TypedValueParser<Value = crate::daemon::logging::LogFormat> {
+    use crate::daemon::logging::LogFormat;
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["plain", "json"]).map(|s| match s.as_str() {
+        "json" => LogFormat::Json,
+        _ => LogFormat::Plain,
+    })
 }
 
 /// `--docker-host`: `unix:///PATH`.

@@ -22,6 +22,30 @@ use args::{Cli, Cmd, StatusPart};
 pub use env::env_commands;
 pub use format::{format_connections, format_dns, format_ipam, format_peers, format_status};
 
+/// Whether `args` (the words after `mesh`) parse as a command line, and
+/// clap's message when not; nothing runs. For checking the documentation
+/// (`tests/readme.rs` parses every `mesh` command of the README).
+pub fn check_args<I, T>(args: I) -> Result<(), String>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let all =
+        std::iter::once(std::ffi::OsString::from("mesh")).chain(args.into_iter().map(Into::into));
+    match Cli::try_parse_from(all) {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.render().to_string()),
+    }
+}
+
 /// Parse the command line and run it.
 ///
 /// Longer than most functions, for a reason: it is the CLI's dispatch
@@ -394,6 +418,7 @@ impl LaunchArgs {
             conn_limit: self.conn_limit,
             max_peers: self.max_peers as usize,
             log_level: self.log_level,
+            log_format: self.log_format,
             ipalloc_range: self.ipalloc_range,
             ipalloc_default_subnet: self.ipalloc_default_subnet,
             ipalloc_init: self.ipalloc_init,
@@ -449,6 +474,8 @@ mod tests {
             "99",
             "--log-level",
             "debug",
+            "--log-format",
+            "json",
             "--ipalloc-range",
             "198.19.0.0/16",
             "--ipalloc-default-subnet",

@@ -8,6 +8,14 @@
 //! the router, the sleeve data path, the attachment manager, the control
 //! connections, and the API server; it stops on `mesh stop`, SIGTERM or
 //! SIGINT, leaving the bridge and attached containers in place.
+//!
+//! The log (`logging`) is plain text or JSON lines, size-capped and rotated
+//! in the background; under systemd (`notify`) the daemon reports
+//! `READY=1` once it answers on its control socket and `STOPPING=1` when
+//! it stops.
+
+pub mod logging;
+pub mod notify;
 
 use crate::api::{self, Request, Response};
 use crate::datapath::{fastdp, sleeve};
@@ -49,6 +57,9 @@ pub struct Config {
     pub max_peers: usize,
     /// The tracing filter.
     pub log_level: String,
+    /// Plain or JSON lines (`--log-format`).
+    #[serde(default)]
+    pub log_format: logging::LogFormat,
     /// The allocator's range.
     pub ipalloc_range: ipnet::Ipv4Net,
     /// `net:default` (default: the range).
@@ -150,6 +161,10 @@ pub fn spawn_background(config: &Config) -> anyhow::Result<String> {
     cmd.arg("launch").arg("--foreground");
     cmd.env_remove("MESH_PASSWORD").env_remove("WEAVE_PASSWORD");
     cmd.env(CONFIG_ENV, config.to_env_value()?);
+    // The daemon's stderr is this file: it rotates it (see `logging`).
+    cmd.env(logging::LOG_FILE_ENV, &log_path);
+    // Not started by systemd: a background daemon notifies no one.
+    cmd.env_remove(notify::NOTIFY_SOCKET_ENV);
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -191,13 +206,7 @@ pub fn spawn_background(config: &Config) -> anyhow::Result<String> {
 
 /// Run the daemon in this process until stopped.
 pub fn run_foreground(args: Config) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    logging::init(&args.log_level, args.log_format)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -597,8 +606,15 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         docker_host: Arc::from(l.docker_host.as_path()),
     };
     tokio::spawn(api_loop(l.api, services));
+    // The control socket answers from here on: what `mesh launch` waits
+    // for, and what systemd is told.
+    notify::notify_or_warn(&format!(
+        "READY=1\nSTATUS=peer {name}\nMAINPID={}",
+        std::process::id()
+    ));
 
     let reset = wait_for_stop(stop_rx).await?;
+    notify::notify_or_warn("STOPPING=1");
     let _ = shutdown_tx.send(true);
     if reset {
         if let Err(e) = remove_host_objects(&nl, &[]).await {
