@@ -6,21 +6,30 @@ use crate::api::{self, unexpected, Request, Response};
 use crate::attach::addr;
 use crate::{daemon, paths};
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::FromArgMatches;
 use std::process::ExitCode;
 use std::time::Duration;
 
 /// How long a CLI call waits for the daemon.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// What `attach` and `expose` wait for when they take long.
+const WAIT_IPAM: &str =
+    "waiting for an address: IPAM waits for the mesh's consensus or for space from another peer";
 
 mod args;
 mod env;
 mod format;
+mod help;
+mod progress;
+mod routes;
+mod usage;
 
 pub use args::LaunchArgs;
 use args::{Cli, Cmd, StatusPart};
 pub use env::env_commands;
 pub use format::{format_connections, format_dns, format_ipam, format_peers, format_status};
+pub use help::command;
+use progress::Progress;
 
 /// Parse the command line and run it.
 ///
@@ -28,7 +37,12 @@ pub use format::{format_connections, format_dns, format_ipam, format_peers, form
 /// table, one short arm per command, kept whole so that every command is
 /// found in one place; the work is in the functions the arms call.
 pub fn run() -> anyhow::Result<ExitCode> {
-    let cli = match Cli::try_parse() {
+    let grammar = help::command();
+    let parsed = grammar
+        .clone()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind::*;
@@ -43,11 +57,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
                     ExitCode::SUCCESS
                 });
             }
-            // One line: clap's first line without its "error: " prefix.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.trim_start_matches("error: ");
-            eprintln!("mesh: {first} (see `mesh --help`)");
+            eprintln!("{}", usage::render(&e, &grammar));
             return Ok(ExitCode::from(2));
         }
     };
@@ -56,6 +66,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Cmd::Stop => {
             need_root("stop")?;
             let pid = daemon_pid();
+            let _progress = Progress::start("stopping mesh: waiting for the daemon to exit");
             expect_ok(call(&Request::Stop)?)?;
             if let Some(pid) = pid {
                 wait_gone(pid)?;
@@ -71,13 +82,18 @@ pub fn run() -> anyhow::Result<ExitCode> {
                 println!("mesh is not running: removed its interfaces and state");
                 return Ok(ExitCode::SUCCESS);
             }
-            match call(&Request::Reset)? {
-                Response::Message { message } => println!("{message}"),
+            let progress = Progress::start(
+                "resetting mesh: handing its addresses to a live peer, waiting for the daemon to exit",
+            );
+            let message = match call(&Request::Reset)? {
+                Response::Message { message } => message,
                 other => return Err(unexpected(other)),
-            }
+            };
             if let Some(pid) = pid {
                 wait_gone(pid)?;
             }
+            drop(progress);
+            println!("{message}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Rmpeer { peer } => {
@@ -126,6 +142,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
         }
         Cmd::Forget { peers } => {
             need_root("forget")?;
+            let targets = status()?.targets;
+            if let Some(p) = peers.iter().find(|p| !targets.contains(p)) {
+                bail!("{p} is not a connection target (`mesh status targets` lists them, as given to `mesh connect` or `mesh launch`)");
+            }
             expect_ok(call(&Request::Forget { peers })?)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -158,7 +178,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
                 addr::parse(a).map_err(anyhow::Error::msg)?;
             }
             need_root("expose")?;
-            match call(&Request::Expose { addrs })? {
+            let progress = Progress::start(WAIT_IPAM);
+            let answer = call(&Request::Expose { addrs });
+            drop(progress);
+            match answer? {
                 Response::Attached { cidrs } => {
                     for c in cidrs {
                         println!("{c}");
@@ -245,6 +268,19 @@ pub fn run() -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Completion { shell } => {
+            help::completion(shell, &mut std::io::stdout().lock());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir: None } => {
+            help::man_page(&mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir: Some(dir) } => {
+            help::man_pages(&dir)
+                .with_context(|| format!("writing manual pages to {}", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -325,14 +361,17 @@ fn attach(name: Option<String>, args: Vec<String>) -> anyhow::Result<ExitCode> {
     if !addrs.is_empty() && addr::all_none(&addrs) {
         return Ok(ExitCode::SUCCESS);
     }
-    match call(&Request::Attach {
+    let progress = Progress::start(WAIT_IPAM);
+    let answer = call(&Request::Attach {
         addrs,
         name,
         target,
         ifname: None,
         hand_over: None,
         port: None,
-    })? {
+    });
+    drop(progress);
+    match answer? {
         Response::Attached { cidrs } => {
             for c in cidrs {
                 println!("{c}");
@@ -356,6 +395,7 @@ fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         crate::peer::parse_peer(p, config.port).map_err(anyhow::Error::msg)?;
     }
     daemon::ipam_config(&config)?;
+    routes::check_range(config.ipalloc_range)?;
     if let Some(group) = &config.proxy_group {
         crate::integrations::proxy::group_id(group)?;
     }
@@ -371,8 +411,13 @@ fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         daemon::run_foreground(config)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let name = daemon::spawn_background(&config)?;
-    println!("{name}");
+    let progress = Progress::start(format!(
+        "starting mesh: waiting for the daemon to answer on {}",
+        paths::socket().display()
+    ));
+    let name = daemon::spawn_background(&config);
+    drop(progress);
+    println!("{}", name?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -418,6 +463,7 @@ impl LaunchArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     fn launch_config(args: &[&str]) -> daemon::Config {
         let mut all = vec!["mesh", "launch"];
