@@ -134,14 +134,6 @@ pub(super) enum Cmd {
         #[arg(value_enum)]
         shell: CompletionShell,
     },
-    /// Print the manual page mesh(1) (roff) on stdout, `mesh man | man
-    /// -l -`, or with `--dir` write it and one page per command there.
-    #[command(hide = true)]
-    Man {
-        /// Write `mesh.1` and `mesh-COMMAND.1` into this directory.
-        #[arg(long, value_name = "DIR")]
-        dir: Option<std::path::PathBuf>,
-    },
 }
 
 /// Shells `mesh completion` writes scripts for.

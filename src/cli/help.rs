@@ -87,8 +87,28 @@ fn launch_heading(long: &str) -> Option<&'static str> {
         .map(|(heading, _)| *heading)
 }
 
-/// The whole grammar, with help grouped by task.
+/// The whole grammar, with help grouped by task, and the hidden `mesh man
+/// [--dir DIR]`: mesh(1) (roff) on stdout, or it and one page per command
+/// written into DIR. `man` is not part of [`Cli`] so that the completion
+/// scripts (which list hidden commands too) do not offer it.
 pub fn command() -> clap::Command {
+    grammar().subcommand(
+        clap::Command::new("man")
+            .hide(true)
+            .about("Print the manual page mesh(1), or write every page into DIR")
+            .arg(
+                clap::Arg::new("dir")
+                    .long("dir")
+                    .value_name("DIR")
+                    .value_parser(clap::value_parser!(std::path::PathBuf))
+                    .help("Write mesh.1 and mesh-COMMAND.1 into this directory"),
+            ),
+    )
+}
+
+/// [`Cli`]'s grammar with help grouped by task: what completions and
+/// manual pages describe.
+fn grammar() -> clap::Command {
     let cmd = Cli::command().mut_subcommand("launch", |launch| {
         launch.mut_args(|a| match a.get_long().and_then(launch_heading) {
             Some(h) => a.help_heading(h),
@@ -137,12 +157,15 @@ pub(super) fn completion(shell: CompletionShell, out: &mut dyn Write) {
         CompletionShell::Zsh => clap_complete::Shell::Zsh,
         CompletionShell::Fish => clap_complete::Shell::Fish,
     };
-    clap_complete::generate(shell, &mut command(), "mesh", out);
+    clap_complete::generate(shell, &mut grammar(), "mesh", out);
 }
 
-/// The grammar as the manual pages describe it: NAME says "mesh - ...".
+/// The grammar as the manual pages describe it: NAME says "mesh - ...",
+/// and no mesh-help(1), which [`clap_mangen::generate_to`] does not write.
 fn man_command() -> clap::Command {
-    command().about("a container network for Linux hosts, in the tradition of Weave Net")
+    grammar()
+        .about("a container network for Linux hosts, in the tradition of Weave Net")
+        .disable_help_subcommand(true)
 }
 
 /// `mesh man`: the manual page, mesh(1), in roff.

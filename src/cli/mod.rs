@@ -13,8 +13,7 @@ use std::time::Duration;
 /// How long a CLI call waits for the daemon.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// What `attach` and `expose` wait for when they take long.
-const WAIT_IPAM: &str =
-    "waiting for an address: IPAM waits for the mesh's consensus or for space from another peer";
+const WAIT_IPAM: &str = "waiting for an address (IPAM needs consensus or space from a peer)";
 
 mod args;
 mod env;
@@ -31,6 +30,13 @@ pub use format::{format_connections, format_dns, format_ipam, format_peers, form
 pub use help::command;
 use progress::Progress;
 
+/// What the command line asks for: a command of [`Cli`], or the hidden
+/// `mesh man [--dir DIR]` (see [`help::command`]).
+enum Parsed {
+    Cli(Box<Cli>),
+    Man(Option<std::path::PathBuf>),
+}
+
 /// Parse the command line and run it.
 ///
 /// Longer than most functions, for a reason: it is the CLI's dispatch
@@ -38,10 +44,12 @@ use progress::Progress;
 /// found in one place; the work is in the functions the arms call.
 pub fn run() -> anyhow::Result<ExitCode> {
     let grammar = help::command();
-    let parsed = grammar
-        .clone()
-        .try_get_matches()
-        .and_then(|m| Cli::from_arg_matches(&m));
+    let parsed = grammar.clone().try_get_matches().and_then(|m| {
+        if let Some(("man", m)) = m.subcommand() {
+            return Ok(Parsed::Man(m.get_one("dir").cloned()));
+        }
+        Cli::from_arg_matches(&m).map(|c| Parsed::Cli(Box::new(c)))
+    });
     let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
@@ -59,6 +67,18 @@ pub fn run() -> anyhow::Result<ExitCode> {
             }
             eprintln!("{}", usage::render(&e, &grammar));
             return Ok(ExitCode::from(2));
+        }
+    };
+    let cli = match cli {
+        Parsed::Cli(cli) => cli,
+        Parsed::Man(None) => {
+            help::man_page(&mut std::io::stdout().lock())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Parsed::Man(Some(dir)) => {
+            help::man_pages(&dir)
+                .with_context(|| format!("writing manual pages to {}", dir.display()))?;
+            return Ok(ExitCode::SUCCESS);
         }
     };
     match cli.cmd {
@@ -83,7 +103,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let progress = Progress::start(
-                "resetting mesh: handing its addresses to a live peer, waiting for the daemon to exit",
+                "resetting mesh: handing over its addresses, waiting for it to exit",
             );
             let message = match call(&Request::Reset)? {
                 Response::Message { message } => message,
@@ -272,15 +292,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
             help::completion(shell, &mut std::io::stdout().lock());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Man { dir: None } => {
-            help::man_page(&mut std::io::stdout().lock())?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Man { dir: Some(dir) } => {
-            help::man_pages(&dir)
-                .with_context(|| format!("writing manual pages to {}", dir.display()))?;
-            Ok(ExitCode::SUCCESS)
-        }
     }
 }
 
@@ -411,10 +422,7 @@ fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         daemon::run_foreground(config)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let progress = Progress::start(format!(
-        "starting mesh: waiting for the daemon to answer on {}",
-        paths::socket().display()
-    ));
+    let progress = Progress::start("starting mesh: waiting for the daemon to answer");
     let name = daemon::spawn_background(&config);
     drop(progress);
     println!("{}", name?);

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 const QUIET_FOR: Duration = Duration::from_secs(1);
 /// Time between two frames of the spinner.
 const FRAME: Duration = Duration::from_millis(125);
+/// The longest progress line: one that wrapped could not be redrawn in
+/// place by `\r` on an 80-column terminal.
+const WIDTH: usize = 79;
 /// The spinner's frames.
 const SPINNER: [char; 4] = ['|', '/', '-', '\\'];
 
@@ -75,13 +78,20 @@ impl Drop for Progress {
     }
 }
 
-/// Frame `i` of the progress line: `| waiting for X (3s)`.
+/// Frame `i` of the progress line: `| waiting for X (3s)`, at most
+/// [`WIDTH`] characters (`what` is cut short to fit).
 fn frame(i: usize, what: &str, elapsed: Duration) -> String {
-    format!(
-        "{} {what} ({}s)",
-        SPINNER[i % SPINNER.len()],
-        elapsed.as_secs()
-    )
+    let spin = SPINNER[i % SPINNER.len()];
+    let secs = format!(" ({}s)", elapsed.as_secs());
+    let room = WIDTH.saturating_sub(2 + secs.chars().count());
+    let what: String = if what.chars().count() > room {
+        let mut w: String = what.chars().take(room.saturating_sub(3)).collect();
+        w.push_str("...");
+        w
+    } else {
+        what.to_string()
+    };
+    format!("{spin} {what}{secs}")
 }
 
 #[cfg(test)]
@@ -95,6 +105,9 @@ mod tests {
             "| waiting for IPAM (1s)"
         );
         assert_eq!(frame(5, "x", Duration::from_secs(12)), "/ x (12s)");
+        let long = frame(2, &"é".repeat(200), Duration::from_secs(3));
+        assert_eq!(long.chars().count(), WIDTH, "{long}");
+        assert!(long.ends_with("... (3s)"), "{long}");
     }
 
     #[test]
