@@ -89,7 +89,7 @@ fn launch_heading(long: &str) -> Option<&'static str> {
 
 /// The whole grammar, with help grouped by task, and the hidden `mesh man
 /// [--dir DIR]`: mesh(1) (roff) on stdout, or it and one page per command
-/// written into DIR. `man` is not part of [`Cli`] so that the completion
+/// written into DIR. `man` is not part of `Cli` so that the completion
 /// scripts (which list hidden commands too) do not offer it.
 pub fn command() -> clap::Command {
     grammar().subcommand(

@@ -1,6 +1,10 @@
 //! The command line (clap). Each subcommand either talks to the daemon over
 //! the control socket ([`crate::api`]) or, for `launch`, starts it. Errors
-//! come back as `anyhow` values and are printed by `main` as one line.
+//! come back as `anyhow` values and are printed by `main` as one line;
+//! parse errors are printed here (`usage`: what is wrong, and for usage
+//! errors the command's usage line). Waits longer than a second show
+//! progress on a terminal (`progress`). The grammar is in `args`, its
+//! help layout, completions and manual pages in `help`.
 
 use crate::api::{self, unexpected, Request, Response};
 use crate::attach::addr;
@@ -50,8 +54,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         }
         Cli::from_arg_matches(&m).map(|c| Parsed::Cli(Box::new(c)))
     });
-    let cli = match parsed {
-        Ok(c) => c,
+    let parsed = match parsed {
+        Ok(p) => p,
         Err(e) => {
             use clap::error::ErrorKind::*;
             if matches!(
@@ -69,7 +73,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let cli = match cli {
+    let cli = match parsed {
         Parsed::Cli(cli) => cli,
         Parsed::Man(None) => {
             help::man_page(&mut std::io::stdout().lock())?;
