@@ -106,18 +106,17 @@ pub fn run() -> anyhow::Result<ExitCode> {
                 println!("mesh is not running: removed its interfaces and state");
                 return Ok(ExitCode::SUCCESS);
             }
-            let progress = Progress::start(
-                "resetting mesh: handing over its addresses, waiting for it to exit",
-            );
-            let message = match call(&Request::Reset)? {
-                Response::Message { message } => message,
+            let progress = Progress::start("resetting mesh: handing over its addresses");
+            let answer = call(&Request::Reset);
+            drop(progress);
+            match answer? {
+                Response::Message { message } => println!("{message}"),
                 other => return Err(unexpected(other)),
-            };
+            }
             if let Some(pid) = pid {
+                let _progress = Progress::start("resetting mesh: waiting for the daemon to exit");
                 wait_gone(pid)?;
             }
-            drop(progress);
-            println!("{message}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Rmpeer { peer } => {
