@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// mesh: a container network for Linux hosts, in the tradition of Weave Net.
 #[derive(Parser, Debug)]
-#[command(name = "mesh", version, disable_version_flag = true)]
+#[command(name = "mesh", version)]
 pub struct Cli {
     #[command(subcommand)]
     pub(super) cmd: Cmd,
@@ -128,6 +128,23 @@ pub(super) enum Cmd {
     },
     /// Show versions of the binary and the protocol.
     Version,
+    /// Print a shell completion script: `source <(mesh completion bash)`.
+    Completion {
+        /// The shell: `bash`, `zsh` or `fish`.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+}
+
+/// Shells `mesh completion` writes scripts for.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CompletionShell {
+    /// GNU Bash.
+    Bash,
+    /// Z shell.
+    Zsh,
+    /// The friendly interactive shell.
+    Fish,
 }
 
 /// Arguments of `dns-add` / `dns-remove`.

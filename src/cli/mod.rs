@@ -1,26 +1,45 @@
 //! The command line (clap). Each subcommand either talks to the daemon over
 //! the control socket ([`crate::api`]) or, for `launch`, starts it. Errors
-//! come back as `anyhow` values and are printed by `main` as one line.
+//! come back as `anyhow` values and are printed by `main` as one line;
+//! parse errors are printed here (`usage`: what is wrong, and for usage
+//! errors the command's usage line). Waits longer than a second show
+//! progress on a terminal (`progress`). The grammar is in `args`, its
+//! help layout, completions and manual pages in `help`.
 
 use crate::api::{self, unexpected, Request, Response};
 use crate::attach::addr;
 use crate::{daemon, paths};
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::FromArgMatches;
 use std::process::ExitCode;
 use std::time::Duration;
 
 /// How long a CLI call waits for the daemon.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// What `attach` and `expose` wait for when they take long.
+const WAIT_IPAM: &str = "waiting for an address (IPAM needs consensus or space from a peer)";
 
 mod args;
 mod env;
 mod format;
+mod help;
+mod progress;
+mod routes;
+mod usage;
 
 pub use args::LaunchArgs;
 use args::{Cli, Cmd, StatusPart};
 pub use env::env_commands;
 pub use format::{format_connections, format_dns, format_ipam, format_peers, format_status};
+pub use help::command;
+use progress::Progress;
+
+/// What the command line asks for: a command of [`Cli`], or the hidden
+/// `mesh man [--dir DIR]` (see [`help::command`]).
+enum Parsed {
+    Cli(Box<Cli>),
+    Man(Option<std::path::PathBuf>),
+}
 
 /// Whether `args` (the words after `mesh`) parse as a command line, and
 /// clap's message when not; nothing runs. For checking the documentation
@@ -52,8 +71,15 @@ where
 /// table, one short arm per command, kept whole so that every command is
 /// found in one place; the work is in the functions the arms call.
 pub fn run() -> anyhow::Result<ExitCode> {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
+    let grammar = help::command();
+    let parsed = grammar.clone().try_get_matches().and_then(|m| {
+        if let Some(("man", m)) = m.subcommand() {
+            return Ok(Parsed::Man(m.get_one("dir").cloned()));
+        }
+        Cli::from_arg_matches(&m).map(|c| Parsed::Cli(Box::new(c)))
+    });
+    let parsed = match parsed {
+        Ok(p) => p,
         Err(e) => {
             use clap::error::ErrorKind::*;
             if matches!(
@@ -67,12 +93,20 @@ pub fn run() -> anyhow::Result<ExitCode> {
                     ExitCode::SUCCESS
                 });
             }
-            // One line: clap's first line without its "error: " prefix.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.trim_start_matches("error: ");
-            eprintln!("mesh: {first} (see `mesh --help`)");
+            eprintln!("{}", usage::render(&e, &grammar));
             return Ok(ExitCode::from(2));
+        }
+    };
+    let cli = match parsed {
+        Parsed::Cli(cli) => cli,
+        Parsed::Man(None) => {
+            help::man_page(&mut std::io::stdout().lock())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Parsed::Man(Some(dir)) => {
+            help::man_pages(&dir)
+                .with_context(|| format!("writing manual pages to {}", dir.display()))?;
+            return Ok(ExitCode::SUCCESS);
         }
     };
     match cli.cmd {
@@ -80,6 +114,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Cmd::Stop => {
             need_root("stop")?;
             let pid = daemon_pid();
+            let _progress = Progress::start("stopping mesh: waiting for the daemon to exit");
             expect_ok(call(&Request::Stop)?)?;
             if let Some(pid) = pid {
                 wait_gone(pid)?;
@@ -95,11 +130,15 @@ pub fn run() -> anyhow::Result<ExitCode> {
                 println!("mesh is not running: removed its interfaces and state");
                 return Ok(ExitCode::SUCCESS);
             }
-            match call(&Request::Reset)? {
+            let progress = Progress::start("resetting mesh: handing over its addresses");
+            let answer = call(&Request::Reset);
+            drop(progress);
+            match answer? {
                 Response::Message { message } => println!("{message}"),
                 other => return Err(unexpected(other)),
             }
             if let Some(pid) = pid {
+                let _progress = Progress::start("resetting mesh: waiting for the daemon to exit");
                 wait_gone(pid)?;
             }
             Ok(ExitCode::SUCCESS)
@@ -150,6 +189,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
         }
         Cmd::Forget { peers } => {
             need_root("forget")?;
+            let targets = status()?.targets;
+            if let Some(p) = peers.iter().find(|p| !targets.contains(p)) {
+                bail!("{p} is not a connection target (`mesh status targets` lists them, as given to `mesh connect` or `mesh launch`)");
+            }
             expect_ok(call(&Request::Forget { peers })?)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -182,7 +225,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
                 addr::parse(a).map_err(anyhow::Error::msg)?;
             }
             need_root("expose")?;
-            match call(&Request::Expose { addrs })? {
+            let progress = Progress::start(WAIT_IPAM);
+            let answer = call(&Request::Expose { addrs });
+            drop(progress);
+            match answer? {
                 Response::Attached { cidrs } => {
                     for c in cidrs {
                         println!("{c}");
@@ -269,6 +315,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Completion { shell } => {
+            help::completion(shell, &mut std::io::stdout().lock());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -349,14 +399,17 @@ fn attach(name: Option<String>, args: Vec<String>) -> anyhow::Result<ExitCode> {
     if !addrs.is_empty() && addr::all_none(&addrs) {
         return Ok(ExitCode::SUCCESS);
     }
-    match call(&Request::Attach {
+    let progress = Progress::start(WAIT_IPAM);
+    let answer = call(&Request::Attach {
         addrs,
         name,
         target,
         ifname: None,
         hand_over: None,
         port: None,
-    })? {
+    });
+    drop(progress);
+    match answer? {
         Response::Attached { cidrs } => {
             for c in cidrs {
                 println!("{c}");
@@ -380,6 +433,7 @@ fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         crate::peer::parse_peer(p, config.port).map_err(anyhow::Error::msg)?;
     }
     daemon::ipam_config(&config)?;
+    routes::check_range(config.ipalloc_range)?;
     if let Some(group) = &config.proxy_group {
         crate::integrations::proxy::group_id(group)?;
     }
@@ -395,8 +449,10 @@ fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         daemon::run_foreground(config)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let name = daemon::spawn_background(&config)?;
-    println!("{name}");
+    let progress = Progress::start("starting mesh: waiting for the daemon to answer");
+    let name = daemon::spawn_background(&config);
+    drop(progress);
+    println!("{}", name?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -443,6 +499,7 @@ impl LaunchArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     fn launch_config(args: &[&str]) -> daemon::Config {
         let mut all = vec!["mesh", "launch"];

@@ -565,7 +565,7 @@ fn resolve(gossip: &Gossip, s: &str) -> Result<PeerName, String> {
     match matches.as_slice() {
         [one] => Ok(*one),
         [] => Err(format!(
-            "unknown peer {s:?}: give a peer name (aa:bb:cc:dd:ee:ff) or the nickname of a peer this one knows"
+            "unknown peer {s:?}: give a peer name (aa:bb:cc:dd:ee:ff) or the nickname of a peer this one knows (`mesh status peers` lists them)"
         )),
         _ => Err(format!(
             "nickname {s:?} is used by several peers: give the peer name"

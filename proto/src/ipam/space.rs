@@ -48,7 +48,7 @@ impl Ipam {
         let (rlo, rhi) = self.range.bounds();
         if a < rlo || a > rhi {
             return Err(AllocError::Refused(format!(
-                "{addr} is outside the range {}: IPAM does not manage it",
+                "{addr} is outside the range {} (--ipalloc-range): IPAM does not manage it",
                 self.config.range
             )));
         }
@@ -173,7 +173,7 @@ impl Ipam {
         let subnet = subnet.trunc();
         if !self.config.range.contains(&subnet) {
             return Err(AllocError::Refused(format!(
-                "subnet {subnet} is outside the range {}",
+                "subnet {subnet} is outside the range {} (the mesh's --ipalloc-range): give a subnet inside it",
                 self.config.range
             )));
         }
