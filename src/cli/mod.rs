@@ -51,8 +51,14 @@ where
 {
     let all =
         std::iter::once(std::ffi::OsString::from("mesh")).chain(args.into_iter().map(Into::into));
-    match Cli::try_parse_from(all) {
-        Ok(_) => Ok(()),
+    let parsed = help::command()
+        .try_get_matches_from(all)
+        .and_then(|m| match m.subcommand() {
+            Some(("man", _)) => Ok(()),
+            _ => Cli::from_arg_matches(&m).map(|_| ()),
+        });
+    match parsed {
+        Ok(()) => Ok(()),
         Err(e)
             if matches!(
                 e.kind(),
