@@ -6,7 +6,8 @@
 //! returns once the control socket answers. The foreground daemon sets up
 //! the bridge, the sleeve's TAP and sockets, then runs one task per job:
 //! the router, the sleeve data path, the attachment manager, the control
-//! connections, and the API server; it stops on `mesh stop`, SIGTERM or
+//! connections, the API server and the HTTP listener for metrics and the
+//! status page ([`http`]); it stops on `mesh stop`, SIGTERM or
 //! SIGINT, leaving the bridge and attached containers in place.
 
 use crate::api::{self, Request, Response};
@@ -14,6 +15,8 @@ use crate::datapath::{fastdp, sleeve};
 use crate::integrations::{docker, plugin, proxy};
 use crate::router::{self, connmaker, control, ipam};
 use crate::{attach, host, identity, paths};
+
+mod http;
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -83,6 +86,10 @@ pub struct Config {
     /// (0600) when `None`.
     #[serde(default)]
     pub proxy_group: Option<String>,
+    /// Where the metrics, `/status`, `/ready` and the status page are
+    /// served (`--metrics-addr`, default `127.0.0.1:6782`).
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: SocketAddr,
     /// Test only: replace a sleeve key after this many messages sealed
     /// under it (default [`mesh_proto::rekey::REKEY_AFTER_MESSAGES`]).
     #[serde(default)]
@@ -232,6 +239,10 @@ async fn run(args: Config) -> anyhow::Result<()> {
     result
 }
 
+fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6782))
+}
+
 fn default_max_peers() -> usize {
     mesh_proto::gossip::Config::default().max_peers
 }
@@ -325,11 +336,13 @@ struct Listeners {
     proxy: Option<tokio::net::UnixListener>,
     /// The Docker network plugin's socket, unless disabled or unbindable.
     plugin: Option<tokio::net::UnixListener>,
+    /// Metrics, `/status`, `/ready` and the status page (`--metrics-addr`).
+    metrics: tokio::net::TcpListener,
     docker_host: std::path::PathBuf,
 }
 
-/// The control port (TCP), the sleeve (UDP), the control socket and the
-/// Docker API proxy's socket.
+/// The control port (TCP), the sleeve (UDP), the metrics listener, the
+/// control socket and the Docker API proxy's socket.
 async fn listeners(args: &Config) -> anyhow::Result<Listeners> {
     // Checked by `mesh launch` already; before anything is bound.
     let group = args
@@ -341,6 +354,7 @@ async fn listeners(args: &Config) -> anyhow::Result<Listeners> {
         .await
         .with_context(|| format!("listening on TCP port {}", args.port))?;
     let udp = bind_udp(args.port).with_context(|| format!("binding UDP port {}", args.port))?;
+    let metrics = http::bind(args.metrics_addr).await?;
     let sock_path = paths::socket();
     let _ = std::fs::remove_file(&sock_path);
     let api = tokio::net::UnixListener::bind(&sock_path)
@@ -384,6 +398,7 @@ async fn listeners(args: &Config) -> anyhow::Result<Listeners> {
         api,
         proxy,
         plugin,
+        metrics,
         docker_host,
     })
 }
@@ -534,6 +549,7 @@ async fn serve(args: Config) -> anyhow::Result<()> {
     let (router_tx, router_rx) = mpsc::channel(1024);
     let (conn_tx, conn_rx) = mpsc::channel(256);
     let zone = dns_zone(&args)?;
+    let metrics_zone = zone.clone();
     let range = start_core(
         &args,
         &me,
@@ -596,6 +612,14 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         stop: stop_tx,
         docker_host: Arc::from(l.docker_host.as_path()),
     };
+    tokio::spawn(http::serve(
+        l.metrics,
+        http::Sources {
+            services: services.clone(),
+            netlink: nl.clone(),
+            zone: metrics_zone,
+        },
+    ));
     tokio::spawn(api_loop(l.api, services));
 
     let reset = wait_for_stop(stop_rx).await?;

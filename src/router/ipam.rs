@@ -152,6 +152,8 @@ enum Want {
 struct Pending {
     id: String,
     want: Want,
+    /// When it was asked, for the allocation latency.
+    since: Instant,
     deadline: Instant,
     reply: AllocReply,
 }
@@ -265,12 +267,14 @@ impl Driver {
             Cmd::Allocate { id, subnet, reply } => self.pending.push(Pending {
                 id,
                 want: Want::Alloc(subnet),
+                since: now,
                 deadline: now + self.timeout,
                 reply,
             }),
             Cmd::Claim { id, addr, reply } => self.pending.push(Pending {
                 id,
                 want: Want::Claim(addr),
+                since: now,
                 deadline: now + self.timeout,
                 reply,
             }),
@@ -449,7 +453,7 @@ impl ChannelDriver for Driver {
                 if let Some(why) = &recovering {
                     if now >= p.deadline {
                         let e = format!("no address after {}s: {why}", self.timeout.as_secs());
-                        answers.push((p.reply, p.id, Err(e)));
+                        answers.push((p.since, p.reply, p.id, Err(e)));
                     } else {
                         waiting.push(p);
                     }
@@ -466,9 +470,10 @@ impl ChannelDriver for Driver {
                         .map(|()| *addr),
                 };
                 match r {
-                    Ok(a) => answers.push((p.reply, p.id, Ok(a))),
-                    Err(AllocError::Refused(e)) => answers.push((p.reply, p.id, Err(e))),
+                    Ok(a) => answers.push((p.since, p.reply, p.id, Ok(a))),
+                    Err(AllocError::Refused(e)) => answers.push((p.since, p.reply, p.id, Err(e))),
                     Err(AllocError::Wait(why)) if now >= p.deadline => answers.push((
+                        p.since,
                         p.reply,
                         p.id,
                         Err(format!(
@@ -481,6 +486,12 @@ impl ChannelDriver for Driver {
             }
         }
         self.pending = waiting;
+        for (since, _, _, _) in &answers {
+            crate::metrics::instruments()
+                .ipam_allocation_seconds
+                .observe(now.saturating_duration_since(*since).as_secs_f64());
+        }
+        let answers: Vec<_> = answers.into_iter().map(|(_, r, i, a)| (r, i, a)).collect();
         for note in lock(&self.ring).take_notes() {
             match note {
                 Note::Adopted(n) => info!("{n}"),
