@@ -147,10 +147,10 @@ pub fn handshake_reason(reason: &str) -> &'static str {
         "timeout"
     } else if r.contains("eof") || r.contains("reset") || r.contains("closed") {
         "closed"
+    } else if r.contains("protocol error") {
+        "protocol"
     } else if r.contains("handshake") || r.contains("decrypt") || r.contains("key") {
         "auth"
-    } else if r.contains("protocol") {
-        "protocol"
     } else {
         "other"
     }

@@ -380,6 +380,20 @@ pub fn link_name_of(m: &LinkMessage) -> Option<&str> {
     })
 }
 
+/// The kernel's packet and byte counters of a link message (its 64-bit
+/// statistics), if it carries them.
+pub fn link_counters_of(m: &LinkMessage) -> Option<crate::metrics::DeviceCounters> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Stats64(s) => Some(crate::metrics::DeviceCounters {
+            rx_packets: s.rx_packets,
+            tx_packets: s.tx_packets,
+            rx_bytes: s.rx_bytes,
+            tx_bytes: s.tx_bytes,
+        }),
+        _ => None,
+    })
+}
+
 /// The MTU of a link message.
 pub fn link_mtu_of(m: &LinkMessage) -> Option<u32> {
     m.attributes.iter().find_map(|a| match a {
@@ -536,18 +550,4 @@ mod tests {
             assert_eq!(nl.underlay_mtu().await.unwrap(), 1450);
         });
     }
-}
-
-/// The kernel's packet and byte counters of a link message (its 64-bit
-/// statistics), if it carries them.
-pub fn link_counters_of(m: &LinkMessage) -> Option<crate::metrics::DeviceCounters> {
-    m.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Stats64(s) => Some(crate::metrics::DeviceCounters {
-            rx_packets: s.rx_packets,
-            tx_packets: s.tx_packets,
-            rx_bytes: s.rx_bytes,
-            tx_bytes: s.tx_bytes,
-        }),
-        _ => None,
-    })
 }
