@@ -26,6 +26,7 @@ use crate::datapath::fastdp;
 use crate::host::{self, TAP};
 use crate::integrations::proxy::{Head, HeadFinder};
 use crate::metrics;
+use crate::router;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -187,10 +188,20 @@ async fn route(head: &Head, sources: &Sources) -> Answer {
             "not found: try /, /status, /metrics, /ready, /topology.svg\n",
         );
     }
-    let status = match super::handle(Request::Status, &sources.services).await {
-        Response::Status(s) => s,
-        Response::Error { message } => return Answer::text(503, format!("{message}\n")),
-        _ => return Answer::text(503, "the daemon is shutting down\n"),
+    // The picture and readiness need only the router's part of the
+    // status; the rest (the nftables counters, one `nft` run per table)
+    // only for the report and the metrics.
+    let status = if matches!(path, "/ready" | "/topology.svg") {
+        match super::ask(&sources.services.router, router::Cmd::Status).await {
+            Some(s) => Box::new(s),
+            None => return Answer::text(503, "the daemon is shutting down\n"),
+        }
+    } else {
+        match super::handle(Request::Status, &sources.services).await {
+            Response::Status(s) => s,
+            Response::Error { message } => return Answer::text(503, format!("{message}\n")),
+            _ => return Answer::text(503, "the daemon is shutting down\n"),
+        }
     };
     match path {
         "/status" => match serde_json::to_vec_pretty(&status) {
