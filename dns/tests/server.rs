@@ -231,7 +231,11 @@ fn other_types_for_our_names_are_empty_and_unknown_is_nxdomain() {
     // Counted by outcome (the metrics' `mesh_dns_queries_total`).
     let _ = udp(h.addr, "web.mesh.local.", RecordType::A);
     let c = h.zone.counts();
-    assert_eq!((c.answered, c.not_found, c.forwarded, c.failed), (1, 3, 0, 0), "{c:?}");
+    assert_eq!(
+        (c.answered, c.not_found, c.forwarded, c.failed),
+        (1, 3, 0, 0),
+        "{c:?}"
+    );
 }
 
 #[test]
