@@ -468,6 +468,16 @@ fn metrics_status_and_ready_on_loopback() {
             h.name
         );
     }
+
+    // A host with a password knocks: h1 counts a handshake failure, by
+    // its reason.
+    let h3 = w.add_host();
+    w.launch(&h3, &["--password", "not-the-mesh's", "198.18.0.1"]);
+    wait_until(DEADLINE, "h1 counts a password handshake failure", || {
+        get(&h1, METRICS, "/metrics").is_ok_and(|(_, t)| {
+            sample(&t, "mesh_handshake_failures_total{reason=\"password\"}").unwrap_or(0.0) >= 1.0
+        })
+    });
 }
 
 /// A real Prometheus scrapes both peers (moved off loopback with
