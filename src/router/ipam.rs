@@ -486,12 +486,6 @@ impl ChannelDriver for Driver {
             }
         }
         self.pending = waiting;
-        for (since, _, _, _) in &answers {
-            crate::metrics::instruments()
-                .ipam_allocation_seconds
-                .observe(now.saturating_duration_since(*since).as_secs_f64());
-        }
-        let answers: Vec<_> = answers.into_iter().map(|(_, r, i, a)| (r, i, a)).collect();
         for note in lock(&self.ring).take_notes() {
             match note {
                 Note::Adopted(n) => info!("{n}"),
@@ -509,10 +503,20 @@ impl ChannelDriver for Driver {
         if let Some(d) = delta {
             self.promise(gossip, generation, Held::Delta(d));
         }
-        for (reply, id, r) in answers {
+        for (since, reply, id, r) in answers {
             match r {
-                Ok(addr) => self.promise(gossip, generation, Held::Answer { reply, id, addr }),
+                Ok(addr) => self.promise(
+                    gossip,
+                    generation,
+                    Held::Answer {
+                        reply,
+                        id,
+                        addr,
+                        since,
+                    },
+                ),
                 Err(e) => {
+                    observe_latency(since);
                     let _ = reply.send(Err(e));
                 }
             }
@@ -535,6 +539,14 @@ impl ChannelDriver for Driver {
 }
 
 /// A copy of the ring's configuration (which is not `Clone`).
+/// An allocation asked at `since` is answered now (the metrics'
+/// `mesh_ipam_allocation_seconds`).
+fn observe_latency(since: Instant) {
+    crate::metrics::instruments()
+        .ipam_allocation_seconds
+        .observe(since.elapsed().as_secs_f64());
+}
+
 fn copy(c: &Config) -> Config {
     Config {
         range: c.range,
