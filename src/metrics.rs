@@ -36,7 +36,8 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 
 /// The instruments the daemon's tasks update.
 pub struct Instruments {
-    /// Seconds from an allocation or claim request to its answer.
+    /// Seconds from an allocation or claim request to its answer (a
+    /// success once the ring's file is written).
     pub ipam_allocation_seconds: Histogram,
     /// Gossip bytes by `channel` (`topology`, `ipam`, `dns`, `other`) and
     /// `direction` (`in`, `out`).
