@@ -20,20 +20,20 @@
 
 pub mod page;
 
-use super::Services;
-use crate::api::{Request, Response, Status};
+use super::report;
+use crate::api::Status;
 use crate::datapath::fastdp;
 use crate::host::{self, TAP};
 use crate::integrations::proxy::{Head, HeadFinder};
 use crate::metrics;
-use crate::router;
+use crate::router::{self, connmaker};
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
 /// The largest request head read.
@@ -45,8 +45,10 @@ const MAX_CONNECTIONS: usize = 32;
 
 /// What the listener reads from besides the router.
 pub struct Sources {
-    /// The tasks `/status` asks, as the control socket does.
-    pub services: Services,
+    /// The router, for the status.
+    pub router: mpsc::Sender<router::Cmd>,
+    /// The connection maker, for the report's targets.
+    pub connmaker: mpsc::Sender<connmaker::Cmd>,
     /// For the kernel's counters of the TAP and the VXLAN device.
     pub netlink: host::Netlink,
     /// The DNS zone, for its query counters.
@@ -192,16 +194,12 @@ async fn route(head: &Head, sources: &Sources) -> Answer {
     // status; the rest (the nftables counters, one `nft` run per table)
     // only for the report and the metrics.
     let status = if matches!(path, "/ready" | "/topology.svg") {
-        match super::ask(&sources.services.router, router::Cmd::Status).await {
-            Some(s) => Box::new(s),
-            None => return Answer::text(503, "the daemon is shutting down\n"),
-        }
+        report::router_part(&sources.router).await
     } else {
-        match super::handle(Request::Status, &sources.services).await {
-            Response::Status(s) => s,
-            Response::Error { message } => return Answer::text(503, format!("{message}\n")),
-            _ => return Answer::text(503, "the daemon is shutting down\n"),
-        }
+        report::full(&sources.router, &sources.connmaker).await
+    };
+    let Some(status) = status else {
+        return Answer::text(503, "the daemon is shutting down\n");
     };
     match path {
         "/status" => match serde_json::to_vec_pretty(&status) {

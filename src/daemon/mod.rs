@@ -17,6 +17,7 @@ use crate::router::{self, connmaker, control, ipam};
 use crate::{attach, host, identity, paths};
 
 mod http;
+mod report;
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -615,7 +616,8 @@ async fn serve(args: Config) -> anyhow::Result<()> {
     tokio::spawn(http::serve(
         l.metrics,
         http::Sources {
-            services: services.clone(),
+            router: services.router.clone(),
+            connmaker: services.connmaker.clone(),
             netlink: nl.clone(),
             zone: metrics_zone,
         },
@@ -834,21 +836,10 @@ async fn handle(req: Request, s: &Services) -> Response {
         None => gone(),
     };
     match req {
-        Request::Status => {
-            let Some(mut status) = ask(&s.router, router::Cmd::Status).await else {
-                return gone();
-            };
-            status.targets = ask(&s.connmaker, connmaker::Cmd::Targets)
-                .await
-                .unwrap_or_default();
-            match host::nft::counters().await {
-                Ok(c) => status.drops = c,
-                Err(e) => status
-                    .problems
-                    .push(format!("reading the drop counters: {e}")),
-            }
-            Response::Status(Box::new(status))
-        }
+        Request::Status => match report::full(&s.router, &s.connmaker).await {
+            Some(status) => Response::Status(Box::new(status)),
+            None => gone(),
+        },
         Request::Stop => {
             let _ = s.stop.try_send(false);
             Response::Ok
