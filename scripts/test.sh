@@ -19,10 +19,11 @@ fi
 # podman and friends: the CNI plugin's test runs real containers
 # (shared/containers.md); docker.io (a private dockerd per test) and
 # docker-compose for the Docker proxy, plugin and compose tests; systemd
-# (systemd-analyze verify) for the unit's test.
+# (systemd-analyze verify) for the unit's test; prometheus (with promtool),
+# chromium and chromium-driver for the metrics and status page test.
 packages=(iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq-base nftables util-linux procps ethtool
     podman runc busybox-static uidmap fuse-overlayfs containernetworking-plugins iptables tar
-    docker.io docker-compose systemd)
+    docker.io docker-compose systemd prometheus chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg -s "$p" >/dev/null 2>&1; then

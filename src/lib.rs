@@ -20,7 +20,8 @@
 //! - [`datapath`]: the sleeve (TAP ↔ UDP 6783, batched), its UDP I/O, the
 //!   kernel VXLAN fast path.
 //! - [`host`]: netlink (bridge, veth, VXLAN, addresses), nftables, netns, TAP.
-//! - Leaves: [`api`] (the CLI ↔ daemon protocol and its client), [`paths`]
+//! - Leaves: [`api`] (the CLI ↔ daemon protocol and its client), [`metrics`]
+//!   (the Prometheus instruments and the scrape's text), [`paths`]
 //!   (every file under the run and data directories), [`persist`] (atomic
 //!   files), [`identity`] (the peer's key), [`peer`] (the local peer's
 //!   facts), [`warn`] (the warning limiter).
@@ -33,6 +34,7 @@ pub mod datapath;
 pub mod host;
 pub mod identity;
 pub mod integrations;
+pub mod metrics;
 pub mod paths;
 pub mod peer;
 pub mod persist;

@@ -50,7 +50,7 @@ mod zone;
 pub use answer::{Outcome, Transport, EDNS_PAYLOAD, MAX_TCP_PAYLOAD, MIN_UDP_PAYLOAD};
 pub use server::{serve, serve_paced, serve_tcp, serve_udp};
 pub use upstream::parse_resolv_conf;
-pub use zone::{Config, ConfigError, Zone};
+pub use zone::{Config, ConfigError, Counts, Zone};
 
 /// A server that cannot go on.
 #[derive(Debug, thiserror::Error)]

@@ -138,7 +138,9 @@ async fn serve_udp_paced(
             }
             view.refresh(&zone);
             let query = &buf[..n];
-            match answer::respond(&view.snap, query, Transport::Udp, &mut out, &mut rng) {
+            let outcome = answer::respond(&view.snap, query, Transport::Udp, &mut out, &mut rng);
+            zone.count(outcome, &out);
+            match outcome {
                 Outcome::Reply => send(&sock, &out, from).await,
                 Outcome::Drop => {}
                 Outcome::Forward => {
@@ -150,6 +152,7 @@ async fn serve_udp_paced(
                             let sock = sock.clone();
                             let deadline = Instant::now() + zone.config().upstream_timeout;
                             let mut stopped = stopped.clone();
+                            let zone = zone.clone();
                             tokio::spawn(async move {
                                 let _permit = permit;
                                 let mut out = Vec::new();
@@ -167,6 +170,7 @@ async fn serve_udp_paced(
                                         }
                                     }
                                     None => {
+                                        zone.count_failed();
                                         if answer::error_reply(&q, SERVFAIL, &mut out) {
                                             send(&sock, &out, from).await
                                         }
@@ -175,6 +179,7 @@ async fn serve_udp_paced(
                             });
                         }
                         _ => {
+                            zone.count_failed();
                             if answer::error_reply(query, SERVFAIL, &mut out) {
                                 send(&sock, &out, from).await
                             }
@@ -271,7 +276,9 @@ async fn connection(
             .await
             .map_err(|_| timed_out())??;
         let snap = zone.snapshot();
-        match answer::respond(&snap, &buf, Transport::Tcp, &mut out, &mut rng) {
+        let outcome = answer::respond(&snap, &buf, Transport::Tcp, &mut out, &mut rng);
+        zone.count(outcome, &out);
+        match outcome {
             Outcome::Reply => {}
             Outcome::Drop => return Ok(()),
             Outcome::Forward => {
@@ -286,6 +293,7 @@ async fn connection(
                 match answer {
                     Some(a) => out = a,
                     None => {
+                        zone.count_failed();
                         answer::error_reply(&buf, SERVFAIL, &mut out);
                     }
                 }

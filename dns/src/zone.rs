@@ -70,6 +70,34 @@ pub struct Zone {
     snapshot: RwLock<Arc<Snapshot>>,
     generation: AtomicU64,
     pub(crate) upstreams: Upstreams,
+    counters: Counters,
+}
+
+/// How many queries the servers of a zone saw, by outcome; every server
+/// (each container's, the host's) counts into its zone's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Answered from the names with one or more records.
+    pub answered: u64,
+    /// Answered from the names with none: NXDOMAIN, or no record of the
+    /// type asked.
+    pub not_found: u64,
+    /// Sent to the upstream servers.
+    pub forwarded: u64,
+    /// Answered with an error code: SERVFAIL (no upstream answered, too
+    /// many forwards in flight), FORMERR, NOTIMP, REFUSED.
+    pub failed: u64,
+    /// Not answered: not a query, or too short to answer.
+    pub dropped: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    answered: AtomicU64,
+    not_found: AtomicU64,
+    forwarded: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
 }
 
 impl Zone {
@@ -91,6 +119,7 @@ impl Zone {
             domain,
             snapshot: RwLock::new(Arc::new(snap)),
             generation: AtomicU64::new(0),
+            counters: Counters::default(),
         })
     }
 
@@ -181,7 +210,50 @@ impl Zone {
     /// [`Outcome::Reply`].
     pub fn respond(&self, query: &[u8], transport: Transport, out: &mut Vec<u8>) -> Outcome {
         let mut rng = Rng::new(crate::random_u64());
-        answer::respond(&self.snapshot(), query, transport, out, &mut rng)
+        let o = answer::respond(&self.snapshot(), query, transport, out, &mut rng);
+        self.count(o, out);
+        o
+    }
+
+    /// The queries counted so far.
+    pub fn counts(&self) -> Counts {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counts {
+            answered: get(&c.answered),
+            not_found: get(&c.not_found),
+            forwarded: get(&c.forwarded),
+            failed: get(&c.failed),
+            dropped: get(&c.dropped),
+        }
+    }
+
+    /// Count one query's outcome; `out` holds the answer for
+    /// [`Outcome::Reply`].
+    pub(crate) fn count(&self, outcome: Outcome, out: &[u8]) {
+        let c = &self.counters;
+        let counter = match outcome {
+            Outcome::Forward => &c.forwarded,
+            Outcome::Drop => &c.dropped,
+            Outcome::Reply => {
+                let rcode = out.get(3).map_or(2, |b| b & 0x0f);
+                let answers = match (out.get(6), out.get(7)) {
+                    (Some(&h), Some(&l)) => u16::from_be_bytes([h, l]),
+                    _ => 0,
+                };
+                match rcode {
+                    0 if answers > 0 => &c.answered,
+                    0 | 3 => &c.not_found,
+                    _ => &c.failed,
+                }
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count an answer that failed (a forward no upstream answered).
+    pub(crate) fn count_failed(&self) {
+        self.counters.failed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> Arc<Snapshot> {

@@ -228,6 +228,14 @@ fn other_types_for_our_names_are_empty_and_unknown_is_nxdomain() {
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
     let m = udp(h.addr, "mesh.local.", RecordType::SOA);
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    // Counted by outcome (the metrics' `mesh_dns_queries_total`).
+    let _ = udp(h.addr, "web.mesh.local.", RecordType::A);
+    let c = h.zone.counts();
+    assert_eq!(
+        (c.answered, c.not_found, c.forwarded, c.failed),
+        (1, 3, 0, 0),
+        "{c:?}"
+    );
 }
 
 #[test]
@@ -402,6 +410,9 @@ fn upstream_down_is_servfail_not_a_hang() {
     std::fs::write(&h.resolv, "# none\n").unwrap();
     let m = udp(h.addr, "example.test.", RecordType::A);
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    // Each was forwarded (or meant to be) and failed.
+    let c = h.zone.counts();
+    assert_eq!((c.forwarded, c.failed, c.answered), (3, 3, 0), "{c:?}");
 }
 
 #[test]

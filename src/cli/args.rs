@@ -289,6 +289,11 @@ pub struct LaunchArgs {
     /// with Docker's own socket.
     #[arg(long, value_name = "GROUP")]
     pub proxy_group: Option<String>,
+    /// Serve Prometheus metrics (`/metrics`), the report (`/status`),
+    /// readiness (`/ready`) and the status page (`/`) over HTTP here;
+    /// loopback by default: anything else exposes them to the network.
+    #[arg(long, default_value = "127.0.0.1:6782", value_name = "IP:PORT", value_parser = parse_metrics_addr)]
+    pub metrics_addr: std::net::SocketAddr,
     /// Test only (hidden): replace each sleeve key after this many messages
     /// sealed under it, instead of 2^32.
     #[arg(long, hide = true, value_name = "N")]
@@ -342,6 +347,13 @@ fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
     s.parse::<std::net::SocketAddr>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
         .map_err(|_| format!("{s:?} is not an address like 127.0.0.1:53"))
+}
+
+/// `--metrics-addr`: `IP:PORT`, or an IP (port 6782).
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse::<std::net::SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 6782).into()))
+        .map_err(|_| format!("{s:?} is not an address like 127.0.0.1:6782"))
 }
 
 /// `--ipalloc-range` and subnets: an IPv4 network, host bits clear.

@@ -496,6 +496,7 @@ impl LaunchArgs {
             docker_host: self.docker_host,
             docker_plugin: (!self.no_docker_plugin).then_some(self.docker_plugin),
             proxy_group: self.proxy_group,
+            metrics_addr: self.metrics_addr,
             rekey_after_messages: self.rekey_after_messages,
             rekey_after_secs: self.rekey_after_secs,
         }
@@ -567,6 +568,8 @@ mod tests {
             "meshtest",
             "--proxy-group",
             "docker",
+            "--metrics-addr",
+            "127.0.0.2:9100",
             "--rekey-after-messages",
             "20",
             "--rekey-after-secs",

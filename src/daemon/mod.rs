@@ -6,7 +6,8 @@
 //! returns once the control socket answers. The foreground daemon sets up
 //! the bridge, the sleeve's TAP and sockets, then runs one task per job:
 //! the router, the sleeve data path, the attachment manager, the control
-//! connections, and the API server; it stops on `mesh stop`, SIGTERM or
+//! connections, the API server and the HTTP listener for metrics and the
+//! status page ([`http`]); it stops on `mesh stop`, SIGTERM or
 //! SIGINT, leaving the bridge and attached containers in place.
 //!
 //! The log (`logging`) is plain text or JSON lines, size-capped and rotated
@@ -22,6 +23,9 @@ use crate::datapath::{fastdp, sleeve};
 use crate::integrations::{docker, plugin, proxy};
 use crate::router::{self, connmaker, control, ipam};
 use crate::{attach, host, identity, paths};
+
+mod http;
+mod report;
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -94,6 +98,10 @@ pub struct Config {
     /// (0600) when `None`.
     #[serde(default)]
     pub proxy_group: Option<String>,
+    /// Where the metrics, `/status`, `/ready` and the status page are
+    /// served (`--metrics-addr`, default `127.0.0.1:6782`).
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: SocketAddr,
     /// Test only: replace a sleeve key after this many messages sealed
     /// under it (default [`mesh_proto::rekey::REKEY_AFTER_MESSAGES`]).
     #[serde(default)]
@@ -241,6 +249,10 @@ async fn run(args: Config) -> anyhow::Result<()> {
     result
 }
 
+fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6782))
+}
+
 fn default_max_peers() -> usize {
     mesh_proto::gossip::Config::default().max_peers
 }
@@ -334,11 +346,13 @@ struct Listeners {
     proxy: Option<tokio::net::UnixListener>,
     /// The Docker network plugin's socket, unless disabled or unbindable.
     plugin: Option<tokio::net::UnixListener>,
+    /// Metrics, `/status`, `/ready` and the status page (`--metrics-addr`).
+    metrics: tokio::net::TcpListener,
     docker_host: std::path::PathBuf,
 }
 
-/// The control port (TCP), the sleeve (UDP), the control socket and the
-/// Docker API proxy's socket.
+/// The control port (TCP), the sleeve (UDP), the metrics listener, the
+/// control socket and the Docker API proxy's socket.
 async fn listeners(args: &Config) -> anyhow::Result<Listeners> {
     // Checked by `mesh launch` already; before anything is bound.
     let group = args
@@ -350,6 +364,7 @@ async fn listeners(args: &Config) -> anyhow::Result<Listeners> {
         .await
         .with_context(|| format!("listening on TCP port {}", args.port))?;
     let udp = bind_udp(args.port).with_context(|| format!("binding UDP port {}", args.port))?;
+    let metrics = http::bind(args.metrics_addr).await?;
     let sock_path = paths::socket();
     let _ = std::fs::remove_file(&sock_path);
     let api = tokio::net::UnixListener::bind(&sock_path)
@@ -393,6 +408,7 @@ async fn listeners(args: &Config) -> anyhow::Result<Listeners> {
         api,
         proxy,
         plugin,
+        metrics,
         docker_host,
     })
 }
@@ -543,6 +559,7 @@ async fn serve(args: Config) -> anyhow::Result<()> {
     let (router_tx, router_rx) = mpsc::channel(1024);
     let (conn_tx, conn_rx) = mpsc::channel(256);
     let zone = dns_zone(&args)?;
+    let metrics_zone = zone.clone();
     let range = start_core(
         &args,
         &me,
@@ -605,6 +622,15 @@ async fn serve(args: Config) -> anyhow::Result<()> {
         stop: stop_tx,
         docker_host: Arc::from(l.docker_host.as_path()),
     };
+    tokio::spawn(http::serve(
+        l.metrics,
+        http::Sources {
+            router: services.router.clone(),
+            connmaker: services.connmaker.clone(),
+            netlink: nl.clone(),
+            zone: metrics_zone,
+        },
+    ));
     tokio::spawn(api_loop(l.api, services));
     // The control socket answers from here on: what `mesh launch` waits
     // for, and what systemd is told.
@@ -826,21 +852,10 @@ async fn handle(req: Request, s: &Services) -> Response {
         None => gone(),
     };
     match req {
-        Request::Status => {
-            let Some(mut status) = ask(&s.router, router::Cmd::Status).await else {
-                return gone();
-            };
-            status.targets = ask(&s.connmaker, connmaker::Cmd::Targets)
-                .await
-                .unwrap_or_default();
-            match host::nft::counters().await {
-                Ok(c) => status.drops = c,
-                Err(e) => status
-                    .problems
-                    .push(format!("reading the drop counters: {e}")),
-            }
-            Response::Status(Box::new(status))
-        }
+        Request::Status => match report::full(&s.router, &s.connmaker).await {
+            Some(status) => Response::Status(Box::new(status)),
+            None => gone(),
+        },
         Request::Stop => {
             let _ = s.stop.try_send(false);
             Response::Ok

@@ -56,7 +56,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 use tokio::io::unix::AsyncFd;
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -193,15 +192,13 @@ pub struct Device {
     rx: AsyncFd<OwnedFd>,
 }
 
-/// The device, the bridge's ports and the probe socket the fast path
-/// works with.
+/// The device and the bridge's ports the fast path works with.
 struct Ports {
     nl: Netlink,
     local: Local,
     vx_index: u32,
     bridge_index: u32,
     overlay_ports: Vec<u32>,
-    udp: UdpSocket,
 }
 
 impl Device {
@@ -245,9 +242,6 @@ pub async fn setup(
         .await
         .map_err(anyhow::Error::msg)
         .context("guarding the fast path's port")?;
-    let udp = UdpSocket::bind(("0.0.0.0", 0))
-        .await
-        .context("binding the probe socket")?;
     let rx = packet_socket(bridge_index).context("opening the probe packet socket")?;
     Ok(Device {
         ports: Ports {
@@ -260,7 +254,6 @@ pub async fn setup(
             vx_index,
             bridge_index,
             overlay_ports: vec![vx_index, tap_index],
-            udp,
         },
         rx,
     })
@@ -483,7 +476,15 @@ impl Fastdp {
             &mut self.out,
         );
         let to = SocketAddr::new(IpAddr::V4(peer.ip), peer.port);
-        if let Err(e) = self.dev.udp.send_to(&self.out, to).await {
+        // From a socket connected for this one probe: a long-lived
+        // unconnected one would be a UDP listener on every address (only
+        // 6783 and 6784 may be), and the answer comes back through the
+        // VXLAN device anyway, not to this port.
+        let sent = super::udpio::connected(to).and_then(|s| {
+            s.set_nonblocking(true)?;
+            s.send(&self.out)
+        });
+        if let Err(e) = sent {
             debug!(peer = %name, "probe: {e}");
         }
     }

@@ -161,12 +161,21 @@ pub fn writev(fd: RawFd, iov: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
+/// A UDP socket connected to `dst`, its local port picked by the kernel
+/// as it connects: it is never an unconnected socket on every address (a
+/// listener, in `ss -lu`), not even for an instant, and hears only `dst`.
+pub fn connected(dst: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(dst), Type::DGRAM, Some(Protocol::UDP))?;
+    s.connect(&dst.into())?;
+    Ok(s.into())
+}
+
 /// The kernel's path MTU towards `dst` (route MTU, or less once an ICMP
 /// "fragmentation needed" arrived), read through a connected throwaway
 /// socket.
 pub fn path_mtu(dst: SocketAddrV4) -> io::Result<usize> {
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    s.connect(dst)?;
+    let s = connected(SocketAddr::V4(dst))?;
     let mut v: i32 = 0;
     let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
     // SAFETY: `v` and `len` are live and sized; the kernel writes an int.

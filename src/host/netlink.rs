@@ -150,6 +150,15 @@ impl Netlink {
         }
     }
 
+    /// The kernel's packet and byte counters of link `name`, or None if
+    /// there is no such link.
+    pub async fn counters(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::metrics::DeviceCounters>, HostError> {
+        Ok(self.link(name).await?.as_ref().and_then(link_counters_of))
+    }
+
     /// All links of this namespace.
     pub async fn links(&self) -> Result<Vec<LinkMessage>, HostError> {
         self.dump("dump links", |h| h.link().get().execute()).await
@@ -367,6 +376,20 @@ pub fn link_mac_of(m: &LinkMessage) -> Option<[u8; 6]> {
 pub fn link_name_of(m: &LinkMessage) -> Option<&str> {
     m.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+/// The kernel's packet and byte counters of a link message (its 64-bit
+/// statistics), if it carries them.
+pub fn link_counters_of(m: &LinkMessage) -> Option<crate::metrics::DeviceCounters> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Stats64(s) => Some(crate::metrics::DeviceCounters {
+            rx_packets: s.rx_packets,
+            tx_packets: s.tx_packets,
+            rx_bytes: s.rx_bytes,
+            tx_bytes: s.tx_bytes,
+        }),
         _ => None,
     })
 }

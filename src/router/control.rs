@@ -545,6 +545,9 @@ async fn closed(
     if warn && WarnLimit::allow(Kind::Handshake) {
         warn!(%addr, peer = ?conn.peer(), "{reason}");
     }
+    if !conn.is_established() && kind != CloseKind::Duplicate {
+        crate::metrics::count_handshake_failure(&reason);
+    }
     // Best effort: a refusal or a Close the peer should see.
     while let Some(bytes) = conn.poll_transmit() {
         if writer.send(bytes).await.is_err() {

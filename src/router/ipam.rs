@@ -152,6 +152,8 @@ enum Want {
 struct Pending {
     id: String,
     want: Want,
+    /// When it was asked, for the allocation latency.
+    since: Instant,
     deadline: Instant,
     reply: AllocReply,
 }
@@ -265,12 +267,14 @@ impl Driver {
             Cmd::Allocate { id, subnet, reply } => self.pending.push(Pending {
                 id,
                 want: Want::Alloc(subnet),
+                since: now,
                 deadline: now + self.timeout,
                 reply,
             }),
             Cmd::Claim { id, addr, reply } => self.pending.push(Pending {
                 id,
                 want: Want::Claim(addr),
+                since: now,
                 deadline: now + self.timeout,
                 reply,
             }),
@@ -449,7 +453,7 @@ impl ChannelDriver for Driver {
                 if let Some(why) = &recovering {
                     if now >= p.deadline {
                         let e = format!("no address after {}s: {why}", self.timeout.as_secs());
-                        answers.push((p.reply, p.id, Err(e)));
+                        answers.push((p.since, p.reply, p.id, Err(e)));
                     } else {
                         waiting.push(p);
                     }
@@ -466,9 +470,10 @@ impl ChannelDriver for Driver {
                         .map(|()| *addr),
                 };
                 match r {
-                    Ok(a) => answers.push((p.reply, p.id, Ok(a))),
-                    Err(AllocError::Refused(e)) => answers.push((p.reply, p.id, Err(e))),
+                    Ok(a) => answers.push((p.since, p.reply, p.id, Ok(a))),
+                    Err(AllocError::Refused(e)) => answers.push((p.since, p.reply, p.id, Err(e))),
                     Err(AllocError::Wait(why)) if now >= p.deadline => answers.push((
+                        p.since,
                         p.reply,
                         p.id,
                         Err(format!(
@@ -498,10 +503,20 @@ impl ChannelDriver for Driver {
         if let Some(d) = delta {
             self.promise(gossip, generation, Held::Delta(d));
         }
-        for (reply, id, r) in answers {
+        for (since, reply, id, r) in answers {
             match r {
-                Ok(addr) => self.promise(gossip, generation, Held::Answer { reply, id, addr }),
+                Ok(addr) => self.promise(
+                    gossip,
+                    generation,
+                    Held::Answer {
+                        reply,
+                        id,
+                        addr,
+                        since,
+                    },
+                ),
                 Err(e) => {
+                    observe_latency(since);
                     let _ = reply.send(Err(e));
                 }
             }
@@ -524,6 +539,14 @@ impl ChannelDriver for Driver {
 }
 
 /// A copy of the ring's configuration (which is not `Clone`).
+/// An allocation asked at `since` is answered now (the metrics'
+/// `mesh_ipam_allocation_seconds`).
+fn observe_latency(since: Instant) {
+    crate::metrics::instruments()
+        .ipam_allocation_seconds
+        .observe(since.elapsed().as_secs_f64());
+}
+
 fn copy(c: &Config) -> Config {
     Config {
         range: c.range,

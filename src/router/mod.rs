@@ -261,6 +261,7 @@ impl Router {
         if self.active.get(&from).is_none_or(|a| a.id != id) {
             return;
         }
+        crate::metrics::count_gossip("in", bytes);
         let Err(e) = self.gossip.handle_message(Instant::now(), from, bytes) else {
             return;
         };
@@ -432,6 +433,7 @@ impl Router {
         }
         while let Some(t) = self.gossip.poll_transmit() {
             if let Some(a) = self.active.get(&t.to) {
+                crate::metrics::count_gossip("out", &t.bytes);
                 // Never block the router on one slow connection: anti-entropy
                 // repairs whatever is dropped here.
                 let _ = a.gossip.try_send(t.bytes);

@@ -29,6 +29,8 @@ pub(super) enum Held {
         id: String,
         /// The address.
         addr: Ipv4Net,
+        /// When it was asked for.
+        since: Instant,
     },
 }
 
@@ -79,7 +81,14 @@ impl Driver {
             self.fulfil(gossip, h);
         }
         for h in failed {
-            if let Held::Answer { reply, id, addr } = h {
+            if let Held::Answer {
+                reply,
+                id,
+                addr,
+                since,
+            } = h
+            {
+                super::observe_latency(since);
                 lock(&self.ring).release(&id, Some(addr.addr()));
                 let e = self.disk.error().unwrap_or_default();
                 let _ = reply.send(Err(format!(
@@ -93,7 +102,10 @@ impl Driver {
     pub(super) fn fulfil(&self, gossip: &mut Gossip, h: Held) {
         match h {
             Held::Delta(d) => gossip.channel_broadcast(CHANNEL, d),
-            Held::Answer { reply, addr, .. } => {
+            Held::Answer {
+                reply, addr, since, ..
+            } => {
+                super::observe_latency(since);
                 let _ = reply.send(Ok(addr));
             }
         }
