@@ -48,6 +48,28 @@ fn sandbox(d: &Docker, c: &str) -> String {
     d.ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", c])
 }
 
+/// Wait until `mesh ps` on `h` lists `name` (adopted once its sandbox
+/// exists); its address.
+#[track_caller]
+fn wait_attached(h: &Host, name: &str) -> String {
+    wait_for(
+        DEADLINE,
+        &format!("mesh ps on {} lists {name}", h.name),
+        || h.attached(name).ok_or("not yet".to_string()),
+    )
+    .1
+}
+
+/// `mesh ps` on `h` no longer lists `name` (right after `what` returned).
+#[track_caller]
+fn assert_detached(h: &Host, name: &str, what: &str) {
+    assert!(
+        h.ps().iter().all(|e| e.id != name),
+        "{name} still attached on {} after {what}",
+        h.name
+    );
+}
+
 fn run_on(d: &Docker, net: &str, name: &str) {
     d.ok(&[
         "run",
@@ -151,9 +173,7 @@ fn docker_network_create_driver_mesh_across_two_hosts() {
     // On the mesh when docker run returns, under its Docker name, with the
     // address Docker reports.
     let web_ip = docker_ip(&d1, "web", "app");
-    let (_, ip) = wait_for(DEADLINE, "mesh ps on h1 lists web", || {
-        h1.attached("web").ok_or("not yet".to_string())
-    });
+    let ip = wait_attached(&h1, "web");
     assert_eq!(ip, web_ip, "the mesh and Docker agree on web's address");
     assert!(web_ip.starts_with("198.19.5."), "web got {web_ip}");
     let client_ip = docker_ip(&d2, "client", "app");
@@ -220,14 +240,9 @@ fn docker_network_create_driver_mesh_across_two_hosts() {
 
     // disconnect leaves at once, connect (the container running) joins.
     d2.ok(&["network", "disconnect", "app", "client"]);
-    assert!(
-        h2.ps().iter().all(|e| e.id != "client"),
-        "client still attached after docker network disconnect"
-    );
+    assert_detached(&h2, "client", "docker network disconnect");
     d2.ok(&["network", "connect", "app", "client"]);
-    wait_for(DEADLINE, "mesh ps on h2 lists client after connect", || {
-        h2.attached("client").ok_or("not yet".to_string())
-    });
+    wait_attached(&h2, "client");
     let client_ip = docker_ip(&d2, "client", "app");
     wait_until(DEADLINE, "web pings client after connect", || {
         docker_ping(&d1, "web", &client_ip)
@@ -235,15 +250,10 @@ fn docker_network_create_driver_mesh_across_two_hosts() {
 
     // stop leaves (detached when docker returns), start joins again.
     d2.ok(&["stop", "-t", "0", "client"]);
-    assert!(
-        h2.ps().iter().all(|e| e.id != "client"),
-        "client still attached after docker stop"
-    );
+    assert_detached(&h2, "client", "docker stop");
     d2.ok(&["start", "client"]);
     let client_ip = docker_ip(&d2, "client", "app");
-    let (_, ip) = wait_for(DEADLINE, "mesh ps on h2 lists client again", || {
-        h2.attached("client").ok_or("not yet".to_string())
-    });
+    let ip = wait_attached(&h2, "client");
     assert_eq!(ip, client_ip);
     wait_until(DEADLINE, "web pings client after its restart", || {
         docker_ping(&d1, "web", &client_ip)
@@ -251,10 +261,7 @@ fn docker_network_create_driver_mesh_across_two_hosts() {
 
     // rm releases the address: another container claims it at once.
     d1.ok(&["rm", "-f", "web"]);
-    assert!(
-        h1.ps().iter().all(|e| e.id != "web"),
-        "web still attached after docker rm -f"
-    );
+    assert_detached(&h1, "web", "docker rm -f");
     d1.ok(&[
         "run",
         "-d",
@@ -284,18 +291,15 @@ fn docker_network_create_driver_mesh_across_two_hosts() {
         ]
         .concat(),
     );
-    wait_for(
-        DEADLINE,
-        "mesh ps on h1 lists web2 after the restart",
-        || h1.attached("web2").ok_or("not yet".to_string()),
-    );
+    wait_attached(&h1, "web2");
     wait_until(DEADLINE, "client pings web2 after h1's restart", || {
         docker_ping(&d2, "client", &web_ip)
     });
     d1.ok(&["stop", "-t", "0", "web2"]);
-    assert!(
-        h1.ps().iter().all(|e| e.id != "web2"),
-        "web2 still attached after docker stop (daemon restarted since its join)"
+    assert_detached(
+        &h1,
+        "web2",
+        "docker stop (the daemon restarted since its join)",
     );
     d1.ok(&["rm", "-f", "web2"]);
     d1.ok(&[
@@ -311,9 +315,7 @@ fn docker_network_create_driver_mesh_across_two_hosts() {
         "sleep",
         "600",
     ]);
-    wait_for(DEADLINE, "mesh ps on h1 lists web3", || {
-        h1.attached("web3").ok_or("not yet".to_string())
-    });
+    wait_attached(&h1, "web3");
     d1.ok(&["rm", "-f", "web3"]);
     d1.ok(&["network", "rm", "app"]);
     assert!(h1.ps().is_empty(), "h1 still lists: {:?}", h1.ps());
