@@ -70,6 +70,23 @@ fn assert_detached(h: &Host, name: &str, what: &str) {
     );
 }
 
+/// `docker run -d --network NET --ip IP --name NAME` (sleeping).
+fn run_at(d: &Docker, net: &str, ip: &str, name: &str) {
+    d.ok(&[
+        "run",
+        "-d",
+        "--network",
+        net,
+        "--ip",
+        ip,
+        "--name",
+        name,
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+}
+
 fn run_on(d: &Docker, net: &str, name: &str) {
     d.ok(&[
         "run",
@@ -262,19 +279,7 @@ fn docker_network_create_driver_mesh_across_two_hosts() {
     // rm releases the address: another container claims it at once.
     d1.ok(&["rm", "-f", "web"]);
     assert_detached(&h1, "web", "docker rm -f");
-    d1.ok(&[
-        "run",
-        "-d",
-        "--network",
-        "app",
-        "--ip",
-        &web_ip,
-        "--name",
-        "web2",
-        IMAGE,
-        "sleep",
-        "600",
-    ]);
+    run_at(&d1, "app", &web_ip, "web2");
     assert_eq!(docker_ip(&d1, "web2", "app"), web_ip);
     wait_until(DEADLINE, "client pings web2 at web's old address", || {
         docker_ping(&d2, "client", &web_ip)
@@ -302,19 +307,7 @@ fn docker_network_create_driver_mesh_across_two_hosts() {
         "docker stop (the daemon restarted since its join)",
     );
     d1.ok(&["rm", "-f", "web2"]);
-    d1.ok(&[
-        "run",
-        "-d",
-        "--network",
-        "app",
-        "--ip",
-        &web_ip,
-        "--name",
-        "web3",
-        IMAGE,
-        "sleep",
-        "600",
-    ]);
+    run_at(&d1, "app", &web_ip, "web3");
     wait_attached(&h1, "web3");
     d1.ok(&["rm", "-f", "web3"]);
     d1.ok(&["network", "rm", "app"]);

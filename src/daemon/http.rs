@@ -191,7 +191,7 @@ async fn route(head: &Head, sources: &Sources) -> Answer {
         );
     }
     // The picture and readiness need only the router's part of the
-    // status; the rest (the nftables counters, one `nft` run per table)
+    // status; the rest (the nftables counters, one `nft` run)
     // only for the report and the metrics.
     let status = if matches!(path, "/ready" | "/topology.svg") {
         report::router_part(&sources.router).await

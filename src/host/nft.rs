@@ -374,19 +374,20 @@ pub fn take_underlay_lost() -> bool {
     UNDERLAY_LOST.swap(false, Ordering::AcqRel)
 }
 
-/// The drop counters of both tables, by reason (packets). A table that
-/// does not exist contributes nothing.
+/// The tables whose named counters are the drop counters.
+const COUNTER_TABLES: [(&str, &str); 2] = [("bridge", TABLE), ("inet", UNDERLAY_TABLE)];
+
+/// The drop counters of both tables, by reason (packets), from one `nft`
+/// run. A table that does not exist contributes nothing.
 pub async fn counters() -> Result<BTreeMap<String, u64>, String> {
-    let mut all = BTreeMap::new();
-    for (family, table) in [("bridge", TABLE), ("inet", UNDERLAY_TABLE)] {
-        if let Some(out) = nft_read(&["-j", "list", "counters", "table", family, table]).await? {
-            all.extend(parse_counters(&out));
-        }
-    }
-    Ok(all)
+    Ok(nft_read(&["-j", "list", "counters"])
+        .await?
+        .map(|out| parse_counters(&out))
+        .unwrap_or_default())
 }
 
-/// The counters in `nft -j list counters` output: name → packets.
+/// Our tables' counters in `nft -j list counters` output: name → packets
+/// (other tables' counters, the host's own, are left out).
 fn parse_counters(json: &[u8]) -> BTreeMap<String, u64> {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) else {
         return BTreeMap::new();
@@ -397,6 +398,8 @@ fn parse_counters(json: &[u8]) -> BTreeMap<String, u64> {
         .flatten()
         .filter_map(|o| {
             let c = o.get("counter")?;
+            let at = (c["family"].as_str()?, c["table"].as_str()?);
+            COUNTER_TABLES.contains(&at).then_some(())?;
             Some((c["name"].as_str()?.to_string(), c["packets"].as_u64()?))
         })
         .collect()
@@ -577,9 +580,10 @@ mod tests {
 
     #[test]
     fn counters_parse_and_garbage_is_empty() {
-        let json = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"counter": {"family": "bridge", "name": "spoofed", "table": "mesh", "handle": 3, "packets": 7, "bytes": 420}}]}"#;
+        let json = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"counter": {"family": "bridge", "name": "spoofed", "table": "mesh", "handle": 3, "packets": 7, "bytes": 420}}, {"counter": {"family": "inet", "name": "mine", "table": "filter", "handle": 4, "packets": 9, "bytes": 1}}]}"#;
         let c = parse_counters(json);
         assert_eq!(c.get("spoofed"), Some(&7));
+        assert_eq!(c.get("mine"), None, "a counter of another table");
         assert!(parse_counters(b"not json").is_empty());
         assert!(parse_counters(b"{}").is_empty());
     }

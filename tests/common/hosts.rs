@@ -106,6 +106,11 @@ impl Host {
             .and_then(|s| s.trim().parse().ok())
     }
 
+    /// Whether this host's daemon (by its pid file) is alive.
+    pub fn daemon_running(&self) -> bool {
+        self.daemon_pid().is_some_and(pid_alive)
+    }
+
     /// The last `n` lines of `$MESH_RUN_DIR/mesh.log`.
     pub fn log_tail(&self, n: usize) -> String {
         match fs::read(self.run_dir.join("mesh.log")) {
