@@ -11,8 +11,14 @@
 //!    message; when the peer's arrives, [`Event::Established`] carries it out;
 //! 4. **established**: gossip both ways, with a password the sleeve rekey
 //!    messages (offers and acknowledgements, [`crate::rekey`]; the caller
-//!    decides when and draws the keys), a heartbeat every [`HEARTBEAT`], and
-//!    the connection is declared dead after [`DEAD_AFTER`] of silence;
+//!    decides when and draws the keys), heartbeats paced by [`PACE`] (a
+//!    [`Beat`]: every 2 s until the peer is heard and whenever it has gone
+//!    quiet, every 60 s while healthy, the dialer pinging and the acceptor
+//!    answering), and the connection is declared dead after [`DEAD_AFTER`]
+//!    of silence. That is the control channel's own check only: the
+//!    sleeve's heartbeats, every 10 s, declare a dead peer within 15 s
+//!    (`sleeve::PACE` in the daemon), and TCP's user timeout catches a
+//!    stream that stops taking data;
 //! 5. **closed**: once, with [`Event::Closed`], by either side, a refusal,
 //!    a protocol error or a timer. Nothing happens after that.
 //!
@@ -30,6 +36,7 @@
 //! it is the last event; the input buffer holds at most one incomplete record
 //! beyond the chunk being handled.
 
+use crate::beat::{Beat, Pace};
 use crate::control::{ControlMsg, FastdpOffer, Intro};
 use crate::frame::{self, RecordKind};
 use crate::handshake::{Handshake, HandshakeError, Role, StaticKey, Transport};
@@ -42,10 +49,17 @@ use std::time::{Duration, Instant};
 /// introduction together, from the moment it opened): a peer that dribbles
 /// its handshake holds an unauthenticated slot this long at most.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a heartbeat is sent.
-pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How often heartbeats go: every 2 s while the connection is new or the
+/// peer has gone quiet, every 60 s while it is healthy (any message from
+/// the peer counts as hearing it).
+pub const PACE: Pace = Pace {
+    fast: Duration::from_secs(2),
+    slow: Duration::from_secs(60),
+    dead_after: DEAD_AFTER,
+};
 /// Silence after which a connection is declared dead.
-pub const DEAD_AFTER: Duration = Duration::from_secs(8);
+pub const DEAD_AFTER: Duration = Duration::from_secs(75);
+const _: () = assert!(PACE.check());
 /// The reason given when closing the redundant one of two connections.
 pub const DUPLICATE: &str = "duplicate connection";
 
@@ -148,8 +162,8 @@ pub struct Connection {
     events: VecDeque<Event>,
     /// The deadline of the current setup step.
     setup_deadline: Instant,
-    next_heartbeat: Instant,
-    last_heard: Instant,
+    /// Heartbeats (the dialer leads).
+    beat: Beat,
 }
 
 impl Connection {
@@ -157,6 +171,7 @@ impl Connection {
     /// [`Connection::poll_transmit`] at once.
     pub fn new(config: Config, now: Instant) -> Connection {
         let ours = Hello::ours(config.psk.is_some()).emit();
+        let beat = Beat::new(PACE, matches!(config.role, Role::Initiator));
         let mut transmits = VecDeque::new();
         transmits.push_back(ours.to_vec());
         Connection {
@@ -168,8 +183,7 @@ impl Connection {
             transmits,
             events: VecDeque::new(),
             setup_deadline: now + SETUP_TIMEOUT,
-            next_heartbeat: now,
-            last_heard: now,
+            beat,
         }
     }
 
@@ -246,15 +260,14 @@ impl Connection {
                 }
             }
             State::Established(_) => {
-                if now >= self.last_heard + DEAD_AFTER {
+                if self.beat.dead(now) {
                     let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
                     let reason = format!("no heartbeat from {peer} for {}s", DEAD_AFTER.as_secs());
                     self.fail(CloseKind::Retry, reason, false);
                     return;
                 }
-                if now >= self.next_heartbeat {
-                    self.next_heartbeat = now + HEARTBEAT;
-                    self.send_msg(&ControlMsg::Heartbeat);
+                if self.beat.due(now) {
+                    self.send_heartbeat(now);
                 }
             }
         }
@@ -264,7 +277,10 @@ impl Connection {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Closed => None,
-            State::Established(_) => Some(self.next_heartbeat.min(self.last_heard + DEAD_AFTER)),
+            State::Established(_) => {
+                let due = self.beat.next_due().unwrap_or(self.setup_deadline);
+                Some(self.beat.dead_at().map_or(due, |d| d.min(due)))
+            }
             _ => Some(self.setup_deadline),
         }
     }
@@ -507,8 +523,7 @@ impl Connection {
                     return;
                 };
                 self.state = State::Established(t);
-                self.last_heard = now;
-                self.next_heartbeat = now;
+                self.beat.heard(now);
                 let Some(peer) = self.peer else {
                     return self.fail(CloseKind::Retry, "protocol error: no peer".into(), false);
                 };
@@ -530,23 +545,27 @@ impl Connection {
                     .map_err(|e| e.to_string())
                     .and_then(|b| ControlMsg::decode(&b).map_err(|e| e.to_string()));
                 match msg {
-                    Ok(ControlMsg::Heartbeat | ControlMsg::Intro(_)) => {
-                        self.last_heard = now;
+                    Ok(ControlMsg::Heartbeat) => {
+                        self.beat.heard(now);
+                        if self.beat.should_answer(now) {
+                            self.send_heartbeat(now);
+                        }
                     }
+                    Ok(ControlMsg::Intro(_)) => self.beat.heard(now),
                     Ok(ControlMsg::SleeveKey { key_id, key }) => {
-                        self.last_heard = now;
+                        self.beat.heard(now);
                         if self.config.sleeve_key.is_some() {
                             self.events.push_back(Event::SleeveKey { key_id, key });
                         }
                     }
                     Ok(ControlMsg::SleeveKeyAck { key_id }) => {
-                        self.last_heard = now;
+                        self.beat.heard(now);
                         if self.config.sleeve_key.is_some() {
                             self.events.push_back(Event::SleeveKeyAck { key_id });
                         }
                     }
                     Ok(ControlMsg::Gossip(bytes)) => {
-                        self.last_heard = now;
+                        self.beat.heard(now);
                         self.events.push_back(Event::Gossip(bytes));
                     }
                     Ok(ControlMsg::Close { reason }) => {
@@ -569,6 +588,11 @@ impl Connection {
     }
 
     /// Seal and queue one message; a failure closes the connection.
+    fn send_heartbeat(&mut self, now: Instant) {
+        self.beat.sent(now);
+        self.send_msg(&ControlMsg::Heartbeat);
+    }
+
     fn send_msg(&mut self, msg: &ControlMsg) {
         let (State::Intro(t) | State::Established(t)) = &mut self.state else {
             return;
@@ -999,7 +1023,7 @@ mod tests {
             assert_eq!(p.a.closed(), None, "closed after only {waited:?}");
         }
         p.advance(DEAD_AFTER - waited);
-        let reason = format!("no heartbeat from {} for 8s", kb.name());
+        let reason = format!("no heartbeat from {} for 75s", kb.name());
         assert_eq!(p.a.closed(), Some((CloseKind::Retry, &*reason)));
         assert!(p.a.conn.is_closed());
     }
@@ -1008,15 +1032,18 @@ mod tests {
     fn heartbeats_keep_an_idle_connection_alive() {
         let (ka, kb) = (key(), key());
         let mut p = Pair::connect(&ka, &kb, None, None);
-        let before = heartbeats_in(&p.a.sent);
-        for _ in 0..60 {
+        let (a0, b0) = (heartbeats_in(&p.a.sent), heartbeats_in(&p.b.sent));
+        for _ in 0..600 {
             p.advance(Duration::from_secs(1));
         }
         assert_eq!(p.a.closed(), None);
         assert_eq!(p.b.closed(), None);
         assert!(p.a.conn.is_established() && p.b.conn.is_established());
-        // One every HEARTBEAT.
-        assert_eq!(heartbeats_in(&p.a.sent) - before, 30);
+        // Healthy: the dialer pings every 60 s and the acceptor answers,
+        // so ten minutes cost about ten of each, not 300.
+        let (a, b) = (heartbeats_in(&p.a.sent) - a0, heartbeats_in(&p.b.sent) - b0);
+        assert!((9..=11).contains(&a), "dialer sent {a}");
+        assert!((9..=11).contains(&b), "acceptor sent {b}");
     }
 
     #[test]

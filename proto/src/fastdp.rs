@@ -5,8 +5,9 @@
 //! connection, (a) whether VXLAN packets really get through in both
 //! directions and (b) which MACs live behind the peer, so that it can
 //! program the kernel's forwarding databases. Both come from one message,
-//! the [`Probe`], which each daemon sends every second to each fast-path
-//! peer *through the fast path itself*: a VXLAN packet built in userspace and
+//! the [`Probe`], which each daemon sends to each fast-path peer (paced by
+//! [`PACE`]: fast until the path is up, every 20 s while it is, and at once
+//! when its local MACs change) *through the fast path itself*: a VXLAN packet built in userspace and
 //! sent to the peer's VXLAN port (UDP 6784), whose inner Ethernet frame
 //! (ethertype [`ETHERTYPE`], addressed to the peer's bridge MAC) the peer's
 //! kernel decapsulates onto its bridge, where the daemon picks it up with a
@@ -32,6 +33,7 @@
 //! us can program our forwarding database: a host on the underlay that
 //! merely sends VXLAN packets to port 6784 cannot redirect a MAC.
 
+use crate::beat::{Beat, Pace};
 use crate::name::PeerName;
 use crate::WireError;
 use blake2::digest::consts::U16;
@@ -199,9 +201,17 @@ pub fn emit_vxlan_probe(
 }
 
 /// How long without a probe before the fast path to a peer is down.
-pub const DEAD_AFTER: Duration = Duration::from_secs(3);
-/// How often probes are sent.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEAD_AFTER: Duration = Duration::from_secs(25);
+/// How often probes go ([`crate::beat`]): every 500 ms until the path is
+/// up both ways and whenever the peer has gone quiet; every 20 s while it
+/// is up, the lower peer name probing and the other answering. A path that
+/// breaks is down within [`DEAD_AFTER`].
+pub const PACE: Pace = Pace {
+    fast: Duration::from_millis(500),
+    slow: Duration::from_secs(20),
+    dead_after: DEAD_AFTER,
+};
+const _: () = assert!(PACE.check());
 
 /// Why a connection is (not) on the fast path, as far as its health goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,29 +230,67 @@ pub enum Verdict {
 ///
 /// The path is up when a probe arrived within [`DEAD_AFTER`] and the
 /// latest one said that the peer hears us. Each direction is checked, so a
-/// path blocked one way falls back at both ends.
-#[derive(Debug, Clone, Default)]
+/// path blocked one way falls back at both ends. It also paces our probes
+/// ([`PACE`]): fast until the path is up, slow while it is.
+#[derive(Debug, Clone)]
 pub struct Health {
-    last_rx: Option<Instant>,
+    beat: Beat,
+    last_sent: Option<Instant>,
     peer_hears_us: bool,
 }
 
 impl Health {
+    /// A path with nothing heard yet; `leader` at exactly one end (the
+    /// lower peer name).
+    pub fn new(leader: bool) -> Health {
+        Health {
+            beat: Beat::new(PACE, leader),
+            last_sent: None,
+            peer_hears_us: false,
+        }
+    }
+
     /// A probe from the peer arrived.
     pub fn handle_probe(&mut self, now: Instant, hears_you: bool) {
-        self.last_rx = Some(now);
+        self.beat.heard(now);
         self.peer_hears_us = hears_you;
+    }
+
+    /// We sent the peer a probe.
+    pub fn sent(&mut self, now: Instant) {
+        self.beat.sent(now);
+        self.last_sent = Some(now);
     }
 
     /// Whether we hear the peer (what our probes tell it).
     pub fn hearing(&self, now: Instant) -> bool {
-        self.last_rx
-            .is_some_and(|t| now.saturating_duration_since(t) <= DEAD_AFTER)
+        self.beat.last_heard().is_some() && !self.beat.dead(now)
+    }
+
+    /// When our next probe is due (`None`: now). Fast while the peer does
+    /// not hear us yet.
+    pub fn next_probe(&self) -> Option<Instant> {
+        let due = self.beat.next_due()?;
+        if self.peer_hears_us {
+            return Some(due);
+        }
+        Some(due.min(self.last_sent? + PACE.fast))
+    }
+
+    /// Whether a probe is due now.
+    pub fn probe_due(&self, now: Instant) -> bool {
+        self.next_probe().is_none_or(|t| t <= now)
+    }
+
+    /// Whether a probe just heard should be answered at once: we do not
+    /// hear the peer yet, it does not hear us, or we have been quiet.
+    pub fn should_answer(&self, now: Instant, was_hearing: bool, hears_you: bool) -> bool {
+        !was_hearing || !hears_you || self.beat.should_answer(now)
     }
 
     /// The state now.
     pub fn verdict(&self, now: Instant) -> Verdict {
-        match self.last_rx {
+        match self.beat.last_heard() {
             None => Verdict::Waiting,
             Some(_) if !self.hearing(now) => Verdict::NotHearing,
             Some(_) if !self.peer_hears_us => Verdict::NotHeard,
@@ -314,7 +362,7 @@ mod tests {
     #[test]
     fn health() {
         let t0 = Instant::now();
-        let mut h = Health::default();
+        let mut h = Health::new(true);
         assert_eq!(h.verdict(t0), Verdict::Waiting);
         h.handle_probe(t0, false);
         assert_eq!(h.verdict(t0), Verdict::NotHeard);
@@ -326,6 +374,28 @@ mod tests {
         assert!(!h.hearing(late));
         h.handle_probe(late, true);
         assert_eq!(h.verdict(late), Verdict::Up);
+    }
+
+    #[test]
+    fn probes_are_fast_until_up_then_slow() {
+        let t0 = Instant::now();
+        let mut h = Health::new(true);
+        assert!(h.probe_due(t0), "the first goes at once");
+        h.sent(t0);
+        assert_eq!(h.next_probe(), Some(t0 + PACE.fast));
+        // Heard, but the peer does not hear us yet: still fast.
+        h.handle_probe(t0, false);
+        assert_eq!(h.next_probe(), Some(t0 + PACE.fast));
+        assert!(h.should_answer(t0, false, false));
+        // Up: slow.
+        h.handle_probe(t0, true);
+        assert_eq!(h.next_probe(), Some(t0 + PACE.slow));
+        // Quiet for a slow interval and more: fast again, then down.
+        let t1 = t0 + PACE.slow;
+        h.sent(t1);
+        let quiet = t0 + PACE.slow + 2 * PACE.fast;
+        assert!(h.next_probe().is_some_and(|t| t <= quiet));
+        assert_eq!(h.verdict(t0 + DEAD_AFTER), Verdict::NotHearing);
     }
 
     proptest! {

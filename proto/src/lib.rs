@@ -15,6 +15,8 @@
 //!   transport, refusal).
 //! - [`handshake`]: the Noise (`XX` / `XXpsk3`) handshake and the encrypted
 //!   transport that follows it; the password-derived PSK.
+//! - [`beat`]: adaptive heartbeats (fast while establishing or after
+//!   silence, slow while healthy), shared by every path to a neighbour.
 //! - [`conn`]: one control connection as a sans-IO state machine: hellos,
 //!   handshake, introductions, heartbeats, gossip, close.
 //! - [`control`]: the messages carried inside the encrypted control channel.
@@ -44,6 +46,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod beat;
 pub mod conn;
 pub mod control;
 pub mod fastdp;

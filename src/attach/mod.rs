@@ -707,6 +707,9 @@ impl Manager {
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watch = tokio::time::interval(host::nft::WATCH);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Told of changes to the ruleset; checked once they settle.
+        let mut changes = host::nft::changes();
+        let mut recheck: Option<tokio::time::Instant> = None;
         loop {
             let Cmd { req, reply } = tokio::select! {
                 c = rx.recv() => match c {
@@ -718,6 +721,19 @@ impl Manager {
                     continue;
                 }
                 _ = watch.tick() => {
+                    self.restore_rules().await;
+                    continue;
+                }
+                c = async { changes.as_mut()?.recv().await }, if changes.is_some() => {
+                    if c.is_none() {
+                        changes = None;
+                    } else if recheck.is_none() {
+                        recheck = Some(tokio::time::Instant::now() + host::nft::SETTLE);
+                    }
+                    continue;
+                }
+                _ = async { tokio::time::sleep_until(recheck?).await; Some(()) }, if recheck.is_some() => {
+                    recheck = None;
                     self.restore_rules().await;
                     continue;
                 }

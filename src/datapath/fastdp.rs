@@ -26,9 +26,11 @@
 //! - Frames from a sleeve-only peer, and relayed frames, stay on the sleeve:
 //!   only direct fast-path peers' MACs are ever programmed.
 //!
-//! Which MACs live behind P? P tells us, in its probes: every
-//! [`mesh_proto::fastdp::PROBE_INTERVAL`] each daemon sends each fast-path
-//! peer a probe *through VXLAN* (built in userspace, sent to the peer's UDP
+//! Which MACs live behind P? P tells us, in its probes: paced by
+//! [`mesh_proto::fastdp::PACE`] (every 500 ms until the path is up both
+//! ways, every 20 s while it is, and at once to every peer when the local
+//! MACs change, which are read every second) each daemon sends each
+//! fast-path peer a probe *through VXLAN* (built in userspace, sent to the peer's UDP
 //! 6784, decapsulated by the peer's kernel onto its bridge and read there by
 //! a packet socket for ethertype 0x88B5) listing its local MACs (those its
 //! bridge learned on container ports, and the bridge's own). Probes are
@@ -183,6 +185,8 @@ struct Fastdp {
     /// MAC → the peer whose entry currently holds it.
     owner: HashMap<[u8; 6], PeerName>,
     local_macs: Vec<[u8; 6]>,
+    /// Ticks so far (the local MACs are read every other one).
+    ticks: u64,
     out: Vec<u8>,
 }
 
@@ -313,8 +317,9 @@ pub async fn run(me: PeerName, dev: Device, mut rx: mpsc::Receiver<Cmd>) {
         owner: HashMap::new(),
         local_macs: Vec::new(),
         out: Vec::with_capacity(2048),
+        ticks: 0,
     };
-    let mut tick = tokio::time::interval(fastdp::PROBE_INTERVAL);
+    let mut tick = tokio::time::interval(fastdp::PACE.fast);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 4096];
     loop {
@@ -369,7 +374,7 @@ impl Fastdp {
                             mac: a.theirs.mac,
                             our_key: a.our_key,
                             their_key: a.theirs.probe_key,
-                            health: Health::default(),
+                            health: Health::new(self.me < name),
                             announced: BTreeSet::new(),
                             programmed: BTreeSet::new(),
                             up: false,
@@ -429,8 +434,32 @@ impl Fastdp {
         }
     }
 
+    /// Every [`fastdp::PACE`]`.fast`: the local MACs (every other tick; a
+    /// change is announced to every peer at once), then a probe to each
+    /// peer whose probe is due, and each peer's entries brought in line.
     async fn tick(&mut self) {
-        self.restore_filter().await;
+        self.ticks += 1;
+        let mut changed = false;
+        if self.ticks % 2 == 1 {
+            self.restore_filter().await;
+            changed = self.read_local_macs().await;
+        }
+        let now = Instant::now();
+        let names: Vec<PeerName> = self.conns.keys().copied().collect();
+        for p in names {
+            let due = match self.conns.get(&p) {
+                Some(Conn::Fast(peer)) => changed || peer.health.probe_due(now),
+                _ => false,
+            };
+            if due {
+                self.send_probe(p).await;
+            }
+            self.evaluate(p).await;
+        }
+    }
+
+    /// Read the MACs behind our bridge; whether they changed.
+    async fn read_local_macs(&mut self) -> bool {
         match host::vxlan::local_macs(&self.dev.nl, self.dev.bridge_index, &self.dev.overlay_ports)
             .await
         {
@@ -445,14 +474,14 @@ impl Fastdp {
                         "too many local MACs for one probe; the rest use the sleeve"
                     );
                 }
+                let changed = macs != self.local_macs;
                 self.local_macs = macs;
+                changed
             }
-            Err(e) => debug!("reading the bridge fdb: {e}"),
-        }
-        let names: Vec<PeerName> = self.conns.keys().copied().collect();
-        for p in names {
-            self.send_probe(p).await;
-            self.evaluate(p).await;
+            Err(e) => {
+                debug!("reading the bridge fdb: {e}");
+                false
+            }
         }
     }
 
@@ -487,6 +516,9 @@ impl Fastdp {
         if let Err(e) = sent {
             debug!(peer = %name, "probe: {e}");
         }
+        if let Some(peer) = self.fast_mut(&name) {
+            peer.health.sent(now);
+        }
     }
 
     async fn on_probe(&mut self, b: &[u8]) {
@@ -503,11 +535,13 @@ impl Fastdp {
                 return;
             }
         };
-        let fresh = !peer.health.hearing(Instant::now());
-        peer.health.handle_probe(Instant::now(), probe.hears_you);
+        let now = Instant::now();
+        let was_hearing = peer.health.hearing(now);
+        peer.health.handle_probe(now, probe.hears_you);
         peer.announced = probe.macs.into_iter().collect();
-        if fresh {
-            // Tell it at once that we hear it: it need not wait a tick.
+        if peer.health.should_answer(now, was_hearing, probe.hears_you) {
+            // Tell it at once that we hear it (it need not wait a tick),
+            // or answer its ping.
             self.send_probe(from).await;
         }
         self.evaluate(from).await;

@@ -26,9 +26,19 @@
 //!   has a lock, held by whoever reads it, so one flow's frames leave in
 //!   order.
 //! - **The control task** (async): applies the router's commands to the
-//!   shared tables, sends a heartbeat to every neighbour each second,
-//!   re-reads each neighbour's path MTU, and reports neighbours that have
-//!   gone silent.
+//!   shared tables, sends heartbeats paced by [`PACE`] (see below),
+//!   re-reads a neighbour's path MTU before each, and reports neighbours
+//!   that have gone silent.
+//!
+//! Heartbeats ([`mesh_proto::beat`]): an empty message to a neighbour every
+//! second until it is heard, and whenever it has been silent for longer
+//! than a slow interval; every 10 s while it is healthy, the lower peer
+//! name pinging and the other answering (the receiver answers a heartbeat
+//! when it has sent the neighbour nothing for half a second). Any datagram
+//! from a neighbour counts as hearing it, and any message to it as a beat,
+//! so a link that carries traffic sends no heartbeats at all. A neighbour
+//! silent for [`PACE`]`.dead_after` (15 s) is reported, and its connection
+//! closed: that is the mesh's dead-peer detection time.
 //!
 //! The shared state is a read-mostly table (neighbours, routes) and the MAC
 //! table, behind `RwLock`s taken for a lookup and released before any system
@@ -60,6 +70,7 @@ use crate::api::{KeyStatus, SleeveStats};
 use crate::datapath::keys::SleeveKeys;
 use crate::datapath::udpio::{self, RecvBatch, MAX_SEGMENTS, MAX_UDP_PAYLOAD};
 use crate::host::Tap;
+use mesh_proto::beat::{Beat, Pace};
 use mesh_proto::forward::{self, Decision, DropReason, Learn, MacTable};
 use mesh_proto::name::PeerName;
 use mesh_proto::pmtu::{Probe, MIN_MTU};
@@ -96,10 +107,17 @@ pub const REASM_TOTAL: usize = 128;
 /// How long a partial message waits for its other segments.
 pub const REASM_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How often an empty message is sent to each neighbour.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Heartbeats to each neighbour: every second until heard and after a
+/// silence, every 10 s while healthy; silence on the sleeve for
+/// `dead_after` drops the neighbour's connection.
+pub const PACE: Pace = Pace {
+    fast: Duration::from_secs(1),
+    slow: Duration::from_secs(10),
+    dead_after: DEAD_AFTER,
+};
 /// Silence on the sleeve after which a neighbour's connection is dropped.
-pub const DEAD_AFTER: Duration = Duration::from_secs(6);
+pub const DEAD_AFTER: Duration = Duration::from_secs(15);
+const _: () = assert!(PACE.check());
 
 /// What the sleeve tells the router.
 #[derive(Debug)]
@@ -171,6 +189,11 @@ struct Peer {
     probe: Mutex<Probe>,
     /// Milliseconds since the sleeve started, when it was last heard.
     last_rx: AtomicU64,
+    /// Whether it was heard at all since it came up.
+    heard: AtomicBool,
+    /// Milliseconds since the sleeve started, when we last sent it a
+    /// message (`u64::MAX`: never).
+    last_tx: AtomicU64,
     silent: AtomicBool,
     /// Set when the table lets go of it (its connection closed, or a new
     /// session with the same peer replaced it): senders holding it drop it.
@@ -397,6 +420,37 @@ impl Shared {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// The heartbeat state of the link to `peer`, from its atomics.
+    fn beat_of(&self, peer: &Peer) -> Beat {
+        let at = |ms: u64| self.epoch + Duration::from_millis(ms);
+        let tx = peer.last_tx.load(Ordering::Relaxed);
+        let heard = peer
+            .heard
+            .load(Ordering::Relaxed)
+            .then(|| at(peer.last_rx.load(Ordering::Relaxed)));
+        Beat::with_times(
+            PACE,
+            self.me < peer.name,
+            (tx != u64::MAX).then(|| at(tx)),
+            heard,
+        )
+    }
+
+    /// Send `peer` a heartbeat (an empty message).
+    fn beat(&self, out: &mut Out, peer: &Peer) {
+        let mut buf = [0u8; TAG_LEN];
+        self.send_message(out, peer, self.me, peer.name, 0, &mut buf, 0);
+    }
+
+    /// Mark `peer` heard now.
+    fn heard(&self, peer: &Peer) {
+        peer.last_rx.store(self.now_ms(), Ordering::Relaxed);
+        if !peer.heard.load(Ordering::Relaxed) {
+            peer.heard.store(true, Ordering::Relaxed);
+        }
+        peer.silent.store(false, Ordering::Relaxed);
+    }
+
     fn warn_limited(&self, msg: std::fmt::Arguments<'_>) {
         let now = Instant::now();
         let Ok(mut last) = self.last_warn.lock() else {
@@ -473,6 +527,7 @@ impl Shared {
             bump(&self.stats.sealed_out, 1);
         }
         let msg = &buf[..total];
+        hop.last_tx.store(self.now_ms(), Ordering::Relaxed);
         for attempt in 0..2 {
             match self.send_segments(out, hop, &h, msg) {
                 Ok(()) => return,
@@ -613,7 +668,7 @@ pub async fn run(
         warn!("cannot start the sleeve receiver: {e}");
     }
 
-    let mut tick = tokio::time::interval(HEARTBEAT);
+    let mut tick = tokio::time::interval(PACE.fast);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -644,6 +699,8 @@ fn command(sh: &Shared, c: Cmd) {
                 mtu: AtomicUsize::new(sh.underlay_mtu),
                 probe: Mutex::new(Probe::new(Instant::now(), sh.underlay_mtu)),
                 last_rx: AtomicU64::new(sh.now_ms()),
+                heard: AtomicBool::new(false),
+                last_tx: AtomicU64::new(u64::MAX),
                 silent: AtomicBool::new(false),
                 retired: AtomicBool::new(false),
             });
@@ -710,38 +767,46 @@ fn command(sh: &Shared, c: Cmd) {
     }
 }
 
-/// Send an empty message to every neighbour, re-read its path MTU, and
-/// report the ones that have been silent too long.
+/// Send a heartbeat to every neighbour whose beat is due (re-reading its
+/// path MTU first), run the path MTU searches, and report the neighbours
+/// that have been silent too long.
 async fn heartbeat(sh: &Arc<Shared>, events: &mpsc::Sender<Event>) {
+    let now = Instant::now();
     // The MAC table's clock (it lets long-learnt MACs give way).
-    sh.macs
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .tick(Instant::now());
+    sh.macs.write().unwrap_or_else(|e| e.into_inner()).tick(now);
     let peers: Vec<Arc<Peer>> = sh.table().peers.values().cloned().collect();
-    let s = sh.clone();
-    let ps = peers.clone();
-    // System calls, so off the async threads.
-    let _ = tokio::task::spawn_blocking(move || {
-        let mut out = Out::default();
-        let mut buf = [0u8; TAG_LEN];
-        let now = Instant::now();
-        for p in &ps {
-            s.refresh_mtu(p);
-            s.send_message(&mut out, p, s.me, p.name, 0, &mut buf, 0);
-            let mut size = None;
-            p.with_probe(|pr| size = pr.tick(now));
-            if let Some(size) = size {
-                let d = sleeve::probe_datagram(s.me, p.name, size);
-                let sent =
-                    udpio::send_segments(s.sock.as_raw_fd(), p.addr, &[IoSlice::new(&d)], None);
-                if let Err(e) = sent {
-                    trace!(peer = %p.name, size, "probe: {e}");
+    // Who needs a system call: a beat due, or a path MTU probe to send.
+    let mut work = Vec::new();
+    for p in &peers {
+        let beat = sh.beat_of(p).due(now);
+        let mut size = None;
+        p.with_probe(|pr| size = pr.tick(now));
+        if beat || size.is_some() {
+            work.push((p.clone(), beat, size));
+        }
+    }
+    if !work.is_empty() {
+        let s = sh.clone();
+        // System calls, so off the async threads.
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut out = Out::default();
+            for (p, beat, size) in &work {
+                if *beat {
+                    s.refresh_mtu(p);
+                    s.beat(&mut out, p);
+                }
+                if let Some(size) = *size {
+                    let d = sleeve::probe_datagram(s.me, p.name, size);
+                    let sent =
+                        udpio::send_segments(s.sock.as_raw_fd(), p.addr, &[IoSlice::new(&d)], None);
+                    if let Err(e) = sent {
+                        trace!(peer = %p.name, size, "probe: {e}");
+                    }
                 }
             }
-        }
-    })
-    .await;
+        })
+        .await;
+    }
     let now = sh.now_ms();
     for p in peers {
         let last = p.last_rx.load(Ordering::Relaxed);
@@ -1083,8 +1148,14 @@ impl Rx {
             Ok(n) => n,
             Err(e) => return sh.dropped_from(peer, Reason::of_open(&e), "message", &e),
         };
-        peer.last_rx.store(sh.now_ms(), Ordering::Relaxed);
-        peer.silent.store(false, Ordering::Relaxed);
+        sh.heard(peer);
+        if n == 0 && header.dst == sh.me && header.src == peer.name {
+            // A heartbeat: answered when we have been quiet (see `PACE`).
+            if sh.beat_of(peer).should_answer(now) {
+                sh.beat(&mut self.out, peer);
+            }
+            return;
+        }
         let body = &msg[..n];
         let (decision, hops) = {
             let t = sh.table();
@@ -1237,8 +1308,7 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
         return false;
     };
     bump(&sh.stats.datagrams_in, n as u64);
-    peer.last_rx.store(sh.now_ms(), Ordering::Relaxed);
-    peer.silent.store(false, Ordering::Relaxed);
+    sh.heard(peer);
     if !learn(sh, first.src, mac) {
         return true;
     }

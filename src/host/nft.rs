@@ -323,10 +323,73 @@ pub async fn set_underlay_peers(peers: &[Ipv4Addr]) -> Result<(), String> {
     nft(&underlay_peers_script(peers)).await
 }
 
-/// How often the daemon checks that its tables are still there (a firewall
-/// reload, `nft flush ruleset`, removes them): one `nft list tables`, by
-/// the attach manager, for all three tables.
-pub const WATCH: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the daemon checks, without being told of a change, that its
+/// tables are still there (a firewall reload, `nft flush ruleset`, removes
+/// them): one `nft list tables`, by the attach manager, for all three
+/// tables. It is told: [`changes`] wakes it within [`SETTLE`] of any change
+/// to the ruleset; this slow check is for a notice lost (a full socket).
+pub const WATCH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long after a change to the ruleset the tables are checked (changes
+/// come in bursts: one check for the burst).
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Notices of changes to this namespace's nftables ruleset: a netlink
+/// socket on the nftables multicast group (what `nft monitor` reads), read
+/// by a task that sends one `()` per batch of messages it reads (and when
+/// the kernel says messages were lost). `None` when the socket cannot be
+/// made; the caller then relies on its slow check.
+pub fn changes() -> Option<tokio::sync::mpsc::Receiver<()>> {
+    use nix::sys::socket::{
+        bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    };
+    use tokio::io::unix::AsyncFd;
+    /// NFNLGRP_NFTABLES.
+    const GROUP: u32 = 7;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )
+    .ok()?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &NetlinkAddr::new(0, 1 << (GROUP - 1)),
+    )
+    .ok()?;
+    // SAFETY: we own `fd` (moved in), and nothing else registers or uses
+    // it while the AsyncFd lives; it is closed only when the AsyncFd drops.
+    let fd = unsafe { AsyncFd::register(fd) }.ok()?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let Ok(mut guard) = fd.readable().await else {
+                return;
+            };
+            // Drain what is there; what it says does not matter.
+            loop {
+                match nix::sys::socket::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(guard.get_inner()),
+                    &mut buf,
+                    nix::sys::socket::MsgFlags::empty(),
+                ) {
+                    Ok(0) => return,
+                    Ok(_) | Err(nix::errno::Errno::ENOBUFS) => continue,
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(_) => return,
+                }
+            }
+            guard.clear_ready();
+            match tx.try_send(()) {
+                Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return,
+            }
+        }
+    });
+    Some(rx)
+}
 
 /// The standard output of `nft ARGS...` when it succeeds, `None` when it
 /// fails (e.g. a table that does not exist).

@@ -22,7 +22,7 @@ use crate::api::{ConnState, ConnStatus};
 use crate::datapath::keys::SleeveKeys;
 use crate::peer::Me;
 use crate::warn::{Kind, WarnLimit};
-use mesh_proto::conn::{CloseKind, Config, Connection, Event, HEARTBEAT, SETUP_TIMEOUT};
+use mesh_proto::conn::{CloseKind, Config, Connection, Event, SETUP_TIMEOUT};
 use mesh_proto::control::{FastdpOffer, Intro};
 use mesh_proto::handshake::Role;
 use mesh_proto::name::PeerName;
@@ -50,6 +50,11 @@ const MAX_INBOUND: usize = 512;
 
 /// How often a connection asks whether its sending sleeve key is due.
 const REKEY_CHECK: Duration = Duration::from_secs(1);
+/// TCP_USER_TIMEOUT of control connections.
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a target reached through the peer's own connection to us is
+/// looked at again.
+const RECHECK_CONNECTED: Duration = Duration::from_secs(2);
 
 /// Ids for inbound connections start high, clear of dial targets' ids.
 static NEXT_INBOUND: AtomicU64 = AtomicU64::new(1 << 32);
@@ -248,7 +253,7 @@ pub async fn dial_loop(
             let info = Some("via the connection the peer made to us".into());
             send_row(target, ConnState::Established, info).await;
             tokio::select! {
-                _ = tokio::time::sleep(HEARTBEAT) => {}
+                _ = tokio::time::sleep(RECHECK_CONNECTED) => {}
                 _ = stop.changed() => {}
             }
             continue;
@@ -574,6 +579,10 @@ async fn run_conn(
     router: &mpsc::Sender<msg::Cmd>,
 ) -> End {
     let _ = stream.set_nodelay(true);
+    // Healthy connections are quiet for up to a minute (heartbeats are
+    // slow, `conn::PACE`): a stream whose data goes unacknowledged this
+    // long is broken, whatever the heartbeats say.
+    let _ = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(USER_TIMEOUT));
     let (mut r, w) = stream.into_split();
     let mut writer = Writer::spawn(w);
     let link = Link::new(me, id, addr, role, router);

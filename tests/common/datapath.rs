@@ -9,8 +9,9 @@ use super::process::*;
 // The data path: overlays, bulk transfers
 
 /// How long a connection may take to settle on an overlay (fast-path probes
-/// every 0.5 s; a dead path is noticed after 3 s).
-pub const OVERLAY_DEADLINE: Duration = Duration::from_secs(30);
+/// every 0.5 s until up, every 20 s while up; a dead path is noticed within
+/// `mesh_proto::fastdp::DEAD_AFTER`, 25 s).
+pub const OVERLAY_DEADLINE: Duration = Duration::from_secs(45);
 
 /// The overlays of `host`'s established connections, with their reasons,
 /// from `mesh report`.
