@@ -393,6 +393,26 @@ struct Shared {
     stop: AtomicBool,
     next_link: AtomicU64,
     last_warn: Mutex<Option<Instant>>,
+    /// Where frames and datagrams go instead of `sock` and `tap[0]`, when
+    /// set ([`Engine`]).
+    io: Option<Box<dyn Io>>,
+}
+
+/// Where the per-frame functions put what they send: the daemon's sleeve
+/// sends on its UDP socket and writes to its TAP; an [`Engine`] hands the
+/// same bytes to an `Io` of the caller's (a test that counts, a benchmark).
+pub trait Io: Send + Sync {
+    /// Send the datagrams in `iov` to `to`: a run of `segment`-byte
+    /// datagrams when set, else one ([`udpio::send_segments`]).
+    fn send(
+        &self,
+        to: SocketAddrV4,
+        iov: &[IoSlice<'_>],
+        segment: Option<u16>,
+    ) -> io::Result<usize>;
+    /// Write one frame (vnet header included when the TAP has one),
+    /// gathered from `iov`, to the TAP.
+    fn write_tap(&self, iov: &[IoSlice<'_>]) -> io::Result<usize>;
 }
 
 /// Small frames waiting to be sent together, per (neighbour's session, as
@@ -416,6 +436,58 @@ enum SendFail {
 }
 
 impl Shared {
+    /// The state the threads share; `io` replaces the socket and the TAP
+    /// as where frames go ([`Engine`]).
+    fn new(
+        cfg: &Config,
+        sock: UdpSocket,
+        gso: bool,
+        vnet_hdr: bool,
+        queues: Vec<SyncDevice>,
+        io: Option<Box<dyn Io>>,
+    ) -> Shared {
+        Shared {
+            me: cfg.me,
+            encrypted: cfg.encrypted,
+            vnet_hdr,
+            underlay_mtu: cfg.underlay_mtu,
+            table: RwLock::new(Table::default()),
+            macs: RwLock::new(MacTable::new()),
+            stats: Counters::default(),
+            sock,
+            gso: AtomicBool::new(gso),
+            tap_locks: queues.iter().map(|_| Mutex::new(())).collect(),
+            tap: queues,
+            epoch: Instant::now(),
+            stop: AtomicBool::new(false),
+            next_link: AtomicU64::new(1),
+            last_warn: Mutex::new(None),
+            io,
+        }
+    }
+
+    /// Send datagrams to a neighbour (see [`Io::send`]).
+    fn send_datagrams(
+        &self,
+        to: SocketAddrV4,
+        iov: &[IoSlice<'_>],
+        segment: Option<u16>,
+    ) -> io::Result<usize> {
+        match &self.io {
+            Some(io) => io.send(to, iov, segment),
+            None => udpio::send_segments(self.sock.as_raw_fd(), to, iov, segment),
+        }
+    }
+
+    /// Write a frame to the TAP (its first queue; see [`Io::write_tap`]).
+    fn write_tap(&self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        match (&self.io, self.tap.first()) {
+            (Some(io), _) => io.write_tap(iov),
+            (None, Some(tap)) => udpio::writev(tap.as_raw_fd(), iov),
+            (None, None) => Err(io::Error::other("no TAP queue")),
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -572,7 +644,6 @@ impl Shared {
         } else {
             1
         };
-        let fd = self.sock.as_raw_fd();
         let count = plan.count as usize;
         let mut i = 0;
         let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(2 * per);
@@ -584,7 +655,7 @@ impl Shared {
                 iov.push(IoSlice::new(&msg[plan.range(k as u16, msg.len())]));
             }
             let seg = (end - i > 1).then_some(dsize as u16);
-            match udpio::send_segments(fd, hop.addr, &iov, seg) {
+            match self.send_datagrams(hop.addr, &iov, seg) {
                 Ok(_) => bump(&self.stats.datagrams_out, (end - i) as u64),
                 Err(e) => {
                     let code = e.raw_os_error();
@@ -629,23 +700,7 @@ pub async fn run(
         vnet_hdr,
         "sleeve data path"
     );
-    let shared = Arc::new(Shared {
-        me: cfg.me,
-        encrypted: cfg.encrypted,
-        vnet_hdr,
-        underlay_mtu: cfg.underlay_mtu,
-        table: RwLock::new(Table::default()),
-        macs: RwLock::new(MacTable::new()),
-        stats: Counters::default(),
-        sock: udp,
-        gso: AtomicBool::new(offloads.gso),
-        tap_locks: queues.iter().map(|_| Mutex::new(())).collect(),
-        tap: queues,
-        epoch: Instant::now(),
-        stop: AtomicBool::new(false),
-        next_link: AtomicU64::new(1),
-        last_warn: Mutex::new(None),
-    });
+    let shared = Arc::new(Shared::new(&cfg, udp, offloads.gso, vnet_hdr, queues, None));
     for (q, dev) in shared.tap.iter().enumerate() {
         if let Err(e) = dev.set_nonblocking(true) {
             warn!("TAP queue {q}: cannot make it non-blocking: {e}");
@@ -841,7 +896,7 @@ impl Tx {
     fn drain(&mut self, sh: &Shared, q: usize) {
         let dev = &sh.tap[q];
         // Without a vnet header, frames are read after room for a zero one.
-        let off = FRAME_RECORD_HEADER + if sh.vnet_hdr { 0 } else { VNET_HDR_LEN };
+        let off = Tx::read_offset(sh);
         for _ in 0..BATCH {
             let n = match dev.recv(&mut self.buf[off..BUF - TAG_LEN]) {
                 Ok(n) => n,
@@ -852,20 +907,33 @@ impl Tx {
                     break;
                 }
             };
-            if !sh.vnet_hdr {
-                self.buf[FRAME_RECORD_HEADER..off].fill(0);
-            }
-            let flen = n + off - FRAME_RECORD_HEADER;
-            on_tap_frame(
-                sh,
-                &mut self.out,
-                &mut self.packs,
-                &mut self.buf,
-                &mut self.scratch,
-                flen,
-            );
+            self.on_read(sh, n);
         }
         flush_packs(sh, &mut self.out, &mut self.packs);
+    }
+
+    /// Where a frame read from the TAP goes in `buf`: after its record
+    /// header, and a zero vnet header when the TAP has none.
+    fn read_offset(sh: &Shared) -> usize {
+        FRAME_RECORD_HEADER + if sh.vnet_hdr { 0 } else { VNET_HDR_LEN }
+    }
+
+    /// A frame of `n` bytes was read into `buf` at [`Tx::read_offset`]:
+    /// send it, or pack it.
+    fn on_read(&mut self, sh: &Shared, n: usize) {
+        let off = Tx::read_offset(sh);
+        if !sh.vnet_hdr {
+            self.buf[FRAME_RECORD_HEADER..off].fill(0);
+        }
+        let flen = n + off - FRAME_RECORD_HEADER;
+        on_tap_frame(
+            sh,
+            &mut self.out,
+            &mut self.packs,
+            &mut self.buf,
+            &mut self.scratch,
+            flen,
+        );
     }
 }
 
@@ -1000,12 +1068,7 @@ fn flush_packs(sh: &Shared, out: &mut Out, packs: &mut Packs) {
 fn rx_loop(sh: &Shared) {
     let fd = sh.sock.as_raw_fd();
     let mut batch = RecvBatch::new(RECV_BATCH);
-    let mut rx = Rx {
-        reasm: Reassembler::new(REASM_PER_LINK, REASM_TOTAL, REASM_TIMEOUT),
-        out: Out::default(),
-        relay: Vec::with_capacity(BUF),
-        wrote: false,
-    };
+    let mut rx = Rx::new();
     let mut tx = Tx::new();
     while !sh.stop.load(Ordering::Relaxed) {
         let n = match batch.recv(fd) {
@@ -1032,21 +1095,7 @@ fn rx_loop(sh: &Shared) {
                 continue;
             };
             bytes += data.len();
-            let peer = sh.table().by_addr.get(&from).cloned();
-            let Some(peer) = peer else {
-                sh.stats.drop(Reason::UnknownSender, 1);
-                sh.warn_limited(format_args!(
-                    "dropped datagram from {from}: not a connected peer"
-                ));
-                continue;
-            };
-            if deliver_run(sh, &peer, data, seg) {
-                rx.wrote = true;
-                continue;
-            }
-            for d in udpio::datagrams(data, seg) {
-                rx.on_datagram(sh, &peer, d, now);
-            }
+            rx.on_buffer(sh, from, data, seg, now);
         }
         if std::mem::take(&mut rx.wrote) && bytes <= ANSWER_MAX {
             answer_now(sh, &mut tx);
@@ -1089,6 +1138,42 @@ struct Rx {
 }
 
 impl Rx {
+    fn new() -> Rx {
+        Rx {
+            reasm: Reassembler::new(REASM_PER_LINK, REASM_TOTAL, REASM_TIMEOUT),
+            out: Out::default(),
+            relay: Vec::with_capacity(BUF),
+            wrote: false,
+        }
+    }
+
+    /// One received buffer from `from`: a datagram, or a GRO run of
+    /// `seg`-byte datagrams.
+    fn on_buffer(
+        &mut self,
+        sh: &Shared,
+        from: SocketAddr,
+        data: &mut [u8],
+        seg: usize,
+        now: Instant,
+    ) {
+        let peer = sh.table().by_addr.get(&from).cloned();
+        let Some(peer) = peer else {
+            sh.stats.drop(Reason::UnknownSender, 1);
+            sh.warn_limited(format_args!(
+                "dropped datagram from {from}: not a connected peer"
+            ));
+            return;
+        };
+        if deliver_run(sh, &peer, data, seg) {
+            self.wrote = true;
+            return;
+        }
+        for d in udpio::datagrams(data, seg) {
+            self.on_datagram(sh, &peer, d, now);
+        }
+    }
+
     fn on_datagram(&mut self, sh: &Shared, peer: &Arc<Peer>, d: &mut [u8], now: Instant) {
         let (header, seg, range) = match sleeve::parse_datagram(d) {
             Ok(x) => x,
@@ -1221,6 +1306,59 @@ impl Rx {
     }
 }
 
+/// The sleeve's per-frame work without its threads and devices: the
+/// functions the senders call for each frame read from the TAP, and the
+/// receiver for each buffer received, with what they send and write handed
+/// to an [`Io`] of the caller's instead of the socket and the TAP. Tests
+/// and benchmarks drive the real data path with it
+/// (`tests/alloc_per_frame.rs`); the daemon's threads do not use it.
+pub struct Engine {
+    sh: Shared,
+    tx: Tx,
+    rx: Rx,
+}
+
+impl Engine {
+    /// A sleeve for `cfg` with a TAP that has vnet headers (as the
+    /// daemon's has), sending to `io`. It also holds a UDP socket on
+    /// 127.0.0.1 (a port the kernel picks), which the per-frame work never
+    /// uses.
+    pub fn new(cfg: &Config, io: Box<dyn Io>) -> io::Result<Engine> {
+        let sock = UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+        Ok(Engine {
+            sh: Shared::new(cfg, sock, true, true, Vec::new(), Some(io)),
+            tx: Tx::new(),
+            rx: Rx::new(),
+        })
+    }
+
+    /// Apply a command, as the control task does.
+    pub fn command(&self, c: Cmd) {
+        command(&self.sh, c);
+    }
+
+    /// One frame (vnet header + Ethernet frame, at most [`MAX_FRAME`]
+    /// bytes; the rest is cut) as if read from the TAP: sent, or packed
+    /// until [`Engine::flush`].
+    pub fn tap_frame(&mut self, frame: &[u8]) {
+        let off = Tx::read_offset(&self.sh);
+        let n = frame.len().min(BUF - TAG_LEN - off);
+        self.tx.buf[off..off + n].copy_from_slice(&frame[..n]);
+        self.tx.on_read(&self.sh, n);
+    }
+
+    /// The end of a burst read from the TAP: send what was packed.
+    pub fn flush(&mut self) {
+        flush_packs(&self.sh, &mut self.tx.out, &mut self.tx.packs);
+    }
+
+    /// One buffer received from `from`: a datagram, or a GRO run of
+    /// `seg`-byte datagrams.
+    pub fn receive(&mut self, from: SocketAddr, data: &mut [u8], seg: usize, now: Instant) {
+        self.rx.on_buffer(&self.sh, from, data, seg, now);
+    }
+}
+
 /// Answer a probe of `size` bytes (IP and UDP included) from `peer`: sealed
 /// when the connection has keys, plain otherwise.
 fn answer_probe(sh: &Shared, peer: &Peer, size: usize) {
@@ -1268,9 +1406,6 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
     if sh.encrypted || !sh.vnet_hdr || data.len() <= seg {
         return false;
     }
-    let Some(tap) = sh.tap.first() else {
-        return false;
-    };
     let Ok((first, plan, head_range)) = sleeve::parse_datagram(&data[..seg]) else {
         return false;
     };
@@ -1313,7 +1448,7 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
         return true;
     }
     iov[0] = IoSlice::new(frame_start);
-    if let Err(e) = udpio::writev(tap.as_raw_fd(), &iov) {
+    if let Err(e) = sh.write_tap(&iov) {
         trace!("TAP write: {e}");
     }
     true
@@ -1363,9 +1498,6 @@ fn fmt_mac(m: &[u8; 6]) -> String {
 /// which peer their source MACs live behind; frames whose source MAC is
 /// refused ([`learn`]) are dropped.
 fn deliver(sh: &Shared, src: PeerName, body: &[u8]) {
-    let Some(tap) = sh.tap.first() else {
-        return;
-    };
     for f in sleeve::frames(body) {
         let f = match f {
             Ok(f) => f,
@@ -1381,7 +1513,7 @@ fn deliver(sh: &Shared, src: PeerName, body: &[u8]) {
             }
         }
         let data = if sh.vnet_hdr { f } else { &f[VNET_HDR_LEN..] };
-        if let Err(e) = tap.send(data) {
+        if let Err(e) = sh.write_tap(&[IoSlice::new(data)]) {
             trace!("TAP write: {e}");
         }
     }
