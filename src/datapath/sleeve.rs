@@ -71,7 +71,7 @@ use crate::datapath::keys::SleeveKeys;
 use crate::datapath::udpio::{self, RecvBatch, MAX_SEGMENTS, MAX_UDP_PAYLOAD};
 use crate::host::Tap;
 use mesh_proto::beat::{Beat, Pace};
-use mesh_proto::forward::{self, Decision, DropReason, Learn, MacTable};
+use mesh_proto::forward::{self, Decision, DropReason, Fan, Floods, Learn, MacTable};
 use mesh_proto::name::PeerName;
 use mesh_proto::pmtu::{Probe, MIN_MTU};
 use mesh_proto::reassembly::Reassembler;
@@ -219,11 +219,13 @@ impl Peer {
     }
 }
 
-#[derive(Default)]
 struct Table {
     peers: HashMap<PeerName, Arc<Peer>>,
     by_addr: HashMap<SocketAddr, Arc<Peer>>,
     routes: Routes,
+    /// Where each source's broadcasts go on to, made of `peers` and
+    /// `routes` each time either changes ([`Table::changed`]).
+    floods: Floods<Arc<Peer>>,
 }
 
 /// A [`Decision`] with its neighbours in hand, to send to once the table's
@@ -234,12 +236,30 @@ enum Hops {
     /// To this neighbour, for the destination peer.
     One(Arc<Peer>, PeerName),
     /// A copy to each of these neighbours.
-    Flood(Vec<Arc<Peer>>),
+    Flood(Fan<Arc<Peer>>),
 }
 
+/// A decision of [`forward`], a flood's neighbours with their sessions.
+type Decided = Decision<Fan<Arc<Peer>>>;
+
 impl Table {
+    fn new(me: PeerName) -> Table {
+        let (peers, routes) = (HashMap::new(), Routes::default());
+        Table {
+            floods: Floods::new(me, &peers, &routes),
+            peers,
+            by_addr: HashMap::new(),
+            routes,
+        }
+    }
+
+    /// The neighbours or the routes changed: where broadcasts go, again.
+    fn changed(&mut self) {
+        self.floods = Floods::new(self.floods.me(), &self.peers, &self.routes);
+    }
+
     /// The neighbours that `d` sends to.
-    fn hops(&self, d: &Decision) -> Hops {
+    fn hops(&self, d: &Decided) -> Hops {
         let one = |via: &PeerName, to: PeerName| match self.peers.get(via) {
             Some(h) => Hops::One(h.clone(), to),
             None => Hops::None,
@@ -247,11 +267,7 @@ impl Table {
         match d {
             Decision::Direct(to) => one(to, *to),
             Decision::Relay { via, to } => one(via, *to),
-            Decision::Flood { hops, .. } => Hops::Flood(
-                hops.iter()
-                    .filter_map(|h| self.peers.get(h).cloned())
-                    .collect(),
-            ),
+            Decision::Flood { hops, .. } => Hops::Flood(hops.clone()),
             Decision::Local | Decision::HopLimit { .. } | Decision::Drop(_) => Hops::None,
         }
     }
@@ -419,7 +435,23 @@ pub trait Io: Send + Sync {
 /// its [`Peer::link`], destination). Keyed by session, not by name: a
 /// neighbour that reconnects (a restarted peer) gets new keys and a new
 /// `Peer`, and frames for it must never go out with the old one's sealer.
-type Packs = HashMap<(u64, PeerName), (Arc<Peer>, Vec<u8>)>;
+/// Entries (and their buffers) stay for the next burst: all of them while
+/// there are at most [`PACKS_IDLE`], else those the burst used
+/// ([`flush_packs`]); so steady traffic, to however many neighbours,
+/// allocates nothing, and the map holds at most the larger of
+/// [`PACKS_IDLE`] and the destinations of one burst.
+type Packs = HashMap<(u64, PeerName), Pack>;
+
+/// How many pack entries are kept while not in use.
+const PACKS_IDLE: usize = 256;
+
+/// The small frames waiting for one neighbour and destination.
+struct Pack {
+    hop: Arc<Peer>,
+    buf: Vec<u8>,
+    /// Whether a frame was packed since the last burst ended.
+    used: bool,
+}
 
 /// Per-thread scratch for sending.
 #[derive(Default)]
@@ -451,7 +483,7 @@ impl Shared {
             encrypted: cfg.encrypted,
             vnet_hdr,
             underlay_mtu: cfg.underlay_mtu,
-            table: RwLock::new(Table::default()),
+            table: RwLock::new(Table::new(cfg.me)),
             macs: RwLock::new(MacTable::new()),
             stats: Counters::default(),
             sock,
@@ -646,16 +678,16 @@ impl Shared {
         };
         let count = plan.count as usize;
         let mut i = 0;
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(2 * per);
+        // A header and a slice per datagram, on the stack.
+        let mut iov = [IoSlice::new(&[]); 2 * MAX_SEGMENTS];
         while i < count {
             let end = (i + per).min(count);
-            iov.clear();
-            for k in i..end {
-                iov.push(IoSlice::new(&out.hdrs[k]));
-                iov.push(IoSlice::new(&msg[plan.range(k as u16, msg.len())]));
+            for (j, k) in (i..end).enumerate() {
+                iov[2 * j] = IoSlice::new(&out.hdrs[k]);
+                iov[2 * j + 1] = IoSlice::new(&msg[plan.range(k as u16, msg.len())]);
             }
             let seg = (end - i > 1).then_some(dsize as u16);
-            match self.send_datagrams(hop.addr, &iov, seg) {
+            match self.send_datagrams(hop.addr, &iov[..2 * (end - i)], seg) {
                 Ok(_) => bump(&self.stats.datagrams_out, (end - i) as u64),
                 Err(e) => {
                     let code = e.raw_os_error();
@@ -766,17 +798,20 @@ fn command(sh: &Shared, c: Cmd) {
                 old.retired.store(true, Ordering::Relaxed);
             }
             t.by_addr.insert(addr, peer);
+            t.changed();
         }
         Cmd::PeerDown { name } => {
             let mut t = sh.table.write().unwrap_or_else(|e| e.into_inner());
             if let Some(old) = t.peers.remove(&name) {
                 t.by_addr.remove(&SocketAddr::V4(old.addr));
                 old.retired.store(true, Ordering::Relaxed);
+                t.changed();
             }
         }
         Cmd::Routes(r) => {
             let mut t = sh.table.write().unwrap_or_else(|e| e.into_inner());
             t.routes = r;
+            t.changed();
             // Forget MACs behind peers we can no longer reach.
             let mut macs = sh.macs.write().unwrap_or_else(|e| e.into_inner());
             macs.forget_unreachable(&t.peers, &t.routes);
@@ -986,7 +1021,7 @@ fn on_tap_frame(
         let t = sh.table();
         let macs = sh.macs.read().unwrap_or_else(|e| e.into_inner());
         t.hops(&forward::from_tap(
-            sh.me, &t.peers, &t.routes, &macs, dst_mac,
+            &t.floods, &t.peers, &t.routes, &macs, dst_mac,
         ))
     };
     let flood = match hops {
@@ -997,9 +1032,11 @@ fn on_tap_frame(
         Hops::Flood(flood) => flood,
         Hops::None => return,
     };
-    let single = flood.len() == 1;
-    for hop in &flood {
-        if single {
+    let single = flood.iter().nth(1).is_none();
+    for (_, hop) in flood.iter() {
+        if single || hop.keys.is_none() {
+            // Not sealed (in place) for this neighbour, or for no other:
+            // `buf` stays as it is.
             send_frame(sh, out, packs, hop, PeerName::BROADCAST, buf, len);
         } else {
             // Sealing is in place: each neighbour gets its own copy.
@@ -1024,20 +1061,23 @@ fn send_frame(
     let key = (hop.link, dst);
     // Small frames ride together in one datagram.
     if len + TAG_LEN <= hop.payload() {
-        let entry = packs
-            .entry(key)
-            .or_insert_with(|| (hop.clone(), Vec::with_capacity(hop.payload())));
-        if !entry.1.is_empty() && entry.1.len() + len + TAG_LEN > hop.payload() {
-            send_pack(sh, out, &entry.0, dst, &mut entry.1);
+        let entry = packs.entry(key).or_insert_with(|| Pack {
+            hop: hop.clone(),
+            buf: Vec::with_capacity(hop.payload()),
+            used: false,
+        });
+        entry.used = true;
+        if !entry.buf.is_empty() && entry.buf.len() + len + TAG_LEN > hop.payload() {
+            send_pack(sh, out, &entry.hop, dst, &mut entry.buf);
         }
-        entry.1.extend_from_slice(&buf[..len]);
+        entry.buf.extend_from_slice(&buf[..len]);
         return;
     }
     // A large frame: what was packed for this destination goes first, to
     // keep the order.
-    if let Some((p, pack)) = packs.get_mut(&key) {
-        if !pack.is_empty() {
-            send_pack(sh, out, p, dst, pack);
+    if let Some(p) = packs.get_mut(&key) {
+        if !p.buf.is_empty() {
+            send_pack(sh, out, &p.hop, dst, &mut p.buf);
         }
     }
     sh.send_message(out, hop, sh.me, dst, 0, buf, len);
@@ -1051,16 +1091,18 @@ fn send_pack(sh: &Shared, out: &mut Out, hop: &Peer, dst: PeerName, pack: &mut V
 }
 
 fn flush_packs(sh: &Shared, out: &mut Out, packs: &mut Packs) {
-    for ((_, dst), (hop, pack)) in packs.iter_mut() {
-        if !pack.is_empty() {
-            send_pack(sh, out, hop, *dst, pack);
+    for ((_, dst), p) in packs.iter_mut() {
+        if !p.buf.is_empty() {
+            send_pack(sh, out, &p.hop, *dst, &mut p.buf);
         }
     }
-    // Forget sessions that ended, and destinations that went away.
-    packs.retain(|_, (hop, _)| !hop.retired.load(Ordering::Relaxed));
-    if packs.len() > 64 {
-        packs.clear();
-    }
+    // Forget sessions that ended and, beyond PACKS_IDLE entries,
+    // destinations this burst did not send to; the others' buffers serve
+    // the next burst.
+    let keep_idle = packs.len() <= PACKS_IDLE;
+    packs.retain(|_, p| {
+        !p.hop.retired.load(Ordering::Relaxed) && (std::mem::take(&mut p.used) || keep_idle)
+    });
 }
 
 /// The receiver: datagrams from the overlay to the TAP (and on to other
@@ -1245,7 +1287,7 @@ impl Rx {
         let (decision, hops) = {
             let t = sh.table();
             let d = forward::from_peer(
-                sh.me,
+                &t.floods,
                 &t.peers,
                 &t.routes,
                 peer.name,
@@ -1259,8 +1301,8 @@ impl Rx {
         match hops {
             Hops::One(hop, _) => self.relay(sh, &hop, &header, body),
             Hops::Flood(hops) => {
-                for hop in hops {
-                    self.relay(sh, &hop, &header, body);
+                for (_, hop) in hops.iter() {
+                    self.relay(sh, hop, &header, body);
                 }
             }
             Hops::None => {}
@@ -1397,6 +1439,11 @@ fn on_probe_ack(sh: &Shared, peer: &Peer, header: &Header, body: &mut [u8], now:
     }
 }
 
+/// The most datagrams of one received run that [`deliver_run`] writes to
+/// the TAP straight (a GRO run holds at most 64); longer runs take the
+/// general path.
+const RUN_MAX: usize = 2 * MAX_SEGMENTS;
+
 /// The common case of bulk traffic, without the reassembly copy: a received
 /// run of datagrams that is exactly one whole plain message for us holding
 /// one frame is written to the TAP straight from the datagrams, in one
@@ -1415,10 +1462,12 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
         || first.src == sh.me
         || plan.index != 0
         || plan.count as usize != n
+        || n > RUN_MAX
     {
         return false;
     }
-    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(n);
+    // A slice per datagram, on the stack.
+    let mut iov = [IoSlice::new(&[]); RUN_MAX];
     let mut total = 0;
     for (i, d) in data.chunks(seg).enumerate() {
         let Ok((h, s, range)) = sleeve::parse_datagram(d) else {
@@ -1428,8 +1477,9 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
             return false;
         }
         total += range.len();
-        iov.push(IoSlice::new(&d[range]));
+        iov[i] = IoSlice::new(&d[range]);
     }
+    let iov = &mut iov[..n];
     // One frame record spanning the whole message.
     let head: &[u8] = &data[head_range];
     let Some((len, frame_start)) = head.split_first_chunk::<FRAME_RECORD_HEADER>() else {
@@ -1448,7 +1498,7 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
         return true;
     }
     iov[0] = IoSlice::new(frame_start);
-    if let Err(e) = sh.write_tap(&iov) {
+    if let Err(e) = sh.write_tap(iov) {
         trace!("TAP write: {e}");
     }
     true
@@ -1478,7 +1528,7 @@ fn learn(sh: &Shared, src: PeerName, mac: [u8; 6]) -> bool {
             sh.stats.drop(Reason::MacClaim, 1);
             sh.warn_limited(format_args!(
                 "dropped a frame from {src}: its source MAC {} is one of this host's",
-                fmt_mac(&mac)
+                MacFmt(mac)
             ));
         }
         Learn::Full => sh.stats.drop(Reason::MacLimit, 1),
@@ -1487,11 +1537,18 @@ fn learn(sh: &Shared, src: PeerName, mac: [u8; 6]) -> bool {
     l.deliverable()
 }
 
-fn fmt_mac(m: &[u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
+/// A MAC as `aa:bb:cc:dd:ee:ff`, formatted only when printed.
+struct MacFmt([u8; 6]);
+
+impl std::fmt::Display for MacFmt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = &self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
 }
 
 /// Write the frames of a message for us (or broadcast) to the TAP, and learn
