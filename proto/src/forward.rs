@@ -29,6 +29,13 @@
 //! Before the first routes arrive, our own broadcasts go to every direct
 //! neighbour and others' are not forwarded.
 //!
+//! No work per frame grows with the mesh: unicast decisions are hash
+//! lookups, and the neighbours each source's broadcasts go on to are
+//! computed once, when the neighbours or the routes change ([`Floods`]), and
+//! shared with every decision that floods ([`Fan`]: one reference count, no
+//! copy, no allocation). Sending a copy to each hop is the only work that
+//! grows, and only with the fan-out.
+//!
 //! MAC learning is a pure step too: [`MacTable::learn`] records that a
 //! unicast source MAC lives behind the peer that sent it, and says when it
 //! cannot ([`Learn`]): the MACs of this host's own containers and bridge
@@ -40,6 +47,7 @@
 use crate::name::PeerName;
 pub use crate::sleeve::MAX_HOPS;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// An Ethernet address.
@@ -78,29 +86,130 @@ impl Routes {
             .filter(|h| neighbours.contains_key(h))
     }
 
-    /// The direct neighbours a broadcast from `src` goes on to from here.
-    pub fn broadcast_hops<V>(
-        &self,
-        neighbours: &HashMap<PeerName, V>,
-        me: PeerName,
-        src: PeerName,
-    ) -> Vec<PeerName> {
-        match self.broadcast.get(&src) {
-            Some(hops) => hops
-                .iter()
-                .copied()
-                .filter(|h| neighbours.contains_key(h))
-                .collect(),
-            // Before any routes are known: our own broadcasts go to every
-            // neighbour; others' are not forwarded.
-            None if src == me => neighbours.keys().copied().collect(),
-            None => Vec::new(),
-        }
-    }
-
     /// Whether `peer` is a neighbour or has a unicast route.
     pub fn reaches<V>(&self, neighbours: &HashMap<PeerName, V>, peer: PeerName) -> bool {
         neighbours.contains_key(&peer) || self.unicast.contains_key(&peer)
+    }
+}
+
+/// Neighbours, each with the caller's value for it, shared.
+type Hops<V> = Arc<[(PeerName, V)]>;
+
+/// Per broadcast source, the direct neighbours its broadcasts go on to from
+/// here: the hops of its tree in [`Routes::broadcast`] that are neighbours,
+/// in the tree's order, each with the caller's value for that neighbour
+/// (the daemon's: the neighbour's session). Our own broadcasts, before the
+/// routes give us a tree, go to every neighbour; others' without a tree
+/// nowhere.
+///
+/// Built whole by [`Floods::new`] whenever the neighbours or the routes
+/// change (sources with the same hops share one list), so that deciding
+/// where a broadcast goes ([`from_tap`], [`from_peer`]) is one lookup and
+/// allocates nothing, however many peers the mesh has.
+#[derive(Clone)]
+pub struct Floods<V> {
+    me: PeerName,
+    /// Where our own broadcasts go.
+    own: Hops<V>,
+    /// Other sources whose broadcasts go on from here (sources not listed
+    /// go nowhere).
+    others: HashMap<PeerName, Hops<V>>,
+    /// The empty list.
+    none: Hops<V>,
+}
+
+impl<V: Clone> Floods<V> {
+    /// Where each source's broadcasts go from `me`, given the direct
+    /// `neighbours` and the `routes`.
+    pub fn new(me: PeerName, neighbours: &HashMap<PeerName, V>, routes: &Routes) -> Floods<V> {
+        let none: Hops<V> = Arc::from(Vec::new());
+        let mut shared: HashMap<Vec<PeerName>, Hops<V>> = HashMap::new();
+        let mut list = |hops: &mut dyn Iterator<Item = PeerName>| -> Hops<V> {
+            let names: Vec<PeerName> = hops.filter(|h| neighbours.contains_key(h)).collect();
+            if names.is_empty() {
+                return none.clone();
+            }
+            shared
+                .entry(names)
+                .or_insert_with_key(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| neighbours.get(n).map(|v| (*n, v.clone())))
+                        .collect()
+                })
+                .clone()
+        };
+        let mut others = HashMap::new();
+        for (src, hops) in &routes.broadcast {
+            if *src == me {
+                continue;
+            }
+            let l = list(&mut hops.iter().copied());
+            if !l.is_empty() {
+                others.insert(*src, l);
+            }
+        }
+        let own = match routes.broadcast.get(&me) {
+            Some(hops) => list(&mut hops.iter().copied()),
+            None => list(&mut neighbours.keys().copied()),
+        };
+        Floods {
+            me,
+            own,
+            others,
+            none,
+        }
+    }
+}
+
+impl<V> Floods<V> {
+    /// The peer these are for.
+    pub fn me(&self) -> PeerName {
+        self.me
+    }
+
+    /// Where broadcasts from `src` go on to, before leaving out their
+    /// sender and origin.
+    fn of(&self, src: PeerName) -> &Hops<V> {
+        if src == self.me {
+            return &self.own;
+        }
+        self.others.get(&src).unwrap_or(&self.none)
+    }
+}
+
+/// The neighbours a flooded frame goes to ([`Decision::Flood`]): a list of
+/// [`Floods`] (shared, not copied), less the neighbour the frame came from
+/// and the peer it came from first.
+#[derive(Clone)]
+pub struct Fan<V> {
+    hops: Hops<V>,
+    skip: [Option<PeerName>; 2],
+}
+
+impl<V> Fan<V> {
+    /// Each neighbour, and the caller's value for it.
+    pub fn iter(&self) -> impl Iterator<Item = (PeerName, &V)> + '_ {
+        self.hops
+            .iter()
+            .filter(|(n, _)| !self.skip.contains(&Some(*n)))
+            .map(|(n, v)| (*n, v))
+    }
+
+    /// Whether it goes to no neighbour.
+    pub fn is_empty(&self) -> bool {
+        self.iter().next().is_none()
+    }
+
+    /// The neighbours' names, in order.
+    pub fn names(&self) -> Vec<PeerName> {
+        self.iter().map(|(n, _)| n).collect()
+    }
+}
+
+impl<V> std::fmt::Debug for Fan<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter().map(|(n, _)| n)).finish()
     }
 }
 
@@ -324,9 +433,11 @@ pub fn may_relay(hops: u8) -> bool {
     hops < MAX_HOPS
 }
 
-/// Where a frame goes.
+/// Where a frame goes. [`from_tap`] and [`from_peer`] give the hops of a
+/// flood as a [`Fan`]; `Decision` alone (hops as names) is what
+/// [`Decision::named`] makes of it, to compare and print.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub enum Decision<H = Vec<PeerName>> {
     /// To our TAP only.
     Local,
     /// To the neighbour that is the destination peer.
@@ -342,7 +453,7 @@ pub enum Decision {
     /// broadcast tree, possibly none), and to our TAP too when `local`.
     Flood {
         /// The neighbours to send a copy to.
-        hops: Vec<PeerName>,
+        hops: H,
         /// Whether our TAP gets it too.
         local: bool,
     },
@@ -357,8 +468,25 @@ pub enum Decision {
     Drop(DropReason),
 }
 
+impl<V> Decision<Fan<V>> {
+    /// The same decision, a flood's hops as names.
+    pub fn named(&self) -> Decision {
+        match self {
+            Decision::Local => Decision::Local,
+            Decision::Direct(to) => Decision::Direct(*to),
+            Decision::Relay { via, to } => Decision::Relay { via: *via, to: *to },
+            Decision::Flood { hops, local } => Decision::Flood {
+                hops: hops.names(),
+                local: *local,
+            },
+            Decision::HopLimit { local } => Decision::HopLimit { local: *local },
+            Decision::Drop(why) => Decision::Drop(*why),
+        }
+    }
+}
+
 /// A unicast decision: `to` itself when `via` is `to`.
-fn towards(via: PeerName, to: PeerName) -> Decision {
+fn towards<H>(via: PeerName, to: PeerName) -> Decision<H> {
     if via == to {
         Decision::Direct(to)
     } else {
@@ -369,14 +497,15 @@ fn towards(via: PeerName, to: PeerName) -> Decision {
 /// Where a frame read from our TAP, for `dst_mac`, goes.
 ///
 /// `neighbours` are the directly connected peers (the values are not
-/// looked at), `routes` the topology's routes, `macs` what was learnt.
+/// looked at), `routes` the topology's routes, `floods` what was made of
+/// both ([`Floods::new`], for us), `macs` what was learnt.
 pub fn from_tap<V>(
-    me: PeerName,
+    floods: &Floods<V>,
     neighbours: &HashMap<PeerName, V>,
     routes: &Routes,
     macs: &MacTable,
     dst_mac: Mac,
-) -> Decision {
+) -> Decision<Fan<V>> {
     let owner = if is_unicast(&dst_mac) {
         macs.owner(&dst_mac)
     } else {
@@ -386,32 +515,35 @@ pub fn from_tap<V>(
         return towards(via, to);
     }
     Decision::Flood {
-        hops: routes.broadcast_hops(neighbours, me, me),
+        hops: Fan {
+            hops: floods.own.clone(),
+            skip: [None, None],
+        },
         local: false,
     }
 }
 
 /// Where a message that neighbour `from` sent us, from peer `src` for peer
 /// `dst` ([`PeerName::BROADCAST`] for a broadcast), relayed `hops` times
-/// before it reached us, goes.
+/// before it reached us, goes (`floods` as for [`from_tap`]).
 pub fn from_peer<V>(
-    me: PeerName,
+    floods: &Floods<V>,
     neighbours: &HashMap<PeerName, V>,
     routes: &Routes,
     from: PeerName,
     src: PeerName,
     dst: PeerName,
     hops: u8,
-) -> Decision {
+) -> Decision<Fan<V>> {
+    let me = floods.me;
     if src == me {
         return Decision::Drop(DropReason::FromUs);
     }
     if dst.is_broadcast() {
-        let next: Vec<PeerName> = routes
-            .broadcast_hops(neighbours, me, src)
-            .into_iter()
-            .filter(|h| *h != from && *h != src)
-            .collect();
+        let next = Fan {
+            hops: floods.of(src).clone(),
+            skip: [Some(from), Some(src)],
+        };
         if !next.is_empty() && !may_relay(hops) {
             return Decision::HopLimit { local: true };
         }
@@ -443,6 +575,64 @@ mod tests {
     }
 
     const ME: u8 = 1;
+
+    /// [`super::from_tap`] with the floods of `n` and `r` built for it,
+    /// hops as names.
+    fn from_tap(
+        me: PeerName,
+        n: &HashMap<PeerName, ()>,
+        r: &Routes,
+        macs: &MacTable,
+        dst_mac: Mac,
+    ) -> Decision {
+        super::from_tap(&Floods::new(me, n, r), n, r, macs, dst_mac).named()
+    }
+
+    /// [`super::from_peer`] likewise.
+    fn from_peer(
+        me: PeerName,
+        n: &HashMap<PeerName, ()>,
+        r: &Routes,
+        from: PeerName,
+        src: PeerName,
+        dst: PeerName,
+        hops: u8,
+    ) -> Decision {
+        super::from_peer(&Floods::new(me, n, r), n, r, from, src, dst, hops).named()
+    }
+
+    /// The floods are computed once: sources with the same hops share one
+    /// list, each decision shares it too (no copy), and it follows the
+    /// neighbours and routes it was built from only when built again.
+    #[test]
+    fn floods_are_shared_and_rebuilt() {
+        let (mut n, mut r) = line();
+        // 3 and 4 both go on to 5 only.
+        let f = Floods::new(p(ME), &n, &r);
+        assert!(Arc::ptr_eq(f.of(p(3)), f.of(p(4))));
+        assert_eq!(f.of(p(9)).len(), 0);
+        let d = super::from_peer(&f, &n, &r, p(2), p(3), PeerName::BROADCAST, 0);
+        match &d {
+            Decision::Flood { hops, local: true } => {
+                assert!(Arc::ptr_eq(&hops.hops, f.of(p(3))));
+                assert_eq!(hops.names(), vec![p(5)]);
+                assert_eq!(format!("{hops:?}"), format!("{:?}", [p(5)]));
+            }
+            d => panic!("{:?}", d.named()),
+        }
+        // 5 gone: 3's broadcasts go nowhere, once the floods are rebuilt.
+        n.remove(&p(5));
+        let f = Floods::new(p(ME), &n, &r);
+        assert!(f.of(p(3)).is_empty());
+        // Our own tree replaced by routes that leave us without one: every
+        // neighbour.
+        r.broadcast.remove(&p(ME));
+        n.insert(p(7), ());
+        let f = Floods::new(p(ME), &n, &r);
+        let mut own: Vec<PeerName> = f.of(p(ME)).iter().map(|(h, _)| *h).collect();
+        own.sort();
+        assert_eq!(own, vec![p(2), p(7)]);
+    }
 
     /// A line `1 — 2 — 3 — 4` seen from 1, plus neighbour 5: 2 and 5 are
     /// neighbours, 3 and 4 are reached through 2.

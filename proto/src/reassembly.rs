@@ -22,7 +22,8 @@
 //! message's count or stride drops the message (an error). Messages given
 //! up (evicted or timed out) are counted ([`Reassembler::take_dropped`]).
 //! Buffers of completed messages can be handed back
-//! ([`Reassembler::recycle`]) so that steady traffic allocates nothing.
+//! ([`Reassembler::recycle`]), and the segment bitmaps of finished slots
+//! are kept, so that steady traffic allocates nothing.
 //! Time comes in as an argument.
 
 use crate::sleeve::Segment;
@@ -49,6 +50,8 @@ pub struct Reassembler {
     total: usize,
     timeout: Duration,
     pool: Vec<Vec<u8>>,
+    /// Segment bitmaps of finished slots, for reuse.
+    seen_pool: Vec<Vec<u64>>,
     dropped: u64,
 }
 
@@ -70,6 +73,7 @@ impl Reassembler {
             total: total.max(1),
             timeout,
             pool: Vec::new(),
+            seen_pool: Vec::new(),
             dropped: 0,
         }
     }
@@ -125,6 +129,7 @@ impl Reassembler {
             .min_by_key(|(_, s)| s.started)
         {
             let s = self.slots.swap_remove(j);
+            self.retire_seen(s.seen);
             self.recycle(s.buf);
             self.dropped += 1;
         }
@@ -133,6 +138,13 @@ impl Reassembler {
     /// Forget the partial messages of one link (its neighbour went away).
     pub fn forget(&mut self, link: u64) {
         self.slots.retain(|s| s.link != link);
+    }
+
+    /// Keep a finished slot's segment bitmap for the next slot.
+    fn retire_seen(&mut self, seen: Vec<u64>) {
+        if self.seen_pool.len() < POOL {
+            self.seen_pool.push(seen);
+        }
     }
 
     /// Give back the buffer of a completed message.
@@ -155,10 +167,17 @@ impl Reassembler {
         data: &[u8],
     ) -> Result<Option<Vec<u8>>, WireError> {
         let timeout = self.timeout;
-        let before = self.slots.len();
-        self.slots
-            .retain(|s| now.saturating_duration_since(s.started) < timeout);
-        self.dropped += (before - self.slots.len()) as u64;
+        let mut i = 0;
+        while i < self.slots.len() {
+            if now.saturating_duration_since(self.slots[i].started) < timeout {
+                i += 1;
+                continue;
+            }
+            let s = self.slots.swap_remove(i);
+            self.retire_seen(s.seen);
+            self.recycle(s.buf);
+            self.dropped += 1;
+        }
         if seg.count <= 1 {
             let mut b = self.pool.pop().unwrap_or_default();
             b.clear();
@@ -170,6 +189,7 @@ impl Reassembler {
                 let s = &self.slots[i];
                 if s.count != seg.count || s.stride != seg.stride {
                     let s = self.slots.swap_remove(i);
+                    self.retire_seen(s.seen);
                     self.recycle(s.buf);
                     return Err(WireError::Invalid("segment disagrees with its message"));
                 }
@@ -184,6 +204,9 @@ impl Reassembler {
                 // Recycled buffers keep their length and old bytes: every
                 // byte up to the message's end is written by its segments
                 // before it is handed out, so nothing needs zeroing.
+                let mut seen = self.seen_pool.pop().unwrap_or_default();
+                seen.clear();
+                seen.resize((seg.count as usize).div_ceil(64), 0);
                 let mut buf = self.pool.pop().unwrap_or_default();
                 let need = seg.count as usize * seg.stride as usize;
                 if buf.len() < need {
@@ -196,7 +219,7 @@ impl Reassembler {
                     stride: seg.stride,
                     received: 0,
                     len: None,
-                    seen: vec![0; (seg.count as usize).div_ceil(64)],
+                    seen,
                     started: now,
                     buf,
                 });
@@ -219,6 +242,7 @@ impl Reassembler {
             return Ok(None);
         }
         let s = self.slots.swap_remove(i);
+        self.retire_seen(s.seen);
         let mut buf = s.buf;
         buf.truncate(s.len.unwrap_or(0));
         Ok(Some(buf))

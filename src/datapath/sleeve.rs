@@ -71,7 +71,7 @@ use crate::datapath::keys::SleeveKeys;
 use crate::datapath::udpio::{self, RecvBatch, MAX_SEGMENTS, MAX_UDP_PAYLOAD};
 use crate::host::Tap;
 use mesh_proto::beat::{Beat, Pace};
-use mesh_proto::forward::{self, Decision, DropReason, Learn, MacTable};
+use mesh_proto::forward::{self, Decision, DropReason, Fan, Floods, Learn, MacTable};
 use mesh_proto::name::PeerName;
 use mesh_proto::pmtu::{Probe, MIN_MTU};
 use mesh_proto::reassembly::Reassembler;
@@ -219,11 +219,13 @@ impl Peer {
     }
 }
 
-#[derive(Default)]
 struct Table {
     peers: HashMap<PeerName, Arc<Peer>>,
     by_addr: HashMap<SocketAddr, Arc<Peer>>,
     routes: Routes,
+    /// Where each source's broadcasts go on to, made of `peers` and
+    /// `routes` each time either changes ([`Table::changed`]).
+    floods: Floods<Arc<Peer>>,
 }
 
 /// A [`Decision`] with its neighbours in hand, to send to once the table's
@@ -234,12 +236,30 @@ enum Hops {
     /// To this neighbour, for the destination peer.
     One(Arc<Peer>, PeerName),
     /// A copy to each of these neighbours.
-    Flood(Vec<Arc<Peer>>),
+    Flood(Fan<Arc<Peer>>),
 }
 
+/// A decision of [`forward`], a flood's neighbours with their sessions.
+type Decided = Decision<Fan<Arc<Peer>>>;
+
 impl Table {
+    fn new(me: PeerName) -> Table {
+        let (peers, routes) = (HashMap::new(), Routes::default());
+        Table {
+            floods: Floods::new(me, &peers, &routes),
+            peers,
+            by_addr: HashMap::new(),
+            routes,
+        }
+    }
+
+    /// The neighbours or the routes changed: where broadcasts go, again.
+    fn changed(&mut self) {
+        self.floods = Floods::new(self.floods.me(), &self.peers, &self.routes);
+    }
+
     /// The neighbours that `d` sends to.
-    fn hops(&self, d: &Decision) -> Hops {
+    fn hops(&self, d: &Decided) -> Hops {
         let one = |via: &PeerName, to: PeerName| match self.peers.get(via) {
             Some(h) => Hops::One(h.clone(), to),
             None => Hops::None,
@@ -247,11 +267,7 @@ impl Table {
         match d {
             Decision::Direct(to) => one(to, *to),
             Decision::Relay { via, to } => one(via, *to),
-            Decision::Flood { hops, .. } => Hops::Flood(
-                hops.iter()
-                    .filter_map(|h| self.peers.get(h).cloned())
-                    .collect(),
-            ),
+            Decision::Flood { hops, .. } => Hops::Flood(hops.clone()),
             Decision::Local | Decision::HopLimit { .. } | Decision::Drop(_) => Hops::None,
         }
     }
@@ -393,13 +409,49 @@ struct Shared {
     stop: AtomicBool,
     next_link: AtomicU64,
     last_warn: Mutex<Option<Instant>>,
+    /// Where frames and datagrams go instead of `sock` and `tap[0]`, when
+    /// set ([`Engine`]).
+    io: Option<Box<dyn Io>>,
+}
+
+/// Where the per-frame functions put what they send: the daemon's sleeve
+/// sends on its UDP socket and writes to its TAP; an [`Engine`] hands the
+/// same bytes to an `Io` of the caller's (a test that counts, a benchmark).
+pub trait Io: Send + Sync {
+    /// Send the datagrams in `iov` to `to`: a run of `segment`-byte
+    /// datagrams when set, else one ([`udpio::send_segments`]).
+    fn send(
+        &self,
+        to: SocketAddrV4,
+        iov: &[IoSlice<'_>],
+        segment: Option<u16>,
+    ) -> io::Result<usize>;
+    /// Write one frame (vnet header included when the TAP has one),
+    /// gathered from `iov`, to the TAP.
+    fn write_tap(&self, iov: &[IoSlice<'_>]) -> io::Result<usize>;
 }
 
 /// Small frames waiting to be sent together, per (neighbour's session, as
 /// its [`Peer::link`], destination). Keyed by session, not by name: a
 /// neighbour that reconnects (a restarted peer) gets new keys and a new
 /// `Peer`, and frames for it must never go out with the old one's sealer.
-type Packs = HashMap<(u64, PeerName), (Arc<Peer>, Vec<u8>)>;
+/// Entries (and their buffers) stay for the next burst: all of them while
+/// there are at most [`PACKS_IDLE`], else those the burst used
+/// ([`flush_packs`]); so steady traffic, to however many neighbours,
+/// allocates nothing, and the map holds at most the larger of
+/// [`PACKS_IDLE`] and the destinations of one burst.
+type Packs = HashMap<(u64, PeerName), Pack>;
+
+/// How many pack entries are kept while not in use.
+const PACKS_IDLE: usize = 256;
+
+/// The small frames waiting for one neighbour and destination.
+struct Pack {
+    hop: Arc<Peer>,
+    buf: Vec<u8>,
+    /// Whether a frame was packed since the last burst ended.
+    used: bool,
+}
 
 /// Per-thread scratch for sending.
 #[derive(Default)]
@@ -416,6 +468,58 @@ enum SendFail {
 }
 
 impl Shared {
+    /// The state the threads share; `io` replaces the socket and the TAP
+    /// as where frames go ([`Engine`]).
+    fn new(
+        cfg: &Config,
+        sock: UdpSocket,
+        gso: bool,
+        vnet_hdr: bool,
+        queues: Vec<SyncDevice>,
+        io: Option<Box<dyn Io>>,
+    ) -> Shared {
+        Shared {
+            me: cfg.me,
+            encrypted: cfg.encrypted,
+            vnet_hdr,
+            underlay_mtu: cfg.underlay_mtu,
+            table: RwLock::new(Table::new(cfg.me)),
+            macs: RwLock::new(MacTable::new()),
+            stats: Counters::default(),
+            sock,
+            gso: AtomicBool::new(gso),
+            tap_locks: queues.iter().map(|_| Mutex::new(())).collect(),
+            tap: queues,
+            epoch: Instant::now(),
+            stop: AtomicBool::new(false),
+            next_link: AtomicU64::new(1),
+            last_warn: Mutex::new(None),
+            io,
+        }
+    }
+
+    /// Send datagrams to a neighbour (see [`Io::send`]).
+    fn send_datagrams(
+        &self,
+        to: SocketAddrV4,
+        iov: &[IoSlice<'_>],
+        segment: Option<u16>,
+    ) -> io::Result<usize> {
+        match &self.io {
+            Some(io) => io.send(to, iov, segment),
+            None => udpio::send_segments(self.sock.as_raw_fd(), to, iov, segment),
+        }
+    }
+
+    /// Write a frame to the TAP (its first queue; see [`Io::write_tap`]).
+    fn write_tap(&self, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        match (&self.io, self.tap.first()) {
+            (Some(io), _) => io.write_tap(iov),
+            (None, Some(tap)) => udpio::writev(tap.as_raw_fd(), iov),
+            (None, None) => Err(io::Error::other("no TAP queue")),
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -572,19 +676,18 @@ impl Shared {
         } else {
             1
         };
-        let fd = self.sock.as_raw_fd();
         let count = plan.count as usize;
         let mut i = 0;
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(2 * per);
+        // A header and a slice per datagram, on the stack.
+        let mut iov = [IoSlice::new(&[]); 2 * MAX_SEGMENTS];
         while i < count {
             let end = (i + per).min(count);
-            iov.clear();
-            for k in i..end {
-                iov.push(IoSlice::new(&out.hdrs[k]));
-                iov.push(IoSlice::new(&msg[plan.range(k as u16, msg.len())]));
+            for (j, k) in (i..end).enumerate() {
+                iov[2 * j] = IoSlice::new(&out.hdrs[k]);
+                iov[2 * j + 1] = IoSlice::new(&msg[plan.range(k as u16, msg.len())]);
             }
             let seg = (end - i > 1).then_some(dsize as u16);
-            match udpio::send_segments(fd, hop.addr, &iov, seg) {
+            match self.send_datagrams(hop.addr, &iov[..2 * (end - i)], seg) {
                 Ok(_) => bump(&self.stats.datagrams_out, (end - i) as u64),
                 Err(e) => {
                     let code = e.raw_os_error();
@@ -629,23 +732,7 @@ pub async fn run(
         vnet_hdr,
         "sleeve data path"
     );
-    let shared = Arc::new(Shared {
-        me: cfg.me,
-        encrypted: cfg.encrypted,
-        vnet_hdr,
-        underlay_mtu: cfg.underlay_mtu,
-        table: RwLock::new(Table::default()),
-        macs: RwLock::new(MacTable::new()),
-        stats: Counters::default(),
-        sock: udp,
-        gso: AtomicBool::new(offloads.gso),
-        tap_locks: queues.iter().map(|_| Mutex::new(())).collect(),
-        tap: queues,
-        epoch: Instant::now(),
-        stop: AtomicBool::new(false),
-        next_link: AtomicU64::new(1),
-        last_warn: Mutex::new(None),
-    });
+    let shared = Arc::new(Shared::new(&cfg, udp, offloads.gso, vnet_hdr, queues, None));
     for (q, dev) in shared.tap.iter().enumerate() {
         if let Err(e) = dev.set_nonblocking(true) {
             warn!("TAP queue {q}: cannot make it non-blocking: {e}");
@@ -711,17 +798,20 @@ fn command(sh: &Shared, c: Cmd) {
                 old.retired.store(true, Ordering::Relaxed);
             }
             t.by_addr.insert(addr, peer);
+            t.changed();
         }
         Cmd::PeerDown { name } => {
             let mut t = sh.table.write().unwrap_or_else(|e| e.into_inner());
             if let Some(old) = t.peers.remove(&name) {
                 t.by_addr.remove(&SocketAddr::V4(old.addr));
                 old.retired.store(true, Ordering::Relaxed);
+                t.changed();
             }
         }
         Cmd::Routes(r) => {
             let mut t = sh.table.write().unwrap_or_else(|e| e.into_inner());
             t.routes = r;
+            t.changed();
             // Forget MACs behind peers we can no longer reach.
             let mut macs = sh.macs.write().unwrap_or_else(|e| e.into_inner());
             macs.forget_unreachable(&t.peers, &t.routes);
@@ -841,7 +931,7 @@ impl Tx {
     fn drain(&mut self, sh: &Shared, q: usize) {
         let dev = &sh.tap[q];
         // Without a vnet header, frames are read after room for a zero one.
-        let off = FRAME_RECORD_HEADER + if sh.vnet_hdr { 0 } else { VNET_HDR_LEN };
+        let off = Tx::read_offset(sh);
         for _ in 0..BATCH {
             let n = match dev.recv(&mut self.buf[off..BUF - TAG_LEN]) {
                 Ok(n) => n,
@@ -852,20 +942,33 @@ impl Tx {
                     break;
                 }
             };
-            if !sh.vnet_hdr {
-                self.buf[FRAME_RECORD_HEADER..off].fill(0);
-            }
-            let flen = n + off - FRAME_RECORD_HEADER;
-            on_tap_frame(
-                sh,
-                &mut self.out,
-                &mut self.packs,
-                &mut self.buf,
-                &mut self.scratch,
-                flen,
-            );
+            self.on_read(sh, n);
         }
         flush_packs(sh, &mut self.out, &mut self.packs);
+    }
+
+    /// Where a frame read from the TAP goes in `buf`: after its record
+    /// header, and a zero vnet header when the TAP has none.
+    fn read_offset(sh: &Shared) -> usize {
+        FRAME_RECORD_HEADER + if sh.vnet_hdr { 0 } else { VNET_HDR_LEN }
+    }
+
+    /// A frame of `n` bytes was read into `buf` at [`Tx::read_offset`]:
+    /// send it, or pack it.
+    fn on_read(&mut self, sh: &Shared, n: usize) {
+        let off = Tx::read_offset(sh);
+        if !sh.vnet_hdr {
+            self.buf[FRAME_RECORD_HEADER..off].fill(0);
+        }
+        let flen = n + off - FRAME_RECORD_HEADER;
+        on_tap_frame(
+            sh,
+            &mut self.out,
+            &mut self.packs,
+            &mut self.buf,
+            &mut self.scratch,
+            flen,
+        );
     }
 }
 
@@ -918,7 +1021,7 @@ fn on_tap_frame(
         let t = sh.table();
         let macs = sh.macs.read().unwrap_or_else(|e| e.into_inner());
         t.hops(&forward::from_tap(
-            sh.me, &t.peers, &t.routes, &macs, dst_mac,
+            &t.floods, &t.peers, &t.routes, &macs, dst_mac,
         ))
     };
     let flood = match hops {
@@ -929,9 +1032,11 @@ fn on_tap_frame(
         Hops::Flood(flood) => flood,
         Hops::None => return,
     };
-    let single = flood.len() == 1;
-    for hop in &flood {
-        if single {
+    let single = flood.iter().nth(1).is_none();
+    for (_, hop) in flood.iter() {
+        if single || hop.keys.is_none() {
+            // Not sealed (in place) for this neighbour, or for no other:
+            // `buf` stays as it is.
             send_frame(sh, out, packs, hop, PeerName::BROADCAST, buf, len);
         } else {
             // Sealing is in place: each neighbour gets its own copy.
@@ -956,20 +1061,23 @@ fn send_frame(
     let key = (hop.link, dst);
     // Small frames ride together in one datagram.
     if len + TAG_LEN <= hop.payload() {
-        let entry = packs
-            .entry(key)
-            .or_insert_with(|| (hop.clone(), Vec::with_capacity(hop.payload())));
-        if !entry.1.is_empty() && entry.1.len() + len + TAG_LEN > hop.payload() {
-            send_pack(sh, out, &entry.0, dst, &mut entry.1);
+        let entry = packs.entry(key).or_insert_with(|| Pack {
+            hop: hop.clone(),
+            buf: Vec::with_capacity(hop.payload()),
+            used: false,
+        });
+        entry.used = true;
+        if !entry.buf.is_empty() && entry.buf.len() + len + TAG_LEN > hop.payload() {
+            send_pack(sh, out, &entry.hop, dst, &mut entry.buf);
         }
-        entry.1.extend_from_slice(&buf[..len]);
+        entry.buf.extend_from_slice(&buf[..len]);
         return;
     }
     // A large frame: what was packed for this destination goes first, to
     // keep the order.
-    if let Some((p, pack)) = packs.get_mut(&key) {
-        if !pack.is_empty() {
-            send_pack(sh, out, p, dst, pack);
+    if let Some(p) = packs.get_mut(&key) {
+        if !p.buf.is_empty() {
+            send_pack(sh, out, &p.hop, dst, &mut p.buf);
         }
     }
     sh.send_message(out, hop, sh.me, dst, 0, buf, len);
@@ -983,16 +1091,18 @@ fn send_pack(sh: &Shared, out: &mut Out, hop: &Peer, dst: PeerName, pack: &mut V
 }
 
 fn flush_packs(sh: &Shared, out: &mut Out, packs: &mut Packs) {
-    for ((_, dst), (hop, pack)) in packs.iter_mut() {
-        if !pack.is_empty() {
-            send_pack(sh, out, hop, *dst, pack);
+    for ((_, dst), p) in packs.iter_mut() {
+        if !p.buf.is_empty() {
+            send_pack(sh, out, &p.hop, *dst, &mut p.buf);
         }
     }
-    // Forget sessions that ended, and destinations that went away.
-    packs.retain(|_, (hop, _)| !hop.retired.load(Ordering::Relaxed));
-    if packs.len() > 64 {
-        packs.clear();
-    }
+    // Forget sessions that ended and, beyond PACKS_IDLE entries,
+    // destinations this burst did not send to; the others' buffers serve
+    // the next burst.
+    let keep_idle = packs.len() <= PACKS_IDLE;
+    packs.retain(|_, p| {
+        !p.hop.retired.load(Ordering::Relaxed) && (std::mem::take(&mut p.used) || keep_idle)
+    });
 }
 
 /// The receiver: datagrams from the overlay to the TAP (and on to other
@@ -1000,12 +1110,7 @@ fn flush_packs(sh: &Shared, out: &mut Out, packs: &mut Packs) {
 fn rx_loop(sh: &Shared) {
     let fd = sh.sock.as_raw_fd();
     let mut batch = RecvBatch::new(RECV_BATCH);
-    let mut rx = Rx {
-        reasm: Reassembler::new(REASM_PER_LINK, REASM_TOTAL, REASM_TIMEOUT),
-        out: Out::default(),
-        relay: Vec::with_capacity(BUF),
-        wrote: false,
-    };
+    let mut rx = Rx::new();
     let mut tx = Tx::new();
     while !sh.stop.load(Ordering::Relaxed) {
         let n = match batch.recv(fd) {
@@ -1032,21 +1137,7 @@ fn rx_loop(sh: &Shared) {
                 continue;
             };
             bytes += data.len();
-            let peer = sh.table().by_addr.get(&from).cloned();
-            let Some(peer) = peer else {
-                sh.stats.drop(Reason::UnknownSender, 1);
-                sh.warn_limited(format_args!(
-                    "dropped datagram from {from}: not a connected peer"
-                ));
-                continue;
-            };
-            if deliver_run(sh, &peer, data, seg) {
-                rx.wrote = true;
-                continue;
-            }
-            for d in udpio::datagrams(data, seg) {
-                rx.on_datagram(sh, &peer, d, now);
-            }
+            rx.on_buffer(sh, from, data, seg, now);
         }
         if std::mem::take(&mut rx.wrote) && bytes <= ANSWER_MAX {
             answer_now(sh, &mut tx);
@@ -1089,6 +1180,42 @@ struct Rx {
 }
 
 impl Rx {
+    fn new() -> Rx {
+        Rx {
+            reasm: Reassembler::new(REASM_PER_LINK, REASM_TOTAL, REASM_TIMEOUT),
+            out: Out::default(),
+            relay: Vec::with_capacity(BUF),
+            wrote: false,
+        }
+    }
+
+    /// One received buffer from `from`: a datagram, or a GRO run of
+    /// `seg`-byte datagrams.
+    fn on_buffer(
+        &mut self,
+        sh: &Shared,
+        from: SocketAddr,
+        data: &mut [u8],
+        seg: usize,
+        now: Instant,
+    ) {
+        let peer = sh.table().by_addr.get(&from).cloned();
+        let Some(peer) = peer else {
+            sh.stats.drop(Reason::UnknownSender, 1);
+            sh.warn_limited(format_args!(
+                "dropped datagram from {from}: not a connected peer"
+            ));
+            return;
+        };
+        if deliver_run(sh, &peer, data, seg) {
+            self.wrote = true;
+            return;
+        }
+        for d in udpio::datagrams(data, seg) {
+            self.on_datagram(sh, &peer, d, now);
+        }
+    }
+
     fn on_datagram(&mut self, sh: &Shared, peer: &Arc<Peer>, d: &mut [u8], now: Instant) {
         let (header, seg, range) = match sleeve::parse_datagram(d) {
             Ok(x) => x,
@@ -1160,7 +1287,7 @@ impl Rx {
         let (decision, hops) = {
             let t = sh.table();
             let d = forward::from_peer(
-                sh.me,
+                &t.floods,
                 &t.peers,
                 &t.routes,
                 peer.name,
@@ -1174,8 +1301,8 @@ impl Rx {
         match hops {
             Hops::One(hop, _) => self.relay(sh, &hop, &header, body),
             Hops::Flood(hops) => {
-                for hop in hops {
-                    self.relay(sh, &hop, &header, body);
+                for (_, hop) in hops.iter() {
+                    self.relay(sh, hop, &header, body);
                 }
             }
             Hops::None => {}
@@ -1221,6 +1348,59 @@ impl Rx {
     }
 }
 
+/// The sleeve's per-frame work without its threads and devices: the
+/// functions the senders call for each frame read from the TAP, and the
+/// receiver for each buffer received, with what they send and write handed
+/// to an [`Io`] of the caller's instead of the socket and the TAP. Tests
+/// and benchmarks drive the real data path with it
+/// (`tests/alloc_per_frame.rs`); the daemon's threads do not use it.
+pub struct Engine {
+    sh: Shared,
+    tx: Tx,
+    rx: Rx,
+}
+
+impl Engine {
+    /// A sleeve for `cfg` with a TAP that has vnet headers (as the
+    /// daemon's has), sending to `io`. It also holds a UDP socket on
+    /// 127.0.0.1 (a port the kernel picks), which the per-frame work never
+    /// uses.
+    pub fn new(cfg: &Config, io: Box<dyn Io>) -> io::Result<Engine> {
+        let sock = UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+        Ok(Engine {
+            sh: Shared::new(cfg, sock, true, true, Vec::new(), Some(io)),
+            tx: Tx::new(),
+            rx: Rx::new(),
+        })
+    }
+
+    /// Apply a command, as the control task does.
+    pub fn command(&self, c: Cmd) {
+        command(&self.sh, c);
+    }
+
+    /// One frame (vnet header + Ethernet frame, at most [`MAX_FRAME`]
+    /// bytes; the rest is cut) as if read from the TAP: sent, or packed
+    /// until [`Engine::flush`].
+    pub fn tap_frame(&mut self, frame: &[u8]) {
+        let off = Tx::read_offset(&self.sh);
+        let n = frame.len().min(BUF - TAG_LEN - off);
+        self.tx.buf[off..off + n].copy_from_slice(&frame[..n]);
+        self.tx.on_read(&self.sh, n);
+    }
+
+    /// The end of a burst read from the TAP: send what was packed.
+    pub fn flush(&mut self) {
+        flush_packs(&self.sh, &mut self.tx.out, &mut self.tx.packs);
+    }
+
+    /// One buffer received from `from`: a datagram, or a GRO run of
+    /// `seg`-byte datagrams.
+    pub fn receive(&mut self, from: SocketAddr, data: &mut [u8], seg: usize, now: Instant) {
+        self.rx.on_buffer(&self.sh, from, data, seg, now);
+    }
+}
+
 /// Answer a probe of `size` bytes (IP and UDP included) from `peer`: sealed
 /// when the connection has keys, plain otherwise.
 fn answer_probe(sh: &Shared, peer: &Peer, size: usize) {
@@ -1259,6 +1439,11 @@ fn on_probe_ack(sh: &Shared, peer: &Peer, header: &Header, body: &mut [u8], now:
     }
 }
 
+/// The most datagrams of one received run that [`deliver_run`] writes to
+/// the TAP straight (a GRO run holds at most 64); longer runs take the
+/// general path.
+const RUN_MAX: usize = 2 * MAX_SEGMENTS;
+
 /// The common case of bulk traffic, without the reassembly copy: a received
 /// run of datagrams that is exactly one whole plain message for us holding
 /// one frame is written to the TAP straight from the datagrams, in one
@@ -1268,9 +1453,6 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
     if sh.encrypted || !sh.vnet_hdr || data.len() <= seg {
         return false;
     }
-    let Some(tap) = sh.tap.first() else {
-        return false;
-    };
     let Ok((first, plan, head_range)) = sleeve::parse_datagram(&data[..seg]) else {
         return false;
     };
@@ -1280,10 +1462,12 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
         || first.src == sh.me
         || plan.index != 0
         || plan.count as usize != n
+        || n > RUN_MAX
     {
         return false;
     }
-    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(n);
+    // A slice per datagram, on the stack.
+    let mut iov = [IoSlice::new(&[]); RUN_MAX];
     let mut total = 0;
     for (i, d) in data.chunks(seg).enumerate() {
         let Ok((h, s, range)) = sleeve::parse_datagram(d) else {
@@ -1293,8 +1477,9 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
             return false;
         }
         total += range.len();
-        iov.push(IoSlice::new(&d[range]));
+        iov[i] = IoSlice::new(&d[range]);
     }
+    let iov = &mut iov[..n];
     // One frame record spanning the whole message.
     let head: &[u8] = &data[head_range];
     let Some((len, frame_start)) = head.split_first_chunk::<FRAME_RECORD_HEADER>() else {
@@ -1313,7 +1498,7 @@ fn deliver_run(sh: &Shared, peer: &Peer, data: &[u8], seg: usize) -> bool {
         return true;
     }
     iov[0] = IoSlice::new(frame_start);
-    if let Err(e) = udpio::writev(tap.as_raw_fd(), &iov) {
+    if let Err(e) = sh.write_tap(iov) {
         trace!("TAP write: {e}");
     }
     true
@@ -1343,7 +1528,7 @@ fn learn(sh: &Shared, src: PeerName, mac: [u8; 6]) -> bool {
             sh.stats.drop(Reason::MacClaim, 1);
             sh.warn_limited(format_args!(
                 "dropped a frame from {src}: its source MAC {} is one of this host's",
-                fmt_mac(&mac)
+                MacFmt(mac)
             ));
         }
         Learn::Full => sh.stats.drop(Reason::MacLimit, 1),
@@ -1352,20 +1537,24 @@ fn learn(sh: &Shared, src: PeerName, mac: [u8; 6]) -> bool {
     l.deliverable()
 }
 
-fn fmt_mac(m: &[u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
+/// A MAC as `aa:bb:cc:dd:ee:ff`, formatted only when printed.
+struct MacFmt([u8; 6]);
+
+impl std::fmt::Display for MacFmt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = &self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
 }
 
 /// Write the frames of a message for us (or broadcast) to the TAP, and learn
 /// which peer their source MACs live behind; frames whose source MAC is
 /// refused ([`learn`]) are dropped.
 fn deliver(sh: &Shared, src: PeerName, body: &[u8]) {
-    let Some(tap) = sh.tap.first() else {
-        return;
-    };
     for f in sleeve::frames(body) {
         let f = match f {
             Ok(f) => f,
@@ -1381,7 +1570,7 @@ fn deliver(sh: &Shared, src: PeerName, body: &[u8]) {
             }
         }
         let data = if sh.vnet_hdr { f } else { &f[VNET_HDR_LEN..] };
-        if let Err(e) = tap.send(data) {
+        if let Err(e) = sh.write_tap(&[IoSlice::new(data)]) {
             trace!("TAP write: {e}");
         }
     }
