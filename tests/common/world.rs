@@ -153,6 +153,34 @@ impl World {
         host
     }
 
+    /// Bytes every host has sent on the underlay so far: the sum of what
+    /// the switch's ports received (each byte counted once).
+    #[track_caller]
+    pub fn underlay_bytes(&self) -> u64 {
+        let out = run_ok(
+            "ip",
+            &[
+                "-n",
+                &self.switch_ns,
+                "-s",
+                "-j",
+                "link",
+                "show",
+                "master",
+                "br0",
+            ],
+        );
+        let ports: serde_json::Value = serde_json::from_str(&out).expect("ip -j link is JSON");
+        ports
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["stats64"]["rx"]["bytes"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// Adds an empty container namespace `<prefix>-<name>` (loopback up).
     pub fn add_container(&mut self, name: &str) -> Container {
         let ns = format!("{}-{name}", self.prefix);
