@@ -37,6 +37,9 @@
 # Everything it makes is named mscale-<pid>-... (namespaces) or lives in one
 # temp dir; it is removed on every exit path. Only 198.18.0.0/15.
 # MESH_BIN=/path/to/mesh runs that binary instead of building one.
+# PERF=FILE records every CPU with `perf record -g` during each REST window
+# into FILE.n<N>.<mode> (where the idle CPU goes: `perf report -i ...
+# --comm mesh`).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -243,7 +246,11 @@ run_one() { # N MODE
     sleep "$SETTLE"
     local c0 b0 c1 b1 w0 w1
     w0=$(now); c0=$(cpu_ticks); b0=$(underlay_bytes)
-    sleep "$REST"
+    if [[ -n ${PERF:-} ]]; then
+        perf record -a -g -F 199 -o "$PERF.n$total.${mode/:/}" -- sleep "$REST" >/dev/null 2>&1
+    else
+        sleep "$REST"
+    fi
     w1=$(now); c1=$(cpu_ticks); b1=$(underlay_bytes)
     local cpu bps rss
     cpu=$(awk -v d=$((c1 - c0)) -v hz="$HZ" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.1f", 100 * d / hz / (b - a) }')

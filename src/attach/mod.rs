@@ -38,6 +38,12 @@ use tracing::{debug, info, warn};
 /// namespace destroyed takes the veth pair with it).
 const GONE_CHECK: Duration = Duration::from_secs(5);
 
+/// The namespaces held by other processes (a walk of all of `/proc`, the
+/// largest idle cost of a daemon with containers) are looked at on every
+/// this many gone checks: a namespace held by this daemon alone is
+/// released 15-30 s after its last process left.
+const ORPHAN_EVERY: u32 = 3;
+
 /// The prefix of host-side interface names.
 const HOST_PREFIX: &str = host::nft::PORT_PREFIX;
 
@@ -88,6 +94,8 @@ pub struct Manager {
     /// Host interfaces of containers whose namespace only this daemon
     /// held at the last check (see [`Manager::release_gone`]).
     orphans: std::collections::HashSet<String>,
+    /// Gone checks so far (see [`ORPHAN_EVERY`]).
+    gone_checks: u32,
     /// Ports of the Docker plugin's veths not yet adopted by an attach
     /// (Docker moves the other end into a sandbox that does not exist
     /// yet), by host interface: in the rules from their first frame.
@@ -308,6 +316,7 @@ impl Manager {
             zone,
             servers: HashMap::new(),
             orphans: Default::default(),
+            gone_checks: 0,
             docker_ports: HashMap::new(),
             exposed: persist::load_json(&data_dir_for_expose.join(crate::paths::EXPOSED))?
                 .unwrap_or_default(),
@@ -1453,7 +1462,8 @@ impl Manager {
     /// live on, since the DNS server's sockets inside keep the namespace
     /// (and its end of the pair) alive. It is taken down here.
     async fn release_gone(&mut self) {
-        if !self.list.is_empty() {
+        self.gone_checks = self.gone_checks.wrapping_add(1);
+        if !self.list.is_empty() && self.gone_checks.is_multiple_of(ORPHAN_EVERY) {
             // No answer (or an empty one: /proc unreadable) decides nothing.
             let used = match tokio::task::spawn_blocking(host::netns::netns_in_use).await {
                 Ok(u) if !u.is_empty() => u,
