@@ -250,12 +250,7 @@ impl Driver {
         ring.set_told(Told {
             targets: self.targets.0,
             unreached: self.targets.1.clone(),
-            peers: gossip
-                .peers()
-                .into_iter()
-                .map(|p| p.name)
-                .filter(|p| *p != me)
-                .collect(),
+            peers: gossip.known_names().filter(|p| *p != me).collect(),
         });
     }
 
@@ -560,7 +555,10 @@ fn copy(c: &Config) -> Config {
 /// routes to, and our direct neighbours (whose connections the topology
 /// counts only once both ends have gossiped them).
 fn reachable(gossip: &Gossip) -> BTreeSet<PeerName> {
-    reachable_of(gossip, &gossip.peers())
+    gossip
+        .reachable_names()
+        .chain(gossip.neighbours())
+        .collect()
 }
 
 /// [`reachable`] from a list of peers already at hand.

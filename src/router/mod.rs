@@ -442,16 +442,19 @@ impl Router {
         if self.routes_dirty {
             self.routes_dirty = false;
             let mut routes = sleeve::Routes::default();
-            let peers = self.gossip.peers();
-            for p in &peers {
-                if let Some(hop) = p.next_hop {
-                    routes.unicast.insert(p.name, hop);
+            // Names, not `peers()`: its connection lists cost O(peers ×
+            // connections) on every recomputation.
+            let me = self.gossip.name();
+            for name in self.gossip.reachable_names() {
+                if let Some(hop) = self.gossip.next_hop(name) {
+                    routes.unicast.insert(name, hop);
                 }
-                if p.reachable {
-                    routes
-                        .broadcast
-                        .insert(p.name, self.gossip.broadcast_next_hops(p.name));
-                }
+            }
+            let sources = std::iter::once(me).chain(self.gossip.reachable_names());
+            for name in sources.collect::<Vec<_>>() {
+                routes
+                    .broadcast
+                    .insert(name, self.gossip.broadcast_next_hops(name));
             }
             let _ = self.sleeve.send(sleeve::Cmd::Routes(routes)).await;
             self.candidates_dirty = true;

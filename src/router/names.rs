@@ -296,7 +296,7 @@ impl ChannelDriver for Driver {
         self.recover(now, gossip);
         if now.duration_since(self.last_purge) >= PURGE_EVERY {
             self.last_purge = now;
-            let known: HashSet<PeerName> = gossip.peers().into_iter().map(|p| p.name).collect();
+            let known: HashSet<PeerName> = gossip.known_names().collect();
             let mut t = self.table.lock();
             t.purge(now);
             let absent: BTreeSet<PeerName> = t.holders().filter(|p| !known.contains(p)).collect();

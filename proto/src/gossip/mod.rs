@@ -668,6 +668,24 @@ impl Gossip {
         })
     }
 
+    /// Every known peer's name, ourselves first: what [`Gossip::peers`]
+    /// lists, without its connection lists (which cost O(peers ×
+    /// connections); the daemon asks for names every second).
+    pub fn known_names(&self) -> impl Iterator<Item = PeerName> + '_ {
+        self.topo.known().map(|i| self.topo.name(i))
+    }
+
+    /// The peers [`Gossip::peers`] marks reachable, ourselves excluded: a
+    /// route as of the last recomputation, or a direct neighbour.
+    pub fn reachable_names(&self) -> impl Iterator<Item = PeerName> + '_ {
+        self.topo
+            .known()
+            .filter(|&i| i != 0)
+            .map(|i| (i, self.topo.name(i)))
+            .filter(|(i, name)| self.routes.hop(*i).is_some() || self.neighbours.contains_key(name))
+            .map(|(_, name)| name)
+    }
+
     /// Every known peer (ourselves first).
     pub fn peers(&self) -> Vec<PeerSummary> {
         self.topo
