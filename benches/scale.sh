@@ -6,8 +6,8 @@
 #
 # For every N (and every mode, see MODES) it makes N hosts h1..hN on one
 # underlay switch (198.18.0.0/16, hN at 198.18.<N/250>.<N%250+1>), launches
-# h1, then h2..hN each naming only h1 (they learn the rest by gossip), and
-# measures:
+# h1, then h2..hN all at once, each naming only h1 (they learn the rest by
+# gossip), and measures:
 #
 #   converged_s  from the first launch until every daemon knows all N peers
 #                and has a route to each (`mesh report`);
@@ -198,8 +198,14 @@ run_one() { # N MODE
     setup "$total"
     t0=$(now)
     mesh 1 launch --nickname h1 --ipalloc-range "$RANGE" "${extra[@]}" >/dev/null
+    # The others all at once (hosts booting together), each naming h1.
+    local -a jobs=()
     for ((n = 2; n <= total; n++)); do
-        mesh "$n" launch --nickname "h$n" --ipalloc-range "$RANGE" "${extra[@]}" "$(uaddr 1)" >/dev/null
+        mesh "$n" launch --nickname "h$n" --ipalloc-range "$RANGE" "${extra[@]}" "$(uaddr 1)" >/dev/null &
+        jobs+=($!)
+    done
+    for j in "${jobs[@]}"; do
+        wait "$j" || { echo "benches/scale.sh: n=$total $mode: a launch failed" >&2; return 1; }
     done
     # Converged: every daemon, polled until it is (each is checked until it
     # first is; a later loss would show in the pings).
