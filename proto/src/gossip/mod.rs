@@ -391,6 +391,12 @@ impl Gossip {
         self.topo.reserve(peers);
     }
 
+    /// Intern the mesh's names in this order (a memory hint for a
+    /// simulator: see [`Topology::intern_all`]; nothing else changes).
+    pub fn intern_names(&mut self, names: &[PeerName]) {
+        self.topo.intern_all(names);
+    }
+
     /// Register a named channel (IPAM, DNS). Neighbours that do not know the
     /// channel ignore its messages.
     pub fn add_channel(&mut self, name: &str, data: Box<dyn GossipData>) {

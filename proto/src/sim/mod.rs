@@ -183,6 +183,9 @@ pub struct Sim {
     rng: Rng,
     peers: Vec<Peer>,
     by_name: HashMap<PeerName, u32, NameHash>,
+    /// Every peer's name, by index: each core interns them in this order,
+    /// so that equal entry versions are shared between cores.
+    names: Vec<PeerName>,
     queue: BinaryHeap<Reverse<(Duration, u64)>>,
     events: HashMap<u64, Ev, NameHash>,
     seq: u64,
@@ -230,6 +233,7 @@ impl Sim {
             now: Duration::ZERO,
             peers: Vec::with_capacity(n),
             by_name: HashMap::default(),
+            names: Vec::with_capacity(n),
             queue: BinaryHeap::new(),
             events: HashMap::default(),
             seq: 0,
@@ -251,6 +255,7 @@ impl Sim {
             let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 6783));
             let seed = (i > 0).then(|| sim.rng.below(i) as u32);
             sim.by_name.insert(name, i as u32);
+            sim.names.push(name);
             sim.peers.push(Peer {
                 name,
                 addr,
@@ -574,6 +579,7 @@ impl Sim {
             seed,
         );
         core.reserve_peers(self.cfg.peers);
+        core.intern_names(&self.names);
         p.core = Some(core);
         self.trigger_maker(i, Duration::ZERO);
     }
