@@ -218,3 +218,31 @@ fn simulation_is_deterministic() {
     };
     assert_eq!(run(5), run(5));
 }
+
+#[test]
+fn churn_of_fifty_converges_after_it_stops() {
+    use mesh_proto::sim::Churn;
+    let seed = 21;
+    let mut sim = converged_sim(50, seed);
+    // 20 peers leaving and 20 joining a minute, for two minutes: about
+    // seven away at any time.
+    let report = sim.run_churn(Churn {
+        per_min: 20.0,
+        duration: secs(120),
+    });
+    assert!(report.leaves >= 20, "seed {seed}: {report}");
+    // Joins spread like any news: within the gossip bound.
+    assert!(report.joins_known >= 10, "seed {seed}: {report}");
+    assert!(
+        report.join_known_max_s <= GOSSIP_BOUND.as_secs_f64(),
+        "seed {seed}: {report}"
+    );
+    // Once churn stops and everyone away is back: converged within the
+    // detection delay (8 s) plus the gossip bound.
+    let conv = report.converged_s;
+    assert!(
+        conv.is_some_and(|c| c <= 8.0 + GOSSIP_BOUND.as_secs_f64()),
+        "seed {seed}: {report}"
+    );
+    assert!(sim.converged(), "seed {seed}");
+}

@@ -720,6 +720,12 @@ impl Gossip {
         self.topo.count()
     }
 
+    /// The incarnation of `peer`'s entry we hold (None: unknown).
+    pub fn known_incarnation(&self, peer: PeerName) -> Option<u64> {
+        let i = self.topo.lookup(peer)?;
+        self.topo.get(i).map(|e| e.incarnation)
+    }
+
     /// Number of peers we have a route to (as of the last recomputation).
     pub fn reachable_count(&self) -> usize {
         self.routes.reachable
