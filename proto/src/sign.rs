@@ -226,11 +226,12 @@ struct KeyPoint {
 /// every topology (thousands in a simulator) would keep its own copy of
 /// every point.
 struct PointCache {
-    gens: std::sync::Mutex<(
-        HashMap<[u8; KEY_LEN], KeyPoint>,
-        HashMap<[u8; KEY_LEN], KeyPoint>,
-    )>,
+    /// The current generation and the one before.
+    gens: std::sync::Mutex<(PointGen, PointGen)>,
 }
+
+/// One generation of [`PointCache`].
+type PointGen = HashMap<[u8; KEY_LEN], KeyPoint>;
 
 impl PointCache {
     /// Keys per generation.
@@ -352,10 +353,36 @@ pub enum KeyError {
     BadSignature(PeerName),
 }
 
+/// Pinned keys by value, process-wide, as weak references: every book
+/// that pins a key holds one allocation of it (a simulator's thousands of
+/// books, each holding every peer's key, would otherwise hold thousands of
+/// copies). Dead slots are swept when the table doubles.
+static SHARED_KEYS: std::sync::Mutex<Option<SharedKeys>> = std::sync::Mutex::new(None);
+
+/// [`SHARED_KEYS`]: the weak references by key, and the table's size after
+/// the last sweep.
+type SharedKeys = (HashMap<PublicKey, std::sync::Weak<PublicKey>>, usize);
+
+fn shared_key(k: PublicKey) -> std::sync::Arc<PublicKey> {
+    let mut g = SHARED_KEYS.lock().unwrap_or_else(|e| e.into_inner());
+    let (map, swept) = g.get_or_insert_with(Default::default);
+    if let Some(a) = map.get(&k).and_then(|w| w.upgrade()) {
+        return a;
+    }
+    let a = std::sync::Arc::new(k);
+    map.insert(k, std::sync::Arc::downgrade(&a));
+    if map.len() > 2 * *swept + 1024 {
+        map.retain(|_, w| w.strong_count() > 0);
+        *swept = map.len();
+    }
+    a
+}
+
 /// The public keys of the peers we know, pinned per name.
 #[derive(Debug, Default, Clone)]
 pub struct KeyBook {
-    keys: HashMap<PeerName, PublicKey>,
+    /// Shared between books ([`shared_key`]): eight bytes a peer here.
+    keys: HashMap<PeerName, std::sync::Arc<PublicKey>, crate::gossip::topology::NameHash>,
     /// Names for which a second key was refused (for status output).
     collisions: HashMap<PeerName, PublicKey>,
 }
@@ -368,7 +395,7 @@ impl KeyBook {
 
     /// The key pinned for `name`.
     pub fn get(&self, name: PeerName) -> Option<PublicKey> {
-        self.keys.get(&name).copied()
+        self.keys.get(&name).map(|k| **k)
     }
 
     /// Pin `key` for `name` (a key proven some other way, e.g. our own).
@@ -379,14 +406,14 @@ impl KeyBook {
             return Err(KeyError::WrongName { name, key });
         }
         match self.keys.get(&name) {
-            Some(k) if *k == key => Ok(()),
+            Some(k) if **k == key => Ok(()),
             Some(k) => Err(KeyError::Collision {
                 name,
-                kept: *k,
+                kept: **k,
                 refused: key,
             }),
             None => {
-                self.keys.insert(name, key);
+                self.keys.insert(name, shared_key(key));
                 Ok(())
             }
         }
@@ -405,7 +432,7 @@ impl KeyBook {
         msg: &[u8],
         sig: &Sig,
     ) -> Result<(), KeyError> {
-        match (self.keys.get(&name).copied(), offered) {
+        match (self.keys.get(&name).map(|k| **k), offered) {
             (Some(k), Some(o)) if k != o => {
                 if k.verify(domain, msg, sig) {
                     return Ok(());
@@ -434,7 +461,7 @@ impl KeyBook {
                 if !o.verify(domain, msg, sig) {
                     return Err(KeyError::BadSignature(name));
                 }
-                self.keys.insert(name, o);
+                self.keys.insert(name, shared_key(o));
                 Ok(())
             }
             (None, None) => Err(KeyError::Unknown(name)),

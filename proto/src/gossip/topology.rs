@@ -434,8 +434,41 @@ pub struct Entry {
     settled: u32,
     /// Recent changes, oldest first; complete for versions above `floor`
     /// (but for holes). At most [`MAX_RECENT`], dropped once the entry
-    /// settles.
-    pub recent: History,
+    /// settles (then no allocation at all: most entries at rest).
+    pub recent: Recent,
+}
+
+/// An entry's [`History`], boxed when there is any: eight bytes in every
+/// entry of every topology rather than twenty-four.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Recent(Option<Box<History>>);
+
+impl Recent {
+    fn new(h: History) -> Recent {
+        Recent((!h.is_empty()).then(|| Box::new(h)))
+    }
+}
+
+impl Recent {
+    /// The operations, oldest first, given the entry's floor.
+    pub fn iter(&self, floor: u32) -> impl DoubleEndedIterator<Item = Op> + '_ {
+        self.0.iter().flat_map(move |h| h.iter(floor))
+    }
+
+    /// The operations, oldest first, given the entry's floor.
+    pub fn ops(&self, floor: u32) -> Vec<Op> {
+        self.iter(floor).collect()
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |h| h.len())
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
 }
 
 impl std::ops::Deref for Entry {
@@ -666,7 +699,7 @@ impl Topology {
                     sig: Sig::NONE,
                 }),
                 addrs_version: 1,
-                recent: History::default(),
+                recent: Recent::default(),
                 floor: 1,
                 settled: 0,
             }),
@@ -1007,7 +1040,7 @@ impl Topology {
                 sig: r.sig,
             }),
             addrs_version: r.version,
-            recent: History::default(),
+            recent: Recent::default(),
             floor: r.version,
             settled: 0,
         };
@@ -1181,7 +1214,7 @@ impl Topology {
             let b = e.body_mut();
             b.incarnation = incarnation.max(b.incarnation);
             b.version = version.saturating_add(1).max(b.version.saturating_add(1));
-            e.recent = History::default();
+            e.recent = Recent::default();
             e.floor = e.version;
             e.addrs_version = e.version;
         });
@@ -1192,7 +1225,7 @@ impl Topology {
     pub fn compact(&mut self) {
         for e in self.entries.iter_mut().flatten() {
             if e.settled == e.version && !e.recent.is_empty() {
-                e.recent = History::default();
+                e.recent = Recent::default();
                 e.floor = e.version;
             }
             e.settled = e.version;
@@ -1254,7 +1287,7 @@ fn push_ops(e: &mut Entry, ops: impl Iterator<Item = Op>) {
         recent.drain(..n);
         e.floor = e.floor.max(v);
     }
-    e.recent = History::from_ops(&recent, e.floor);
+    e.recent = Recent::new(History::from_ops(&recent, e.floor));
 }
 
 #[cfg(test)]
