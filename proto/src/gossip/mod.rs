@@ -106,10 +106,17 @@ pub struct Config {
     pub conn_limit: usize,
     /// Anti-entropy period: one summary to one random neighbour.
     pub gossip_interval: Duration,
-    /// The daemon's control-channel heartbeat period.
+    /// The period of the daemon's heartbeats on a healthy connection, in
+    /// each direction (the core sends none; the simulator counts their
+    /// bytes and models failure detection with it). The default models the
+    /// beat that dominates at rest: the sleeve's, one datagram each way per
+    /// 10 s on a healthy link ([`crate::beat`]; the control connection beats
+    /// once a minute, the fast path's probes every 20 s).
     pub heartbeat: Duration,
     /// The daemon declares a connection dead after this long without
     /// hearing from it, and then calls [`Gossip::handle_connection_down`].
+    /// The default models the sleeve's: a neighbour silent on UDP for 15 s
+    /// loses its connection, so a dead neighbour is noticed within 15 s.
     pub dead_after: Duration,
     /// Changes are batched this long before deltas are sent.
     pub flush_interval: Duration,
@@ -130,8 +137,8 @@ impl Default for Config {
         Config {
             conn_limit: 100,
             gossip_interval: Duration::from_secs(1),
-            heartbeat: Duration::from_secs(2),
-            dead_after: Duration::from_secs(8),
+            heartbeat: Duration::from_secs(10),
+            dead_after: Duration::from_secs(15),
             flush_interval: Duration::from_millis(350),
             relay_fanout: 3,
             route_delay: Duration::from_millis(100),

@@ -21,9 +21,16 @@
 //!   dead or partitioned peer fails after 3 s.
 //! - **Failure detection**: a connection whose path breaks (partition, crash,
 //!   cut link) is reported down at each live end after a delay drawn from
-//!   `[dead_after − heartbeat, dead_after]` (6–8 s with the defaults).
-//! - **Heartbeats**: 20 bytes per connection per heartbeat period in each
-//!   direction, counted as control bytes (not delivered as messages).
+//!   `[dead_after − heartbeat, dead_after]` (5–15 s with the defaults: the
+//!   last beat heard was up to one slow interval before the break, and the
+//!   sleeve gives up after 15 s of silence).
+//! - **Heartbeats**: one sleeve heartbeat ([`HEARTBEAT_BYTES`]) per
+//!   connection per heartbeat period (10 s) in each direction, counted as
+//!   control bytes (not delivered as messages): a healthy link's steady
+//!   beat, the leader's ping and the other end's answer
+//!   ([`crate::beat`]). The control connection's beat (about 20 bytes a
+//!   minute each way), the fast beats of links being set up or gone quiet,
+//!   and UDP/TCP/IP headers (as for every byte counted here) are left out.
 //! - **Loss**: each gossip message is dropped with probability `loss` (harsher
 //!   than TCP, which would only delay it); each leg of a dial is delayed by a
 //!   1 s SYN retransmission with that probability.
@@ -52,8 +59,10 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// Bytes of one control-channel heartbeat.
-pub const HEARTBEAT_BYTES: u64 = 20;
+/// Bytes of one sleeve heartbeat: an empty sealed message, its 30 bytes
+/// of header and 16 of tag ([`crate::sleeve`]).
+pub const HEARTBEAT_BYTES: u64 = (crate::sleeve::DATAGRAM_HEADER_LEN + crate::seal::TAG_LEN) as u64;
+const _: () = assert!(HEARTBEAT_BYTES == 46);
 /// Bytes a dialer sends for a handshake (Noise XX messages 1 and 3, hello).
 pub const HANDSHAKE_DIALER_BYTES: u64 = 200;
 /// Bytes the acceptor sends (Noise XX message 2, hello, or a refusal).
@@ -424,7 +433,7 @@ impl Sim {
     }
 
     /// Split the mesh: `side` on one side, everyone else on the other.
-    /// Connections across break (detected after 6–8 s), dials across fail.
+    /// Connections across break (detected after 5–15 s), dials across fail.
     pub fn partition(&mut self, side: &[usize]) {
         for &i in side {
             self.group[i] = 1;
@@ -470,7 +479,7 @@ impl Sim {
     }
 
     /// Crash peer `i`: its connections are detected down by the other ends
-    /// after 6–8 s.
+    /// after 5–15 s.
     pub fn crash(&mut self, i: usize) {
         let i = i as u32;
         let p = &mut self.peers[i as usize];
@@ -915,9 +924,9 @@ pub struct Churn {
 }
 
 /// How long a peer that left stays away before it joins again (long
-/// enough for its connections to be detected down, 6–8 s, and the news to
-/// spread).
-pub const CHURN_AWAY: Duration = Duration::from_secs(20);
+/// enough for its connections to be detected down, 5–15 s, and the news
+/// to spread).
+pub const CHURN_AWAY: Duration = Duration::from_secs(30);
 
 /// The figures of a churn phase.
 #[derive(Debug, Clone, Copy, PartialEq)]
