@@ -312,7 +312,7 @@ mod tests {
             let counter = std::cell::Cell::new(0u64);
             p.run(0, 90_000, latency, |_| {
                 counter.set(counter.get() + 1);
-                (counter.get() + phase) % 2 == 0
+                (counter.get() + phase).is_multiple_of(2)
             });
             prop_assert_eq!(p.died, [None, None]);
         }
