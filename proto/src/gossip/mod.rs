@@ -266,6 +266,32 @@ struct Pending {
     source: Option<PeerName>,
 }
 
+/// A version we asked a neighbour for, and when.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    incarnation: u64,
+    version: u32,
+    /// Milliseconds since [`Gossip::origin`], wrapping (every 49 days; an
+    /// entry lives two flush rounds).
+    at: u32,
+}
+
+impl Asked {
+    fn new(incarnation: u64, version: u32, at: u32) -> Asked {
+        Asked {
+            incarnation,
+            version,
+            at,
+        }
+    }
+
+    /// Asked less than `patience` ms before `now` (both from
+    /// [`Gossip::stamp`]).
+    fn fresh(&self, now: u32, patience: u32) -> bool {
+        now.wrapping_sub(self.at) < patience
+    }
+}
+
 struct Neighbour {
     addr: SocketAddr,
     /// We sent a hello asking for a sync (it was unreachable before).
@@ -298,8 +324,11 @@ pub struct Gossip {
     /// records are relayed on arrival like pushed ones.
     gaps: HashSet<Idx>,
     /// Versions we asked for and when: a second announcement of the same
-    /// news within a flush round does not ask again.
-    wanted: HashMap<Idx, (u64, u32, Instant)>,
+    /// news within a flush round does not ask again. Held by thousands
+    /// while a peer joins (24 bytes a slot, not 40 with an `Instant`).
+    wanted: HashMap<Idx, Asked>,
+    /// The origin of [`Asked::at`] (the first time we were given).
+    origin: Option<Instant>,
     routes: Routes,
     /// Each slot's depth in the last search (for
     /// [`Topology::take_routing_change`]).
@@ -345,6 +374,7 @@ impl Gossip {
             pending: HashMap::new(),
             gaps: HashSet::new(),
             wanted: HashMap::new(),
+            origin: None,
             routes: Routes::default(),
             route_depth: Vec::new(),
             routes_due: None,
@@ -389,6 +419,19 @@ impl Gossip {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// `now` in wrapping milliseconds since our origin (for [`Asked`]).
+    fn stamp(&mut self, now: Instant) -> u32 {
+        let o = *self.origin.get_or_insert(now);
+        now.saturating_duration_since(o).as_millis() as u32
+    }
+
+    /// How long a request stays asked: two flush rounds, in ms.
+    fn patience_ms(&self) -> u32 {
+        (self.config.flush_interval * 2)
+            .as_millis()
+            .min(u32::MAX as u128) as u32
     }
 
     /// Make room for a mesh of `peers` peers up front (a memory hint: a
@@ -578,8 +621,8 @@ impl Gossip {
             self.flush();
             // Forget old requests each round: a joining peer asks for
             // thousands of entries within seconds.
-            let patience = self.config.flush_interval * 2;
-            self.wanted.retain(|_, w| now < w.2 + patience);
+            let (at, patience) = (self.stamp(now), self.patience_ms());
+            self.wanted.retain(|_, w| w.fresh(at, patience));
             if self.wanted.capacity() > 4 * self.wanted.len().max(16) {
                 self.wanted.shrink_to_fit();
             }
@@ -1030,13 +1073,15 @@ impl Gossip {
             }
             if (h.incarnation, h.version) > mine && want.len() < MESSAGE_BUDGET / 24 {
                 let i = idx.unwrap_or_else(|| self.topo.intern(h.name));
-                let patience = self.config.flush_interval * 2;
-                if self.wanted.get(&i).is_some_and(|&(inc, ver, at)| {
-                    (inc, ver) >= (h.incarnation, h.version) && now < at + patience
+                let (at, patience) = (self.stamp(now), self.patience_ms());
+                if self.wanted.get(&i).is_some_and(|w| {
+                    (w.incarnation, w.version) >= (h.incarnation, h.version)
+                        && w.fresh(at, patience)
                 }) {
                     continue;
                 }
-                self.wanted.insert(i, (h.incarnation, h.version, now));
+                self.wanted
+                    .insert(i, Asked::new(h.incarnation, h.version, at));
                 if self.gaps.len() < 4 * wire::MAX_CONNS {
                     self.gaps.insert(i);
                 }
@@ -1259,9 +1304,10 @@ impl Gossip {
                     // A delta may not lead to what its signer signed when
                     // our copy is not the one it was made for: the whole
                     // entry settles it (asked once per flush round).
-                    let patience = self.config.flush_interval * 2;
-                    let asked = self.wanted.get(&peer).is_some_and(|&(inc, ver, at)| {
-                        (inc, ver) == (r.incarnation, r.version) && now < at + patience
+                    let (at, patience) = (self.stamp(now), self.patience_ms());
+                    let asked = self.wanted.get(&peer).is_some_and(|w| {
+                        (w.incarnation, w.version) == (r.incarnation, r.version)
+                            && w.fresh(at, patience)
                     });
                     if collision {
                         self.refused += 1;
@@ -1272,7 +1318,8 @@ impl Gossip {
                             collision,
                         });
                     } else if !whole && !asked && self.topo.get(peer).is_some() {
-                        self.wanted.insert(peer, (r.incarnation, r.version, now));
+                        self.wanted
+                            .insert(peer, Asked::new(r.incarnation, r.version, at));
                         want.push(VersionRec {
                             name,
                             incarnation: 0,
@@ -1480,8 +1527,8 @@ impl Gossip {
 
     fn collect_garbage(&mut self, now: Instant) {
         self.topo.compact();
-        let patience = self.config.flush_interval * 2;
-        self.wanted.retain(|_, w| now < w.2 + patience);
+        let (at, patience) = (self.stamp(now), self.patience_ms());
+        self.wanted.retain(|_, w| w.fresh(at, patience));
         if self.routes_due.is_some() {
             self.routes_due = None;
             self.recompute_routes();
