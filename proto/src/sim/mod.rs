@@ -41,11 +41,16 @@
 //! [`Sim::dials`]) to tell what a figure is made of.
 //!
 //! Cost: every simulated peer holds the whole topology, so memory and work
-//! grow with peers² × `conn_limit`: about 0.54 GB and half a minute of one
-//! core at 1,000 peers, 2.1 GB and two minutes at 2,000, 12.3 GB and 15
-//! minutes at 5,000 (about 500 bytes per entry per simulated peer, of which
-//! 200 are its connections). Each core is told the mesh's size
-//! ([`Gossip::reserve_peers`]) so that its tables keep no growth slack.
+//! grow with peers²: 355 MiB and 71 s of one core at 1,000 peers, 6.3 GiB
+//! and 31 minutes at 5,000 (about 265 bytes per entry per simulated peer).
+//! A heap profile at 1,000 peers puts about 190 bytes per entry per peer in
+//! each core's own tables at the peak of convergence: requests in flight,
+//! the entry slot, key book, name index, recent history. The entries'
+//! bodies, with their connections, are shared between cores that hold the
+//! same version (see
+//! [`Topology::intern_all`](crate::gossip::topology::Topology::intern_all)).
+//! Each core is told the mesh's size ([`Gossip::reserve_peers`]) so that
+//! its tables keep no growth slack.
 
 pub mod maker;
 
