@@ -6,11 +6,11 @@
 //! while converging and at rest, and the wall time the simulation took.
 //! `MESH_BENCH_PEERS=100,1000` picks other sizes. The figures are simulated
 //! (deterministic from the seed), so one run each is enough; the wall time is
-//! the simulator's own speed. N = 5,000 alone takes about 15 minutes of one
-//! core and 12 GB of memory (`MESH_BENCH_PEERS=5000 cargo bench -p
-//! mesh-proto --bench gossip_sim`, or the `simulate` example with
-//! `--peers 5000`); `MESH_BENCH_PEERS=100,1000,2000` stays within a few
-//! minutes.
+//! the simulator's own speed. N = 5,000 alone takes about 31 minutes of one
+//! core and 6.3 GiB (`MESH_BENCH_PEERS=5000 cargo bench -p mesh-proto
+//! --bench gossip_sim`, or the `simulate` example with `--peers 5000`; see
+//! the README's simulator section); `MESH_BENCH_PEERS=100,1000,2000` stays
+//! within a few minutes.
 
 use mesh_proto::sim::{run, SimConfig};
 use std::time::Instant;

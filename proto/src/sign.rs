@@ -99,7 +99,7 @@ impl PublicKey {
     /// From 32 bytes; a key that is not a curve point is an error.
     pub fn from_bytes(b: &[u8]) -> Result<PublicKey, InvalidKey> {
         let b: [u8; KEY_LEN] = b.try_into().map_err(|_| InvalidKey)?;
-        VerifyingKey::from_bytes(&b).map_err(|_| InvalidKey)?;
+        POINTS.get(&b).ok_or(InvalidKey)?;
         Ok(PublicKey(b))
     }
 
@@ -111,14 +111,14 @@ impl PublicKey {
     /// The X25519 public key the holder proves in the Noise handshake.
     pub fn x25519(&self) -> [u8; KEY_LEN] {
         // Checked in from_bytes; a key that got here is a point.
-        VerifyingKey::from_bytes(&self.0)
-            .map(|k| k.to_montgomery().to_bytes())
-            .unwrap_or([0; KEY_LEN])
+        POINTS.get(&self.0).map_or([0; KEY_LEN], |p| p.x25519)
     }
 
     /// The name this key gives.
     pub fn name(&self) -> PeerName {
-        PeerName::from_public_key(&self.x25519())
+        POINTS
+            .get(&self.0)
+            .map_or_else(|| PeerName::from_public_key(&[0; KEY_LEN]), |p| p.name)
     }
 
     /// A short fingerprint for humans: `SHA256:`-style base64 is what ssh
@@ -134,7 +134,7 @@ impl PublicKey {
     /// remembered (see [`VerifiedCache`]): one version of a peer's entry
     /// reaches us from several neighbours, and is checked once.
     pub fn verify(&self, domain: &[u8], msg: &[u8], sig: &Sig) -> bool {
-        verify_cached(&self.0, None, domain, msg, sig)
+        verify_cached(&self.0, domain, msg, sig)
     }
 }
 
@@ -145,32 +145,18 @@ impl fmt::Debug for PublicKey {
 }
 
 /// Verify through the memo of valid triples ([`VerifiedCache`]), with the
-/// key decompressed already (`point`) or from its bytes.
-fn verify_cached(
-    key: &[u8; KEY_LEN],
-    point: Option<&VerifyingKey>,
-    domain: &[u8],
-    msg: &[u8],
-    sig: &Sig,
-) -> bool {
+/// key decompressed once per process ([`PointCache`]).
+fn verify_cached(key: &[u8; KEY_LEN], domain: &[u8], msg: &[u8], sig: &Sig) -> bool {
     let m = tagged(domain, msg);
     let fp = triple_hash(key, &m, sig);
     if VERIFIED.contains(&fp) {
         return true;
     }
-    let owned;
-    let k = match point {
-        Some(p) => p,
-        None => match VerifyingKey::from_bytes(key) {
-            Ok(p) => {
-                owned = p;
-                &owned
-            }
-            Err(_) => return false,
-        },
+    let Some(p) = POINTS.get(key) else {
+        return false;
     };
     let s = ed25519_dalek::Signature::from_bytes(&sig.0);
-    let ok = k.verify_strict(&m, &s).is_ok();
+    let ok = p.point.verify_strict(&m, &s).is_ok();
     if ok {
         VERIFIED.insert(fp);
     }
@@ -220,6 +206,68 @@ impl VerifiedCache {
         g.0.insert(h);
     }
 }
+
+/// What a key's bytes give, computed once: the decompressed point (a
+/// verification then skips the decompression, a good third of its cost),
+/// its X25519 form and its name.
+#[derive(Clone, Copy)]
+struct KeyPoint {
+    point: VerifyingKey,
+    x25519: [u8; KEY_LEN],
+    name: PeerName,
+}
+
+/// Keys already decompressed, process-wide: a pure function's memo, like
+/// [`VerifiedCache`], bounded to two generations of
+/// [`PointCache::GENERATION`] keys (~240 bytes each: at most ~8 MiB, one
+/// generation holding every key of a mesh of `--max-peers` peers). Every
+/// whole entry on the wire carries its owner's key, checked to be a point
+/// on decoding; without the memo each one costs a decompression, and
+/// every topology (thousands in a simulator) would keep its own copy of
+/// every point.
+struct PointCache {
+    /// The current generation and the one before.
+    gens: std::sync::Mutex<(PointGen, PointGen)>,
+}
+
+/// One generation of [`PointCache`].
+type PointGen = HashMap<[u8; KEY_LEN], KeyPoint>;
+
+impl PointCache {
+    /// Keys per generation.
+    const GENERATION: usize = 16_384;
+
+    /// The key's point, name and X25519 form (None: not a point).
+    fn get(&self, key: &[u8; KEY_LEN]) -> Option<KeyPoint> {
+        {
+            let mut g = self.gens.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(p) = g.0.get(key) {
+                return Some(*p);
+            }
+            if let Some(p) = g.1.remove(key) {
+                g.0.insert(*key, p);
+                return Some(p);
+            }
+        }
+        let point = VerifyingKey::from_bytes(key).ok()?;
+        let x25519 = point.to_montgomery().to_bytes();
+        let p = KeyPoint {
+            point,
+            x25519,
+            name: PeerName::from_public_key(&x25519),
+        };
+        let mut g = self.gens.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0.len() >= Self::GENERATION {
+            g.1 = std::mem::take(&mut g.0);
+        }
+        g.0.insert(*key, p);
+        Some(p)
+    }
+}
+
+static POINTS: std::sync::LazyLock<PointCache> = std::sync::LazyLock::new(|| PointCache {
+    gens: std::sync::Mutex::new(Default::default()),
+});
 
 static VERIFIED: std::sync::LazyLock<VerifiedCache> = std::sync::LazyLock::new(|| VerifiedCache {
     gens: std::sync::Mutex::new(Default::default()),
@@ -305,13 +353,36 @@ pub enum KeyError {
     BadSignature(PeerName),
 }
 
+/// Pinned keys by value, process-wide, as weak references: every book
+/// that pins a key holds one allocation of it (a simulator's thousands of
+/// books, each holding every peer's key, would otherwise hold thousands of
+/// copies). Dead slots are swept when the table doubles.
+static SHARED_KEYS: std::sync::Mutex<Option<SharedKeys>> = std::sync::Mutex::new(None);
+
+/// [`SHARED_KEYS`]: the weak references by key, and the table's size after
+/// the last sweep.
+type SharedKeys = (HashMap<PublicKey, std::sync::Weak<PublicKey>>, usize);
+
+fn shared_key(k: PublicKey) -> std::sync::Arc<PublicKey> {
+    let mut g = SHARED_KEYS.lock().unwrap_or_else(|e| e.into_inner());
+    let (map, swept) = g.get_or_insert_with(Default::default);
+    if let Some(a) = map.get(&k).and_then(|w| w.upgrade()) {
+        return a;
+    }
+    let a = std::sync::Arc::new(k);
+    map.insert(k, std::sync::Arc::downgrade(&a));
+    if map.len() > 2 * *swept + 1024 {
+        map.retain(|_, w| w.strong_count() > 0);
+        *swept = map.len();
+    }
+    a
+}
+
 /// The public keys of the peers we know, pinned per name.
 #[derive(Debug, Default, Clone)]
 pub struct KeyBook {
-    keys: HashMap<PeerName, PublicKey>,
-    /// The pinned keys, decompressed (a verification with a pinned key
-    /// then skips the decompression, a good third of its cost).
-    points: HashMap<PeerName, VerifyingKey>,
+    /// Shared between books ([`shared_key`]): eight bytes a peer here.
+    keys: HashMap<PeerName, std::sync::Arc<PublicKey>, crate::gossip::topology::NameHash>,
     /// Names for which a second key was refused (for status output).
     collisions: HashMap<PeerName, PublicKey>,
 }
@@ -324,7 +395,7 @@ impl KeyBook {
 
     /// The key pinned for `name`.
     pub fn get(&self, name: PeerName) -> Option<PublicKey> {
-        self.keys.get(&name).copied()
+        self.keys.get(&name).map(|k| **k)
     }
 
     /// Pin `key` for `name` (a key proven some other way, e.g. our own).
@@ -335,14 +406,14 @@ impl KeyBook {
             return Err(KeyError::WrongName { name, key });
         }
         match self.keys.get(&name) {
-            Some(k) if *k == key => Ok(()),
+            Some(k) if **k == key => Ok(()),
             Some(k) => Err(KeyError::Collision {
                 name,
-                kept: *k,
+                kept: **k,
                 refused: key,
             }),
             None => {
-                self.keys.insert(name, key);
+                self.keys.insert(name, shared_key(key));
                 Ok(())
             }
         }
@@ -361,7 +432,7 @@ impl KeyBook {
         msg: &[u8],
         sig: &Sig,
     ) -> Result<(), KeyError> {
-        match (self.keys.get(&name).copied(), offered) {
+        match (self.keys.get(&name).map(|k| **k), offered) {
             (Some(k), Some(o)) if k != o => {
                 if k.verify(domain, msg, sig) {
                     return Ok(());
@@ -377,15 +448,7 @@ impl KeyBook {
                 Err(KeyError::BadSignature(name))
             }
             (Some(k), _) => {
-                let point = match self.points.get(&name) {
-                    Some(p) => Some(*p),
-                    None => VerifyingKey::from_bytes(k.as_bytes()).ok(),
-                };
-                let Some(point) = point else {
-                    return Err(KeyError::BadSignature(name));
-                };
-                self.points.insert(name, point);
-                if verify_cached(k.as_bytes(), Some(&point), domain, msg, sig) {
+                if verify_cached(k.as_bytes(), domain, msg, sig) {
                     Ok(())
                 } else {
                     Err(KeyError::BadSignature(name))
@@ -398,7 +461,7 @@ impl KeyBook {
                 if !o.verify(domain, msg, sig) {
                     return Err(KeyError::BadSignature(name));
                 }
-                self.keys.insert(name, o);
+                self.keys.insert(name, shared_key(o));
                 Ok(())
             }
             (None, None) => Err(KeyError::Unknown(name)),
@@ -408,7 +471,6 @@ impl KeyBook {
     /// Forget a peer's key (the peer is gone for good).
     pub fn forget(&mut self, name: PeerName) {
         self.keys.remove(&name);
-        self.points.remove(&name);
     }
 
     /// Names for which a second key was refused, with that key.

@@ -4,10 +4,11 @@
 //! test asserts wall-clock timing (speed is measured by the benchmark), only
 //! simulated-time bounds that are part of the protocol's contract.
 
+use mesh_proto::gossip::Config;
 use mesh_proto::sim::{Sim, SimConfig};
 use std::time::Duration;
 
-/// After the daemon reports a connection down (at most `dead_after` = 8 s
+/// After the daemon reports a connection down (at most [`dead_after`]
 /// after it died), every peer stops using it within this long: the two ends'
 /// deltas reach everyone by push within a few flush rounds, and anti-entropy
 /// (one summary per second) repairs any peer the pushes missed.
@@ -15,6 +16,11 @@ const GOSSIP_BOUND: Duration = Duration::from_secs(5);
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
+}
+
+/// The daemon's failure detection time (15 s by default).
+fn dead_after() -> Duration {
+    Config::default().dead_after
 }
 
 fn converged_sim(peers: usize, seed: u64) -> Sim {
@@ -97,7 +103,7 @@ fn partition_of_fifty_heals() {
     assert_eq!(side.len(), 50);
     sim.partition(&side);
     let t = sim.now();
-    sim.run_until(t + secs(8) + GOSSIP_BOUND);
+    sim.run_until(t + dead_after() + GOSSIP_BOUND);
     // Split: no route across.
     let (a, b) = (side[0], 0);
     assert_eq!(
@@ -110,7 +116,7 @@ fn partition_of_fifty_heals() {
         None,
         "seed {seed}"
     );
-    sim.run_until(t + secs(30));
+    sim.run_until(t + dead_after() + secs(22));
     sim.heal();
     let healed = sim.now();
     let conv = sim.run_until_converged(healed + secs(60));
@@ -142,7 +148,7 @@ fn crashed_and_restarted_peer_is_relearned() {
     let old = sim.incarnation(victim);
     sim.crash(victim);
     let t = sim.now();
-    sim.run_until(t + secs(8) + GOSSIP_BOUND);
+    sim.run_until(t + dead_after() + GOSSIP_BOUND);
     for i in (0..n).filter(|&i| i != victim) {
         assert_eq!(
             sim.core(i).unwrap().next_hop(name),
@@ -188,7 +194,7 @@ fn dead_links_are_withdrawn_within_the_bound() {
     let t0 = sim.now();
     // Routes through a dead link may linger only until the failure is
     // detected (dead_after) plus the gossip bound; check every 100 ms after.
-    let bound = t0 + secs(8) + GOSSIP_BOUND;
+    let bound = t0 + dead_after() + GOSSIP_BOUND;
     sim.run_until(bound);
     let mut t = bound;
     while t < bound + secs(20) {
@@ -217,4 +223,33 @@ fn simulation_is_deterministic() {
         (t, sim.total_bytes(), sim.links())
     };
     assert_eq!(run(5), run(5));
+}
+
+#[test]
+fn churn_of_fifty_converges_after_it_stops() {
+    use mesh_proto::sim::Churn;
+    let seed = 21;
+    let mut sim = converged_sim(50, seed);
+    // 20 peers leaving and 20 joining a minute, for two minutes: about
+    // ten away at any time (each for `CHURN_AWAY`, 30 s).
+    let report = sim.run_churn(Churn {
+        per_min: 20.0,
+        duration: secs(120),
+    });
+    assert!(report.leaves >= 20, "seed {seed}: {report}");
+    // Joins spread like any news: within the gossip bound.
+    assert!(report.joins_known >= 10, "seed {seed}: {report}");
+    assert!(
+        report.join_known_max_s <= GOSSIP_BOUND.as_secs_f64(),
+        "seed {seed}: {report}"
+    );
+    // Once churn stops and everyone away is back: converged within the
+    // detection delay plus the gossip bound.
+    let conv = report.converged_s;
+    let bound = dead_after() + GOSSIP_BOUND;
+    assert!(
+        conv.is_some_and(|c| c <= bound.as_secs_f64()),
+        "seed {seed}: {report}"
+    );
+    assert!(sim.converged(), "seed {seed}");
 }

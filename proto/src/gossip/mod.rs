@@ -66,7 +66,12 @@
 //! record, 32 of key per whole entry) cost about a third more while
 //! converging: seed 1 at 1,000 peers converged in 4.7 s at 240 kB/s per
 //! peer, 1.8 kB/s at rest (`MESH_BENCH_PEERS=1000 cargo bench -p
-//! mesh-proto --bench gossip_sim`, 71 s of wall time).
+//! mesh-proto --bench gossip_sim`, 71 s of wall time). With the heartbeats
+//! modelled as the daemon's since its adaptive beats ([`Config::heartbeat`]:
+//! one 46-byte sleeve beat each way per connection per 10 s), the same seed
+//! gives 4.40 s, 259 kB/s while converging and 1.55 kB/s at rest, of which
+//! ~0.46 kB/s is heartbeats and the rest gossip in the minute after
+//! convergence (`simulate --peers 1000`).
 //!
 //! Steady state, per peer: heartbeats (the daemon's) plus one summary per
 //! interval (~15 bytes/s). Routes are recomputed at most once per [`Config::route_delay`]
@@ -110,10 +115,17 @@ pub struct Config {
     pub conn_limit: usize,
     /// Anti-entropy period: one summary to one random neighbour.
     pub gossip_interval: Duration,
-    /// The daemon's control-channel heartbeat period.
+    /// The period of the daemon's heartbeats on a healthy connection, in
+    /// each direction (the core sends none; the simulator counts their
+    /// bytes and models failure detection with it). The default models the
+    /// beat that dominates at rest: the sleeve's, one datagram each way per
+    /// 10 s on a healthy link ([`crate::beat`]; the control connection beats
+    /// once a minute, the fast path's probes every 20 s).
     pub heartbeat: Duration,
     /// The daemon declares a connection dead after this long without
     /// hearing from it, and then calls [`Gossip::handle_connection_down`].
+    /// The default models the sleeve's: a neighbour silent on UDP for 15 s
+    /// loses its connection, so a dead neighbour is noticed within 15 s.
     pub dead_after: Duration,
     /// Changes are batched this long before deltas are sent.
     pub flush_interval: Duration,
@@ -134,8 +146,8 @@ impl Default for Config {
         Config {
             conn_limit: 100,
             gossip_interval: Duration::from_secs(1),
-            heartbeat: Duration::from_secs(2),
-            dead_after: Duration::from_secs(8),
+            heartbeat: Duration::from_secs(10),
+            dead_after: Duration::from_secs(15),
             flush_interval: Duration::from_millis(350),
             relay_fanout: 3,
             route_delay: Duration::from_millis(100),
@@ -263,6 +275,32 @@ struct Pending {
     source: Option<PeerName>,
 }
 
+/// A version we asked a neighbour for, and when.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    incarnation: u64,
+    version: u32,
+    /// Milliseconds since [`Gossip::origin`], wrapping (every 49 days; an
+    /// entry lives two flush rounds).
+    at: u32,
+}
+
+impl Asked {
+    fn new(incarnation: u64, version: u32, at: u32) -> Asked {
+        Asked {
+            incarnation,
+            version,
+            at,
+        }
+    }
+
+    /// Asked less than `patience` ms before `now` (both from
+    /// [`Gossip::stamp`]).
+    fn fresh(&self, now: u32, patience: u32) -> bool {
+        now.wrapping_sub(self.at) < patience
+    }
+}
+
 struct Neighbour {
     addr: SocketAddr,
     /// We sent a hello asking for a sync (it was unreachable before).
@@ -295,8 +333,11 @@ pub struct Gossip {
     /// records are relayed on arrival like pushed ones.
     gaps: HashSet<Idx>,
     /// Versions we asked for and when: a second announcement of the same
-    /// news within a flush round does not ask again.
-    wanted: HashMap<Idx, (u64, u32, Instant)>,
+    /// news within a flush round does not ask again. Held by thousands
+    /// while a peer joins (24 bytes a slot, not 40 with an `Instant`).
+    wanted: HashMap<Idx, Asked>,
+    /// The origin of [`Asked::at`] (the first time we were given).
+    origin: Option<Instant>,
     routes: Routes,
     /// Each slot's depth in the last search (for
     /// [`Topology::take_routing_change`]).
@@ -342,6 +383,7 @@ impl Gossip {
             pending: HashMap::new(),
             gaps: HashSet::new(),
             wanted: HashMap::new(),
+            origin: None,
             routes: Routes::default(),
             route_depth: Vec::new(),
             routes_due: None,
@@ -388,11 +430,30 @@ impl Gossip {
         &self.config
     }
 
+    /// `now` in wrapping milliseconds since our origin (for [`Asked`]).
+    fn stamp(&mut self, now: Instant) -> u32 {
+        let o = *self.origin.get_or_insert(now);
+        now.saturating_duration_since(o).as_millis() as u32
+    }
+
+    /// How long a request stays asked: two flush rounds, in ms.
+    fn patience_ms(&self) -> u32 {
+        (self.config.flush_interval * 2)
+            .as_millis()
+            .min(u32::MAX as u128) as u32
+    }
+
     /// Make room for a mesh of `peers` peers up front (a memory hint: a
     /// simulator holding thousands of cores saves the slack of growing
     /// each one's tables; nothing else changes).
     pub fn reserve_peers(&mut self, peers: usize) {
         self.topo.reserve(peers);
+    }
+
+    /// Intern the mesh's names in this order (a memory hint for a
+    /// simulator: see [`Topology::intern_all`]; nothing else changes).
+    pub fn intern_names(&mut self, names: &[PeerName]) {
+        self.topo.intern_all(names);
     }
 
     /// Register a named channel (IPAM, DNS). Neighbours that do not know the
@@ -569,8 +630,8 @@ impl Gossip {
             self.flush();
             // Forget old requests each round: a joining peer asks for
             // thousands of entries within seconds.
-            let patience = self.config.flush_interval * 2;
-            self.wanted.retain(|_, w| now < w.2 + patience);
+            let (at, patience) = (self.stamp(now), self.patience_ms());
+            self.wanted.retain(|_, w| w.fresh(at, patience));
             if self.wanted.capacity() > 4 * self.wanted.len().max(16) {
                 self.wanted.shrink_to_fit();
             }
@@ -734,6 +795,12 @@ impl Gossip {
     /// Number of known peers, ourselves included.
     pub fn known_count(&self) -> usize {
         self.topo.count()
+    }
+
+    /// The incarnation of `peer`'s entry we hold (None: unknown).
+    pub fn known_incarnation(&self, peer: PeerName) -> Option<u64> {
+        let i = self.topo.lookup(peer)?;
+        self.topo.get(i).map(|e| e.incarnation)
     }
 
     /// Number of peers we have a route to (as of the last recomputation).
@@ -1034,13 +1101,15 @@ impl Gossip {
             }
             if (h.incarnation, h.version) > mine && want.len() < MESSAGE_BUDGET / 24 {
                 let i = idx.unwrap_or_else(|| self.topo.intern(h.name));
-                let patience = self.config.flush_interval * 2;
-                if self.wanted.get(&i).is_some_and(|&(inc, ver, at)| {
-                    (inc, ver) >= (h.incarnation, h.version) && now < at + patience
+                let (at, patience) = (self.stamp(now), self.patience_ms());
+                if self.wanted.get(&i).is_some_and(|w| {
+                    (w.incarnation, w.version) >= (h.incarnation, h.version)
+                        && w.fresh(at, patience)
                 }) {
                     continue;
                 }
-                self.wanted.insert(i, (h.incarnation, h.version, now));
+                self.wanted
+                    .insert(i, Asked::new(h.incarnation, h.version, at));
                 if self.gaps.len() < 4 * wire::MAX_CONNS {
                     self.gaps.insert(i);
                 }
@@ -1263,9 +1332,10 @@ impl Gossip {
                     // A delta may not lead to what its signer signed when
                     // our copy is not the one it was made for: the whole
                     // entry settles it (asked once per flush round).
-                    let patience = self.config.flush_interval * 2;
-                    let asked = self.wanted.get(&peer).is_some_and(|&(inc, ver, at)| {
-                        (inc, ver) == (r.incarnation, r.version) && now < at + patience
+                    let (at, patience) = (self.stamp(now), self.patience_ms());
+                    let asked = self.wanted.get(&peer).is_some_and(|w| {
+                        (w.incarnation, w.version) == (r.incarnation, r.version)
+                            && w.fresh(at, patience)
                     });
                     if collision {
                         self.refused += 1;
@@ -1276,7 +1346,8 @@ impl Gossip {
                             collision,
                         });
                     } else if !whole && !asked && self.topo.get(peer).is_some() {
-                        self.wanted.insert(peer, (r.incarnation, r.version, now));
+                        self.wanted
+                            .insert(peer, Asked::new(r.incarnation, r.version, at));
                         want.push(VersionRec {
                             name,
                             incarnation: 0,
@@ -1491,8 +1562,8 @@ impl Gossip {
 
     fn collect_garbage(&mut self, now: Instant) {
         self.topo.compact();
-        let patience = self.config.flush_interval * 2;
-        self.wanted.retain(|_, w| now < w.2 + patience);
+        let (at, patience) = (self.stamp(now), self.patience_ms());
+        self.wanted.retain(|_, w| w.fresh(at, patience));
         if self.routes_due.is_some() {
             self.routes_due = None;
             self.recompute_routes();

@@ -402,29 +402,80 @@ impl Card {
     }
 }
 
-/// One peer's entry.
+/// What an owner wrote and signed for one version of its entry. Immutable
+/// once made, and shared ([`Entry::body`]): topologies that hold the same
+/// version with the same local indices hold one allocation (the simulator's
+/// thousands of cores, which intern names in one order, see
+/// [`Topology::intern_all`]; see [`share`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub struct Body {
     /// Restart counter of the peer.
     pub incarnation: u64,
     /// Version within the incarnation (≥ 1).
     pub version: u32,
+    /// Its nickname and the addresses it can be dialed at.
+    pub card: Card,
+    /// Its established connections, sorted.
+    pub conns: Conns,
+    /// The owner's signature of this version ([`signed_message`]).
+    pub sig: Sig,
+}
+
+/// One peer's entry: the shared [`Body`] (its fields read through
+/// `Deref`) and what this topology knows of its history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    body: std::sync::Arc<Body>,
     /// The version that last changed `addrs`.
     pub addrs_version: u32,
     /// Deltas can be made from any base ≥ floor.
     pub floor: u32,
     /// The version seen at the last compaction (for pruning `recent`).
     settled: u32,
-    /// Its nickname and the addresses it can be dialed at.
-    pub card: Card,
-    /// Its established connections, sorted.
-    pub conns: Conns,
     /// Recent changes, oldest first; complete for versions above `floor`
     /// (but for holes). At most [`MAX_RECENT`], dropped once the entry
-    /// settles.
-    pub recent: History,
-    /// The owner's signature of this version ([`signed_message`]).
-    pub sig: Sig,
+    /// settles (then no allocation at all: most entries at rest).
+    pub recent: Recent,
+}
+
+/// An entry's [`History`], boxed when there is any: eight bytes in every
+/// entry of every topology rather than twenty-four.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Recent(Option<Box<History>>);
+
+impl Recent {
+    fn new(h: History) -> Recent {
+        Recent((!h.is_empty()).then(|| Box::new(h)))
+    }
+}
+
+impl Recent {
+    /// The operations, oldest first, given the entry's floor.
+    pub fn iter(&self, floor: u32) -> impl DoubleEndedIterator<Item = Op> + '_ {
+        self.0.iter().flat_map(move |h| h.iter(floor))
+    }
+
+    /// The operations, oldest first, given the entry's floor.
+    pub fn ops(&self, floor: u32) -> Vec<Op> {
+        self.iter(floor).collect()
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |h| h.len())
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl std::ops::Deref for Entry {
+    type Target = Body;
+    fn deref(&self) -> &Body {
+        &self.body
+    }
 }
 
 impl Entry {
@@ -433,6 +484,64 @@ impl Entry {
     pub fn has_conn(&self, peer: Idx) -> bool {
         self.conns.contains(peer)
     }
+
+    /// The body, shared.
+    pub fn body(&self) -> &std::sync::Arc<Body> {
+        &self.body
+    }
+
+    /// The body, to change (a copy if shared).
+    fn body_mut(&mut self) -> &mut Body {
+        std::sync::Arc::make_mut(&mut self.body)
+    }
+}
+
+/// Bodies by content, process-wide: each body made from a record is looked
+/// up here, and an equal one already held by some topology is taken
+/// instead, so equal versions cost one allocation however many
+/// topologies hold them. Only weak references: a body goes when its last
+/// holder drops it; dead slots are swept when the table doubles.
+struct Shared {
+    map: HashMap<u64, std::sync::Weak<Body>, NameHash>,
+    swept: usize,
+}
+
+static SHARED: std::sync::Mutex<Option<Shared>> = std::sync::Mutex::new(None);
+
+fn body_hash(b: &Body) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = NameHash.build_hasher();
+    h.write(&b.sig.0[..16]);
+    h.write_u64(b.incarnation);
+    h.write_u32(b.version);
+    h.write(&b.card.0);
+    match &b.conns {
+        Conns::Narrow(c) => c.iter().for_each(|&x| h.write_u16(x)),
+        Conns::Wide(c) => c.iter().for_each(|&x| h.write_u32(x)),
+    }
+    h.finish()
+}
+
+/// An equal body already held somewhere, or this one (then registered).
+pub fn share(b: Body) -> std::sync::Arc<Body> {
+    let k = body_hash(&b);
+    let mut g = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    let t = g.get_or_insert_with(|| Shared {
+        map: HashMap::default(),
+        swept: 0,
+    });
+    if let Some(a) = t.map.get(&k).and_then(|w| w.upgrade()) {
+        if *a == b {
+            return a;
+        }
+    }
+    let a = std::sync::Arc::new(b);
+    t.map.insert(k, std::sync::Arc::downgrade(&a));
+    if t.map.len() > 2 * t.swept + 4096 {
+        t.map.retain(|_, w| w.strong_count() > 0);
+        t.swept = t.map.len();
+    }
+    a
 }
 
 /// A record with names resolved to local indices.
@@ -582,15 +691,17 @@ impl Topology {
         t.set(
             i,
             Some(Entry {
-                card: Card::new(&nickname, &[]),
-                incarnation: incarnation.max(1),
-                version: 1,
+                body: std::sync::Arc::new(Body {
+                    card: Card::new(&nickname, &[]),
+                    incarnation: incarnation.max(1),
+                    version: 1,
+                    conns: Conns::default(),
+                    sig: Sig::NONE,
+                }),
                 addrs_version: 1,
-                conns: Conns::default(),
-                recent: History::default(),
+                recent: Recent::default(),
                 floor: 1,
                 settled: 0,
-                sig: Sig::NONE,
             }),
         );
         t
@@ -612,7 +723,7 @@ impl Topology {
     /// Set the signature of entry `i` (our own, after a change).
     pub fn set_sig(&mut self, i: Idx, sig: Sig) {
         if let Some(Some(e)) = self.entries.get_mut(i as usize) {
-            e.sig = sig;
+            e.body_mut().sig = sig;
         }
     }
 
@@ -667,6 +778,22 @@ impl Topology {
         self.names.reserve_exact(more);
         self.entries.reserve_exact(more);
         self.index.reserve(more);
+    }
+
+    /// Intern `names` in this order, each at the next slot (a name we
+    /// hold already, ourselves included, keeps its index and leaves its
+    /// slot unused). A hint for a simulator: topologies that intern the
+    /// mesh's names in one order give each peer the same index (but
+    /// ourselves, at 0), so an entry's connections read the same in all
+    /// of them but its neighbours', and its [`Body`] is shared.
+    pub fn intern_all(&mut self, names: &[PeerName]) {
+        self.reserve(names.len() + 1);
+        for &n in names {
+            let i = self.names.len() as Idx;
+            self.names.push(n);
+            self.entries.push(None);
+            self.index.entry(n).or_insert(i);
+        }
     }
 
     /// The local index of a name, allocating one.
@@ -905,15 +1032,17 @@ impl Topology {
         let mut addrs = r.addrs.unwrap_or_default();
         addrs.truncate(MAX_ADDRS);
         let mut e = Entry {
-            card: Card::new(r.nickname.as_deref().unwrap_or_default(), &addrs),
-            incarnation: r.incarnation,
-            version: r.version,
+            body: share(Body {
+                card: Card::new(r.nickname.as_deref().unwrap_or_default(), &addrs),
+                incarnation: r.incarnation,
+                version: r.version,
+                conns: Conns::from_sorted(&conns),
+                sig: r.sig,
+            }),
             addrs_version: r.version,
-            conns: Conns::from_sorted(&conns),
-            recent: History::default(),
+            recent: Recent::default(),
             floor: r.version,
             settled: 0,
-            sig: r.sig,
         };
         if let Some(old) = self.get(r.peer) {
             let (gone, added) = sorted_diff(old.conns.iter(), conns.iter().copied());
@@ -956,7 +1085,8 @@ impl Topology {
         }
         self.modify(r.peer, |e| {
             let v = r.version;
-            e.conns.edit(|conns| {
+            let mut b = Body::clone(&e.body);
+            b.conns.edit(|conns| {
                 for &d in &r.del {
                     if let Ok(p) = conns.binary_search(&d) {
                         conns.remove(p);
@@ -968,15 +1098,16 @@ impl Topology {
                     }
                 }
             });
-            let ops = r.del.iter().map(|&d| Op::new(v, d, false));
-            push_ops(e, ops.chain(r.add.iter().map(|&a| Op::new(v, a, true))));
             if let Some(mut addrs) = r.addrs {
                 addrs.truncate(MAX_ADDRS);
-                e.card = Card::new(e.card.nickname(), &addrs);
+                b.card = Card::new(b.card.nickname(), &addrs);
                 e.addrs_version = v;
             }
-            e.version = v;
-            e.sig = r.sig;
+            let ops = r.del.iter().map(|&d| Op::new(v, d, false));
+            push_ops(e, ops.chain(r.add.iter().map(|&a| Op::new(v, a, true))));
+            b.version = v;
+            b.sig = r.sig;
+            e.body = share(b);
         });
     }
 
@@ -1044,10 +1175,12 @@ impl Topology {
     pub fn set_own_conn(&mut self, peer: Idx, up: bool) -> bool {
         let changed = self
             .modify(0, |e| {
-                if !e.conns.set(peer, up) {
+                if e.has_conn(peer) == up {
                     return false;
                 }
-                e.version = e.version.saturating_add(1);
+                let b = e.body_mut();
+                b.conns.set(peer, up);
+                b.version = b.version.saturating_add(1);
                 let v = e.version;
                 push_ops(e, std::iter::once(Op::new(v, peer, up)));
                 true
@@ -1067,8 +1200,9 @@ impl Topology {
     /// Change our own addresses.
     pub fn set_own_addrs(&mut self, addrs: Vec<SocketAddr>) {
         self.modify(0, |e| {
-            e.version = e.version.saturating_add(1);
-            e.card = Card::new(e.card.nickname(), &addrs);
+            let b = e.body_mut();
+            b.version = b.version.saturating_add(1);
+            b.card = Card::new(b.card.nickname(), &addrs);
             e.addrs_version = e.version;
         });
     }
@@ -1077,9 +1211,10 @@ impl Topology {
     /// version + 1)`, forgetting history (neighbours get the whole entry).
     pub fn supersede_own(&mut self, incarnation: u64, version: u32) {
         self.modify(0, |e| {
-            e.incarnation = incarnation.max(e.incarnation);
-            e.version = version.saturating_add(1).max(e.version.saturating_add(1));
-            e.recent = History::default();
+            let b = e.body_mut();
+            b.incarnation = incarnation.max(b.incarnation);
+            b.version = version.saturating_add(1).max(b.version.saturating_add(1));
+            e.recent = Recent::default();
             e.floor = e.version;
             e.addrs_version = e.version;
         });
@@ -1090,7 +1225,7 @@ impl Topology {
     pub fn compact(&mut self) {
         for e in self.entries.iter_mut().flatten() {
             if e.settled == e.version && !e.recent.is_empty() {
-                e.recent = History::default();
+                e.recent = Recent::default();
                 e.floor = e.version;
             }
             e.settled = e.version;
@@ -1152,7 +1287,7 @@ fn push_ops(e: &mut Entry, ops: impl Iterator<Item = Op>) {
         recent.drain(..n);
         e.floor = e.floor.max(v);
     }
-    e.recent = History::from_ops(&recent, e.floor);
+    e.recent = Recent::new(History::from_ops(&recent, e.floor));
 }
 
 #[cfg(test)]

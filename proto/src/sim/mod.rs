@@ -21,9 +21,16 @@
 //!   dead or partitioned peer fails after 3 s.
 //! - **Failure detection**: a connection whose path breaks (partition, crash,
 //!   cut link) is reported down at each live end after a delay drawn from
-//!   `[dead_after − heartbeat, dead_after]` (6–8 s with the defaults).
-//! - **Heartbeats**: 20 bytes per connection per heartbeat period in each
-//!   direction, counted as control bytes (not delivered as messages).
+//!   `[dead_after − heartbeat, dead_after]` (5–15 s with the defaults: the
+//!   last beat heard was up to one slow interval before the break, and the
+//!   sleeve gives up after 15 s of silence).
+//! - **Heartbeats**: one sleeve heartbeat ([`HEARTBEAT_BYTES`]) per
+//!   connection per heartbeat period (10 s) in each direction, counted as
+//!   control bytes (not delivered as messages): a healthy link's steady
+//!   beat, the leader's ping and the other end's answer
+//!   ([`crate::beat`]). The control connection's beat (about 20 bytes a
+//!   minute each way), the fast beats of links being set up or gone quiet,
+//!   and UDP/TCP/IP headers (as for every byte counted here) are left out.
 //! - **Loss**: each gossip message is dropped with probability `loss` (harsher
 //!   than TCP, which would only delay it); each leg of a dial is delayed by a
 //!   1 s SYN retransmission with that probability.
@@ -34,11 +41,16 @@
 //! [`Sim::dials`]) to tell what a figure is made of.
 //!
 //! Cost: every simulated peer holds the whole topology, so memory and work
-//! grow with peers² × `conn_limit`: about 0.54 GB and half a minute of one
-//! core at 1,000 peers, 2.1 GB and two minutes at 2,000, 12.3 GB and 15
-//! minutes at 5,000 (about 500 bytes per entry per simulated peer, of which
-//! 200 are its connections). Each core is told the mesh's size
-//! ([`Gossip::reserve_peers`]) so that its tables keep no growth slack.
+//! grow with peers²: 355 MiB and 71 s of one core at 1,000 peers, 6.3 GiB
+//! and 31 minutes at 5,000 (about 265 bytes per entry per simulated peer).
+//! A heap profile at 1,000 peers puts about 190 bytes per entry per peer in
+//! each core's own tables at the peak of convergence: requests in flight,
+//! the entry slot, key book, name index, recent history. The entries'
+//! bodies, with their connections, are shared between cores that hold the
+//! same version (see
+//! [`Topology::intern_all`](crate::gossip::topology::Topology::intern_all)).
+//! Each core is told the mesh's size ([`Gossip::reserve_peers`]) so that
+//! its tables keep no growth slack.
 
 pub mod maker;
 
@@ -52,8 +64,10 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// Bytes of one control-channel heartbeat.
-pub const HEARTBEAT_BYTES: u64 = 20;
+/// Bytes of one sleeve heartbeat: an empty sealed message, its 30 bytes
+/// of header and 16 of tag ([`crate::sleeve`]).
+pub const HEARTBEAT_BYTES: u64 = (crate::sleeve::DATAGRAM_HEADER_LEN + crate::seal::TAG_LEN) as u64;
+const _: () = assert!(HEARTBEAT_BYTES == 46);
 /// Bytes a dialer sends for a handshake (Noise XX messages 1 and 3, hello).
 pub const HANDSHAKE_DIALER_BYTES: u64 = 200;
 /// Bytes the acceptor sends (Noise XX message 2, hello, or a refusal).
@@ -183,6 +197,9 @@ pub struct Sim {
     rng: Rng,
     peers: Vec<Peer>,
     by_name: HashMap<PeerName, u32, NameHash>,
+    /// Every peer's name, by index: each core interns them in this order,
+    /// so that equal entry versions are shared between cores.
+    names: Vec<PeerName>,
     queue: BinaryHeap<Reverse<(Duration, u64)>>,
     events: HashMap<u64, Ev, NameHash>,
     seq: u64,
@@ -230,6 +247,7 @@ impl Sim {
             now: Duration::ZERO,
             peers: Vec::with_capacity(n),
             by_name: HashMap::default(),
+            names: Vec::with_capacity(n),
             queue: BinaryHeap::new(),
             events: HashMap::default(),
             seq: 0,
@@ -251,6 +269,7 @@ impl Sim {
             let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 6783));
             let seed = (i > 0).then(|| sim.rng.below(i) as u32);
             sim.by_name.insert(name, i as u32);
+            sim.names.push(name);
             sim.peers.push(Peer {
                 name,
                 addr,
@@ -419,7 +438,7 @@ impl Sim {
     }
 
     /// Split the mesh: `side` on one side, everyone else on the other.
-    /// Connections across break (detected after 6–8 s), dials across fail.
+    /// Connections across break (detected after 5–15 s), dials across fail.
     pub fn partition(&mut self, side: &[usize]) {
         for &i in side {
             self.group[i] = 1;
@@ -465,7 +484,7 @@ impl Sim {
     }
 
     /// Crash peer `i`: its connections are detected down by the other ends
-    /// after 6–8 s.
+    /// after 5–15 s.
     pub fn crash(&mut self, i: usize) {
         let i = i as u32;
         let p = &mut self.peers[i as usize];
@@ -574,6 +593,7 @@ impl Sim {
             seed,
         );
         core.reserve_peers(self.cfg.peers);
+        core.intern_names(&self.names);
         p.core = Some(core);
         self.trigger_maker(i, Duration::ZERO);
     }
@@ -877,6 +897,11 @@ impl Sim {
 /// peer knows every peer and has a route to it (at most 120 simulated
 /// seconds), then 60 more seconds with nothing changing.
 pub fn run(cfg: SimConfig) -> Report {
+    run_with_churn(cfg, None).0
+}
+
+/// [`run`], then, if given, a churn phase ([`Sim::run_churn`]).
+pub fn run_with_churn(cfg: SimConfig, churn: Option<Churn>) -> (Report, Option<ChurnReport>) {
     let n = cfg.peers.max(1);
     let mut sim = Sim::new(cfg);
     let conv = sim.run_until_converged(Duration::from_secs(120));
@@ -884,11 +909,144 @@ pub fn run(cfg: SimConfig) -> Report {
     let at_conv = sim.total_bytes();
     sim.run_until(t + Duration::from_secs(60));
     let steady = sim.total_bytes() - at_conv;
-    Report {
+    let report = Report {
         peers: n,
         converged_s: conv.map(|c| c.as_secs_f64()),
         bytes_per_peer_s: at_conv as f64 / n as f64 / t.as_secs_f64().max(1e-9),
         steady_bytes_per_peer_s: steady as f64 / n as f64 / 60.0,
+    };
+    (report, churn.map(|c| sim.run_churn(c)))
+}
+
+/// Churn: peers leaving and joining continuously.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Churn {
+    /// Peers leaving, and as many joining, per simulated minute (at
+    /// exponentially distributed intervals).
+    pub per_min: f64,
+    /// For this long.
+    pub duration: Duration,
+}
+
+/// How long a peer that left stays away before it joins again (long
+/// enough for its connections to be detected down, 5–15 s, and the news
+/// to spread).
+pub const CHURN_AWAY: Duration = Duration::from_secs(30);
+
+/// The figures of a churn phase.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChurnReport {
+    /// Peers that left (each crashed, and came back [`CHURN_AWAY`] later
+    /// with a new incarnation, or when churn stopped).
+    pub leaves: usize,
+    /// Joins known everywhere during churn (every live peer held the new
+    /// incarnation), and the mean and longest time that took.
+    pub joins_known: usize,
+    /// Mean seconds for a join to be known everywhere.
+    pub join_known_mean_s: f64,
+    /// Longest.
+    pub join_known_max_s: f64,
+    /// Mean control bytes sent per peer per second during churn.
+    pub bytes_per_peer_s: f64,
+    /// Seconds from the end of churn (when every peer away joins again)
+    /// until every peer knows every peer and has a route to it (None: not
+    /// within 120 s).
+    pub converged_s: Option<f64>,
+}
+
+impl std::fmt::Display for ChurnReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let conv = self
+            .converged_s
+            .map_or_else(|| "never".to_string(), |c| format!("{c:.2}"));
+        write!(
+            f,
+            "churn_leaves={} churn_bytes_per_peer_s={:.0} join_known_s={:.2} join_known_max_s={:.2} churn_converged_s={}",
+            self.leaves, self.bytes_per_peer_s, self.join_known_mean_s, self.join_known_max_s, conv
+        )
+    }
+}
+
+impl Sim {
+    /// Run `churn` from now: at random intervals (`churn.per_min` a minute
+    /// on average) a random live peer leaves (crashes), and the peer that
+    /// has been away longest, if [`CHURN_AWAY`] or more, joins again with a
+    /// new incarnation, seeded with a random live peer. When churn stops,
+    /// every peer away joins again; then run until converged (at most 120
+    /// simulated seconds).
+    pub fn run_churn(&mut self, churn: Churn) -> ChurnReport {
+        let n = self.peers.len();
+        let start = self.now;
+        let end = start + churn.duration;
+        let bytes0 = self.total_bytes();
+        let mean = 60.0 / churn.per_min.max(1e-9);
+        let mut next = start + self.exponential(mean);
+        let mut away: std::collections::VecDeque<(usize, Duration)> = Default::default();
+        // (peer, incarnation, joined at)
+        let mut joining: Vec<(usize, u64, Duration)> = Vec::new();
+        let mut known: Vec<f64> = Vec::new();
+        let mut leaves = 0;
+        let step = Duration::from_millis(100);
+        let mut t = start;
+        while t < end {
+            t = (t + step).min(end);
+            while next <= t {
+                self.run_until(next);
+                let live: Vec<usize> = (0..n).filter(|&i| self.alive(i as u32)).collect();
+                // Keep at least two peers.
+                if live.len() > 2 {
+                    let i = live[self.rng.below(live.len())];
+                    self.crash(i);
+                    away.push_back((i, self.now));
+                    joining.retain(|&(j, _, _)| j != i);
+                    leaves += 1;
+                }
+                if away
+                    .front()
+                    .is_some_and(|&(_, at)| at + CHURN_AWAY <= self.now)
+                {
+                    if let Some((i, _)) = away.pop_front() {
+                        self.restart(i);
+                        joining.push((i, self.peers[i].incarnation + 1, self.now));
+                    }
+                }
+                next += self.exponential(mean);
+            }
+            self.run_until(t);
+            joining.retain(|&(i, inc, at)| {
+                let name = self.peers[i].name;
+                let everywhere = self.peers.iter().enumerate().all(|(j, p)| {
+                    j == i
+                        || p.core
+                            .as_ref()
+                            .is_none_or(|c| c.known_incarnation(name).is_some_and(|k| k >= inc))
+                });
+                if everywhere {
+                    known.push((t - at).as_secs_f64());
+                }
+                !everywhere
+            });
+        }
+        let bytes = self.total_bytes() - bytes0;
+        for (i, _) in away {
+            self.restart(i);
+        }
+        let conv = self.run_until_converged(end + Duration::from_secs(120));
+        let secs = churn.duration.as_secs_f64().max(1e-9);
+        ChurnReport {
+            leaves,
+            joins_known: known.len(),
+            join_known_mean_s: known.iter().sum::<f64>() / known.len().max(1) as f64,
+            join_known_max_s: known.iter().copied().fold(0.0, f64::max),
+            bytes_per_peer_s: bytes as f64 / n.max(1) as f64 / secs,
+            converged_s: conv.map(|c| (c - end).as_secs_f64()),
+        }
+    }
+
+    /// An exponentially distributed interval with this mean (seconds).
+    fn exponential(&mut self, mean: f64) -> Duration {
+        let u = self.rng.unit().min(1.0 - 1e-12);
+        Duration::from_secs_f64(-mean * (1.0 - u).ln())
     }
 }
 
