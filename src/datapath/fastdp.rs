@@ -187,6 +187,10 @@ struct Fastdp {
     local_macs: Vec<[u8; 6]>,
     /// Ticks so far (the local MACs are read every fourth one).
     ticks: u64,
+    /// The fast-path peers changed since the port filter last admitted
+    /// them: admitted at the next tick, one `nft` run for a burst of
+    /// connections (a daemon joining a mesh of 100 gets 99 at once).
+    admit_due: bool,
     out: Vec<u8>,
 }
 
@@ -318,6 +322,7 @@ pub async fn run(me: PeerName, dev: Device, mut rx: mpsc::Receiver<Cmd>) {
         local_macs: Vec::new(),
         out: Vec::with_capacity(2048),
         ticks: 0,
+        admit_due: false,
     };
     let mut tick = tokio::time::interval(fastdp::PACE.fast);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -384,13 +389,13 @@ impl Fastdp {
                     (Err(reason), _) => Conn::Sleeve(reason),
                 };
                 self.conns.insert(name, conn);
-                self.admit().await;
+                self.admit_due = true;
                 self.send_probe(name).await;
             }
             Cmd::PeerDown { name } => {
                 self.set_down(name, "connection closed").await;
                 self.conns.remove(&name);
-                self.admit().await;
+                self.admit_due = true;
             }
             Cmd::Status(reply) => {
                 let now = Instant::now();
@@ -440,6 +445,9 @@ impl Fastdp {
     /// peer whose probe is due, and each peer's entries brought in line.
     async fn tick(&mut self) {
         self.ticks += 1;
+        if std::mem::take(&mut self.admit_due) {
+            self.admit().await;
+        }
         let mut changed = false;
         if self.ticks % 4 == 1 {
             self.restore_filter().await;

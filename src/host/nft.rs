@@ -332,7 +332,7 @@ pub const WATCH: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long after a change to the ruleset the tables are checked (changes
 /// come in bursts: one check for the burst).
-pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Notices of changes to this namespace's nftables ruleset: a netlink
 /// socket on the nftables multicast group (what `nft monitor` reads), read
