@@ -572,6 +572,18 @@ impl Fastdp {
             return;
         }
         let was_up = peer.up;
+        let wanted = |m: &&[u8; 6]| m[0] & 1 == 0 && !self.local_macs.contains(m);
+        if was_up
+            && peer
+                .announced
+                .iter()
+                .filter(wanted)
+                .eq(peer.programmed.iter())
+        {
+            // Up, and what it announces is what is programmed: the common
+            // case on every tick, checked without building sets.
+            return;
+        }
         let (ip, port) = (peer.ip, peer.port);
         let want: BTreeSet<[u8; 6]> = peer
             .announced
