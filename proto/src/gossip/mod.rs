@@ -1696,6 +1696,32 @@ mod tests {
         }
 
         /// Advance time by `d` in small steps, firing timers and draining.
+        /// `n` cores, each with a "test" channel (a grow-only set).
+        fn with_test_channel(n: u8) -> Net {
+            let mut net = Net::new(n);
+            for c in &mut net.cores {
+                c.add_channel("test", Box::new(channel::tests::GSet::default()));
+            }
+            net
+        }
+
+        /// Core 0 adds `x` to its "test" channel and broadcasts the
+        /// change; once drained, every core holds exactly `[x]`.
+        #[track_caller]
+        fn change_and_broadcast(&mut self, x: u8) {
+            let delta = vec![x];
+            self.cores[0]
+                .channel_mut("test")
+                .unwrap()
+                .merge(&delta, &mut KeyBook::new())
+                .unwrap();
+            self.cores[0].channel_broadcast("test", delta);
+            self.drain();
+            for c in &self.cores {
+                assert_eq!(c.channel("test").unwrap().encode(), vec![x]);
+            }
+        }
+
         fn advance(&mut self, d: Duration) {
             let end = self.now + d;
             while self.now < end {
@@ -1783,11 +1809,7 @@ mod tests {
         // what 0 sent on the old one may be lost, so 0 sends its hello, its
         // whole entry and its channels' states again; its entry is
         // unchanged (the neighbour never went away).
-        use channel::tests::GSet;
-        let mut net = Net::new(2);
-        for c in &mut net.cores {
-            c.add_channel("test", Box::new(GSet::default()));
-        }
+        let mut net = Net::with_test_channel(2);
         net.connect(0, 1);
         net.advance(Duration::from_secs(1));
         let version = net.cores[0].peers()[0].version;
@@ -2027,25 +2049,11 @@ mod tests {
 
     #[test]
     fn channels_flood_and_anti_entropy() {
-        use channel::tests::GSet;
-        let mut net = Net::new(3);
-        for c in &mut net.cores {
-            c.add_channel("test", Box::new(GSet::default()));
-        }
+        let mut net = Net::with_test_channel(3);
         net.connect(0, 1);
         net.connect(1, 2);
         net.drain();
-        let delta = vec![5u8];
-        net.cores[0]
-            .channel_mut("test")
-            .unwrap()
-            .merge(&delta, &mut KeyBook::new())
-            .unwrap();
-        net.cores[0].channel_broadcast("test", delta);
-        net.drain();
-        for c in &net.cores {
-            assert_eq!(c.channel("test").unwrap().encode(), vec![5]);
-        }
+        net.change_and_broadcast(5);
         // A change that was never broadcast is repaired by anti-entropy.
         net.cores[2]
             .channel_mut("test")
@@ -2062,12 +2070,8 @@ mod tests {
         // origin goes to its 39 neighbours; each that learns it relays it
         // to `relay_fanout` others, not to its 38 others (~1,500 messages
         // per change: a 60-peer ring's consensus took minutes).
-        use channel::tests::GSet;
         let n = 40u8;
-        let mut net = Net::new(n);
-        for c in &mut net.cores {
-            c.add_channel("test", Box::new(GSet::default()));
-        }
+        let mut net = Net::with_test_channel(n);
         for a in 0..n as usize {
             for b in a + 1..n as usize {
                 net.connect(a, b);
@@ -2080,17 +2084,7 @@ mod tests {
             .unwrap();
         let sent = |net: &Net| -> u64 { net.cores.iter().map(|c| c.bytes_by_kind()[kind]).sum() };
         let before = sent(&net);
-        let delta = vec![5u8];
-        net.cores[0]
-            .channel_mut("test")
-            .unwrap()
-            .merge(&delta, &mut KeyBook::new())
-            .unwrap();
-        net.cores[0].channel_broadcast("test", delta);
-        net.drain();
-        for c in &net.cores {
-            assert_eq!(c.channel("test").unwrap().encode(), vec![5]);
-        }
+        net.change_and_broadcast(5);
         let per_message = {
             let body = Body::Channel(ChannelMsg {
                 channel: "test".into(),
