@@ -456,6 +456,15 @@ impl Gossip {
         self.topo.intern_all(names);
     }
 
+    /// [`Gossip::intern_names`] with a table shared between cores (a
+    /// simulator's): the names' index, and the key book's, are held once
+    /// between them all, the keys by position ([`KeyBook::share_names`]).
+    /// Only a memory hint: nothing else changes.
+    pub fn share_names(&mut self, table: std::sync::Arc<topology::NameTable>) {
+        self.topo.share_names(table.clone());
+        self.keys.share_names(table);
+    }
+
     /// Register a named channel (IPAM, DNS). Neighbours that do not know the
     /// channel ignore its messages.
     pub fn add_channel(&mut self, name: &str, data: Box<dyn GossipData>) {
