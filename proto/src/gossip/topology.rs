@@ -593,7 +593,23 @@ pub fn signed_message(
     card: &Card,
     conns: &mut [PeerName],
 ) -> Vec<u8> {
-    conns.sort_unstable();
+    // Sorted as big-endian integers (the same order as the bytes): several
+    // times faster than comparing six-byte arrays, and every signature
+    // checked sorts its entry's connections.
+    if !conns.is_sorted() {
+        let mut keys: Vec<u64> = conns
+            .iter()
+            .map(|n| {
+                let mut b = [0u8; 8];
+                b[2..].copy_from_slice(&n.0);
+                u64::from_be_bytes(b)
+            })
+            .collect();
+        keys.sort_unstable();
+        for (c, k) in conns.iter_mut().zip(&keys) {
+            c.0.copy_from_slice(&k.to_be_bytes()[2..]);
+        }
+    }
     let mut m = Vec::with_capacity(6 + 8 + 4 + 2 + card.0.len() + 4 + 6 * conns.len());
     m.extend_from_slice(&name.0);
     m.extend_from_slice(&incarnation.to_le_bytes());
@@ -891,8 +907,15 @@ impl Topology {
 
     /// The index of a known name.
     pub fn lookup(&self, n: PeerName) -> Option<Idx> {
-        if let Some(&i) = self.index.get(&n) {
-            return Some(i);
+        // Ourselves, then names interned past a shared table (none in a
+        // simulator's cores: one hash lookup, not two), then the table.
+        if self.names.first() == Some(&n) {
+            return Some(0);
+        }
+        if self.names.len() > 1 {
+            if let Some(&i) = self.index.get(&n) {
+                return Some(i);
+            }
         }
         let t = self.shared.as_ref()?;
         t.position(n).map(|p| p + 1)
