@@ -42,12 +42,15 @@
 //!
 //! Cost: every simulated peer holds the whole topology, so memory and work
 //! grow with peers²: 355 MiB and 71 s of one core at 1,000 peers, 6.3 GiB
-//! and 31 minutes at 5,000 (about 265 bytes per entry per simulated peer).
-//! A heap profile at 1,000 peers puts about 190 bytes per entry per peer in
-//! each core's own tables at the peak of convergence: requests in flight,
-//! the entry slot, key book, name index, recent history. The entries'
-//! bodies, with their connections, are shared between cores that hold the
-//! same version (see
+//! and 31 minutes at 5,000 (about 265 bytes per entry per simulated peer;
+//! commit 58a0add). A heap profile at 1,000 peers put about 190 bytes per
+//! entry per peer in each core's own tables at the peak of convergence:
+//! requests in flight, the entry slot, key book, name index, recent
+//! history. The cores now share one name table ([`Gossip::share_names`]:
+//! no name index per core, keys kept by position), and requests are kept
+//! in a vector: 275 MiB and 53 s at 1,000 peers. The entries' bodies, with
+//! their connections, are shared between cores that hold the same version
+//! (see
 //! [`Topology::intern_all`](crate::gossip::topology::Topology::intern_all)).
 //! Each core is told the mesh's size ([`Gossip::reserve_peers`]) so that
 //! its tables keep no growth slack.
