@@ -381,8 +381,17 @@ fn shared_key(k: PublicKey) -> std::sync::Arc<PublicKey> {
 /// The public keys of the peers we know, pinned per name.
 #[derive(Debug, Default, Clone)]
 pub struct KeyBook {
-    /// Shared between books ([`shared_key`]): eight bytes a peer here.
+    /// Shared between books ([`shared_key`]): eight bytes a peer here,
+    /// for the names not in `table`.
     keys: HashMap<PeerName, std::sync::Arc<PublicKey>, crate::gossip::topology::NameHash>,
+    /// Names interned in one order shared with other books (a
+    /// simulator's cores, [`KeyBook::share_names`]): their keys are kept
+    /// by position in `by_pos`, eight bytes a name, no hash table.
+    table: Option<std::sync::Arc<crate::gossip::topology::NameTable>>,
+    /// The keys of `table`'s names, by position.
+    by_pos: Vec<Option<std::sync::Arc<PublicKey>>>,
+    /// How many of `by_pos` are set.
+    pinned_by_pos: usize,
     /// Names for which a second key was refused (for status output).
     collisions: HashMap<PeerName, PublicKey>,
 }
@@ -393,9 +402,49 @@ impl KeyBook {
         KeyBook::default()
     }
 
+    /// Keep the keys of `table`'s names by position rather than in a hash
+    /// table (a memory hint for a simulator whose cores intern names in
+    /// one order; nothing else changes).
+    pub fn share_names(&mut self, table: std::sync::Arc<crate::gossip::topology::NameTable>) {
+        let old = std::mem::take(&mut self.keys);
+        self.by_pos = vec![None; table.len()];
+        self.pinned_by_pos = 0;
+        self.table = Some(table);
+        for (n, k) in old {
+            self.put(n, k);
+        }
+    }
+
+    fn position(&self, name: PeerName) -> Option<usize> {
+        self.table
+            .as_ref()
+            .and_then(|t| t.position(name))
+            .map(|p| p as usize)
+    }
+
+    fn find(&self, name: PeerName) -> Option<&std::sync::Arc<PublicKey>> {
+        match self.position(name) {
+            Some(p) => self.by_pos[p].as_ref(),
+            None => self.keys.get(&name),
+        }
+    }
+
+    fn put(&mut self, name: PeerName, key: std::sync::Arc<PublicKey>) {
+        match self.position(name) {
+            Some(p) => {
+                if self.by_pos[p].replace(key).is_none() {
+                    self.pinned_by_pos += 1;
+                }
+            }
+            None => {
+                self.keys.insert(name, key);
+            }
+        }
+    }
+
     /// The key pinned for `name`.
     pub fn get(&self, name: PeerName) -> Option<PublicKey> {
-        self.keys.get(&name).map(|k| **k)
+        self.find(name).map(|k| **k)
     }
 
     /// Pin `key` for `name` (a key proven some other way, e.g. our own).
@@ -405,7 +454,7 @@ impl KeyBook {
         if key.name() != name {
             return Err(KeyError::WrongName { name, key });
         }
-        match self.keys.get(&name) {
+        match self.find(name) {
             Some(k) if **k == key => Ok(()),
             Some(k) => Err(KeyError::Collision {
                 name,
@@ -413,7 +462,7 @@ impl KeyBook {
                 refused: key,
             }),
             None => {
-                self.keys.insert(name, shared_key(key));
+                self.put(name, shared_key(key));
                 Ok(())
             }
         }
@@ -432,7 +481,7 @@ impl KeyBook {
         msg: &[u8],
         sig: &Sig,
     ) -> Result<(), KeyError> {
-        match (self.keys.get(&name).map(|k| **k), offered) {
+        match (self.find(name).map(|k| **k), offered) {
             (Some(k), Some(o)) if k != o => {
                 if k.verify(domain, msg, sig) {
                     return Ok(());
@@ -461,7 +510,7 @@ impl KeyBook {
                 if !o.verify(domain, msg, sig) {
                     return Err(KeyError::BadSignature(name));
                 }
-                self.keys.insert(name, shared_key(o));
+                self.put(name, shared_key(o));
                 Ok(())
             }
             (None, None) => Err(KeyError::Unknown(name)),
@@ -470,7 +519,16 @@ impl KeyBook {
 
     /// Forget a peer's key (the peer is gone for good).
     pub fn forget(&mut self, name: PeerName) {
-        self.keys.remove(&name);
+        match self.position(name) {
+            Some(p) => {
+                if self.by_pos[p].take().is_some() {
+                    self.pinned_by_pos -= 1;
+                }
+            }
+            None => {
+                self.keys.remove(&name);
+            }
+        }
     }
 
     /// Names for which a second key was refused, with that key.
@@ -480,12 +538,12 @@ impl KeyBook {
 
     /// Number of pinned keys.
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.keys.len() + self.pinned_by_pos
     }
 
     /// No keys pinned.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.len() == 0
     }
 }
 
@@ -550,6 +608,35 @@ mod tests {
         assert!(kb.pin(b.name(), a.public()).is_err());
         assert_eq!(kb.len(), 2);
         assert_eq!(kb.collisions().count(), 0);
+    }
+
+    #[test]
+    fn a_key_book_sharing_names_keeps_the_same_keys() {
+        let (a, b, c) = (id(1), id(2), id(3));
+        let mut kb = KeyBook::new();
+        assert!(kb.pin(a.name(), a.public()).is_ok());
+        assert!(kb.pin(c.name(), c.public()).is_ok());
+        // b and a in the table, c not.
+        kb.share_names(crate::gossip::topology::NameTable::new(&[
+            b.name(),
+            a.name(),
+        ]));
+        assert_eq!(kb.len(), 2);
+        assert_eq!(kb.get(a.name()), Some(a.public()));
+        assert_eq!(kb.get(c.name()), Some(c.public()));
+        assert_eq!(kb.get(b.name()), None);
+        let sig = b.sign(b"d", b"m");
+        assert!(kb
+            .verify(b.name(), Some(b.public()), b"d", b"m", &sig)
+            .is_ok());
+        assert_eq!(kb.get(b.name()), Some(b.public()));
+        assert!(kb.pin(b.name(), a.public()).is_err());
+        assert_eq!(kb.len(), 3);
+        kb.forget(a.name());
+        kb.forget(c.name());
+        assert_eq!(kb.get(a.name()), None);
+        assert_eq!(kb.get(c.name()), None);
+        assert_eq!(kb.len(), 1);
     }
 
     #[test]

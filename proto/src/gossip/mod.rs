@@ -275,10 +275,11 @@ struct Pending {
     source: Option<PeerName>,
 }
 
-/// A version we asked a neighbour for, and when.
-#[derive(Debug, Clone, Copy)]
+/// A version we asked a neighbour for, and when: sixteen bytes (the
+/// incarnation in two halves, so four-byte aligned).
+#[derive(Debug, Clone, Copy, Default)]
 struct Asked {
-    incarnation: u64,
+    incarnation: [u32; 2],
     version: u32,
     /// Milliseconds since [`Gossip::origin`], wrapping (every 49 days; an
     /// entry lives two flush rounds).
@@ -288,16 +289,80 @@ struct Asked {
 impl Asked {
     fn new(incarnation: u64, version: u32, at: u32) -> Asked {
         Asked {
-            incarnation,
+            incarnation: [incarnation as u32, (incarnation >> 32) as u32],
             version,
             at,
         }
+    }
+
+    /// The version asked for.
+    fn version(&self) -> (u64, u32) {
+        let [lo, hi] = self.incarnation;
+        (u64::from(hi) << 32 | u64::from(lo), self.version)
+    }
+
+    /// An empty slot of [`Wanted`].
+    fn is_empty(&self) -> bool {
+        self.version() == (0, 0)
     }
 
     /// Asked less than `patience` ms before `now` (both from
     /// [`Gossip::stamp`]).
     fn fresh(&self, now: u32, patience: u32) -> bool {
         now.wrapping_sub(self.at) < patience
+    }
+}
+
+/// The versions asked for, by local index: a vector of sixteen-byte
+/// slots rather than a hash table (a joining peer asks for thousands of
+/// entries at once, and a simulator holds thousands of joining peers),
+/// freed once nothing is awaited. A slot asking for version (0, 0) is
+/// empty: nobody asks for it (it is below every entry).
+#[derive(Default)]
+struct Wanted {
+    slots: Vec<Asked>,
+    /// Slots not empty.
+    live: usize,
+}
+
+impl Wanted {
+    fn get(&self, i: Idx) -> Option<&Asked> {
+        self.slots.get(i as usize).filter(|a| !a.is_empty())
+    }
+
+    /// Record a request at `i`, making room for `slots` indices.
+    fn insert(&mut self, i: Idx, a: Asked, slots: usize) {
+        let i = i as usize;
+        if i >= self.slots.len() {
+            let n = slots.max(i + 1);
+            self.slots.reserve_exact(n - self.slots.len());
+            self.slots.resize(n, Asked::default());
+        }
+        let was = !self.slots[i].is_empty();
+        self.slots[i] = a;
+        self.live = self.live + usize::from(!a.is_empty()) - usize::from(was);
+    }
+
+    /// Keep the requests `f` accepts; free the slots when none is left.
+    fn retain(&mut self, f: impl Fn(&Asked) -> bool) {
+        if self.live == 0 {
+            self.slots = Vec::new();
+            return;
+        }
+        let mut live = 0;
+        for a in &mut self.slots {
+            if !a.is_empty() {
+                if f(a) {
+                    live += 1;
+                } else {
+                    *a = Asked::default();
+                }
+            }
+        }
+        self.live = live;
+        if live == 0 {
+            self.slots = Vec::new();
+        }
     }
 }
 
@@ -335,7 +400,7 @@ pub struct Gossip {
     /// Versions we asked for and when: a second announcement of the same
     /// news within a flush round does not ask again. Held by thousands
     /// while a peer joins (24 bytes a slot, not 40 with an `Instant`).
-    wanted: HashMap<Idx, Asked>,
+    wanted: Wanted,
     /// The origin of [`Asked::at`] (the first time we were given).
     origin: Option<Instant>,
     routes: Routes,
@@ -382,7 +447,7 @@ impl Gossip {
             neighbours: BTreeMap::new(),
             pending: HashMap::new(),
             gaps: HashSet::new(),
-            wanted: HashMap::new(),
+            wanted: Wanted::default(),
             origin: None,
             routes: Routes::default(),
             route_depth: Vec::new(),
@@ -454,6 +519,15 @@ impl Gossip {
     /// simulator: see [`Topology::intern_all`]; nothing else changes).
     pub fn intern_names(&mut self, names: &[PeerName]) {
         self.topo.intern_all(names);
+    }
+
+    /// [`Gossip::intern_names`] with a table shared between cores (a
+    /// simulator's): the names' index, and the key book's, are held once
+    /// between them all, the keys by position ([`KeyBook::share_names`]).
+    /// Only a memory hint: nothing else changes.
+    pub fn share_names(&mut self, table: std::sync::Arc<topology::NameTable>) {
+        self.topo.share_names(table.clone());
+        self.keys.share_names(table);
     }
 
     /// Register a named channel (IPAM, DNS). Neighbours that do not know the
@@ -631,10 +705,7 @@ impl Gossip {
             // Forget old requests each round: a joining peer asks for
             // thousands of entries within seconds.
             let (at, patience) = (self.stamp(now), self.patience_ms());
-            self.wanted.retain(|_, w| w.fresh(at, patience));
-            if self.wanted.capacity() > 4 * self.wanted.len().max(16) {
-                self.wanted.shrink_to_fit();
-            }
+            self.wanted.retain(|w| w.fresh(at, patience));
         }
         if self.routes_due.is_some_and(|t| t <= now) {
             self.routes_due = None;
@@ -1102,14 +1173,14 @@ impl Gossip {
             if (h.incarnation, h.version) > mine && want.len() < MESSAGE_BUDGET / 24 {
                 let i = idx.unwrap_or_else(|| self.topo.intern(h.name));
                 let (at, patience) = (self.stamp(now), self.patience_ms());
-                if self.wanted.get(&i).is_some_and(|w| {
-                    (w.incarnation, w.version) >= (h.incarnation, h.version)
-                        && w.fresh(at, patience)
+                if self.wanted.get(i).is_some_and(|w| {
+                    w.version() >= (h.incarnation, h.version) && w.fresh(at, patience)
                 }) {
                     continue;
                 }
+                let slots = self.topo.slots();
                 self.wanted
-                    .insert(i, Asked::new(h.incarnation, h.version, at));
+                    .insert(i, Asked::new(h.incarnation, h.version, at), slots);
                 if self.gaps.len() < 4 * wire::MAX_CONNS {
                     self.gaps.insert(i);
                 }
@@ -1333,9 +1404,8 @@ impl Gossip {
                     // our copy is not the one it was made for: the whole
                     // entry settles it (asked once per flush round).
                     let (at, patience) = (self.stamp(now), self.patience_ms());
-                    let asked = self.wanted.get(&peer).is_some_and(|w| {
-                        (w.incarnation, w.version) == (r.incarnation, r.version)
-                            && w.fresh(at, patience)
+                    let asked = self.wanted.get(peer).is_some_and(|w| {
+                        w.version() == (r.incarnation, r.version) && w.fresh(at, patience)
                     });
                     if collision {
                         self.refused += 1;
@@ -1346,8 +1416,9 @@ impl Gossip {
                             collision,
                         });
                     } else if !whole && !asked && self.topo.get(peer).is_some() {
+                        let slots = self.topo.slots();
                         self.wanted
-                            .insert(peer, Asked::new(r.incarnation, r.version, at));
+                            .insert(peer, Asked::new(r.incarnation, r.version, at), slots);
                         want.push(VersionRec {
                             name,
                             incarnation: 0,
@@ -1563,7 +1634,7 @@ impl Gossip {
     fn collect_garbage(&mut self, now: Instant) {
         self.topo.compact();
         let (at, patience) = (self.stamp(now), self.patience_ms());
-        self.wanted.retain(|_, w| w.fresh(at, patience));
+        self.wanted.retain(|w| w.fresh(at, patience));
         if self.routes_due.is_some() {
             self.routes_due = None;
             self.recompute_routes();

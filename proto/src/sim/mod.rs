@@ -42,12 +42,15 @@
 //!
 //! Cost: every simulated peer holds the whole topology, so memory and work
 //! grow with peers²: 355 MiB and 71 s of one core at 1,000 peers, 6.3 GiB
-//! and 31 minutes at 5,000 (about 265 bytes per entry per simulated peer).
-//! A heap profile at 1,000 peers puts about 190 bytes per entry per peer in
-//! each core's own tables at the peak of convergence: requests in flight,
-//! the entry slot, key book, name index, recent history. The entries'
-//! bodies, with their connections, are shared between cores that hold the
-//! same version (see
+//! and 31 minutes at 5,000 (about 265 bytes per entry per simulated peer;
+//! commit 58a0add). A heap profile at 1,000 peers put about 190 bytes per
+//! entry per peer in each core's own tables at the peak of convergence:
+//! requests in flight, the entry slot, key book, name index, recent
+//! history. The cores now share one name table ([`Gossip::share_names`]:
+//! no name index per core, keys kept by position), and requests are kept
+//! in a vector: 275 MiB and 53 s at 1,000 peers. The entries' bodies, with
+//! their connections, are shared between cores that hold the same version
+//! (see
 //! [`Topology::intern_all`](crate::gossip::topology::Topology::intern_all)).
 //! Each core is told the mesh's size ([`Gossip::reserve_peers`]) so that
 //! its tables keep no growth slack.
@@ -55,7 +58,7 @@
 pub mod maker;
 
 use crate::gossip::rng::Rng;
-use crate::gossip::topology::NameHash;
+use crate::gossip::topology::{NameHash, NameTable};
 use crate::gossip::{Config, Event, Gossip};
 use crate::name::PeerName;
 use maker::Maker;
@@ -197,9 +200,10 @@ pub struct Sim {
     rng: Rng,
     peers: Vec<Peer>,
     by_name: HashMap<PeerName, u32, NameHash>,
-    /// Every peer's name, by index: each core interns them in this order,
-    /// so that equal entry versions are shared between cores.
-    names: Vec<PeerName>,
+    /// Every peer's name, by index: each core interns them in this order
+    /// (sharing this one table: [`Gossip::share_names`]), so that equal
+    /// entry versions are shared between cores.
+    name_table: std::sync::Arc<NameTable>,
     queue: BinaryHeap<Reverse<(Duration, u64)>>,
     events: HashMap<u64, Ev, NameHash>,
     seq: u64,
@@ -247,7 +251,7 @@ impl Sim {
             now: Duration::ZERO,
             peers: Vec::with_capacity(n),
             by_name: HashMap::default(),
-            names: Vec::with_capacity(n),
+            name_table: Default::default(),
             queue: BinaryHeap::new(),
             events: HashMap::default(),
             seq: 0,
@@ -263,13 +267,14 @@ impl Sim {
             rng,
             cfg,
         };
+        let mut names = Vec::with_capacity(n);
         for (i, &at) in starts.iter().enumerate() {
             let id = sim_identity(i, sim.cfg.seed);
             let name = id.name();
             let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 6783));
             let seed = (i > 0).then(|| sim.rng.below(i) as u32);
             sim.by_name.insert(name, i as u32);
-            sim.names.push(name);
+            names.push(name);
             sim.peers.push(Peer {
                 name,
                 addr,
@@ -285,6 +290,7 @@ impl Sim {
             });
             sim.schedule(at, Ev::Start(i as u32));
         }
+        sim.name_table = NameTable::new(&names);
         let hb = sim.cfg.gossip.heartbeat;
         sim.schedule(hb, Ev::Heartbeats);
         sim
@@ -593,7 +599,7 @@ impl Sim {
             seed,
         );
         core.reserve_peers(self.cfg.peers);
-        core.intern_names(&self.names);
+        core.share_names(self.name_table.clone());
         p.core = Some(core);
         self.trigger_maker(i, Duration::ZERO);
     }
