@@ -19,7 +19,7 @@
 //! own has no effect) and the decided reclaims: the same records give the
 //! same pieces everywhere, whatever order they arrived in (see
 //! [`state::derive`]). Each record also holds its peer's Paxos acceptor
-//! state per instance ([`paxos`]), so every vote is signed by its voter;
+//! state per instance (`paxos`), so every vote is signed by its voter;
 //! its outstanding requests for space, the requests it served, and the
 //! addresses it holds (as runs). There is no unicast: every exchange is
 //! state that floods.

@@ -14,7 +14,7 @@
 //!   (their signed Paxos votes, see `ring_justified` in the parent module);
 //!   a different header is a foreign ring and is refused;
 //! - **ownership** is not written by anyone as such: it is derived
-//!   ([`derive`]) from the ring's initial split, the **grants** in the
+//!   ([`derive()`]) from the ring's initial split, the **grants** in the
 //!   records, and the decided reclaims. A grant says "the space
 //!   `[first, last]`, which I own, I give to `to`"; each grant carries a
 //!   counter `at`, one above the counter at which the writer got that space.
@@ -136,7 +136,7 @@ impl Ring {
 }
 
 /// A piece of the ring as derived from the grants: who owns it, and the
-/// counter at which it got it (see [`derive`]). Not on the wire.
+/// counter at which it got it (see [`derive()`]). Not on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Token {
     /// Who owns the piece.
@@ -449,7 +449,7 @@ pub struct Crdt {
     pub range: Net,
     /// The ring header, once created.
     pub ring: Option<Ring>,
-    /// The pieces by start address, derived ([`derive`]) from the ring, the
+    /// The pieces by start address, derived ([`derive()`]) from the ring, the
     /// grants and the decided reclaims.
     pub tokens: BTreeMap<u32, Token>,
     /// Records by peer.
@@ -839,7 +839,7 @@ fn heir_of(heirs: &BTreeMap<PeerName, PeerName>, p: PeerName) -> Option<PeerName
     (h != p).then_some(h)
 }
 
-/// Apply one grant of `owner` (see [`derive`]); whether anything moved.
+/// Apply one grant of `owner` (see [`derive()`]); whether anything moved.
 fn apply(pieces: &mut BTreeMap<u32, (u32, Token)>, owner: PeerName, g: &Grant) -> bool {
     if g.to == owner {
         return false;
