@@ -587,12 +587,13 @@ impl Connection {
         }
     }
 
-    /// Seal and queue one message; a failure closes the connection.
+    /// Send a heartbeat, and note it as our beat.
     fn send_heartbeat(&mut self, now: Instant) {
         self.beat.sent(now);
         self.send_msg(&ControlMsg::Heartbeat);
     }
 
+    /// Seal and queue one message; a failure closes the connection.
     fn send_msg(&mut self, msg: &ControlMsg) {
         let (State::Intro(t) | State::Established(t)) = &mut self.state else {
             return;

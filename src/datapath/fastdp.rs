@@ -439,10 +439,11 @@ impl Fastdp {
         }
     }
 
-    /// Every [`fastdp::PACE`]`.fast`: the local MACs (every fourth tick,
-    /// 2 s: a dump of the bridge's FDB, the largest part of an idle
-    /// daemon's work; a change is announced to every peer at once), then a probe to each
-    /// peer whose probe is due, and each peer's entries brought in line.
+    /// Every [`fastdp::PACE`]`.fast`: the port filter if peers came or
+    /// went, the local MACs (every fourth tick, 2 s: a dump of the bridge's
+    /// FDB, the largest part of an idle daemon's work; a change is
+    /// announced to every peer at once), then a probe to each peer whose
+    /// probe is due, and each peer's entries brought in line.
     async fn tick(&mut self) {
         self.ticks += 1;
         if std::mem::take(&mut self.admit_due) {
@@ -585,12 +586,7 @@ impl Fastdp {
             return;
         }
         let (ip, port) = (peer.ip, peer.port);
-        let want: BTreeSet<[u8; 6]> = peer
-            .announced
-            .iter()
-            .copied()
-            .filter(|m| m[0] & 1 == 0 && !self.local_macs.contains(m))
-            .collect();
+        let want: BTreeSet<[u8; 6]> = peer.announced.iter().filter(wanted).copied().collect();
         let have = peer.programmed.clone();
         let mut added = BTreeSet::new();
         for &mac in want.difference(&have) {

@@ -33,7 +33,7 @@ use crate::api::{IpamPeer, IpamStatus};
 use crate::persist;
 use durable::{Held, Recovery};
 use ipnet::Ipv4Net;
-use mesh_proto::gossip::{Gossip, GossipData, PeerSummary};
+use mesh_proto::gossip::{Gossip, GossipData};
 use mesh_proto::ipam::{AllocError, Config, Ipam, Note, Status, Told};
 use mesh_proto::name::PeerName;
 use std::collections::{BTreeMap, BTreeSet};
@@ -364,7 +364,7 @@ impl Driver {
     /// For `mesh status ipam` and `mesh report`.
     pub fn status(&self, gossip: &Gossip) -> IpamStatus {
         let peers = gossip.peers();
-        let s: Status = lock(&self.ring).status(Instant::now(), &reachable_of(gossip, &peers));
+        let s: Status = lock(&self.ring).status(Instant::now(), &reachable(gossip));
         let nicknames: BTreeMap<String, String> = peers
             .into_iter()
             .map(|p| (p.name.to_string(), p.nickname))
@@ -557,17 +557,6 @@ fn copy(c: &Config) -> Config {
 fn reachable(gossip: &Gossip) -> BTreeSet<PeerName> {
     gossip
         .reachable_names()
-        .chain(gossip.neighbours())
-        .collect()
-}
-
-/// [`reachable`] from a list of peers already at hand.
-fn reachable_of(gossip: &Gossip, peers: &[PeerSummary]) -> BTreeSet<PeerName> {
-    let me = gossip.name();
-    peers
-        .iter()
-        .filter(|p| p.reachable && p.name != me)
-        .map(|p| p.name)
         .chain(gossip.neighbours())
         .collect()
 }

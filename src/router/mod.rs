@@ -444,17 +444,13 @@ impl Router {
             let mut routes = sleeve::Routes::default();
             // Names, not `peers()`: its connection lists cost O(peers ×
             // connections) on every recomputation.
-            let me = self.gossip.name();
-            for name in self.gossip.reachable_names() {
-                if let Some(hop) = self.gossip.next_hop(name) {
+            let g = &self.gossip;
+            for name in std::iter::once(g.name()).chain(g.reachable_names()) {
+                // None for us.
+                if let Some(hop) = g.next_hop(name) {
                     routes.unicast.insert(name, hop);
                 }
-            }
-            let sources = std::iter::once(me).chain(self.gossip.reachable_names());
-            for name in sources.collect::<Vec<_>>() {
-                routes
-                    .broadcast
-                    .insert(name, self.gossip.broadcast_next_hops(name));
+                routes.broadcast.insert(name, g.broadcast_next_hops(name));
             }
             let _ = self.sleeve.send(sleeve::Cmd::Routes(routes)).await;
             self.candidates_dirty = true;

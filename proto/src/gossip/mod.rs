@@ -399,7 +399,7 @@ pub struct Gossip {
     gaps: HashSet<Idx>,
     /// Versions we asked for and when: a second announcement of the same
     /// news within a flush round does not ask again. Held by thousands
-    /// while a peer joins (24 bytes a slot, not 40 with an `Instant`).
+    /// while a peer joins (16 bytes a slot, not 40 with an `Instant`).
     wanted: Wanted,
     /// The origin of [`Asked::at`] (the first time we were given).
     origin: Option<Instant>,
