@@ -38,10 +38,12 @@ use tracing::{debug, info, warn};
 /// namespace destroyed takes the veth pair with it).
 const GONE_CHECK: Duration = Duration::from_secs(5);
 
-/// The namespaces held by other processes (a walk of all of `/proc`, the
-/// largest idle cost of a daemon with containers) are looked at on every
-/// this many gone checks: a namespace held by this daemon alone is
-/// released 15-30 s after its last process left.
+/// The namespaces held by other processes are looked at on every this many
+/// gone checks: a namespace held by this daemon alone is released 15-30 s
+/// after its last process left. Usually a `stat` per container (the
+/// process or mount that held it last time); a walk of all of `/proc`,
+/// once the largest idle cost of a daemon with containers, only when one
+/// of those let go.
 const ORPHAN_EVERY: u32 = 3;
 
 /// The prefix of host-side interface names.
@@ -94,6 +96,11 @@ pub struct Manager {
     /// Host interfaces of containers whose namespace only this daemon
     /// held at the last check (see [`Manager::release_gone`]).
     orphans: std::collections::HashSet<String>,
+    /// A path that held each container's namespace at the last check
+    /// (`/proc/PID/ns/net` of a process in it, or a mount), by host
+    /// interface: checked first, so `/proc` is walked only when one of
+    /// them let go (see [`host::netns::holders`]).
+    holders: HashMap<String, String>,
     /// Gone checks so far (see [`ORPHAN_EVERY`]).
     gone_checks: u32,
     /// Ports of the Docker plugin's veths not yet adopted by an attach
@@ -316,6 +323,7 @@ impl Manager {
             zone,
             servers: HashMap::new(),
             orphans: Default::default(),
+            holders: HashMap::new(),
             gone_checks: 0,
             docker_ports: HashMap::new(),
             exposed: persist::load_json(&data_dir_for_expose.join(crate::paths::EXPOSED))?
@@ -714,10 +722,16 @@ impl Manager {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut check = tokio::time::interval(GONE_CHECK);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut watch = tokio::time::interval(host::nft::WATCH);
-        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Told of changes to the ruleset; checked once they settle.
+        // Told of changes to the ruleset; checked once they settle. The
+        // slow check is a backstop, slower while told.
         let mut changes = host::nft::changes();
+        let every = if changes.is_some() {
+            host::nft::WATCH_TOLD
+        } else {
+            host::nft::WATCH
+        };
+        let mut watch = tokio::time::interval(every);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut recheck: Option<tokio::time::Instant> = None;
         loop {
             let Cmd { req, reply } = tokio::select! {
@@ -735,7 +749,10 @@ impl Manager {
                 }
                 c = async { changes.as_mut()?.recv().await }, if changes.is_some() => {
                     if c.is_none() {
+                        // No longer told: back to the plain slow check.
                         changes = None;
+                        watch = tokio::time::interval(host::nft::WATCH);
+                        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     } else if recheck.is_none() {
                         recheck = Some(tokio::time::Instant::now() + host::nft::SETTLE);
                     }
@@ -1464,17 +1481,29 @@ impl Manager {
     async fn release_gone(&mut self) {
         self.gone_checks = self.gone_checks.wrapping_add(1);
         if !self.list.is_empty() && self.gone_checks.is_multiple_of(ORPHAN_EVERY) {
-            // No answer (or an empty one: /proc unreadable) decides nothing.
-            let used = match tokio::task::spawn_blocking(host::netns::netns_in_use).await {
-                Ok(u) if !u.is_empty() => u,
-                _ => return,
-            };
-            let orphans: std::collections::HashSet<String> = self
+            let asked: Vec<(host::netns::NetnsId, Option<String>)> = self
                 .list
                 .iter()
-                .filter(|a| !used.contains(&a.netns))
-                .map(|a| a.host_ifname.clone())
+                .map(|a| (a.netns, self.holders.get(&a.host_ifname).cloned()))
                 .collect();
+            // No answer (/proc unreadable) decides nothing.
+            let held = match tokio::task::spawn_blocking(move || host::netns::holders(&asked)).await
+            {
+                Ok(Some(h)) => h,
+                _ => return,
+            };
+            let mut orphans = std::collections::HashSet::new();
+            self.holders.clear();
+            for (a, h) in self.list.iter().zip(held) {
+                match h {
+                    Some(path) => {
+                        self.holders.insert(a.host_ifname.clone(), path);
+                    }
+                    None => {
+                        orphans.insert(a.host_ifname.clone());
+                    }
+                }
+            }
             for ifname in orphans.intersection(&self.orphans) {
                 info!(
                     interface = %ifname,

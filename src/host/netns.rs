@@ -54,28 +54,29 @@ pub fn open_netns(target: &str) -> Result<(File, NetnsId), HostError> {
     Ok((file, id))
 }
 
-/// The network namespaces kept alive by something besides this process:
-/// those some other process is in, and those bind-mounted where this
-/// process sees mounts (`/run/netns/NAME`, a runtime's own directory). A
-/// container's namespace in neither is held only by this daemon's own
-/// sockets (its DNS server inside): no process of the container is left
-/// and no one can enter it again.
-pub fn netns_in_use() -> std::collections::HashSet<NetnsId> {
-    let id_of = |path: &str| {
-        std::fs::metadata(path).ok().map(|md| NetnsId {
-            dev: md.dev(),
-            ino: md.ino(),
-        })
-    };
+/// The network namespaces kept alive by something besides this process,
+/// each with a path that holds it: those some other process is in
+/// (`/proc/PID/ns/net`), and those bind-mounted where this process sees
+/// mounts (`/run/netns/NAME`, a runtime's own directory). A container's
+/// namespace in neither is held only by this daemon's own sockets (its DNS
+/// server inside): no process of the container is left and no one can
+/// enter it again. A walk of all of `/proc`: see [`holders`] for the cheap
+/// way to ask again.
+pub fn netns_in_use() -> std::collections::HashMap<NetnsId, String> {
     let me = std::process::id();
-    let mut used = std::collections::HashSet::new();
+    let mut used = std::collections::HashMap::new();
+    let mut add = |path: String| {
+        if let Some(id) = id_of_path(&path) {
+            used.entry(id).or_insert(path);
+        }
+    };
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
             if pid != me {
-                used.extend(id_of(&format!("/proc/{pid}/ns/net")));
+                add(format!("/proc/{pid}/ns/net"));
             }
         }
     }
@@ -90,11 +91,48 @@ pub fn netns_in_use() -> std::collections::HashSet<NetnsId> {
                 continue;
             }
             if let Some(mp) = fields.split(' ').nth(4).filter(|m| !m.contains('\\')) {
-                used.extend(id_of(mp));
+                add(mp.to_string());
             }
         }
     }
     used
+}
+
+fn id_of_path(path: &str) -> Option<NetnsId> {
+    std::fs::metadata(path).ok().map(|md| NetnsId {
+        dev: md.dev(),
+        ino: md.ino(),
+    })
+}
+
+/// For each namespace, a path that holds it now (see [`netns_in_use`]),
+/// or `None` when nothing but this process does. Each comes with the path
+/// that held it last time, if any: while every such path still leads to
+/// its namespace (the same process, the same mount), that is the answer,
+/// one `stat` each, and `/proc` is not walked, so the check costs the
+/// same on a host running thousands of processes as on an empty one.
+/// `None` overall when the walk found nothing at all (`/proc`
+/// unreadable): that decides nothing.
+pub fn holders(namespaces: &[(NetnsId, Option<String>)]) -> Option<Vec<Option<String>>> {
+    let held = |(id, hint): &(NetnsId, Option<String>)| {
+        hint.as_ref()
+            .filter(|p| id_of_path(p) == Some(*id))
+            .cloned()
+    };
+    let hinted: Vec<Option<String>> = namespaces.iter().map(held).collect();
+    if hinted.iter().all(Option::is_some) {
+        return Some(hinted);
+    }
+    let used = netns_in_use();
+    if used.is_empty() {
+        return None;
+    }
+    Some(
+        namespaces
+            .iter()
+            .map(|(id, _)| used.get(id).cloned())
+            .collect(),
+    )
 }
 
 /// Identity of an open namespace file.
@@ -245,5 +283,47 @@ mod tests {
             .unwrap();
         assert_eq!(inner, id);
         assert_eq!(current_netns().unwrap().1, by_pid);
+    }
+
+    #[test]
+    fn holders_follow_a_namespace_from_its_mount_to_a_process_to_nothing() {
+        if !require_root() {
+            return;
+        }
+        let net = TestNet::new();
+        let ns = net.add_ns("h");
+        let mount = net.ns_path(&ns);
+        let (_, id) = open_netns(&mount).unwrap();
+        let ask = |hint: Option<String>| holders(&[(id, hint)]).unwrap().pop().unwrap();
+        // Held by its mount: found by a walk, and the hint is the answer.
+        let found = ask(None).expect("the mount holds it");
+        assert_eq!(id_of_path(&found), Some(id));
+        assert_eq!(ask(Some(mount.clone())), Some(mount.clone()));
+        // A process in it, then the mount gone: the stale hint is let go
+        // of and the process found.
+        struct Reaped(std::process::Child);
+        impl Drop for Reaped {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let child = Reaped(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "sleep", "300"])
+                .spawn()
+                .unwrap(),
+        );
+        let proc_path = format!("/proc/{}/ns/net", child.0.id());
+        assert!(crate::host::testutil::wait_until(
+            std::time::Duration::from_secs(10),
+            || id_of_path(&proc_path) == Some(id)
+        ));
+        crate::host::testutil::run(&["ip", "netns", "del", &ns]);
+        assert_eq!(ask(Some(mount.clone())), Some(proc_path.clone()));
+        assert_eq!(ask(Some(proc_path.clone())), Some(proc_path.clone()));
+        // The process gone too: nothing but us (the open file) holds it.
+        drop(child);
+        assert_eq!(ask(Some(proc_path)), None);
     }
 }

@@ -326,9 +326,15 @@ pub async fn set_underlay_peers(peers: &[Ipv4Addr]) -> Result<(), String> {
 /// How often the daemon checks, without being told of a change, that its
 /// tables are still there (a firewall reload, `nft flush ruleset`, removes
 /// them): one `nft list tables`, by the attach manager, for all three
-/// tables. It is told: [`changes`] wakes it within [`SETTLE`] of any change
-/// to the ruleset; this slow check is for a notice lost (a full socket).
+/// tables, when it cannot be told ([`changes`] gave no socket).
 pub const WATCH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The same check while [`changes`] tells of every change within
+/// [`SETTLE`]: only a backstop. A notice lost to a full socket is not
+/// silent (the kernel reports the loss, which [`changes`] passes on as a
+/// change), so this need not run often; an `nft` run a minute was, with
+/// 100 daemons on one machine, a tenth of their CPU at rest.
+pub const WATCH_TOLD: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How long after a change to the ruleset the tables are checked (changes
 /// come in bursts: one check for the burst).
