@@ -8,7 +8,8 @@
 #   benches/attach.sh [N]        (as root; default N=100)
 #
 # Prints p50/p99 of both in milliseconds and the ratio, then the time from
-# `mesh run` to its CMD starting. Uses only
+# `mesh run` to its CMD starting, then N attaches started at once (all
+# must succeed, each with its own address; the script fails otherwise). Uses only
 # namespaces prefixed mbench- and 198.19.0.0/16; cleans up on every exit.
 set -euo pipefail
 N=${1:-100}
@@ -72,6 +73,18 @@ for i in $(seq 1 "$N"); do
     echo $((t2 - t0)) >> "$DIR/runall.t"
 done
 
+# N attaches at once (each its own CLI process): all must succeed, each
+# with its own address.
+for i in $(seq 1 "$N"); do ip netns add $P-p$i; done
+t0=$(now_ns)
+for i in $(seq 1 "$N"); do
+    (ip netns exec $P-h "$MESH" attach /run/netns/$P-p$i >"$DIR/par.$i" 2>&1 || echo "FAILED" >>"$DIR/par.$i") &
+done
+wait
+t1=$(now_ns)
+par_failed=$(cat "$DIR"/par.* | grep -c FAILED || true)
+par_distinct=$(cat "$DIR"/par.* | grep -v FAILED | sort -u | wc -l)
+
 read -r m50 m99 < <(percentiles < "$DIR/mesh.t")
 read -r s50 s99 < <(percentiles < "$DIR/run.t")
 read -r a50 a99 < <(percentiles < "$DIR/runall.t")
@@ -79,3 +92,5 @@ read -r r50 r99 < <(percentiles < "$DIR/ref.t")
 echo "mesh run N=$N: to CMD start p50=${s50}ms p99=${s99}ms; whole run of \`true\` (attach, run, release) p50=${a50}ms p99=${a99}ms"
 distinct=$(ip netns exec $P-h "$MESH" ps | awk '{print $3}' | sort -u | wc -l)
 echo "attach N=$N: mesh attach p50=${m50}ms p99=${m99}ms; raw ip reference p50=${r50}ms p99=${r99}ms; ratio p50=$(awk -v a="$m50" -v b="$r50" 'BEGIN{printf "%.2f", a/b}') ($distinct distinct addresses)"
+echo "attach N=$N at once: $((N - par_failed))/$N attached, $par_distinct distinct addresses, all done in $(( (t1 - t0) / 1000000 ))ms"
+[[ $par_failed -eq 0 && $par_distinct -eq $N ]] || { echo "attach.sh: concurrent attaches failed" >&2; cat "$DIR"/par.* | grep -B2 FAILED | head -20 >&2; exit 1; }

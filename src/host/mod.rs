@@ -23,6 +23,7 @@ mod error;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod nftnl;
 pub mod tap;
 pub mod veth;
 pub mod vxlan;

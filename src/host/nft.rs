@@ -55,8 +55,9 @@
 //! datagram to the port from any other address is dropped (and counted as
 //! `vxlan_not_peer`) in hook `input`, before the VXLAN socket sees it.
 
+use super::nftnl;
 use ipnet::Ipv4Net;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 use std::process::Stdio;
@@ -165,58 +166,208 @@ pub fn table_script() -> String {
     s
 }
 
+/// What the bridge table's four sets hold for some ports: one model that
+/// both `nft -f` scripts ([`Elements::script`]) and netlink batches
+/// ([`Elements::changes`]) are made from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Elements {
+    port_mac: BTreeSet<(String, [u8; 6])>,
+    port_ip: BTreeSet<(String, Ipv4Addr)>,
+    port_net: BTreeSet<(String, Ipv4Net)>,
+    local_mac: BTreeSet<[u8; 6]>,
+}
+
+/// `xx:xx:xx:xx:xx:xx`.
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let mut m = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut m {
+        *b = parts
+            .next()
+            .filter(|p| p.len() == 2)
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+            .ok_or_else(|| format!("not a MAC address: {s:?}"))?;
+    }
+    match parts.next() {
+        None => Ok(m),
+        Some(_) => Err(format!("not a MAC address: {s:?}")),
+    }
+}
+
+fn mac_text(m: &[u8; 6]) -> String {
+    let h: Vec<String> = m.iter().map(|b| format!("{b:02x}")).collect();
+    h.join(":")
+}
+
+impl Elements {
+    /// The elements for exactly `ports` and `local_macs` (MACs as
+    /// `xx:xx:…`). A port without a MAC or addresses gets none
+    /// (quarantined).
+    pub fn new(ports: &[Port], local_macs: &[String]) -> Result<Elements, String> {
+        let mut e = Elements::default();
+        for p in ports {
+            let Some(mac) = &p.mac else {
+                continue; // quarantined: no entries at all
+            };
+            if p.addrs.is_empty() {
+                continue;
+            }
+            let name = &p.ifname;
+            e.port_mac.insert((name.clone(), parse_mac(mac)?));
+            e.port_ip
+                .extend(p.addrs.iter().map(|a| (name.clone(), a.addr())));
+            let ns: BTreeSet<Ipv4Net> = p.addrs.iter().map(|a| a.trunc()).collect();
+            // Nested subnets of one port: the widest covers the others (an
+            // interval set refuses overlapping elements).
+            e.port_net.extend(
+                ns.iter()
+                    .filter(|n| !ns.iter().any(|o| o != *n && o.contains(*n)))
+                    .map(|n| (name.clone(), *n)),
+            );
+        }
+        for m in local_macs {
+            e.local_mac.insert(parse_mac(m)?);
+        }
+        Ok(e)
+    }
+
+    /// The script that makes the sets say exactly this, replacing what
+    /// they held, in one transaction.
+    pub fn script(&self) -> String {
+        let mut s = String::new();
+        for (set, elems) in [
+            (
+                "port_mac",
+                list(
+                    self.port_mac
+                        .iter()
+                        .map(|(n, m)| format!("\"{n}\" . {}", mac_text(m))),
+                ),
+            ),
+            (
+                "port_ip",
+                list(self.port_ip.iter().map(|(n, a)| format!("\"{n}\" . {a}"))),
+            ),
+            (
+                "port_net",
+                list(self.port_net.iter().map(|(n, a)| format!("\"{n}\" . {a}"))),
+            ),
+            ("local_mac", list(self.local_mac.iter().map(mac_text))),
+        ] {
+            let _ = writeln!(s, "flush set bridge {TABLE} {set}");
+            if !elems.is_empty() {
+                let _ = writeln!(s, "add element bridge {TABLE} {set} {{ {elems} }}");
+            }
+        }
+        s
+    }
+
+    /// The netlink changes that take the sets from holding `self` to
+    /// holding `to`: what goes first, then what comes. `None` when a name
+    /// cannot be a key (longer than an interface name can be).
+    pub fn changes(&self, to: &Elements) -> Option<Vec<nftnl::Change<'static>>> {
+        let cat = |name: &str, value: &[u8]| {
+            let mut k = nftnl::ifname(name)?.to_vec();
+            nftnl::field(&mut k, value);
+            Some(k)
+        };
+        let sets = [
+            (
+                "port_mac",
+                diff(&self.port_mac, &to.port_mac, |(n, m)| {
+                    Some(nftnl::Elem {
+                        key: cat(n, m)?,
+                        end: None,
+                    })
+                })?,
+            ),
+            (
+                "port_ip",
+                diff(&self.port_ip, &to.port_ip, |(n, a)| {
+                    Some(nftnl::Elem {
+                        key: cat(n, &a.octets())?,
+                        end: None,
+                    })
+                })?,
+            ),
+            (
+                "port_net",
+                diff(&self.port_net, &to.port_net, |(n, net)| {
+                    Some(nftnl::Elem {
+                        key: cat(n, &net.network().octets())?,
+                        end: Some(cat(n, &net.broadcast().octets())?),
+                    })
+                })?,
+            ),
+            (
+                "local_mac",
+                diff(&self.local_mac, &to.local_mac, |m| {
+                    Some(nftnl::Elem {
+                        key: m.to_vec(),
+                        end: None,
+                    })
+                })?,
+            ),
+        ];
+        Some(set_changes(sets))
+    }
+}
+
+/// The elements in `from` but not in `to`, and those in `to` but not in
+/// `from`, as keys; `None` if one has no key.
+fn diff<T: Ord>(
+    from: &BTreeSet<T>,
+    to: &BTreeSet<T>,
+    key: impl Fn(&T) -> Option<nftnl::Elem>,
+) -> Option<[Vec<nftnl::Elem>; 2]> {
+    let gone = from.difference(to).map(&key).collect::<Option<_>>()?;
+    let new = to.difference(from).map(&key).collect::<Option<_>>()?;
+    Some([gone, new])
+}
+
+/// The changes for sets' differences ([`diff`]): every deletion first,
+/// then every addition (an element that moves between ports is free
+/// again before it is taken).
+fn set_changes<const N: usize>(
+    sets: [(&'static str, [Vec<nftnl::Elem>; 2]); N],
+) -> Vec<nftnl::Change<'static>> {
+    let mut out = Vec::new();
+    for add in [false, true] {
+        for (set, [gone, new]) in &sets {
+            let elems = if add { new } else { gone };
+            if !elems.is_empty() {
+                out.push(nftnl::Change {
+                    set,
+                    add,
+                    elems: elems.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Apply `changes` to `table` over netlink, on a blocking thread.
+async fn batch(
+    family: u8,
+    table: &'static str,
+    changes: Vec<nftnl::Change<'static>>,
+) -> Result<(), String> {
+    match tokio::task::spawn_blocking(move || nftnl::apply(family, table, &changes)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The script that makes the sets say exactly `ports` and `local_macs`
 /// (MACs as `xx:xx:…`), replacing what they held, in one transaction.
-pub fn elements_script(ports: &[Port], local_macs: &[String]) -> String {
-    let mut macs = Vec::new();
-    let mut ips = Vec::new();
-    let mut nets = Vec::new();
-    for p in ports {
-        let Some(mac) = &p.mac else {
-            continue; // quarantined: no entries at all
-        };
-        if p.addrs.is_empty() {
-            continue;
-        }
-        let name = &p.ifname;
-        macs.push(format!("\"{name}\" . {mac}"));
-        let mut addrs: Vec<Ipv4Addr> = p.addrs.iter().map(|a| a.addr()).collect();
-        addrs.sort();
-        addrs.dedup();
-        ips.extend(addrs.iter().map(|a| format!("\"{name}\" . {a}")));
-        let mut ns: Vec<Ipv4Net> = p.addrs.iter().map(|a| a.trunc()).collect();
-        ns.sort();
-        ns.dedup();
-        // Nested subnets of one port: the widest covers the others (an
-        // interval set refuses overlapping elements).
-        let widest: Vec<Ipv4Net> = ns
-            .iter()
-            .copied()
-            .filter(|n| !ns.iter().any(|o| o != n && o.contains(n)))
-            .collect();
-        nets.extend(widest.iter().map(|n| format!("\"{name}\" . {n}")));
-    }
-    let mut local: Vec<&String> = local_macs.iter().collect();
-    local.sort();
-    local.dedup();
-    let mut s = String::new();
-    for (set, elems) in [
-        ("port_mac", list(&macs)),
-        ("port_ip", list(&ips)),
-        ("port_net", list(&nets)),
-        ("local_mac", list(&local)),
-    ] {
-        let _ = writeln!(s, "flush set bridge {TABLE} {set}");
-        if !elems.is_empty() {
-            let _ = writeln!(s, "add element bridge {TABLE} {set} {{ {elems} }}");
-        }
-    }
-    s
+pub fn elements_script(ports: &[Port], local_macs: &[String]) -> Result<String, String> {
+    Ok(Elements::new(ports, local_macs)?.script())
 }
 
 /// The complete script for these ports: makes the table afresh with them.
-pub fn script(ports: &[Port], local_macs: &[String]) -> String {
-    table_script() + &elements_script(ports, local_macs)
+pub fn script(ports: &[Port], local_macs: &[String]) -> Result<String, String> {
+    Ok(table_script() + &elements_script(ports, local_macs)?)
 }
 
 async fn nft(script: &str) -> Result<(), String> {
@@ -248,30 +399,45 @@ async fn nft(script: &str) -> Result<(), String> {
     }
 }
 
-/// Whether this process has made the bridge table (after that, a change
-/// only replaces the sets' contents and the counters keep counting).
-static MADE: AtomicBool = AtomicBool::new(false);
+/// What the bridge table's sets hold, once this process has made the
+/// table (after that, a change only adds and deletes elements, and the
+/// counters keep counting); `None`: make it afresh next time.
+static APPLIED: std::sync::Mutex<Option<Elements>> = std::sync::Mutex::new(None);
+
+fn applied() -> std::sync::MutexGuard<'static, Option<Elements>> {
+    APPLIED.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Make the kernel's rules exactly those for `ports`, with `local_macs`
 /// (this host's own MACs: containers' and the bridge's) refused from the
-/// overlays.
+/// overlays. Once the table is made, by the elements that differ from
+/// what it holds, over netlink ([`nftnl`]): no process, and the same cost
+/// however many containers are attached.
 pub async fn sync(ports: &[Port], local_macs: &[String]) -> Result<(), String> {
-    if MADE.load(Ordering::Acquire) {
-        match nft(&elements_script(ports, local_macs)).await {
-            Ok(()) => return Ok(()),
-            // Someone removed the table (`nft flush ruleset`, a firewall
-            // reload): make it again, now.
-            Err(e) => tracing::warn!("isolation rules missing or refused ({e}); making them again"),
+    let want = Elements::new(ports, local_macs)
+        .map_err(|e| format!("nft refused the isolation rules: {e}"))?;
+    let held = applied().clone();
+    if let Some(changes) = held.as_ref().and_then(|h| h.changes(&want)) {
+        match batch(nftnl::FAMILY_BRIDGE, TABLE, changes).await {
+            Ok(()) => {
+                *applied() = Some(want);
+                return Ok(());
+            }
+            // Someone removed the table or changed its sets (`nft flush
+            // ruleset`, a firewall reload): make it again, now.
+            Err(e) => {
+                tracing::warn!("isolation rules missing or changed ({e}); making them again")
+            }
         }
     }
-    match nft(&script(ports, local_macs)).await {
+    match nft(&(table_script() + &want.script())).await {
         Ok(()) => {
-            MADE.store(true, Ordering::Release);
+            *applied() = Some(want);
             Ok(())
         }
         Err(e) => {
             // Whatever went wrong, make the table afresh next time.
-            MADE.store(false, Ordering::Release);
+            *applied() = None;
             Err(e)
         }
     }
@@ -313,14 +479,48 @@ pub fn underlay_peers_script(peers: &[Ipv4Addr]) -> String {
     s
 }
 
-/// Make the underlay table afresh (no peer admitted yet).
-pub async fn make_underlay(port: u16) -> Result<(), String> {
-    nft(&underlay_script(port)).await
+/// The peers the underlay table's set holds, once this process made the
+/// table; `None`: unknown (the next change rewrites the set by `nft`).
+static UNDERLAY_APPLIED: std::sync::Mutex<Option<BTreeSet<Ipv4Addr>>> = std::sync::Mutex::new(None);
+
+fn underlay_applied() -> std::sync::MutexGuard<'static, Option<BTreeSet<Ipv4Addr>>> {
+    UNDERLAY_APPLIED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Admit fast-path datagrams from exactly `peers`.
+/// Make the underlay table afresh (no peer admitted yet).
+pub async fn make_underlay(port: u16) -> Result<(), String> {
+    let r = nft(&underlay_script(port)).await;
+    *underlay_applied() = r.is_ok().then(BTreeSet::new);
+    r
+}
+
+/// Admit fast-path datagrams from exactly `peers`: the peers that came
+/// and went, over netlink ([`nftnl`]), once the table is made.
 pub async fn set_underlay_peers(peers: &[Ipv4Addr]) -> Result<(), String> {
-    nft(&underlay_peers_script(peers)).await
+    let want: BTreeSet<Ipv4Addr> = peers.iter().copied().collect();
+    let held = underlay_applied().clone();
+    if let Some(held) = held {
+        let key = |a: &Ipv4Addr| {
+            Some(nftnl::Elem {
+                key: a.octets().to_vec(),
+                end: None,
+            })
+        };
+        match diff(&held, &want, key).map(|d| set_changes([("peers", d)])) {
+            Some(c) if c.is_empty() => return Ok(()),
+            Some(c) => match batch(nftnl::FAMILY_INET, UNDERLAY_TABLE, c).await {
+                Ok(()) => {
+                    *underlay_applied() = Some(want);
+                    return Ok(());
+                }
+                Err(e) => tracing::debug!("fast-path peers over netlink: {e}; by nft"),
+            },
+            None => {}
+        }
+    }
+    let r = nft(&underlay_peers_script(peers)).await;
+    *underlay_applied() = r.is_ok().then_some(want);
+    r
 }
 
 /// How often the daemon checks, without being told of a change, that its
@@ -425,7 +625,7 @@ pub async fn tables() -> Result<Vec<String>, String> {
 /// Forget that the bridge table was made: the next [`sync`] makes it
 /// afresh (it was found missing).
 pub fn table_lost() {
-    MADE.store(false, Ordering::Release);
+    *applied() = None;
 }
 
 /// Set when a check found the underlay table missing; the fast path,
@@ -548,7 +748,8 @@ mod tests {
                 &["198.19.1.5/24", "198.19.2.7/24", "198.19.2.9/16"],
             )],
             &["0a:00:00:00:00:01".into()],
-        );
+        )
+        .expect("valid");
         assert!(
             s.contains("port_mac { \"vmesh0a1b2c3d\" . 0a:58:c6:13:01:05 }"),
             "{s}"
@@ -570,7 +771,7 @@ mod tests {
 
     #[test]
     fn unknown_mac_quarantines() {
-        let s = elements_script(&[port("vmeshq", None, &["198.19.1.5/24"])], &[]);
+        let s = elements_script(&[port("vmeshq", None, &["198.19.1.5/24"])], &[]).expect("valid");
         assert!(!s.contains("vmeshq"), "{s}");
         assert!(table_script().contains("iifname \"vmesh*\" jump from_port"));
     }
@@ -594,19 +795,16 @@ mod tests {
         let a = port("vmesha", Some("0a:00:00:00:00:0a"), &["198.19.1.5/24"]);
         let b = port("vmeshb", Some("0a:00:00:00:00:0b"), &["198.19.2.5/24"]);
         let q = port("vmeshq", None, &["198.19.2.6/24"]);
-        apply(&script(
-            &[a.clone(), q.clone()],
-            &["0a:00:00:00:00:0a".into()],
-        ));
+        apply(&script(&[a.clone(), q.clone()], &["0a:00:00:00:00:0a".into()]).expect("valid"));
         // Changes touch the sets only: the table, its rules and its
         // counters stay (and keep counting).
-        let change = elements_script(&[a.clone(), b.clone()], &[]);
+        let change = elements_script(&[a.clone(), b.clone()], &[]).expect("valid");
         assert!(
             !change.contains("delete") && !change.contains("counter"),
             "{change}"
         );
         apply(&change);
-        apply(&elements_script(&[b], &["0a:00:00:00:00:0b".into()]));
+        apply(&elements_script(&[b], &["0a:00:00:00:00:0b".into()]).expect("valid"));
         let listed = ns_run(&ns, &["nft", "list", "table", "bridge", "mesh"]);
         assert!(
             listed.contains("\"vmeshb\" . 0a:00:00:00:00:0b"),
@@ -645,6 +843,175 @@ mod tests {
             Some(&0),
             "{json}"
         );
+    }
+
+    #[test]
+    fn a_bad_mac_is_refused_with_a_clear_error() {
+        let e = Elements::new(
+            &[port(
+                "vmeshx",
+                Some("0a:00:zz:00:00:01"),
+                &["198.19.1.5/24"],
+            )],
+            &[],
+        );
+        assert_eq!(e, Err("not a MAC address: \"0a:00:zz:00:00:01\"".into()));
+        assert!(Elements::new(&[], &["0a:00:00:00:00:01:02".into()]).is_err());
+        assert!(Elements::new(&[], &["0a:00:00:00:00".into()]).is_err());
+    }
+
+    /// A listing with each set's elements sorted (sets list them in the
+    /// order they were added, or by a hash seeded per set).
+    fn sorted(t: &str) -> String {
+        let mut out = String::new();
+        let mut rest = t;
+        while let Some(i) = rest.find("elements = {") {
+            let (head, tail) = rest.split_at(i + "elements = {".len());
+            let end = tail.find('}').expect("closed");
+            let mut items: Vec<&str> = tail[..end].split(',').map(str::trim).collect();
+            items.sort();
+            out.push_str(head);
+            out.push_str(&items.join(", "));
+            rest = &tail[end..];
+        }
+        out + rest
+    }
+
+    /// Elements changed over netlink are exactly what `nft` itself
+    /// writes: after every step, the table as `nft list` shows it in a
+    /// namespace changed by [`nftnl`] batches is the table in one where
+    /// `nft -f` wrote the same sets. And a batch that cannot apply (an
+    /// element to delete that is not there) changes nothing.
+    #[test]
+    fn netlink_changes_leave_what_nft_would_have_written() {
+        if !require_root() {
+            return;
+        }
+        let net = TestNet::new();
+        let by_nl = net.add_ns("nl");
+        let by_nft = net.add_ns("ft");
+        let apply = |ns: &str, s: &str| {
+            let f = std::env::temp_dir().join(format!("{ns}.nft"));
+            std::fs::write(&f, s).expect("write script");
+            let ok = ns_ok(ns, &["nft", "-f", &f.to_string_lossy()]);
+            let _ = std::fs::remove_file(&f);
+            assert!(ok, "nft refused:\n{s}");
+        };
+        let (nl_file, _) = crate::host::open_netns(&net.ns_path(&by_nl)).expect("netns");
+        let batch = |changes: Vec<nftnl::Change<'static>>| {
+            crate::host::run_in_netns(&nl_file, move || {
+                nftnl::apply(nftnl::FAMILY_BRIDGE, TABLE, &changes)
+            })
+            .expect("thread")
+        };
+        let list = |ns: &str| sorted(&ns_run(ns, &["nft", "list", "table", "bridge", "mesh"]));
+        for ns in [&by_nl, &by_nft] {
+            apply(ns, &table_script());
+        }
+        let a = port("vmesha", Some("0a:00:00:00:00:0a"), &["198.19.1.5/24"]);
+        let b = port(
+            "vmesh0a1b2c3d",
+            Some("0a:58:c6:13:01:05"),
+            &[
+                "198.19.1.6/24",
+                "198.19.2.7/24",
+                "198.19.2.9/16",
+                "10.1.2.3/32",
+            ],
+        );
+        let b2 = port(
+            "vmesh0a1b2c3d",
+            Some("0a:58:c6:13:01:06"),
+            &["198.19.3.7/25"],
+        );
+        let q = port("vmeshq", None, &["198.19.2.6/24"]);
+        let steps: Vec<(Vec<Port>, Vec<String>)> = vec![
+            (vec![a.clone(), q.clone()], vec!["0a:00:00:00:00:0a".into()]),
+            (
+                vec![a.clone(), b.clone(), q],
+                vec![
+                    "0a:00:00:00:00:0a".into(),
+                    "0a:58:c6:13:01:05".into(),
+                    "02:00:00:00:00:01".into(),
+                ],
+            ),
+            (
+                vec![b2.clone()],
+                vec!["0a:58:c6:13:01:06".into(), "02:00:00:00:00:01".into()],
+            ),
+            (vec![b2, a], vec!["02:00:00:00:00:01".into()]),
+            (vec![], vec![]),
+        ];
+        let mut held = Elements::default();
+        for (i, (ports, local)) in steps.iter().enumerate() {
+            let want = Elements::new(ports, local).expect("valid");
+            batch(held.changes(&want).expect("keys")).unwrap_or_else(|e| panic!("step {i}: {e}"));
+            apply(&by_nft, &want.script());
+            assert_eq!(list(&by_nl), list(&by_nft), "step {i}");
+            held = want;
+        }
+        // The sets are empty now: deleting a port's elements cannot apply,
+        // and adding another's in the same batch is undone with it.
+        let other = Elements::new(
+            &[port(
+                "vmeshz",
+                Some("0a:00:00:00:00:0f"),
+                &["198.19.8.8/24"],
+            )],
+            &[],
+        )
+        .expect("valid");
+        let ghost = Elements::new(
+            &[port(
+                "vmeshg",
+                Some("0a:00:00:00:00:0e"),
+                &["198.19.9.9/24"],
+            )],
+            &[],
+        )
+        .expect("valid");
+        let mut changes = ghost.changes(&Elements::default()).expect("keys");
+        changes.extend(Elements::default().changes(&other).expect("keys"));
+        let err = batch(changes).expect_err("deleting what is not there");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+        assert_eq!(list(&by_nl), list(&by_nft));
+        let now = list(&by_nl);
+        assert!(!now.contains("vmeshz") && !now.contains("vmeshg"), "{now}");
+
+        // The underlay table's set of fast-path peers, the same way.
+        for ns in [&by_nl, &by_nft] {
+            apply(ns, &underlay_script(6784));
+        }
+        let ul = |ns: &str| {
+            sorted(&ns_run(
+                ns,
+                &["nft", "list", "set", "inet", UNDERLAY_TABLE, "peers"],
+            ))
+        };
+        let mut held = BTreeSet::new();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().expect("ip");
+        for peers in [
+            vec![ip("198.18.0.2"), ip("198.18.0.3")],
+            vec![ip("198.18.0.3"), ip("198.18.0.4"), ip("198.18.0.5")],
+            vec![],
+        ] {
+            let want: BTreeSet<Ipv4Addr> = peers.iter().copied().collect();
+            let key = |a: &Ipv4Addr| {
+                Some(nftnl::Elem {
+                    key: a.octets().to_vec(),
+                    end: None,
+                })
+            };
+            let c = set_changes([("peers", diff(&held, &want, key).expect("keys"))]);
+            crate::host::run_in_netns(&nl_file, move || {
+                nftnl::apply(nftnl::FAMILY_INET, UNDERLAY_TABLE, &c)
+            })
+            .expect("thread")
+            .expect("applied");
+            apply(&by_nft, &underlay_peers_script(&peers));
+            assert_eq!(ul(&by_nl), ul(&by_nft), "{peers:?}");
+            held = want;
+        }
     }
 
     #[test]
