@@ -242,6 +242,16 @@ pub fn announce(
                 return Err(std::io::Error::last_os_error());
             }
         }
+        // Closing a packet socket waits for an RCU grace period
+        // (`synchronize_net`), several milliseconds: most of an attach's
+        // time once it was otherwise done. What was sent is sent; the
+        // socket is closed on a thread of its own.
+        let closing = std::thread::Builder::new()
+            .name("mesh-close".into())
+            .spawn(move || drop(fd));
+        if let Err(e) = closing {
+            tracing::debug!("closing the ARP socket on this thread: {e}");
+        }
         Ok(())
     })?
     .map_err(|e| HostError::io("gratuitous ARP", e))
