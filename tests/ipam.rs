@@ -558,3 +558,108 @@ fn reset_hands_the_space_to_a_live_peer_and_leaves_nothing_behind() {
     assert!(left.is_empty(), "state left in h2's data dir: {left:?}");
     assert!(c2.ethmesh_mac().is_none(), "c2 still has its interface");
 }
+
+/// The elements of set `set` of the bridge table on `h`, as `nft` lists
+/// them, one string per element (`"vmesh…" . 0a:58:…`).
+fn set_elements(h: &Host, set: &str) -> std::collections::BTreeSet<String> {
+    let out = run(
+        &mut h.command("nft", &["list", "set", "bridge", "mesh", set]),
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "nft list set: {}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let Some(start) = text.find("elements = {") else {
+        return Default::default();
+    };
+    let body = &text[start + "elements = {".len()..];
+    let body = &body[..body.find('}').unwrap_or(body.len())];
+    body.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Issue 21: a hundred attaches at once on one host all succeed, each with
+/// its own address, and the isolation rules (changed over netlink, a
+/// batch per change) then say exactly the containers attached: after the
+/// hundred, and after half of them detach at once.
+#[test]
+fn a_hundred_attaches_at_once_on_one_host() {
+    let Some(mut w) = World::new("ipam_hundred") else {
+        return;
+    };
+    let h = w.add_host();
+    w.launch(&h, &["--ipalloc-range", "198.19.0.0/16"]);
+    let cs: Vec<Container> = (0..100)
+        .map(|i| w.add_container(&format!("c{i}")))
+        .collect();
+    let results: Vec<(String, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = cs
+            .iter()
+            .map(|c| {
+                let h = &h;
+                s.spawn(move || (c.name.clone(), attach_auto(h, c, &[])))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|j| j.join().expect("attach thread"))
+            .collect()
+    });
+    let all: Vec<(String, Ipv4Addr)> = results
+        .iter()
+        .map(|(n, c)| (n.clone(), addr_of(c)))
+        .collect();
+    assert_distinct(&all);
+    assert_distinct(&kernel_addrs(&cs));
+    assert_eq!(kernel_addrs(&cs).len(), 100);
+
+    // What the kernel's sets must say: each attached container's port with
+    // its MAC, and its address.
+    let want = |h: &Host| {
+        let ps = h.ps();
+        let macs: std::collections::BTreeSet<String> =
+            ps.iter().map(|e| e.mac.to_lowercase()).collect();
+        let ips: std::collections::BTreeSet<String> = ps
+            .iter()
+            .flat_map(|e| e.cidrs.iter())
+            .map(|c| addr_of(c).to_string())
+            .collect();
+        (macs, ips)
+    };
+    let check = |h: &Host, n: usize| {
+        let (macs, ips) = want(h);
+        assert_eq!(macs.len(), n, "mesh ps");
+        let port_mac = set_elements(h, "port_mac");
+        let got: std::collections::BTreeSet<String> = port_mac
+            .iter()
+            .filter_map(|e| e.rsplit(" . ").next())
+            .map(str::to_lowercase)
+            .collect();
+        assert_eq!(port_mac.len(), n, "{port_mac:?}");
+        assert_eq!(got, macs);
+        let port_ip: std::collections::BTreeSet<String> = set_elements(h, "port_ip")
+            .iter()
+            .filter_map(|e| e.rsplit(" . ").next())
+            .map(String::from)
+            .collect();
+        assert_eq!(port_ip, ips);
+        assert_eq!(set_elements(h, "port_net").len(), n);
+    };
+    check(&h, 100);
+
+    // Half of them go at once.
+    std::thread::scope(|s| {
+        for c in cs.iter().step_by(2) {
+            let h = &h;
+            s.spawn(move || {
+                let out = h.mesh_timeout(&["detach", &c.path], DEADLINE);
+                assert!(out.status.success(), "detach {}: {}", c.name, show(&out));
+            });
+        }
+    });
+    check(&h, 50);
+    // The rest still talk to each other.
+    wait_ping(&cs[1], &addr_of(&results[3].1).to_string(), DEADLINE);
+}
