@@ -187,6 +187,9 @@ struct Peer {
     mtu: AtomicUsize,
     /// The path MTU search.
     probe: Mutex<Probe>,
+    /// Milliseconds since the sleeve started, when the kernel's path MTU
+    /// towards it was last read (see [`MTU_REREAD`]).
+    mtu_read: AtomicU64,
     /// Milliseconds since the sleeve started, when it was last heard.
     last_rx: AtomicU64,
     /// Whether it was heard at all since it came up.
@@ -582,6 +585,7 @@ impl Shared {
 
     /// Re-read the kernel's path MTU towards a neighbour.
     fn refresh_mtu(&self, peer: &Peer) {
+        peer.mtu_read.store(self.now_ms(), Ordering::Relaxed);
         let kernel = udpio::path_mtu(peer.addr).unwrap_or(self.underlay_mtu);
         peer.with_probe(|p| p.set_kernel(Instant::now(), kernel));
     }
@@ -785,6 +789,7 @@ fn command(sh: &Shared, c: Cmd) {
                 seq: AtomicU64::new(0),
                 mtu: AtomicUsize::new(sh.underlay_mtu),
                 probe: Mutex::new(Probe::new(Instant::now(), sh.underlay_mtu)),
+                mtu_read: AtomicU64::new(0),
                 last_rx: AtomicU64::new(sh.now_ms()),
                 heard: AtomicBool::new(false),
                 last_tx: AtomicU64::new(u64::MAX),
@@ -857,9 +862,15 @@ fn command(sh: &Shared, c: Cmd) {
     }
 }
 
+/// How often a heartbeat also re-reads the kernel's path MTU towards its
+/// peer. A read is a socket, a `connect` and a `close`: with a beat every
+/// 10 s to each of 99 peers, a read per beat was the largest system-call
+/// cost of an idle daemon. A send refused as too large re-reads it at once.
+const MTU_REREAD: Duration = Duration::from_secs(60);
+
 /// Send a heartbeat to every neighbour whose beat is due (re-reading its
-/// path MTU first), run the path MTU searches, and report the neighbours
-/// that have been silent too long.
+/// path MTU first, at most every [`MTU_REREAD`]), run the path MTU
+/// searches, and report the neighbours that have been silent too long.
 async fn heartbeat(sh: &Arc<Shared>, events: &mpsc::Sender<Event>) {
     let now = Instant::now();
     // The MAC table's clock (it lets long-learnt MACs give way).
@@ -882,7 +893,10 @@ async fn heartbeat(sh: &Arc<Shared>, events: &mpsc::Sender<Event>) {
             let mut out = Out::default();
             for (p, beat, size) in &work {
                 if *beat {
-                    s.refresh_mtu(p);
+                    let read = p.mtu_read.load(Ordering::Relaxed);
+                    if s.now_ms().saturating_sub(read) >= MTU_REREAD.as_millis() as u64 {
+                        s.refresh_mtu(p);
+                    }
                     s.beat(&mut out, p);
                 }
                 if let Some(size) = *size {
