@@ -120,6 +120,28 @@ fn assert_distinct(addrs: &[(String, Ipv4Addr)]) {
     }
 }
 
+/// Every container attached (no address given) on its host, all at once;
+/// each one's name and the CIDR it got, all distinct.
+#[track_caller]
+fn attach_at_once(jobs: Vec<(&Host, &Container)>) -> Vec<(String, String)> {
+    let results: Vec<(String, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|(h, c)| s.spawn(move || (c.name.clone(), attach_auto(h, c, &[]))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|j| j.join().expect("attach thread"))
+            .collect()
+    });
+    let all: Vec<(String, Ipv4Addr)> = results
+        .iter()
+        .map(|(n, c)| (n.clone(), addr_of(c)))
+        .collect();
+    assert_distinct(&all);
+    results
+}
+
 /// Owned space per peer name, from `mesh report`.
 fn owned(h: &Host) -> std::collections::BTreeMap<String, u64> {
     let report: serde_json::Value =
@@ -155,25 +177,13 @@ fn three_hosts_allocate_concurrently_and_a_restart_keeps_addresses() {
         })
         .collect();
     // 45 attaches at once, 15 per host, no address given.
-    let results: Vec<(String, String)> = std::thread::scope(|s| {
-        let handles: Vec<_> = hosts
+    let results = attach_at_once(
+        hosts
             .iter()
             .zip(&per_host)
-            .flat_map(|(h, cs)| {
-                cs.iter()
-                    .map(move |c| s.spawn(move || (c.name.clone(), attach_auto(h, c, &[]))))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|j| j.join().expect("attach thread"))
-            .collect()
-    });
-    let all: Vec<(String, Ipv4Addr)> = results
-        .iter()
-        .map(|(n, c)| (n.clone(), addr_of(c)))
-        .collect();
-    assert_distinct(&all);
+            .flat_map(|(h, cs)| cs.iter().map(move |c| (h, c)))
+            .collect(),
+    );
     for (n, c) in &results {
         assert!(
             c.ends_with("/16"),
@@ -219,7 +229,10 @@ fn three_hosts_allocate_concurrently_and_a_restart_keeps_addresses() {
     assert_eq!(before, after, "mesh ps changed across a restart");
     let extra = w.add_container("h2extra");
     let cidr = attach_auto(&hosts[1], &extra, &["net:default"]);
-    let mut with_extra = all.clone();
+    let mut with_extra: Vec<(String, Ipv4Addr)> = results
+        .iter()
+        .map(|(n, c)| (n.clone(), addr_of(c)))
+        .collect();
     with_extra.push(("h2extra".into(), addr_of(&cidr)));
     assert_distinct(&with_extra);
     wait_ping(&extra, &ip_of(&per_host[0][0]), DEADLINE);
@@ -594,24 +607,7 @@ fn a_hundred_attaches_at_once_on_one_host() {
     let cs: Vec<Container> = (0..100)
         .map(|i| w.add_container(&format!("c{i}")))
         .collect();
-    let results: Vec<(String, String)> = std::thread::scope(|s| {
-        let handles: Vec<_> = cs
-            .iter()
-            .map(|c| {
-                let h = &h;
-                s.spawn(move || (c.name.clone(), attach_auto(h, c, &[])))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|j| j.join().expect("attach thread"))
-            .collect()
-    });
-    let all: Vec<(String, Ipv4Addr)> = results
-        .iter()
-        .map(|(n, c)| (n.clone(), addr_of(c)))
-        .collect();
-    assert_distinct(&all);
+    let results = attach_at_once(cs.iter().map(|c| (&h, c)).collect());
     assert_distinct(&kernel_addrs(&cs));
     assert_eq!(kernel_addrs(&cs).len(), 100);
 
