@@ -28,6 +28,8 @@
 #
 #   benches/datapath.sh          (as root; T=5, RUNS=1)
 #   MESH_BIN=/path/to/mesh RUNS=3 T=10 benches/datapath.sh
+#   RULES=0 benches/datapath.sh  (the mesh paths with the isolation rules'
+#                                chains emptied: what the rules cost)
 #
 # Installs missing Debian packages (iperf3, jq, wireguard-go, wireguard-tools,
 # ...) itself. Namespaces are prefixed mdp<pid>- (anchors.sh uses its own,
@@ -269,6 +271,11 @@ measure_mesh() {
     mesh_up "$@"
     got=$(overlay)
     [[ $got == "$want" ]] || log "warning: $name uses overlay '$got', not $want"
+    if [[ ${RULES:-1} == 0 ]]; then
+        # What the isolation rules cost: their chains emptied (the table
+        # stays, so the daemons do not make it again).
+        for h in a b; do ip netns exec $P-$h nft flush table bridge mesh; done
+    fi
     [[ $want == fastdp ]] && wait_programmed
     ip netns exec $P-cb iperf3 -s -p 5201 >/dev/null 2>&1 &
     SRV=$!
