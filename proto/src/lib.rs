@@ -55,6 +55,7 @@ pub mod frame;
 pub mod gossip;
 pub mod handshake;
 pub mod hello;
+mod intern;
 pub mod ipam;
 pub mod name;
 pub mod names;

@@ -357,25 +357,13 @@ pub enum KeyError {
 /// that pins a key holds one allocation of it (a simulator's thousands of
 /// books, each holding every peer's key, would otherwise hold thousands of
 /// copies). Dead slots are swept when the table doubles.
-static SHARED_KEYS: std::sync::Mutex<Option<SharedKeys>> = std::sync::Mutex::new(None);
-
-/// [`SHARED_KEYS`]: the weak references by key, and the table's size after
-/// the last sweep.
-type SharedKeys = (HashMap<PublicKey, std::sync::Weak<PublicKey>>, usize);
+static SHARED_KEYS: std::sync::Mutex<Option<crate::intern::Weaks<PublicKey, PublicKey>>> =
+    std::sync::Mutex::new(None);
 
 fn shared_key(k: PublicKey) -> std::sync::Arc<PublicKey> {
     let mut g = SHARED_KEYS.lock().unwrap_or_else(|e| e.into_inner());
-    let (map, swept) = g.get_or_insert_with(Default::default);
-    if let Some(a) = map.get(&k).and_then(|w| w.upgrade()) {
-        return a;
-    }
-    let a = std::sync::Arc::new(k);
-    map.insert(k, std::sync::Arc::downgrade(&a));
-    if map.len() > 2 * *swept + 1024 {
-        map.retain(|_, w| w.strong_count() > 0);
-        *swept = map.len();
-    }
-    a
+    g.get_or_insert_with(|| crate::intern::Weaks::new(1024))
+        .intern(k, k)
 }
 
 /// The public keys of the peers we know, pinned per name.

@@ -725,13 +725,17 @@ impl Manager {
         // Told of changes to the ruleset; checked once they settle. The
         // slow check is a backstop, slower while told.
         let mut changes = host::nft::changes();
-        let every = if changes.is_some() {
-            host::nft::WATCH_TOLD
-        } else {
-            host::nft::WATCH
+        let slow_check = |told: bool| {
+            let every = if told {
+                host::nft::WATCH_TOLD
+            } else {
+                host::nft::WATCH
+            };
+            let mut i = tokio::time::interval(every);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
         };
-        let mut watch = tokio::time::interval(every);
-        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = slow_check(changes.is_some());
         let mut recheck: Option<tokio::time::Instant> = None;
         loop {
             let Cmd { req, reply } = tokio::select! {
@@ -751,8 +755,7 @@ impl Manager {
                     if c.is_none() {
                         // No longer told: back to the plain slow check.
                         changes = None;
-                        watch = tokio::time::interval(host::nft::WATCH);
-                        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        watch = slow_check(false);
                     } else if recheck.is_none() {
                         recheck = Some(tokio::time::Instant::now() + host::nft::SETTLE);
                     }

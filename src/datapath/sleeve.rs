@@ -48,8 +48,9 @@
 //! the control task when the peer sends a new key) live in `Arc<Peer>`.
 //!
 //! Path MTU: datagrams leave with don't-fragment set; each neighbour's
-//! segment size follows the kernel's path MTU towards it (re-read before
-//! each heartbeat and at once when a send fails as too large) and the probes of
+//! segment size follows the kernel's path MTU towards it (re-read with a
+//! heartbeat at most every [`MTU_REREAD`], and at once when a send fails as
+//! too large) and the probes of
 //! [`mesh_proto::pmtu`] (a padded datagram each heartbeat, answered by the
 //! peer; with a password the answers are sealed, so a spoofed one cannot
 //! raise the MTU), which also find paths that drop large datagrams

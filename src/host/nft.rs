@@ -57,6 +57,7 @@
 
 use super::nftnl;
 use ipnet::Ipv4Net;
+use mesh_proto::name::mac_string;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::Ipv4Addr;
@@ -177,26 +178,11 @@ pub struct Elements {
     local_mac: BTreeSet<[u8; 6]>,
 }
 
-/// `xx:xx:xx:xx:xx:xx`.
+/// `xx:xx:xx:xx:xx:xx` (written like a peer name: six hex bytes).
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let mut m = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut m {
-        *b = parts
-            .next()
-            .filter(|p| p.len() == 2)
-            .and_then(|p| u8::from_str_radix(p, 16).ok())
-            .ok_or_else(|| format!("not a MAC address: {s:?}"))?;
-    }
-    match parts.next() {
-        None => Ok(m),
-        Some(_) => Err(format!("not a MAC address: {s:?}")),
-    }
-}
-
-fn mac_text(m: &[u8; 6]) -> String {
-    let h: Vec<String> = m.iter().map(|b| format!("{b:02x}")).collect();
-    h.join(":")
+    s.parse::<mesh_proto::name::PeerName>()
+        .map(|p| p.0)
+        .map_err(|_| format!("not a MAC address: {s:?}"))
 }
 
 impl Elements {
@@ -241,7 +227,7 @@ impl Elements {
                 list(
                     self.port_mac
                         .iter()
-                        .map(|(n, m)| format!("\"{n}\" . {}", mac_text(m))),
+                        .map(|(n, m)| format!("\"{n}\" . {}", mac_string(*m))),
                 ),
             ),
             (
@@ -252,7 +238,10 @@ impl Elements {
                 "port_net",
                 list(self.port_net.iter().map(|(n, a)| format!("\"{n}\" . {a}"))),
             ),
-            ("local_mac", list(self.local_mac.iter().map(mac_text))),
+            (
+                "local_mac",
+                list(self.local_mac.iter().map(|m| mac_string(*m))),
+            ),
         ] {
             let _ = writeln!(s, "flush set bridge {TABLE} {set}");
             if !elems.is_empty() {
@@ -347,29 +336,6 @@ fn set_changes<const N: usize>(
     out
 }
 
-/// Apply `changes` to `table` over netlink, on a blocking thread.
-async fn batch(
-    family: u8,
-    table: &'static str,
-    changes: Vec<nftnl::Change<'static>>,
-) -> Result<(), String> {
-    match tokio::task::spawn_blocking(move || nftnl::apply(family, table, &changes)).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// The script that makes the sets say exactly `ports` and `local_macs`
-/// (MACs as `xx:xx:…`), replacing what they held, in one transaction.
-pub fn elements_script(ports: &[Port], local_macs: &[String]) -> Result<String, String> {
-    Ok(Elements::new(ports, local_macs)?.script())
-}
-
-/// The complete script for these ports: makes the table afresh with them.
-pub fn script(ports: &[Port], local_macs: &[String]) -> Result<String, String> {
-    Ok(table_script() + &elements_script(ports, local_macs)?)
-}
-
 async fn nft(script: &str) -> Result<(), String> {
     let mut child = tokio::process::Command::new("nft")
         .args(["-f", "-"])
@@ -404,8 +370,39 @@ async fn nft(script: &str) -> Result<(), String> {
 /// counters keep counting); `None`: make it afresh next time.
 static APPLIED: std::sync::Mutex<Option<Elements>> = std::sync::Mutex::new(None);
 
-fn applied() -> std::sync::MutexGuard<'static, Option<Elements>> {
-    APPLIED.lock().unwrap_or_else(|e| e.into_inner())
+fn held<T>(m: &'static std::sync::Mutex<Option<T>>) -> std::sync::MutexGuard<'static, Option<T>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Make sets say `want`. While `state` knows what they hold, the
+/// difference (`changes`, None when it cannot be put as keys) goes to
+/// table `table` over netlink; otherwise, or if the kernel refuses it
+/// (someone changed the table), `script` is run by `nft`. `state` then
+/// says what the sets hold, or `None` when that is not known.
+async fn update<T: Clone + Send + 'static>(
+    state: &'static std::sync::Mutex<Option<T>>,
+    want: T,
+    (family, table): (u8, &'static str),
+    changes: impl FnOnce(&T, &T) -> Option<Vec<nftnl::Change<'static>>>,
+    script: impl FnOnce(&T) -> String,
+) -> Result<(), String> {
+    let delta = held(state).as_ref().and_then(|h| changes(h, &want));
+    if let Some(delta) = delta {
+        let sent = tokio::task::spawn_blocking(move || nftnl::apply(family, table, &delta)).await;
+        match sent {
+            Ok(Ok(())) => {
+                *held(state) = Some(want);
+                return Ok(());
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("nftables table {table} missing or changed ({e}); writing it again")
+            }
+            Err(e) => tracing::warn!("nftables table {table}: {e}; writing it again"),
+        }
+    }
+    let r = nft(&script(&want)).await;
+    *held(state) = r.as_ref().ok().map(|()| want);
+    r
 }
 
 /// Make the kernel's rules exactly those for `ports`, with `local_macs`
@@ -416,31 +413,15 @@ fn applied() -> std::sync::MutexGuard<'static, Option<Elements>> {
 pub async fn sync(ports: &[Port], local_macs: &[String]) -> Result<(), String> {
     let want = Elements::new(ports, local_macs)
         .map_err(|e| format!("nft refused the isolation rules: {e}"))?;
-    let held = applied().clone();
-    if let Some(changes) = held.as_ref().and_then(|h| h.changes(&want)) {
-        match batch(nftnl::FAMILY_BRIDGE, TABLE, changes).await {
-            Ok(()) => {
-                *applied() = Some(want);
-                return Ok(());
-            }
-            // Someone removed the table or changed its sets (`nft flush
-            // ruleset`, a firewall reload): make it again, now.
-            Err(e) => {
-                tracing::warn!("isolation rules missing or changed ({e}); making them again")
-            }
-        }
-    }
-    match nft(&(table_script() + &want.script())).await {
-        Ok(()) => {
-            *applied() = Some(want);
-            Ok(())
-        }
-        Err(e) => {
-            // Whatever went wrong, make the table afresh next time.
-            *applied() = None;
-            Err(e)
-        }
-    }
+    update(
+        &APPLIED,
+        want,
+        (nftnl::FAMILY_BRIDGE, TABLE),
+        Elements::changes,
+        // The table afresh with them.
+        |w| table_script() + &w.script(),
+    )
+    .await
 }
 
 /// The script that makes the underlay table afresh: datagrams to the fast
@@ -483,44 +464,32 @@ pub fn underlay_peers_script(peers: &[Ipv4Addr]) -> String {
 /// table; `None`: unknown (the next change rewrites the set by `nft`).
 static UNDERLAY_APPLIED: std::sync::Mutex<Option<BTreeSet<Ipv4Addr>>> = std::sync::Mutex::new(None);
 
-fn underlay_applied() -> std::sync::MutexGuard<'static, Option<BTreeSet<Ipv4Addr>>> {
-    UNDERLAY_APPLIED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Make the underlay table afresh (no peer admitted yet).
 pub async fn make_underlay(port: u16) -> Result<(), String> {
     let r = nft(&underlay_script(port)).await;
-    *underlay_applied() = r.is_ok().then(BTreeSet::new);
+    *held(&UNDERLAY_APPLIED) = r.is_ok().then(BTreeSet::new);
     r
 }
 
 /// Admit fast-path datagrams from exactly `peers`: the peers that came
 /// and went, over netlink ([`nftnl`]), once the table is made.
 pub async fn set_underlay_peers(peers: &[Ipv4Addr]) -> Result<(), String> {
-    let want: BTreeSet<Ipv4Addr> = peers.iter().copied().collect();
-    let held = underlay_applied().clone();
-    if let Some(held) = held {
-        let key = |a: &Ipv4Addr| {
-            Some(nftnl::Elem {
-                key: a.octets().to_vec(),
-                end: None,
-            })
-        };
-        match diff(&held, &want, key).map(|d| set_changes([("peers", d)])) {
-            Some(c) if c.is_empty() => return Ok(()),
-            Some(c) => match batch(nftnl::FAMILY_INET, UNDERLAY_TABLE, c).await {
-                Ok(()) => {
-                    *underlay_applied() = Some(want);
-                    return Ok(());
-                }
-                Err(e) => tracing::debug!("fast-path peers over netlink: {e}; by nft"),
-            },
-            None => {}
-        }
-    }
-    let r = nft(&underlay_peers_script(peers)).await;
-    *underlay_applied() = r.is_ok().then_some(want);
-    r
+    update(
+        &UNDERLAY_APPLIED,
+        peers.iter().copied().collect(),
+        (nftnl::FAMILY_INET, UNDERLAY_TABLE),
+        |held, want| {
+            let key = |a: &Ipv4Addr| {
+                Some(nftnl::Elem {
+                    key: a.octets().to_vec(),
+                    end: None,
+                })
+            };
+            diff(held, want, key).map(|d| set_changes([("peers", d)]))
+        },
+        |want| underlay_peers_script(&want.iter().copied().collect::<Vec<_>>()),
+    )
+    .await
 }
 
 /// How often the daemon checks, without being told of a change, that its
@@ -546,22 +515,13 @@ pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// the kernel says messages were lost). `None` when the socket cannot be
 /// made; the caller then relies on its slow check.
 pub fn changes() -> Option<tokio::sync::mpsc::Receiver<()>> {
-    use nix::sys::socket::{
-        bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
-    };
+    use nix::sys::socket::SockFlag;
     use tokio::io::unix::AsyncFd;
     /// NFNLGRP_NFTABLES.
     const GROUP: u32 = 7;
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
+    let fd = nftnl::socket(
+        1 << (GROUP - 1),
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )
-    .ok()?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &NetlinkAddr::new(0, 1 << (GROUP - 1)),
     )
     .ok()?;
     // SAFETY: we own `fd` (moved in), and nothing else registers or uses
@@ -625,7 +585,7 @@ pub async fn tables() -> Result<Vec<String>, String> {
 /// Forget that the bridge table was made: the next [`sync`] makes it
 /// afresh (it was found missing).
 pub fn table_lost() {
-    *applied() = None;
+    *held(&APPLIED) = None;
 }
 
 /// Set when a check found the underlay table missing; the fast path,
@@ -731,6 +691,11 @@ mod tests {
     use super::*;
     use crate::host::testutil::{ns_ok, ns_run, require_root, TestNet};
 
+    /// The script that makes the sets say exactly `ports` and `local_macs`.
+    fn elements(ports: &[Port], local_macs: &[String]) -> Result<String, String> {
+        Ok(Elements::new(ports, local_macs)?.script())
+    }
+
     fn port(name: &str, mac: Option<&str>, addrs: &[&str]) -> Port {
         Port {
             ifname: name.into(),
@@ -741,7 +706,7 @@ mod tests {
 
     #[test]
     fn elements_bind_mac_addresses_and_subnets() {
-        let s = elements_script(
+        let s = elements(
             &[port(
                 "vmesh0a1b2c3d",
                 Some("0a:58:c6:13:01:05"),
@@ -771,7 +736,7 @@ mod tests {
 
     #[test]
     fn unknown_mac_quarantines() {
-        let s = elements_script(&[port("vmeshq", None, &["198.19.1.5/24"])], &[]).expect("valid");
+        let s = elements(&[port("vmeshq", None, &["198.19.1.5/24"])], &[]).expect("valid");
         assert!(!s.contains("vmeshq"), "{s}");
         assert!(table_script().contains("iifname \"vmesh*\" jump from_port"));
     }
@@ -795,16 +760,17 @@ mod tests {
         let a = port("vmesha", Some("0a:00:00:00:00:0a"), &["198.19.1.5/24"]);
         let b = port("vmeshb", Some("0a:00:00:00:00:0b"), &["198.19.2.5/24"]);
         let q = port("vmeshq", None, &["198.19.2.6/24"]);
-        apply(&script(&[a.clone(), q.clone()], &["0a:00:00:00:00:0a".into()]).expect("valid"));
+        let made = elements(&[a.clone(), q.clone()], &["0a:00:00:00:00:0a".into()]);
+        apply(&(table_script() + &made.expect("valid")));
         // Changes touch the sets only: the table, its rules and its
         // counters stay (and keep counting).
-        let change = elements_script(&[a.clone(), b.clone()], &[]).expect("valid");
+        let change = elements(&[a.clone(), b.clone()], &[]).expect("valid");
         assert!(
             !change.contains("delete") && !change.contains("counter"),
             "{change}"
         );
         apply(&change);
-        apply(&elements_script(&[b], &["0a:00:00:00:00:0b".into()]).expect("valid"));
+        apply(&elements(&[b], &["0a:00:00:00:00:0b".into()]).expect("valid"));
         let listed = ns_run(&ns, &["nft", "list", "table", "bridge", "mesh"]);
         assert!(
             listed.contains("\"vmeshb\" . 0a:00:00:00:00:0b"),

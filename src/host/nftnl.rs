@@ -19,6 +19,10 @@
 //! first value) and an end key (its last). `tests` checks all of it
 //! against `nft` itself.
 
+use nix::sys::socket::{
+    bind, setsockopt, sockopt, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
+use nix::sys::time::TimeVal;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -223,40 +227,29 @@ fn read_acks(buf: &[u8], answers: &mut u32, first_err: &mut Option<i32>) {
     }
 }
 
-fn socket() -> io::Result<OwnedFd> {
-    use nix::sys::socket::{
-        bind, setsockopt, socket, sockopt, AddressFamily, NetlinkAddr, SockFlag, SockProtocol,
-        SockType,
-    };
-    let fd = socket(
+/// A netfilter netlink socket (what `nft` talks to), bound to the
+/// multicast `groups` (a bit mask; 0 for none).
+pub fn socket(groups: u32, flags: SockFlag) -> io::Result<OwnedFd> {
+    let fd = nix::sys::socket::socket(
         AddressFamily::Netlink,
         SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
+        flags,
         SockProtocol::NetlinkNetFilter,
     )?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
-    // Answers come at once; a kernel that says nothing is not waited for.
-    setsockopt(
-        &fd,
-        sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(2, 0),
-    )?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
     Ok(fd)
 }
 
 /// Apply `changes` to the sets of `table` (family `family`) in one
 /// transaction: all of them, or (an error) none.
 pub fn apply(family: u8, table: &str, changes: &[Change<'_>]) -> io::Result<()> {
-    if changes.iter().all(|c| c.elems.is_empty()) {
+    let (msg, expected) = batch(family, table, changes, 1);
+    if expected == 0 {
         return Ok(());
     }
-    let changes: Vec<Change<'_>> = changes
-        .iter()
-        .filter(|c| !c.elems.is_empty())
-        .cloned()
-        .collect();
-    let fd = socket()?;
-    let (msg, expected) = batch(family, table, &changes, 1);
+    let fd = socket(0, SockFlag::SOCK_CLOEXEC)?;
+    // Answers come at once; a kernel that says nothing is not waited for.
+    setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(2, 0))?;
     let sent = nix::sys::socket::send(fd.as_raw_fd(), &msg, nix::sys::socket::MsgFlags::empty())
         .map_err(io::Error::from)?;
     if sent != msg.len() {

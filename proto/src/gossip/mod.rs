@@ -963,7 +963,11 @@ impl Gossip {
     }
 
     fn send(&mut self, to: PeerName, body: &Body) {
-        let bytes = body.encode();
+        self.queue(to, body, body.encode());
+    }
+
+    /// Queue `body`, encoded as `bytes`, for `to`, and count it.
+    fn queue(&mut self, to: PeerName, body: &Body, bytes: Vec<u8>) {
         self.bytes_sent += bytes.len() as u64;
         self.sent_by_kind[body.kind_index()] += bytes.len() as u64;
         self.transmits.push_back(Transmit { to, bytes });
@@ -988,9 +992,7 @@ impl Gossip {
             });
             let bytes = body.encode();
             if bytes.len() <= wire::MAX_MESSAGE {
-                self.bytes_sent += bytes.len() as u64;
-                self.sent_by_kind[body.kind_index()] += bytes.len() as u64;
-                self.transmits.push_back(Transmit { to, bytes });
+                self.queue(to, &body, bytes);
             }
         }
     }
@@ -1766,7 +1768,6 @@ mod tests {
             }
         }
 
-        /// Advance time by `d` in small steps, firing timers and draining.
         /// `n` cores, each with a "test" channel (a grow-only set).
         fn with_test_channel(n: u8) -> Net {
             let mut net = Net::new(n);
@@ -1793,6 +1794,7 @@ mod tests {
             }
         }
 
+        /// Advance time by `d` in small steps, firing timers and draining.
         fn advance(&mut self, d: Duration) {
             let end = self.now + d;
             while self.now < end {

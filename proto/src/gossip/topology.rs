@@ -501,12 +501,8 @@ impl Entry {
 /// instead, so equal versions cost one allocation however many
 /// topologies hold them. Only weak references: a body goes when its last
 /// holder drops it; dead slots are swept when the table doubles.
-struct Shared {
-    map: HashMap<u64, std::sync::Weak<Body>, NameHash>,
-    swept: usize,
-}
-
-static SHARED: std::sync::Mutex<Option<Shared>> = std::sync::Mutex::new(None);
+static SHARED: std::sync::Mutex<Option<crate::intern::Weaks<u64, Body, NameHash>>> =
+    std::sync::Mutex::new(None);
 
 fn body_hash(b: &Body) -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -526,22 +522,8 @@ fn body_hash(b: &Body) -> u64 {
 pub fn share(b: Body) -> std::sync::Arc<Body> {
     let k = body_hash(&b);
     let mut g = SHARED.lock().unwrap_or_else(|e| e.into_inner());
-    let t = g.get_or_insert_with(|| Shared {
-        map: HashMap::default(),
-        swept: 0,
-    });
-    if let Some(a) = t.map.get(&k).and_then(|w| w.upgrade()) {
-        if *a == b {
-            return a;
-        }
-    }
-    let a = std::sync::Arc::new(b);
-    t.map.insert(k, std::sync::Arc::downgrade(&a));
-    if t.map.len() > 2 * t.swept + 4096 {
-        t.map.retain(|_, w| w.strong_count() > 0);
-        t.swept = t.map.len();
-    }
-    a
+    g.get_or_insert_with(|| crate::intern::Weaks::new(4096))
+        .intern(k, b)
 }
 
 /// A record with names resolved to local indices.

@@ -127,15 +127,20 @@ pub struct Report {
     pub steady_bytes_per_peer_s: f64,
 }
 
+/// Seconds with two decimals, or `never`.
+fn secs_or_never(s: Option<f64>) -> String {
+    s.map_or_else(|| "never".to_string(), |c| format!("{c:.2}"))
+}
+
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let conv = self
-            .converged_s
-            .map_or_else(|| "never".to_string(), |c| format!("{c:.2}"));
         write!(
             f,
             "peers={} converged_s={} bytes_per_peer_s={:.0} steady_bytes_per_peer_s={:.0}",
-            self.peers, conv, self.bytes_per_peer_s, self.steady_bytes_per_peer_s
+            self.peers,
+            secs_or_never(self.converged_s),
+            self.bytes_per_peer_s,
+            self.steady_bytes_per_peer_s
         )
     }
 }
@@ -962,13 +967,14 @@ pub struct ChurnReport {
 
 impl std::fmt::Display for ChurnReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let conv = self
-            .converged_s
-            .map_or_else(|| "never".to_string(), |c| format!("{c:.2}"));
         write!(
             f,
             "churn_leaves={} churn_bytes_per_peer_s={:.0} join_known_s={:.2} join_known_max_s={:.2} churn_converged_s={}",
-            self.leaves, self.bytes_per_peer_s, self.join_known_mean_s, self.join_known_max_s, conv
+            self.leaves,
+            self.bytes_per_peer_s,
+            self.join_known_mean_s,
+            self.join_known_max_s,
+            secs_or_never(self.converged_s)
         )
     }
 }
